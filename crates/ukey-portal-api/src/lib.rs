@@ -1,0 +1,1 @@
+//! Wire types of the UKey renewal portal protocol, and its OpenAPI document.

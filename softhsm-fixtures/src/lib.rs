@@ -1,0 +1,1 @@
+//! Builds SoftHSM2 tokens that look like real UKeys.
