@@ -1,1 +1,39 @@
-//! The only crate that touches PKCS#11: modules, slots, tokens, objects, watcher.
+//! The only crate that touches PKCS#11 (through `cryptoki`): finding and loading a
+//! module, the tokens in its slots and their PIN state, the certificates and keys on a
+//! token, a watcher for insertion and removal, and sessions for login and signing.
+//!
+//! ```no_run
+//! use ukey_token::{Config, Module, resolve_module_path};
+//! let path = resolve_module_path(None, &Config::load_default()?)?;
+//! let module = Module::load(&path)?;
+//! for listing in module.list()? {
+//!     for cert in &listing.certificates {
+//!         if let Ok(d) = &cert.details {
+//!             println!("{} {} {}", listing.token.label, d.serial, d.subject);
+//!         }
+//!     }
+//! }
+//! # Ok::<(), ukey_token::Error>(())
+//! ```
+
+pub mod certificate;
+pub mod config;
+pub mod error;
+pub mod listing;
+pub mod module;
+pub mod session;
+pub mod watcher;
+
+pub use certificate::{CertificateDetails, Usage};
+pub use config::{Config, FoundModule, ModuleEntry, discover_all, resolve_module_path};
+pub use error::{Error, Lang, Pkcs11Call, Result, TokenName};
+pub use listing::{CertificateEntry, KeyEntry, KeyEvidence, TokenListing};
+pub use module::{LibraryInfo, Module, PinState, TokenFlags, TokenSummary};
+pub use session::Session;
+pub use watcher::{TokenEvent, WatchMode, Watcher};
+
+/// The cryptoki version this crate is built on, for the mechanism and attribute types
+/// that [`Session`] takes.
+pub use cryptoki;
+/// `SecretString`, the PIN type of [`Session::login`].
+pub use secrecy::SecretString;

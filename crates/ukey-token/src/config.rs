@@ -1,0 +1,277 @@
+//! Where the PKCS#11 module comes from: an explicit path, the configuration file, or
+//! discovery among known install paths.
+//!
+//! The vendor table is **best effort**: it lists library file names that the drivers of
+//! common Chinese UKey makers (and OpenSC, SoftHSM2) install, gathered from vendor
+//! packages and public forum posts, not verified against every driver version. A user
+//! whose driver is elsewhere adds it to the configuration file:
+//!
+//! ```toml
+//! # ~/.config/ukey/config.toml (Linux; see `Config::default_path`)
+//! pkcs11_module = "/opt/vendor/lib/libvendor_p11.so"   # always use this one
+//!
+//! [[modules]]                                            # or extend discovery
+//! name = "My CA's UKey"
+//! path = "/opt/myca/lib/libmyca_pkcs11.so"
+//! ```
+
+use std::path::{Path, PathBuf};
+
+use serde::Deserialize;
+
+use crate::error::{Error, Result};
+
+/// Environment variable naming the configuration file (overrides the default path).
+pub const CONFIG_ENV: &str = "UKEY_CONFIG";
+/// Environment variable naming the PKCS#11 module (the CLI reads it through clap).
+pub const MODULE_ENV: &str = "UKEY_PKCS11_MODULE";
+
+/// A known module: a human name and a path.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+pub struct ModuleEntry {
+    /// Name shown to the user, e.g. `Longmai mToken GM3000`.
+    pub name: String,
+    /// Absolute path of the PKCS#11 library.
+    pub path: PathBuf,
+}
+
+/// The configuration file's content.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    /// Use this module, skipping discovery.
+    #[serde(default)]
+    pub pkcs11_module: Option<PathBuf>,
+    /// Extra modules to try first during discovery.
+    #[serde(default)]
+    pub modules: Vec<ModuleEntry>,
+}
+
+impl Config {
+    /// `$UKEY_CONFIG`, else `config.toml` in the user's configuration directory
+    /// (`~/.config/ukey/` on Linux, `~/Library/Application Support/ukey/` on macOS,
+    /// `%APPDATA%\ukey\config\` on Windows).
+    pub fn default_path() -> Option<PathBuf> {
+        if let Some(p) = std::env::var_os(CONFIG_ENV) {
+            return Some(PathBuf::from(p));
+        }
+        directories::ProjectDirs::from("", "", "ukey").map(|d| d.config_dir().join("config.toml"))
+    }
+
+    /// Reads the configuration at [`Config::default_path`]; a missing file is an empty
+    /// configuration, a malformed one an error.
+    pub fn load_default() -> Result<Config> {
+        match Config::default_path() {
+            Some(path) => Config::load(&path),
+            None => Ok(Config::default()),
+        }
+    }
+
+    /// Reads a configuration file; a missing file is an empty configuration.
+    pub fn load(path: &Path) -> Result<Config> {
+        let text = match std::fs::read_to_string(path) {
+            Ok(t) => t,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Config::default()),
+            Err(e) => {
+                return Err(Error::Config {
+                    path: path.to_owned(),
+                    reason: e.to_string(),
+                });
+            }
+        };
+        toml::from_str(&text).map_err(|e| Error::Config {
+            path: path.to_owned(),
+            reason: e.to_string(),
+        })
+    }
+}
+
+/// Directories searched for the library names in [`VENDOR_MODULES`].
+const LIB_DIRS: &[&str] = &[
+    "/usr/lib",
+    "/usr/lib64",
+    "/usr/lib/x86_64-linux-gnu",
+    "/usr/lib/aarch64-linux-gnu",
+    "/usr/lib/loongarch64-linux-gnu",
+    "/usr/lib/mips64el-linux-gnuabi64",
+    "/usr/local/lib",
+    "/usr/lib/pkcs11",
+    "/usr/lib/x86_64-linux-gnu/pkcs11",
+    "/usr/lib/aarch64-linux-gnu/pkcs11",
+    "/usr/lib64/pkcs11",
+    "/opt/homebrew/lib",
+    "/usr/local/lib/softhsm",
+    "/usr/lib/softhsm",
+    "/usr/lib64/softhsm",
+];
+
+/// Best-effort table of UKey vendor PKCS#11 libraries, in discovery order: (vendor,
+/// file names). File names are looked up in [`LIB_DIRS`]; absolute paths are used as
+/// they are. Real UKeys first, then OpenSC, then SoftHSM2 (the test stand-in) last.
+pub const VENDOR_MODULES: &[(&str, &[&str])] = &[
+    (
+        "Longmai mToken (龙脉)",
+        &[
+            "libgm3000_pkcs11.so",
+            "libmtoken_gm3000_pkcs11.so",
+            "/opt/LongmaiSoft/lib/libgm3000_pkcs11.so",
+            "libk3gm_pkcs11.so",
+        ],
+    ),
+    (
+        "Feitian ePass (飞天诚信)",
+        &[
+            "libcastle.so.1.0.0",
+            "libcastle.so",
+            "libshuttle_p11v220.so",
+            "libepsng_p11.so",
+            "libes_3000gm.so",
+            "/opt/ftsafe/lib/libcastle.so",
+        ],
+    ),
+    (
+        "Watchdata (握奇)",
+        &[
+            "libwdpkcs.so",
+            "libWDPKCS.so",
+            "/usr/lib/WatchData/ProxKey/lib/libwdpkcs_SignatureP11.so",
+            "/opt/watchdata/lib/libwdpkcs.so",
+        ],
+    ),
+    (
+        "Haitai (海泰方圆)",
+        &[
+            "libhtpkcs11.so",
+            "libhtp11.so",
+            "/opt/haitai/lib/libhtpkcs11.so",
+        ],
+    ),
+    (
+        "Jit / GDCA / CFCA style drivers",
+        &["libjitpkcs11.so", "libgdcapkcs11.so", "libcfcapkcs11.so"],
+    ),
+    (
+        "SafeNet / Thales eToken",
+        &["libeTPkcs11.so", "libIDPrimePKCS11.so"],
+    ),
+    ("YubiKey PIV", &["libykcs11.so"]),
+    ("OpenSC", &["opensc-pkcs11.so", "onepin-opensc-pkcs11.so"]),
+    ("SoftHSM2", &["libsofthsm2.so"]),
+];
+
+/// A module found on disk by discovery.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FoundModule {
+    /// Vendor or user-given name.
+    pub name: String,
+    /// Path of the library.
+    pub path: PathBuf,
+}
+
+/// Every candidate path discovery tries, in order: the configuration's `[[modules]]`,
+/// then [`VENDOR_MODULES`].
+pub fn candidates(config: &Config) -> Vec<FoundModule> {
+    let mut out: Vec<FoundModule> = config
+        .modules
+        .iter()
+        .map(|m| FoundModule {
+            name: m.name.clone(),
+            path: m.path.clone(),
+        })
+        .collect();
+    for (vendor, files) in VENDOR_MODULES {
+        for file in *files {
+            if file.starts_with('/') {
+                out.push(FoundModule {
+                    name: (*vendor).to_owned(),
+                    path: PathBuf::from(file),
+                });
+            } else {
+                for dir in LIB_DIRS {
+                    out.push(FoundModule {
+                        name: (*vendor).to_owned(),
+                        path: Path::new(dir).join(file),
+                    });
+                }
+            }
+        }
+    }
+    out
+}
+
+/// The candidates that exist on this machine, in discovery order.
+pub fn discover_all(config: &Config) -> Vec<FoundModule> {
+    let mut seen = Vec::<PathBuf>::new();
+    candidates(config)
+        .into_iter()
+        .filter(|m| m.path.is_file())
+        .filter(|m| {
+            // /usr/lib/softhsm is often a symlink target of another entry: keep one.
+            let canon = m.path.canonicalize().unwrap_or_else(|_| m.path.clone());
+            if seen.contains(&canon) {
+                false
+            } else {
+                seen.push(canon);
+                true
+            }
+        })
+        .collect()
+}
+
+/// Chooses the module path: `explicit` (CLI `--module` / `UKEY_PKCS11_MODULE`), else the
+/// configuration's `pkcs11_module`, else the first module discovery finds.
+pub fn resolve_module_path(explicit: Option<&Path>, config: &Config) -> Result<PathBuf> {
+    if let Some(p) = explicit.or(config.pkcs11_module.as_deref()) {
+        return Ok(p.to_owned());
+    }
+    match discover_all(config).into_iter().next() {
+        Some(found) => Ok(found.path),
+        None => Err(Error::ModuleNotFound {
+            path: None,
+            searched: candidates(config).into_iter().map(|m| m.path).collect(),
+        }),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn config_file_extends_discovery_and_rejects_typos() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("config.toml");
+        std::fs::write(
+            &path,
+            "[[modules]]\nname = \"测试厂商\"\npath = \"/opt/x/libx.so\"\n",
+        )
+        .unwrap();
+        let config = Config::load(&path).unwrap();
+        assert_eq!(config.modules[0].name, "测试厂商");
+        assert_eq!(candidates(&config)[0].path, PathBuf::from("/opt/x/libx.so"));
+
+        std::fs::write(&path, "pkcs11_modul = \"/x.so\"\n").unwrap();
+        let err = Config::load(&path).unwrap_err();
+        assert_eq!(err.code(), "config_invalid");
+
+        // Missing file: empty configuration.
+        let none = Config::load(&dir.path().join("absent.toml")).unwrap();
+        assert_eq!(none, Config::default());
+    }
+
+    #[test]
+    fn explicit_path_wins_over_configuration() {
+        let config = Config {
+            pkcs11_module: Some(PathBuf::from("/from/config.so")),
+            modules: vec![],
+        };
+        assert_eq!(
+            resolve_module_path(Some(Path::new("/explicit.so")), &config).unwrap(),
+            PathBuf::from("/explicit.so")
+        );
+        assert_eq!(
+            resolve_module_path(None, &config).unwrap(),
+            PathBuf::from("/from/config.so")
+        );
+    }
+}

@@ -1,0 +1,173 @@
+//! Turning slot changes into [`TokenEvent::Inserted`] / [`TokenEvent::Removed`].
+//!
+//! The watcher owns the [`Module`]. Each [`Watcher::poll`]:
+//!
+//! 1. in [`WatchMode::Reinitialize`], calls C_Finalize + C_Initialize, because SoftHSM2
+//!    (and some vendor modules) never show a token created or deleted after
+//!    C_Initialize. `poll` takes `&mut self` and sessions borrow the module (see
+//!    [`crate::module`]), so this never happens while a session is open;
+//! 2. in [`WatchMode::SlotEvents`], drains C_WaitForSlotEvent(CKF_DONT_BLOCK) so that
+//!    modules which queue events do not fill up, and logs them;
+//! 3. lists the tokens (C_GetSlotList + C_GetTokenInfo) and compares them with the
+//!    previous poll by serial + label, not by slot id, which may change on re-scan.
+//!
+//! Listing on every poll instead of trusting events alone costs one C_GetSlotList and a
+//! C_GetTokenInfo per token, and catches modules that report events unreliably.
+//! A blocking C_WaitForSlotEvent in a thread is not used: waking it needs C_Finalize
+//! from another thread, which would kill the caller's sessions.
+
+use std::time::{Duration, Instant};
+
+use cryptoki::error::{Error as CkError, RvError};
+
+use crate::error::{Error, Result};
+use crate::module::{Module, TokenSummary};
+
+/// How the watcher learns about changes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum WatchMode {
+    /// [`WatchMode::Reinitialize`] for SoftHSM2 and for modules without
+    /// C_WaitForSlotEvent, else [`WatchMode::SlotEvents`].
+    Auto,
+    /// Live slot list plus C_WaitForSlotEvent (non-blocking).
+    SlotEvents,
+    /// C_Finalize + C_Initialize before each look.
+    Reinitialize,
+}
+
+/// A change seen by the watcher.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum TokenEvent {
+    /// A token appeared (or was present when watching started).
+    Inserted {
+        /// The token as it is now.
+        token: TokenSummary,
+    },
+    /// A token disappeared.
+    Removed {
+        /// The slot it was last seen in.
+        slot_id: u64,
+        /// Its serial.
+        serial: String,
+        /// Its label.
+        label: String,
+    },
+}
+
+/// Watches a module's slots.
+#[derive(Debug)]
+pub struct Watcher {
+    module: Module,
+    mode: WatchMode,
+    known: Option<Vec<TokenSummary>>,
+}
+
+impl Watcher {
+    /// Starts watching. The first [`Watcher::poll`] reports the tokens already present
+    /// as [`TokenEvent::Inserted`].
+    pub fn new(module: Module, mode: WatchMode) -> Watcher {
+        let mode = match mode {
+            WatchMode::Auto => auto_mode(&module),
+            m => m,
+        };
+        tracing::debug!(?mode, "watching slots");
+        Watcher {
+            module,
+            mode,
+            known: None,
+        }
+    }
+
+    /// The mode in use (never [`WatchMode::Auto`]).
+    pub fn mode(&self) -> WatchMode {
+        self.mode
+    }
+
+    /// The module, for listing and sessions between polls.
+    pub fn module(&self) -> &Module {
+        &self.module
+    }
+
+    /// Stops watching and gives the module back.
+    pub fn into_module(self) -> Module {
+        self.module
+    }
+
+    /// The tokens present at the last poll.
+    pub fn tokens(&self) -> &[TokenSummary] {
+        self.known.as_deref().unwrap_or(&[])
+    }
+
+    /// Looks once and returns what changed since the last look.
+    pub fn poll(&mut self) -> Result<Vec<TokenEvent>> {
+        match self.mode {
+            WatchMode::Reinitialize => self.module.reinitialize()?,
+            _ => self.drain_slot_events()?,
+        }
+        let now = self.module.tokens()?;
+        let before = self.known.take().unwrap_or_default();
+        let mut events = vec![];
+        for old in &before {
+            if !now.iter().any(|t| t.same_token(old)) {
+                events.push(TokenEvent::Removed {
+                    slot_id: old.slot_id,
+                    serial: old.serial.clone(),
+                    label: old.label.clone(),
+                });
+            }
+        }
+        for new in &now {
+            if !before.iter().any(|t| t.same_token(new)) {
+                events.push(TokenEvent::Inserted { token: new.clone() });
+            }
+        }
+        self.known = Some(now);
+        Ok(events)
+    }
+
+    /// Polls every `interval` until something changes or `timeout` passes (then returns
+    /// an empty list).
+    pub fn wait(&mut self, interval: Duration, timeout: Duration) -> Result<Vec<TokenEvent>> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let events = self.poll()?;
+            if !events.is_empty() {
+                return Ok(events);
+            }
+            let now = Instant::now();
+            if now >= deadline {
+                return Ok(events);
+            }
+            std::thread::sleep(interval.min(deadline - now));
+        }
+    }
+
+    fn drain_slot_events(&mut self) -> Result<()> {
+        // Bounded: a module that always reports an event must not hang us.
+        for _ in 0..64 {
+            match self.module.pkcs11().get_slot_event() {
+                Ok(Some(slot)) => tracing::debug!(slot = slot.id(), "slot event"),
+                Ok(None) => return Ok(()),
+                Err(CkError::Pkcs11(RvError::FunctionNotSupported, _)) => {
+                    tracing::debug!("C_WaitForSlotEvent not supported; re-initialising instead");
+                    self.mode = WatchMode::Reinitialize;
+                    return self.module.reinitialize();
+                }
+                Err(e) => return Err(Error::from_cryptoki(e, None)),
+            }
+        }
+        Ok(())
+    }
+}
+
+fn auto_mode(module: &Module) -> WatchMode {
+    // SoftHSM2 answers the non-blocking call with "no event" forever, and never sees
+    // other processes' tokens without re-initialising.
+    if module.library_info().manufacturer.contains("SoftHSM") {
+        return WatchMode::Reinitialize;
+    }
+    match module.pkcs11().get_slot_event() {
+        Err(CkError::Pkcs11(RvError::FunctionNotSupported, _)) => WatchMode::Reinitialize,
+        _ => WatchMode::SlotEvents,
+    }
+}
