@@ -1,0 +1,212 @@
+//! `ukey-sim`: plug and pull simulated USB keys, arm faults, set latency and PIN tries,
+//! for every program using the ukey-sim PKCS#11 module with the same state directory.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use anyhow::{Context, Result, bail};
+use clap::{Parser, Subcommand};
+use ukey_sim::{Control, Fault, FaultAction, FaultTiming, SimState};
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "ukey-sim",
+    version,
+    about = "控制模拟 USB Key（ukey-sim PKCS#11 模块）/ Control simulated USB keys (the ukey-sim PKCS#11 module)"
+)]
+struct Cli {
+    /// 状态目录 / State directory (default: $UKEY_SIM_STATE, else ukey-sim-state next to $SOFTHSM2_CONF)
+    #[arg(long, global = true, value_name = "DIR")]
+    state: Option<PathBuf>,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// 显示所有令牌的模拟状态 / Show the simulated state of every token
+    Status {
+        /// JSON output
+        #[arg(long)]
+        json: bool,
+    },
+    /// 拔出令牌 / Pull the token out
+    Unplug { serial: String },
+    /// 插入令牌 / Plug the token back in
+    Plug { serial: String },
+    /// 在第 N 次调用时注入故障 / Inject a fault at the Nth call of a function
+    Fault {
+        serial: String,
+        /// PKCS#11 function, e.g. C_CreateObject
+        #[arg(long)]
+        function: String,
+        /// Which call fires, counting from 1 from now
+        #[arg(long, default_value_t = 1)]
+        nth: u64,
+        /// Return value, e.g. CKR_DEVICE_REMOVED, CKR_DEVICE_MEMORY, CKR_DEVICE_ERROR, CKR_GENERAL_ERROR
+        #[arg(long, conflicts_with = "unplug", required_unless_present = "unplug")]
+        rv: Option<String>,
+        /// Pull the token out at that call instead
+        #[arg(long)]
+        unplug: bool,
+        /// Also fire on every later call
+        #[arg(long)]
+        repeat: bool,
+        /// Forward the call first (it takes effect), then report the fault
+        #[arg(long)]
+        after: bool,
+    },
+    /// 清除令牌的所有故障 / Disarm every fault of the token
+    ClearFaults { serial: String },
+    /// 设置函数延迟 / Delay every call of a function (0 removes the delay)
+    Latency {
+        serial: String,
+        #[arg(long)]
+        function: String,
+        #[arg(long)]
+        ms: u64,
+    },
+    /// 设置 PIN 重试次数 / Set how many wrong PINs lock the token
+    PinTries {
+        serial: String,
+        #[arg(long)]
+        max: u32,
+    },
+    /// 解锁 PIN（清零错误计数）/ Unlock: reset the wrong-PIN count
+    PinReset { serial: String },
+    /// 打印 ukey-sim 模块路径 / Print the path of the ukey-sim PKCS#11 module
+    ModulePath,
+}
+
+fn main() -> ExitCode {
+    match run(Cli::parse()) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("ukey-sim: 错误 / error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn run(cli: Cli) -> Result<()> {
+    let dir = cli.state.unwrap_or_else(ukey_sim::default_state_dir);
+    let control = || Control::new(&dir).context("opening the state directory");
+    match cli.command {
+        Command::Status { json } => {
+            let state = control()?.status()?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&state)?);
+            } else {
+                print_status(&dir, &state);
+            }
+        }
+        Command::Unplug { serial } => {
+            control()?.unplug(&serial)?;
+            println!("令牌 {serial} 已拔出 / token {serial} unplugged");
+        }
+        Command::Plug { serial } => {
+            control()?.plug(&serial)?;
+            println!("令牌 {serial} 已插入 / token {serial} plugged in");
+        }
+        Command::Fault {
+            serial,
+            function,
+            nth,
+            rv,
+            unplug,
+            repeat,
+            after,
+        } => {
+            let mut fault = match (rv, unplug) {
+                (_, true) => Fault::unplug(&function, nth),
+                (Some(rv), false) => Fault::fail(&function, nth, &rv),
+                (None, false) => bail!("give --rv CKR_... or --unplug"),
+            };
+            fault.repeat = repeat;
+            if after {
+                fault.timing = FaultTiming::After;
+            }
+            let what = describe(&fault);
+            control()?.add_fault(&serial, fault)?;
+            println!("令牌 {serial} 已设置故障 / fault armed on token {serial}: {what}");
+        }
+        Command::ClearFaults { serial } => {
+            control()?.clear_faults(&serial)?;
+            println!("令牌 {serial} 的故障已清除 / faults of token {serial} cleared");
+        }
+        Command::Latency {
+            serial,
+            function,
+            ms,
+        } => {
+            control()?.set_latency(&serial, &function, Duration::from_millis(ms))?;
+            println!("令牌 {serial}: {function} 延迟 / delay {ms} ms");
+        }
+        Command::PinTries { serial, max } => {
+            control()?.set_pin_tries(&serial, max)?;
+            println!("令牌 {serial}: PIN 最多重试 {max} 次 / PIN locks after {max} wrong tries");
+        }
+        Command::PinReset { serial } => {
+            control()?.reset_pin_counter(&serial)?;
+            println!("令牌 {serial}: PIN 已解锁 / PIN unlocked");
+        }
+        Command::ModulePath => println!("{}", ukey_sim::module_path()?.display()),
+    }
+    Ok(())
+}
+
+fn describe(fault: &Fault) -> String {
+    let action = match &fault.action {
+        FaultAction::Fail { rv } => rv.clone(),
+        FaultAction::Unplug => "unplug".to_owned(),
+    };
+    let when = match fault.timing {
+        FaultTiming::Before => "",
+        FaultTiming::After => " after the call",
+    };
+    let repeat = if fault.repeat {
+        " and every later call"
+    } else {
+        ""
+    };
+    format!(
+        "{} call #{}{repeat}: {action}{when} ({} counted, fired {}x)",
+        fault.function, fault.nth, fault.calls, fault.fired
+    )
+}
+
+fn print_status(dir: &std::path::Path, state: &SimState) {
+    println!("状态目录 / state: {}", dir.display());
+    if state.tokens.is_empty() {
+        println!("（尚无令牌 / no tokens yet: the module records them at C_Initialize）");
+        return;
+    }
+    for (serial, token) in &state.tokens {
+        let plugged = if token.plugged {
+            "已插入 plugged"
+        } else {
+            "已拔出 unplugged"
+        };
+        let pin = if token.pin.locked() {
+            "PIN 已锁定 locked".to_owned()
+        } else {
+            format!(
+                "PIN {} 次错误 / {} wrong",
+                token.pin.failures, token.pin.failures
+            )
+        };
+        println!(
+            "{serial}  {:<16}  {plugged}  {pin} (max {})  events {}",
+            token.label.as_deref().unwrap_or("-"),
+            token.pin.max_tries,
+            token.events
+        );
+        for fault in &token.faults {
+            println!("    故障 fault: {}", describe(fault));
+        }
+        for (function, ms) in &token.latency_ms {
+            println!("    延迟 latency: {function} {ms} ms");
+        }
+    }
+}
