@@ -89,6 +89,17 @@ pub enum FixtureError {
         dir: PathBuf,
     },
 
+    /// The `softhsm-fixtures` CLI binary is not built.
+    #[error(
+        "the softhsm-fixtures binary is not built (looked at {searched}): run \
+         `cargo build -p softhsm-fixtures` or set SOFTHSM_FIXTURES_BIN / \
+         找不到 softhsm-fixtures 程序"
+    )]
+    CliNotFound {
+        /// The paths that were tried.
+        searched: String,
+    },
+
     /// An external SoftHSM2 tool failed.
     #[error("{program} failed ({status}): {stderr}")]
     Tool {

@@ -167,6 +167,53 @@ impl SoftHsm {
         crate::token::create(&self.module, &self.conf_path, ca, spec)
     }
 
+    /// Like [`SoftHsm::create_token`], but in a child process running the
+    /// `softhsm-fixtures` CLI (see [`fixtures_cli`]): for a test whose own process
+    /// already has the module initialised, a watcher test for instance. The new token
+    /// is seen by this process after its next C_Finalize + C_Initialize.
+    pub fn create_token_in_child(&self, spec: &TokenSpec) -> Result<TokenFixture, FixtureError> {
+        use std::io::Write;
+        use std::process::Stdio;
+
+        crate::token::validate(spec)?;
+        // The CA files must exist before the child looks for them, or both would
+        // create one.
+        self.ca()?;
+        let program = fixtures_cli()?;
+        let json = serde_json::to_string(spec)
+            .map_err(|e| FixtureError::InvalidSpec(format!("cannot serialise the spec: {e}")))?;
+        let mut child = self
+            .command(&program)
+            .arg("--dir")
+            .arg(&self.dir)
+            .args(["create", "--spec", "-", "--json"])
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .map_err(FixtureError::io("run", &program))?;
+        if let Some(mut stdin) = child.stdin.take() {
+            stdin
+                .write_all(json.as_bytes())
+                .map_err(FixtureError::io("write the spec to", &program))?;
+        }
+        let output = child
+            .wait_with_output()
+            .map_err(FixtureError::io("run", &program))?;
+        if !output.status.success() {
+            return Err(FixtureError::Tool {
+                program: program.display().to_string(),
+                status: output.status.to_string(),
+                stderr: String::from_utf8_lossy(&output.stderr).trim().to_owned(),
+            });
+        }
+        serde_json::from_slice(&output.stdout).map_err(|e| FixtureError::Tool {
+            program: program.display().to_string(),
+            status: output.status.to_string(),
+            stderr: format!("unreadable JSON on stdout: {e}"),
+        })
+    }
+
     /// Deletes the token with this serial (its directory under `token_dir()`), with
     /// `softhsm2-util --delete-token`. Processes that have the module initialised keep
     /// a stale slot until they re-initialise.
@@ -183,7 +230,15 @@ impl SoftHsm {
             .command("softhsm2-util")
             .args(["--delete-token", "--serial", serial])
             .output()
-            .map_err(FixtureError::io("run", "softhsm2-util"))?;
+            .map_err(|source| {
+                if source.kind() == std::io::ErrorKind::NotFound {
+                    FixtureError::SoftHsmNotInstalled {
+                        searched: "softhsm2-util in PATH".to_owned(),
+                    }
+                } else {
+                    FixtureError::io("run", "softhsm2-util")(source)
+                }
+            })?;
         let stderr = String::from_utf8_lossy(&output.stderr).trim().to_owned();
         let stdout = String::from_utf8_lossy(&output.stdout).trim().to_owned();
         if !output.status.success() {
@@ -223,6 +278,35 @@ impl SoftHsm {
         dirs.sort();
         Ok(dirs)
     }
+}
+
+/// The `softhsm-fixtures` CLI binary: env `SOFTHSM_FIXTURES_BIN`, else next to the
+/// running test binary (`target/<profile>/softhsm-fixtures`, built by
+/// `cargo build -p softhsm-fixtures` or any workspace-wide test run).
+pub fn fixtures_cli() -> Result<PathBuf, FixtureError> {
+    if let Some(path) = std::env::var_os("SOFTHSM_FIXTURES_BIN").filter(|p| !p.is_empty()) {
+        return Ok(PathBuf::from(path));
+    }
+    let name = format!("softhsm-fixtures{}", std::env::consts::EXE_SUFFIX);
+    let exe =
+        std::env::current_exe().map_err(FixtureError::io("locate", "the current executable"))?;
+    let candidates: Vec<PathBuf> = exe
+        .ancestors()
+        .skip(1)
+        .take(2)
+        .map(|dir| dir.join(&name))
+        .collect();
+    candidates
+        .iter()
+        .find(|p| p.is_file())
+        .cloned()
+        .ok_or_else(|| FixtureError::CliNotFound {
+            searched: candidates
+                .iter()
+                .map(|p| p.display().to_string())
+                .collect::<Vec<_>>()
+                .join(", "),
+        })
 }
 
 /// /dev/shm when it is a writable directory, else the system temp directory.

@@ -23,7 +23,7 @@ mod token;
 
 pub use ca::{CA_ORG, ISSUING_CN, IssuedCert, ROOT_CN, SubjectPublicKey, TestCa};
 pub use error::FixtureError;
-pub use hsm::{SOFTHSM2_CONF, SoftHsm};
+pub use hsm::{SOFTHSM2_CONF, SoftHsm, fixtures_cli};
 pub use module::softhsm_module;
 pub use spec::{
     CertFixture, CertSpec, CertUsage, DEFAULT_ORG, DEFAULT_SO_PIN, DEFAULT_USER_PIN, KeyAlg,

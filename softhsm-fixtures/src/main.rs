@@ -55,6 +55,13 @@ enum AlgArg {
 
 #[derive(Debug, clap::Args)]
 struct CreateArgs {
+    /// The whole token as JSON (a `TokenSpec`; `-` reads stdin); the other options
+    /// then do not apply / 以 JSON 描述整个令牌
+    #[arg(long, value_name = "FILE", conflicts_with_all = [
+        "label", "pin", "so_pin", "alg", "cn", "org", "days", "dual", "no_cert", "no_key",
+        "corrupt_cert", "high_bit_serial",
+    ])]
+    spec: Option<PathBuf>,
     /// Token label (at most 32 bytes) / 令牌标签
     #[arg(long, default_value = "UKey")]
     label: String,
@@ -127,6 +134,30 @@ fn main() -> Result<()> {
 }
 
 fn create(hsm: &SoftHsm, args: CreateArgs) -> Result<()> {
+    let spec = match &args.spec {
+        Some(path) => read_spec(path)?,
+        None => spec_from_args(&args),
+    };
+    let token = hsm.create_token(&spec)?;
+    if args.json {
+        println!("{}", serde_json::to_string_pretty(&token)?);
+    } else {
+        print_token(hsm, &token);
+    }
+    Ok(())
+}
+
+fn read_spec(path: &std::path::Path) -> Result<TokenSpec> {
+    let text = if path.as_os_str() == "-" {
+        std::io::read_to_string(std::io::stdin()).context("reading the spec from stdin")?
+    } else {
+        std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?
+    };
+    serde_json::from_str(&text)
+        .context("the token spec is not valid JSON for a TokenSpec / 令牌规格 JSON 无效")
+}
+
+fn spec_from_args(args: &CreateArgs) -> TokenSpec {
     let alg = match args.alg {
         AlgArg::Rsa2048 => KeyAlg::Rsa2048,
         AlgArg::P256 => KeyAlg::EcP256,
@@ -138,8 +169,8 @@ fn create(hsm: &SoftHsm, args: CreateArgs) -> Result<()> {
         spec.certs = vec![CertSpec::signing(alg, &args.cn, args.days)];
         spec
     };
-    spec.user_pin = args.pin;
-    spec.so_pin = args.so_pin;
+    spec.user_pin.clone_from(&args.pin);
+    spec.so_pin.clone_from(&args.so_pin);
     for cert in &mut spec.certs {
         cert.days_left = args.days;
         cert.subject_cn.clone_from(&args.cn);
@@ -155,13 +186,7 @@ fn create(hsm: &SoftHsm, args: CreateArgs) -> Result<()> {
             first.high_bit_serial = true;
         }
     }
-    let token = hsm.create_token(&spec)?;
-    if args.json {
-        println!("{}", serde_json::to_string_pretty(&token)?);
-    } else {
-        print_token(hsm, &token);
-    }
-    Ok(())
+    spec
 }
 
 fn print_token(hsm: &SoftHsm, token: &TokenFixture) {

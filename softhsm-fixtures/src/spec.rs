@@ -53,7 +53,10 @@ impl fmt::Display for CertUsage {
 }
 
 /// One key pair (and usually its certificate) on a fixture token.
-#[derive(Debug, Clone, PartialEq, Eq)]
+///
+/// As JSON (`softhsm-fixtures create --spec`), `key_id` is hex and every field but
+/// `alg`, `usage`, `subject_cn`, `days_left`, `key_id` and `label` may be left out.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct CertSpec {
     /// Key algorithm; the key pair is generated on the token.
     pub alg: KeyAlg,
@@ -62,24 +65,42 @@ pub struct CertSpec {
     /// Subject common name, e.g. "张三" (UTF8String).
     pub subject_cn: String,
     /// Subject organisation, e.g. "某某建设工程有限公司".
+    #[serde(default)]
     pub subject_o: Option<String>,
     /// not_after = now + days_left (negative: already expired);
     /// not_before = min(not_after - 365 days, now - 1 day).
     pub days_left: i64,
     /// CKA_ID shared by the certificate, private key and public key.
+    #[serde(with = "hex_bytes")]
     pub key_id: Vec<u8>,
     /// CKA_LABEL of the certificate and key objects.
     pub label: String,
     /// false: key pair without certificate (orphan key).
+    #[serde(default = "yes")]
     pub with_cert: bool,
     /// false: certificate without key pair (orphan certificate; the key pair is
     /// generated on the token, certified, then destroyed).
+    #[serde(default = "yes")]
     pub with_key: bool,
     /// true: the certificate object's CKA_VALUE is garbage that no DER parser accepts.
+    #[serde(default)]
     pub corrupt_cert: bool,
     /// true: the serial's first byte has its high bit set, so its DER encoding carries
     /// a leading 0x00 byte (17 content bytes). Listing code must not print that byte.
+    #[serde(default)]
     pub high_bit_serial: bool,
+}
+
+fn yes() -> bool {
+    true
+}
+
+fn default_user_pin() -> String {
+    DEFAULT_USER_PIN.to_owned()
+}
+
+fn default_so_pin() -> String {
+    DEFAULT_SO_PIN.to_owned()
 }
 
 impl CertSpec {
@@ -118,16 +139,19 @@ pub const DEFAULT_USER_PIN: &str = "123456";
 /// The default security officer PIN of fixture tokens.
 pub const DEFAULT_SO_PIN: &str = "12345678";
 
-/// A whole fixture token.
-#[derive(Clone, PartialEq, Eq)]
+/// A whole fixture token. As JSON, the PINs default to 123456 / 12345678.
+#[derive(Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct TokenSpec {
     /// Token label (at most 32 bytes of UTF-8).
     pub label: String,
     /// User PIN; fixture PINs are test data, known to every test.
+    #[serde(default = "default_user_pin")]
     pub user_pin: String,
     /// Security officer PIN.
+    #[serde(default = "default_so_pin")]
     pub so_pin: String,
     /// Key pairs and certificates, written in this order.
+    #[serde(default)]
     pub certs: Vec<CertSpec>,
 }
 
