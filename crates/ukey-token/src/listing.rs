@@ -90,7 +90,7 @@ pub struct KeyEntry {
     pub key_id: String,
     /// CKA_LABEL.
     pub label: String,
-    /// CKA_KEY_TYPE: `RSA`, `EC`, ...
+    /// CKA_KEY_TYPE without `CKK_`: `RSA`, `EC`, ...
     pub key_type: String,
 }
 
@@ -148,6 +148,22 @@ impl Module {
         }
         if let Err(e) = read_objects(&session, &mut listing) {
             listing.errors.push(e);
+        }
+        drop(session);
+        // SoftHSM2 answers C_FindObjects on a deleted token with "no objects", not an
+        // error: only C_GetTokenInfo (CKR_GENERAL_ERROR) tells. So check the token is
+        // still there (and still the same one) after reading, and drop what was read
+        // if it is not.
+        match self.refresh(token) {
+            Ok(now) => listing.token = now,
+            Err(e) => {
+                listing.certificates.clear();
+                listing.orphan_keys.clear();
+                listing
+                    .errors
+                    .retain(|e| !matches!(e, Error::TokenRemoved { .. }));
+                listing.errors.push(e);
+            }
         }
         listing
     }
@@ -218,7 +234,10 @@ fn key_entry(class: &'static str, o: &RawObject) -> KeyEntry {
         class,
         key_id: hex::encode(&o.id),
         label: o.label.clone(),
-        key_type: o.key_type.map(|k| k.to_string()).unwrap_or_default(),
+        key_type: o
+            .key_type
+            .map(|k| k.to_string().trim_start_matches("CKK_").to_owned())
+            .unwrap_or_default(),
     }
 }
 
