@@ -1,1 +1,355 @@
-fn main() {}
+//! `ukey-portal`: run the reference renewal portal, or manage its orders.
+
+use std::io::Write as _;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use anyhow::{Context as _, Result, bail};
+use clap::{Parser, Subcommand, ValueEnum};
+use ukey_portal::{Portal, PortalConfig, TlsFiles};
+use ukey_portal_api::{CreateOrderRequest, InitialState, KeyAlgorithm, KeyPolicy, OrderView};
+
+#[derive(Parser, Debug)]
+#[command(
+    name = "ukey-portal",
+    version,
+    about = "UKey Renew reference portal / 证书续费参考门户"
+)]
+struct Cli {
+    /// Data directory: database, CA, admin token (created if missing).
+    #[arg(
+        long,
+        global = true,
+        env = "UKEY_PORTAL_DATA",
+        default_value = "./portal-data"
+    )]
+    data: PathBuf,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// Serve the protocol and admin API. The first line printed is the URL.
+    Serve {
+        /// Address to listen on (port 0: any free port).
+        #[arg(long, default_value = "127.0.0.1:0")]
+        listen: SocketAddr,
+        /// Issuing CA certificate (PEM; parents may follow) to import into the data dir.
+        #[arg(long, requires = "ca_key")]
+        ca_cert: Option<PathBuf>,
+        /// Private key of --ca-cert (PEM: PKCS#8, SEC1 or PKCS#1).
+        #[arg(long, requires = "ca_cert")]
+        ca_key: Option<PathBuf>,
+        /// TLS certificate chain (PEM) for HTTPS.
+        #[arg(long, requires = "tls_key")]
+        tls_cert: Option<PathBuf>,
+        /// TLS private key (PEM).
+        #[arg(long, requires = "tls_cert")]
+        tls_key: Option<PathBuf>,
+        /// Base URL clients reach the portal at (payment links, CRL distribution point);
+        /// default: the listening URL.
+        #[arg(long)]
+        public_url: Option<String>,
+        /// Lifetime of a challenge, in seconds.
+        #[arg(long, default_value_t = 300)]
+        challenge_ttl_secs: u32,
+    },
+    /// Business side: renewal orders.
+    #[command(subcommand)]
+    Order(OrderCommand),
+    /// The portal's CA.
+    #[command(subcommand)]
+    Ca(CaCommand),
+}
+
+#[derive(Subcommand, Debug)]
+enum OrderCommand {
+    /// Create an order for a certificate; prints the order id (or the order with --json).
+    Create {
+        /// Serial of the certificate to renew (hex).
+        #[arg(long)]
+        serial: String,
+        /// Issuer DN, e.g. "CN=UKey Test CA, O=Example" (default: the portal's CA).
+        #[arg(long, conflicts_with = "issuer_cert")]
+        issuer: Option<String>,
+        /// Issuer given as its CA certificate (PEM): its subject is matched exactly.
+        #[arg(long)]
+        issuer_cert: Option<PathBuf>,
+        /// Validity of the renewed certificate, in years (1-10).
+        #[arg(long, default_value_t = 1)]
+        years: u32,
+        /// Initial state.
+        #[arg(long, value_enum, default_value = "awaiting-payment")]
+        state: StateArg,
+        /// Whether the renewed certificate gets a new key.
+        #[arg(long, value_enum, default_value = "new")]
+        key_policy: PolicyArg,
+        /// Include an escrowed encryption certificate.
+        #[arg(long)]
+        encryption_cert: bool,
+        /// Target key algorithm: RSA-2048 or EC-P256.
+        #[arg(long, default_value = "RSA-2048", value_parser = parse_alg)]
+        algorithm: KeyAlgorithm,
+        /// The holder's current encryption certificate serial, revoked on completion.
+        #[arg(long)]
+        old_encryption_serial: Option<String>,
+        /// Print the order as JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Mark an order paid (awaiting payment → ready).
+    Pay { id: String },
+    /// Reject an order with the reviewer's reason.
+    Reject {
+        id: String,
+        #[arg(long)]
+        reason: String,
+    },
+    /// A new token is mailed (algorithm upgrade the old key cannot do).
+    Ship {
+        id: String,
+        #[arg(long)]
+        tracking: String,
+    },
+    /// Show one order.
+    Show {
+        id: String,
+        #[arg(long)]
+        json: bool,
+    },
+    /// List all orders, newest first.
+    List {
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+enum CaCommand {
+    /// Print the CA's subject and certificate file.
+    Show,
+    /// Also renew certificates issued by these CA certificates (PEM bundle).
+    AcceptIssuer { pem: PathBuf },
+}
+
+#[derive(ValueEnum, Clone, Copy, Debug)]
+enum StateArg {
+    AwaitingPayment,
+    Ready,
+}
+
+#[derive(ValueEnum, Clone, Copy, Debug)]
+enum PolicyArg {
+    New,
+    Same,
+}
+
+fn parse_alg(s: &str) -> Result<KeyAlgorithm, String> {
+    KeyAlgorithm::parse(s)
+        .ok_or_else(|| format!("unknown algorithm {s:?}: use RSA-2048 or EC-P256"))
+}
+
+fn main() -> Result<()> {
+    tracing_subscriber::fmt()
+        .with_writer(std::io::stderr)
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+        )
+        .init();
+    let cli = Cli::parse();
+    match cli.command {
+        Command::Serve {
+            listen,
+            ca_cert,
+            ca_key,
+            tls_cert,
+            tls_key,
+            public_url,
+            challenge_ttl_secs,
+        } => {
+            let mut config = PortalConfig::new(&cli.data);
+            config.ca_import = ca_cert.zip(ca_key);
+            config.challenge_ttl = time::Duration::seconds(i64::from(challenge_ttl_secs));
+            let tls = tls_cert
+                .zip(tls_key)
+                .map(|(cert, key)| TlsFiles { cert, key });
+            serve(config, listen, tls, public_url)
+        }
+        Command::Order(cmd) => order(&cli.data, cmd),
+        Command::Ca(cmd) => ca(&cli.data, cmd),
+    }
+}
+
+fn serve(
+    config: PortalConfig,
+    listen: SocketAddr,
+    tls: Option<TlsFiles>,
+    public_url: Option<String>,
+) -> Result<()> {
+    let portal = Arc::new(
+        Portal::open(&config).with_context(|| format!("opening {}", config.data_dir.display()))?,
+    );
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?;
+    runtime.block_on(async move {
+        let server = ukey_portal::start(portal, listen, tls, public_url)
+            .await
+            .context("starting the server")?;
+        let mut out = std::io::stdout().lock();
+        writeln!(out, "{}", server.url)?;
+        out.flush()?;
+        drop(out);
+        tracing::info!(url = %server.url, data = %config.data_dir.display(), "portal listening");
+        tokio::select! {
+            r = tokio::signal::ctrl_c() => {
+                r?;
+                tracing::info!("stopping");
+                Ok(())
+            }
+            r = server.wait() => r.context("server stopped"),
+        }
+    })
+}
+
+fn open(data: &std::path::Path) -> Result<Portal> {
+    Portal::open(&PortalConfig::new(data)).with_context(|| format!("opening {}", data.display()))
+}
+
+fn order(data: &std::path::Path, cmd: OrderCommand) -> Result<()> {
+    let portal = open(data)?;
+    match cmd {
+        OrderCommand::Create {
+            serial,
+            issuer,
+            issuer_cert,
+            years,
+            state,
+            key_policy,
+            encryption_cert,
+            algorithm,
+            old_encryption_serial,
+            json,
+        } => {
+            let issuer_der = match issuer_cert {
+                Some(path) => Some(issuer_der_from_cert(&path)?),
+                None => None,
+            };
+            let req = CreateOrderRequest {
+                serial_hex: serial,
+                issuer_der,
+                issuer_dn: issuer,
+                years,
+                state: match state {
+                    StateArg::AwaitingPayment => InitialState::AwaitingPayment,
+                    StateArg::Ready => InitialState::Ready,
+                },
+                key_policy: match key_policy {
+                    PolicyArg::New => KeyPolicy::New,
+                    PolicyArg::Same => KeyPolicy::Same,
+                },
+                with_encryption_cert: encryption_cert,
+                target_algorithm: algorithm,
+                old_encryption_serial_hex: old_encryption_serial,
+            };
+            let view = portal.create_order(&req)?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&view)?);
+            } else {
+                println!("{}", view.order_id);
+            }
+        }
+        OrderCommand::Pay { id } => print_view(&portal.pay(&id)?, false)?,
+        OrderCommand::Reject { id, reason } => print_view(&portal.reject(&id, &reason)?, false)?,
+        OrderCommand::Ship { id, tracking } => print_view(&portal.ship(&id, &tracking)?, false)?,
+        OrderCommand::Show { id, json } => print_view(&portal.show_order(&id)?, json)?,
+        OrderCommand::List { json } => {
+            let orders = portal.list_orders()?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&orders)?);
+            } else {
+                for o in &orders {
+                    println!(
+                        "{}  {:<16}  {}  {}y {} {}{}",
+                        o.order_id,
+                        o.state,
+                        o.serial_hex,
+                        o.terms.years,
+                        o.terms.target_algorithm,
+                        o.terms.key_policy.as_str(),
+                        if o.terms.with_encryption_cert {
+                            " +enc"
+                        } else {
+                            ""
+                        }
+                    );
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
+fn issuer_der_from_cert(path: &std::path::Path) -> Result<Vec<u8>> {
+    let text =
+        std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+    let certs = ukey_portal::ca::parse_cert_bundle(&text)?;
+    let (_, cert) =
+        x509_parser::parse_x509_certificate(&certs[0]).context("parsing the issuer certificate")?;
+    Ok(cert.subject().as_raw().to_vec())
+}
+
+fn print_view(v: &OrderView, json: bool) -> Result<()> {
+    if json {
+        println!("{}", serde_json::to_string_pretty(v)?);
+        return Ok(());
+    }
+    let opt = |o: &Option<String>| o.clone().unwrap_or_else(|| "-".into());
+    println!("订单 order:            {}", v.order_id);
+    println!("状态 state:            {}", v.state);
+    println!("颁发者 issuer:         {}", v.issuer_dn);
+    println!("证书序列号 serial:     {}", v.serial_hex);
+    println!(
+        "条款 terms:            {} year(s), {}, key {}, encryption certificate {}",
+        v.terms.years,
+        v.terms.target_algorithm,
+        v.terms.key_policy.as_str(),
+        if v.terms.with_encryption_cert {
+            "yes"
+        } else {
+            "no"
+        }
+    );
+    println!("驳回原因 reason:       {}", opt(&v.reject_reason));
+    println!("运单号 tracking:       {}", opt(&v.tracking_number));
+    println!("新证书 issued:         {}", opt(&v.issued_serial_hex));
+    println!(
+        "新加密证书 encryption: {}",
+        opt(&v.issued_encryption_serial_hex)
+    );
+    println!("主题 subject:          {}", opt(&v.subject));
+    Ok(())
+}
+
+fn ca(data: &std::path::Path, cmd: CaCommand) -> Result<()> {
+    match cmd {
+        CaCommand::Show => {
+            let portal = open(data)?;
+            println!("subject: {}", portal.ca().display_name());
+            println!("certificate: {}", data.join("ca-cert.pem").display());
+        }
+        CaCommand::AcceptIssuer { pem } => {
+            let text = std::fs::read_to_string(&pem)
+                .with_context(|| format!("reading {}", pem.display()))?;
+            let n = ukey_portal::ca::Ca::add_accepted_issuers(data, &text)?;
+            if n == 0 {
+                bail!("no certificate in {}", pem.display());
+            }
+            println!("accepted {n} issuer certificate(s)");
+        }
+    }
+    Ok(())
+}

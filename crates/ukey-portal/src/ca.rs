@@ -1,0 +1,482 @@
+//! The portal's certification authority: loading an existing CA (PEM made by OpenSSL or
+//! anything else) or creating one in the data directory, issuing certificates with
+//! rcgen, checking that a presented certificate chains to it, and signing CRLs.
+//!
+//! Files in the data directory: `ca-cert.pem` (the issuing CA certificate, optionally
+//! followed by its parents: they are returned as the chain), `ca-key.pem` (its private
+//! key, mode 0600), and optionally `accepted-issuers.pem` (further CA certificates
+//! whose certificates may be renewed, e.g. a previous CA generation).
+
+use std::path::{Path, PathBuf};
+
+use rcgen::{
+    BasicConstraints, CertificateParams, CertificateRevocationListParams, CrlDistributionPoint,
+    DistinguishedName, DnType, DnValue, IsCa, Issuer, KeyPair, KeyUsagePurpose, RevocationReason,
+    RevokedCertParams, SerialNumber, SubjectPublicKeyInfo as RcgenSpki,
+};
+use time::{Duration, OffsetDateTime};
+use x509_parser::certificate::X509Certificate;
+use x509_parser::prelude::FromDer;
+use x509_parser::x509::X509Name;
+
+use crate::crypto::random_bytes;
+use crate::names::{NameKey, display_name, key_of_name};
+
+/// CA setup or issuing failure.
+#[derive(Debug, thiserror::Error)]
+pub enum CaError {
+    /// A file could not be read or written.
+    #[error("{path}: {source}")]
+    Io {
+        /// The file.
+        path: PathBuf,
+        /// The cause.
+        source: std::io::Error,
+    },
+    /// A PEM file holds nothing usable.
+    #[error("{0}")]
+    BadPem(String),
+    /// The CA key does not belong to the CA certificate, or is of an unsupported type.
+    #[error("{0}")]
+    BadKey(String),
+    /// rcgen refused to build a certificate or CRL.
+    #[error("certificate generation failed: {0}")]
+    Generate(#[from] rcgen::Error),
+    /// The subject cannot be reproduced by rcgen (repeated or multi-valued attributes).
+    #[error("unsupported subject: {0}")]
+    UnsupportedSubject(String),
+    /// Randomness failure.
+    #[error("random number generator failure")]
+    Random,
+}
+
+fn io_err(path: &Path) -> impl FnOnce(std::io::Error) -> CaError + '_ {
+    move |source| CaError::Io {
+        path: path.to_owned(),
+        source,
+    }
+}
+
+/// A CA certificate whose issued certificates the portal accepts for renewal.
+#[derive(Debug, Clone)]
+pub struct TrustedIssuer {
+    /// Normal form of its subject.
+    pub name_key: NameKey,
+    /// Its certificate, DER.
+    pub cert_der: Vec<u8>,
+}
+
+/// What an issued certificate is for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Usage {
+    /// digitalSignature + nonRepudiation.
+    Signing,
+    /// keyEncipherment + dataEncipherment (RSA) or keyAgreement (EC).
+    Encryption {
+        /// True for an EC key.
+        ec: bool,
+    },
+}
+
+/// A certificate the CA just issued.
+#[derive(Debug, Clone)]
+pub struct IssuedCert {
+    /// DER.
+    pub der: Vec<u8>,
+    /// Canonical serial hex.
+    pub serial_hex: String,
+    /// Display form of the subject.
+    pub subject: String,
+}
+
+/// An entry of the CRL.
+#[derive(Debug, Clone)]
+pub struct Revoked {
+    /// Canonical serial hex.
+    pub serial_hex: String,
+    /// When it was revoked.
+    pub revoked_at: OffsetDateTime,
+}
+
+/// The portal's issuing CA.
+pub struct Ca {
+    cert_der: Vec<u8>,
+    chain_der: Vec<Vec<u8>>,
+    name_key: NameKey,
+    display_name: String,
+    issuer: Issuer<'static, KeyPair>,
+    trusted: Vec<TrustedIssuer>,
+}
+
+impl std::fmt::Debug for Ca {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Ca")
+            .field("name", &self.display_name)
+            .finish_non_exhaustive()
+    }
+}
+
+const CERT_FILE: &str = "ca-cert.pem";
+const KEY_FILE: &str = "ca-key.pem";
+const ACCEPTED_FILE: &str = "accepted-issuers.pem";
+
+impl Ca {
+    /// Opens the CA of `data_dir`. With `import = Some((cert, key))` those PEM files are
+    /// checked and copied into the data directory first (replacing any CA there);
+    /// without, an existing CA is used, or a new EC P-256 CA is created.
+    pub fn open(data_dir: &Path, import: Option<(&Path, &Path)>) -> Result<Ca, CaError> {
+        let cert_path = data_dir.join(CERT_FILE);
+        let key_path = data_dir.join(KEY_FILE);
+        if let Some((cert_src, key_src)) = import {
+            let cert_pem = std::fs::read_to_string(cert_src).map_err(io_err(cert_src))?;
+            let key_pem = std::fs::read_to_string(key_src).map_err(io_err(key_src))?;
+            // Validate before copying, so a bad pair never replaces a good one.
+            Ca::from_pem(&cert_pem, &key_pem, Vec::new())?;
+            std::fs::write(&cert_path, &cert_pem).map_err(io_err(&cert_path))?;
+            write_private(&key_path, key_pem.as_bytes())?;
+        } else if !cert_path.exists() {
+            let (cert_pem, key_pem) = create_ca()?;
+            std::fs::write(&cert_path, cert_pem).map_err(io_err(&cert_path))?;
+            write_private(&key_path, key_pem.as_bytes())?;
+        }
+        let cert_pem = std::fs::read_to_string(&cert_path).map_err(io_err(&cert_path))?;
+        let key_pem = std::fs::read_to_string(&key_path).map_err(io_err(&key_path))?;
+        let accepted_path = data_dir.join(ACCEPTED_FILE);
+        let accepted = if accepted_path.exists() {
+            let pem = std::fs::read_to_string(&accepted_path).map_err(io_err(&accepted_path))?;
+            parse_cert_bundle(&pem)?
+        } else {
+            Vec::new()
+        };
+        Ca::from_pem(&cert_pem, &key_pem, accepted)
+    }
+
+    /// Adds CA certificates (PEM bundle) whose certificates may be renewed too.
+    pub fn add_accepted_issuers(data_dir: &Path, pem: &str) -> Result<usize, CaError> {
+        let certs = parse_cert_bundle(pem)?;
+        let path = data_dir.join(ACCEPTED_FILE);
+        let mut existing = if path.exists() {
+            std::fs::read_to_string(&path).map_err(io_err(&path))?
+        } else {
+            String::new()
+        };
+        existing.push_str(pem);
+        if !existing.ends_with('\n') {
+            existing.push('\n');
+        }
+        std::fs::write(&path, existing).map_err(io_err(&path))?;
+        Ok(certs.len())
+    }
+
+    /// Builds a CA from a PEM bundle (issuing CA first) and its key.
+    pub fn from_pem(cert_pem: &str, key_pem: &str, accepted: Vec<Vec<u8>>) -> Result<Ca, CaError> {
+        let chain_der = parse_cert_bundle(cert_pem)?;
+        let cert_der = chain_der[0].clone();
+        let key = load_key(key_pem)?;
+        let (_, cert) = X509Certificate::from_der(&cert_der)
+            .map_err(|e| CaError::BadPem(format!("CA certificate: {e}")))?;
+        if cert.public_key().subject_public_key.as_ref() != key.public_key_raw() {
+            return Err(CaError::BadKey(
+                "the CA key does not belong to the CA certificate".into(),
+            ));
+        }
+        let name_key = key_of_name(cert.subject());
+        let display = display_name(cert.subject());
+        let issuer = Issuer::from_ca_cert_der(&cert_der.as_slice().into(), key)?;
+        let mut trusted = vec![TrustedIssuer {
+            name_key: name_key.clone(),
+            cert_der: cert_der.clone(),
+        }];
+        for der in accepted {
+            let (_, c) = X509Certificate::from_der(&der)
+                .map_err(|e| CaError::BadPem(format!("accepted issuer: {e}")))?;
+            trusted.push(TrustedIssuer {
+                name_key: key_of_name(c.subject()),
+                cert_der: der.clone(),
+            });
+        }
+        Ok(Ca {
+            cert_der,
+            chain_der,
+            name_key,
+            display_name: display,
+            issuer,
+            trusted,
+        })
+    }
+
+    /// The issuing CA certificate, DER.
+    pub fn cert_der(&self) -> &[u8] {
+        &self.cert_der
+    }
+    /// Issuing CA first, then its parents as configured.
+    pub fn chain_der(&self) -> &[Vec<u8>] {
+        &self.chain_der
+    }
+    /// Normal form of the CA's subject (= issuer of what it issues).
+    pub fn name_key(&self) -> &NameKey {
+        &self.name_key
+    }
+    /// Display form of the CA's subject.
+    pub fn display_name(&self) -> &str {
+        &self.display_name
+    }
+
+    /// Whether `cert` was signed by the portal CA or an accepted issuer.
+    pub fn verifies(&self, cert: &X509Certificate<'_>) -> bool {
+        let issuer_key = key_of_name(cert.issuer());
+        self.trusted
+            .iter()
+            .filter(|t| t.name_key == issuer_key)
+            .any(|t| {
+                X509Certificate::from_der(&t.cert_der)
+                    .ok()
+                    .is_some_and(|(_, ca)| cert.verify_signature(Some(ca.public_key())).is_ok())
+            })
+    }
+
+    /// Issues a certificate for `public_key_spki` with the subject of `subject`.
+    pub fn issue(
+        &self,
+        subject: &X509Name<'_>,
+        public_key_spki: &[u8],
+        usage: Usage,
+        years: u32,
+        crl_url: Option<&str>,
+        now: OffsetDateTime,
+    ) -> Result<IssuedCert, CaError> {
+        let mut params = CertificateParams::default();
+        params.distinguished_name = dn_from_name(subject)?;
+        params.not_before = now - Duration::minutes(5);
+        params.not_after = add_years(now, years);
+        let mut serial = random_bytes(16).map_err(|_| CaError::Random)?;
+        // Positive, and a fixed length so the canonical hex is always 32 digits.
+        serial[0] = (serial[0] & 0x7f) | 0x40;
+        params.serial_number = Some(SerialNumber::from_slice(&serial));
+        params.is_ca = IsCa::ExplicitNoCa;
+        params.key_usages = match usage {
+            Usage::Signing => vec![
+                KeyUsagePurpose::DigitalSignature,
+                KeyUsagePurpose::ContentCommitment,
+            ],
+            Usage::Encryption { ec: false } => {
+                vec![
+                    KeyUsagePurpose::KeyEncipherment,
+                    KeyUsagePurpose::DataEncipherment,
+                ]
+            }
+            Usage::Encryption { ec: true } => vec![KeyUsagePurpose::KeyAgreement],
+        };
+        params.use_authority_key_identifier_extension = true;
+        if let Some(url) = crl_url {
+            params.crl_distribution_points = vec![CrlDistributionPoint {
+                uris: vec![url.to_owned()],
+            }];
+        }
+        let spki = RcgenSpki::from_der(public_key_spki)?;
+        let cert = params.signed_by(&spki, &self.issuer)?;
+        Ok(IssuedCert {
+            der: cert.der().to_vec(),
+            serial_hex: ukey_portal_api::serial_hex_from_bytes(&serial),
+            subject: display_name(subject),
+        })
+    }
+
+    /// Signs a CRL listing `revoked` (reason superseded), valid for 7 days.
+    pub fn crl(
+        &self,
+        revoked: &[Revoked],
+        crl_number: u64,
+        now: OffsetDateTime,
+    ) -> Result<Vec<u8>, CaError> {
+        let mut entries = Vec::with_capacity(revoked.len());
+        for r in revoked {
+            let bytes = hex::decode(&r.serial_hex).map_err(|_| {
+                CaError::BadPem(format!("stored serial {} is not hex", r.serial_hex))
+            })?;
+            entries.push(RevokedCertParams {
+                serial_number: SerialNumber::from_slice(&bytes),
+                revocation_time: r.revoked_at,
+                reason_code: Some(RevocationReason::Superseded),
+                invalidity_date: None,
+            });
+        }
+        let params = CertificateRevocationListParams {
+            this_update: now - Duration::minutes(5),
+            next_update: now + Duration::days(7),
+            crl_number: SerialNumber::from_slice(&crl_number.to_be_bytes()),
+            issuing_distribution_point: None,
+            revoked_certs: entries,
+            key_identifier_method: rcgen::KeyIdMethod::Sha256,
+        };
+        Ok(params.signed_by(&self.issuer)?.der().to_vec())
+    }
+}
+
+fn add_years(now: OffsetDateTime, years: u32) -> OffsetDateTime {
+    let target_year = now.year() + years as i32;
+    now.replace_year(target_year)
+        // 29 February in a non-leap target year: the day before.
+        .or_else(|_| (now - Duration::days(1)).replace_year(target_year))
+        .unwrap_or(now + Duration::days(365 * i64::from(years)))
+}
+
+/// Converts an X.509 Name to rcgen's model, keeping string types. rcgen keeps one value
+/// per attribute type and no multi-valued RDNs: such subjects are refused, not altered.
+pub fn dn_from_name(name: &X509Name<'_>) -> Result<DistinguishedName, CaError> {
+    use x509_parser::der_parser::asn1_rs::Tag;
+    let mut dn = DistinguishedName::new();
+    for rdn in name.iter() {
+        let mut attrs = rdn.iter();
+        let (Some(attr), None) = (attrs.next(), attrs.next()) else {
+            return Err(CaError::UnsupportedSubject("multi-valued RDN".into()));
+        };
+        let oid: Vec<u64> = attr
+            .attr_type()
+            .iter()
+            .ok_or_else(|| CaError::UnsupportedSubject("attribute OID too large".into()))?
+            .collect();
+        let ty = DnType::from_oid(&oid);
+        if dn.get(&ty).is_some() {
+            return Err(CaError::UnsupportedSubject(format!(
+                "repeated attribute {}",
+                attr.attr_type().to_id_string()
+            )));
+        }
+        let data = attr.attr_value().data;
+        let text = || {
+            std::str::from_utf8(data)
+                .map(str::to_owned)
+                .map_err(|_| CaError::UnsupportedSubject("attribute is not UTF-8".into()))
+        };
+        let value = match attr.attr_value().tag() {
+            Tag::Utf8String => DnValue::Utf8String(text()?),
+            Tag::PrintableString => DnValue::PrintableString(text()?.as_str().try_into()?),
+            Tag::Ia5String => DnValue::Ia5String(text()?.as_str().try_into()?),
+            Tag::T61String => DnValue::TeletexString(text()?.as_str().try_into()?),
+            Tag::BmpString => {
+                DnValue::BmpString(rcgen::string::BmpString::from_utf16be(data.to_vec())?)
+            }
+            Tag::UniversalString => DnValue::UniversalString(
+                rcgen::string::UniversalString::from_utf32be(data.to_vec())?,
+            ),
+            t => {
+                return Err(CaError::UnsupportedSubject(format!(
+                    "attribute string type {t}"
+                )));
+            }
+        };
+        dn.push(ty, value);
+    }
+    Ok(dn)
+}
+
+/// Parses every CERTIFICATE block of a PEM bundle (at least one).
+pub fn parse_cert_bundle(pem_text: &str) -> Result<Vec<Vec<u8>>, CaError> {
+    let blocks = pem::parse_many(pem_text).map_err(|e| CaError::BadPem(format!("PEM: {e}")))?;
+    let certs: Vec<Vec<u8>> = blocks
+        .into_iter()
+        .filter(|b| b.tag() == "CERTIFICATE")
+        .map(|b| b.into_contents())
+        .collect();
+    if certs.is_empty() {
+        return Err(CaError::BadPem("no CERTIFICATE in the PEM file".into()));
+    }
+    for der in &certs {
+        X509Certificate::from_der(der).map_err(|e| CaError::BadPem(format!("certificate: {e}")))?;
+    }
+    Ok(certs)
+}
+
+/// Loads a CA private key from PEM: PKCS#8 (`PRIVATE KEY`), SEC1 (`EC PRIVATE KEY`,
+/// P-256/P-384) or PKCS#1 (`RSA PRIVATE KEY`), as OpenSSL writes them.
+pub fn load_key(key_pem: &str) -> Result<KeyPair, CaError> {
+    use aws_lc_rs::encoding::AsDer;
+    use aws_lc_rs::signature::{
+        ECDSA_P256_SHA256_ASN1_SIGNING, ECDSA_P384_SHA384_ASN1_SIGNING, EcdsaKeyPair,
+    };
+    let blocks = pem::parse_many(key_pem).map_err(|e| CaError::BadPem(format!("key PEM: {e}")))?;
+    let block = blocks
+        .into_iter()
+        .find(|b| b.tag().ends_with("PRIVATE KEY"))
+        .ok_or_else(|| CaError::BadPem("no PRIVATE KEY block in the key file".into()))?;
+    let pkcs8: Vec<u8> = match block.tag() {
+        "PRIVATE KEY" => block.into_contents(),
+        "EC PRIVATE KEY" => {
+            let der = block.into_contents();
+            let kp = EcdsaKeyPair::from_private_key_der(&ECDSA_P256_SHA256_ASN1_SIGNING, &der)
+                .or_else(|_| {
+                    EcdsaKeyPair::from_private_key_der(&ECDSA_P384_SHA384_ASN1_SIGNING, &der)
+                })
+                .map_err(|e| CaError::BadKey(format!("EC key: {e}")))?;
+            kp.to_pkcs8v1()
+                .map_err(|_| CaError::BadKey("EC key re-encoding".into()))?
+                .as_ref()
+                .to_vec()
+        }
+        "RSA PRIVATE KEY" => {
+            let kp = aws_lc_rs::rsa::KeyPair::from_der(&block.into_contents())
+                .map_err(|e| CaError::BadKey(format!("RSA key: {e}")))?;
+            kp.as_der()
+                .map_err(|_| CaError::BadKey("RSA key re-encoding".into()))?
+                .as_ref()
+                .to_vec()
+        }
+        "ENCRYPTED PRIVATE KEY" => {
+            return Err(CaError::BadKey(
+                "the CA key is encrypted: decrypt it first (openssl pkey -in KEY -out PLAIN)"
+                    .into(),
+            ));
+        }
+        other => return Err(CaError::BadKey(format!("unsupported key type {other}"))),
+    };
+    KeyPair::try_from(pkcs8.as_slice()).map_err(|e| CaError::BadKey(format!("CA key: {e}")))
+}
+
+fn create_ca() -> Result<(String, String), CaError> {
+    let key = KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256)?;
+    let mut params = CertificateParams::default();
+    params.distinguished_name = DistinguishedName::new();
+    params.distinguished_name.push(
+        DnType::CountryName,
+        DnValue::PrintableString("CN".try_into()?),
+    );
+    params
+        .distinguished_name
+        .push(DnType::OrganizationName, "UKey Renew Reference Portal");
+    params
+        .distinguished_name
+        .push(DnType::CommonName, "UKey Renew Reference CA");
+    params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    params.key_usages = vec![
+        KeyUsagePurpose::KeyCertSign,
+        KeyUsagePurpose::CrlSign,
+        KeyUsagePurpose::DigitalSignature,
+    ];
+    let now = OffsetDateTime::now_utc();
+    params.not_before = now - Duration::hours(1);
+    params.not_after = add_years(now, 20);
+    let mut serial = random_bytes(16).map_err(|_| CaError::Random)?;
+    serial[0] &= 0x7f;
+    params.serial_number = Some(SerialNumber::from_slice(&serial));
+    let cert = params.self_signed(&key)?;
+    Ok((cert.pem(), key.serialize_pem()))
+}
+
+fn write_private(path: &Path, bytes: &[u8]) -> Result<(), CaError> {
+    use std::io::Write as _;
+    let mut options = std::fs::OpenOptions::new();
+    options.write(true).create(true).truncate(true);
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::OpenOptionsExt as _;
+        options.mode(0o600);
+    }
+    let mut f = options.open(path).map_err(io_err(path))?;
+    f.write_all(bytes).map_err(io_err(path))
+}
+
+/// Writes a secret file readable only by the owner (used for the admin token too).
+pub fn write_secret_file(path: &Path, bytes: &[u8]) -> Result<(), CaError> {
+    write_private(path, bytes)
+}

@@ -1,0 +1,113 @@
+//! Small cryptographic helpers: public-key classification, signature verification of
+//! the two algorithms a token can produce, hashing and randomness (aws-lc-rs).
+
+use aws_lc_rs::digest;
+use aws_lc_rs::signature::{self, UnparsedPublicKey};
+use ukey_portal_api::{KeyAlgorithm, SignatureAlgorithm};
+use x509_parser::public_key::PublicKey;
+use x509_parser::x509::SubjectPublicKeyInfo;
+
+const OID_P256: &str = "1.2.840.10045.3.1.7";
+
+/// What kind of public key a SubjectPublicKeyInfo holds.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum KeyKind {
+    /// RSA with this modulus size in bits.
+    Rsa {
+        /// Modulus size.
+        bits: usize,
+    },
+    /// EC on P-256.
+    EcP256,
+    /// Anything else (named for messages).
+    Other(String),
+}
+
+impl KeyKind {
+    /// Classifies a parsed SPKI.
+    pub fn of(spki: &SubjectPublicKeyInfo<'_>) -> KeyKind {
+        match spki.parsed() {
+            Ok(PublicKey::RSA(rsa)) => KeyKind::Rsa {
+                bits: rsa.key_size(),
+            },
+            Ok(PublicKey::EC(_)) => {
+                let curve = spki
+                    .algorithm
+                    .parameters
+                    .as_ref()
+                    .and_then(|p| p.as_oid().ok())
+                    .map(|o| o.to_id_string());
+                if curve.as_deref() == Some(OID_P256) {
+                    KeyKind::EcP256
+                } else {
+                    KeyKind::Other(format!(
+                        "EC on curve {}",
+                        curve.unwrap_or_else(|| "?".into())
+                    ))
+                }
+            }
+            Ok(_) | Err(_) => KeyKind::Other(spki.algorithm.algorithm.to_id_string()),
+        }
+    }
+
+    /// The protocol's name for this key, if it is one the protocol supports.
+    pub fn algorithm(&self) -> Option<KeyAlgorithm> {
+        match self {
+            KeyKind::Rsa { bits: 2048 } => Some(KeyAlgorithm::Rsa2048),
+            KeyKind::EcP256 => Some(KeyAlgorithm::EcP256),
+            _ => None,
+        }
+    }
+
+    /// Human-readable description.
+    pub fn describe(&self) -> String {
+        match self {
+            KeyKind::Rsa { bits } => format!("RSA-{bits}"),
+            KeyKind::EcP256 => "EC-P256".into(),
+            KeyKind::Other(s) => s.clone(),
+        }
+    }
+}
+
+/// Verifies `signature` over `data` with the key in `spki` using `alg`. False if the
+/// key does not fit the algorithm or the signature is wrong.
+pub fn verify(
+    spki: &SubjectPublicKeyInfo<'_>,
+    alg: SignatureAlgorithm,
+    data: &[u8],
+    sig: &[u8],
+) -> bool {
+    let key_bytes: &[u8] = &spki.subject_public_key.data;
+    match (alg, KeyKind::of(spki)) {
+        (SignatureAlgorithm::RsaPkcs1Sha256, KeyKind::Rsa { bits })
+            if (2048..=8192).contains(&bits) =>
+        {
+            UnparsedPublicKey::new(&signature::RSA_PKCS1_2048_8192_SHA256, key_bytes)
+                .verify(data, sig)
+                .is_ok()
+        }
+        (SignatureAlgorithm::EcdsaP256Sha256, KeyKind::EcP256) => {
+            UnparsedPublicKey::new(&signature::ECDSA_P256_SHA256_ASN1, key_bytes)
+                .verify(data, sig)
+                .is_ok()
+        }
+        _ => false,
+    }
+}
+
+/// SHA-256.
+pub fn sha256(data: &[u8]) -> Vec<u8> {
+    digest::digest(&digest::SHA256, data).as_ref().to_vec()
+}
+
+/// `n` random bytes from the system CSPRNG.
+pub fn random_bytes(n: usize) -> Result<Vec<u8>, aws_lc_rs::error::Unspecified> {
+    let mut out = vec![0u8; n];
+    aws_lc_rs::rand::fill(&mut out)?;
+    Ok(out)
+}
+
+/// A random identifier with a prefix, e.g. `ord_5f0c…` (128 bits).
+pub fn random_id(prefix: &str) -> Result<String, aws_lc_rs::error::Unspecified> {
+    Ok(format!("{prefix}_{}", hex::encode(random_bytes(16)?)))
+}

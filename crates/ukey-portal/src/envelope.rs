@@ -1,0 +1,266 @@
+//! The key-escrow envelope: the portal, acting as key-management centre, generates an
+//! encryption key pair and seals its PKCS#8 private key so that only the token's new
+//! signing key can open it (see [`ukey_portal_api::KeyEnvelope`] for the format).
+
+use aws_lc_rs::agreement::{self, ECDH_P256, PrivateKey, UnparsedPublicKey};
+use aws_lc_rs::encoding::AsDer;
+use aws_lc_rs::key_wrap::{AES_256, AesKek, KeyWrapPadded};
+use aws_lc_rs::rsa::{KeySize, OAEP_SHA1_MGF1SHA1, OaepPublicEncryptingKey, PublicEncryptingKey};
+use aws_lc_rs::signature::{ECDSA_P256_SHA256_ASN1_SIGNING, EcdsaKeyPair, KeyPair as _};
+use ukey_portal_api::{
+    CONTENT_WRAP_AES256_KWP, ECDH_SHARED_INFO, EcdhKdf, KeyAlgorithm, KeyEnvelope, KeyTransport,
+    PRIVATE_KEY_FORMAT_PKCS8,
+};
+use x509_parser::prelude::FromDer;
+use x509_parser::x509::SubjectPublicKeyInfo;
+use zeroize::Zeroizing;
+
+use crate::crypto::{KeyKind, random_bytes, sha256};
+
+/// Failure to generate or seal a key.
+#[derive(Debug, thiserror::Error)]
+pub enum EnvelopeError {
+    /// The recipient key is not RSA (≥2048) or EC P-256.
+    #[error("cannot seal an envelope for a {0} key")]
+    UnsupportedRecipient(String),
+    /// A cryptographic primitive failed.
+    #[error("cryptographic failure: {0}")]
+    Crypto(&'static str),
+}
+
+/// A freshly generated escrowed encryption key pair.
+#[derive(Debug)]
+pub struct EscrowKey {
+    /// PKCS#8 PrivateKeyInfo DER (kept in the portal's store: it is the escrow copy).
+    pub pkcs8: Vec<u8>,
+    /// SubjectPublicKeyInfo DER, certified in the encryption certificate.
+    pub spki: Vec<u8>,
+}
+
+/// Generates an encryption key pair of `alg`.
+pub fn generate_escrow_key(alg: KeyAlgorithm) -> Result<EscrowKey, EnvelopeError> {
+    match alg {
+        KeyAlgorithm::Rsa2048 => {
+            let kp = aws_lc_rs::rsa::KeyPair::generate(KeySize::Rsa2048)
+                .map_err(|_| EnvelopeError::Crypto("RSA key generation"))?;
+            let pkcs8 = kp
+                .as_der()
+                .map_err(|_| EnvelopeError::Crypto("PKCS#8 encoding"))?;
+            let spki = kp
+                .public_key()
+                .as_der()
+                .map_err(|_| EnvelopeError::Crypto("SPKI encoding"))?;
+            Ok(EscrowKey {
+                pkcs8: pkcs8.as_ref().to_vec(),
+                spki: spki.as_ref().to_vec(),
+            })
+        }
+        KeyAlgorithm::EcP256 => {
+            let kp = EcdsaKeyPair::generate(&ECDSA_P256_SHA256_ASN1_SIGNING)
+                .map_err(|_| EnvelopeError::Crypto("EC key generation"))?;
+            let pkcs8 = kp
+                .to_pkcs8v1()
+                .map_err(|_| EnvelopeError::Crypto("PKCS#8 encoding"))?;
+            let spki = kp
+                .public_key()
+                .as_der()
+                .map_err(|_| EnvelopeError::Crypto("SPKI encoding"))?;
+            Ok(EscrowKey {
+                pkcs8: pkcs8.as_ref().to_vec(),
+                spki: spki.as_ref().to_vec(),
+            })
+        }
+    }
+}
+
+/// ANSI X9.63 KDF with SHA-256 for a 32-byte output (one block): `SHA-256(Z || 1 || info)`.
+/// This is what PKCS#11's `CKD_SHA256_KDF` computes.
+pub fn x963_sha256(z: &[u8], shared_info: &[u8]) -> Vec<u8> {
+    let mut input = Vec::with_capacity(z.len() + 4 + shared_info.len());
+    input.extend_from_slice(z);
+    input.extend_from_slice(&1u32.to_be_bytes());
+    input.extend_from_slice(shared_info);
+    sha256(&input)
+}
+
+/// Seals `pkcs8` (of `key_alg`) for the key in `recipient_spki` (DER).
+pub fn seal(
+    recipient_spki: &[u8],
+    pkcs8: &[u8],
+    key_alg: KeyAlgorithm,
+    kdf: EcdhKdf,
+) -> Result<KeyEnvelope, EnvelopeError> {
+    let (_, spki) = SubjectPublicKeyInfo::from_der(recipient_spki)
+        .map_err(|_| EnvelopeError::UnsupportedRecipient("unparsable".into()))?;
+    let (cek, key_transport) = match KeyKind::of(&spki) {
+        KeyKind::Rsa { bits } if bits >= 2048 => {
+            let cek =
+                Zeroizing::new(random_bytes(32).map_err(|_| EnvelopeError::Crypto("random"))?);
+            let public = PublicEncryptingKey::from_der(recipient_spki)
+                .map_err(|_| EnvelopeError::UnsupportedRecipient("RSA (rejected)".into()))?;
+            let oaep = OaepPublicEncryptingKey::new(public)
+                .map_err(|_| EnvelopeError::Crypto("RSA-OAEP key"))?;
+            let mut out = vec![0u8; oaep.ciphertext_size()];
+            let wrapped = oaep
+                .encrypt(&OAEP_SHA1_MGF1SHA1, &cek, &mut out, None)
+                .map_err(|_| EnvelopeError::Crypto("RSA-OAEP encryption"))?
+                .to_vec();
+            (
+                cek,
+                KeyTransport::RsaOaepSha1 {
+                    wrapped_key: wrapped,
+                },
+            )
+        }
+        KeyKind::EcP256 => {
+            let ephemeral =
+                PrivateKey::generate(&ECDH_P256).map_err(|_| EnvelopeError::Crypto("ECDH key"))?;
+            let ephemeral_public = ephemeral
+                .compute_public_key()
+                .map_err(|_| EnvelopeError::Crypto("ECDH public key"))?
+                .as_ref()
+                .to_vec();
+            let peer = UnparsedPublicKey::new(&ECDH_P256, spki.subject_public_key.as_ref());
+            let shared_info = match kdf {
+                EcdhKdf::X963Sha256 => ECDH_SHARED_INFO.to_vec(),
+                EcdhKdf::Null => Vec::new(),
+            };
+            let cek = agreement::agree(&ephemeral, peer, EnvelopeError::Crypto("ECDH"), |z| {
+                Ok(Zeroizing::new(match kdf {
+                    EcdhKdf::X963Sha256 => x963_sha256(z, &shared_info),
+                    EcdhKdf::Null => z.to_vec(),
+                }))
+            })?;
+            (
+                cek,
+                KeyTransport::EcdhP256 {
+                    ephemeral_public_key: ephemeral_public,
+                    kdf,
+                    shared_info,
+                },
+            )
+        }
+        other => return Err(EnvelopeError::UnsupportedRecipient(other.describe())),
+    };
+    let kek = AesKek::new(&AES_256, &cek).map_err(|_| EnvelopeError::Crypto("AES key"))?;
+    let mut out = vec![0u8; pkcs8.len() + 16];
+    let wrapped = kek
+        .wrap_with_padding(pkcs8, &mut out)
+        .map_err(|_| EnvelopeError::Crypto("AES key wrap"))?
+        .to_vec();
+    Ok(KeyEnvelope {
+        version: 1,
+        recipient_spki_sha256: sha256(recipient_spki),
+        key_transport,
+        content_wrap: CONTENT_WRAP_AES256_KWP.to_owned(),
+        private_key_algorithm: key_alg,
+        private_key_format: PRIVATE_KEY_FORMAT_PKCS8.to_owned(),
+        wrapped_private_key: wrapped,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use aws_lc_rs::rsa::{OaepPrivateDecryptingKey, PrivateDecryptingKey};
+
+    fn unwrap_kwp(cek: &[u8], wrapped: &[u8]) -> Vec<u8> {
+        let kek = AesKek::new(&AES_256, cek).unwrap();
+        let mut out = vec![0u8; wrapped.len()];
+        kek.unwrap_with_padding(wrapped, &mut out).unwrap().to_vec()
+    }
+
+    #[test]
+    fn rsa_envelope_opens_with_the_recipient_key() {
+        let recipient = aws_lc_rs::rsa::KeyPair::generate(KeySize::Rsa2048).unwrap();
+        let spki = recipient.public_key().as_der().unwrap();
+        let escrow = generate_escrow_key(KeyAlgorithm::EcP256).unwrap();
+        let env = seal(
+            spki.as_ref(),
+            &escrow.pkcs8,
+            KeyAlgorithm::EcP256,
+            EcdhKdf::default(),
+        )
+        .unwrap();
+        let KeyTransport::RsaOaepSha1 { wrapped_key } = &env.key_transport else {
+            panic!()
+        };
+        let pkcs8 = recipient.as_der().unwrap();
+        let dec = OaepPrivateDecryptingKey::new(
+            PrivateDecryptingKey::from_pkcs8(pkcs8.as_ref()).unwrap(),
+        )
+        .unwrap();
+        let mut buf = vec![0u8; dec.min_output_size()];
+        let cek = dec
+            .decrypt(&OAEP_SHA1_MGF1SHA1, wrapped_key, &mut buf, None)
+            .unwrap()
+            .to_vec();
+        assert_eq!(unwrap_kwp(&cek, &env.wrapped_private_key), escrow.pkcs8);
+        assert_eq!(env.recipient_spki_sha256, sha256(spki.as_ref()));
+    }
+
+    #[test]
+    fn ec_envelope_opens_with_the_recipient_key_both_kdfs() {
+        for kdf in [EcdhKdf::X963Sha256, EcdhKdf::Null] {
+            let recipient = PrivateKey::generate(&ECDH_P256).unwrap();
+            let point = recipient.compute_public_key().unwrap().as_ref().to_vec();
+            // SPKI for an EC P-256 point, built by rcgen's encoder via x509 DER by hand.
+            let spki = ec_spki(&point);
+            let escrow = generate_escrow_key(KeyAlgorithm::EcP256).unwrap();
+            let env = seal(&spki, &escrow.pkcs8, KeyAlgorithm::EcP256, kdf).unwrap();
+            let KeyTransport::EcdhP256 {
+                ephemeral_public_key,
+                kdf: k,
+                shared_info,
+            } = &env.key_transport
+            else {
+                panic!()
+            };
+            assert_eq!(*k, kdf);
+            let cek = agreement::agree(
+                &recipient,
+                UnparsedPublicKey::new(&ECDH_P256, ephemeral_public_key),
+                (),
+                |z| {
+                    Ok(if kdf == EcdhKdf::Null {
+                        z.to_vec()
+                    } else {
+                        x963_sha256(z, shared_info)
+                    })
+                },
+            )
+            .unwrap();
+            assert_eq!(unwrap_kwp(&cek, &env.wrapped_private_key), escrow.pkcs8);
+        }
+    }
+
+    fn ec_spki(point: &[u8]) -> Vec<u8> {
+        // SEQUENCE { SEQUENCE { id-ecPublicKey, prime256v1 }, BIT STRING point }
+        let alg: &[u8] = &[
+            0x30, 0x13, 0x06, 0x07, 0x2a, 0x86, 0x48, 0xce, 0x3d, 0x02, 0x01, 0x06, 0x08, 0x2a,
+            0x86, 0x48, 0xce, 0x3d, 0x03, 0x01, 0x07,
+        ];
+        let mut bits = vec![0x03, (point.len() + 1) as u8, 0x00];
+        bits.extend_from_slice(point);
+        let mut out = vec![0x30, (alg.len() + bits.len()) as u8];
+        out.extend_from_slice(alg);
+        out.extend_from_slice(&bits);
+        out
+    }
+
+    #[test]
+    fn rejects_unsupported_recipients() {
+        assert!(matches!(
+            seal(b"garbage", b"k", KeyAlgorithm::EcP256, EcdhKdf::Null),
+            Err(EnvelopeError::UnsupportedRecipient(_))
+        ));
+    }
+
+    #[test]
+    fn x963_matches_the_nist_known_answer() {
+        // NIST CAVS ANSI X9.63 KDF, SHA-256, COUNT 0 (also `openssl kdf X963KDF`).
+        let z = hex::decode("96c05619d56c328ab95fe84b18264b08725b85e33fd34f08").unwrap();
+        let key = x963_sha256(&z, &[]);
+        assert_eq!(hex::encode(&key[..16]), "443024c3dae66b95e6f5670601558f71");
+    }
+}

@@ -1,0 +1,759 @@
+//! The portal's behaviour, independent of HTTP: status lookups, challenges, issuing,
+//! installation, CRLs and the business-side order operations. Every method is
+//! synchronous (SQLite and CPU-bound crypto); the HTTP layer calls them on blocking
+//! threads, the admin CLI calls them directly.
+
+use std::path::{Path, PathBuf};
+use std::sync::{Mutex, RwLock};
+
+use time::{Duration, OffsetDateTime};
+use ukey_portal_api::{
+    ApiError, ChallengeResponse, CreateOrderRequest, EncryptionIssue, ErrorCode, InitialState,
+    InstalledRequest, InstalledResponse, IssueRequest, IssueResponse, KeyAlgorithm, KeyPolicy,
+    NONCE_LEN, OrderView, RenewalStatus, StatusRequest, challenge_signed_data,
+    installed_signed_data, normalize_serial_hex, paths,
+};
+use x509_parser::certificate::X509Certificate;
+use x509_parser::certification_request::X509CertificationRequest;
+use x509_parser::prelude::FromDer;
+
+use crate::Error;
+use crate::ca::{Ca, Revoked, Usage};
+use crate::crypto::{self, KeyKind, sha256};
+use crate::envelope;
+use crate::names::{self, NameKey};
+use crate::store::{IssueCommit, NewIssuance, NewOrder, Order, OrderState, Store, StoredCert};
+
+/// How to open a portal.
+#[derive(Debug, Clone)]
+pub struct PortalConfig {
+    /// Data directory (database, CA, admin token).
+    pub data_dir: PathBuf,
+    /// CA certificate (PEM bundle) and key to import into the data directory.
+    pub ca_import: Option<(PathBuf, PathBuf)>,
+    /// Lifetime of a challenge.
+    pub challenge_ttl: Duration,
+}
+
+impl PortalConfig {
+    /// Defaults: no import, 5-minute challenges.
+    pub fn new(data_dir: impl Into<PathBuf>) -> PortalConfig {
+        PortalConfig {
+            data_dir: data_dir.into(),
+            ca_import: None,
+            challenge_ttl: Duration::minutes(5),
+        }
+    }
+}
+
+/// Name of the database file in the data directory.
+pub const DB_FILE: &str = "portal.sqlite3";
+/// Name of the admin bearer token file in the data directory.
+pub const ADMIN_TOKEN_FILE: &str = "admin-token";
+
+/// A reference renewal portal over one data directory.
+#[derive(Debug)]
+pub struct Portal {
+    store: Store,
+    ca: Ca,
+    admin_token: String,
+    public_url: RwLock<Option<String>>,
+    challenge_ttl: Duration,
+    crl_cache: Mutex<Option<(u64, i64, Vec<u8>)>>,
+}
+
+fn api(code: ErrorCode, message: impl Into<String>) -> Error {
+    Error::Api(ApiError::new(code, message))
+}
+
+fn now() -> OffsetDateTime {
+    OffsetDateTime::now_utc()
+}
+
+impl Portal {
+    /// Opens (creating if needed) the data directory: database, CA, admin token.
+    pub fn open(config: &PortalConfig) -> Result<Portal, Error> {
+        let dir = &config.data_dir;
+        std::fs::create_dir_all(dir)
+            .map_err(|e| Error::Setup(format!("{}: {e}", dir.display())))?;
+        let import = config
+            .ca_import
+            .as_ref()
+            .map(|(c, k)| (c.as_path(), k.as_path()));
+        let ca = Ca::open(dir, import)?;
+        let store = Store::open(&dir.join(DB_FILE))?;
+        let admin_token = load_or_create_token(dir)?;
+        Ok(Portal {
+            store,
+            ca,
+            admin_token,
+            public_url: RwLock::new(None),
+            challenge_ttl: config.challenge_ttl,
+            crl_cache: Mutex::new(None),
+        })
+    }
+
+    /// Sets the externally visible base URL (payment links, CRL distribution point).
+    pub fn set_public_url(&self, url: &str) {
+        let mut guard = self.public_url.write().unwrap_or_else(|p| p.into_inner());
+        *guard = Some(url.trim_end_matches('/').to_owned());
+    }
+
+    fn public_url(&self) -> Option<String> {
+        self.public_url
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+
+    /// The CA.
+    pub fn ca(&self) -> &Ca {
+        &self.ca
+    }
+
+    /// The store (tests dump it).
+    pub fn store(&self) -> &Store {
+        &self.store
+    }
+
+    /// Constant-time check of an admin bearer token.
+    pub fn admin_token_matches(&self, presented: &str) -> bool {
+        aws_lc_rs::constant_time::verify_slices_are_equal(
+            presented.as_bytes(),
+            self.admin_token.as_bytes(),
+        )
+        .is_ok()
+    }
+
+    fn issuer_key(&self, der: Option<&[u8]>, dn: Option<&str>) -> Result<(NameKey, String), Error> {
+        match (der, dn) {
+            (Some(der), _) => {
+                let key = names::key_of_name_der(der)
+                    .map_err(|e| api(ErrorCode::InvalidIssuer, e.to_string()))?;
+                let (_, name) = x509_parser::x509::X509Name::from_der(der)
+                    .map_err(|e| api(ErrorCode::InvalidIssuer, e.to_string()))?;
+                Ok((key, names::display_name(&name)))
+            }
+            (None, Some(dn)) => {
+                let key = names::key_of_dn_string(dn)
+                    .map_err(|e| api(ErrorCode::InvalidIssuer, e.to_string()))?;
+                let display = if key == *self.ca.name_key() {
+                    self.ca.display_name().to_owned()
+                } else {
+                    dn.trim().to_owned()
+                };
+                Ok((key, display))
+            }
+            (None, None) => Err(api(
+                ErrorCode::InvalidIssuer,
+                "give issuer_der or issuer_dn",
+            )),
+        }
+    }
+
+    // ---- client-facing protocol ---------------------------------------------------------
+
+    /// `POST /api/v1/status`.
+    pub fn status(&self, req: &StatusRequest) -> Result<RenewalStatus, Error> {
+        let (issuer, _) = self.issuer_key(req.issuer_der.as_deref(), req.issuer_dn.as_deref())?;
+        let serial = normalize_serial_hex(&req.serial_hex)
+            .map_err(|e| api(ErrorCode::InvalidSerial, e.to_string()))?;
+        let Some(order) = self.store.latest_order_for(&issuer, &serial)? else {
+            return Ok(RenewalStatus::None);
+        };
+        let order_id = order.id.clone();
+        let terms = order.terms.clone();
+        Ok(match order.state {
+            OrderState::AwaitingPayment => RenewalStatus::AwaitingPayment {
+                order_id,
+                payment_url: self.payment_url(&serial),
+                terms,
+            },
+            OrderState::Ready => RenewalStatus::Ready { order_id, terms },
+            OrderState::Issued => RenewalStatus::Issued {
+                order_id,
+                terms,
+                certificate_serial_hex: order.current_signing_serial.unwrap_or_default(),
+            },
+            OrderState::Completed => RenewalStatus::Completed {
+                order_id,
+                certificate_serial_hex: order.current_signing_serial.unwrap_or_default(),
+            },
+            OrderState::RequiresNewKey => RenewalStatus::RequiresNewKey {
+                order_id,
+                terms,
+                tracking_number: order.tracking_number.unwrap_or_default(),
+            },
+            OrderState::Rejected => RenewalStatus::Rejected {
+                order_id,
+                reason: order.reject_reason.unwrap_or_default(),
+            },
+        })
+    }
+
+    fn payment_url(&self, serial: &str) -> String {
+        let base = self.public_url().unwrap_or_default();
+        format!("{base}{}?serial={serial}", paths::PAY_PAGE)
+    }
+
+    fn order_or_404(&self, order_id: &str) -> Result<Order, Error> {
+        self.store
+            .order(order_id)?
+            .ok_or_else(|| api(ErrorCode::OrderNotFound, format!("no order {order_id}")))
+    }
+
+    fn require_issuable(order: &Order) -> Result<(), Error> {
+        match order.state {
+            OrderState::Ready | OrderState::Issued => Ok(()),
+            OrderState::Completed => Err(api(
+                ErrorCode::OrderCompleted,
+                "the order is already completed",
+            )),
+            other => Err(api(
+                ErrorCode::OrderNotReady,
+                format!("the order is {}", other.as_str()),
+            )),
+        }
+    }
+
+    /// `POST /api/v1/orders/{id}/challenge`.
+    pub fn challenge(&self, order_id: &str) -> Result<ChallengeResponse, Error> {
+        let order = self.order_or_404(order_id)?;
+        Self::require_issuable(&order)?;
+        let nonce =
+            crypto::random_bytes(NONCE_LEN).map_err(|_| Error::Setup("RNG failure".into()))?;
+        let id = crypto::random_id("ch").map_err(|_| Error::Setup("RNG failure".into()))?;
+        let t = now();
+        let expires_at = t + self.challenge_ttl;
+        let expires_unix = expires_at.unix_timestamp();
+        self.store.insert_challenge(
+            &crate::store::Challenge {
+                id: id.clone(),
+                order_id: order_id.to_owned(),
+                nonce: nonce.clone(),
+                expires_at: expires_unix,
+                used_at: None,
+            },
+            t.unix_timestamp(),
+        )?;
+        Ok(ChallengeResponse {
+            challenge_id: id,
+            nonce,
+            expires_at: OffsetDateTime::from_unix_timestamp(expires_unix).unwrap_or(expires_at),
+        })
+    }
+
+    /// `POST /api/v1/orders/{id}/issue`.
+    pub fn issue(&self, order_id: &str, req: &IssueRequest) -> Result<IssueResponse, Error> {
+        let t = now();
+        let order = self.order_or_404(order_id)?;
+        Self::require_issuable(&order)?;
+
+        let challenge = self
+            .store
+            .challenge(&req.challenge_id)?
+            .filter(|c| c.order_id == order.id)
+            .ok_or_else(|| {
+                api(
+                    ErrorCode::ChallengeNotFound,
+                    format!("no challenge {} for this order", req.challenge_id),
+                )
+            })?;
+        if challenge.used_at.is_some() {
+            return Err(api(
+                ErrorCode::ChallengeUsed,
+                "the challenge was already used",
+            ));
+        }
+        if challenge.expires_at <= t.unix_timestamp() {
+            return Err(api(
+                ErrorCode::ChallengeExpired,
+                "the challenge expired; ask for a new one",
+            ));
+        }
+
+        let old = parse_certificate(&req.old_certificate_der)?;
+        let old_serial = ukey_portal_api::serial_hex_from_bytes(old.raw_serial());
+        if names::key_of_name(old.issuer()) != order.issuer_key || old_serial != order.serial_hex {
+            return Err(api(
+                ErrorCode::CertificateMismatch,
+                format!(
+                    "this order renews certificate {} of {}, not {old_serial}",
+                    order.serial_hex, order.issuer_display
+                ),
+            ));
+        }
+        if !self.ca.verifies(&old) {
+            return Err(api(
+                ErrorCode::CertificateNotTrusted,
+                "the certificate was not issued by this portal's CA",
+            ));
+        }
+        if self.store.is_revoked(&order.issuer_key, &old_serial)? {
+            return Err(api(
+                ErrorCode::CertificateRevoked,
+                "the certificate is revoked",
+            ));
+        }
+        let signed = challenge_signed_data(&order.id, &challenge.nonce, &req.csr_der);
+        if !crypto::verify(
+            old.public_key(),
+            req.signature_algorithm,
+            &signed,
+            &req.challenge_signature,
+        ) {
+            return Err(api(
+                ErrorCode::ChallengeSignatureInvalid,
+                "the challenge signature does not verify with the certificate's key",
+            ));
+        }
+
+        let csr = parse_csr(&req.csr_der)?;
+        let info = &csr.certification_request_info;
+        if csr.verify_signature().is_err() {
+            return Err(api(
+                ErrorCode::CsrSignatureInvalid,
+                "the CSR's signature does not verify",
+            ));
+        }
+        if names::key_of_name(&info.subject) != names::key_of_name(old.subject()) {
+            return Err(api(
+                ErrorCode::SubjectMismatch,
+                "the CSR's subject differs from the certificate being renewed",
+            ));
+        }
+        let csr_kind = KeyKind::of(&info.subject_pki);
+        let csr_alg = csr_kind.algorithm().ok_or_else(|| {
+            api(
+                ErrorCode::UnsupportedAlgorithm,
+                format!("unsupported key {}", csr_kind.describe()),
+            )
+        })?;
+        if csr_alg != order.terms.target_algorithm {
+            return Err(api(
+                ErrorCode::AlgorithmMismatch,
+                format!(
+                    "the order is for {}, the CSR carries {csr_alg}",
+                    order.terms.target_algorithm
+                ),
+            ));
+        }
+        let same_key = info.subject_pki.algorithm.algorithm == old.public_key().algorithm.algorithm
+            && info.subject_pki.subject_public_key.as_ref()
+                == old.public_key().subject_public_key.as_ref();
+        match (order.terms.key_policy, same_key) {
+            (KeyPolicy::New, true) => {
+                return Err(api(
+                    ErrorCode::KeyPolicyViolation,
+                    "the order requires a new key; the CSR reuses the old one",
+                ));
+            }
+            (KeyPolicy::Same, false) => {
+                return Err(api(
+                    ErrorCode::KeyPolicyViolation,
+                    "the order keeps the old key; the CSR carries another one",
+                ));
+            }
+            _ => {}
+        }
+        let csr_spki = info.subject_pki.raw;
+        let spki_hash = sha256(csr_spki);
+
+        if order.state == OrderState::Issued
+            && order.current_spki_sha256.as_deref() == Some(spki_hash.as_slice())
+        {
+            self.store
+                .commit_repeat(&challenge.id, &order.id, &spki_hash, t.unix_timestamp())?;
+            let (signing, encryption) = self.current_certs(&order)?;
+            return self.response(&order, &signing, encryption.as_ref(), csr_spki, req);
+        }
+
+        let crl_url = self.public_url().map(|u| format!("{u}{}", paths::CRL));
+        let years = order.terms.years;
+        let issued = self
+            .ca
+            .issue(
+                old.subject(),
+                csr_spki,
+                Usage::Signing,
+                years,
+                crl_url.as_deref(),
+                t,
+            )
+            .map_err(|e| match e {
+                crate::ca::CaError::UnsupportedSubject(m) => api(
+                    ErrorCode::SubjectMismatch,
+                    format!("the subject cannot be reproduced: {m}"),
+                ),
+                other => Error::Ca(other),
+            })?;
+        let signing = StoredCert {
+            serial_hex: issued.serial_hex,
+            order_id: order.id.clone(),
+            kind: "signing".into(),
+            spki_sha256: spki_hash.clone(),
+            der: issued.der,
+            subject: issued.subject,
+            escrow_pkcs8: None,
+        };
+        let encryption = if order.terms.with_encryption_cert {
+            let alg = order.terms.target_algorithm;
+            let escrow = envelope::generate_escrow_key(alg)?;
+            let usage = Usage::Encryption {
+                ec: alg == KeyAlgorithm::EcP256,
+            };
+            let enc = self.ca.issue(
+                old.subject(),
+                &escrow.spki,
+                usage,
+                years,
+                crl_url.as_deref(),
+                t,
+            )?;
+            Some(StoredCert {
+                serial_hex: enc.serial_hex,
+                order_id: order.id.clone(),
+                kind: "encryption".into(),
+                spki_sha256: sha256(&escrow.spki),
+                der: enc.der,
+                subject: enc.subject,
+                escrow_pkcs8: Some(escrow.pkcs8),
+            })
+        } else {
+            None
+        };
+        let new = NewIssuance {
+            order_id: order.id.clone(),
+            challenge_id: challenge.id.clone(),
+            spki_sha256: spki_hash,
+            signing,
+            encryption,
+        };
+        match self
+            .store
+            .commit_issue(&new, self.ca.name_key(), t.unix_timestamp())?
+        {
+            IssueCommit::Issued => {
+                self.response(&order, &new.signing, new.encryption.as_ref(), csr_spki, req)
+            }
+            IssueCommit::Existing {
+                signing,
+                encryption,
+            } => self.response(&order, &signing, encryption.as_ref(), csr_spki, req),
+        }
+    }
+
+    fn current_certs(&self, order: &Order) -> Result<(StoredCert, Option<StoredCert>), Error> {
+        let signing = order
+            .current_signing_serial
+            .as_deref()
+            .map(|s| self.store.certificate(s))
+            .transpose()?
+            .flatten()
+            .ok_or_else(|| {
+                Error::Setup(format!(
+                    "order {} is issued but has no certificate",
+                    order.id
+                ))
+            })?;
+        let encryption = match order.current_encryption_serial.as_deref() {
+            Some(s) => self.store.certificate(s)?,
+            None => None,
+        };
+        Ok((signing, encryption))
+    }
+
+    fn response(
+        &self,
+        order: &Order,
+        signing: &StoredCert,
+        encryption: Option<&StoredCert>,
+        recipient_spki: &[u8],
+        req: &IssueRequest,
+    ) -> Result<IssueResponse, Error> {
+        let encryption = match encryption {
+            Some(enc) => {
+                let pkcs8 = enc.escrow_pkcs8.as_deref().ok_or_else(|| {
+                    Error::Setup(format!(
+                        "encryption certificate {} has no escrow key",
+                        enc.serial_hex
+                    ))
+                })?;
+                let envelope = envelope::seal(
+                    recipient_spki,
+                    pkcs8,
+                    order.terms.target_algorithm,
+                    req.ecdh_kdf,
+                )?;
+                Some(EncryptionIssue {
+                    certificate_serial_hex: enc.serial_hex.clone(),
+                    certificate_der: enc.der.clone(),
+                    envelope,
+                })
+            }
+            None => None,
+        };
+        Ok(IssueResponse {
+            order_id: order.id.clone(),
+            certificate_serial_hex: signing.serial_hex.clone(),
+            certificate_der: signing.der.clone(),
+            chain_der: self.ca.chain_der().to_vec(),
+            encryption,
+        })
+    }
+
+    /// `POST /api/v1/orders/{id}/installed`.
+    pub fn installed(
+        &self,
+        order_id: &str,
+        req: &InstalledRequest,
+    ) -> Result<InstalledResponse, Error> {
+        let order = self.order_or_404(order_id)?;
+        let serial = normalize_serial_hex(&req.certificate_serial_hex)
+            .map_err(|e| api(ErrorCode::InvalidSerial, e.to_string()))?;
+        let cert = self
+            .store
+            .certificate(&serial)?
+            .filter(|c| c.order_id == order.id && c.kind == "signing")
+            .ok_or_else(|| match order.state {
+                OrderState::Completed => api(
+                    ErrorCode::AlreadyInstalled,
+                    "the order was completed with another certificate",
+                ),
+                _ => api(
+                    ErrorCode::CertificateNotIssued,
+                    format!("this order did not issue certificate {serial}"),
+                ),
+            })?;
+        let parsed = parse_certificate(&cert.der)?;
+        let data = installed_signed_data(&order.id, &serial);
+        if !crypto::verify(
+            parsed.public_key(),
+            req.signature_algorithm,
+            &data,
+            &req.signature,
+        ) {
+            return Err(api(
+                ErrorCode::InstalledSignatureInvalid,
+                "the signature does not verify with the issued certificate's key",
+            ));
+        }
+        let revoked = self
+            .store
+            .commit_installed(&order.id, &serial, now().unix_timestamp())?;
+        Ok(InstalledResponse {
+            order_id: order.id,
+            revoked_serials_hex: revoked,
+        })
+    }
+
+    /// The current CRL, DER (cached until a revocation or for an hour).
+    pub fn crl(&self) -> Result<Vec<u8>, Error> {
+        let (number, entries) = self.store.crl_entries(self.ca.name_key())?;
+        let t = now();
+        let mut cache = self.crl_cache.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some((n, at, der)) = cache.as_ref() {
+            if *n == number && t.unix_timestamp() - at < 3600 {
+                return Ok(der.clone());
+            }
+        }
+        let revoked: Vec<Revoked> = entries
+            .into_iter()
+            .map(|(serial_hex, at)| Revoked {
+                serial_hex,
+                revoked_at: OffsetDateTime::from_unix_timestamp(at).unwrap_or(t),
+            })
+            .collect();
+        let der = self.ca.crl(&revoked, number, t)?;
+        *cache = Some((number, t.unix_timestamp(), der.clone()));
+        Ok(der)
+    }
+
+    // ---- business side ------------------------------------------------------------------
+
+    /// Creates an order.
+    pub fn create_order(&self, req: &CreateOrderRequest) -> Result<OrderView, Error> {
+        if !(1..=10).contains(&req.years) {
+            return Err(api(
+                ErrorCode::InvalidArgument,
+                format!("years must be 1 to 10, not {}", req.years),
+            ));
+        }
+        let serial = normalize_serial_hex(&req.serial_hex)
+            .map_err(|e| api(ErrorCode::InvalidSerial, e.to_string()))?;
+        let (issuer_key, issuer_display) = if req.issuer_der.is_none() && req.issuer_dn.is_none() {
+            (
+                self.ca.name_key().clone(),
+                self.ca.display_name().to_owned(),
+            )
+        } else {
+            self.issuer_key(req.issuer_der.as_deref(), req.issuer_dn.as_deref())?
+        };
+        let old_enc = req
+            .old_encryption_serial_hex
+            .as_deref()
+            .map(normalize_serial_hex)
+            .transpose()
+            .map_err(|e| api(ErrorCode::InvalidSerial, e.to_string()))?;
+        let new = NewOrder {
+            issuer_key,
+            issuer_display,
+            serial_hex: serial,
+            terms: ukey_portal_api::OrderTerms {
+                years: req.years,
+                key_policy: req.key_policy,
+                target_algorithm: req.target_algorithm,
+                with_encryption_cert: req.with_encryption_cert,
+            },
+            old_encryption_serial_hex: old_enc,
+            state: match req.state {
+                InitialState::AwaitingPayment => OrderState::AwaitingPayment,
+                InitialState::Ready => OrderState::Ready,
+            },
+        };
+        let id = crypto::random_id("ord").map_err(|_| Error::Setup("RNG failure".into()))?;
+        let order = self.store.create_order(&new, &id, now().unix_timestamp())?;
+        self.view(&order)
+    }
+
+    /// One order, admin view.
+    pub fn show_order(&self, order_id: &str) -> Result<OrderView, Error> {
+        let order = self.order_or_404(order_id)?;
+        self.view(&order)
+    }
+
+    /// Every order, newest first.
+    pub fn list_orders(&self) -> Result<Vec<OrderView>, Error> {
+        self.store
+            .list_orders()?
+            .iter()
+            .map(|o| self.view(o))
+            .collect()
+    }
+
+    /// awaiting_payment → ready.
+    pub fn pay(&self, order_id: &str) -> Result<OrderView, Error> {
+        let o = self.store.transition(
+            order_id,
+            &[OrderState::AwaitingPayment],
+            OrderState::Ready,
+            None,
+            None,
+            now().unix_timestamp(),
+        )?;
+        self.view(&o)
+    }
+
+    /// awaiting_payment | ready | requires_new_key → rejected.
+    pub fn reject(&self, order_id: &str, reason: &str) -> Result<OrderView, Error> {
+        let reason = reason.trim();
+        if reason.is_empty() {
+            return Err(api(
+                ErrorCode::InvalidArgument,
+                "a rejection needs a reason",
+            ));
+        }
+        let o = self.store.transition(
+            order_id,
+            &[
+                OrderState::AwaitingPayment,
+                OrderState::Ready,
+                OrderState::RequiresNewKey,
+            ],
+            OrderState::Rejected,
+            Some(reason),
+            None,
+            now().unix_timestamp(),
+        )?;
+        self.view(&o)
+    }
+
+    /// awaiting_payment | ready → requires_new_key.
+    pub fn ship(&self, order_id: &str, tracking_number: &str) -> Result<OrderView, Error> {
+        let tracking = tracking_number.trim();
+        if tracking.is_empty() {
+            return Err(api(
+                ErrorCode::InvalidArgument,
+                "a shipment needs a tracking number",
+            ));
+        }
+        let o = self.store.transition(
+            order_id,
+            &[OrderState::AwaitingPayment, OrderState::Ready],
+            OrderState::RequiresNewKey,
+            None,
+            Some(tracking),
+            now().unix_timestamp(),
+        )?;
+        self.view(&o)
+    }
+
+    fn view(&self, o: &Order) -> Result<OrderView, Error> {
+        let subject = match o.current_signing_serial.as_deref() {
+            Some(s) => self.store.certificate(s)?.map(|c| c.subject),
+            None => None,
+        };
+        let ts =
+            |t: i64| OffsetDateTime::from_unix_timestamp(t).unwrap_or(OffsetDateTime::UNIX_EPOCH);
+        Ok(OrderView {
+            order_id: o.id.clone(),
+            state: o.state.as_str().to_owned(),
+            issuer_dn: o.issuer_display.clone(),
+            serial_hex: o.serial_hex.clone(),
+            terms: o.terms.clone(),
+            old_encryption_serial_hex: o.old_encryption_serial_hex.clone(),
+            reject_reason: o.reject_reason.clone(),
+            tracking_number: o.tracking_number.clone(),
+            issued_serial_hex: o.current_signing_serial.clone(),
+            issued_encryption_serial_hex: o.current_encryption_serial.clone(),
+            subject,
+            created_at: ts(o.created_at),
+            updated_at: ts(o.updated_at),
+        })
+    }
+}
+
+fn parse_certificate(der: &[u8]) -> Result<X509Certificate<'_>, Error> {
+    match X509Certificate::from_der(der) {
+        Ok((rest, cert)) if rest.is_empty() => Ok(cert),
+        Ok(_) => Err(api(
+            ErrorCode::MalformedCertificate,
+            "trailing bytes after the certificate",
+        )),
+        Err(e) => Err(api(
+            ErrorCode::MalformedCertificate,
+            format!("not a DER X.509 certificate: {e}"),
+        )),
+    }
+}
+
+fn parse_csr(der: &[u8]) -> Result<X509CertificationRequest<'_>, Error> {
+    match X509CertificationRequest::from_der(der) {
+        Ok((rest, csr)) if rest.is_empty() => Ok(csr),
+        Ok(_) => Err(api(ErrorCode::MalformedCsr, "trailing bytes after the CSR")),
+        Err(e) => Err(api(
+            ErrorCode::MalformedCsr,
+            format!("not a DER PKCS#10 request: {e}"),
+        )),
+    }
+}
+
+fn load_or_create_token(dir: &Path) -> Result<String, Error> {
+    let path = dir.join(ADMIN_TOKEN_FILE);
+    if path.exists() {
+        let token = std::fs::read_to_string(&path)
+            .map_err(|e| Error::Setup(format!("{}: {e}", path.display())))?;
+        let token = token.trim().to_owned();
+        if token.len() < 16 {
+            return Err(Error::Setup(format!(
+                "{} holds a token shorter than 16 characters",
+                path.display()
+            )));
+        }
+        return Ok(token);
+    }
+    let token =
+        hex::encode(crypto::random_bytes(32).map_err(|_| Error::Setup("RNG failure".into()))?);
+    crate::ca::write_secret_file(&path, format!("{token}\n").as_bytes())?;
+    Ok(token)
+}
