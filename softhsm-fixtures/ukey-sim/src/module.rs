@@ -48,7 +48,10 @@ use crate::state::{FaultAction, FaultTiming, SimState, StateFile};
 /// How often a blocked C_WaitForSlotEvent or a delayed call looks at the state.
 const POLL: Duration = Duration::from_millis(20);
 
-/// Text patched into C_GetInfo and C_GetSlotInfo, so a diagnosis shows the shim.
+/// Text patched into C_GetInfo and C_GetSlotInfo, so a diagnosis shows the shim. The
+/// manufacturer is not "SoftHSM": clients that special-case SoftHSM2 (no slot events,
+/// re-initialise to see new tokens) must treat the shim like a vendor module.
+const MANUFACTURER: &str = "ukey-sim";
 const LIBRARY_DESCRIPTION: &str = "ukey-sim over SoftHSM2";
 const SLOT_DESCRIPTION: &str = "ukey-sim USB key reader";
 
@@ -577,6 +580,7 @@ unsafe extern "C" fn C_GetInfo(pInfo: CK_INFO_PTR) -> CK_RV {
         // SAFETY: pInfo is non-null and, per C_GetInfo's contract, points to a
         // CK_INFO that SoftHSM2 just filled.
         let info = unsafe { &mut *pInfo };
+        pad(&mut info.manufacturerID, MANUFACTURER);
         pad(&mut info.libraryDescription, LIBRARY_DESCRIPTION);
         Ok(CKR_OK)
     })
