@@ -164,7 +164,13 @@ impl SoftHsm {
         let ca = self.ca()?;
         let _guard = process_lock();
         set_softhsm2_conf(&self.conf_path);
-        crate::token::create(&self.module, &self.conf_path, ca, spec)
+        crate::token::create(&self.module, &self.conf_path, ca, spec).map_err(|failed| {
+            if let Some(serial) = &failed.half_built {
+                // Best effort: the error that matters is the one being returned.
+                let _ = self.delete_token_locked(serial);
+            }
+            failed.error
+        })
     }
 
     /// Like [`SoftHsm::create_token`], but in a child process running the
@@ -225,6 +231,10 @@ impl SoftHsm {
             )));
         }
         let _guard = process_lock();
+        self.delete_token_locked(serial)
+    }
+
+    fn delete_token_locked(&self, serial: &str) -> Result<(), FixtureError> {
         let before = self.token_dirs()?;
         let output = self
             .command("softhsm2-util")

@@ -71,13 +71,30 @@ pub(crate) fn validate(spec: &TokenSpec) -> Result<(), FixtureError> {
     Ok(())
 }
 
+/// Why `create` failed, and the serial of the token it had initialised by then (the
+/// caller deletes it, so no half-built token is left behind).
+#[derive(Debug)]
+pub(crate) struct CreateFailed {
+    pub(crate) error: FixtureError,
+    pub(crate) half_built: Option<String>,
+}
+
+impl From<FixtureError> for CreateFailed {
+    fn from(error: FixtureError) -> Self {
+        CreateFailed {
+            error,
+            half_built: None,
+        }
+    }
+}
+
 /// Initialises the module, builds the token, and always finalizes what it initialised.
 pub(crate) fn create(
     module: &Path,
     conf: &Path,
     ca: &TestCa,
     spec: &TokenSpec,
-) -> Result<TokenFixture, FixtureError> {
+) -> Result<TokenFixture, CreateFailed> {
     let pkcs11 = Pkcs11::new(module).map_err(FixtureError::pkcs11(format!(
         "loading the SoftHSM2 module {}",
         module.display()
@@ -85,17 +102,19 @@ pub(crate) fn create(
     match pkcs11.initialize(CInitializeArgs::new(CInitializeFlags::OS_LOCKING_OK)) {
         Ok(()) => {}
         Err(CkError::Pkcs11(RvError::CryptokiAlreadyInitialized, _)) => {
-            return Err(FixtureError::ModuleInUse);
+            return Err(FixtureError::ModuleInUse.into());
         }
-        Err(e) => return Err(FixtureError::pkcs11("initialising the SoftHSM2 module")(e)),
+        Err(e) => return Err(FixtureError::pkcs11("initialising the SoftHSM2 module")(e).into()),
     }
-    let built = build(&pkcs11, conf, ca, spec);
+    let mut half_built = None;
+    let built = build(&pkcs11, conf, ca, spec, &mut half_built);
     let finalized = pkcs11
         .finalize()
         .map_err(FixtureError::pkcs11("finalizing the SoftHSM2 module"));
-    let fixture = built?;
-    finalized?;
-    Ok(fixture)
+    match (built, finalized) {
+        (Ok(fixture), Ok(())) => Ok(fixture),
+        (Err(error), _) | (Ok(_), Err(error)) => Err(CreateFailed { error, half_built }),
+    }
 }
 
 fn build(
@@ -103,6 +122,7 @@ fn build(
     conf: &Path,
     ca: &TestCa,
     spec: &TokenSpec,
+    half_built: &mut Option<String>,
 ) -> Result<TokenFixture, FixtureError> {
     let slot = free_slot(pkcs11, conf)?;
     let so_pin = AuthPin::from(spec.so_pin.clone());
@@ -110,6 +130,13 @@ fn build(
     pkcs11
         .init_token(slot, &so_pin, &spec.label)
         .map_err(FixtureError::pkcs11("initialising the token (C_InitToken)"))?;
+    let serial = pkcs11
+        .get_token_info(slot)
+        .map_err(FixtureError::pkcs11("reading the new token's info"))?
+        .serial_number()
+        .trim()
+        .to_owned();
+    *half_built = Some(serial.clone());
 
     let session = pkcs11
         .open_rw_session(slot)
@@ -140,7 +167,7 @@ fn build(
         .get_token_info(slot)
         .map_err(FixtureError::pkcs11("reading the new token's info"))?;
     Ok(TokenFixture {
-        serial: info.serial_number().trim().to_owned(),
+        serial,
         label: info.label().trim().to_owned(),
         user_pin: spec.user_pin.clone(),
         so_pin: spec.so_pin.clone(),
