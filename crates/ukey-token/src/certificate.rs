@@ -296,6 +296,65 @@ mod tests {
         assert_eq!(openssl_serial(&[]), "00");
     }
 
+    /// Chinese CAs encode names as UTF8String, and older ones as BMPString or
+    /// UniversalString; each must come out as readable Chinese, not escaped bytes.
+    #[test]
+    fn chinese_names_come_out_intact_in_every_string_type() {
+        use rcgen::{CertificateParams, DistinguishedName, DnType, DnValue, KeyPair};
+        let mut dn = DistinguishedName::new();
+        dn.push(
+            DnType::CountryName,
+            DnValue::PrintableString("CN".try_into().unwrap()),
+        );
+        dn.push(
+            DnType::OrganizationName,
+            DnValue::BmpString("某某建设工程有限公司".try_into().unwrap()),
+        );
+        dn.push(
+            DnType::OrganizationalUnitName,
+            DnValue::UniversalString("工程部".try_into().unwrap()),
+        );
+        dn.push(DnType::CommonName, DnValue::Utf8String("张三".into()));
+        let mut params = CertificateParams::new(Vec::<String>::new()).unwrap();
+        params.distinguished_name = dn;
+        params.serial_number = Some(vec![0x00, 0xC0, 0x01].into());
+        let key = KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).unwrap();
+        let cert = params.self_signed(&key).unwrap();
+
+        let d = CertificateDetails::from_der(cert.der()).unwrap();
+        assert_eq!(
+            d.subject,
+            "C=CN, O=某某建设工程有限公司, OU=工程部, CN=张三"
+        );
+        assert_eq!(d.issuer, d.subject);
+        assert_eq!(d.subject_cn.as_deref(), Some("张三"));
+        assert_eq!(d.subject_o.as_deref(), Some("某某建设工程有限公司"));
+        assert_eq!(d.serial, "C001");
+        assert_eq!(d.key_algorithm, "EC-P256");
+
+        // x509-parser's own Display would not do: that is why format_name exists.
+        let (_, parsed) = X509Certificate::from_der(cert.der()).unwrap();
+        assert_ne!(parsed.subject().to_string(), d.subject);
+    }
+
+    #[test]
+    fn garbage_and_trailing_bytes_are_rejected() {
+        assert!(CertificateDetails::from_der(b"\x30\x03\x02\x01\x01").is_err());
+        assert!(CertificateDetails::from_der(&[]).is_err());
+        let key = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).unwrap();
+        let cert = rcgen::CertificateParams::new(vec!["x".to_owned()])
+            .unwrap()
+            .self_signed(&key)
+            .unwrap();
+        let mut der = cert.der().to_vec();
+        assert_eq!(
+            CertificateDetails::from_der(&der).unwrap().usage,
+            Usage::Both
+        );
+        der.push(0);
+        assert!(CertificateDetails::from_der(&der).is_err());
+    }
+
     #[test]
     fn bit_length_ignores_leading_zeros() {
         assert_eq!(bit_length(&[0x00, 0x80, 0x00]), 16);
