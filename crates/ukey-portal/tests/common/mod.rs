@@ -1,0 +1,346 @@
+//! Test harness: a real portal on loopback (port 0) over a SQLite file in a temp dir,
+//! a reqwest client, and software "holders" (key + certificate issued by the portal's
+//! CA) that answer challenges the way a token would.
+#![allow(dead_code)]
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use rcgen::{
+    CertificateParams, DistinguishedName, DnType, DnValue, Issuer, KeyPair, SerialNumber,
+    SigningKey,
+};
+use serde::Serialize;
+use serde::de::DeserializeOwned;
+use ukey_portal::{Portal, PortalConfig, RunningServer};
+use ukey_portal_api::{
+    ApiError, ChallengeResponse, CreateOrderRequest, EcdhKdf, ErrorCode, InitialState,
+    InstalledRequest, IssueRequest, IssueResponse, KeyAlgorithm, KeyPolicy, OrderView,
+    SignatureAlgorithm, StatusRequest, challenge_signed_data, installed_signed_data, paths,
+};
+
+pub const CN: &str = "张三";
+pub const ORG: &str = "某某建设工程有限公司";
+
+pub struct Harness {
+    pub dir: tempfile::TempDir,
+    pub server: RunningServer,
+    pub client: reqwest::Client,
+    pub ca_issuer: Issuer<'static, KeyPair>,
+}
+
+impl Harness {
+    pub async fn start() -> Harness {
+        Harness::start_with(|_| {}).await
+    }
+
+    pub async fn start_with(tweak: impl FnOnce(&mut PortalConfig)) -> Harness {
+        let dir = tempfile::tempdir().unwrap();
+        let mut config = PortalConfig::new(dir.path().join("data"));
+        tweak(&mut config);
+        let portal = Arc::new(Portal::open(&config).unwrap());
+        let server = ukey_portal::start(portal, "127.0.0.1:0".parse().unwrap(), None, None)
+            .await
+            .unwrap();
+        let data = dir.path().join("data");
+        let ca_issuer = Issuer::from_ca_cert_pem(
+            &std::fs::read_to_string(data.join("ca-cert.pem")).unwrap(),
+            KeyPair::from_pem(&std::fs::read_to_string(data.join("ca-key.pem")).unwrap())
+                .unwrap_or_else(|_| {
+                    ukey_portal::ca::load_key(
+                        &std::fs::read_to_string(data.join("ca-key.pem")).unwrap(),
+                    )
+                    .unwrap()
+                }),
+        )
+        .unwrap();
+        Harness {
+            dir,
+            server,
+            client: reqwest::Client::new(),
+            ca_issuer,
+        }
+    }
+
+    pub fn data_dir(&self) -> PathBuf {
+        self.dir.path().join("data")
+    }
+
+    pub fn portal(&self) -> &Portal {
+        &self.server.portal
+    }
+
+    pub fn url(&self, path: &str) -> String {
+        format!("{}{path}", self.server.url)
+    }
+
+    pub fn dump(&self) -> String {
+        self.portal().store().dump().unwrap()
+    }
+
+    pub fn admin_token(&self) -> String {
+        std::fs::read_to_string(self.data_dir().join("admin-token"))
+            .unwrap()
+            .trim()
+            .to_owned()
+    }
+
+    /// A holder whose certificate the portal's CA issued.
+    pub fn holder(&self, alg: KeyAlgorithm) -> Holder {
+        Holder::issued_by(&self.ca_issuer, alg, CN, ORG)
+    }
+
+    pub fn order(
+        &self,
+        holder: &Holder,
+        state: InitialState,
+        policy: KeyPolicy,
+        alg: KeyAlgorithm,
+        enc: bool,
+    ) -> OrderView {
+        self.portal()
+            .create_order(&CreateOrderRequest {
+                serial_hex: holder.serial_hex.clone(),
+                issuer_der: None,
+                issuer_dn: None,
+                years: 2,
+                state,
+                key_policy: policy,
+                with_encryption_cert: enc,
+                target_algorithm: alg,
+                old_encryption_serial_hex: None,
+            })
+            .unwrap()
+    }
+
+    pub async fn post<B: Serialize>(&self, path: &str, body: &B) -> reqwest::Response {
+        self.client
+            .post(self.url(path))
+            .json(body)
+            .send()
+            .await
+            .unwrap()
+    }
+
+    pub async fn post_ok<B: Serialize, T: DeserializeOwned>(&self, path: &str, body: &B) -> T {
+        let r = self.post(path, body).await;
+        let status = r.status();
+        let text = r.text().await.unwrap();
+        assert!(status.is_success(), "{path}: {status} {text}");
+        serde_json::from_str(&text).unwrap()
+    }
+
+    pub async fn status(&self, holder: &Holder) -> ukey_portal_api::RenewalStatus {
+        self.post_ok(
+            paths::STATUS,
+            &StatusRequest {
+                issuer_der: Some(holder.issuer_der()),
+                issuer_dn: None,
+                serial_hex: holder.serial_hex.clone(),
+            },
+        )
+        .await
+    }
+
+    pub async fn challenge(&self, order_id: &str) -> ChallengeResponse {
+        let r = self
+            .client
+            .post(self.url(&paths::challenge(order_id)))
+            .send()
+            .await
+            .unwrap();
+        let status = r.status();
+        let text = r.text().await.unwrap();
+        assert!(status.is_success(), "challenge: {status} {text}");
+        serde_json::from_str(&text).unwrap()
+    }
+
+    /// A well-formed issue request: fresh challenge, CSR for `new_key` with the holder's
+    /// subject, challenge signed by the holder's key.
+    pub async fn issue_request(
+        &self,
+        order_id: &str,
+        holder: &Holder,
+        new_key: &KeyPair,
+    ) -> IssueRequest {
+        let ch = self.challenge(order_id).await;
+        let csr_der = csr(new_key, CN, ORG);
+        let sig = holder
+            .key
+            .sign(&challenge_signed_data(order_id, &ch.nonce, &csr_der))
+            .unwrap();
+        IssueRequest {
+            challenge_id: ch.challenge_id,
+            challenge_signature: sig,
+            signature_algorithm: holder.sig_alg(),
+            old_certificate_der: holder.cert_der.clone(),
+            csr_der,
+            ecdh_kdf: EcdhKdf::default(),
+        }
+    }
+
+    pub async fn issue(&self, order_id: &str, holder: &Holder, new_key: &KeyPair) -> IssueResponse {
+        let req = self.issue_request(order_id, holder, new_key).await;
+        self.post_ok(&paths::issue(order_id), &req).await
+    }
+
+    pub async fn installed(
+        &self,
+        order_id: &str,
+        serial: &str,
+        key: &KeyPair,
+    ) -> reqwest::Response {
+        let req = InstalledRequest {
+            certificate_serial_hex: serial.to_owned(),
+            signature: key.sign(&installed_signed_data(order_id, serial)).unwrap(),
+            signature_algorithm: sig_alg_of(key),
+        };
+        self.post(&paths::installed(order_id), &req).await
+    }
+
+    pub async fn crl_der(&self) -> Vec<u8> {
+        let r = self.client.get(self.url(paths::CRL)).send().await.unwrap();
+        assert_eq!(r.headers()["content-type"], "application/pkix-crl");
+        r.bytes().await.unwrap().to_vec()
+    }
+}
+
+/// Asserts an error answer: HTTP status, code, and a Date header.
+pub async fn expect_error(r: reqwest::Response, status: u16, code: ErrorCode) -> ApiError {
+    assert_eq!(r.status().as_u16(), status, "status for expected {code}");
+    assert!(
+        r.headers().contains_key("date"),
+        "every answer carries a Date header"
+    );
+    let text = r.text().await.unwrap();
+    let e: ApiError =
+        serde_json::from_str(&text).unwrap_or_else(|_| panic!("not an ApiError: {text}"));
+    assert_eq!(e.code, code, "{text}");
+    assert!(!e.message.is_empty());
+    e
+}
+
+pub struct Holder {
+    pub key: KeyPair,
+    pub cert_der: Vec<u8>,
+    pub serial_hex: String,
+}
+
+impl Holder {
+    pub fn issued_by(
+        ca: &Issuer<'static, KeyPair>,
+        alg: KeyAlgorithm,
+        cn: &str,
+        org: &str,
+    ) -> Holder {
+        let key = new_key(alg);
+        let mut params = CertificateParams::default();
+        params.distinguished_name = subject(cn, org);
+        let mut serial = rand_bytes(12);
+        serial[0] = (serial[0] & 0x7f) | 0x10;
+        params.serial_number = Some(SerialNumber::from_slice(&serial));
+        params.use_authority_key_identifier_extension = true;
+        let cert = params.signed_by(&key, ca).unwrap();
+        Holder {
+            key,
+            cert_der: cert.der().to_vec(),
+            serial_hex: hex::encode_upper(&serial),
+        }
+    }
+
+    pub fn issuer_der(&self) -> Vec<u8> {
+        let (_, c) = x509_parser::parse_x509_certificate(&self.cert_der).unwrap();
+        c.issuer().as_raw().to_vec()
+    }
+
+    pub fn sig_alg(&self) -> SignatureAlgorithm {
+        sig_alg_of(&self.key)
+    }
+}
+
+pub fn sig_alg_of(key: &KeyPair) -> SignatureAlgorithm {
+    if key.algorithm() == &rcgen::PKCS_ECDSA_P256_SHA256 {
+        SignatureAlgorithm::EcdsaP256Sha256
+    } else {
+        SignatureAlgorithm::RsaPkcs1Sha256
+    }
+}
+
+pub fn subject(cn: &str, org: &str) -> DistinguishedName {
+    let mut dn = DistinguishedName::new();
+    dn.push(
+        DnType::CountryName,
+        DnValue::PrintableString("CN".try_into().unwrap()),
+    );
+    dn.push(DnType::OrganizationName, org);
+    dn.push(DnType::CommonName, cn);
+    dn
+}
+
+pub fn csr(key: &KeyPair, cn: &str, org: &str) -> Vec<u8> {
+    let mut params = CertificateParams::default();
+    params.distinguished_name = subject(cn, org);
+    params.serialize_request(key).unwrap().der().to_vec()
+}
+
+pub fn new_key(alg: KeyAlgorithm) -> KeyPair {
+    use aws_lc_rs::encoding::AsDer;
+    match alg {
+        KeyAlgorithm::EcP256 => KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).unwrap(),
+        KeyAlgorithm::Rsa2048 => {
+            let kp = aws_lc_rs::rsa::KeyPair::generate(aws_lc_rs::rsa::KeySize::Rsa2048).unwrap();
+            KeyPair::try_from(kp.as_der().unwrap().as_ref()).unwrap()
+        }
+    }
+}
+
+pub fn rand_bytes(n: usize) -> Vec<u8> {
+    let mut v = vec![0u8; n];
+    aws_lc_rs::rand::fill(&mut v).unwrap();
+    v
+}
+
+pub fn write_pem(path: &Path, tag: &str, der: &[u8]) {
+    std::fs::write(path, pem::encode(&pem::Pem::new(tag, der.to_vec()))).unwrap();
+}
+
+/// Runs a command, returns (success, stdout + stderr).
+pub fn run(cmd: &mut std::process::Command) -> (bool, String) {
+    let out = cmd.output().unwrap_or_else(|e| panic!("{cmd:?}: {e}"));
+    let mut text = String::from_utf8_lossy(&out.stdout).into_owned();
+    text.push_str(&String::from_utf8_lossy(&out.stderr));
+    (out.status.success(), text)
+}
+
+/// `openssl verify` of `cert_der` against the CA bundle file; true when it says OK.
+pub fn openssl_verify(
+    ca_file: &Path,
+    untrusted: Option<&Path>,
+    cert_der: &[u8],
+    dir: &Path,
+) -> (bool, String) {
+    let cert = dir.join(format!("verify-{}.pem", hex::encode(&rand_bytes(4))));
+    write_pem(&cert, "CERTIFICATE", cert_der);
+    let mut cmd = std::process::Command::new("openssl");
+    cmd.arg("verify").arg("-CAfile").arg(ca_file);
+    if let Some(u) = untrusted {
+        cmd.arg("-untrusted").arg(u);
+    }
+    cmd.arg(&cert);
+    let (ok, text) = run(&mut cmd);
+    (ok && text.contains(": OK"), text)
+}
+
+/// `openssl crl -verify` of a DER CRL; returns (verified, text dump).
+pub fn openssl_crl(ca_file: &Path, crl_der: &[u8], dir: &Path) -> (bool, String) {
+    let crl = dir.join(format!("crl-{}.der", hex::encode(&rand_bytes(4))));
+    std::fs::write(&crl, crl_der).unwrap();
+    let (ok, text) = run(std::process::Command::new("openssl")
+        .args([
+            "crl", "-inform", "DER", "-noout", "-text", "-verify", "-CAfile",
+        ])
+        .arg(ca_file)
+        .arg("-in")
+        .arg(&crl));
+    (ok && text.contains("verify OK"), text)
+}
