@@ -1,0 +1,1 @@
+//! Diagnostics of keys, certificates, environment and portal for support staff.

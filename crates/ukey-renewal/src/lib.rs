@@ -1,0 +1,1 @@
+//! The renewal engine: steps, durable journal, checks of issued certificates.
