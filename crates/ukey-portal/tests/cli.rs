@@ -1,0 +1,415 @@
+//! The `ukey-portal` binary with a CA made by OpenSSL: serve, admin CLI, a renewal
+//! over HTTP, `openssl verify` and `openssl crl -verify`. Also HTTPS.
+
+mod common;
+
+use std::io::{BufRead as _, BufReader};
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+
+use common::*;
+use rcgen::SigningKey as _;
+use ukey_portal_api::{
+    ChallengeResponse, ErrorCode, InstalledRequest, InstalledResponse, IssueRequest, IssueResponse,
+    OrderView, RenewalStatus, StatusRequest, challenge_signed_data, installed_signed_data, paths,
+};
+
+fn portal_bin() -> Command {
+    Command::new(env!("CARGO_BIN_EXE_ukey-portal"))
+}
+
+fn openssl(dir: &Path, args: &[&str]) {
+    let (ok, text) = run(Command::new("openssl").current_dir(dir).args(args));
+    assert!(ok, "openssl {args:?}: {text}");
+}
+
+fn cli(data: &Path, args: &[&str]) -> String {
+    let (ok, text) = run(portal_bin()
+        .arg("--data")
+        .arg(data)
+        .args(args)
+        .env("RUST_LOG", "warn"));
+    assert!(ok, "ukey-portal {args:?}: {text}");
+    text
+}
+
+struct Server(Child);
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+#[tokio::test]
+async fn openssl_made_ca_works_end_to_end_through_the_binary() {
+    let tmp = tempfile::tempdir().unwrap();
+    let d = tmp.path();
+    // An RSA CA with a PKCS#1 ("traditional") key, and an EC holder key in SEC1 form,
+    // exactly as the openssl CLI writes them.
+    openssl(d, &["genrsa", "-traditional", "-out", "ca.key", "2048"]);
+    openssl(
+        d,
+        &[
+            "req",
+            "-x509",
+            "-new",
+            "-key",
+            "ca.key",
+            "-days",
+            "3650",
+            "-subj",
+            "/C=CN/O=OpenSSL Test/CN=OpenSSL Test CA",
+            "-addext",
+            "basicConstraints=critical,CA:TRUE",
+            "-addext",
+            "keyUsage=critical,keyCertSign,cRLSign",
+            "-out",
+            "ca.pem",
+        ],
+    );
+    openssl(
+        d,
+        &[
+            "ecparam",
+            "-name",
+            "prime256v1",
+            "-genkey",
+            "-noout",
+            "-out",
+            "old.key",
+        ],
+    );
+    openssl(
+        d,
+        &[
+            "req",
+            "-new",
+            "-key",
+            "old.key",
+            "-utf8",
+            "-subj",
+            &format!("/C=CN/O={ORG}/CN={CN}"),
+            "-out",
+            "old.csr",
+        ],
+    );
+    openssl(
+        d,
+        &[
+            "x509",
+            "-req",
+            "-in",
+            "old.csr",
+            "-CA",
+            "ca.pem",
+            "-CAkey",
+            "ca.key",
+            "-set_serial",
+            "0x00C0FFEE01",
+            "-days",
+            "30",
+            "-out",
+            "old.pem",
+        ],
+    );
+    let old_der = pem::parse(std::fs::read(d.join("old.pem")).unwrap())
+        .unwrap()
+        .into_contents();
+    let old_key =
+        ukey_portal::ca::load_key(&std::fs::read_to_string(d.join("old.key")).unwrap()).unwrap();
+    let data = d.join("data");
+
+    let mut child = portal_bin()
+        .arg("--data")
+        .arg(&data)
+        .args(["serve", "--listen", "127.0.0.1:0", "--ca-cert"])
+        .arg(d.join("ca.pem"))
+        .arg("--ca-key")
+        .arg(d.join("ca.key"))
+        .env("RUST_LOG", "warn")
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut first_line = String::new();
+    BufReader::new(child.stdout.take().unwrap())
+        .read_line(&mut first_line)
+        .unwrap();
+    let _server = Server(child);
+    let base = first_line.trim().to_owned();
+    assert!(base.starts_with("http://127.0.0.1:"), "{base:?}");
+
+    // The business side, on the same data directory while the server runs. The issuer
+    // is typed the way `openssl x509 -issuer` prints it.
+    let id = cli(
+        &data,
+        &[
+            "order",
+            "create",
+            "--serial",
+            "C0:FF:EE:01",
+            "--issuer",
+            "C = CN, O = OpenSSL Test, CN = OpenSSL Test CA",
+            "--algorithm",
+            "EC-P256",
+            "--encryption-cert",
+        ],
+    );
+    let id = id.trim().to_owned();
+    assert!(id.starts_with("ord_"), "{id}");
+    let other = cli(
+        &data,
+        &[
+            "order",
+            "create",
+            "--serial",
+            "01",
+            "--issuer-cert",
+            d.join("ca.pem").to_str().unwrap(),
+            "--state",
+            "ready",
+        ],
+    );
+    let show: OrderView =
+        serde_json::from_str(&cli(&data, &["order", "show", &id, "--json"])).unwrap();
+    assert_eq!(show.state, "awaiting_payment");
+    assert_eq!(show.serial_hex, "C0FFEE01");
+    let text = cli(&data, &["order", "pay", &id]);
+    assert!(text.contains("ready"), "{text}");
+
+    let http = reqwest::Client::new();
+    let post = |path: String, body: serde_json::Value| {
+        http.post(format!("{base}{path}")).json(&body).send()
+    };
+
+    // status by the DER issuer of the OpenSSL certificate matches the typed DN
+    let (_, old) = x509_parser::parse_x509_certificate(&old_der).unwrap();
+    let st = StatusRequest {
+        issuer_der: Some(old.issuer().as_raw().to_vec()),
+        issuer_dn: None,
+        serial_hex: "c0ffee01".into(),
+    };
+    let status: RenewalStatus = post(paths::STATUS.into(), serde_json::to_value(&st).unwrap())
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(status.order_id(), Some(id.as_str()), "{status:?}");
+    let st = StatusRequest {
+        issuer_der: Some(old.issuer().as_raw().to_vec()),
+        issuer_dn: None,
+        serial_hex: "01".into(),
+    };
+    let status: RenewalStatus = post(paths::STATUS.into(), serde_json::to_value(&st).unwrap())
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(
+        status.order_id(),
+        Some(other.trim()),
+        "--issuer-cert matches the DER issuer"
+    );
+
+    // renew with a new key
+    let new_key = new_key(ukey_portal_api::KeyAlgorithm::EcP256);
+    let ch: ChallengeResponse = http
+        .post(format!("{base}{}", paths::challenge(&id)))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let csr_der = csr(&new_key, CN, ORG);
+    let req = IssueRequest {
+        challenge_id: ch.challenge_id,
+        challenge_signature: old_key
+            .sign(&challenge_signed_data(&id, &ch.nonce, &csr_der))
+            .unwrap(),
+        signature_algorithm: ukey_portal_api::SignatureAlgorithm::EcdsaP256Sha256,
+        old_certificate_der: old_der.clone(),
+        csr_der,
+        ecdh_kdf: Default::default(),
+    };
+    let r = post(paths::issue(&id), serde_json::to_value(&req).unwrap())
+        .await
+        .unwrap();
+    assert!(r.status().is_success(), "{}", r.text().await.unwrap());
+    let issued: IssueResponse = r.json().await.unwrap();
+    let (ok, text) = openssl_verify(&d.join("ca.pem"), None, &issued.certificate_der, d);
+    assert!(ok, "{text}");
+    let enc = issued.encryption.as_ref().unwrap();
+    let (ok, text) = openssl_verify(&d.join("ca.pem"), None, &enc.certificate_der, d);
+    assert!(ok, "{text}");
+    let (_, new) = x509_parser::parse_x509_certificate(&issued.certificate_der).unwrap();
+    assert_eq!(
+        new.subject().as_raw(),
+        old.subject().as_raw(),
+        "subject copied byte for byte"
+    );
+    assert_eq!(new.issuer().as_raw(), old.issuer().as_raw());
+
+    let inst = InstalledRequest {
+        certificate_serial_hex: issued.certificate_serial_hex.clone(),
+        signature: new_key
+            .sign(&installed_signed_data(&id, &issued.certificate_serial_hex))
+            .unwrap(),
+        signature_algorithm: ukey_portal_api::SignatureAlgorithm::EcdsaP256Sha256,
+    };
+    let done: InstalledResponse = post(paths::installed(&id), serde_json::to_value(&inst).unwrap())
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(done.revoked_serials_hex, vec!["C0FFEE01".to_owned()]);
+
+    let crl = http
+        .get(format!("{base}{}", paths::CRL))
+        .send()
+        .await
+        .unwrap()
+        .bytes()
+        .await
+        .unwrap();
+    let (ok, text) = openssl_crl(&d.join("ca.pem"), &crl, d);
+    assert!(ok, "{text}");
+    assert!(text.contains("Serial Number: C0FFEE01"), "{text}");
+
+    let list: Vec<OrderView> =
+        serde_json::from_str(&cli(&data, &["order", "list", "--json"])).unwrap();
+    assert_eq!(
+        list.iter().find(|o| o.order_id == id).unwrap().state,
+        "completed"
+    );
+    assert_eq!(
+        list.iter()
+            .find(|o| o.order_id == id)
+            .unwrap()
+            .subject
+            .as_deref(),
+        Some(&*format!("C=CN, O={ORG}, CN={CN}"))
+    );
+}
+
+#[test]
+fn cli_refuses_bad_input_with_a_message_and_nonzero_exit() {
+    let tmp = tempfile::tempdir().unwrap();
+    let data = tmp.path().join("data");
+    let id = cli(&data, &["order", "create", "--serial", "0A"]);
+    for (args, needle) in [
+        (vec!["order", "create", "--serial", "xyz"], "invalid_serial"),
+        (vec!["order", "create", "--serial", "0A"], "still open"),
+        (
+            vec!["order", "create", "--serial", "0B", "--years", "11"],
+            "years",
+        ),
+        (
+            vec!["order", "create", "--serial", "0B", "--issuer", "nonsense"],
+            "invalid_issuer",
+        ),
+        (
+            vec!["order", "create", "--serial", "0B", "--algorithm", "DSA"],
+            "unknown algorithm",
+        ),
+        (
+            vec!["order", "reject", id.trim(), "--reason", "  "],
+            "reason",
+        ),
+        (
+            vec!["order", "ship", "ord_missing", "--tracking", "X"],
+            "order_not_found",
+        ),
+    ] {
+        let (ok, text) = run(portal_bin().arg("--data").arg(&data).args(&args));
+        assert!(!ok, "{args:?} should fail");
+        assert!(text.contains(needle), "{args:?}: {text}");
+    }
+    let list = cli(&data, &["order", "list"]);
+    assert_eq!(list.lines().count(), 1, "{list}");
+    // a CA key that does not match the certificate is refused before anything is copied
+    let other = tempfile::tempdir().unwrap();
+    openssl(
+        other.path(),
+        &[
+            "ecparam",
+            "-name",
+            "prime256v1",
+            "-genkey",
+            "-noout",
+            "-out",
+            "k.pem",
+        ],
+    );
+    let (ok, text) = run(portal_bin()
+        .arg("--data")
+        .arg(&data)
+        .args(["serve", "--ca-cert"])
+        .arg(data.join("ca-cert.pem"))
+        .arg("--ca-key")
+        .arg(other.path().join("k.pem")));
+    assert!(!ok);
+    assert!(text.contains("does not belong"), "{text}");
+}
+
+#[tokio::test]
+async fn https_with_rustls() {
+    let tmp = tempfile::tempdir().unwrap();
+    let key = rcgen::KeyPair::generate().unwrap();
+    let cert = rcgen::CertificateParams::new(vec!["127.0.0.1".to_owned(), "localhost".to_owned()])
+        .unwrap()
+        .self_signed(&key)
+        .unwrap();
+    std::fs::write(tmp.path().join("tls.pem"), cert.pem()).unwrap();
+    std::fs::write(tmp.path().join("tls.key"), key.serialize_pem()).unwrap();
+    let portal = std::sync::Arc::new(
+        ukey_portal::Portal::open(&ukey_portal::PortalConfig::new(tmp.path().join("data")))
+            .unwrap(),
+    );
+    let tls = ukey_portal::TlsFiles {
+        cert: tmp.path().join("tls.pem"),
+        key: tmp.path().join("tls.key"),
+    };
+    let server = ukey_portal::start(portal, "127.0.0.1:0".parse().unwrap(), Some(tls), None)
+        .await
+        .unwrap();
+    assert!(
+        server.url.starts_with("https://127.0.0.1:"),
+        "{}",
+        server.url
+    );
+    let client = reqwest::Client::builder()
+        .tls_certs_only([reqwest::Certificate::from_pem(cert.pem().as_bytes()).unwrap()])
+        .build()
+        .unwrap();
+    let r = client
+        .get(format!("{}{}", server.url, paths::OPENAPI))
+        .send()
+        .await
+        .unwrap();
+    assert!(r.headers().contains_key("date"));
+    assert_eq!(r.text().await.unwrap(), ukey_portal_api::OPENAPI_YAML);
+    let r = client
+        .post(format!("{}{}", server.url, paths::STATUS))
+        .json(&serde_json::json!({"serial_hex": "zz", "issuer_dn": "CN=x"}))
+        .send()
+        .await
+        .unwrap();
+    expect_error(r, 400, ErrorCode::InvalidSerial).await;
+    // a client that does not trust the certificate cannot connect
+    let strict = reqwest::Client::builder()
+        .tls_certs_only([])
+        .build()
+        .unwrap();
+    assert!(
+        strict
+            .get(format!("{}{}", server.url, paths::OPENAPI))
+            .send()
+            .await
+            .is_err()
+    );
+    server.stop().await.unwrap();
+}
