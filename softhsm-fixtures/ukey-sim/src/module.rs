@@ -14,6 +14,12 @@
 //!   are closed (which logs the token out, as pulling a key does).
 //! - **Plugged back in.** The same token is back; sessions opened before it was pulled
 //!   stay dead and return CKR_SESSION_HANDLE_INVALID.
+//! - **A new key.** SoftHSM2 never shows a token created after its C_Initialize. When a
+//!   controller plugs in a serial the shim does not know (`ukey-sim plug SERIAL` after
+//!   creating the token), the shim re-initialises SoftHSM2 at the next C_GetSlotList or
+//!   C_WaitForSlotEvent poll, as soon as no session is open (re-initialising would kill
+//!   them), and reports the new slot as an event. Creating a token alone does not make
+//!   it appear: a half-written token (certificate not yet on it) is never shown.
 //! - **Events.** `C_WaitForSlotEvent` reports a slot whose token was plugged or pulled
 //!   since the application last heard of it; it blocks (polling the state every 20 ms)
 //!   unless CKF_DONT_BLOCK is given, and `C_Finalize` wakes it with
@@ -33,7 +39,7 @@
 #![allow(non_snake_case)] // PKCS#11 names: C_Initialize, pInitArgs, ...
 
 use std::cell::Cell;
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::panic::{AssertUnwindSafe, catch_unwind};
 use std::path::PathBuf;
 use std::ptr;
@@ -116,6 +122,11 @@ fn load_backend() -> Result<&'static Backend, String> {
         .map_err(Clone::clone)
 }
 
+/// Every call into SoftHSM2 holds this shared; re-initialising SoftHSM2 to see a new
+/// token holds it exclusively (and only tries: a call delayed by simulated latency
+/// postpones the re-scan instead of blocking the discovery call).
+static GATE: RwLock<()> = RwLock::new(());
+
 /// The initialised module (between C_Initialize and C_Finalize).
 static SHIM: RwLock<Option<Arc<Shim>>> = RwLock::new(None);
 
@@ -138,6 +149,22 @@ fn warn(message: &str) {
 
 /// Runs an entry point: a panic becomes CKR_GENERAL_ERROR instead of unwinding into C.
 fn entry(name: &'static str, body: impl FnOnce() -> Result<CK_RV, CK_RV>) -> CK_RV {
+    let _gate = GATE.read().unwrap_or_else(PoisonError::into_inner);
+    ungated_entry(name, body)
+}
+
+/// [`entry`] for the discovery calls: first re-scans SoftHSM2's tokens if a new serial
+/// was plugged in.
+fn discovery_entry(name: &'static str, body: impl FnOnce() -> Result<CK_RV, CK_RV>) -> CK_RV {
+    if let Ok(shim) = shim() {
+        shim.rescan_if_pending();
+    }
+    entry(name, body)
+}
+
+/// [`entry`] without the gate, for C_WaitForSlotEvent, which must not hold it while
+/// it sleeps.
+fn ungated_entry(name: &'static str, body: impl FnOnce() -> Result<CK_RV, CK_RV>) -> CK_RV {
     let rv = match catch_unwind(AssertUnwindSafe(body)) {
         Ok(Ok(rv) | Err(rv)) => rv,
         Err(_) => {
@@ -207,7 +234,15 @@ struct Inner {
     sessions: HashMap<CK_SESSION_HANDLE, SessionEntry>,
     next_session: CK_SESSION_HANDLE,
     /// Token event counts the application has been told about by C_WaitForSlotEvent.
+    /// A slot whose serial is missing here appeared by a re-scan: its event is due.
     seen_events: HashMap<String, u64>,
+    /// Slots that disappeared in a re-scan (token deleted), to report as events.
+    vanished: VecDeque<CK_SLOT_ID>,
+    /// A serial unknown to SoftHSM2's slot list was plugged in: re-scan when possible.
+    rescan_pending: bool,
+    /// Unknown serials already re-scanned for, with their event count then: a serial
+    /// that SoftHSM2 still does not have is tried again only after a new plug event.
+    rescanned: HashMap<String, u64>,
 }
 
 impl Inner {
@@ -235,6 +270,7 @@ impl Inner {
                 return;
             }
         }
+        self.rescan_pending |= !self.unknown_plugged().is_empty();
         for session in self.sessions.values_mut() {
             if session.in_flight == 0
                 && session_dead(&self.state, session)
@@ -245,6 +281,21 @@ impl Inner {
         }
     }
 
+    /// Plugged serials that SoftHSM2's slot list lacks and that were not re-scanned for
+    /// since their last plug event.
+    fn unknown_plugged(&self) -> Vec<(String, u64)> {
+        self.state
+            .tokens
+            .iter()
+            .filter(|(serial, t)| {
+                t.plugged
+                    && !self.slots.iter().any(|s| &s.serial == *serial)
+                    && self.rescanned.get(*serial) != Some(&t.events)
+            })
+            .map(|(serial, t)| (serial.clone(), t.events))
+            .collect()
+    }
+
     fn slot(&self, id: CK_SLOT_ID) -> Result<&SlotEntry, CK_RV> {
         self.slots
             .iter()
@@ -253,8 +304,99 @@ impl Inner {
     }
 }
 
+/// The application's C_Initialize arguments, kept to re-initialise SoftHSM2 alike.
+#[derive(Clone, Copy)]
+struct InitArgs {
+    create_mutex: CK_CREATEMUTEX,
+    destroy_mutex: CK_DESTROYMUTEX,
+    lock_mutex: CK_LOCKMUTEX,
+    unlock_mutex: CK_UNLOCKMUTEX,
+    flags: CK_FLAGS,
+}
+
+impl InitArgs {
+    /// Copies the arguments (pReserved must be NULL per PKCS#11 and is not kept).
+    ///
+    /// # Safety
+    /// `args` must be null or point to a CK_C_INITIALIZE_ARGS.
+    unsafe fn copy(args: CK_VOID_PTR) -> Option<InitArgs> {
+        let args = args.cast::<CK_C_INITIALIZE_ARGS>();
+        // SAFETY: per this function's contract, non-null `args` points to a
+        // CK_C_INITIALIZE_ARGS (C_Initialize's contract with its caller).
+        let args = unsafe { args.as_ref() }?;
+        Some(InitArgs {
+            create_mutex: args.CreateMutex,
+            destroy_mutex: args.DestroyMutex,
+            lock_mutex: args.LockMutex,
+            unlock_mutex: args.UnlockMutex,
+            flags: args.flags,
+        })
+    }
+
+    fn to_c(self) -> CK_C_INITIALIZE_ARGS {
+        CK_C_INITIALIZE_ARGS {
+            CreateMutex: self.create_mutex,
+            DestroyMutex: self.destroy_mutex,
+            LockMutex: self.lock_mutex,
+            UnlockMutex: self.unlock_mutex,
+            flags: self.flags,
+            pReserved: ptr::null_mut(),
+        }
+    }
+}
+
+/// Lists SoftHSM2's initialised tokens: (slot, serial, label).
+fn list_tokens(backend: &Backend) -> Result<Vec<(CK_SLOT_ID, String, String)>, CK_RV> {
+    let mut count: CK_ULONG = 0;
+    ok_or(backend!(
+        backend,
+        C_GetSlotList(CK_FALSE, ptr::null_mut(), &mut count)
+    ))?;
+    let mut ids: Vec<CK_SLOT_ID> = vec![0; count as usize];
+    ok_or(backend!(
+        backend,
+        C_GetSlotList(CK_FALSE, ids.as_mut_ptr(), &mut count)
+    ))?;
+    ids.truncate(count as usize);
+    let mut tokens = Vec::new();
+    for id in ids {
+        let mut info = CK_TOKEN_INFO::default();
+        if backend!(backend, C_GetTokenInfo(id, &mut info)) != CKR_OK
+            || info.flags & CKF_TOKEN_INITIALIZED == 0
+        {
+            continue;
+        }
+        tokens.push((id, trimmed(&info.serialNumber), trimmed(&info.label)));
+    }
+    Ok(tokens)
+}
+
+/// Records token labels in the state, so `ukey-sim status` can list tokens by label.
+fn record_labels(file: &StateFile, tokens: &[(CK_SLOT_ID, String, String)]) -> Result<(), CK_RV> {
+    let known = file.read().map_err(|e| {
+        warn(&e.to_string());
+        CKR_GENERAL_ERROR
+    })?;
+    let news = tokens.iter().any(|(_, serial, label)| {
+        known.token(serial).and_then(|t| t.label.as_ref()) != Some(label)
+    });
+    if news {
+        file.update(|state| {
+            for (_, serial, label) in tokens {
+                state.token_mut(serial).label = Some(label.clone());
+            }
+        })
+        .map_err(|e| {
+            warn(&e.to_string());
+            CKR_GENERAL_ERROR
+        })?;
+    }
+    Ok(())
+}
+
 struct Shim {
     backend: &'static Backend,
+    init_args: Option<InitArgs>,
     file: StateFile,
     inner: Mutex<Inner>,
     finalized: Mutex<bool>,
@@ -289,53 +431,14 @@ impl Drop for SessionCall<'_> {
 
 impl Shim {
     /// Lists SoftHSM2's initialised tokens and reads the state.
-    fn start(backend: &'static Backend) -> Result<Shim, CK_RV> {
+    fn start(backend: &'static Backend, init_args: Option<InitArgs>) -> Result<Shim, CK_RV> {
         let file = StateFile::new(crate::default_state_dir());
-        let mut count: CK_ULONG = 0;
-        ok_or(backend!(
-            backend,
-            C_GetSlotList(CK_FALSE, ptr::null_mut(), &mut count)
-        ))?;
-        let mut ids: Vec<CK_SLOT_ID> = vec![0; count as usize];
-        ok_or(backend!(
-            backend,
-            C_GetSlotList(CK_FALSE, ids.as_mut_ptr(), &mut count)
-        ))?;
-        ids.truncate(count as usize);
-
-        let mut slots = Vec::new();
-        let mut labels = Vec::new();
-        for id in ids {
-            let mut info = CK_TOKEN_INFO::default();
-            if backend!(backend, C_GetTokenInfo(id, &mut info)) != CKR_OK
-                || info.flags & CKF_TOKEN_INITIALIZED == 0
-            {
-                continue;
-            }
-            let serial = trimmed(&info.serialNumber);
-            labels.push((serial.clone(), trimmed(&info.label)));
-            slots.push(SlotEntry { id, serial });
-        }
-
-        // Record the tokens, so `ukey-sim status` can list them by label.
-        let known = file.read().map_err(|e| {
-            warn(&e.to_string());
-            CKR_GENERAL_ERROR
-        })?;
-        let news = labels.iter().any(|(serial, label)| {
-            known.token(serial).and_then(|t| t.label.as_ref()) != Some(label)
-        });
-        if news {
-            file.update(|state| {
-                for (serial, label) in &labels {
-                    state.token_mut(serial).label = Some(label.clone());
-                }
-            })
-            .map_err(|e| {
-                warn(&e.to_string());
-                CKR_GENERAL_ERROR
-            })?;
-        }
+        let tokens = list_tokens(backend)?;
+        record_labels(&file, &tokens)?;
+        let slots: Vec<SlotEntry> = tokens
+            .into_iter()
+            .map(|(id, serial, _)| SlotEntry { id, serial })
+            .collect();
         let bytes = file.read_bytes().map_err(|e| {
             warn(&e.to_string());
             CKR_GENERAL_ERROR
@@ -348,8 +451,17 @@ impl Shim {
             .iter()
             .map(|s| (s.serial.clone(), state.events(&s.serial)))
             .collect();
+        // SoftHSM2 was just initialised: serials it lacks now need no re-scan until
+        // they are plugged in again.
+        let rescanned = state
+            .tokens
+            .iter()
+            .filter(|(serial, _)| !slots.iter().any(|s| &s.serial == *serial))
+            .map(|(serial, t)| (serial.clone(), t.events))
+            .collect();
         Ok(Shim {
             backend,
+            init_args,
             file: file.clone(),
             inner: Mutex::new(Inner {
                 file,
@@ -359,6 +471,9 @@ impl Shim {
                 sessions: HashMap::new(),
                 next_session: 1,
                 seen_events,
+                vanished: VecDeque::new(),
+                rescan_pending: false,
+                rescanned,
             }),
             finalized: Mutex::new(false),
             wake: Condvar::new(),
@@ -380,6 +495,54 @@ impl Shim {
             .finalized
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Re-initialises SoftHSM2 to see tokens created since, if a serial it does not
+    /// know was plugged in and no session is open. Never blocks on other calls.
+    fn rescan_if_pending(&self) {
+        if !self.lock().rescan_pending {
+            return;
+        }
+        let Ok(_gate) = GATE.try_write() else {
+            return; // another call is in SoftHSM2 now; the next poll retries
+        };
+        let mut inner = self.refreshed();
+        if !inner.rescan_pending || inner.sessions.values().any(|s| s.backend.is_some()) {
+            return;
+        }
+        inner.rescan_pending = false;
+        let unknown = inner.unknown_plugged();
+        inner.rescanned.extend(unknown);
+        backend!(self.backend, C_Finalize(ptr::null_mut()));
+        let mut args = self.init_args.map(InitArgs::to_c);
+        let args_ptr = args
+            .as_mut()
+            .map_or(ptr::null_mut(), |a| ptr::from_mut(a).cast());
+        let rv = backend!(self.backend, C_Initialize(args_ptr));
+        if rv != CKR_OK {
+            warn(&format!("re-initialising SoftHSM2 failed: {}", rv_name(rv)));
+            return;
+        }
+        let tokens = match list_tokens(self.backend) {
+            Ok(tokens) => tokens,
+            Err(rv) => {
+                warn(&format!("listing SoftHSM2's slots failed: {}", rv_name(rv)));
+                return;
+            }
+        };
+        let _ = record_labels(&self.file, &tokens);
+        let Inner {
+            slots, vanished, ..
+        } = &mut *inner;
+        for old in slots.iter() {
+            if !tokens.iter().any(|(_, serial, _)| *serial == old.serial) {
+                vanished.push_back(old.id);
+            }
+        }
+        *slots = tokens
+            .into_iter()
+            .map(|(id, serial, _)| SlotEntry { id, serial })
+            .collect();
     }
 
     /// The serial and event count of the token in a slot, if it is plugged in.
@@ -538,7 +701,9 @@ unsafe extern "C" fn C_Initialize(pInitArgs: CK_VOID_PTR) -> CK_RV {
         })?;
         // SoftHSM2 checks the arguments (locking flags and callbacks) itself.
         ok_or(backend!(backend, C_Initialize(pInitArgs)))?;
-        match Shim::start(backend) {
+        // SAFETY: SoftHSM2 accepted pInitArgs, so it is null or a CK_C_INITIALIZE_ARGS.
+        let init_args = unsafe { InitArgs::copy(pInitArgs) };
+        match Shim::start(backend, init_args) {
             Ok(shim) => {
                 *slot = Some(Arc::new(shim));
                 Ok(CKR_OK)
@@ -634,7 +799,7 @@ unsafe extern "C" fn C_GetSlotList(
     pSlotList: CK_SLOT_ID_PTR,
     pulCount: CK_ULONG_PTR,
 ) -> CK_RV {
-    entry("C_GetSlotList", || {
+    discovery_entry("C_GetSlotList", || {
         let shim = shim()?;
         if pulCount.is_null() {
             return Err(CKR_ARGUMENTS_BAD);
@@ -1050,29 +1215,37 @@ unsafe extern "C" fn C_WaitForSlotEvent(
     pSlot: CK_SLOT_ID_PTR,
     pReserved: CK_VOID_PTR,
 ) -> CK_RV {
-    entry("C_WaitForSlotEvent", || {
+    ungated_entry("C_WaitForSlotEvent", || {
         let shim = shim()?;
         if pSlot.is_null() || !pReserved.is_null() {
             return Err(CKR_ARGUMENTS_BAD);
         }
         loop {
+            shim.rescan_if_pending();
             {
+                let _gate = GATE.read().unwrap_or_else(PoisonError::into_inner);
                 let mut inner = shim.refreshed();
                 let Inner {
                     slots,
                     state,
                     seen_events,
+                    vanished,
                     ..
                 } = &mut *inner;
+                let mut event = vanished.pop_front();
                 for slot in slots.iter() {
-                    let now = state.events(&slot.serial);
-                    let seen = seen_events.entry(slot.serial.clone()).or_insert(now);
-                    if *seen != now {
-                        *seen = now;
-                        // SAFETY: pSlot is non-null and valid for writing one slot id.
-                        unsafe { *pSlot = slot.id };
-                        return Ok(CKR_OK);
+                    if event.is_some() {
+                        break;
                     }
+                    let now = state.events(&slot.serial);
+                    if seen_events.insert(slot.serial.clone(), now) != Some(now) {
+                        event = Some(slot.id);
+                    }
+                }
+                if let Some(slot) = event {
+                    // SAFETY: pSlot is non-null and valid for writing one slot id.
+                    unsafe { *pSlot = slot };
+                    return Ok(CKR_OK);
                 }
             }
             if flags & CKF_DONT_BLOCK != 0 {

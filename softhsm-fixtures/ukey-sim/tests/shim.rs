@@ -716,3 +716,79 @@ fn watcher_reports_insert_and_removal_within_500_ms() {
     );
     assert!(took < limit, "insertion seen after {took:?}");
 }
+
+// ----------------------------------------------------------------------------------
+// A key created while the module is loaded
+
+/// Creates a token in another process with softhsm2-util; returns its serial.
+fn init_token_in_child(sim: &Sim, label: &str) -> String {
+    let init = sim
+        .command("softhsm2-util")
+        .args(["--init-token", "--free", "--label", label])
+        .args(["--pin", USER_PIN, "--so-pin", SO_PIN])
+        .output()
+        .expect("run softhsm2-util");
+    assert!(init.status.success(), "{}", text(&init));
+    let show = sim
+        .command("softhsm2-util")
+        .arg("--show-slots")
+        .output()
+        .expect("run softhsm2-util --show-slots");
+    let listing = String::from_utf8_lossy(&show.stdout).into_owned();
+    // Each slot block names "Serial number:" before "Label:".
+    listing
+        .split("\nSlot ")
+        .find(|block| {
+            block.lines().any(|l| {
+                l.trim()
+                    .strip_prefix("Label:")
+                    .is_some_and(|v| v.trim() == label)
+            })
+        })
+        .and_then(|block| {
+            block
+                .lines()
+                .find_map(|l| l.trim().strip_prefix("Serial number:"))
+                .map(|v| v.trim().to_owned())
+        })
+        .unwrap_or_else(|| panic!("token {label} not in: {listing}"))
+}
+
+#[test]
+fn a_key_created_after_loading_appears_when_plugged_in() {
+    let sim = sim(&[TokenSpec::empty("A")]);
+    let pkcs11 = sim.load();
+    let a = slot_of(&pkcs11, sim.serial(0));
+    let session = pkcs11.open_ro_session(a).expect("session on A");
+
+    let serial = init_token_in_child(&sim, "NEW");
+    assert_eq!(
+        present_ids(&pkcs11),
+        vec![a.id()],
+        "not shown before it is plugged in"
+    );
+    sim.control.plug(&serial).expect("plug the new key");
+    // A session is open: re-initialising SoftHSM2 would kill it, so the shim waits.
+    assert_eq!(present_ids(&pkcs11), vec![a.id()]);
+    session
+        .get_session_info()
+        .expect("the open session is unharmed");
+    drop(session);
+
+    assert_eq!(
+        present_ids(&pkcs11).len(),
+        2,
+        "shown once no session is open"
+    );
+    let new = slot_of(&pkcs11, &serial);
+    assert_eq!(
+        pkcs11.get_slot_event().expect("event").map(|s| s.id()),
+        Some(new.id())
+    );
+    assert_eq!(pkcs11.get_slot_event().expect("drained"), None);
+    let session = pkcs11.open_rw_session(new).expect("session on the new key");
+    login(&session, USER_PIN).expect("login on the new key");
+    // The old key is still there and usable.
+    let session = pkcs11.open_ro_session(a).expect("session on A again");
+    session.get_session_info().expect("A works");
+}
