@@ -154,7 +154,7 @@ fn run(cli: &Cli, lang: Lang) -> anyhow::Result<u8> {
                 serde_json::to_writer_pretty(&mut out, &doc)?;
                 writeln!(out)?;
             } else {
-                output::list_text(&mut out, lang, &listings, now)?;
+                output::list_text(&mut out, lang, &module, &listings, now)?;
             }
             out.flush()?;
             let mut incomplete = false;

@@ -220,17 +220,20 @@ fn pin_text(p: PinState, lang: Lang) -> String {
 pub fn list_text(
     out: &mut impl Write,
     lang: Lang,
+    module: &Module,
     listings: &[TokenListing],
     now: OffsetDateTime,
 ) -> io::Result<()> {
     if listings.is_empty() {
         writeln!(
             out,
-            "{}",
+            "{} ({} {})",
             lang.pick(
                 "没有找到 UKey。请插入 UKey。",
                 "No token found. Insert a token."
-            )
+            ),
+            lang.pick("驱动模块", "module"),
+            module.path().display()
         )?;
         return Ok(());
     }

@@ -121,7 +121,11 @@ pub const VENDOR_MODULES: &[(&str, &[&str])] = &[
     (
         "Feitian ePass (飞天诚信)",
         &[
+            // Seen in OpenSC issues #2424 and #1670 (ePass2003 Linux driver).
             "libcastle.so.1.0.0",
+            "libcastle_v2.so.1.0.0",
+            "/usr/lib/ePass2003-Linux-x64/x86_64/redist/libcastle.so.1.0.0",
+            "/usr/lib/ePass2003-Linux-x64/x86_64/redist/libcastle_v2.so.1.0.0",
             "libcastle.so",
             "libshuttle_p11v220.so",
             "libepsng_p11.so",
