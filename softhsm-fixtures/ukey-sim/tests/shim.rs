@@ -478,6 +478,33 @@ fn pin_locks_after_the_configured_tries_and_survives_a_reload() {
     assert_eq!(sim.control.token(&serial).expect("state").pin.failures, 0);
 }
 
+#[test]
+fn set_pin_with_a_wrong_old_pin_counts_as_a_try() {
+    let sim = sim(&[TokenSpec::empty("A")]);
+    let serial = sim.serial(0).to_owned();
+    sim.control.set_pin_tries(&serial, 2).expect("tries");
+    let pkcs11 = sim.load();
+    let slot = slot_of(&pkcs11, &serial);
+    let session = pkcs11.open_rw_session(slot).expect("session");
+    let wrong = AuthPin::from("000000");
+    let new = AuthPin::from("654321");
+    assert_eq!(rv(session.set_pin(&wrong, &new)), RvError::PinIncorrect);
+    assert!(
+        pkcs11
+            .get_token_info(slot)
+            .expect("info")
+            .user_pin_final_try()
+    );
+    assert_eq!(rv(session.set_pin(&wrong, &new)), RvError::PinIncorrect);
+    assert!(pkcs11.get_token_info(slot).expect("info").user_pin_locked());
+    let right = AuthPin::from(USER_PIN);
+    assert_eq!(rv(session.set_pin(&right, &new)), RvError::PinLocked);
+    assert_eq!(rv(login(&session, USER_PIN)), RvError::PinLocked);
+    // The PIN was not changed behind the lock: unlocking restores the old one.
+    sim.control.reset_pin_counter(&serial).expect("unlock");
+    login(&session, USER_PIN).expect("old PIN still valid");
+}
+
 // ----------------------------------------------------------------------------------
 // Faults and latency
 
