@@ -1,0 +1,174 @@
+// The one module that talks to the backend: every `invoke`, event and plugin call of
+// the UI goes through here, typed. Types mirror src-tauri/src/view.rs and commands.rs.
+import { invoke, Channel } from '@tauri-apps/api/core';
+import { listen, type UnlistenFn } from '@tauri-apps/api/event';
+import { openUrl as pluginOpenUrl } from '@tauri-apps/plugin-opener';
+import { writeText } from '@tauri-apps/plugin-clipboard-manager';
+import { open as dialogOpen, save as dialogSave } from '@tauri-apps/plugin-dialog';
+
+/** An error from the backend: the UI translates `code`, `message` is the fallback. */
+export interface IpcError {
+  code: string;
+  message: string;
+}
+
+export type Status =
+  | { state: 'checking' }
+  | { state: 'unknown' }
+  | { state: 'unavailable'; error: IpcError }
+  | { state: 'none' }
+  | { state: 'awaiting_payment'; orderId: string; paymentUrl: string }
+  | { state: 'ready'; orderId: string; years: number; withEncryption: boolean; newKey: boolean }
+  | { state: 'issued'; orderId: string }
+  | { state: 'completed'; orderId: string; newSerial: string }
+  | { state: 'requires_new_key'; orderId: string; trackingNumber: string }
+  | { state: 'rejected'; orderId: string; reason: string };
+
+export interface Cert {
+  keyId: string;
+  label: string;
+  serial: string | null;
+  holder: string | null;
+  organisation: string | null;
+  subject: string | null;
+  issuer: string | null;
+  notBefore: string | null;
+  notAfter: string | null;
+  daysLeft: number | null;
+  algorithm: string | null;
+  usage: 'signing' | 'encryption' | 'both' | null;
+  hasKey: boolean | null;
+  error: IpcError | null;
+  status: Status;
+}
+
+export interface PinView {
+  countLow: boolean;
+  finalTry: boolean;
+  locked: boolean;
+  pinPad: boolean;
+  wrongEntries: number;
+}
+
+export interface Key {
+  serial: string;
+  label: string;
+  manufacturer: string;
+  model: string;
+  pin: PinView;
+  certificates: Cert[];
+  errors: IpcError[];
+}
+
+export interface Interrupted {
+  tokenSerial: string;
+  tokenLabel: string;
+  certSerial: string;
+  keyPresent: boolean;
+}
+
+export interface Snapshot {
+  module: { path: string | null; description: string | null; error: IpcError | null };
+  keys: Key[];
+  interrupted: Interrupted[];
+  portalConfigured: boolean;
+  portalUrl: string | null;
+}
+
+export interface Settings {
+  pkcs11Module: string | null;
+  portalUrl: string | null;
+  trustAnchors: string[];
+  language: 'zh-CN' | 'en' | null;
+  autostart: boolean;
+  supportContact: string | null;
+}
+
+export interface SettingsView {
+  file: Settings;
+  effective: Settings;
+  envOverrides: string[];
+  language: 'zh-CN' | 'en';
+  detectedModules: { name: string; path: string }[];
+  settingsPath: string;
+  autostartRegistered: boolean | null;
+  version: string;
+}
+
+/** Renewal progress, as sent over the `renew` channel. */
+export type RenewEvent =
+  | { event: 'step'; data: { step: string; index: number; total: number; writing: boolean } };
+
+/** What a finished renewal reports. */
+export interface RenewOutcome {
+  newSerial: string;
+  notBefore: string;
+  notAfter: string;
+  selfTestOk: boolean;
+  encryptionSerial?: string | null;
+}
+
+/** Turns whatever a rejected promise carries into an IpcError. */
+export function toIpcError(e: unknown): IpcError {
+  if (e && typeof e === 'object' && 'code' in e && 'message' in e) {
+    return { code: String((e as IpcError).code), message: String((e as IpcError).message) };
+  }
+  return { code: 'internal', message: String(e) };
+}
+
+async function call<T>(cmd: string, args?: Record<string, unknown>): Promise<T> {
+  try {
+    return await invoke<T>(cmd, args);
+  } catch (e) {
+    throw toIpcError(e);
+  }
+}
+
+export const getSnapshot = () => call<Snapshot>('get_snapshot');
+export const refresh = () => call<void>('refresh');
+export const getSettings = () => call<SettingsView>('get_settings');
+export const saveSettings = (settings: Settings) => call<SettingsView>('save_settings', { settings });
+
+/** Renews one certificate. The PIN is passed once and not kept here. */
+export function renew(
+  tokenSerial: string,
+  certSerial: string,
+  pin: string,
+  onEvent: (e: RenewEvent) => void,
+): Promise<RenewOutcome> {
+  const channel = new Channel<RenewEvent>();
+  channel.onmessage = onEvent;
+  return call<RenewOutcome>('renew', { tokenSerial, certSerial, pin, onEvent: channel });
+}
+
+/** Snapshot events: keys inserted or removed, statuses answered. */
+export function onSnapshot(cb: (s: Snapshot) => void): Promise<UnlistenFn> {
+  return listen<Snapshot>('snapshot', (e) => cb(e.payload));
+}
+
+export async function openUrl(url: string): Promise<void> {
+  try {
+    await pluginOpenUrl(url);
+  } catch (e) {
+    throw toIpcError(e);
+  }
+}
+
+export async function copyText(text: string): Promise<void> {
+  try {
+    await writeText(text);
+  } catch (e) {
+    throw toIpcError(e);
+  }
+}
+
+/** A file chosen by the user, or null. */
+export async function chooseFile(title: string, extensions: string[]): Promise<string | null> {
+  const r = await dialogOpen({ title, multiple: false, directory: false, filters: [{ name: title, extensions }] });
+  return typeof r === 'string' ? r : null;
+}
+
+/** A path to save to, or null. */
+export async function chooseSavePath(title: string, defaultPath: string): Promise<string | null> {
+  return (await dialogSave({ title, defaultPath })) ?? null;
+}
