@@ -108,6 +108,38 @@ export interface RenewOutcome {
   encryptionSerial?: string | null;
 }
 
+/** A bilingual text of the diagnosis report. */
+export interface Text {
+  'zh-CN': string;
+  en: string;
+}
+
+/** The diagnosis report (serde form of ukey_diagnose::Report). */
+export interface Report {
+  format: number;
+  app_version: string;
+  generated_at: string;
+  duration_ms: number;
+  overall: 'pass' | 'warn' | 'fail' | 'skip';
+  counts: { pass: number; warn: number; fail: number; skip: number };
+  redacted: boolean;
+  sections: {
+    kind: string;
+    id: string;
+    title: Text;
+    verdict?: string;
+    summary?: Text;
+    checks: { id: string; status: 'pass' | 'warn' | 'fail' | 'skip'; reason: Text; action?: Text; facts?: Record<string, unknown> }[];
+  }[];
+}
+
+/** What the `diagnose` command returns: the report, and its redacted text to copy. */
+export interface DiagnosticsResult {
+  report: Report;
+  redactedTextZh: string;
+  redactedTextEn: string;
+}
+
 /** Turns whatever a rejected promise carries into an IpcError. */
 export function toIpcError(e: unknown): IpcError {
   if (e && typeof e === 'object' && 'code' in e && 'message' in e) {
@@ -128,6 +160,10 @@ export const getSnapshot = () => call<Snapshot>('get_snapshot');
 export const refresh = () => call<void>('refresh');
 export const getSettings = () => call<SettingsView>('get_settings');
 export const saveSettings = (settings: Settings) => call<SettingsView>('save_settings', { settings });
+
+export const diagnose = () => call<DiagnosticsResult>('diagnose');
+/** Writes the last report, redacted, as JSON to a path the user chose. */
+export const saveReport = (path: string) => call<void>('save_report', { path });
 
 /** Renews one certificate. The PIN is passed once and not kept here. */
 export function renew(

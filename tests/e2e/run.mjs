@@ -1,0 +1,383 @@
+// Real-window end-to-end test of ukey-desktop: the built app under Xvfb, driven by
+// WebdriverIO through tauri-driver + WebKitWebDriver, with SoftHSM2 tokens behind
+// ukey-sim (hot-plug, faults, PIN lockout) and the reference portal on loopback.
+//
+// Started by run.sh (which builds everything and wraps this in xvfb-run and
+// dbus-run-session). Prints "N passed, N failed" and exits non-zero on any failure.
+//
+//   node run.mjs [scenario ...]     (default: all, in order)
+//
+// Environment from run.sh: UKEY_DESKTOP_BIN, UKEY_SIM_BIN, UKEY_SIM_MODULE_PATH,
+// UKEY_PORTAL_BIN, SOFTHSM_FIXTURES_BIN, TAURI_DRIVER_BIN.
+import { spawn, execFileSync } from 'node:child_process';
+import { mkdtempSync, mkdirSync, writeFileSync, readFileSync, existsSync, statSync, chmodSync, rmSync } from 'node:fs';
+import { tmpdir } from 'node:os';
+import { join, dirname } from 'node:path';
+import { fileURLToPath } from 'node:url';
+import { inflateSync } from 'node:zlib';
+import { createInterface } from 'node:readline';
+import { remote } from 'webdriverio';
+
+const HERE = dirname(fileURLToPath(import.meta.url));
+const SHOTS = join(HERE, 'screenshots');
+const need = (name) => {
+  const v = process.env[name];
+  if (!v) throw new Error(`${name} is not set (run tests/e2e/run.sh)`);
+  return v;
+};
+const BIN = need('UKEY_DESKTOP_BIN');
+const SIM = need('UKEY_SIM_BIN');
+const SIM_MODULE = need('UKEY_SIM_MODULE_PATH');
+const PORTAL = need('UKEY_PORTAL_BIN');
+const FIXTURES = need('SOFTHSM_FIXTURES_BIN');
+const DRIVER = need('TAURI_DRIVER_BIN');
+const PIN = '123456';
+
+const work = mkdtempSync(join(process.env.E2E_TMP || tmpdir(), 'ukey-e2e-'));
+const hsmDir = join(work, 'hsm');
+const simState = join(work, 'sim');
+const portalData = join(work, 'portal');
+const home = join(work, 'home');
+const binDir = join(work, 'bin');
+const openedFile = join(work, 'opened-urls.txt');
+for (const d of [home, binDir, simState, SHOTS]) mkdirSync(d, { recursive: true });
+
+const log = (...a) => console.log('[e2e]', ...a);
+const sleep = (ms) => new Promise((r) => setTimeout(r, ms));
+
+function run(cmd, args, env = {}) {
+  return execFileSync(cmd, args, { env: { ...process.env, ...env }, encoding: 'utf8', stdio: ['ignore', 'pipe', 'pipe'] });
+}
+
+// ---- the world: tokens, portal -------------------------------------------------
+
+const hsmEnv = () => ({ SOFTHSM2_CONF: join(hsmDir, 'softhsm2.conf') });
+const sim = (...args) => run(SIM, ['--state', simState, ...args], hsmEnv());
+
+/** Creates a token (unplugged) with one signing certificate. */
+function createToken(label, cn, days = 10) {
+  const out = run(FIXTURES, ['--dir', hsmDir, 'create', '--label', label, '--pin', PIN, '--cn', cn, '--days', String(days), '--json']);
+  const t = JSON.parse(out);
+  sim('unplug', t.serial);
+  return { serial: t.serial, label, cn, certSerial: t.certs[0].serial_hex };
+}
+
+function ca() {
+  const out = run(FIXTURES, ['--dir', hsmDir, 'ca']);
+  const kv = Object.fromEntries(out.trim().split('\n').map((l) => l.split('=')));
+  return kv;
+}
+
+let portal;
+let portalUrl;
+function portalCli(...args) {
+  return run(PORTAL, ['--data', portalData, ...args]).trim();
+}
+async function startPortal(caFiles) {
+  portal = spawn(PORTAL, ['--data', portalData, 'serve', '--listen', '127.0.0.1:0', '--ca-cert', caFiles.issuing_cert, '--ca-key', caFiles.issuing_key], {
+    stdio: ['ignore', 'pipe', 'inherit'],
+  });
+  const rl = createInterface({ input: portal.stdout });
+  portalUrl = await new Promise((resolve, reject) => {
+    rl.once('line', (l) => resolve(l.trim()));
+    portal.once('exit', (c) => reject(new Error(`portal exited ${c}`)));
+    setTimeout(() => reject(new Error('portal did not print its URL')), 20000);
+  });
+  rl.on('line', () => {});
+  log('portal at', portalUrl);
+}
+const order = (token, state, extra = []) =>
+  portalCli('order', 'create', '--serial', token.certSerial, '--state', state, ...extra);
+
+// ---- the app, through tauri-driver ----------------------------------------------
+
+let driver;
+async function startDriver(env) {
+  driver = spawn(DRIVER, ['--port', '4444', '--native-port', '4445'], { env, stdio: ['ignore', 'inherit', 'inherit'] });
+  for (let i = 0; i < 100; i++) {
+    try {
+      const r = await fetch('http://127.0.0.1:4444/status');
+      if (r.ok || r.status < 500) return;
+    } catch {}
+    await sleep(100);
+  }
+  throw new Error('tauri-driver did not start');
+}
+
+let browser;
+const $t = (id) => browser.$(`[data-testid="${id}"]`);
+
+async function waitFor(fn, what, timeout = 15000) {
+  const start = Date.now();
+  let last;
+  while (Date.now() - start < timeout) {
+    try {
+      const v = await fn();
+      if (v) return v;
+    } catch (e) {
+      last = e;
+    }
+    await sleep(50);
+  }
+  throw new Error(`timed out waiting for ${what}${last ? `: ${last.message}` : ''}`);
+}
+
+const textOf = async (id) => (await $t(id)).getText();
+async function visible(id) {
+  const el = await $t(id);
+  return (await el.isExisting()) && (await el.isDisplayed());
+}
+async function waitText(id, needle, timeout) {
+  return waitFor(async () => (await visible(id)) && (await textOf(id)).includes(needle), `${id} to contain ${JSON.stringify(needle)}`, timeout);
+}
+async function click(id) {
+  await waitFor(() => visible(id), `${id} to show`);
+  await (await $t(id)).click();
+}
+
+// ---- screenshots, checked not blank ---------------------------------------------
+
+function pngLooksReal(path) {
+  const buf = readFileSync(path);
+  if (buf.length < 8000) return `only ${buf.length} bytes`;
+  if (buf.readUInt32BE(0) !== 0x89504e47) return 'not a PNG';
+  const width = buf.readUInt32BE(16);
+  const height = buf.readUInt32BE(20);
+  const idat = [];
+  for (let off = 8; off < buf.length; ) {
+    const len = buf.readUInt32BE(off);
+    const type = buf.toString('ascii', off + 4, off + 8);
+    if (type === 'IDAT') idat.push(buf.subarray(off + 8, off + 8 + len));
+    off += 12 + len;
+  }
+  const raw = inflateSync(Buffer.concat(idat));
+  // Distinct byte values over the (filtered) scanlines: a single-colour image has a
+  // handful, a window with text has hundreds.
+  const seen = new Set();
+  for (let i = 0; i < raw.length; i += 7) seen.add(raw[i]);
+  if (seen.size < 40) return `looks blank (${seen.size} distinct byte values, ${width}x${height})`;
+  return null;
+}
+
+const shots = [];
+async function shot(name) {
+  const path = join(SHOTS, `${name}.png`);
+  rmSync(path, { force: true });
+  await browser.saveScreenshot(path);
+  const bad = pngLooksReal(path);
+  if (bad) throw new Error(`screenshot ${name}: ${bad}`);
+  shots.push(path);
+  log('screenshot', path, statSync(path).size, 'bytes');
+}
+
+// ---- scenarios ------------------------------------------------------------------
+
+const tokens = {};
+function plugged(...which) {
+  // Only these tokens in; every other one out.
+  for (const [name, t] of Object.entries(tokens)) {
+    if (!which.includes(name)) sim('unplug', t.serial);
+  }
+  for (const name of which) sim('plug', tokens[name].serial);
+}
+
+async function keyCount() {
+  return (await browser.$$('[data-testid="key"]')).length;
+}
+
+async function enterPinAndSubmit(pin) {
+  const input = await waitFor(async () => ((await visible('pin-input')) ? $t('pin-input') : null), 'PIN input');
+  await input.setValue(pin);
+  await browser.keys('Enter');
+}
+
+async function renewFromButton(buttonId, pin = PIN) {
+  await click(buttonId);
+  await click('continue');
+  await enterPinAndSubmit(pin);
+}
+
+const scenarios = {
+  async empty() {
+    await waitFor(() => visible('no-keys'), 'the "insert your UKey" screen');
+    if (!(await textOf('no-keys')).includes('请插入 UKey')) throw new Error('no "请插入 UKey"');
+    await shot('01-no-key');
+  },
+
+  async banner() {
+    const t0 = Date.now();
+    plugged('a');
+    await waitText('banner', '证书有可用更新 — 立即更新', 5000);
+    const ms = Date.now() - t0;
+    log(`banner ${ms} ms after ukey-sim plug`);
+    if (ms > 1000) throw new Error(`banner took ${ms} ms (> 1 s)`);
+    const row = await textOf('cert');
+    for (const want of ['张三', tokens.a.certSerial, '剩余', 'RSA-2048']) {
+      if (!row.includes(want)) throw new Error(`listing lacks ${want}: ${row}`);
+    }
+    await shot('02-key-listed-banner');
+  },
+
+  async renew() {
+    await click('banner-renew');
+    await waitText('consequences', '旧证书将被吊销');
+    await shot('03-consequences');
+    await click('continue');
+    await waitFor(() => visible('pin-input'), 'PIN dialog');
+    await shot('04-pin');
+    await enterPinAndSubmit(PIN);
+    // The progress view is short-lived; catch it if we can.
+    if (await visible('steps').catch(() => false)) await shot('05-progress').catch(() => {});
+    await waitText('result-title', '证书已更新', 60000);
+    if (!(await textOf('self-test')).includes('测试签名成功')) throw new Error('no test signature success');
+    await shot('06-renewed');
+    await click('close');
+    await waitFor(async () => !(await visible('banner')), 'banner to go');
+  },
+
+  async 'wrong-pin'() {
+    sim('pin-tries', tokens.b.serial, '--max', '3');
+    plugged('b');
+    await waitText('banner', '证书有可用更新');
+    await renewFromButton('banner-renew', '000000');
+    await waitText('pin-error', 'PIN 不正确', 30000);
+    await waitText('pin-wrong-count', '1 次');
+    await shot('07-wrong-pin');
+    // The app does not retry: the field is empty and waits for the user.
+    const value = await (await $t('pin-input')).getValue();
+    if (value !== '') throw new Error('PIN field not cleared');
+    await enterPinAndSubmit('000001');
+    await waitText('pin-wrong-count', '2 次', 30000);
+    await waitText('pin-final-try', '最后一次机会');
+    await shot('08-last-try');
+    await enterPinAndSubmit(PIN);
+    await waitText('result-title', '证书已更新', 60000);
+    await click('close');
+  },
+
+  async pulled() {
+    plugged('c');
+    await waitText('banner', '证书有可用更新');
+    sim('fault', tokens.c.serial, '--function', 'C_CreateObject', '--unplug');
+    await renewFromButton('banner-renew');
+    await waitText('plug-back', '请重新插入 UKey', 60000);
+    await shot('09-pulled-mid-renewal');
+    sim('plug', tokens.c.serial);
+    await waitFor(() => visible('pin-input'), 'PIN dialog after the key is back', 10000);
+    await enterPinAndSubmit(PIN);
+    await waitText('result-title', '证书已更新', 60000);
+    await shot('10-resumed');
+    await click('close');
+  },
+
+  async 'awaiting-payment'() {
+    plugged('d');
+    await waitFor(async () => (await keyCount()) === 1 && (await textOf('status-text')) === '续期订单待付款', 'awaiting payment state');
+    await shot('11-awaiting-payment');
+    await click('pay');
+    const url = await waitFor(() => existsSync(openedFile) && readFileSync(openedFile, 'utf8').trim(), 'the payment page to be opened');
+    if (!url.includes(`serial=${tokens.d.certSerial}`) || !url.startsWith(portalUrl)) {
+      throw new Error(`opened ${url}, expected ${portalUrl}/pay?serial=${tokens.d.certSerial}`);
+    }
+    log('opened', url);
+  },
+
+  async 'two-keys'() {
+    plugged('e', 'f');
+    await waitFor(async () => (await keyCount()) === 2, 'two keys listed');
+    await waitText('banner', '2 张证书有可用更新');
+    await shot('12-two-keys');
+    await click('renew-all');
+    for (let i = 0; i < 2; i++) {
+      await click('continue');
+      await enterPinAndSubmit(PIN);
+      await waitText('result-title', '证书已更新', 60000);
+      await click('close');
+    }
+    await waitFor(async () => !(await visible('banner')), 'banner to go after renewing both');
+  },
+};
+
+// ---- main -----------------------------------------------------------------------
+
+async function main() {
+  const wanted = process.argv.slice(2);
+  const names = wanted.length ? wanted : Object.keys(scenarios);
+  for (const n of names) if (!scenarios[n]) throw new Error(`unknown scenario ${n}`);
+
+  log('work dir', work);
+  tokens.a = createToken('UKey-A', '张三');
+  const caFiles = ca();
+  tokens.b = createToken('UKey-B', '李四');
+  tokens.c = createToken('UKey-C', '王五');
+  tokens.d = createToken('UKey-D', '赵六', 20);
+  tokens.e = createToken('UKey-E', '孙七');
+  tokens.f = createToken('UKey-F', '周八');
+  await startPortal(caFiles);
+  for (const n of ['a', 'b', 'c', 'e', 'f']) order(tokens[n], 'ready', ['--years', '2']);
+  order(tokens.d, 'awaiting-payment');
+
+  // A stand-in for the desktop's URL opener that records what the app asked to open.
+  const opener = join(binDir, 'xdg-open');
+  writeFileSync(opener, `#!/bin/sh\nprintf '%s\\n' "$1" >> '${openedFile}'\n`);
+  chmodSync(opener, 0o755);
+
+  const appEnv = {
+    ...process.env,
+    PATH: `${binDir}:${process.env.PATH}`,
+    HOME: home,
+    XDG_CONFIG_HOME: join(home, '.config'),
+    XDG_DATA_HOME: join(home, '.local/share'),
+    XDG_CURRENT_DESKTOP: '',
+    SOFTHSM2_CONF: join(hsmDir, 'softhsm2.conf'),
+    UKEY_SIM_STATE: simState,
+    UKEY_PKCS11_MODULE: SIM_MODULE,
+    UKEY_PORTAL_URL: portalUrl,
+    UKEY_TRUST: caFiles.root_cert,
+    UKEY_CONFIG_DIR: join(work, 'config'),
+    UKEY_DATA_DIR: join(work, 'data'),
+    UKEY_LANG: 'zh-CN',
+    UKEY_EXIT_ON_CLOSE: '1',
+    UKEY_LOG: process.env.UKEY_LOG || 'info',
+  };
+  await startDriver(appEnv);
+  browser = await remote({
+    hostname: '127.0.0.1',
+    port: 4444,
+    logLevel: 'warn',
+    capabilities: { 'tauri:options': { application: BIN } },
+  });
+  await browser.setWindowSize?.(1000, 760).catch(() => {});
+
+  let passed = 0;
+  let failed = 0;
+  for (const name of names) {
+    const t0 = Date.now();
+    try {
+      await scenarios[name]();
+      passed++;
+      log(`PASS ${name} (${Date.now() - t0} ms)`);
+    } catch (e) {
+      failed++;
+      log(`FAIL ${name}: ${e.stack || e}`);
+      await shot(`fail-${name}`).catch(() => {});
+    }
+  }
+  return { passed, failed };
+}
+
+let result = { passed: 0, failed: 1 };
+try {
+  result = await main();
+} catch (e) {
+  log('setup failed:', e.stack || e);
+} finally {
+  await browser?.deleteSession().catch(() => {});
+  // SIGTERM: tauri-driver then stops WebKitWebDriver; after SIGKILL it would live on.
+  driver?.kill('SIGTERM');
+  portal?.kill('SIGTERM');
+  await sleep(500);
+  if (!process.env.E2E_KEEP) rmSync(work, { recursive: true, force: true });
+}
+console.log(`e2e: ${result.passed} passed, ${result.failed} failed`);
+process.exit(result.failed === 0 ? 0 : 1);
