@@ -340,11 +340,16 @@ pub fn list_text(
     Ok(())
 }
 
+/// Event times to the second: sub-second digits only clutter a line read by people.
+fn event_time(now: OffsetDateTime) -> String {
+    rfc3339(now.replace_nanosecond(0).unwrap_or(now))
+}
+
 pub fn event_json(ev: &TokenEvent, now: OffsetDateTime) -> serde_json::Value {
     match ev {
         TokenEvent::Inserted { token } => serde_json::json!({
             "event": "inserted",
-            "time": rfc3339(now),
+            "time": event_time(now),
             "slot_id": token.slot_id,
             "label": token.label,
             "serial": token.serial,
@@ -357,7 +362,7 @@ pub fn event_json(ev: &TokenEvent, now: OffsetDateTime) -> serde_json::Value {
             label,
         } => serde_json::json!({
             "event": "removed",
-            "time": rfc3339(now),
+            "time": event_time(now),
             "slot_id": slot_id,
             "label": label,
             "serial": serial,
@@ -366,7 +371,7 @@ pub fn event_json(ev: &TokenEvent, now: OffsetDateTime) -> serde_json::Value {
 }
 
 pub fn event_text(ev: &TokenEvent, lang: Lang, now: OffsetDateTime) -> String {
-    let when = rfc3339(now);
+    let when = event_time(now);
     match ev {
         TokenEvent::Inserted { token } => format!(
             "{when}  {}  {} {}  \"{}\"  {} {}",
