@@ -213,6 +213,13 @@ pub enum Error {
         /// The parser's message.
         reason: String,
     },
+    /// An object on the token, or data to put on it, is not what it must be (e.g. a
+    /// public key of an unsupported type, a certificate that is not DER).
+    #[error("unexpected object: {what}")]
+    ObjectInvalid {
+        /// What is wrong.
+        what: String,
+    },
     /// Any other PKCS#11 failure.
     #[error("PKCS#11 call failed{}: {call}", on_token(.token))]
     Pkcs11 {
@@ -335,6 +342,7 @@ impl Error {
             Error::DeviceMemory { .. } => "device_memory",
             Error::DeviceError { .. } => "device_error",
             Error::CertificateMalformed { .. } => "certificate_malformed",
+            Error::ObjectInvalid { .. } => "object_invalid",
             Error::Pkcs11 { .. } => "pkcs11_error",
         }
     }
@@ -411,6 +419,10 @@ impl Error {
             Error::CertificateMalformed { label, key_id, reason } => match lang {
                 Lang::ZhCn => format!("证书对象“{label}”（CKA_ID {key_id}）已损坏，无法解析：{reason}"),
                 Lang::En => format!("The certificate object \"{label}\" (CKA_ID {key_id}) is corrupt and cannot be parsed: {reason}"),
+            },
+            Error::ObjectInvalid { what } => match lang {
+                Lang::ZhCn => format!("UKey 上的对象不符合要求：{what}"),
+                Lang::En => format!("An object on the token is not as expected: {what}"),
             },
             Error::Pkcs11 { token: t, .. } => match lang {
                 Lang::ZhCn => format!("访问 {} 时出错。", token(t)),

@@ -18,10 +18,15 @@
 
 pub mod certificate;
 pub mod config;
+pub mod der;
 pub mod error;
+pub mod keys;
 pub mod listing;
 pub mod module;
+pub mod objects;
 pub mod session;
+pub mod signer;
+pub mod unwrap;
 pub mod watcher;
 
 pub use certificate::{CertificateDetails, Usage};
@@ -29,7 +34,11 @@ pub use config::{Config, FoundModule, ModuleEntry, discover_all, resolve_module_
 pub use error::{Error, Lang, Pkcs11Call, Result, TokenName};
 pub use listing::{CertificateEntry, KeyEntry, KeyEvidence, TokenListing};
 pub use module::{LibraryInfo, Module, PinState, TokenFlags, TokenSummary};
+pub use keys::{KeyAlg, KeyPairHandles, PublicKey};
+pub use objects::{ObjectInfo, ObjectKind};
 pub use session::Session;
+pub use signer::TokenSigner;
+pub use unwrap::KeyTransport;
 pub use watcher::{TokenEvent, WatchMode, Watcher};
 
 /// The cryptoki version this crate is built on, for the mechanism and attribute types

@@ -1,0 +1,245 @@
+//! Key pairs for the renewal engine: generation on the token, reading a public key
+//! back, and its DER forms (PKCS#1 / SEC1 point for rcgen, SubjectPublicKeyInfo to
+//! compare with a certificate).
+//!
+//! Keys are generated like a UKey's own: token objects, private and sensitive, never
+//! extractable. RSA keys sign, decrypt and unwrap (the escrow envelope is RSA-OAEP
+//! wrapped to the signing key); EC keys sign and derive (ECDH for the envelope).
+
+use cryptoki::mechanism::{Mechanism, MechanismType};
+use cryptoki::object::{Attribute, AttributeType, KeyType, ObjectClass, ObjectHandle};
+use serde::{Deserialize, Serialize};
+
+use crate::der;
+use crate::error::{Error, Result};
+use crate::session::Session;
+
+/// DER of the P-256 curve OID (prime256v1), the value of CKA_EC_PARAMS.
+pub const P256_EC_PARAMS: &[u8] = &[0x06, 0x08, 0x2A, 0x86, 0x48, 0xCE, 0x3D, 0x03, 0x01, 0x07];
+
+/// Algorithms the engine generates and signs with.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub enum KeyAlg {
+    /// RSA, 2048-bit modulus, e = 65537.
+    #[serde(rename = "RSA-2048")]
+    Rsa2048,
+    /// ECDSA/ECDH on NIST P-256.
+    #[serde(rename = "EC-P256")]
+    EcP256,
+}
+
+impl KeyAlg {
+    /// `RSA-2048` or `EC-P256` (the names [`crate::CertificateDetails::key_algorithm`] uses).
+    pub fn as_str(self) -> &'static str {
+        match self {
+            KeyAlg::Rsa2048 => "RSA-2048",
+            KeyAlg::EcP256 => "EC-P256",
+        }
+    }
+
+    /// Parses [`KeyAlg::as_str`] names.
+    pub fn parse(s: &str) -> Option<KeyAlg> {
+        match s {
+            "RSA-2048" => Some(KeyAlg::Rsa2048),
+            "EC-P256" => Some(KeyAlg::EcP256),
+            _ => None,
+        }
+    }
+
+    /// The key-generation mechanism.
+    pub fn keygen_mechanism(self) -> MechanismType {
+        match self {
+            KeyAlg::Rsa2048 => MechanismType::RSA_PKCS_KEY_PAIR_GEN,
+            KeyAlg::EcP256 => MechanismType::ECC_KEY_PAIR_GEN,
+        }
+    }
+
+    /// The signing mechanism [`Session::sign_data`] uses.
+    pub fn sign_mechanism(self) -> MechanismType {
+        match self {
+            KeyAlg::Rsa2048 => MechanismType::SHA256_RSA_PKCS,
+            KeyAlg::EcP256 => MechanismType::ECDSA,
+        }
+    }
+}
+
+/// A public key read from the token.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum PublicKey {
+    /// RSA modulus and public exponent, big-endian.
+    Rsa {
+        /// n.
+        modulus: Vec<u8>,
+        /// e.
+        exponent: Vec<u8>,
+    },
+    /// Uncompressed SEC1 point on P-256 (`04 || X || Y`).
+    EcP256 {
+        /// The point.
+        point: Vec<u8>,
+    },
+}
+
+impl PublicKey {
+    /// The algorithm.
+    pub fn alg(&self) -> KeyAlg {
+        match self {
+            PublicKey::Rsa { .. } => KeyAlg::Rsa2048,
+            PublicKey::EcP256 { .. } => KeyAlg::EcP256,
+        }
+    }
+
+    /// rcgen's raw form: PKCS#1 `RSAPublicKey` DER for RSA, the SEC1 point for EC.
+    pub fn raw(&self) -> Vec<u8> {
+        match self {
+            PublicKey::Rsa { modulus, exponent } => {
+                der::sequence(&[der::integer(modulus), der::integer(exponent)])
+            }
+            PublicKey::EcP256 { point } => point.clone(),
+        }
+    }
+
+    /// The SubjectPublicKeyInfo DER, as in a certificate issued for this key.
+    pub fn spki(&self) -> Vec<u8> {
+        let (alg_id, bits) = match self {
+            PublicKey::Rsa { .. } => (
+                der::sequence(&[
+                    der::oid(&[0x2A, 0x86, 0x48, 0x86, 0xF7, 0x0D, 0x01, 0x01, 0x01]),
+                    vec![0x05, 0x00],
+                ]),
+                self.raw(),
+            ),
+            PublicKey::EcP256 { point } => (
+                der::sequence(&[
+                    der::oid(&[0x2A, 0x86, 0x48, 0xCE, 0x3D, 0x02, 0x01]),
+                    P256_EC_PARAMS.to_vec(),
+                ]),
+                point.clone(),
+            ),
+        };
+        der::sequence(&[alg_id, der::bit_string(&bits)])
+    }
+}
+
+/// A key pair just generated.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct KeyPairHandles {
+    /// The public key object.
+    pub public: ObjectHandle,
+    /// The private key object.
+    pub private: ObjectHandle,
+}
+
+impl Session<'_> {
+    /// C_GenerateKeyPair: a token key pair of `alg` whose two objects carry `id` and
+    /// `label`. Needs a read-write session and login.
+    pub fn generate_key_pair(&self, alg: KeyAlg, id: &[u8], label: &str) -> Result<KeyPairHandles> {
+        let common = |private: bool| {
+            vec![
+                Attribute::Token(true),
+                Attribute::Private(private),
+                Attribute::Id(id.to_vec()),
+                Attribute::Label(label.as_bytes().to_vec()),
+            ]
+        };
+        let mut public = common(false);
+        let mut private = common(true);
+        private.extend([
+            Attribute::Sensitive(true),
+            Attribute::Extractable(false),
+            Attribute::Sign(true),
+        ]);
+        public.push(Attribute::Verify(true));
+        let mechanism = match alg {
+            KeyAlg::Rsa2048 => {
+                public.extend([
+                    Attribute::ModulusBits(2048.into()),
+                    Attribute::PublicExponent(vec![0x01, 0x00, 0x01]),
+                    Attribute::Encrypt(true),
+                    Attribute::Wrap(true),
+                ]);
+                private.extend([Attribute::Decrypt(true), Attribute::Unwrap(true)]);
+                Mechanism::RsaPkcsKeyPairGen
+            }
+            KeyAlg::EcP256 => {
+                public.extend([
+                    Attribute::EcParams(P256_EC_PARAMS.to_vec()),
+                    Attribute::Encrypt(false),
+                    Attribute::Wrap(false),
+                ]);
+                private.extend([
+                    Attribute::Derive(true),
+                    Attribute::Decrypt(false),
+                    Attribute::Unwrap(false),
+                ]);
+                Mechanism::EccKeyPairGen
+            }
+        };
+        let (public, private) = self
+            .cryptoki()
+            .generate_key_pair(&mechanism, &public, &private)
+            .map_err(|e| self.map_error(e))?;
+        tracing::debug!(alg = alg.as_str(), label, "key pair generated on the token");
+        Ok(KeyPairHandles { public, private })
+    }
+
+    /// Reads the public key of a public key object (RSA or EC P-256).
+    pub fn public_key(&self, public: ObjectHandle) -> Result<PublicKey> {
+        let attrs = self.attributes(
+            public,
+            &[
+                AttributeType::KeyType,
+                AttributeType::Modulus,
+                AttributeType::PublicExponent,
+                AttributeType::EcPoint,
+            ],
+        )?;
+        let mut key_type = None;
+        let (mut n, mut e, mut point) = (None, None, None);
+        for a in attrs {
+            match a {
+                Attribute::KeyType(k) => key_type = Some(k),
+                Attribute::Modulus(v) => n = Some(v),
+                Attribute::PublicExponent(v) => e = Some(v),
+                Attribute::EcPoint(v) => point = Some(v),
+                _ => {}
+            }
+        }
+        match (key_type, n, e, point) {
+            (Some(KeyType::RSA), Some(modulus), Some(exponent), _) => {
+                Ok(PublicKey::Rsa { modulus, exponent })
+            }
+            (Some(KeyType::EC), _, _, Some(p)) => {
+                // CKA_EC_POINT arrives DER-wrapped in an OCTET STRING on SoftHSM2 (and most
+                // tokens); some hand back the bare point.
+                let point = der::unwrap_octet_string(&p).unwrap_or(p);
+                if point.len() != 65 || point[0] != 0x04 {
+                    return Err(Error::ObjectInvalid {
+                        what: format!(
+                            "EC public key is not an uncompressed P-256 point ({} bytes)",
+                            point.len()
+                        ),
+                    });
+                }
+                Ok(PublicKey::EcP256 { point })
+            }
+            (k, ..) => Err(Error::ObjectInvalid {
+                what: format!("unsupported public key object (key type {k:?})"),
+            }),
+        }
+    }
+
+    /// Every object of `class` whose CKA_ID is `id`.
+    pub fn find_by_id(&self, class: ObjectClass, id: &[u8]) -> Result<Vec<ObjectHandle>> {
+        self.find_objects(&[Attribute::Class(class), Attribute::Id(id.to_vec())])
+    }
+
+    /// The public key of the key pair with CKA_ID `id`, from its public key object
+    /// (`None` when the token keeps no public key object with that id).
+    pub fn public_key_by_id(&self, id: &[u8]) -> Result<Option<PublicKey>> {
+        match self.find_by_id(ObjectClass::PUBLIC_KEY, id)?.first() {
+            Some(h) => Ok(Some(self.public_key(*h)?)),
+            None => Ok(None),
+        }
+    }
+}
