@@ -104,7 +104,7 @@ fn default_so_pin() -> String {
 }
 
 impl CertSpec {
-    /// A signing certificate (CKA_ID 01, label "<cn> 签名") with O=某某建设工程有限公司.
+    /// A signing certificate (CKA_ID 01, label "`cn` 签名") with O=某某建设工程有限公司.
     pub fn signing(alg: KeyAlg, cn: &str, days_left: i64) -> CertSpec {
         CertSpec {
             alg,
@@ -121,7 +121,7 @@ impl CertSpec {
         }
     }
 
-    /// An encryption certificate (CKA_ID 02, label "<cn> 加密") with O=某某建设工程有限公司.
+    /// An encryption certificate (CKA_ID 02, label "`cn` 加密") with O=某某建设工程有限公司.
     pub fn encryption(alg: KeyAlg, cn: &str, days_left: i64) -> CertSpec {
         CertSpec {
             usage: CertUsage::Encryption,
