@@ -1,0 +1,393 @@
+//! The sign-and-verify self-test: with the PIN, each certificate's private key signs a
+//! random challenge on the token and the signature is verified in software with the
+//! certificate's public key. It proves the pair works, which no listing can.
+//!
+//! **Invariant:** the PIN is given to C_Login once per diagnosis, never retried, never
+//! logged or kept; a token whose PIN is on its final try or locked is not logged into
+//! at all (a wrong PIN there would lock it, or prove nothing).
+
+use ring::signature::{self, UnparsedPublicKey};
+use secrecy::SecretString;
+use ukey_token::cryptoki::mechanism::Mechanism;
+use ukey_token::cryptoki::object::{Attribute, AttributeType, ObjectClass};
+use ukey_token::{CertificateEntry, Error, Module, TokenSummary};
+use x509_parser::prelude::{FromDer, X509Certificate};
+
+use crate::report::{Check, Facts, Status, Text};
+use crate::text;
+
+/// What the self-test found for one certificate.
+#[derive(Debug)]
+pub(crate) struct KeyTest {
+    /// Whether the private key with the certificate's CKA_ID is on the token (definite,
+    /// the session being logged in).
+    pub(crate) key_present: bool,
+    /// The `certificate.self_test` check.
+    pub(crate) check: Check,
+}
+
+/// The outcome for the token.
+#[derive(Debug)]
+pub(crate) struct TokenTest {
+    /// `token.self_test`: login and overall.
+    pub(crate) check: Check,
+    /// One per certificate in the order given; `None` where not tested (corrupt, CA).
+    pub(crate) keys: Vec<Option<KeyTest>>,
+    /// CKA_IDs (hex) of private keys matching no certificate, seen after login.
+    pub(crate) private_key_ids: Vec<String>,
+    /// The token was removed during the test.
+    pub(crate) removed: bool,
+}
+
+fn skip(reason: Text, action: Option<Text>) -> TokenTest {
+    let mut check = Check::new("token.self_test", Status::Skip, reason);
+    check.action = action;
+    TokenTest {
+        check,
+        keys: vec![],
+        private_key_ids: vec![],
+        removed: false,
+    }
+}
+
+/// Runs the self-test on one token (see the module invariant).
+pub(crate) fn run(
+    module: &Module,
+    token: &TokenSummary,
+    certs: &[CertificateEntry],
+    pin: &SecretString,
+) -> TokenTest {
+    // The flags may have changed since the listing: read them again before deciding.
+    let token = match module.refresh(token) {
+        Ok(t) => t,
+        Err(e) => return failed_on(e, "C_GetTokenInfo"),
+    };
+    if token.pin.locked {
+        return skip(
+            Text::new(
+                "PIN 码已锁定：没有尝试登录。",
+                "The PIN is locked: login was not attempted.",
+            ),
+            Some(Text::new(
+                "请联系发证机构（CA）解锁；不要再尝试输入 PIN。",
+                "Contact the CA to unlock it; do not try again.",
+            )),
+        );
+    }
+    if token.pin.final_try {
+        return skip(
+            Text::new(
+                "PIN 码只剩最后一次机会：为免锁定，没有尝试登录。",
+                "The PIN has one try left: login was not attempted, so as not to lock the key.",
+            ),
+            Some(Text::new(
+                "确认 PIN 码正确后再使用；不确定时请先联系发证机构（CA）。",
+                "Use the PIN only when sure it is right; if unsure, contact the CA first.",
+            )),
+        );
+    }
+    if token.pin.protected_authentication_path {
+        return skip(
+            Text::new(
+                "此 UKey 在设备上输入 PIN，诊断不做登录自检。",
+                "This key takes its PIN on the device; the diagnosis does not log in.",
+            ),
+            None,
+        );
+    }
+    let session = match module.open_session(&token) {
+        Ok(s) => s,
+        Err(e) => return failed_on(e, "C_OpenSession"),
+    };
+    // Once: a failure is reported, never retried.
+    if let Err(e) = session.login(pin) {
+        drop(session);
+        return login_failed(module, &token, e);
+    }
+    let mut out = TokenTest {
+        check: Check::new(
+            "token.self_test",
+            Status::Pass,
+            Text::new("PIN 码正确，已登录。", "The PIN is right; logged in."),
+        ),
+        keys: Vec::with_capacity(certs.len()),
+        private_key_ids: vec![],
+        removed: false,
+    };
+    let mut tested = 0;
+    let mut failed = 0;
+    for cert in certs {
+        let Ok(details) = &cert.details else {
+            out.keys.push(None);
+            continue;
+        };
+        if crate::certificate::is_ca(&cert.der) {
+            out.keys.push(None);
+            continue;
+        }
+        let key = match session.find_private_key(&cert.key_id) {
+            Ok(k) => k,
+            Err(e) => {
+                out.removed |= matches!(e, Error::TokenRemoved { .. });
+                out.keys.push(Some(KeyTest {
+                    key_present: false,
+                    check: error_check(&e),
+                }));
+                failed += 1;
+                continue;
+            }
+        };
+        let Some(key) = key else {
+            out.keys.push(Some(KeyTest {
+                key_present: false,
+                check: Check::new(
+                    "certificate.self_test",
+                    Status::Fail,
+                    Text::new(
+                        "登录后也找不到这张证书的私钥，无法自检。",
+                        "Even logged in, the certificate's private key is not on the key: nothing to test.",
+                    ),
+                ),
+            }));
+            failed += 1;
+            continue;
+        };
+        tested += 1;
+        let check = sign_and_verify(&session, key, &cert.der, &details.key_algorithm);
+        if check.status == Status::Fail {
+            failed += 1;
+        }
+        out.removed |=
+            check.facts.get("error_code").and_then(|v| v.as_str()) == Some("token_removed");
+        out.keys.push(Some(KeyTest {
+            key_present: true,
+            check,
+        }));
+    }
+    // Private keys are visible now: those matching no certificate are orphans.
+    if let Ok(handles) = session.find_objects(&[Attribute::Class(ObjectClass::PRIVATE_KEY)]) {
+        for h in handles {
+            if let Ok(attrs) = session.attributes(h, &[AttributeType::Id]) {
+                for a in attrs {
+                    if let Attribute::Id(id) = a
+                        && !certs.iter().any(|c| c.key_id == id)
+                    {
+                        out.private_key_ids.push(hex::encode(id));
+                    }
+                }
+            }
+        }
+    }
+    let _ = session.logout();
+    if failed > 0 {
+        out.check = Check::new(
+            "token.self_test",
+            Status::Fail,
+            text!(
+                "PIN 码正确；{failed} 个密钥自检失败（共 {tested} 个完成签名）。",
+                "The PIN is right; {failed} key(s) failed the self-test ({tested} signed)."
+            ),
+        );
+    } else {
+        out.check = Check::new(
+            "token.self_test",
+            Status::Pass,
+            text!(
+                "PIN 码正确；{tested} 个密钥签名并验证成功。",
+                "The PIN is right; {tested} key(s) signed and verified."
+            ),
+        );
+    }
+    out.check.facts = Facts::new()
+        .with("keys_tested", tested)
+        .with("keys_failed", failed);
+    out
+}
+
+fn error_check(e: &Error) -> Check {
+    Check::new(
+        "certificate.self_test",
+        Status::Fail,
+        Text::new(
+            e.user_message(ukey_token::Lang::ZhCn),
+            e.user_message(ukey_token::Lang::En),
+        ),
+    )
+    .facts(Facts::new().with("error_code", e.code()))
+}
+
+fn failed_on(e: Error, _call: &str) -> TokenTest {
+    let removed = matches!(
+        e,
+        Error::TokenRemoved { .. } | Error::TokenNotPresent { .. }
+    );
+    let mut check = error_check(&e);
+    check.id = "token.self_test".to_owned();
+    TokenTest {
+        check,
+        keys: vec![],
+        private_key_ids: vec![],
+        removed,
+    }
+}
+
+fn login_failed(module: &Module, token: &TokenSummary, e: Error) -> TokenTest {
+    let after = module.refresh(token).ok();
+    let pin = after.as_ref().map(|t| t.pin).unwrap_or(token.pin);
+    let facts = Facts::new()
+        .with("error_code", e.code())
+        .with("pin_count_low", pin.count_low)
+        .with("pin_final_try", pin.final_try)
+        .with("pin_locked", pin.locked);
+    let (reason, action) = match &e {
+        Error::PinIncorrect { .. } if pin.locked => (
+            Text::new(
+                "PIN 码不正确，UKey 现已锁定。诊断没有重试。",
+                "Wrong PIN; the key is now locked. The diagnosis did not retry.",
+            ),
+            Text::new(
+                "请联系发证机构（CA）解锁；不要再尝试输入 PIN。",
+                "Contact the CA to unlock it; do not try again.",
+            ),
+        ),
+        Error::PinIncorrect { .. } if pin.final_try => (
+            Text::new(
+                "PIN 码不正确，只剩最后一次机会。诊断没有重试。",
+                "Wrong PIN; one try is left. The diagnosis did not retry.",
+            ),
+            Text::new(
+                "不确定 PIN 码时不要再试，请联系发证机构（CA）。",
+                "Do not try again unless sure of the PIN; contact the CA.",
+            ),
+        ),
+        Error::PinIncorrect { .. } => (
+            Text::new(
+                "PIN 码不正确。诊断没有重试。",
+                "Wrong PIN. The diagnosis did not retry.",
+            ),
+            Text::new(
+                "请确认 PIN 码后再试；多次输错会锁定 UKey。",
+                "Check the PIN before trying again; too many wrong PINs lock the key.",
+            ),
+        ),
+        Error::PinLocked { .. } => (
+            Text::new("PIN 码已锁定。", "The PIN is locked."),
+            Text::new(
+                "请联系发证机构（CA）解锁；不要再尝试输入 PIN。",
+                "Contact the CA to unlock it; do not try again.",
+            ),
+        ),
+        other => (
+            Text::new(
+                other.user_message(ukey_token::Lang::ZhCn),
+                other.user_message(ukey_token::Lang::En),
+            ),
+            Text::new("请重新插入 UKey 后再试。", "Re-insert the key and retry."),
+        ),
+    };
+    let removed = matches!(
+        e,
+        Error::TokenRemoved { .. } | Error::TokenNotPresent { .. }
+    );
+    TokenTest {
+        check: Check::new("token.self_test", Status::Fail, reason)
+            .action(action)
+            .facts(facts),
+        keys: vec![],
+        private_key_ids: vec![],
+        removed,
+    }
+}
+
+/// Signs a fresh random challenge with `key` on the token and verifies it with the
+/// public key of the certificate `der`.
+fn sign_and_verify(
+    session: &ukey_token::Session<'_>,
+    key: ukey_token::cryptoki::object::ObjectHandle,
+    der: &[u8],
+    algorithm: &str,
+) -> Check {
+    let id = "certificate.self_test";
+    let mut challenge = [0u8; 32];
+    if ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut challenge).is_err() {
+        return Check::new(
+            id,
+            Status::Skip,
+            Text::new("无法生成随机数。", "No random numbers available."),
+        );
+    }
+    let Ok((_, cert)) = X509Certificate::from_der(der) else {
+        return Check::new(
+            id,
+            Status::Skip,
+            Text::new("证书无法解析。", "Unparseable certificate."),
+        );
+    };
+    let public_key = cert.public_key().subject_public_key.data.to_vec();
+    let (mechanism, data, verify_alg, name): (
+        Mechanism<'_>,
+        Vec<u8>,
+        &'static dyn signature::VerificationAlgorithm,
+        &str,
+    ) = if algorithm.starts_with("RSA") {
+        (
+            Mechanism::Sha256RsaPkcs,
+            challenge.to_vec(),
+            &signature::RSA_PKCS1_1024_8192_SHA256_FOR_LEGACY_USE_ONLY,
+            "CKM_SHA256_RSA_PKCS",
+        )
+    } else if algorithm == "EC-P256" {
+        // No CKM_ECDSA_SHA256 on SoftHSM2 (and on many keys): hash here, sign the hash.
+        let digest = ring::digest::digest(&ring::digest::SHA256, &challenge);
+        (
+            Mechanism::Ecdsa,
+            digest.as_ref().to_vec(),
+            &signature::ECDSA_P256_SHA256_FIXED,
+            "CKM_ECDSA",
+        )
+    } else {
+        return Check::new(
+            id,
+            Status::Skip,
+            text!(
+                "自检暂不支持 {algorithm} 算法。",
+                "The self-test does not support {algorithm} keys yet."
+            ),
+        );
+    };
+    let facts = Facts::new()
+        .with("mechanism", name)
+        .with("challenge_bytes", challenge.len());
+    let sig = match session.sign(&mechanism, key, &data) {
+        Ok(s) => s,
+        Err(e) => {
+            let mut c = error_check(&e);
+            c.facts = facts.with("error_code", e.code());
+            return c;
+        }
+    };
+    match UnparsedPublicKey::new(verify_alg, &public_key).verify(&challenge, &sig) {
+        Ok(()) => Check::new(
+            id,
+            Status::Pass,
+            Text::new(
+                "私钥签名、证书公钥验证成功：密钥对完好。",
+                "The private key signed and the certificate's public key verified it: the pair works.",
+            ),
+        )
+        .facts(facts.with("signature_bytes", sig.len())),
+        Err(_) => Check::new(
+            id,
+            Status::Fail,
+            Text::new(
+                "签名无法用证书的公钥验证：UKey 上的私钥与证书不匹配。",
+                "The signature does not verify with the certificate's public key: the key on the token does not match the certificate.",
+            ),
+        )
+        .action(Text::new(
+            "请联系发证机构（CA）：证书需要为 UKey 上的密钥重新签发。",
+            "Contact the CA: the certificate must be issued again for the key on the token.",
+        ))
+        .facts(facts.with("signature_bytes", sig.len())),
+    }
+}
