@@ -399,6 +399,7 @@ fn text_table_follows_the_language() {
     // The locale decides when --lang is absent.
     let out = hsm
         .command(UKEY)
+        .env("UKEY_CONFIG", hsm.dir().join("no-config.toml"))
         .arg("--module")
         .arg(hsm.module_path())
         .arg("list")
@@ -420,6 +421,7 @@ fn a_module_that_is_not_pkcs11_is_a_clear_error_with_exit_code_3() {
     std::fs::write(&fake, b"\x7fELF but not really").unwrap();
     let out = hsm
         .command(UKEY)
+        .env("UKEY_CONFIG", hsm.dir().join("no-config.toml"))
         .args(["--lang", "en", "--module"])
         .arg(&fake)
         .args(["list", "--json"])
@@ -437,6 +439,7 @@ fn a_module_that_is_not_pkcs11_is_a_clear_error_with_exit_code_3() {
     // Through the environment variable, in Chinese, a path that does not exist.
     let out = hsm
         .command(UKEY)
+        .env("UKEY_CONFIG", hsm.dir().join("no-config.toml"))
         .args(["--lang", "zh-CN", "list"])
         .env("UKEY_PKCS11_MODULE", hsm.dir().join("absent.so"))
         .output()
@@ -456,6 +459,7 @@ fn watch_prints_one_line_per_insert_and_remove() {
     let first = hsm.create_token(&TokenSpec::ukey("已插入")).unwrap();
     let mut child = hsm
         .command(UKEY)
+        .env("UKEY_CONFIG", hsm.dir().join("no-config.toml"))
         .arg("--module")
         .arg(hsm.module_path())
         .args(["watch", "--json", "--interval-ms", "50"])
