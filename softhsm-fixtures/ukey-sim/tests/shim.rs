@@ -505,6 +505,37 @@ fn set_pin_with_a_wrong_old_pin_counts_as_a_try() {
     login(&session, USER_PIN).expect("old PIN still valid");
 }
 
+#[test]
+fn pin_tries_are_shared_between_processes() {
+    let sim = sim(&[TokenSpec::empty("A")]);
+    let serial = sim.serial(0).to_owned();
+    sim.control.set_pin_tries(&serial, 3).expect("tries");
+    let pkcs11 = sim.load();
+    let slot = slot_of(&pkcs11, &serial);
+    // Another program (pkcs11-tool) tries a wrong PIN twice through the shim.
+    for _ in 0..2 {
+        let out = sim
+            .command("pkcs11-tool")
+            .arg("--module")
+            .arg(shim_path())
+            .args(["--login", "--pin", "000000", "-O"])
+            .output()
+            .expect("run pkcs11-tool");
+        assert!(
+            !out.status.success(),
+            "a wrong PIN logged in: {}",
+            text(&out)
+        );
+    }
+    // This process sees the count: one try left.
+    let info = pkcs11.get_token_info(slot).expect("token info");
+    assert!(info.user_pin_final_try(), "{info:?}");
+    let session = pkcs11.open_ro_session(slot).expect("session");
+    assert_eq!(rv(login(&session, "000000")), RvError::PinIncorrect);
+    assert!(pkcs11.get_token_info(slot).expect("info").user_pin_locked());
+    assert_eq!(sim.control.token(&serial).expect("state").pin.failures, 3);
+}
+
 // ----------------------------------------------------------------------------------
 // Faults and latency
 
