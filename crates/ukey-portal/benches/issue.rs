@@ -1,1 +1,223 @@
-fn main() {}
+//! Issuance throughput: a portal with an EC P-256 CA on loopback, N concurrent clients,
+//! each renewal = challenge + issue (CSR signature, old-certificate chain check,
+//! challenge signature, certificate signing, SQLite transaction). Prints issuances per
+//! second and p50/p99 latency; asserts nothing.
+//!
+//! `cargo bench -p ukey-portal --bench issue`
+//! Knobs: UKEY_BENCH_CLIENTS (default 16), UKEY_BENCH_ISSUES (default 3000),
+//! UKEY_BENCH_ALG (EC-P256 or RSA-2048 for the renewed keys, default EC-P256).
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::{Duration, Instant};
+
+use rcgen::{
+    CertificateParams, DistinguishedName, DnType, Issuer, KeyPair, SerialNumber, SigningKey as _,
+};
+use ukey_portal::{Portal, PortalConfig};
+use ukey_portal_api::{
+    ChallengeResponse, CreateOrderRequest, EcdhKdf, InitialState, IssueRequest, KeyAlgorithm,
+    KeyPolicy, SignatureAlgorithm, challenge_signed_data, paths,
+};
+
+struct Job {
+    order_id: String,
+    old_key: KeyPair,
+    old_cert: Vec<u8>,
+    csr: Vec<u8>,
+}
+
+fn env_usize(name: &str, default: usize) -> usize {
+    std::env::var(name)
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(default)
+}
+
+fn key(alg: KeyAlgorithm) -> KeyPair {
+    use aws_lc_rs::encoding::AsDer;
+    match alg {
+        KeyAlgorithm::EcP256 => {
+            KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).expect("EC key")
+        }
+        KeyAlgorithm::Rsa2048 => {
+            let kp = aws_lc_rs::rsa::KeyPair::generate(aws_lc_rs::rsa::KeySize::Rsa2048)
+                .expect("RSA key");
+            KeyPair::try_from(kp.as_der().expect("PKCS#8").as_ref()).expect("rcgen key")
+        }
+    }
+}
+
+fn main() {
+    let clients = env_usize("UKEY_BENCH_CLIENTS", 16).max(1);
+    let issues = env_usize("UKEY_BENCH_ISSUES", 3000).max(1);
+    let alg = std::env::var("UKEY_BENCH_ALG")
+        .ok()
+        .and_then(|a| KeyAlgorithm::parse(&a))
+        .unwrap_or(KeyAlgorithm::EcP256);
+    let dir = tempfile::tempdir().expect("temp dir");
+    let portal =
+        Arc::new(Portal::open(&PortalConfig::new(dir.path().join("data"))).expect("portal"));
+
+    // Holders with certificates from the portal's (EC P-256) CA, each with a paid order
+    // and a CSR ready: not timed.
+    let data = dir.path().join("data");
+    let ca_key = ukey_portal::ca::load_key(
+        &std::fs::read_to_string(data.join("ca-key.pem")).expect("ca key"),
+    )
+    .expect("ca key");
+    let ca = Issuer::from_ca_cert_pem(
+        &std::fs::read_to_string(data.join("ca-cert.pem")).expect("ca"),
+        ca_key,
+    )
+    .expect("issuer");
+    let prep = Instant::now();
+    let mut dn = DistinguishedName::new();
+    dn.push(DnType::OrganizationName, "某某建设工程有限公司");
+    dn.push(DnType::CommonName, "张三");
+    let old_key = KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).expect("key");
+    let new_key = key(alg);
+    let mut jobs = Vec::with_capacity(issues);
+    for i in 0..issues {
+        let mut params = CertificateParams::default();
+        params.distinguished_name = dn.clone();
+        let serial = (0x1000_0000u64 + i as u64).to_be_bytes();
+        params.serial_number = Some(SerialNumber::from_slice(&serial));
+        let cert = params
+            .signed_by(&old_key, &ca)
+            .expect("old cert")
+            .der()
+            .to_vec();
+        let order = portal
+            .create_order(&CreateOrderRequest {
+                serial_hex: hex::encode(serial),
+                issuer_der: None,
+                issuer_dn: None,
+                years: 1,
+                state: InitialState::Ready,
+                key_policy: KeyPolicy::New,
+                with_encryption_cert: false,
+                target_algorithm: alg,
+                old_encryption_serial_hex: None,
+            })
+            .expect("order");
+        let mut csr_params = CertificateParams::default();
+        csr_params.distinguished_name = dn.clone();
+        let csr = csr_params
+            .serialize_request(&new_key)
+            .expect("csr")
+            .der()
+            .to_vec();
+        jobs.push(Job {
+            order_id: order.order_id,
+            old_key: KeyPair::try_from(old_key.serialize_der()).expect("key copy"),
+            old_cert: cert,
+            csr,
+        });
+    }
+    eprintln!("prepared {issues} orders in {:.1?}", prep.elapsed());
+
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .expect("runtime");
+    runtime.block_on(async move {
+        let server = ukey_portal::start(Arc::clone(&portal), "127.0.0.1:0".parse().expect("addr"), None, None)
+            .await
+            .expect("server");
+        let base = server.url.clone();
+        let http = reqwest::Client::builder().pool_max_idle_per_host(clients).build().expect("client");
+        let jobs = Arc::new(jobs);
+        let next = Arc::new(AtomicUsize::new(0));
+        let started = Instant::now();
+        let mut tasks = Vec::new();
+        for _ in 0..clients {
+            let (http, base, jobs, next) = (http.clone(), base.clone(), Arc::clone(&jobs), Arc::clone(&next));
+            tasks.push(tokio::spawn(async move {
+                let mut latencies = Vec::new();
+                let mut failures = 0usize;
+                loop {
+                    let i = next.fetch_add(1, Ordering::Relaxed);
+                    let Some(job) = jobs.get(i) else { break };
+                    let t = Instant::now();
+                    match renew(&http, &base, job).await {
+                        Ok(()) => latencies.push(t.elapsed()),
+                        Err(e) => {
+                            failures += 1;
+                            if failures < 3 {
+                                eprintln!("renewal failed: {e}");
+                            }
+                        }
+                    }
+                }
+                (latencies, failures)
+            }));
+        }
+        let mut latencies: Vec<Duration> = Vec::new();
+        let mut failures = 0;
+        for t in tasks {
+            let (l, f) = t.await.expect("client task");
+            latencies.extend(l);
+            failures += f;
+        }
+        let elapsed = started.elapsed();
+        latencies.sort();
+        let pct = |p: f64| {
+            latencies
+                .get(((latencies.len() as f64 * p).ceil() as usize).saturating_sub(1))
+                .copied()
+                .unwrap_or_default()
+        };
+        println!(
+            "issue benchmark: {} renewals ({} failed), {clients} clients, {} keys, EC P-256 CA, {} cores",
+            latencies.len(),
+            failures,
+            alg,
+            std::thread::available_parallelism().map(|n| n.get()).unwrap_or(0)
+        );
+        println!(
+            "  {:.0} issuances/s over {:.2?}; latency p50 {:.2?}, p99 {:.2?}, max {:.2?}",
+            latencies.len() as f64 / elapsed.as_secs_f64(),
+            elapsed,
+            pct(0.50),
+            pct(0.99),
+            latencies.last().copied().unwrap_or_default()
+        );
+        let _ = server.stop().await;
+    });
+}
+
+async fn renew(http: &reqwest::Client, base: &str, job: &Job) -> Result<(), String> {
+    let r = http
+        .post(format!("{base}{}", paths::challenge(&job.order_id)))
+        .send()
+        .await
+        .map_err(|e| e.to_string())?;
+    if !r.status().is_success() {
+        return Err(format!("challenge: {}", r.text().await.unwrap_or_default()));
+    }
+    let ch: ChallengeResponse = r.json().await.map_err(|e| e.to_string())?;
+    let signature = job
+        .old_key
+        .sign(&challenge_signed_data(&job.order_id, &ch.nonce, &job.csr))
+        .map_err(|e| e.to_string())?;
+    let req = IssueRequest {
+        challenge_id: ch.challenge_id,
+        challenge_signature: signature,
+        signature_algorithm: SignatureAlgorithm::EcdsaP256Sha256,
+        old_certificate_der: job.old_cert.clone(),
+        csr_der: job.csr.clone(),
+        ecdh_kdf: EcdhKdf::default(),
+    };
+    let r = http
+        .post(format!("{base}{}", paths::issue(&job.order_id)))
+        .json(&req)
+        .send()
+        .await
+        .map_err(|e| e.to_string())?;
+    if !r.status().is_success() {
+        return Err(format!("issue: {}", r.text().await.unwrap_or_default()));
+    }
+    let _ = r.bytes().await.map_err(|e| e.to_string())?;
+    Ok(())
+}

@@ -439,7 +439,7 @@ impl Portal {
             IssueCommit::Existing {
                 signing,
                 encryption,
-            } => self.response(&order, &signing, encryption.as_ref(), csr_spki, req),
+            } => self.response(&order, &signing, encryption.as_deref(), csr_spki, req),
         }
     }
 
@@ -715,7 +715,7 @@ impl Portal {
 
 fn parse_certificate(der: &[u8]) -> Result<X509Certificate<'_>, Error> {
     match X509Certificate::from_der(der) {
-        Ok((rest, cert)) if rest.is_empty() => Ok(cert),
+        Ok(([], cert)) => Ok(cert),
         Ok(_) => Err(api(
             ErrorCode::MalformedCertificate,
             "trailing bytes after the certificate",
@@ -729,7 +729,7 @@ fn parse_certificate(der: &[u8]) -> Result<X509Certificate<'_>, Error> {
 
 fn parse_csr(der: &[u8]) -> Result<X509CertificationRequest<'_>, Error> {
     match X509CertificationRequest::from_der(der) {
-        Ok((rest, csr)) if rest.is_empty() => Ok(csr),
+        Ok(([], csr)) => Ok(csr),
         Ok(_) => Err(api(ErrorCode::MalformedCsr, "trailing bytes after the CSR")),
         Err(e) => Err(api(
             ErrorCode::MalformedCsr,

@@ -223,9 +223,9 @@ pub enum IssueCommit {
     /// Meanwhile the same key got certificates: return these instead.
     Existing {
         /// Signing certificate.
-        signing: StoredCert,
+        signing: Box<StoredCert>,
         /// Encryption certificate.
-        encryption: Option<StoredCert>,
+        encryption: Option<Box<StoredCert>>,
     },
 }
 
@@ -567,8 +567,8 @@ impl Store {
             };
             tx.commit()?;
             return Ok(IssueCommit::Existing {
-                signing,
-                encryption,
+                signing: Box::new(signing),
+                encryption: encryption.map(Box::new),
             });
         }
         let mut revoked_any = false;

@@ -319,7 +319,7 @@ pub fn openssl_verify(
     cert_der: &[u8],
     dir: &Path,
 ) -> (bool, String) {
-    let cert = dir.join(format!("verify-{}.pem", hex::encode(&rand_bytes(4))));
+    let cert = dir.join(format!("verify-{}.pem", hex::encode(rand_bytes(4))));
     write_pem(&cert, "CERTIFICATE", cert_der);
     let mut cmd = std::process::Command::new("openssl");
     cmd.arg("verify").arg("-CAfile").arg(ca_file);
@@ -333,7 +333,7 @@ pub fn openssl_verify(
 
 /// `openssl crl -verify` of a DER CRL; returns (verified, text dump).
 pub fn openssl_crl(ca_file: &Path, crl_der: &[u8], dir: &Path) -> (bool, String) {
-    let crl = dir.join(format!("crl-{}.der", hex::encode(&rand_bytes(4))));
+    let crl = dir.join(format!("crl-{}.der", hex::encode(rand_bytes(4))));
     std::fs::write(&crl, crl_der).unwrap();
     let (ok, text) = run(std::process::Command::new("openssl")
         .args([
