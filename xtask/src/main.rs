@@ -178,10 +178,26 @@ fn demo() -> Result<()> {
         let conf = demo_dir.join("softhsm2.conf");
         run(Command::new(bin_dir.join("ukey"))
             .env("SOFTHSM2_CONF", &conf)
+            .arg("--module")
+            .arg(softhsm_module()?)
             .arg("list"))
     })();
     let _ = std::fs::remove_dir_all(&demo_dir);
     result
+}
+
+/// SoftHSM2's module on Debian (multiarch or not) and Fedora.
+fn softhsm_module() -> Result<PathBuf> {
+    [
+        "/usr/lib/softhsm/libsofthsm2.so",
+        "/usr/lib/x86_64-linux-gnu/softhsm/libsofthsm2.so",
+        "/usr/lib/aarch64-linux-gnu/softhsm/libsofthsm2.so",
+        "/usr/lib64/pkcs11/libsofthsm2.so",
+    ]
+    .iter()
+    .map(PathBuf::from)
+    .find(|p| p.is_file())
+    .context("SoftHSM2's module not found: apt-get install softhsm2")
 }
 
 fn target_dir() -> PathBuf {
