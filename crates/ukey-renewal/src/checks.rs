@@ -1,0 +1,347 @@
+//! Checks of what the portal issued, before anything is written to the token, and the
+//! software half of the self-test.
+//!
+//! **Invariant:** the engine never trusts the portal. A certificate is written only if
+//! it parses completely, chains to a configured trust anchor, names the same subject as
+//! the old certificate, certifies exactly the public key on the token, is valid now
+//! (within the allowed clock skew), ends later than the old one, and has the key usage
+//! its role needs.
+
+use time::{Duration, OffsetDateTime};
+use ukey_token::PublicKey;
+use ukey_token::certificate::format_name;
+use x509_parser::prelude::{FromDer, X509Certificate};
+use x509_parser::public_key::PublicKey as X509Key;
+
+use crate::error::Refusal;
+
+/// The role of a certificate being checked.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Role {
+    /// Signing: digitalSignature or nonRepudiation, not a CA.
+    Signing,
+    /// Encryption: keyEncipherment/dataEncipherment (RSA) or keyAgreement (EC).
+    Encryption,
+}
+
+/// What the issued certificate must match.
+#[derive(Debug, Clone)]
+pub struct Expectations<'a> {
+    /// The old certificate (DER).
+    pub old_der: &'a [u8],
+    /// The public key on the token (`None` for an escrowed key: checked by the self-test).
+    pub public_key: Option<&'a PublicKey>,
+    /// Trust anchors (DER).
+    pub anchors: &'a [Vec<u8>],
+    /// Intermediates the portal sent (DER).
+    pub chain: &'a [Vec<u8>],
+    /// Now.
+    pub now: OffsetDateTime,
+    /// Allowed clock skew.
+    pub skew: Duration,
+    /// Role.
+    pub role: Role,
+}
+
+fn parse(der: &[u8]) -> Result<X509Certificate<'_>, Refusal> {
+    let (rest, cert) =
+        X509Certificate::from_der(der).map_err(|e| Refusal::Malformed(e.to_string()))?;
+    if !rest.is_empty() {
+        return Err(Refusal::Malformed(format!(
+            "{} bytes after the certificate",
+            rest.len()
+        )));
+    }
+    Ok(cert)
+}
+
+/// Whether two public keys are the same key.
+pub fn same_key(cert_key: &X509Certificate<'_>, token_key: &PublicKey) -> bool {
+    match (cert_key.public_key().parsed(), token_key) {
+        (Ok(X509Key::RSA(rsa)), PublicKey::Rsa { modulus, exponent }) => {
+            strip(rsa.modulus) == strip(modulus) && strip(rsa.exponent) == strip(exponent)
+        }
+        (Ok(X509Key::EC(point)), PublicKey::EcP256 { point: p }) => point.data() == p.as_slice(),
+        _ => false,
+    }
+}
+
+fn strip(v: &[u8]) -> &[u8] {
+    let i = v.iter().position(|b| *b != 0).unwrap_or(v.len());
+    &v[i..]
+}
+
+/// Checks an issued certificate; `Ok` carries its not-after.
+pub fn check_issued(der: &[u8], x: &Expectations<'_>) -> Result<OffsetDateTime, Refusal> {
+    let cert = parse(der)?;
+    let old = parse(x.old_der).map_err(|e| Refusal::Malformed(format!("old certificate: {e}")))?;
+
+    // Same subject: byte-for-byte, or the same names in the same order.
+    if cert.subject().as_raw() != old.subject().as_raw()
+        && format_name(cert.subject()) != format_name(old.subject())
+    {
+        return Err(Refusal::Subject {
+            got: format_name(cert.subject()),
+            want: format_name(old.subject()),
+        });
+    }
+    if let Some(pk) = x.public_key {
+        if !same_key(&cert, pk) {
+            return Err(Refusal::PublicKey);
+        }
+    }
+    let not_before = cert.validity().not_before.to_datetime();
+    let not_after = cert.validity().not_after.to_datetime();
+    if not_before > x.now + x.skew {
+        return Err(Refusal::NotValidNow(format!("starts {not_before}")));
+    }
+    if not_after <= x.now {
+        return Err(Refusal::NotValidNow(format!("expired {not_after}")));
+    }
+    if x.role == Role::Signing && not_after <= old.validity().not_after.to_datetime() {
+        return Err(Refusal::NotLater);
+    }
+    check_usage(&cert, x.role)?;
+    check_chain(&cert, x.anchors, x.chain, x.now)?;
+    Ok(not_after)
+}
+
+fn check_usage(cert: &X509Certificate<'_>, role: Role) -> Result<(), Refusal> {
+    if let Ok(Some(bc)) = cert.basic_constraints() {
+        if bc.value.ca {
+            return Err(Refusal::KeyUsage("it is a CA certificate".to_owned()));
+        }
+    }
+    let ku = match cert.key_usage() {
+        Ok(Some(ku)) => ku.value,
+        Ok(None) => return Err(Refusal::KeyUsage("no keyUsage extension".to_owned())),
+        Err(e) => return Err(Refusal::Malformed(e.to_string())),
+    };
+    let ok = match role {
+        Role::Signing => ku.digital_signature() || ku.non_repudiation(),
+        Role::Encryption => ku.key_encipherment() || ku.data_encipherment() || ku.key_agreement(),
+    };
+    if ok {
+        Ok(())
+    } else {
+        Err(Refusal::KeyUsage(format!("{ku} does not allow {role:?}")))
+    }
+}
+
+fn check_chain(
+    leaf: &X509Certificate<'_>,
+    anchors: &[Vec<u8>],
+    chain: &[Vec<u8>],
+    now: OffsetDateTime,
+) -> Result<(), Refusal> {
+    if anchors.is_empty() {
+        return Err(Refusal::Untrusted(
+            "no trust anchor is configured (--trust or the config file)".to_owned(),
+        ));
+    }
+    let anchors: Vec<X509Certificate<'_>> = anchors
+        .iter()
+        .filter_map(|d| X509Certificate::from_der(d).ok().map(|(_, c)| c))
+        .collect();
+    let intermediates: Vec<X509Certificate<'_>> = chain
+        .iter()
+        .filter_map(|d| X509Certificate::from_der(d).ok().map(|(_, c)| c))
+        .collect();
+    let mut current = leaf.clone();
+    for _depth in 0..6 {
+        // Signed directly by an anchor?
+        for a in &anchors {
+            if a.subject().as_raw() == current.issuer().as_raw()
+                && current.verify_signature(Some(a.public_key())).is_ok()
+            {
+                return Ok(());
+            }
+        }
+        let next = intermediates.iter().find(|i| {
+            i.subject().as_raw() == current.issuer().as_raw()
+                && current.verify_signature(Some(i.public_key())).is_ok()
+        });
+        match next {
+            Some(i) => {
+                let is_ca = matches!(i.basic_constraints(), Ok(Some(bc)) if bc.value.ca);
+                if !is_ca {
+                    return Err(Refusal::Untrusted(format!(
+                        "{} is not a CA certificate",
+                        format_name(i.subject())
+                    )));
+                }
+                let (nb, na) = (
+                    i.validity().not_before.to_datetime(),
+                    i.validity().not_after.to_datetime(),
+                );
+                if now < nb || now > na {
+                    return Err(Refusal::Untrusted(format!(
+                        "CA certificate {} is not valid now",
+                        format_name(i.subject())
+                    )));
+                }
+                current = i.clone();
+            }
+            None => {
+                return Err(Refusal::Untrusted(format!(
+                    "issuer {} is neither a trust anchor nor in the chain sent",
+                    format_name(current.issuer())
+                )));
+            }
+        }
+    }
+    Err(Refusal::Untrusted("chain too long".to_owned()))
+}
+
+/// Verifies `signature` over `data` with the certificate's public key (self-test).
+pub fn verify_with_certificate(
+    cert_der: &[u8],
+    data: &[u8],
+    signature: &[u8],
+) -> Result<(), String> {
+    use aws_lc_rs::signature::{
+        ECDSA_P256_SHA256_ASN1, RSA_PKCS1_2048_8192_SHA256, UnparsedPublicKey,
+    };
+    let cert = parse(cert_der).map_err(|e| e.to_string())?;
+    let key = cert.public_key();
+    let bits = key.subject_public_key.data.as_ref();
+    let result = match key.parsed() {
+        Ok(X509Key::RSA(_)) => {
+            UnparsedPublicKey::new(&RSA_PKCS1_2048_8192_SHA256, bits).verify(data, signature)
+        }
+        Ok(X509Key::EC(_)) => {
+            UnparsedPublicKey::new(&ECDSA_P256_SHA256_ASN1, bits).verify(data, signature)
+        }
+        _ => return Err("unsupported key type".to_owned()),
+    };
+    result.map_err(|_| {
+        "the signature made on the token does not verify with the new certificate".to_owned()
+    })
+}
+
+/// A test value encrypted to an encryption certificate's key, and what the token must
+/// give back: RSA-OAEP(SHA-1) of random bytes, or for EC an ephemeral ECDH point and
+/// the expected shared secret.
+#[derive(Debug)]
+pub enum DecryptTest {
+    /// RSA: decrypt `ciphertext`, expect `plaintext`.
+    Rsa {
+        /// Ciphertext.
+        ciphertext: Vec<u8>,
+        /// Expected.
+        plaintext: Vec<u8>,
+    },
+    /// EC: derive with `peer_point`, expect `shared`.
+    Ec {
+        /// Ephemeral public point.
+        peer_point: Vec<u8>,
+        /// Expected shared secret.
+        shared: Vec<u8>,
+    },
+}
+
+/// Makes a [`DecryptTest`] for the encryption certificate.
+pub fn decrypt_test(cert_der: &[u8]) -> Result<DecryptTest, String> {
+    use aws_lc_rs::rand::{SecureRandom, SystemRandom};
+    let cert = parse(cert_der).map_err(|e| e.to_string())?;
+    let rng = SystemRandom::new();
+    match cert.public_key().parsed() {
+        Ok(X509Key::RSA(_)) => {
+            use aws_lc_rs::rsa::{
+                OAEP_SHA1_MGF1SHA1, OaepPublicEncryptingKey, PublicEncryptingKey,
+            };
+            let public = OaepPublicEncryptingKey::new(
+                PublicEncryptingKey::from_der(cert.public_key().raw).map_err(|e| e.to_string())?,
+            )
+            .map_err(|e| e.to_string())?;
+            let mut plaintext = vec![0u8; 32];
+            rng.fill(&mut plaintext).map_err(|e| e.to_string())?;
+            let mut out = vec![0u8; public.ciphertext_size()];
+            let ciphertext = public
+                .encrypt(&OAEP_SHA1_MGF1SHA1, &plaintext, &mut out, None)
+                .map_err(|e| e.to_string())?
+                .to_vec();
+            Ok(DecryptTest::Rsa {
+                ciphertext,
+                plaintext,
+            })
+        }
+        Ok(X509Key::EC(point)) => {
+            use aws_lc_rs::agreement::{
+                ECDH_P256, EphemeralPrivateKey, UnparsedPublicKey, agree_ephemeral,
+            };
+            let eph = EphemeralPrivateKey::generate(&ECDH_P256, &rng).map_err(|e| e.to_string())?;
+            let peer_point = eph
+                .compute_public_key()
+                .map_err(|e| e.to_string())?
+                .as_ref()
+                .to_vec();
+            let shared = agree_ephemeral(
+                eph,
+                UnparsedPublicKey::new(&ECDH_P256, point.data()),
+                "ECDH failed",
+                |z| Ok(z.to_vec()),
+            )
+            .map_err(|e: &str| e.to_owned())?;
+            Ok(DecryptTest::Ec { peer_point, shared })
+        }
+        _ => Err("unsupported encryption key type".to_owned()),
+    }
+}
+
+/// The subject of `der` as an rcgen name, copying each attribute's string type so the
+/// CSR's subject is byte-for-byte the old certificate's.
+pub fn subject_of(der: &[u8]) -> Result<rcgen::DistinguishedName, String> {
+    use rcgen::{DistinguishedName, DnType, DnValue};
+    use x509_parser::asn1_rs::Tag;
+    let cert = parse(der).map_err(|e| e.to_string())?;
+    let mut dn = DistinguishedName::new();
+    for rdn in cert.subject().iter() {
+        let mut attrs = rdn.iter();
+        let (Some(attr), None) = (attrs.next(), attrs.next()) else {
+            return Err("multi-valued RDN in the subject".to_owned());
+        };
+        let oid: Vec<u64> = attr
+            .attr_type()
+            .iter()
+            .ok_or("attribute OID too large")?
+            .collect();
+        let data = attr.attr_value().data;
+        let text = || {
+            std::str::from_utf8(data)
+                .map(str::to_owned)
+                .map_err(|e| e.to_string())
+        };
+        let value = match attr.attr_value().tag() {
+            Tag::Utf8String => DnValue::Utf8String(text()?),
+            Tag::PrintableString => DnValue::PrintableString(
+                text()?
+                    .as_str()
+                    .try_into()
+                    .map_err(|e: rcgen::Error| e.to_string())?,
+            ),
+            Tag::Ia5String => DnValue::Ia5String(
+                text()?
+                    .as_str()
+                    .try_into()
+                    .map_err(|e: rcgen::Error| e.to_string())?,
+            ),
+            Tag::T61String => DnValue::TeletexString(
+                text()?
+                    .as_str()
+                    .try_into()
+                    .map_err(|e: rcgen::Error| e.to_string())?,
+            ),
+            Tag::BmpString => DnValue::BmpString(
+                rcgen::string::BmpString::from_utf16be(data.to_vec()).map_err(|e| e.to_string())?,
+            ),
+            Tag::UniversalString => DnValue::UniversalString(
+                rcgen::string::UniversalString::from_utf32be(data.to_vec())
+                    .map_err(|e| e.to_string())?,
+            ),
+            t => return Err(format!("attribute string type {t}")),
+        };
+        dn.push(DnType::from_oid(&oid), value);
+    }
+    Ok(dn)
+}

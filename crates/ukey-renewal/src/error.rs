@@ -1,0 +1,307 @@
+//! Errors of the renewal engine, grouped by what the user has to do.
+
+use std::path::PathBuf;
+
+use ukey_portal_client::ClientError;
+use ukey_token::Lang;
+
+/// What kind of situation an error is, for exit codes and front ends.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ErrorKind {
+    /// Nothing to renew (no order, already completed).
+    NothingToDo,
+    /// The user must act (pay, unlock the PIN, wait for a new key, read a rejection,
+    /// confirm a last PIN try, choose among several).
+    UserAction,
+    /// Failed; the token is as before or the renewal will resume.
+    Failure,
+}
+
+/// A check of the issued certificate that failed.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum Refusal {
+    /// Not DER, or trailing bytes.
+    #[error("the issued certificate cannot be parsed: {0}")]
+    Malformed(String),
+    /// Does not chain to a configured trust anchor.
+    #[error("the issued certificate does not chain to a trusted CA: {0}")]
+    Untrusted(String),
+    /// Another subject.
+    #[error("the issued certificate names another subject ({got}) than the old one ({want})")]
+    Subject {
+        /// In the issued certificate.
+        got: String,
+        /// In the old one.
+        want: String,
+    },
+    /// Another public key.
+    #[error("the issued certificate is for another key than the one on the token")]
+    PublicKey,
+    /// Not valid now.
+    #[error("the issued certificate is not valid now ({0})")]
+    NotValidNow(String),
+    /// Does not end later than the old one.
+    #[error("the issued certificate ends no later than the old one")]
+    NotLater,
+    /// Wrong key usage.
+    #[error("the issued certificate has the wrong key usage: {0}")]
+    KeyUsage(String),
+    /// The encryption part is missing or wrong.
+    #[error("the encryption certificate or key is not acceptable: {0}")]
+    Encryption(String),
+}
+
+/// Everything the engine can fail with.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum RenewalError {
+    /// From the token.
+    #[error(transparent)]
+    Token(#[from] ukey_token::Error),
+    /// From the portal.
+    #[error(transparent)]
+    Portal(#[from] ClientError),
+    /// The issued certificate was refused; the token is unchanged.
+    #[error("refused: {0}")]
+    Refused(Refusal),
+    /// The journal could not be read or written.
+    #[error("journal {}: {reason}", .path.display())]
+    Journal {
+        /// The file.
+        path: PathBuf,
+        /// Why.
+        reason: String,
+    },
+    /// No renewal order for the certificate.
+    #[error("no renewal order for certificate {serial}")]
+    NoOrder {
+        /// Its serial.
+        serial: String,
+    },
+    /// Already renewed.
+    #[error("the renewal of certificate {serial} is already completed")]
+    AlreadyCompleted {
+        /// Its serial.
+        serial: String,
+    },
+    /// Not paid yet.
+    #[error("the renewal of certificate {serial} is not paid yet: pay at {payment_url}")]
+    AwaitingPayment {
+        /// Its serial.
+        serial: String,
+        /// Where to pay.
+        payment_url: String,
+    },
+    /// The reviewer rejected it.
+    #[error("the renewal was rejected: {reason}")]
+    Rejected {
+        /// The reviewer's reason.
+        reason: String,
+    },
+    /// A new token is being mailed.
+    #[error(
+        "this token cannot do the renewal; a new key is being mailed (tracking {tracking_number})"
+    )]
+    NewKeyMailed {
+        /// Tracking number.
+        tracking_number: String,
+    },
+    /// The PIN is locked.
+    #[error("the PIN of token {token} is locked")]
+    PinLocked {
+        /// Token serial.
+        token: String,
+    },
+    /// One more wrong PIN locks the token: needs explicit confirmation.
+    #[error("the PIN of token {token} has one try left; confirm to try it")]
+    FinalTryNeedsConfirmation {
+        /// Token serial.
+        token: String,
+    },
+    /// The token lacks a mechanism.
+    #[error("token {token} does not support {mechanism}")]
+    MechanismMissing {
+        /// Token serial.
+        token: String,
+        /// The mechanism.
+        mechanism: String,
+    },
+    /// The computer's clock differs too much from the portal's.
+    #[error("the computer's clock is {seconds} s off the portal's")]
+    ClockSkew {
+        /// Local minus portal, seconds.
+        seconds: i64,
+    },
+    /// Which certificate or token: several candidates, or none.
+    #[error("{0}")]
+    Selection(String),
+    /// The certificate's key is not on the token.
+    #[error("the private key of certificate {serial} is not on the token")]
+    KeyMissing {
+        /// Serial.
+        serial: String,
+    },
+    /// The self-test failed; the pending objects were removed.
+    #[error("self-test failed: {0}")]
+    SelfTest(String),
+    /// Something inconsistent between journal, token and portal.
+    #[error("{0}")]
+    Inconsistent(String),
+}
+
+impl RenewalError {
+    /// The kind, for exit codes.
+    pub fn kind(&self) -> ErrorKind {
+        match self {
+            RenewalError::NoOrder { .. } | RenewalError::AlreadyCompleted { .. } => {
+                ErrorKind::NothingToDo
+            }
+            RenewalError::AwaitingPayment { .. }
+            | RenewalError::Rejected { .. }
+            | RenewalError::NewKeyMailed { .. }
+            | RenewalError::PinLocked { .. }
+            | RenewalError::FinalTryNeedsConfirmation { .. }
+            | RenewalError::Selection(_)
+            | RenewalError::ClockSkew { .. } => ErrorKind::UserAction,
+            RenewalError::Token(ukey_token::Error::PinLocked { .. }) => ErrorKind::UserAction,
+            _ => ErrorKind::Failure,
+        }
+    }
+
+    /// A stable code.
+    pub fn code(&self) -> &'static str {
+        match self {
+            RenewalError::Token(e) => e.code(),
+            RenewalError::Portal(e) => e.code(),
+            RenewalError::Refused(_) => "certificate_refused",
+            RenewalError::Journal { .. } => "journal",
+            RenewalError::NoOrder { .. } => "no_order",
+            RenewalError::AlreadyCompleted { .. } => "already_completed",
+            RenewalError::AwaitingPayment { .. } => "awaiting_payment",
+            RenewalError::Rejected { .. } => "rejected",
+            RenewalError::NewKeyMailed { .. } => "new_key_mailed",
+            RenewalError::PinLocked { .. } => "pin_locked",
+            RenewalError::FinalTryNeedsConfirmation { .. } => "pin_final_try",
+            RenewalError::MechanismMissing { .. } => "mechanism_missing",
+            RenewalError::ClockSkew { .. } => "clock_skew",
+            RenewalError::Selection(_) => "selection",
+            RenewalError::KeyMissing { .. } => "key_missing",
+            RenewalError::SelfTest(_) => "self_test_failed",
+            RenewalError::Inconsistent(_) => "inconsistent",
+        }
+    }
+
+    /// Whether the renewal can be resumed later as it is (token removed, network down,
+    /// portal 5xx): the journal is kept, nothing is rolled back.
+    pub fn is_resumable(&self) -> bool {
+        match self {
+            RenewalError::Token(e) => matches!(
+                e,
+                ukey_token::Error::TokenRemoved { .. }
+                    | ukey_token::Error::TokenNotPresent { .. }
+                    | ukey_token::Error::DeviceError { .. }
+            ),
+            RenewalError::Portal(e) => e.is_transient(),
+            RenewalError::Journal { .. } => true,
+            _ => false,
+        }
+    }
+
+    /// For the user, in `lang`, with what to do.
+    pub fn user_message(&self, lang: Lang) -> String {
+        let zh = lang == Lang::ZhCn;
+        match self {
+            RenewalError::Token(e) => e.user_message(lang),
+            RenewalError::Portal(e) if e.is_transient() => {
+                if zh {
+                    format!("暂时无法连接 CA 门户，续期已保存进度，稍后重试会继续完成（{e}）")
+                } else {
+                    format!(
+                        "The portal cannot be reached right now; the renewal is saved and will resume when you retry ({e})"
+                    )
+                }
+            }
+            RenewalError::Portal(e) => {
+                if zh {
+                    format!("CA 门户返回错误：{e}")
+                } else {
+                    format!("The portal returned an error: {e}")
+                }
+            }
+            RenewalError::Refused(r) => {
+                if zh {
+                    format!("已拒绝 CA 返回的证书，UKey 未做任何改动：{r}")
+                } else {
+                    format!(
+                        "The certificate from the portal was refused and the token left unchanged: {r}"
+                    )
+                }
+            }
+            RenewalError::AwaitingPayment { payment_url, .. } => {
+                if zh {
+                    format!("续期订单尚未付款。请在此付款：{payment_url}")
+                } else {
+                    format!("The renewal is not paid yet. Pay here: {payment_url}")
+                }
+            }
+            RenewalError::Rejected { reason } => {
+                if zh {
+                    format!("续期申请被审核驳回：{reason}")
+                } else {
+                    format!("The renewal was rejected by the reviewer: {reason}")
+                }
+            }
+            RenewalError::NewKeyMailed { tracking_number } => {
+                if zh {
+                    format!(
+                        "此 UKey 无法完成升级，新的 UKey 正在寄送中（运单号 {tracking_number}）"
+                    )
+                } else {
+                    format!(
+                        "This token cannot do the upgrade; a new token is being mailed (tracking number {tracking_number})"
+                    )
+                }
+            }
+            RenewalError::PinLocked { token } => {
+                if zh {
+                    format!(
+                        "UKey {token} 的 PIN 码已锁定，未做任何改动。请联系发证机构（CA）解锁后再续期。"
+                    )
+                } else {
+                    format!(
+                        "The PIN of token {token} is locked; nothing was changed. Have your CA unlock it, then renew."
+                    )
+                }
+            }
+            RenewalError::FinalTryNeedsConfirmation { token } => {
+                if zh {
+                    format!(
+                        "UKey {token} 的 PIN 码只剩最后一次尝试机会，再输错将锁定。确认无误后请加 --confirm-final-try 重试。"
+                    )
+                } else {
+                    format!(
+                        "The PIN of token {token} has one try left; a wrong PIN locks it. If you are sure, retry with --confirm-final-try."
+                    )
+                }
+            }
+            RenewalError::ClockSkew { seconds } => {
+                if zh {
+                    format!("本机时钟与 CA 门户相差 {seconds} 秒。请校准系统时间后重试。")
+                } else {
+                    format!(
+                        "This computer's clock is {seconds} s off the portal's. Set the system time and retry."
+                    )
+                }
+            }
+            other => {
+                let text = other.to_string();
+                if zh {
+                    format!("续期失败：{text}")
+                } else {
+                    format!("Renewal failed: {text}")
+                }
+            }
+        }
+    }
+}

@@ -1,0 +1,320 @@
+//! The durable journal of one renewal: one JSON file per token serial and certificate
+//! serial, rewritten before and after every step with write + fsync of a temporary
+//! file, atomic rename, fsync of the directory.
+//!
+//! **Invariant:** the journal holds no secret. No PIN (the engine never has it outside
+//! the login call), no private key material (there is none on the client: the escrowed
+//! key travels wrapped and is unwrapped on the token). Certificates, serials, object
+//! ids and labels, and the order id are public.
+
+use std::fs::{self, File, OpenOptions};
+use std::io::Write;
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+use time::OffsetDateTime;
+use ukey_portal_api::KeyPolicy;
+use ukey_token::KeyAlg;
+
+use crate::error::RenewalError;
+use crate::events::Step;
+
+/// Environment variable overriding the data directory (tests, portable installs).
+pub const DATA_DIR_ENV: &str = "UKEY_DATA_DIR";
+/// Format version of journal files.
+pub const JOURNAL_VERSION: u32 = 1;
+
+/// The user's data directory for journals: `$UKEY_DATA_DIR`, else the platform's data
+/// dir (`~/.local/share/ukey` on Linux).
+pub fn default_data_dir() -> Option<PathBuf> {
+    if let Some(p) = std::env::var_os(DATA_DIR_ENV) {
+        return Some(PathBuf::from(p));
+    }
+    directories::ProjectDirs::from("", "", "ukey").map(|d| d.data_dir().to_owned())
+}
+
+/// A certificate and its key pair's CKA_ID and label on the token, as they were.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct OldObjects {
+    /// Serial, canonical hex.
+    pub serial: String,
+    /// The certificate DER, hex (public).
+    pub cert_der_hex: String,
+    /// CKA_ID, hex.
+    pub id_hex: String,
+    /// CKA_LABEL of the certificate.
+    pub label: String,
+    /// Key algorithm.
+    pub alg: KeyAlg,
+}
+
+/// Where the new objects live while pending and once active.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ObjectNames {
+    /// CKA_ID while pending, hex.
+    pub pending_id_hex: String,
+    /// CKA_LABEL while pending.
+    pub pending_label: String,
+    /// CKA_ID once active, hex.
+    pub final_id_hex: String,
+    /// CKA_LABEL once active.
+    pub final_label: String,
+}
+
+/// What the portal issued (public data only).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct IssuedCerts {
+    /// Signing certificate serial.
+    pub serial: String,
+    /// Signing certificate DER, hex.
+    pub cert_der_hex: String,
+    /// Encryption certificate serial.
+    pub enc_serial: Option<String>,
+    /// Encryption certificate DER, hex.
+    pub enc_cert_der_hex: Option<String>,
+    /// End of validity of the signing certificate.
+    #[serde(with = "time::serde::rfc3339")]
+    pub not_after: OffsetDateTime,
+}
+
+/// Whether a step has started or is done.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum StepState {
+    /// Recorded before the step runs.
+    Started,
+    /// Recorded after it succeeded.
+    Done,
+}
+
+/// How a journal ended.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "outcome", rename_all = "snake_case")]
+pub enum Outcome {
+    /// Still running, or interrupted: reconcile and resume.
+    Unfinished,
+    /// Renewed and confirmed to the portal.
+    Completed,
+    /// Stopped before anything was activated; pending objects removed.
+    RolledBack {
+        /// Why (error code).
+        reason: String,
+    },
+}
+
+/// One line of history.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct HistoryEntry {
+    /// The step.
+    pub step: Step,
+    /// Started or done.
+    pub state: StepState,
+    /// When.
+    #[serde(with = "time::serde::rfc3339")]
+    pub at: OffsetDateTime,
+}
+
+/// The journal of one renewal.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Journal {
+    /// [`JOURNAL_VERSION`].
+    pub version: u32,
+    /// Random id of this renewal attempt (hex); part of the pending objects' ids.
+    pub renewal_id: String,
+    /// Token serial.
+    pub token_serial: String,
+    /// Token label.
+    pub token_label: String,
+    /// The portal order.
+    pub order_id: String,
+    /// New key or same key.
+    pub key_policy: KeyPolicy,
+    /// Algorithm of the new signing key.
+    pub new_alg: KeyAlg,
+    /// Whether an escrowed encryption certificate comes with the renewal.
+    pub with_encryption: bool,
+    /// The certificate being renewed.
+    pub old: OldObjects,
+    /// The encryption certificate being archived, if any.
+    pub old_encryption: Option<OldObjects>,
+    /// The new signing certificate (and key, for the new-key policy).
+    pub signing: ObjectNames,
+    /// The new encryption certificate and key.
+    pub encryption: Option<ObjectNames>,
+    /// CKA_ID and label the old encryption objects are archived under.
+    pub archive: Option<ObjectNames>,
+    /// What the portal issued, once verified.
+    pub issued: Option<IssuedCerts>,
+    /// The current step.
+    pub step: Step,
+    /// Its state.
+    pub state: StepState,
+    /// Activation sub-steps done (see the engine's activate step).
+    pub activate_done: u32,
+    /// How it ended.
+    pub outcome: Outcome,
+    /// Every step transition.
+    pub history: Vec<HistoryEntry>,
+}
+
+impl Journal {
+    /// File name for a token and certificate serial (characters outside `[A-Za-z0-9-]`
+    /// replaced).
+    pub fn file_name(token_serial: &str, cert_serial: &str) -> String {
+        let clean = |s: &str| -> String {
+            s.chars()
+                .map(|c| {
+                    if c.is_ascii_alphanumeric() || c == '-' {
+                        c
+                    } else {
+                        '_'
+                    }
+                })
+                .collect()
+        };
+        format!("{}_{}.json", clean(token_serial), clean(cert_serial))
+    }
+
+    /// Whether the renewal still has to be finished or rolled back.
+    pub fn is_unfinished(&self) -> bool {
+        self.outcome == Outcome::Unfinished
+    }
+
+    /// Whether activation has begun: from then on only forward.
+    pub fn activation_begun(&self) -> bool {
+        self.step >= Step::Activate
+    }
+
+    /// Records a transition in memory (call [`JournalStore::save`] to make it durable).
+    pub fn mark(&mut self, step: Step, state: StepState) {
+        self.step = step;
+        self.state = state;
+        self.history.push(HistoryEntry {
+            step,
+            state,
+            at: OffsetDateTime::now_utc(),
+        });
+    }
+}
+
+/// The directory of journal files.
+#[derive(Debug, Clone)]
+pub struct JournalStore {
+    dir: PathBuf,
+}
+
+impl JournalStore {
+    /// Journals in `<data_dir>/journal`.
+    pub fn new(data_dir: &Path) -> JournalStore {
+        JournalStore {
+            dir: data_dir.join("journal"),
+        }
+    }
+
+    /// In [`default_data_dir`].
+    pub fn open_default() -> Result<JournalStore, RenewalError> {
+        let dir = default_data_dir().ok_or_else(|| RenewalError::Journal {
+            path: PathBuf::new(),
+            reason: "no data directory (set UKEY_DATA_DIR)".to_owned(),
+        })?;
+        Ok(JournalStore::new(&dir))
+    }
+
+    /// The journal directory.
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    /// Path of a journal.
+    pub fn path_of(&self, token_serial: &str, cert_serial: &str) -> PathBuf {
+        self.dir.join(Journal::file_name(token_serial, cert_serial))
+    }
+
+    /// Durably writes `journal`: temp file, fsync, rename over the old one, fsync dir.
+    pub fn save(&self, journal: &Journal) -> Result<(), RenewalError> {
+        let path = self.path_of(&journal.token_serial, &journal.old.serial);
+        let err = |reason: String| RenewalError::Journal {
+            path: path.clone(),
+            reason,
+        };
+        fs::create_dir_all(&self.dir).map_err(|e| err(e.to_string()))?;
+        let json = serde_json::to_vec_pretty(journal).map_err(|e| err(e.to_string()))?;
+        let tmp = path.with_extension("json.tmp");
+        {
+            let mut f = OpenOptions::new()
+                .create(true)
+                .write(true)
+                .truncate(true)
+                .open(&tmp)
+                .map_err(|e| err(e.to_string()))?;
+            f.write_all(&json).map_err(|e| err(e.to_string()))?;
+            f.sync_all().map_err(|e| err(e.to_string()))?;
+        }
+        fs::rename(&tmp, &path).map_err(|e| err(e.to_string()))?;
+        File::open(&self.dir)
+            .and_then(|d| d.sync_all())
+            .map_err(|e| err(format!("fsync of the directory: {e}")))?;
+        Ok(())
+    }
+
+    /// Reads one journal; `None` if there is none.
+    pub fn load(
+        &self,
+        token_serial: &str,
+        cert_serial: &str,
+    ) -> Result<Option<Journal>, RenewalError> {
+        read(&self.path_of(token_serial, cert_serial))
+    }
+
+    /// Every journal of a token.
+    pub fn for_token(&self, token_serial: &str) -> Result<Vec<Journal>, RenewalError> {
+        let mut out = Vec::new();
+        let entries = match fs::read_dir(&self.dir) {
+            Ok(e) => e,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(out),
+            Err(e) => {
+                return Err(RenewalError::Journal {
+                    path: self.dir.clone(),
+                    reason: e.to_string(),
+                });
+            }
+        };
+        for entry in entries.flatten() {
+            let path = entry.path();
+            if path.extension().and_then(|e| e.to_str()) != Some("json") {
+                continue;
+            }
+            if let Some(j) = read(&path)? {
+                if j.token_serial == token_serial {
+                    out.push(j);
+                }
+            }
+        }
+        out.sort_by(|a, b| a.old.serial.cmp(&b.old.serial));
+        Ok(out)
+    }
+}
+
+fn read(path: &Path) -> Result<Option<Journal>, RenewalError> {
+    let bytes = match fs::read(path) {
+        Ok(b) => b,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+        Err(e) => {
+            return Err(RenewalError::Journal {
+                path: path.to_owned(),
+                reason: e.to_string(),
+            });
+        }
+    };
+    let j: Journal = serde_json::from_slice(&bytes).map_err(|e| RenewalError::Journal {
+        path: path.to_owned(),
+        reason: format!("damaged journal (not deleted; move it away to start over): {e}"),
+    })?;
+    if j.version > JOURNAL_VERSION {
+        return Err(RenewalError::Journal {
+            path: path.to_owned(),
+            reason: format!("written by a newer version (format {})", j.version),
+        });
+    }
+    Ok(Some(j))
+}
