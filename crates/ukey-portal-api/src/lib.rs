@@ -921,6 +921,16 @@ mod tests {
     }
 
     #[test]
+    fn every_error_code_is_in_the_openapi_document() {
+        for code in ErrorCode::ALL {
+            assert!(
+                OPENAPI_YAML.contains(&format!("            - {}\n", code.as_str())),
+                "{code} missing from openapi.yaml"
+            );
+        }
+    }
+
+    #[test]
     fn every_route_is_in_the_openapi_document() {
         for p in paths::ALL {
             assert!(

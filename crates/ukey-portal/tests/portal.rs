@@ -1000,3 +1000,126 @@ async fn every_mounted_route_is_documented_and_served() {
         .unwrap();
     assert_eq!(ca.as_ref(), h.portal().ca().cert_der());
 }
+
+#[tokio::test]
+async fn completion_also_revokes_the_named_old_encryption_certificate() {
+    let h = Harness::start().await;
+    let holder = h.holder(KeyAlgorithm::Rsa2048);
+    let old_enc = h.holder(KeyAlgorithm::Rsa2048);
+    let order = h
+        .portal()
+        .create_order(&ukey_portal_api::CreateOrderRequest {
+            serial_hex: holder.serial_hex.clone(),
+            issuer_der: None,
+            issuer_dn: None,
+            years: 1,
+            state: InitialState::Ready,
+            key_policy: KeyPolicy::Same,
+            with_encryption_cert: true,
+            target_algorithm: KeyAlgorithm::Rsa2048,
+            old_encryption_serial_hex: Some(old_enc.serial_hex.to_lowercase()),
+        })
+        .unwrap();
+    let issued = h.issue(&order.order_id, &holder, &holder.key).await;
+    let enc = issued.encryption.as_ref().unwrap();
+    assert_eq!(enc.envelope.private_key_algorithm, KeyAlgorithm::Rsa2048);
+    let (ok, text) = openssl_verify(
+        &h.data_dir().join("ca-cert.pem"),
+        None,
+        &enc.certificate_der,
+        h.dir.path(),
+    );
+    assert!(ok, "{text}");
+    let done: InstalledResponse = h
+        .installed(&order.order_id, &issued.certificate_serial_hex, &holder.key)
+        .await
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(
+        done.revoked_serials_hex,
+        vec![holder.serial_hex.clone(), old_enc.serial_hex.clone()]
+    );
+    let (ok, text) = openssl_crl(
+        &h.data_dir().join("ca-cert.pem"),
+        &h.crl_der().await,
+        h.dir.path(),
+    );
+    assert!(ok, "{text}");
+    for serial in [&holder.serial_hex, &old_enc.serial_hex] {
+        assert!(text.contains(&format!("Serial Number: {serial}")), "{text}");
+    }
+    assert!(
+        !text.contains(&enc.certificate_serial_hex),
+        "the new encryption certificate stays valid"
+    );
+}
+
+#[tokio::test]
+async fn concurrent_identical_requests_get_the_same_certificate() {
+    let h = Harness::start().await;
+    let holder = h.holder(KeyAlgorithm::EcP256);
+    let order = h.order(
+        &holder,
+        InitialState::Ready,
+        KeyPolicy::New,
+        KeyAlgorithm::EcP256,
+        true,
+    );
+    let nk = new_key(KeyAlgorithm::EcP256);
+    let mut reqs = Vec::new();
+    for _ in 0..6 {
+        reqs.push(h.issue_request(&order.order_id, &holder, &nk).await);
+    }
+    let path = paths::issue(&order.order_id);
+    let answers = futures_join_all(reqs.iter().map(|r| h.post(&path, r))).await;
+    let mut certs = Vec::new();
+    for a in answers {
+        assert!(a.status().is_success());
+        let r: ukey_portal_api::IssueResponse = a.json().await.unwrap();
+        certs.push((r.certificate_der, r.encryption.unwrap().certificate_der));
+    }
+    certs.dedup();
+    assert_eq!(certs.len(), 1, "every answer names the same certificates");
+    let (_, crl_text) = openssl_crl(
+        &h.data_dir().join("ca-cert.pem"),
+        &h.crl_der().await,
+        h.dir.path(),
+    );
+    assert!(
+        !crl_text.contains("Serial Number"),
+        "nothing was revoked: {crl_text}"
+    );
+}
+
+/// Runs futures concurrently on this task (no extra dependency).
+async fn futures_join_all<F: std::future::Future>(futs: impl Iterator<Item = F>) -> Vec<F::Output> {
+    let handles: Vec<_> = futs.map(Box::pin).collect();
+    let mut out = Vec::new();
+    let mut pending: Vec<_> = handles.into_iter().map(Some).collect();
+    let mut results: Vec<Option<F::Output>> = (0..pending.len()).map(|_| None).collect();
+    std::future::poll_fn(|cx| {
+        let mut done = true;
+        for (i, slot) in pending.iter_mut().enumerate() {
+            if let Some(f) = slot {
+                match f.as_mut().poll(cx) {
+                    std::task::Poll::Ready(v) => {
+                        results[i] = Some(v);
+                        *slot = None;
+                    }
+                    std::task::Poll::Pending => done = false,
+                }
+            }
+        }
+        if done {
+            std::task::Poll::Ready(())
+        } else {
+            std::task::Poll::Pending
+        }
+    })
+    .await;
+    for r in results {
+        out.extend(r);
+    }
+    out
+}
