@@ -10,7 +10,6 @@ use std::path::Path;
 use std::sync::Mutex;
 
 use rusqlite::{Connection, OptionalExtension, Row, TransactionBehavior, params};
-use time::OffsetDateTime;
 use ukey_portal_api::{ApiError, ErrorCode, KeyAlgorithm, KeyPolicy, OrderTerms};
 
 use crate::Error;
@@ -784,9 +783,4 @@ fn consume_challenge(conn: &Connection, id: &str, order_id: &str, now: i64) -> R
             Ok(())
         }
     }
-}
-
-/// Unix seconds of a time.
-pub fn unix(t: OffsetDateTime) -> i64 {
-    t.unix_timestamp()
 }
