@@ -55,6 +55,16 @@ pub fn personal_values(subject: &str) -> Vec<String> {
             && v.chars().count() >= 2
         {
             out.push(v.to_owned());
+            // "张三(110105…)" or "张三11010519491231002X": the name alone also appears
+            // elsewhere (token labels such as "张三的UKey").
+            let name_attr = matches!(k, "CN" | "GN" | "SN");
+            let pieces = v.split(|c: char| c.is_ascii_digit() || "()[]（）【】".contains(c));
+            for piece in pieces.filter(|_| name_attr) {
+                let piece = piece.trim();
+                if piece.chars().count() >= 2 && piece != v && !out.iter().any(|o| o == piece) {
+                    out.push(piece.to_owned());
+                }
+            }
         }
     }
     out
@@ -129,9 +139,9 @@ pub fn redact_numbers(text: &str) -> String {
         }
         let replacement = if is_id_number(&run) {
             Some(ID_MARK)
-        } else if is_mobile(&run) {
-            Some(PHONE_MARK)
-        } else if run.len() == 13 && run.starts_with("86") && is_mobile(&run[2..]) {
+        } else if is_mobile(&run)
+            || (run.len() == 13 && run.starts_with("86") && is_mobile(&run[2..]))
+        {
             Some(PHONE_MARK)
         } else {
             None

@@ -19,6 +19,7 @@
 // from C callers. Every unsafe block states why it holds.
 #![allow(unsafe_code)]
 
+pub mod mechanisms;
 pub mod module;
 pub mod names;
 pub mod state;

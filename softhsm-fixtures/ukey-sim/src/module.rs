@@ -879,11 +879,41 @@ unsafe extern "C" fn C_GetMechanismList(
     entry("C_GetMechanismList", || {
         let shim = shim()?;
         let (serial, _) = shim.plugged_slot(slotID)?;
+        let hidden = crate::mechanisms::hidden_for(shim.file.dir(), &serial);
+        if hidden.is_empty() {
+            return Ok(shim.run("C_GetMechanismList", &serial, || {
+                backend!(
+                    shim.backend,
+                    C_GetMechanismList(slotID, pMechanismList, pulCount)
+                )
+            }));
+        }
+        if pulCount.is_null() {
+            return Err(CKR_ARGUMENTS_BAD);
+        }
+        // Some mechanisms are hidden (see crate::mechanisms): fetch the whole list,
+        // then hand out the rest.
         Ok(shim.run("C_GetMechanismList", &serial, || {
-            backend!(
+            let mut n: CK_ULONG = 0;
+            let rv = backend!(
                 shim.backend,
-                C_GetMechanismList(slotID, pMechanismList, pulCount)
-            )
+                C_GetMechanismList(slotID, ptr::null_mut(), &mut n)
+            );
+            if rv != CKR_OK {
+                return rv;
+            }
+            let mut all: Vec<CK_MECHANISM_TYPE> = vec![0; n as usize];
+            let rv = backend!(
+                shim.backend,
+                C_GetMechanismList(slotID, all.as_mut_ptr(), &mut n)
+            );
+            if rv != CKR_OK {
+                return rv;
+            }
+            all.truncate(n as usize);
+            // SAFETY: pulCount is non-null; pMechanismList is null or holds *pulCount
+            // items, per C_GetMechanismList's contract with our caller.
+            unsafe { crate::mechanisms::write_filtered(&all, &hidden, pMechanismList, pulCount) }
         }))
     })
 }
@@ -896,6 +926,9 @@ unsafe extern "C" fn C_GetMechanismInfo(
     entry("C_GetMechanismInfo", || {
         let shim = shim()?;
         let (serial, _) = shim.plugged_slot(slotID)?;
+        if crate::mechanisms::hidden_for(shim.file.dir(), &serial).contains(&type_) {
+            return Err(CKR_MECHANISM_INVALID);
+        }
         Ok(shim.run("C_GetMechanismInfo", &serial, || {
             backend!(shim.backend, C_GetMechanismInfo(slotID, type_, pInfo))
         }))
