@@ -1,0 +1,8 @@
+//! Integration tests of the renewal engine (one binary, modules per theme).
+
+#![allow(dead_code)]
+
+mod renewal {
+    pub mod common;
+    pub mod e2e;
+}
