@@ -2,71 +2,26 @@
 //! certificate while it works; one left behind means a renewal was interrupted (crash,
 //! key pulled, network gone) and will be resumed or rolled back at the next start.
 //!
-//! This module reads the journal directory without depending on the engine: each
-//! `*.json` file is one renewal; it is finished when its `step` (or `state`) is `done`
-//! / `finished` / `completed` / `rolled_back`, or `finished` is `true`.
+//! The journals are read with the engine's own types ([`ukey_renewal::Journal`]), never
+//! written: reconciling them is the engine's job at the next `ukey renew` or insert.
 
 use std::path::{Path, PathBuf};
 
-use serde_json::Value;
+use ukey_renewal::Journal;
 
 use crate::report::{Check, Facts, Section, SectionKind, Status, Text};
 use crate::text;
 
-/// Environment variable overriding the data directory (as the renewal engine reads it).
-pub const DATA_DIR_ENV: &str = "UKEY_DATA_DIR";
-
-/// The journal directory the renewal engine uses by default: `$UKEY_DATA_DIR/journal`,
-/// else `journal` in the user's data directory.
+/// The journal directory the renewal engine uses: `journal` in its data directory
+/// (`$UKEY_DATA_DIR`, else the platform's data directory).
 pub fn default_dir() -> Option<PathBuf> {
-    if let Some(d) = std::env::var_os(DATA_DIR_ENV).filter(|v| !v.is_empty()) {
-        return Some(PathBuf::from(d).join("journal"));
-    }
-    None
-}
-
-const DONE: &[&str] = &["done", "finished", "completed", "complete", "rolled_back"];
-
-fn str_field<'a>(v: &'a Value, names: &[&str]) -> Option<&'a str> {
-    names.iter().find_map(|n| v.get(*n).and_then(Value::as_str))
-}
-
-/// One journal file's gist.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct JournalEntry {
-    /// The file.
-    pub path: PathBuf,
-    /// The step the renewal was at.
-    pub step: String,
-    /// Token serial, if recorded.
-    pub token_serial: Option<String>,
-    /// Serial of the certificate being renewed, if recorded.
-    pub certificate_serial: Option<String>,
-    /// Last update, if recorded.
-    pub updated_at: Option<String>,
-    /// Whether the renewal is over.
-    pub finished: bool,
+    ukey_renewal::default_data_dir().map(|d| d.join("journal"))
 }
 
 /// Reads one journal file.
-pub fn read_entry(path: &Path) -> Result<JournalEntry, String> {
+pub fn read_entry(path: &Path) -> Result<Journal, String> {
     let bytes = std::fs::read(path).map_err(|e| e.to_string())?;
-    let v: Value = serde_json::from_slice(&bytes).map_err(|e| e.to_string())?;
-    let step = str_field(&v, &["step", "current_step", "state", "phase"])
-        .unwrap_or("unknown")
-        .to_owned();
-    let finished = v.get("finished").and_then(Value::as_bool).unwrap_or(false)
-        || v.get("done").and_then(Value::as_bool).unwrap_or(false)
-        || DONE.contains(&step.to_ascii_lowercase().as_str());
-    Ok(JournalEntry {
-        path: path.to_owned(),
-        step,
-        token_serial: str_field(&v, &["token_serial", "token"]).map(str::to_owned),
-        certificate_serial: str_field(&v, &["certificate_serial", "old_serial", "cert_serial"])
-            .map(str::to_owned),
-        updated_at: str_field(&v, &["updated_at", "updated", "time"]).map(str::to_owned),
-        finished,
-    })
+    serde_json::from_slice(&bytes).map_err(|e| e.to_string())
 }
 
 /// The journal section. `dir` `None`: the engine's default directory.
@@ -127,32 +82,49 @@ pub(crate) fn diagnose(dir: Option<&Path>) -> Section {
     let mut unfinished = 0;
     for path in &files {
         match read_entry(path) {
-            Ok(e) if e.finished => {}
-            Ok(e) => {
+            Ok(j) if !j.is_unfinished() => {}
+            Ok(j) => {
                 unfinished += 1;
-                let step = &e.step;
-                let cert = e.certificate_serial.clone().unwrap_or_else(|| "?".into());
-                let token = e.token_serial.clone().unwrap_or_else(|| "?".into());
+                let step = j.step.as_str();
+                let state = match j.state {
+                    ukey_renewal::journal::StepState::Started => ("开始", "started"),
+                    ukey_renewal::journal::StepState::Done => ("完成", "done"),
+                };
+                let (state_zh, state_en) = state;
+                let cert = &j.old.serial;
+                let token = &j.token_serial;
+                let (action_zh, action_en) = if j.activation_begun() {
+                    (
+                        "插入这把 UKey 并运行 ukey renew：新证书已开始启用，程序会把更新做完。在此之前不要删除 UKey 上的对象。",
+                        "Insert this key and run ukey renew: activation of the new certificate has begun and will be finished. Do not delete objects on the key meanwhile.",
+                    )
+                } else {
+                    (
+                        "插入这把 UKey 并运行 ukey renew：程序会接着完成或安全回退，旧证书仍然可用。在此之前不要删除 UKey 上的对象。",
+                        "Insert this key and run ukey renew: it resumes or rolls back safely, and the old certificate still works. Do not delete objects on the key meanwhile.",
+                    )
+                };
+                let updated = j.history.last().map(|h| crate::certificate::rfc3339(h.at));
                 section.checks.push(
                     Check::new(
                         "journal.unfinished",
                         Status::Warn,
                         text!(
-                            "UKey {token} 上证书 {cert} 的更新没有完成，停在“{step}”步骤。",
-                            "The renewal of certificate {cert} on token {token} did not finish; it stopped at step \"{step}\"."
+                            "UKey {token} 上证书 {cert} 的更新没有完成，停在“{step}”步骤（{state_zh}）。",
+                            "The renewal of certificate {cert} on token {token} did not finish; it stopped at step \"{step}\" ({state_en})."
                         ),
                     )
-                    .action(Text::new(
-                        "插入这把 UKey 并运行 ukey renew：程序会接着完成或安全回退；在此之前不要删除 UKey 上的对象。",
-                        "Insert this key and run ukey renew: it resumes or rolls back safely. Do not delete objects on the key meanwhile.",
-                    ))
+                    .action(Text::new(action_zh, action_en))
                     .facts(
                         Facts::new()
                             .with("file", path.display().to_string())
-                            .with("step", e.step.clone())
-                            .with("token_serial", e.token_serial.clone())
-                            .with("certificate_serial", e.certificate_serial.clone())
-                            .with("updated_at", e.updated_at.clone()),
+                            .with("token_serial", j.token_serial.clone())
+                            .with("certificate_serial", j.old.serial.clone())
+                            .with("order_id", j.order_id.clone())
+                            .with("step", step)
+                            .with("state", state_en)
+                            .with("activation_begun", j.activation_begun())
+                            .with("updated_at", updated),
                     ),
                 );
             }

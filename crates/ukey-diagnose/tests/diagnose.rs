@@ -11,6 +11,9 @@ use std::time::{Duration, SystemTime};
 use secrecy::SecretString;
 use softhsm_fixtures::{CertSpec, KeyAlg, SoftHsm, TokenFixture, TokenSpec};
 use ukey_diagnose::{Options, Report, SectionKind, Status, TrustAnchor, Verdict, diagnose};
+use ukey_portal_api::KeyPolicy;
+use ukey_renewal::journal::{HistoryEntry, ObjectNames, OldObjects, StepState};
+use ukey_renewal::{Journal, JournalStore, Outcome, Step};
 use ukey_sim::{Control, Fault};
 
 /// A fixture installation and the options to diagnose it directly through SoftHSM2.
@@ -38,7 +41,7 @@ impl Setup {
     fn options(&self) -> Options {
         let mut o = Options::new("test");
         o.module = Some(self.hsm.module_path().to_owned());
-        o.journal_dir = Some(self.journal.path().to_owned());
+        o.journal_dir = Some(self.journal.path().join("journal"));
         o
     }
 
@@ -463,25 +466,77 @@ fn skewed_clock_against_the_portal_date_fails() {
     );
 }
 
+/// A journal as the renewal engine writes it, stopped at `step`.
+fn journal(s: &Setup, step: Step, outcome: Outcome) -> Journal {
+    let cert = &s.tokens[0].certs[0];
+    let names = |id: &str| ObjectNames {
+        pending_id_hex: format!("{id}ff"),
+        pending_label: "pending".into(),
+        final_id_hex: id.into(),
+        final_label: "张三 签名".into(),
+    };
+    let now = time::OffsetDateTime::now_utc();
+    Journal {
+        version: ukey_renewal::journal::JOURNAL_VERSION,
+        renewal_id: "00aa".into(),
+        token_serial: s.serial().to_owned(),
+        token_label: s.tokens[0].label.clone(),
+        order_id: "order-1".into(),
+        key_policy: KeyPolicy::New,
+        new_alg: ukey_token::KeyAlg::Rsa2048,
+        with_encryption: false,
+        old: OldObjects {
+            serial: cert.serial_hex.clone(),
+            cert_der_hex: hex::encode(&cert.der),
+            id_hex: hex::encode(&cert.key_id),
+            label: cert.label.clone(),
+            alg: ukey_token::KeyAlg::Rsa2048,
+        },
+        old_encryption: None,
+        signing: names("01"),
+        encryption: None,
+        archive: None,
+        issued: None,
+        step,
+        state: StepState::Started,
+        activate_done: 0,
+        outcome,
+        history: vec![HistoryEntry {
+            step,
+            state: StepState::Started,
+            at: now,
+        }],
+    }
+}
+
 #[test]
 fn unfinished_journal_is_reported_with_its_step() {
     let s = setup(&[TokenSpec::ukey("UKey")]);
-    let entry = serde_json::json!({
-        "token_serial": s.serial(),
-        "certificate_serial": s.tokens[0].certs[0].serial_hex,
-        "step": "write",
-        "updated_at": "2026-11-21T20:00:00Z",
-    });
-    std::fs::write(s.journal.path().join("renewal.json"), entry.to_string()).unwrap();
-    let done = serde_json::json!({"token_serial": "X", "step": "done"});
-    std::fs::write(s.journal.path().join("old.json"), done.to_string()).unwrap();
+    let store = JournalStore::new(s.journal.path());
+    store
+        .save(&journal(&s, Step::Write, Outcome::Unfinished))
+        .unwrap();
     let r = diagnose(&s.options());
     let j = r.section("journal").unwrap();
     assert_eq!(j.checks.len(), 1, "{j:#?}");
     let c = &j.checks[0];
     assert_eq!(c.status, Status::Warn);
     assert_eq!(c.facts.get("step").unwrap(), "write");
+    assert_eq!(
+        c.facts.get("certificate_serial").unwrap(),
+        s.tokens[0].certs[0].serial_hex.as_str()
+    );
     assert!(c.reason.en.contains("\"write\""), "{}", c.reason.en);
+    assert!(c.reason.zh_cn.contains("write"), "{}", c.reason.zh_cn);
+
+    // Completed: nothing to report.
+    store
+        .save(&journal(&s, Step::Installed, Outcome::Completed))
+        .unwrap();
+    let r = diagnose(&s.options());
+    let j = r.section("journal").unwrap();
+    assert_eq!(j.checks.len(), 1, "{j:#?}");
+    assert_eq!(j.checks[0].status, Status::Pass);
 }
 
 #[test]
