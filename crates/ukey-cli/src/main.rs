@@ -10,6 +10,8 @@
 //! * 130: `ukey watch` interrupted with Ctrl-C (the shell's SIGINT status).
 
 mod output;
+mod renew;
+mod status;
 
 use std::io::Write;
 use std::path::PathBuf;
@@ -26,6 +28,11 @@ Exit codes / 退出码:
   2    bad command line / 命令行参数错误
   3    no usable PKCS#11 module / 没有可用的 PKCS#11 驱动模块
   4    some token could not be read completely / 有 UKey 未能完整读取
+  5    renew: nothing to renew (no order, already renewed) / 无需续期
+  6    renew: user action needed (payment, PIN locked or last try, new key mailed,
+       rejected, choose --token/--cert, clock) / 需要用户处理
+  7    renew: failed; the old certificate still works, or the renewal resumes on the
+       next run / 续期失败（旧证书仍可用，或下次运行继续）
   130  interrupted (Ctrl-C) / 被中断";
 
 /// UKey Renew command line: list the certificates on USB keys (UKeys) and watch them.
@@ -75,6 +82,10 @@ enum Command {
         #[arg(long, default_value_t = 500, value_name = "MS")]
         interval_ms: u64,
     },
+    /// Renew a certificate on the token against the CA portal (`ukey renew --portal URL`).
+    Renew(renew::RenewArgs),
+    /// Show each certificate's renewal status at the portal.
+    Status(status::StatusArgs),
 }
 
 /// Exit codes, see the crate documentation.
@@ -94,6 +105,8 @@ fn main() -> ExitCode {
     init_tracing(cli.verbose);
     let json = match cli.command {
         Command::List { json } | Command::Watch { json, .. } => json,
+        Command::Renew(ref a) => a.json,
+        Command::Status(ref a) => a.json,
     };
     match run(&cli, lang) {
         Ok(code) => ExitCode::from(code),
@@ -165,6 +178,15 @@ fn run(cli: &Cli, lang: Lang) -> anyhow::Result<u8> {
                 }
             }
             Ok(if incomplete { EXIT_INCOMPLETE } else { 0 })
+        }
+        Command::Renew(ref args) => {
+            let config = Config::load_default()?;
+            let module = load_module(cli)?;
+            renew::run(args, &module, &config, lang)
+        }
+        Command::Status(ref args) => {
+            let module = load_module(cli)?;
+            status::run(args, &module, lang)
         }
         Command::Watch { json, interval_ms } => {
             let module = load_module(cli)?;

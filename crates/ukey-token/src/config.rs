@@ -45,6 +45,35 @@ pub struct Config {
     /// Extra modules to try first during discovery.
     #[serde(default)]
     pub modules: Vec<ModuleEntry>,
+    /// `[renewal]`: trust anchors and naming of renewed objects.
+    #[serde(default)]
+    pub renewal: RenewalConfig,
+}
+
+/// The `[renewal]` table:
+///
+/// ```toml
+/// [renewal]
+/// trust_anchors = ["/etc/ukey/ca-root.pem"]   # issued certificates must chain to one
+/// key_id = "keep"                             # or "sha1" (SHA-1 of the public key)
+/// signing_label = "Sign"                      # default: the old certificate's label
+/// encryption_label = "Encrypt"
+/// ```
+#[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RenewalConfig {
+    /// PEM files of the CA certificates renewed certificates must chain to.
+    #[serde(default)]
+    pub trust_anchors: Vec<PathBuf>,
+    /// `keep` (default) or `sha1`.
+    #[serde(default)]
+    pub key_id: Option<String>,
+    /// Label of the new signing objects.
+    #[serde(default)]
+    pub signing_label: Option<String>,
+    /// Label of the new encryption objects.
+    #[serde(default)]
+    pub encryption_label: Option<String>,
 }
 
 impl Config {
@@ -268,6 +297,7 @@ mod tests {
         let config = Config {
             pkcs11_module: Some(PathBuf::from("/from/config.so")),
             modules: vec![],
+            ..Config::default()
         };
         assert_eq!(
             resolve_module_path(Some(Path::new("/explicit.so")), &config).unwrap(),

@@ -30,7 +30,9 @@ pub mod unwrap;
 pub mod watcher;
 
 pub use certificate::{CertificateDetails, Usage};
-pub use config::{Config, FoundModule, ModuleEntry, discover_all, resolve_module_path};
+pub use config::{
+    Config, FoundModule, ModuleEntry, RenewalConfig, discover_all, resolve_module_path,
+};
 pub use error::{Error, Lang, Pkcs11Call, Result, TokenName};
 pub use keys::{KeyAlg, KeyPairHandles, PublicKey};
 pub use listing::{CertificateEntry, KeyEntry, KeyEvidence, TokenListing};

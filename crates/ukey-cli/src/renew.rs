@@ -1,0 +1,340 @@
+//! `ukey renew`: preflight, the user's go-ahead, the PIN, then the renewal engine with
+//! a progress bar (or one line per step when not on a terminal), and a final JSON
+//! object with `--json`.
+
+use std::io::{BufRead, IsTerminal, Write};
+use std::path::{Path, PathBuf};
+
+use anyhow::Context as _;
+use secrecy::SecretString;
+use ukey_portal_client::{BlockingPortalClient, PortalClient};
+use ukey_renewal::{
+    ErrorKind, Event, JournalStore, KeyIdScheme, LabelScheme, Options, Plan, RenewalError, Report,
+    Step, preflight, renew,
+};
+use ukey_token::{Config, Lang, Module};
+use zeroize::Zeroize;
+
+/// Exit code: nothing to renew.
+pub const EXIT_NOTHING: u8 = 5;
+/// Exit code: the user must act first.
+pub const EXIT_ACTION: u8 = 6;
+/// Exit code: the renewal failed.
+pub const EXIT_FAILED: u8 = 7;
+
+/// Arguments of `ukey renew`.
+#[derive(Debug, clap::Args)]
+pub struct RenewArgs {
+    /// The CA portal, e.g. https://portal.example.cn
+    #[arg(long, value_name = "URL")]
+    pub portal: String,
+    /// Token serial (needed only when several tokens have a ready renewal).
+    #[arg(long, value_name = "SERIAL")]
+    pub token: Option<String>,
+    /// Certificate serial, hex (needed only when several certificates are ready).
+    #[arg(long, value_name = "SERIAL")]
+    pub cert: Option<String>,
+    /// Read the PIN from the first line of standard input instead of the terminal.
+    #[arg(long)]
+    pub pin_stdin: bool,
+    /// Do not ask before renewing (the notices are still printed).
+    #[arg(long)]
+    pub yes: bool,
+    /// Try the PIN even though the token says one more wrong PIN locks it.
+    #[arg(long)]
+    pub confirm_final_try: bool,
+    /// Print a JSON object at the end.
+    #[arg(long)]
+    pub json: bool,
+    /// PEM file of a CA certificate the renewed certificate must chain to (repeatable;
+    /// added to `trust_anchors` of the config file's [renewal] table).
+    #[arg(long, value_name = "PEM")]
+    pub trust: Vec<PathBuf>,
+}
+
+/// Reads every CERTIFICATE block of a PEM file as DER.
+pub fn read_pem_certs(path: &Path) -> anyhow::Result<Vec<Vec<u8>>> {
+    use base64::Engine as _;
+    let text = std::fs::read_to_string(path)
+        .with_context(|| format!("reading trust anchor {}", path.display()))?;
+    let mut out = Vec::new();
+    let mut cur: Option<String> = None;
+    for line in text.lines() {
+        let line = line.trim();
+        if line == "-----BEGIN CERTIFICATE-----" {
+            cur = Some(String::new());
+        } else if line == "-----END CERTIFICATE-----" {
+            if let Some(b64) = cur.take() {
+                out.push(
+                    base64::engine::general_purpose::STANDARD
+                        .decode(b64)
+                        .with_context(|| format!("bad base64 in {}", path.display()))?,
+                );
+            }
+        } else if let Some(c) = cur.as_mut() {
+            c.push_str(line);
+        }
+    }
+    anyhow::ensure!(!out.is_empty(), "no CERTIFICATE in {}", path.display());
+    Ok(out)
+}
+
+/// Engine options from the config file and the command line.
+pub fn options(
+    config: &Config,
+    trust: &[PathBuf],
+    confirm_final_try: bool,
+) -> anyhow::Result<Options> {
+    let mut anchors = Vec::new();
+    for p in config.renewal.trust_anchors.iter().chain(trust) {
+        anchors.extend(read_pem_certs(p)?);
+    }
+    let mut opts = Options::new(JournalStore::open_default()?, anchors);
+    opts.confirm_final_try = confirm_final_try;
+    opts.key_ids = match config.renewal.key_id.as_deref() {
+        None | Some("keep") => KeyIdScheme::KeepOld,
+        Some("sha1") => KeyIdScheme::Sha1OfPublicKey,
+        Some(other) => anyhow::bail!("[renewal] key_id = {other:?}: expected \"keep\" or \"sha1\""),
+    };
+    if let (Some(s), Some(e)) = (
+        &config.renewal.signing_label,
+        &config.renewal.encryption_label,
+    ) {
+        opts.labels = LabelScheme::Fixed {
+            signing: s.clone(),
+            encryption: e.clone(),
+        };
+    }
+    Ok(opts)
+}
+
+/// Exit code for an engine error.
+pub fn exit_code(e: &RenewalError) -> u8 {
+    match e.kind() {
+        ErrorKind::NothingToDo => EXIT_NOTHING,
+        ErrorKind::UserAction => EXIT_ACTION,
+        ErrorKind::Failure => EXIT_FAILED,
+    }
+}
+
+fn status_word(e: &RenewalError) -> &'static str {
+    match e.kind() {
+        ErrorKind::NothingToDo => "nothing_to_do",
+        ErrorKind::UserAction => "action_needed",
+        ErrorKind::Failure => "failed",
+    }
+}
+
+fn fail(e: &RenewalError, json: bool, lang: Lang) -> u8 {
+    if json {
+        let v = serde_json::json!({
+            "status": status_word(e),
+            "error": {"code": e.code(), "message": e.user_message(lang)},
+        });
+        println!("{v}");
+    }
+    eprintln!("ukey: {}", e.user_message(lang));
+    exit_code(e)
+}
+
+/// Runs `ukey renew`.
+pub fn run(args: &RenewArgs, module: &Module, config: &Config, lang: Lang) -> anyhow::Result<u8> {
+    let zh = lang == Lang::ZhCn;
+    let opts = options(config, &args.trust, args.confirm_final_try)?;
+    let client = match PortalClient::new(&args.portal).and_then(BlockingPortalClient::new) {
+        Ok(c) => c,
+        Err(e) => return Ok(fail(&RenewalError::Portal(e), args.json, lang)),
+    };
+
+    // Which token: the one named, else every token, keeping those with a plan.
+    let tokens: Vec<_> = module
+        .tokens()?
+        .into_iter()
+        .filter(|t| args.token.as_ref().is_none_or(|s| *s == t.serial))
+        .collect();
+    if tokens.is_empty() {
+        let e = RenewalError::Selection(match &args.token {
+            Some(s) => format!("no token with serial {s} is inserted"),
+            None => "no token is inserted".to_owned(),
+        });
+        return Ok(fail(&e, args.json, lang));
+    }
+    let mut plans: Vec<Plan> = Vec::new();
+    let mut errors: Vec<RenewalError> = Vec::new();
+    for t in &tokens {
+        match preflight(module, t, args.cert.as_deref(), &client, &opts) {
+            Ok(p) => plans.push(p),
+            Err(e) => errors.push(e),
+        }
+    }
+    let plan = match plans.len() {
+        1 => plans.remove(0),
+        0 => {
+            // Most actionable first: failure, then user action, then nothing to do.
+            errors.sort_by_key(|e| match e.kind() {
+                ErrorKind::Failure => 0,
+                ErrorKind::UserAction => 1,
+                ErrorKind::NothingToDo => 2,
+            });
+            return Ok(fail(&errors.remove(0), args.json, lang));
+        }
+        _ => {
+            let serials: Vec<String> = plans.iter().map(|p| p.token.serial.clone()).collect();
+            let e = RenewalError::Selection(format!(
+                "several tokens have a ready renewal ({}); choose one with --token",
+                serials.join(", ")
+            ));
+            return Ok(fail(&e, args.json, lang));
+        }
+    };
+
+    // Tell the user before anything changes.
+    let j = &plan.journal;
+    eprintln!(
+        "{}",
+        if zh {
+            format!(
+                "续期 UKey {}（{}）上的证书 {}",
+                plan.token.label, plan.token.serial, j.old.serial
+            )
+        } else {
+            format!(
+                "Renewing certificate {} on token {} ({})",
+                j.old.serial, plan.token.label, plan.token.serial
+            )
+        }
+    );
+    for n in &plan.notices {
+        eprintln!("  * {}", n.text(zh));
+    }
+    if !args.yes {
+        if !std::io::stdin().is_terminal() || args.pin_stdin {
+            let e = RenewalError::Selection(
+                if zh {
+                    "非交互方式运行时，请加 --yes 确认续期。"
+                } else {
+                    "Not on a terminal: confirm the renewal with --yes."
+                }
+                .to_owned(),
+            );
+            return Ok(fail(&e, args.json, lang));
+        }
+        eprint!(
+            "{}",
+            if zh {
+                "继续？[y/N] "
+            } else {
+                "Continue? [y/N] "
+            }
+        );
+        std::io::stderr().flush()?;
+        let mut answer = String::new();
+        std::io::stdin().lock().read_line(&mut answer)?;
+        if !matches!(answer.trim(), "y" | "Y" | "yes" | "是") {
+            eprintln!(
+                "{}",
+                if zh {
+                    "已取消，未做任何改动。"
+                } else {
+                    "Cancelled; nothing was changed."
+                }
+            );
+            return Ok(EXIT_ACTION);
+        }
+    }
+
+    let pin = read_pin(args.pin_stdin, zh)?;
+    let bar = (!args.json && std::io::stderr().is_terminal()).then(|| {
+        let bar = indicatif::ProgressBar::new(Step::ALL.len() as u64);
+        bar.set_style(
+            indicatif::ProgressStyle::with_template("{bar:30.cyan/blue} {pos}/{len} {msg}")
+                .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
+        );
+        bar.inc(1);
+        bar
+    });
+    let mut on_event = |e: Event| match (&bar, e) {
+        (Some(bar), Event::StepStarted { step }) => bar.set_message(step.describe(zh)),
+        (Some(bar), Event::StepFinished { .. } | Event::StepSkipped { .. }) => bar.inc(1),
+        (None, Event::StepFinished { step, duration }) if !args.json => {
+            eprintln!("  ✓ {} ({} ms)", step.describe(zh), duration.as_millis());
+        }
+        (_, Event::Resuming { from }) => {
+            tracing::info!(step = from.as_str(), "resuming an interrupted renewal");
+        }
+        _ => {}
+    };
+    let result = renew(module, plan, &pin, &client, &opts, &mut on_event);
+    drop(pin);
+    if let Some(bar) = &bar {
+        bar.finish_and_clear();
+    }
+    match result {
+        Ok(report) => {
+            print_report(&report, args.json, zh);
+            Ok(0)
+        }
+        Err(e) => {
+            if e.is_resumable() {
+                eprintln!(
+                    "{}",
+                    if zh {
+                        "续期进度已保存：UKey 上的旧证书仍可用，重新插入 UKey 或再次运行 ukey renew 将继续完成。"
+                    } else {
+                        "The renewal's progress is saved: the old certificate still works (or the new one does); reinsert the token or run ukey renew again to finish."
+                    }
+                );
+            }
+            Ok(fail(&e, args.json, lang))
+        }
+    }
+}
+
+fn read_pin(from_stdin: bool, zh: bool) -> anyhow::Result<SecretString> {
+    let mut text = if from_stdin {
+        let mut line = String::new();
+        std::io::stdin().lock().read_line(&mut line)?;
+        line
+    } else {
+        rpassword::prompt_password(if zh { "UKey PIN 码：" } else { "Token PIN: " })?
+    };
+    let pin = SecretString::from(text.trim_end_matches(['\r', '\n']).to_owned());
+    text.zeroize();
+    Ok(pin)
+}
+
+fn print_report(r: &Report, json: bool, zh: bool) {
+    if json {
+        let steps: Vec<serde_json::Value> = r
+            .steps
+            .iter()
+            .map(|s| serde_json::json!({"step": s.step.as_str(), "ms": s.ms, "skipped": s.skipped}))
+            .collect();
+        let v = serde_json::json!({
+            "status": r.status,
+            "token_serial": r.token_serial,
+            "old_serial": r.old_serial,
+            "new_serial": r.new_serial,
+            "not_after": r.not_after.format(&time::format_description::well_known::Rfc3339).unwrap_or_default(),
+            "encryption_serial": r.encryption_serial,
+            "archived_serial": r.archived_serial,
+            "resumed": r.resumed,
+            "steps": steps,
+        });
+        println!("{v}");
+    } else if zh {
+        println!(
+            "续期完成：新证书序列号 {}，有效期至 {}。旧证书 {} 将被吊销。",
+            r.new_serial,
+            r.not_after.date(),
+            r.old_serial
+        );
+    } else {
+        println!(
+            "Renewed: new certificate {} valid until {}. The old certificate {} will be revoked.",
+            r.new_serial,
+            r.not_after.date(),
+            r.old_serial
+        );
+    }
+}
