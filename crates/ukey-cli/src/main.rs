@@ -9,6 +9,7 @@
 //!   printed, and in `--json` are in that token's `errors`);
 //! * 130: `ukey watch` interrupted with Ctrl-C (the shell's SIGINT status).
 
+mod diagnose;
 mod output;
 mod renew;
 mod status;
@@ -33,6 +34,7 @@ Exit codes / 退出码:
        rejected, choose --token/--cert, clock) / 需要用户处理
   7    renew: failed; the old certificate still works, or the renewal resumes on the
        next run / 续期失败（旧证书仍可用，或下次运行继续）
+  8    ukey diagnose: a check failed / 诊断报告中有失败项
   130  interrupted (Ctrl-C) / 被中断";
 
 /// UKey Renew command line: list the certificates on USB keys (UKeys) and watch them.
@@ -86,6 +88,8 @@ enum Command {
     Renew(renew::RenewArgs),
     /// Show each certificate's renewal status at the portal.
     Status(status::StatusArgs),
+    /// Diagnose the tokens, certificates, environment (and portal) for support staff.
+    Diagnose(diagnose::DiagnoseArgs),
 }
 
 /// Exit codes, see the crate documentation.
@@ -107,6 +111,7 @@ fn main() -> ExitCode {
         Command::List { json } | Command::Watch { json, .. } => json,
         Command::Renew(ref a) => a.json,
         Command::Status(ref a) => a.json,
+        Command::Diagnose(ref a) => a.json,
     };
     match run(&cli, lang) {
         Ok(code) => ExitCode::from(code),
@@ -184,6 +189,7 @@ fn run(cli: &Cli, lang: Lang) -> anyhow::Result<u8> {
             let module = load_module(cli)?;
             renew::run(args, &module, &config, lang)
         }
+        Command::Diagnose(ref args) => diagnose::run(args, cli.module.clone(), lang),
         Command::Status(ref args) => {
             let module = load_module(cli)?;
             status::run(args, &module, lang)

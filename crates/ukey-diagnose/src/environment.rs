@@ -49,6 +49,26 @@ pub(crate) fn os_check(app_version: &str) -> Check {
     )
 }
 
+/// A configuration file that could not be read, if any.
+pub(crate) fn config_check(error: Option<&ukey_token::Error>) -> Option<Check> {
+    let e = error?;
+    Some(
+        Check::new(
+            "environment.config",
+            Status::Fail,
+            Text::new(
+                e.user_message(ukey_token::Lang::ZhCn),
+                e.user_message(ukey_token::Lang::En),
+            ),
+        )
+        .action(Text::new(
+            "请修正或移走配置文件；诊断暂按默认设置进行。",
+            "Fix or move the configuration file away; the diagnosis used the defaults.",
+        ))
+        .facts(Facts::new().with("error_code", e.code())),
+    )
+}
+
 /// The module check when the module could not be found or loaded.
 pub(crate) fn module_failed(path: Option<&Path>, error: &ukey_token::Error) -> Check {
     let mut facts = Facts::new().with("error_code", error.code());

@@ -84,6 +84,9 @@ pub struct Options {
     pub journal_dir: Option<PathBuf>,
     /// Warn when a certificate expires within this many days.
     pub expiry_warning_days: i64,
+    /// The configuration file could not be read: reported as a failing check (the
+    /// diagnosis goes on with `config`, the defaults).
+    pub config_error: Option<ukey_token::Error>,
 }
 
 impl Options {
@@ -98,6 +101,7 @@ impl Options {
             portal: None,
             journal_dir: None,
             expiry_warning_days: DEFAULT_EXPIRY_WARNING_DAYS,
+            config_error: None,
         }
     }
 }
@@ -124,6 +128,8 @@ pub fn diagnose(options: &Options) -> Report {
             let mut report = Report::new(&options.app_version);
             let mut env = environment::section();
             env.checks.push(environment::os_check(&options.app_version));
+            env.checks
+                .extend(environment::config_check(options.config_error.as_ref()));
             env.checks
                 .push(environment::module_failed(path.as_deref().ok(), &e));
             env.checks.push(environment::other_modules_check(
@@ -154,6 +160,8 @@ pub fn diagnose_with(module: &Module, options: &Options) -> Report {
 
     let mut env = environment::section();
     env.checks.push(environment::os_check(&options.app_version));
+    env.checks
+        .extend(environment::config_check(options.config_error.as_ref()));
     env.checks.push(environment::module_loaded(module));
     env.checks.push(environment::other_modules_check(
         Some(module.path()),
