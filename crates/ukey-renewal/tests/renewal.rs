@@ -5,4 +5,5 @@
 mod renewal {
     pub mod common;
     pub mod e2e;
+    pub mod refusal;
 }

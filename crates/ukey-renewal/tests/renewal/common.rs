@@ -1,7 +1,7 @@
 //! Harness: SoftHSM2 tokens from softhsm-fixtures, the reference portal (its CA is the
 //! fixtures' issuing CA) over HTTP on loopback, and the engine with a private data dir.
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::Command;
 use std::sync::Arc;
 
