@@ -1128,37 +1128,72 @@ impl Run<'_> {
         Ok(())
     }
 
+    /// New key: the old signing certificate and key pair go (the new pair, still under
+    /// its pending id, works meanwhile). Same key: the new certificate takes the key's
+    /// id first, so that the key is never without a certificate.
     fn remove_old_signing(&mut self) -> Result<(), RenewalError> {
-        self.token
-            .destroy_certificate(&unhex(&self.j.old.cert_der_hex))?;
-        if self.j.key_policy == KeyPolicy::New {
-            let old_id = unhex(&self.j.old.id_hex);
-            self.token.destroy(ObjectKind::PrivateKey, &old_id)?;
-            self.token.destroy(ObjectKind::PublicKey, &old_id)?;
+        match self.j.key_policy {
+            KeyPolicy::New => {
+                self.token
+                    .destroy_certificate(&unhex(&self.j.old.cert_der_hex))?;
+                let old_id = unhex(&self.j.old.id_hex);
+                self.token.destroy(ObjectKind::PrivateKey, &old_id)?;
+                self.token.destroy(ObjectKind::PublicKey, &old_id)?;
+            }
+            KeyPolicy::Same => {
+                let n = self.j.signing.clone();
+                let (from, to) = (unhex(&n.pending_id_hex), unhex(&self.j.old.id_hex));
+                self.token
+                    .relabel(ObjectKind::Certificate, &from, &to, &n.final_label)?;
+            }
         }
         Ok(())
     }
 
+    /// New key: a copy of the new certificate under the final id, then the key pair
+    /// moves to it, then the pending copy goes: at every moment one certificate and
+    /// key pair share an id. Same key: the old certificate goes.
     fn activate_new_signing(&mut self) -> Result<(), RenewalError> {
         let n = self.j.signing.clone();
-        let (from, to) = (unhex(&n.pending_id_hex), unhex(&n.final_id_hex));
-        self.token
-            .relabel(ObjectKind::Certificate, &from, &to, &n.final_label)?;
+        let (pending, to) = (unhex(&n.pending_id_hex), unhex(&n.final_id_hex));
+        let der = unhex(
+            &self
+                .j
+                .issued
+                .as_ref()
+                .ok_or_else(|| {
+                    RenewalError::Inconsistent("activation without a certificate".into())
+                })?
+                .cert_der_hex,
+        );
         match self.j.key_policy {
             KeyPolicy::New => {
+                let der_hex = hex::encode(&der);
+                let copied = self.token.objects()?.iter().any(|o| {
+                    o.kind == ObjectKind::Certificate && o.id() == to && o.value_hex == der_hex
+                });
+                if !copied {
+                    self.token.write_certificate(&der, &to, &n.final_label)?;
+                }
                 self.token
-                    .relabel(ObjectKind::PrivateKey, &from, &to, &n.final_label)?;
+                    .relabel(ObjectKind::PrivateKey, &pending, &to, &n.final_label)?;
                 self.token
-                    .relabel(ObjectKind::PublicKey, &from, &to, &n.final_label)?;
+                    .relabel(ObjectKind::PublicKey, &pending, &to, &n.final_label)?;
+                self.token.destroy(ObjectKind::Certificate, &pending)?;
             }
             KeyPolicy::Same => {
-                // The kept key follows its certificate when the id scheme changes it.
+                self.token
+                    .destroy_certificate(&unhex(&self.j.old.cert_der_hex))?;
+                // The kept key and its certificate follow the id scheme.
                 let old = unhex(&self.j.old.id_hex);
                 if old != to {
-                    self.token
-                        .relabel(ObjectKind::PrivateKey, &old, &to, &n.final_label)?;
-                    self.token
-                        .relabel(ObjectKind::PublicKey, &old, &to, &n.final_label)?;
+                    for kind in [
+                        ObjectKind::Certificate,
+                        ObjectKind::PrivateKey,
+                        ObjectKind::PublicKey,
+                    ] {
+                        self.token.relabel(kind, &old, &to, &n.final_label)?;
+                    }
                 }
             }
         }
