@@ -1,0 +1,848 @@
+//! `cargo xtask bench [--quick] [--out FILE]`: every benchmark in one run, side by side,
+//! so that a noisy machine still gives honest ratios. Prints a table (figure, goal, met)
+//! and writes the same rows as JSON (default `$CARGO_TARGET_DIR/bench.json`).
+//! Benchmarks print figures; they never fail on a goal (only when they cannot measure).
+//!
+//! All binaries are release builds; processes are timed whole (start-up included), the
+//! way a user meets them:
+//! - renewal end to end: `ukey renew --json` on a fresh SoftHSM2 key with a ready order
+//!   at the reference portal on loopback (RSA-2048 new key, P-256 new key, same key),
+//!   median of several runs; with the raw-operation sum and ratio from the renewal
+//!   engine's own benchmark when it is there (`cargo bench -p ukey-renewal`);
+//! - eight keys renewed at once (eight `ukey renew` processes) against one alone;
+//! - insert-to-notification latency: `ukey watch` on the ukey-sim module, polling every
+//!   200 ms as the desktop app does, against `ukey-sim plug`/`unplug`;
+//! - the same watcher's CPU while idle (utime + stime from /proc/PID/stat);
+//! - `ukey diagnose` on one healthy key;
+//! - the reference portal's issuances/s and p50/p99 (`cargo bench -p ukey-portal`);
+//! - the desktop app's memory after start with one key (tests/e2e/run.sh --memory).
+
+use std::io::Write as _;
+use std::path::PathBuf;
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, bail};
+use serde_json::{Value, json};
+
+use crate::demo::{self, World};
+use crate::setup::{self, Part};
+use crate::util::{
+    self, ChildGuard, Lines, cargo, check_interrupted, median, output, percentile, run, target_dir,
+    workspace_root,
+};
+
+const PROFILE: &str = "release";
+
+/// One line of the table.
+#[derive(Debug, Clone)]
+struct Row {
+    name: String,
+    /// The main figure, in `unit`; None when it could not be measured.
+    value: Option<f64>,
+    unit: &'static str,
+    /// Everything else worth printing (spread, counts).
+    detail: String,
+    goal: String,
+    /// Whether the goal is met; None when there is no goal or no figure.
+    met: Option<bool>,
+}
+
+impl Row {
+    fn measured(
+        name: &str,
+        value: f64,
+        unit: &'static str,
+        detail: String,
+        goal: &str,
+        met: Option<bool>,
+    ) -> Row {
+        Row {
+            name: name.into(),
+            value: Some(value),
+            unit,
+            detail,
+            goal: goal.into(),
+            met,
+        }
+    }
+
+    fn missing(name: &str, goal: &str, why: String) -> Row {
+        Row {
+            name: name.into(),
+            value: None,
+            unit: "",
+            detail: why,
+            goal: goal.into(),
+            met: None,
+        }
+    }
+
+    fn json(&self) -> Value {
+        json!({
+            "name": self.name,
+            "value": self.value,
+            "unit": self.unit,
+            "detail": self.detail,
+            "goal": self.goal,
+            "met": self.met,
+        })
+    }
+}
+
+#[derive(Debug)]
+struct Opts {
+    quick: bool,
+    out: PathBuf,
+    only: Vec<String>,
+}
+
+const SECTIONS: &[&str] = &[
+    "renewal", "parallel", "latency", "idle", "diagnose", "portal", "memory",
+];
+
+fn parse(args: &[String]) -> Result<Opts> {
+    let mut o = Opts {
+        quick: false,
+        out: target_dir().join("bench.json"),
+        only: Vec::new(),
+    };
+    let mut it = args.iter();
+    while let Some(a) = it.next() {
+        match a.as_str() {
+            "--quick" => o.quick = true,
+            "--out" => o.out = it.next().context("--out needs a file")?.into(),
+            "--only" => {
+                for s in it.next().context("--only needs a list")?.split(',') {
+                    if !SECTIONS.contains(&s) {
+                        bail!("unknown section `{s}` ({})", SECTIONS.join(", "));
+                    }
+                    o.only.push(s.to_owned());
+                }
+            }
+            other => bail!("unknown bench option `{other}` (--quick, --out FILE, --only LIST)"),
+        }
+    }
+    Ok(o)
+}
+
+pub fn bench(args: &[String]) -> Result<()> {
+    let opts = parse(args)?;
+    let wants = |s: &str| opts.only.is_empty() || opts.only.iter().any(|o| o == s);
+    setup::setup(&[Part::Rust])?;
+    eprintln!("xtask bench: building release binaries");
+    demo::build_binaries(true)?;
+    let started = Instant::now();
+    let mut rows: Vec<Row> = Vec::new();
+    let mut section = |name: &str, f: &mut dyn FnMut() -> Result<Vec<Row>>| {
+        if !wants(name) {
+            return;
+        }
+        eprintln!("\n===== xtask bench: {name} =====");
+        match f() {
+            Ok(r) => rows.extend(r),
+            Err(e) => {
+                eprintln!("xtask bench: {name}: could not measure: {e:#}");
+                rows.push(Row::missing(name, "", format!("not measured: {e:#}")));
+            }
+        }
+    };
+    section("renewal", &mut || renewal(&opts));
+    section("parallel", &mut || parallel(&opts));
+    section("latency", &mut || {
+        latency_and_idle(&opts, true, wants("idle"))
+    });
+    if !wants("latency") {
+        section("idle", &mut || latency_and_idle(&opts, false, true));
+    }
+    section("diagnose", &mut || diagnose(&opts));
+    section("portal", &mut || portal(&opts));
+    section("memory", &mut || memory());
+    check_interrupted()?;
+
+    let report = json!({
+        "date": date(),
+        "machine": machine(),
+        "quick": opts.quick,
+        "profile": PROFILE,
+        "seconds": started.elapsed().as_secs(),
+        "rows": rows.iter().map(Row::json).collect::<Vec<_>>(),
+    });
+    if let Some(parent) = opts.out.parent() {
+        std::fs::create_dir_all(parent)?;
+    }
+    std::fs::write(&opts.out, serde_json::to_vec_pretty(&report)?)
+        .with_context(|| format!("writing {}", opts.out.display()))?;
+    print_table(&rows, &report);
+    println!("figures written to {}", opts.out.display());
+    Ok(())
+}
+
+fn print_table(rows: &[Row], report: &Value) {
+    println!(
+        "\nUKey Renew benchmarks, {} on {}\n",
+        report["date"].as_str().unwrap_or(""),
+        report["machine"]["summary"].as_str().unwrap_or("")
+    );
+    println!("| benchmark | figure | goal | met |");
+    println!("| --- | --- | --- | --- |");
+    for r in rows {
+        let figure = match r.value {
+            Some(v) => format!("{} {}{}", fmt_num(v), r.unit, paren(&r.detail)),
+            None => r.detail.clone(),
+        };
+        let met = match r.met {
+            Some(true) => "yes",
+            Some(false) => "NO",
+            None => "-",
+        };
+        println!("| {} | {figure} | {} | {met} |", r.name, r.goal);
+    }
+}
+
+fn paren(s: &str) -> String {
+    if s.is_empty() {
+        String::new()
+    } else {
+        format!(" ({s})")
+    }
+}
+
+fn fmt_num(v: f64) -> String {
+    if v.abs() >= 100.0 {
+        format!("{v:.0}")
+    } else if v.abs() >= 10.0 {
+        format!("{v:.1}")
+    } else {
+        format!("{v:.2}")
+    }
+}
+
+fn date() -> String {
+    Command::new("date")
+        .args(["-u", "+%Y-%m-%d %H:%M UTC"])
+        .output()
+        .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_owned())
+        .unwrap_or_default()
+}
+
+fn machine() -> Value {
+    let cpuinfo = std::fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
+    let cpu = cpuinfo
+        .lines()
+        .find_map(|l| l.strip_prefix("model name"))
+        .map(|l| l.trim_start_matches([' ', '\t', ':']).trim().to_owned())
+        .unwrap_or_else(|| "unknown CPU".into());
+    let cores = std::thread::available_parallelism()
+        .map(|n| n.get())
+        .unwrap_or(0);
+    let mem_gib = std::fs::read_to_string("/proc/meminfo")
+        .ok()
+        .and_then(|m| {
+            m.lines()
+                .find_map(|l| l.strip_prefix("MemTotal:"))
+                .and_then(|v| v.trim().trim_end_matches(" kB").trim().parse::<f64>().ok())
+        })
+        .map(|kib| kib / 1024.0 / 1024.0)
+        .unwrap_or(0.0);
+    let os = std::fs::read_to_string("/etc/os-release")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find_map(|l| l.strip_prefix("PRETTY_NAME="))
+                .map(|v| v.trim_matches('"').to_owned())
+        })
+        .unwrap_or_default();
+    let kernel = Command::new("uname")
+        .arg("-r")
+        .output()
+        .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_owned())
+        .unwrap_or_default();
+    json!({
+        "cpu": cpu,
+        "cores": cores,
+        "memory_gib": (mem_gib * 10.0).round() / 10.0,
+        "os": os,
+        "kernel": kernel,
+        "summary": format!("{cpu}, {cores} cores, {mem_gib:.0} GiB, {os}"),
+    })
+}
+
+// ---------------------------------------------------------------- renewal
+
+/// A scenario of the renewal rows: the key's algorithm, the order's options.
+struct Scenario {
+    name: &'static str,
+    key_alg: &'static str,
+    order: &'static [&'static str],
+}
+
+const SCENARIOS: &[Scenario] = &[
+    Scenario {
+        name: "renewal, RSA-2048, new key",
+        key_alg: "rsa2048",
+        order: &["--key-policy", "new", "--algorithm", "RSA-2048"],
+    },
+    Scenario {
+        name: "renewal, P-256, new key",
+        key_alg: "p256",
+        order: &["--key-policy", "new", "--algorithm", "EC-P256"],
+    },
+    Scenario {
+        name: "renewal, RSA-2048, same key",
+        key_alg: "rsa2048",
+        order: &["--key-policy", "same", "--algorithm", "RSA-2048"],
+    },
+];
+
+fn need_renew() -> Result<()> {
+    if !demo::has_command(PROFILE, "renew") {
+        bail!("this build of `ukey` has no `renew` command");
+    }
+    Ok(())
+}
+
+fn renewal(opts: &Opts) -> Result<Vec<Row>> {
+    need_renew()?;
+    let runs = if opts.quick { 3 } else { 7 };
+    let world = demo::make_world(PROFILE, "BENCH-0", "张三", 10)?;
+    let (_portal, url) = demo::start_portal(&world)?;
+    let mut rows = Vec::new();
+    let mut medians = Vec::new();
+    for s in SCENARIOS {
+        let mut times = Vec::new();
+        for i in 0..runs {
+            check_interrupted()?;
+            let (token, cert) = demo::add_key(&world, &format!("B{i}"), "张三", 10, s.key_alg)?;
+            demo::order(&world, &cert, s.order)?;
+            let took = renew_once(&world, &url, &token)?;
+            times.push(took.as_secs_f64() * 1e3);
+            eprintln!("  {}: run {} {:.0} ms", s.name, i + 1, times[i]);
+            // Each key lives in its own token dir; drop it so later runs list one key.
+            delete_key(&world, &token)?;
+        }
+        let m = median(&times);
+        medians.push((s.name, m));
+        rows.push(Row::measured(
+            s.name,
+            m,
+            "ms",
+            format!(
+                "median of {runs} `ukey renew` processes, min {:.0}, max {:.0}",
+                percentile(&times, 0.0),
+                percentile(&times, 1.0)
+            ),
+            "",
+            None,
+        ));
+    }
+    rows.extend(raw_ops_ratio());
+    Ok(rows)
+}
+
+/// One `ukey renew --json` for a token, timed whole; fails unless it renewed.
+fn renew_once(world: &World, url: &str, token: &str) -> Result<Duration> {
+    let mut c = world.cmd("ukey");
+    c.args([
+        "renew",
+        "--portal",
+        url,
+        "--token",
+        token,
+        "--pin-stdin",
+        "--yes",
+        "--json",
+        "--trust",
+    ])
+    .arg(&world.portal_ca)
+    .stdin(Stdio::piped())
+    .stdout(Stdio::piped())
+    .stderr(Stdio::piped());
+    let started = Instant::now();
+    let mut child = c.spawn().context("starting ukey renew")?;
+    if let Some(mut stdin) = child.stdin.take() {
+        stdin.write_all(format!("{}\n", demo::DEMO_PIN).as_bytes())?;
+    }
+    let out = child.wait_with_output()?;
+    let took = started.elapsed();
+    if !out.status.success() {
+        bail!(
+            "`ukey renew --token {token}` failed ({}): {}{}",
+            out.status,
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    Ok(took)
+}
+
+fn delete_key(world: &World, token: &str) -> Result<()> {
+    output(
+        world
+            .cmd("softhsm-fixtures")
+            .arg("--dir")
+            .arg(world.hsm_dir())
+            .args(["delete", token]),
+    )?;
+    Ok(())
+}
+
+/// The renewal engine's own benchmark (end-to-end time and the sum of the raw PKCS#11
+/// and portal operations it needs, measured in the same run): its last JSON line.
+fn raw_ops_ratio() -> Vec<Row> {
+    let name = "renewal vs sum of raw operations";
+    let goal = "ratio <= 1.25";
+    let benches = workspace_root().join("crates/ukey-renewal/benches");
+    let Some(bench) = std::fs::read_dir(&benches).ok().and_then(|d| {
+        d.filter_map(|e| e.ok().map(|e| e.path()))
+            .find(|p| p.extension().is_some_and(|e| e == "rs"))
+    }) else {
+        return vec![Row::missing(
+            name,
+            goal,
+            "not measured: crates/ukey-renewal has no benchmark yet".into(),
+        )];
+    };
+    let stem = bench
+        .file_stem()
+        .map(|s| s.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    let out = match output(cargo().args(["bench", "-p", "ukey-renewal", "--bench", &stem])) {
+        Ok(o) => o,
+        Err(e) => return vec![Row::missing(name, goal, format!("not measured: {e:#}"))],
+    };
+    print!("{out}");
+    let mut rows = Vec::new();
+    for v in json_lines(&out) {
+        // Expected per scenario: {"scenario", "end_to_end_ms", "raw_ops_ms", "ratio"}.
+        let (Some(e2e), Some(raw)) = (v["end_to_end_ms"].as_f64(), v["raw_ops_ms"].as_f64()) else {
+            continue;
+        };
+        let ratio = v["ratio"].as_f64().unwrap_or(e2e / raw);
+        let scenario = v["scenario"].as_str().unwrap_or("renewal");
+        rows.push(Row::measured(
+            &format!("{scenario}: end to end / raw ops"),
+            ratio,
+            "×",
+            format!("engine {e2e:.0} ms, raw operations {raw:.0} ms"),
+            goal,
+            Some(ratio <= 1.25),
+        ));
+    }
+    if rows.is_empty() {
+        rows.push(Row::missing(
+            name,
+            goal,
+            format!("not measured: `cargo bench -p ukey-renewal --bench {stem}` printed no JSON line with end_to_end_ms and raw_ops_ms"),
+        ));
+    }
+    rows
+}
+
+fn json_lines(out: &str) -> Vec<Value> {
+    out.lines()
+        .filter(|l| l.trim_start().starts_with('{'))
+        .filter_map(|l| serde_json::from_str(l.trim()).ok())
+        .collect()
+}
+
+// ---------------------------------------------------------------- parallel
+
+fn parallel(opts: &Opts) -> Result<Vec<Row>> {
+    need_renew()?;
+    let singles = if opts.quick { 1 } else { 3 };
+    let world = demo::make_world(PROFILE, "PAR-0", "张三", 10)?;
+    let (_portal, url) = demo::start_portal(&world)?;
+    let order: &[&str] = &["--key-policy", "new", "--algorithm", "RSA-2048"];
+    // One alone (median of a few), each on a fresh key, the others deleted.
+    delete_key(&world, &world.token_serial)?;
+    let mut one = Vec::new();
+    for i in 0..singles {
+        let (token, cert) = demo::add_key(&world, &format!("ONE{i}"), "张三", 10, "rsa2048")?;
+        demo::order(&world, &cert, order)?;
+        one.push(renew_once(&world, &url, &token)?.as_secs_f64() * 1e3);
+        delete_key(&world, &token)?;
+    }
+    // Eight at once: eight keys with ready orders, eight processes started together.
+    let mut tokens = Vec::new();
+    for i in 0..8 {
+        let (token, cert) = demo::add_key(&world, &format!("EIGHT{i}"), "张三", 10, "rsa2048")?;
+        demo::order(&world, &cert, order)?;
+        tokens.push(token);
+    }
+    check_interrupted()?;
+    let started = Instant::now();
+    let handles: Vec<_> = tokens
+        .iter()
+        .map(|t| {
+            let (u, t) = (url.clone(), t.clone());
+            let env = world.env.clone();
+            let ca = world.portal_ca.clone();
+            std::thread::spawn(move || -> Result<f64> {
+                let mut c = Command::new(util::bin(PROFILE, "ukey"));
+                c.envs(&env)
+                    .args([
+                        "renew",
+                        "--portal",
+                        &u,
+                        "--token",
+                        &t,
+                        "--pin-stdin",
+                        "--yes",
+                        "--json",
+                        "--trust",
+                    ])
+                    .arg(&ca)
+                    .stdin(Stdio::piped())
+                    .stdout(Stdio::piped())
+                    .stderr(Stdio::piped());
+                let s = Instant::now();
+                let mut child = c.spawn()?;
+                if let Some(mut stdin) = child.stdin.take() {
+                    stdin.write_all(format!("{}\n", demo::DEMO_PIN).as_bytes())?;
+                }
+                let out = child.wait_with_output()?;
+                if !out.status.success() {
+                    bail!(
+                        "`ukey renew --token {t}` failed: {}",
+                        String::from_utf8_lossy(&out.stderr)
+                    );
+                }
+                Ok(s.elapsed().as_secs_f64() * 1e3)
+            })
+        })
+        .collect();
+    let mut each = Vec::new();
+    for h in handles {
+        each.push(
+            h.join()
+                .map_err(|_| anyhow::anyhow!("a renewal thread panicked"))??,
+        );
+    }
+    let all = started.elapsed().as_secs_f64() * 1e3;
+    let single = median(&one);
+    let ratio = all / single;
+    Ok(vec![Row::measured(
+        "8 keys renewed at once vs 1",
+        ratio,
+        "×",
+        format!(
+            "all 8 done in {all:.0} ms (slowest process {:.0} ms); one alone {single:.0} ms (median of {singles}); RSA-2048 new key, {} cores",
+            percentile(&each, 1.0),
+            std::thread::available_parallelism()
+                .map(|n| n.get())
+                .unwrap_or(0)
+        ),
+        "<= 2×",
+        Some(ratio <= 2.0),
+    )])
+}
+
+// ---------------------------------------------------------------- watcher
+
+/// Insert-to-notification latency and idle CPU of one `ukey watch` process on the
+/// ukey-sim module, polling every 200 ms like the desktop app.
+fn latency_and_idle(opts: &Opts, latency: bool, idle: bool) -> Result<Vec<Row>> {
+    let rounds = if opts.quick { 10 } else { 25 };
+    let idle_secs = if opts.quick { 10 } else { 60 };
+    let world = demo::make_world(PROFILE, "WATCH", "张三", 200)?;
+    let key = world.token_serial.clone();
+    run(world.cmd("ukey-sim").args(["unplug", &key]))?;
+    let mut watch = ChildGuard::spawn(
+        "ukey watch",
+        world
+            .cmd("ukey")
+            .args(["watch", "--json", "--interval-ms", "200"])
+            .stdout(Stdio::piped()),
+    )?;
+    let lines = Lines::new(watch.take_stdout().context("watch stdout")?);
+    std::thread::sleep(Duration::from_millis(800));
+    let mut rows = Vec::new();
+    if latency {
+        let mut plug_ms = Vec::new();
+        let mut unplug_ms = Vec::new();
+        for round in 0..rounds * 2 {
+            check_interrupted()?;
+            // Change the key at a varying point of the watcher's 200 ms interval.
+            std::thread::sleep(Duration::from_millis(150 + (round as u64 * 37) % 200));
+            let plug = round % 2 == 0;
+            let changed = Instant::now();
+            run_quiet(
+                world
+                    .cmd("ukey-sim")
+                    .args([if plug { "plug" } else { "unplug" }, &key]),
+            )?;
+            let (seen, line) = lines.next(Duration::from_secs(5)).with_context(|| {
+                format!(
+                    "`ukey watch` did not report the key {} within 5 s",
+                    if plug { "inserted" } else { "removed" }
+                )
+            })?;
+            let ms = seen.duration_since(changed).as_secs_f64() * 1e3;
+            if plug {
+                if !line.contains(&key) {
+                    bail!("unexpected watch line: {line}");
+                }
+                plug_ms.push(ms);
+            } else {
+                unplug_ms.push(ms);
+            }
+        }
+        let p95 = percentile(&plug_ms, 0.95);
+        rows.push(Row::measured(
+            "insert to notification (ukey-sim)",
+            p95,
+            "ms p95",
+            format!(
+                "{} inserts: median {:.0} ms, max {:.0} ms; removals p95 {:.0} ms; `ukey watch` polling every 200 ms like the app",
+                plug_ms.len(),
+                median(&plug_ms),
+                percentile(&plug_ms, 1.0),
+                percentile(&unplug_ms, 0.95)
+            ),
+            "p95 <= 500 ms",
+            Some(p95 <= 500.0),
+        ));
+    }
+    // The rounds end unplugged: plug the key in for the idle measurement, a user's
+    // normal state.
+    run_quiet(world.cmd("ukey-sim").args(["plug", &key]))?;
+    let _ = lines.next(Duration::from_secs(5));
+    if idle {
+        std::thread::sleep(Duration::from_millis(500));
+        let pid = watch.id();
+        let tick = clock_ticks()?;
+        let (cpu0, t0) = (cpu_ticks(pid)?, Instant::now());
+        let deadline = t0 + Duration::from_secs(idle_secs);
+        while Instant::now() < deadline {
+            check_interrupted()?;
+            std::thread::sleep(Duration::from_millis(200));
+        }
+        let (cpu1, wall) = (cpu_ticks(pid)?, t0.elapsed().as_secs_f64());
+        let cpu_s = (cpu1 - cpu0) as f64 / tick;
+        let pct = cpu_s / wall * 100.0;
+        rows.push(Row::measured(
+            "watcher CPU while idle",
+            pct,
+            "% of a core",
+            format!(
+                "{cpu_s:.2} s CPU over {wall:.0} s, `ukey watch` polling every 200 ms, one key inserted"
+            ),
+            "<= 0.5%",
+            Some(pct <= 0.5),
+        ));
+    }
+    watch.stop();
+    Ok(rows)
+}
+
+fn run_quiet(cmd: &mut Command) -> Result<()> {
+    let out = cmd.stdout(Stdio::null()).stderr(Stdio::piped()).output()?;
+    if !out.status.success() {
+        bail!(
+            "{} failed: {}",
+            util::describe(cmd),
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    Ok(())
+}
+
+fn clock_ticks() -> Result<f64> {
+    let out = output(Command::new("getconf").arg("CLK_TCK"))?;
+    out.trim().parse().context("getconf CLK_TCK")
+}
+
+/// utime + stime of a process, in clock ticks (/proc/PID/stat fields 14 and 15).
+fn cpu_ticks(pid: u32) -> Result<u64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))?;
+    // The command name (field 2) may hold spaces: count from its closing parenthesis.
+    let rest = stat
+        .rsplit_once(')')
+        .map(|(_, r)| r)
+        .context("odd /proc/PID/stat")?;
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    // rest starts at field 3 (state): field N is fields[N - 3].
+    let utime: u64 = fields.get(11).context("no utime")?.parse()?;
+    let stime: u64 = fields.get(12).context("no stime")?.parse()?;
+    Ok(utime + stime)
+}
+
+// ---------------------------------------------------------------- diagnose
+
+fn diagnose(opts: &Opts) -> Result<Vec<Row>> {
+    if !demo::has_command(PROFILE, "diagnose") {
+        bail!("this build of `ukey` has no `diagnose` command");
+    }
+    let runs = if opts.quick { 7 } else { 21 };
+    let world = demo::make_world(PROFILE, "DIAG", "张三", 200)?;
+    let hsm = world.hsm_dir();
+    let cmd = || {
+        let mut c = world.cmd("ukey");
+        c.args(["diagnose", "--json", "--trust"])
+            .arg(hsm.join("root-ca.pem"))
+            .arg("--trust")
+            .arg(&world.fixtures_ca)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped());
+        c
+    };
+    // Once untimed: page cache (binary, modules, token files).
+    let first = cmd().output()?;
+    if !first.stdout.starts_with(b"{") {
+        bail!(
+            "`ukey diagnose --json` printed no report ({}): {}",
+            first.status,
+            String::from_utf8_lossy(&first.stderr)
+        );
+    }
+    let mut times = Vec::new();
+    for _ in 0..runs {
+        check_interrupted()?;
+        let s = Instant::now();
+        let _ = cmd().output()?;
+        times.push(s.elapsed().as_secs_f64() * 1e3);
+    }
+    let m = median(&times);
+    Ok(vec![Row::measured(
+        "`ukey diagnose`, one key",
+        m,
+        "ms",
+        format!(
+            "median of {runs} whole processes on the ukey-sim module, max {:.0} ms",
+            percentile(&times, 1.0)
+        ),
+        "<= 300 ms",
+        Some(m <= 300.0),
+    )])
+}
+
+// ---------------------------------------------------------------- portal
+
+fn portal(opts: &Opts) -> Result<Vec<Row>> {
+    let issues = if opts.quick { "1000" } else { "3000" };
+    let out = output(
+        cargo()
+            .args(["bench", "-p", "ukey-portal", "--bench", "issue"])
+            .env("UKEY_BENCH_ISSUES", issues),
+    )?;
+    print!("{out}");
+    let (rate, p50, p99) = parse_portal(&out)
+        .with_context(|| format!("unexpected output of the portal benchmark:\n{out}"))?;
+    let header = out
+        .lines()
+        .find(|l| l.starts_with("issue benchmark:"))
+        .unwrap_or("")
+        .trim_start_matches("issue benchmark: ")
+        .to_owned();
+    Ok(vec![Row::measured(
+        "portal issuances/s",
+        rate,
+        "/s",
+        format!("p50 {p50:.1} ms, p99 {p99:.1} ms; {header}"),
+        ">= 500/s",
+        Some(rate >= 500.0),
+    )])
+}
+
+/// From "  1221 issuances/s over 2.46s; latency p50 12.34ms, p99 30.01ms, max ...":
+/// (rate, p50 ms, p99 ms).
+fn parse_portal(out: &str) -> Option<(f64, f64, f64)> {
+    let line = out.lines().find(|l| l.contains("issuances/s"))?;
+    let rate: f64 = line.split_whitespace().next()?.parse().ok()?;
+    let after = |key: &str| -> Option<f64> {
+        let rest = &line[line.find(key)? + key.len()..];
+        let tok = rest.split([',', ';']).next()?.trim();
+        duration_ms(tok)
+    };
+    Some((rate, after("p50 ")?, after("p99 ")?))
+}
+
+/// A `Debug`-formatted Duration ("12.34ms", "1.20s", "850.00µs", "3ns") in ms.
+fn duration_ms(s: &str) -> Option<f64> {
+    let s = s.trim();
+    let (num, scale) = if let Some(n) = s.strip_suffix("ms") {
+        (n, 1.0)
+    } else if let Some(n) = s.strip_suffix("µs").or_else(|| s.strip_suffix("us")) {
+        (n, 1e-3)
+    } else if let Some(n) = s.strip_suffix("ns") {
+        (n, 1e-6)
+    } else if let Some(n) = s.strip_suffix('s') {
+        (n, 1e3)
+    } else {
+        return None;
+    };
+    num.trim().parse::<f64>().ok().map(|v| v * scale)
+}
+
+// ---------------------------------------------------------------- memory
+
+fn memory() -> Result<Vec<Row>> {
+    let script = workspace_root().join("tests/e2e/run.sh");
+    if !script.is_file() {
+        bail!("tests/e2e/run.sh does not exist yet");
+    }
+    setup::setup(&[Part::App, Part::E2e])?;
+    let mut c = Command::new("bash");
+    c.arg(&script).arg("--memory").current_dir(workspace_root());
+    if let Some(d) = setup::tauri_driver() {
+        c.env("TAURI_DRIVER_BIN", d);
+    }
+    let out = output(&mut c)?;
+    print!("{out}");
+    let v = json_lines(&out)
+        .into_iter()
+        .rev()
+        .find(|v| v["pss_mib"].is_number())
+        .context("tests/e2e/run.sh --memory printed no JSON line with pss_mib")?;
+    let pss = v["pss_mib"].as_f64().unwrap_or(f64::NAN);
+    let rss = v["rss_mib"].as_f64().unwrap_or(f64::NAN);
+    let n = v["processes"].as_array().map(Vec::len).unwrap_or(0);
+    Ok(vec![Row::measured(
+        "desktop app memory after start",
+        pss,
+        "MiB PSS",
+        format!(
+            "{rss:.0} MiB RSS summed over {n} processes (main + WebKit), one key listed; debug build"
+        ),
+        "<= 150 MB",
+        Some(pss <= 150.0),
+    )])
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn portal_output_parses() {
+        let out = "issue benchmark: 3000 renewals (0 failed), 16 clients, EC-P256 keys, EC P-256 CA, 2 cores\n  \
+                   1221 issuances/s over 2.46s; latency p50 12.34ms, p99 1.20s, max 1.50s\n";
+        let (rate, p50, p99) = parse_portal(out).expect("parses");
+        assert_eq!(rate, 1221.0);
+        assert!((p50 - 12.34).abs() < 1e-9);
+        assert!((p99 - 1200.0).abs() < 1e-9);
+        assert_eq!(parse_portal("nothing here"), None);
+    }
+
+    #[test]
+    fn debug_durations_in_ms() {
+        assert_eq!(duration_ms("850.00µs"), Some(0.85));
+        assert_eq!(duration_ms("2s"), Some(2000.0));
+        assert_eq!(duration_ms("3.5ms"), Some(3.5));
+        assert_eq!(duration_ms("fast"), None);
+    }
+
+    #[test]
+    fn cpu_ticks_of_this_process() {
+        // Burn a little CPU: the counter must not go backwards and must be readable.
+        let a = cpu_ticks(std::process::id()).expect("stat");
+        let mut x = 0u64;
+        for i in 0..20_000_000u64 {
+            x = x.wrapping_add(i ^ (x >> 3));
+        }
+        assert!(x != 1);
+        let b = cpu_ticks(std::process::id()).expect("stat");
+        assert!(b >= a);
+    }
+}
