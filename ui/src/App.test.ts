@@ -10,6 +10,15 @@ import type { RenewEvent, Snapshot } from './lib/api';
 import { setLang } from './lib/i18n.svelte';
 import { AWAITING, READY, cert, key, snapshot } from './test/fixtures';
 
+const OUTCOME = {
+  newSerial: '02',
+  notAfter: '2027-01-01T00:00:00Z',
+  encryptionSerial: null,
+  archivedSerial: null,
+  resumed: false,
+  selfTestOk: true,
+};
+
 type Call = { cmd: string; args: Record<string, unknown> };
 
 function settingsView(language: 'zh-CN' | 'en' = 'zh-CN', supportContact: string | null = null) {
@@ -29,7 +38,7 @@ function settingsView(language: 'zh-CN' | 'en' = 'zh-CN', supportContact: string
 function backend(
   snap: Snapshot,
   renew?: (args: Record<string, unknown>) => unknown,
-  opts: { language?: 'zh-CN' | 'en'; supportContact?: string } = {},
+  opts: { language?: 'zh-CN' | 'en'; supportContact?: string; notices?: unknown[] } = {},
 ) {
   const calls: Call[] = [];
   mockIPC(
@@ -44,6 +53,13 @@ function backend(
           return settingsView();
         case 'refresh':
           return null;
+        case 'plan_renewal':
+          return {
+            resuming: false,
+            notices: opts.notices ?? [
+              { notice: 'old_certificate_revoked', serial: (args as { certSerial: string }).certSerial, text: 'x' },
+            ],
+          };
         case 'renew':
           if (!renew) throw new Error('unexpected renew');
           return renew(args as Record<string, unknown>);
@@ -111,17 +127,27 @@ describe('main window', () => {
   it('renews: consequences, PIN, named steps with a bar, do-not-pull, result', async () => {
     let release: () => void = () => {};
     const gate = new Promise<void>((r) => (release = r));
-    const calls = backend(snapshot([key('S1', [cert('0A', { ...READY, withEncryption: true })])]), async (args) => {
-      sendStep(args, 'login', 2, 10);
-      sendStep(args, 'write', 8, 10, true);
-      await gate;
-      return { newSerial: '7F01', notBefore: '2026-11-21T00:00:00Z', notAfter: '2028-11-21T00:00:00Z', selfTestOk: true };
-    });
+    const calls = backend(
+      snapshot([key('S1', [cert('0A', { ...READY, withEncryption: true })])]),
+      async (args) => {
+        sendStep(args, 'login', 2, 9);
+        sendStep(args, 'write', 6, 9, true);
+        await gate;
+        return { ...OUTCOME, newSerial: '7F01', notAfter: '2028-11-21T00:00:00Z' };
+      },
+      {
+        notices: [
+          { notice: 'old_certificate_revoked', serial: '0A', text: 'engine text' },
+          { notice: 'old_decryption_key_archived', serial: '0E', text: 'engine text' },
+        ],
+      },
+    );
     render(App);
     await fireEvent.click(await screen.findByTestId('banner-renew'));
     const consequences = await screen.findByTestId('consequences');
-    expect(consequences.textContent).toContain('旧证书将被吊销');
-    expect(consequences.textContent).toContain('旧的解密密钥会保留');
+    expect(consequences.textContent).toContain('旧证书（序列号 0A）将被 CA 吊销');
+    expect(consequences.textContent).toContain('解密密钥会保留在 UKey 中');
+    expect(consequences.textContent).toContain('有效期 2 年');
     expect(consequences.textContent).toContain('请不要拔出');
     await fireEvent.click(screen.getByTestId('continue'));
     const input = (await screen.findByTestId('pin-input')) as HTMLInputElement;
@@ -132,19 +158,17 @@ describe('main window', () => {
     const steps = screen.getByTestId('steps');
     expect(steps.textContent).toContain('验证 PIN');
     expect(steps.textContent).toContain('写入新证书');
-    expect(screen.getByRole('progressbar').getAttribute('aria-valuenow')).toBe('8');
+    expect(screen.getByRole('progressbar').getAttribute('aria-valuenow')).toBe('6');
     release();
     expect((await screen.findByTestId('result-title')).textContent).toContain('证书已更新');
     expect(screen.getByTestId('result-validity').textContent).toMatch(/2028年11月/);
     expect(screen.getByTestId('self-test').textContent).toContain('测试签名成功');
     const renewCall = calls.find((c) => c.cmd === 'renew');
-    expect(renewCall?.args).toMatchObject({ tokenSerial: 'S1', certSerial: '0A', pin: '123456' });
+    expect(renewCall?.args).toMatchObject({ tokenSerial: 'S1', certSerial: '0A', pin: '123456', confirmFinalTry: false });
   });
 
   it('Enter submits the PIN; the Caps Lock hint shows', async () => {
-    const calls = backend(snapshot([key('S1', [cert('0A', READY)])]), () => ({
-      newSerial: '02', notBefore: '2026-01-01T00:00:00Z', notAfter: '2027-01-01T00:00:00Z', selfTestOk: true,
-    }));
+    const calls = backend(snapshot([key('S1', [cert('0A', READY)])]), () => (({ ...OUTCOME, newSerial: '02', notAfter: '2027-01-01T00:00:00Z' })));
     render(App);
     await fireEvent.click(await screen.findByTestId('renew'));
     await fireEvent.click(await screen.findByTestId('continue'));
@@ -181,6 +205,12 @@ describe('main window', () => {
     expect(((await screen.findByTestId('pin-input')) as HTMLInputElement).value).toBe('');
     await new Promise((r) => setTimeout(r, 50));
     expect(calls.filter((c) => c.cmd === 'renew')).toHaveLength(1);
+    // Submitting again while "last try" is shown confirms the last try.
+    const again = (await screen.findByTestId('pin-input')) as HTMLInputElement;
+    await fireEvent.input(again, { target: { value: '123456' } });
+    await fireEvent.submit(again.form as HTMLFormElement);
+    await waitFor(() => expect(calls.filter((c) => c.cmd === 'renew')).toHaveLength(2));
+    expect(calls.filter((c) => c.cmd === 'renew')[1].args.confirmFinalTry).toBe(true);
   });
 
   it('a locked PIN says who to call and offers no renewal', async () => {
@@ -238,7 +268,7 @@ describe('main window', () => {
         await emit('snapshot', snapshot([], { interrupted: [{ tokenSerial: 'S1', tokenLabel: 'UKey S1', certSerial: '0A', keyPresent: false }] }));
         throw { code: 'token_removed', message: 'removed' };
       }
-      return { newSerial: '02', notBefore: '2026-01-01T00:00:00Z', notAfter: '2027-01-01T00:00:00Z', selfTestOk: true };
+      return ({ ...OUTCOME, newSerial: '02', notAfter: '2027-01-01T00:00:00Z' });
     });
     render(App);
     await fireEvent.click(await screen.findByTestId('renew'));
@@ -260,7 +290,7 @@ describe('main window', () => {
     const renewed: string[] = [];
     backend(snapshot([key('S1', [cert('0A', READY)]), key('S2', [cert('0B', READY, { holder: '李四' })])]), (args) => {
       renewed.push(`${args.tokenSerial}/${args.certSerial}`);
-      return { newSerial: 'FF', notBefore: '2026-01-01T00:00:00Z', notAfter: '2027-01-01T00:00:00Z', selfTestOk: true };
+      return ({ ...OUTCOME, newSerial: 'FF', notAfter: '2027-01-01T00:00:00Z' });
     });
     render(App);
     await waitFor(() => expect(screen.getAllByTestId('key')).toHaveLength(2));

@@ -95,17 +95,31 @@ export interface SettingsView {
   version: string;
 }
 
-/** Renewal progress, as sent over the `renew` channel. */
+/** Renewal progress, as sent over the `renew` channel (src-tauri/src/renewal.rs). */
 export type RenewEvent =
-  | { event: 'step'; data: { step: string; index: number; total: number; writing: boolean } };
+  | { event: 'step'; data: { step: string; index: number; total: number; writing: boolean } }
+  | { event: 'resuming'; data: { from: string } };
+
+/** What the engine says before the PIN (ukey_renewal::Notice), with its own text. */
+export type Notice =
+  | { notice: 'old_certificate_revoked'; serial: string; text: string }
+  | { notice: 'old_decryption_key_archived'; serial: string; text: string }
+  | { notice: 'algorithm_upgrade'; from: string; to: string; text: string }
+  | { notice: 'resuming'; step: string; text: string };
+
+export interface PlanView {
+  notices: Notice[];
+  resuming: boolean;
+}
 
 /** What a finished renewal reports. */
 export interface RenewOutcome {
   newSerial: string;
-  notBefore: string;
   notAfter: string;
+  encryptionSerial: string | null;
+  archivedSerial: string | null;
+  resumed: boolean;
   selfTestOk: boolean;
-  encryptionSerial?: string | null;
 }
 
 /** A bilingual text of the diagnosis report. */
@@ -165,16 +179,24 @@ export const diagnose = () => call<DiagnosticsResult>('diagnose');
 /** Writes the last report, redacted, as JSON to a path the user chose. */
 export const saveReport = (path: string) => call<void>('save_report', { path });
 
-/** Renews one certificate. The PIN is passed once and not kept here. */
+/** What renewing will do, before the PIN (engine preflight). */
+export const planRenewal = (tokenSerial: string, certSerial: string) =>
+  call<PlanView>('plan_renewal', { tokenSerial, certSerial });
+
+/**
+ * Renews one certificate. The PIN is passed once and not kept here.
+ * `confirmFinalTry`: the user was shown that this is the PIN's last try.
+ */
 export function renew(
   tokenSerial: string,
   certSerial: string,
   pin: string,
+  confirmFinalTry: boolean,
   onEvent: (e: RenewEvent) => void,
 ): Promise<RenewOutcome> {
   const channel = new Channel<RenewEvent>();
   channel.onmessage = onEvent;
-  return call<RenewOutcome>('renew', { tokenSerial, certSerial, pin, onEvent: channel });
+  return call<RenewOutcome>('renew', { tokenSerial, certSerial, pin, confirmFinalTry, onEvent: channel });
 }
 
 /** Snapshot events: keys inserted or removed, statuses answered. */

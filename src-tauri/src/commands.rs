@@ -1,0 +1,244 @@
+//! IPC commands: thin, they parse arguments and hand over to the service, the
+//! settings or the engine crates. Every command the UI may call is listed in
+//! `build.rs` (which makes its permission) and in `capabilities/default.json`.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::sync::mpsc;
+
+use secrecy::SecretString;
+use serde::Serialize;
+use tauri::State;
+use tauri::ipc::Channel;
+use tauri_plugin_autostart::ManagerExt as _;
+
+use crate::AppState;
+use crate::error::{IpcError, IpcResult};
+use crate::renewal::{
+    self, DiagnosticsResult, EngineConfig, PlanView, PortalStatus, RenewEvent, RenewOutcome,
+};
+use crate::service::{Request, StatusSource};
+use crate::settings::{self, Settings};
+use crate::view::Snapshot;
+
+/// The keys, certificates and statuses as they are now (later changes come as
+/// `snapshot` events).
+#[tauri::command]
+pub fn get_snapshot(state: State<'_, AppState>) -> Snapshot {
+    state.service.snapshot()
+}
+
+/// Re-reads the keys and asks the portal again.
+#[tauri::command]
+pub fn refresh(state: State<'_, AppState>) -> IpcResult<()> {
+    state.service.send(Request::Refresh)
+}
+
+/// A module discovery found.
+#[derive(Debug, Clone, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct DetectedModule {
+    /// Vendor name.
+    pub name: String,
+    /// Library path.
+    pub path: String,
+}
+
+/// What the settings page shows.
+#[derive(Debug, Clone, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct SettingsView {
+    /// As in the file: what the page edits.
+    pub file: Settings,
+    /// In force (file + environment).
+    pub effective: Settings,
+    /// Settings set by the environment (not editable here).
+    pub env_overrides: Vec<&'static str>,
+    /// `zh-CN` or `en`.
+    pub language: &'static str,
+    /// Modules found on this machine.
+    pub detected_modules: Vec<DetectedModule>,
+    /// Where the settings live.
+    pub settings_path: String,
+    /// Whether autostart is really registered with the desktop.
+    pub autostart_registered: Option<bool>,
+    /// App version.
+    pub version: &'static str,
+}
+
+fn settings_view(app: &tauri::AppHandle, state: &AppState) -> SettingsView {
+    let file = state
+        .file_settings
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .clone();
+    let effective = state.env.apply(&file);
+    let config = ukey_token::Config::load_default().unwrap_or_default();
+    SettingsView {
+        language: settings::effective_language(&effective),
+        env_overrides: state.env.names(),
+        detected_modules: ukey_token::discover_all(&config)
+            .into_iter()
+            .map(|m| DetectedModule {
+                name: m.name,
+                path: m.path.display().to_string(),
+            })
+            .collect(),
+        settings_path: state.settings_path.display().to_string(),
+        autostart_registered: app.autolaunch().is_enabled().ok(),
+        version: env!("CARGO_PKG_VERSION"),
+        file,
+        effective,
+    }
+}
+
+/// The settings page's content.
+#[tauri::command]
+pub fn get_settings(app: tauri::AppHandle, state: State<'_, AppState>) -> SettingsView {
+    settings_view(&app, &state)
+}
+
+/// Validates and saves the settings, applies autostart and reloads the service.
+/// Invalid input changes nothing.
+#[tauri::command]
+pub fn save_settings(
+    app: tauri::AppHandle,
+    state: State<'_, AppState>,
+    settings: Settings,
+) -> IpcResult<SettingsView> {
+    settings.validate()?;
+    settings.save(&state.settings_path)?;
+    let autostart = if settings.autostart {
+        app.autolaunch().enable()
+    } else {
+        app.autolaunch().disable()
+    };
+    if let Err(e) = autostart {
+        tracing::warn!("autostart: {e}");
+    }
+    *state
+        .file_settings
+        .lock()
+        .unwrap_or_else(|e| e.into_inner()) = settings;
+    state
+        .service
+        .send(Request::Reconfigure(crate::service_config(
+            &state.effective(),
+        )))?;
+    Ok(settings_view(&app, &state))
+}
+
+/// The portal client for these settings, if a portal is configured.
+pub fn status_source(settings: &Settings) -> Option<Arc<dyn StatusSource>> {
+    PortalStatus::for_url(settings.portal_url.as_deref())
+}
+
+fn engine_config(state: &AppState) -> EngineConfig {
+    let s = state.effective();
+    EngineConfig {
+        portal_url: s.portal_url.clone(),
+        trust_anchors: s.trust_anchors.clone(),
+        data_dir: state.data_dir.clone(),
+        lang: settings::lang(&s),
+    }
+}
+
+/// Runs `f` with the module on the key service thread and waits for its answer.
+async fn with_module<T: Send + 'static>(
+    state: &AppState,
+    f: impl FnOnce(Option<&ukey_token::Module>) -> T + Send + 'static,
+) -> IpcResult<T> {
+    let (tx, rx) = mpsc::channel();
+    state.service.send(Request::WithModule(Box::new(move |m| {
+        // The command may have been dropped meanwhile: nobody to answer then.
+        let _ = tx.send(f(m));
+    })))?;
+    tauri::async_runtime::spawn_blocking(move || rx.recv())
+        .await
+        .map_err(|_| IpcError::worker_gone())?
+        .map_err(|_| IpcError::worker_gone())
+}
+
+/// What renewing this certificate will do (the engine's notices), before the PIN.
+#[tauri::command]
+pub async fn plan_renewal(
+    state: State<'_, AppState>,
+    token_serial: String,
+    cert_serial: String,
+) -> IpcResult<PlanView> {
+    let cfg = engine_config(&state);
+    let lang = cfg.lang;
+    with_module(&state, move |m| match m {
+        Some(m) => renewal::plan(m, &token_serial, &cert_serial, &cfg),
+        None => Err(no_module(lang)),
+    })
+    .await?
+}
+
+fn no_module(lang: ukey_token::Lang) -> IpcError {
+    IpcError::new(
+        "module_not_found",
+        lang.pick("没有可用的 UKey 驱动", "no usable PKCS#11 module"),
+    )
+}
+
+/// Renews one certificate. The PIN is used for this one attempt and dropped; a wrong
+/// PIN comes back as `pin_incorrect` and is not tried again. `confirm_final_try`: the
+/// user was shown that this is the PIN's last try.
+#[tauri::command]
+pub async fn renew(
+    state: State<'_, AppState>,
+    token_serial: String,
+    cert_serial: String,
+    pin: SecretString,
+    confirm_final_try: bool,
+    on_event: Channel<RenewEvent>,
+) -> IpcResult<RenewOutcome> {
+    let cfg = engine_config(&state);
+    let (tx, rx) = mpsc::channel();
+    let (t, c) = (token_serial.clone(), cert_serial.clone());
+    state.service.send(Request::Renew {
+        token_serial,
+        cert_serial,
+        job: Box::new(move |module| {
+            let mut send = |e: RenewEvent| {
+                if let Err(err) = on_event.send(e) {
+                    tracing::debug!("progress channel closed: {err}");
+                }
+            };
+            let outcome = renewal::renew(module, &t, &c, &pin, confirm_final_try, &cfg, &mut send);
+            drop(pin);
+            outcome
+        }),
+        reply: tx,
+    })?;
+    tauri::async_runtime::spawn_blocking(move || rx.recv())
+        .await
+        .map_err(|_| IpcError::worker_gone())?
+        .map_err(|_| IpcError::worker_gone())?
+}
+
+/// Runs the diagnosis (`ukey diagnose`) and keeps its redacted form for "save".
+#[tauri::command]
+pub async fn diagnose(state: State<'_, AppState>) -> IpcResult<DiagnosticsResult> {
+    let cfg = engine_config(&state);
+    let module_path = state.effective().pkcs11_module;
+    let result = with_module(&state, move |m| renewal::diagnose(m, &cfg, module_path)).await?;
+    *state.last_report.lock().unwrap_or_else(|e| e.into_inner()) = Some(result.report.redacted());
+    Ok(result)
+}
+
+/// Writes the last diagnosis, redacted, as JSON to `path` (chosen in a save dialog).
+#[tauri::command]
+pub fn save_report(state: State<'_, AppState>, path: PathBuf) -> IpcResult<()> {
+    let report = state
+        .last_report
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .clone()
+        .ok_or_else(|| IpcError::new("no_report", "先运行诊断 / run the diagnosis first"))?;
+    let json =
+        serde_json::to_vec_pretty(&report).map_err(|e| IpcError::new("internal", e.to_string()))?;
+    std::fs::write(&path, json)
+        .map_err(|e| IpcError::new("save_failed", format!("{}: {e}", path.display())))
+}

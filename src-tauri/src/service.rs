@@ -1,0 +1,458 @@
+//! The key service: one thread owns the PKCS#11 module (a module can be initialised
+//! once per process, and ukey-token's sessions borrow it), watches slots, lists
+//! tokens and runs renewals; a second thread asks the portal for renewal statuses so
+//! a slow network never delays the insert/remove events.
+//!
+//! Nothing here knows Tauri: the app gives an [`Emitter`], tests give a recorder.
+//!
+//! **Invariant:** a PIN arrives inside a [`Request::Renew`] job as a `SecretString`, is
+//! handed to the engine once and dropped with the job; it is never stored, logged or
+//! sent in an event, and a wrong PIN is never retried here.
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::sync::mpsc::{self, RecvTimeoutError};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Duration;
+
+use time::OffsetDateTime;
+use ukey_token::{Config, Lang, Module, TokenEvent, WatchMode, Watcher};
+
+use crate::error::{IpcError, IpcResult};
+use crate::renewal::RenewOutcome;
+use crate::view::{InterruptedView, KeyView, ModuleView, Snapshot, StatusView, key_view};
+
+/// How often the watcher looks at the slots. Insert-to-banner must stay under a second.
+pub const POLL_INTERVAL: Duration = Duration::from_millis(200);
+
+/// Where the service sends what the window must show.
+pub trait Emitter: Send + Sync + 'static {
+    /// The snapshot changed.
+    fn snapshot(&self, snapshot: &Snapshot);
+    /// A key was inserted whose certificate has a renewal ready: notify the desktop.
+    fn renewal_ready(&self, key: &KeyView, cert_serial: &str);
+}
+
+/// Asks a portal for a certificate's renewal status.
+pub trait StatusSource: Send + Sync + 'static {
+    /// Status of the certificate with this DER.
+    fn status(&self, cert_der: &[u8]) -> IpcResult<ukey_portal_api::RenewalStatus>;
+}
+
+/// What the service needs to know from the settings.
+#[derive(Clone)]
+pub struct ServiceConfig {
+    /// PKCS#11 module; `None`: detect.
+    pub module: Option<PathBuf>,
+    /// Portal; `None`: no statuses.
+    pub portal: Option<Arc<dyn StatusSource>>,
+    /// Portal base URL (for links; `portal` does the asking).
+    pub portal_url: Option<String>,
+    /// Language of backend messages.
+    pub lang: Lang,
+}
+
+impl std::fmt::Debug for ServiceConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ServiceConfig")
+            .field("module", &self.module)
+            .field("portal", &self.portal.is_some())
+            .field("lang", &self.lang)
+            .finish()
+    }
+}
+
+/// A renewal run, executed on the service thread (it needs the module). The closure
+/// owns the PIN and drops it when it returns.
+pub type RenewJob = Box<dyn FnOnce(&Module) -> IpcResult<RenewOutcome> + Send>;
+
+/// Other work needing the module (plan, diagnosis); `None` when no module is loaded.
+pub type ModuleJob = Box<dyn FnOnce(Option<&Module>) + Send>;
+
+/// Requests to the service thread.
+pub enum Request {
+    /// Re-read every token and ask the portal again.
+    Refresh,
+    /// New settings: reload the module if it changed.
+    Reconfigure(ServiceConfig),
+    /// Renew one certificate.
+    Renew {
+        /// Token serial.
+        token_serial: String,
+        /// Certificate serial.
+        cert_serial: String,
+        /// The engine run.
+        job: RenewJob,
+        /// Where the outcome goes.
+        reply: mpsc::Sender<IpcResult<RenewOutcome>>,
+    },
+    /// Run something with the module.
+    WithModule(ModuleJob),
+}
+
+impl std::fmt::Debug for Request {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Request::Refresh => f.write_str("Refresh"),
+            Request::Reconfigure(c) => f.debug_tuple("Reconfigure").field(c).finish(),
+            Request::Renew {
+                token_serial,
+                cert_serial,
+                ..
+            } => f
+                .debug_struct("Renew")
+                .field("token_serial", token_serial)
+                .field("cert_serial", cert_serial)
+                .finish_non_exhaustive(),
+            Request::WithModule(_) => f.write_str("WithModule"),
+        }
+    }
+}
+
+/// Handle to the running service.
+#[derive(Debug, Clone)]
+pub struct Service {
+    tx: mpsc::Sender<Request>,
+    shared: Arc<Shared>,
+}
+
+#[derive(Debug, Default)]
+struct Shared {
+    snapshot: Mutex<Snapshot>,
+    /// Portal statuses by certificate serial, kept across re-listings.
+    statuses: Mutex<HashMap<String, StatusView>>,
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    // A panic while holding the lock leaves plain data behind, still usable.
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+struct PortalJob {
+    cert_serial: String,
+    der: Vec<u8>,
+    notify: bool,
+}
+
+impl Service {
+    /// Starts the service threads.
+    pub fn start(config: ServiceConfig, emitter: Arc<dyn Emitter>) -> Service {
+        let (tx, rx) = mpsc::channel();
+        let shared = Arc::new(Shared::default());
+        let (ptx, prx) = mpsc::channel::<(Option<Arc<dyn StatusSource>>, PortalJob)>();
+        {
+            let shared = shared.clone();
+            let emitter = emitter.clone();
+            std::thread::Builder::new()
+                .name("ukey-portal-status".into())
+                .spawn(move || portal_thread(prx, shared, emitter))
+                .ok();
+        }
+        {
+            let shared = shared.clone();
+            std::thread::Builder::new()
+                .name("ukey-keys".into())
+                .spawn(move || {
+                    let mut worker = Worker::new(config, shared, emitter, ptx);
+                    worker.run(rx);
+                })
+                .ok();
+        }
+        Service { tx, shared }
+    }
+
+    /// The current snapshot.
+    pub fn snapshot(&self) -> Snapshot {
+        lock(&self.shared.snapshot).clone()
+    }
+
+    /// Sends a request to the service thread.
+    pub fn send(&self, req: Request) -> IpcResult<()> {
+        self.tx.send(req).map_err(|_| IpcError::worker_gone())
+    }
+}
+
+fn portal_thread(
+    rx: mpsc::Receiver<(Option<Arc<dyn StatusSource>>, PortalJob)>,
+    shared: Arc<Shared>,
+    emitter: Arc<dyn Emitter>,
+) {
+    for (source, job) in rx {
+        let status = match &source {
+            None => StatusView::Unknown,
+            Some(s) => match s.status(&job.der) {
+                Ok(st) => StatusView::from(st),
+                Err(error) => StatusView::Unavailable { error },
+            },
+        };
+        lock(&shared.statuses).insert(job.cert_serial.clone(), status.clone());
+        let mut ready_on: Option<KeyView> = None;
+        let snap = {
+            let mut snap = lock(&shared.snapshot);
+            for key in &mut snap.keys {
+                let mut hit = false;
+                for cert in &mut key.certificates {
+                    if cert.serial.as_deref() == Some(job.cert_serial.as_str()) {
+                        cert.status = status.clone();
+                        hit = true;
+                    }
+                }
+                if hit && job.notify && status.renewable() {
+                    ready_on = Some(key.clone());
+                }
+            }
+            snap.clone()
+        };
+        emitter.snapshot(&snap);
+        if let Some(key) = ready_on {
+            emitter.renewal_ready(&key, &job.cert_serial);
+        }
+    }
+}
+
+struct Worker {
+    config: ServiceConfig,
+    watcher: Option<Watcher>,
+    shared: Arc<Shared>,
+    emitter: Arc<dyn Emitter>,
+    portal: mpsc::Sender<(Option<Arc<dyn StatusSource>>, PortalJob)>,
+    /// Wrong PINs entered in this app, by token serial.
+    wrong_pins: HashMap<String, u32>,
+    /// Renewals stopped by a pulled key.
+    interrupted: Vec<InterruptedView>,
+}
+
+impl Worker {
+    fn new(
+        config: ServiceConfig,
+        shared: Arc<Shared>,
+        emitter: Arc<dyn Emitter>,
+        portal: mpsc::Sender<(Option<Arc<dyn StatusSource>>, PortalJob)>,
+    ) -> Worker {
+        let mut w = Worker {
+            config,
+            watcher: None,
+            shared,
+            emitter,
+            portal,
+            wrong_pins: HashMap::new(),
+            interrupted: vec![],
+        };
+        w.load_module();
+        w
+    }
+
+    fn load_module(&mut self) {
+        self.watcher = None;
+        let lang = self.config.lang;
+        let loaded = Config::load_default()
+            .and_then(|cfg| ukey_token::resolve_module_path(self.config.module.as_deref(), &cfg))
+            .and_then(|path| Module::load(&path));
+        let module_view = match loaded {
+            Ok(module) => {
+                let info = module.library_info();
+                let view = ModuleView {
+                    path: Some(module.path().display().to_string()),
+                    description: Some(format!(
+                        "{} {} {}",
+                        info.manufacturer, info.description, info.version
+                    )),
+                    error: None,
+                };
+                tracing::info!(path = %module.path().display(), "PKCS#11 module loaded");
+                self.watcher = Some(Watcher::new(module, WatchMode::Auto));
+                view
+            }
+            Err(e) => {
+                tracing::warn!(code = e.code(), "no PKCS#11 module");
+                ModuleView {
+                    path: self.config.module.as_ref().map(|p| p.display().to_string()),
+                    description: None,
+                    error: Some(IpcError::from_token(&e, lang)),
+                }
+            }
+        };
+        let snap = {
+            let mut snap = lock(&self.shared.snapshot);
+            snap.module = module_view;
+            snap.keys.clear();
+            snap.portal_configured = self.config.portal.is_some();
+            snap.portal_url = self.config.portal_url.clone();
+            snap.clone()
+        };
+        self.emitter.snapshot(&snap);
+    }
+
+    fn run(&mut self, rx: mpsc::Receiver<Request>) {
+        loop {
+            match rx.recv_timeout(POLL_INTERVAL) {
+                Ok(Request::Refresh) => {
+                    lock(&self.shared.statuses).clear();
+                    self.relist(None, true);
+                }
+                Ok(Request::Reconfigure(config)) => {
+                    let module_changed = config.module != self.config.module;
+                    self.config = config;
+                    lock(&self.shared.statuses).clear();
+                    if module_changed || self.watcher.is_none() {
+                        self.load_module();
+                    }
+                    self.relist(None, true);
+                }
+                Ok(Request::Renew {
+                    token_serial,
+                    cert_serial,
+                    job,
+                    reply,
+                }) => {
+                    let outcome = self.renew(&token_serial, &cert_serial, job);
+                    // The UI may have gone away (window closed): nothing to tell then.
+                    let _ = reply.send(outcome);
+                }
+                Ok(Request::WithModule(job)) => job(self.watcher.as_ref().map(Watcher::module)),
+                Err(RecvTimeoutError::Timeout) => self.poll(),
+                Err(RecvTimeoutError::Disconnected) => return,
+            }
+        }
+    }
+
+    fn poll(&mut self) {
+        let Some(watcher) = self.watcher.as_mut() else {
+            return;
+        };
+        match watcher.poll() {
+            Ok(events) if events.is_empty() => {}
+            Ok(events) => {
+                let inserted: Vec<String> = events
+                    .iter()
+                    .filter_map(|e| match e {
+                        TokenEvent::Inserted { token } => Some(token.serial.clone()),
+                        TokenEvent::Removed { .. } => None,
+                    })
+                    .collect();
+                for e in &events {
+                    match e {
+                        TokenEvent::Inserted { token } => {
+                            tracing::info!(serial = %token.serial, "key inserted")
+                        }
+                        TokenEvent::Removed { serial, .. } => {
+                            tracing::info!(%serial, "key removed")
+                        }
+                    }
+                }
+                self.relist(Some(&inserted), false);
+            }
+            Err(e) => tracing::warn!(code = e.code(), "watching slots failed: {e}"),
+        }
+    }
+
+    /// Lists every token present and publishes the snapshot. Certificates of the
+    /// `inserted` tokens (all, when `requery`) are (re)sent to the portal; a ready
+    /// renewal on an inserted token raises a desktop notification.
+    fn relist(&mut self, inserted: Option<&[String]>, requery: bool) {
+        let Some(watcher) = self.watcher.as_ref() else {
+            return;
+        };
+        let module = watcher.module();
+        let now = OffsetDateTime::now_utc();
+        let lang = self.config.lang;
+        let tokens = watcher.tokens().to_vec();
+        let mut keys = vec![];
+        let mut jobs = vec![];
+        {
+            let mut statuses = lock(&self.shared.statuses);
+            for token in &tokens {
+                let listing = module.list_token(token, None);
+                let fresh = inserted.is_some_and(|i| i.contains(&token.serial));
+                for cert in &listing.certificates {
+                    if let Ok(d) = &cert.details {
+                        if fresh || requery || !statuses.contains_key(&d.serial) {
+                            statuses.insert(d.serial.clone(), StatusView::Checking);
+                            jobs.push(PortalJob {
+                                cert_serial: d.serial.clone(),
+                                der: cert.der.clone(),
+                                notify: fresh,
+                            });
+                        }
+                    }
+                }
+                let wrong = self.wrong_pins.get(&token.serial).copied().unwrap_or(0);
+                keys.push(key_view(&listing, now, lang, wrong, |serial| {
+                    statuses
+                        .get(serial)
+                        .cloned()
+                        .unwrap_or(StatusView::Checking)
+                }));
+            }
+        }
+        for i in &mut self.interrupted {
+            i.key_present = keys.iter().any(|k| k.serial == i.token_serial);
+        }
+        let snap = {
+            let mut snap = lock(&self.shared.snapshot);
+            snap.keys = keys;
+            snap.interrupted = self.interrupted.clone();
+            snap.portal_configured = self.config.portal.is_some();
+            snap.portal_url = self.config.portal_url.clone();
+            snap.clone()
+        };
+        self.emitter.snapshot(&snap);
+        for job in jobs {
+            // The portal thread lives as long as this one.
+            let _ = self.portal.send((self.config.portal.clone(), job));
+        }
+    }
+
+    fn renew(
+        &mut self,
+        token_serial: &str,
+        cert_serial: &str,
+        job: RenewJob,
+    ) -> IpcResult<RenewOutcome> {
+        let Some(watcher) = self.watcher.as_ref() else {
+            return Err(lock(&self.shared.snapshot)
+                .module
+                .error
+                .clone()
+                .unwrap_or_else(|| IpcError::new("module_not_found", "no PKCS#11 module")));
+        };
+        let outcome = job(watcher.module());
+        match &outcome {
+            Ok(_) => {
+                self.wrong_pins.remove(token_serial);
+                self.interrupted.retain(|i| i.token_serial != token_serial);
+            }
+            Err(e) if e.code == "pin_incorrect" => {
+                *self.wrong_pins.entry(token_serial.to_owned()).or_default() += 1;
+            }
+            Err(e) if e.code == "token_removed" || e.code == "token_not_present" => {
+                if !self
+                    .interrupted
+                    .iter()
+                    .any(|i| i.token_serial == token_serial)
+                {
+                    let label = lock(&self.shared.snapshot)
+                        .keys
+                        .iter()
+                        .find(|k| k.serial == token_serial)
+                        .map(|k| k.label.clone())
+                        .unwrap_or_default();
+                    self.interrupted.push(InterruptedView {
+                        token_serial: token_serial.to_owned(),
+                        token_label: label,
+                        cert_serial: cert_serial.to_owned(),
+                        key_present: false,
+                    });
+                }
+            }
+            Err(_) => {}
+        }
+        // The renewal changed the token (or its PIN state) and the order: ask the portal
+        // again (without a second notification), and look at the slots, since a pulled
+        // key must show as gone.
+        lock(&self.shared.statuses).remove(cert_serial);
+        self.poll();
+        self.relist(None, false);
+        outcome
+    }
+}
