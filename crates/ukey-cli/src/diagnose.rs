@@ -95,8 +95,7 @@ pub fn run(args: &DiagnoseArgs, module: Option<PathBuf>, lang: Lang) -> anyhow::
         .iter()
         .chain(&args.trust)
     {
-        let anchors =
-            TrustAnchor::load(path).with_context(|| format!("--trust {}", path.display()))?;
+        let anchors = TrustAnchor::load(path).context("--trust")?;
         options.trust_anchors.extend(anchors);
     }
     options.portal = args.portal.clone();

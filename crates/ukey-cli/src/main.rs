@@ -146,7 +146,15 @@ fn init_tracing(verbose: u8) {
         _ => "trace",
     };
     let filter = tracing_subscriber::EnvFilter::try_from_env("UKEY_LOG")
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(level));
+        // cryptoki logs every mechanism it has no name for as an ERROR while listing
+        // mechanisms (`ukey diagnose`); that is noise below -vv.
+        .unwrap_or_else(|_| {
+            tracing_subscriber::EnvFilter::new(if verbose < 2 {
+                format!("{level},cryptoki::mechanism=off")
+            } else {
+                level.to_owned()
+            })
+        });
     tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)

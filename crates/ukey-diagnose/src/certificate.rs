@@ -311,8 +311,8 @@ pub(crate) fn verify_chain(
                 )
             } else {
                 text!(
-                    "签发者“{issuer}”不在配置的信任锚中。",
-                    "The issuer \"{issuer}\" is not among the configured trust anchors."
+                    "签发者“{issuer}”不在配置的信任锚中，UKey 上也没有它的证书（若它是中级 CA，请同时用 --trust 给出它的证书）。",
+                    "The issuer \"{issuer}\" is neither among the configured trust anchors nor on the key (if it is an intermediate CA, give its certificate with --trust too)."
                 )
             };
             return Chain::Untrusted { reason, path };

@@ -48,7 +48,7 @@ pub use report::{Check, Counts, Facts, Report, Section, SectionKind, Status, Tex
 #[non_exhaustive]
 pub enum DiagnoseError {
     /// A file could not be read.
-    #[error("{}: {source}", .path.display())]
+    #[error("cannot read {}", .path.display())]
     Io {
         /// The file.
         path: PathBuf,
@@ -172,6 +172,15 @@ pub fn diagnose_with(module: &Module, options: &Options) -> Report {
         module.path(),
     ))));
 
+    // With a portal, its issuing CA completes chains the user's root alone cannot.
+    let portal_ca: Vec<Vec<u8>> = match &options.portal {
+        Some(url) if !options.trust_anchors.is_empty() => {
+            portal::fetch_ca(url, &options.trust_anchors)
+                .into_iter()
+                .collect()
+        }
+        _ => Vec::new(),
+    };
     let mut certificates = Vec::new();
     let mut token_sections = Vec::new();
     match module.tokens() {
@@ -194,7 +203,7 @@ pub fn diagnose_with(module: &Module, options: &Options) -> Report {
                 .facts(Facts::new().with("count", n)),
             );
             for t in &tokens {
-                let result = token::diagnose(module, t, options, now);
+                let result = token::diagnose(module, t, options, &portal_ca, now);
                 token_sections.extend(result.sections);
                 certificates.extend(result.certificates);
                 report.personal.extend(result.personal);

@@ -58,6 +58,38 @@ fn error_chain(e: &(dyn std::error::Error + 'static)) -> String {
     parts.join(": ")
 }
 
+/// The HTTP client: system roots plus the trust anchors (a CA's own portal may use a
+/// certificate from its own CA).
+fn client(anchors: &[TrustAnchor]) -> reqwest::Result<reqwest::blocking::Client> {
+    let mut builder = reqwest::blocking::Client::builder()
+        .timeout(TIMEOUT)
+        .connect_timeout(Duration::from_secs(5));
+    let extra: Vec<reqwest::Certificate> = anchors
+        .iter()
+        .filter_map(|a| reqwest::Certificate::from_der(&a.der).ok())
+        .collect();
+    if !extra.is_empty() {
+        builder = builder.tls_certs_merge(extra);
+    }
+    builder.build()
+}
+
+/// The portal's issuing CA certificate (`GET /api/v1/ca`), used as an intermediate
+/// (never as a trust anchor) when checking chains: users are given the root. `None` if
+/// the portal cannot be asked or answers something that is not a CA certificate.
+pub(crate) fn fetch_ca(url: &str, anchors: &[TrustAnchor]) -> Option<Vec<u8>> {
+    let base = url.trim_end_matches('/');
+    let response = client(anchors)
+        .ok()?
+        .get(format!("{base}{}", paths::CA_CERT))
+        .send()
+        .ok()?
+        .error_for_status()
+        .ok()?;
+    let der = response.bytes().ok()?.to_vec();
+    crate::certificate::is_ca(&der).then_some(der)
+}
+
 /// Runs the portal checks. `certificates` are (token serial, DER) of the certificates
 /// found on tokens.
 pub(crate) fn diagnose(
@@ -89,17 +121,7 @@ pub(crate) fn diagnose(
     let https = parsed.scheme() == "https";
     let host = parsed.host_str().unwrap_or("").to_owned();
 
-    let mut builder = reqwest::blocking::Client::builder()
-        .timeout(TIMEOUT)
-        .connect_timeout(Duration::from_secs(5));
-    let extra: Vec<reqwest::Certificate> = anchors
-        .iter()
-        .filter_map(|a| reqwest::Certificate::from_der(&a.der).ok())
-        .collect();
-    if !extra.is_empty() {
-        builder = builder.tls_certs_merge(extra);
-    }
-    let client = match builder.build() {
+    let client = match client(anchors) {
         Ok(c) => c,
         Err(e) => {
             let detail = error_chain(&e);

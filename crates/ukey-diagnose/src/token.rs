@@ -282,12 +282,25 @@ fn mechanism_check(have: &[MechanismType], certs: &[CertificateEntry]) -> Check 
         );
     if missing.is_empty() {
         let n = need.len();
+        let mut zh = vec![];
+        let mut en = vec![];
+        for (purpose, z, e) in [
+            ("keygen", "生成密钥", "key generation"),
+            ("sign", "签名", "signing"),
+            ("unwrap", "解包加密密钥", "unwrapping the encryption key"),
+        ] {
+            if need.iter().any(|(_, p)| *p == purpose) {
+                zh.push(z);
+                en.push(e);
+            }
+        }
+        let (zh, en) = (zh.join("、"), en.join(", "));
         Check::new(
             id,
             Status::Pass,
             text!(
-                "UKey 支持更新所需的 {n} 种算法机制（生成密钥、签名、解包）。",
-                "The key supports the {n} mechanisms renewal needs (key generation, signing, unwrap)."
+                "UKey 支持更新所需的 {n} 种算法机制（{zh}）。",
+                "The key supports the {n} mechanisms renewal needs ({en})."
             ),
         )
         .facts(facts)
@@ -423,6 +436,7 @@ pub(crate) fn diagnose(
     module: &Module,
     token: &TokenSummary,
     options: &Options,
+    extra_intermediates: &[Vec<u8>],
     now: OffsetDateTime,
 ) -> TokenResult {
     let mut section = Section::new(
@@ -530,6 +544,7 @@ pub(crate) fn diagnose(
         .iter()
         .filter(|c| c.details.is_ok() && certificate::is_ca(&c.der))
         .map(|c| c.der.clone())
+        .chain(extra_intermediates.iter().cloned())
         .collect();
     let mut sections = vec![];
     let mut certificates = vec![];

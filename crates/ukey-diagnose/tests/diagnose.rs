@@ -574,3 +574,162 @@ fn no_module_is_a_failing_check_not_an_error() {
     assert_eq!(r.overall, Status::Fail);
     assert!(r.sections_of(SectionKind::Token).next().is_none());
 }
+
+/// The reference portal on loopback, with the fixtures' issuing CA imported.
+struct PortalServer {
+    server: ukey_portal::RunningServer,
+    _rt: tokio::runtime::Runtime,
+    _dir: tempfile::TempDir,
+}
+
+fn reference_portal(hsm: &SoftHsm) -> PortalServer {
+    let ca = hsm.ca().unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let mut config = ukey_portal::PortalConfig::new(dir.path().join("data"));
+    config.ca_import = Some((ca.issuing_cert_path.clone(), ca.issuing_key_path.clone()));
+    let portal = std::sync::Arc::new(ukey_portal::Portal::open(&config).unwrap());
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .enable_all()
+        .build()
+        .unwrap();
+    let server = rt
+        .block_on(ukey_portal::start(
+            portal,
+            "127.0.0.1:0".parse().unwrap(),
+            None,
+            None,
+        ))
+        .unwrap();
+    PortalServer {
+        server,
+        _rt: rt,
+        _dir: dir,
+    }
+}
+
+#[test]
+fn reference_portal_gives_renewal_status_and_completes_the_chain() {
+    let spec = TokenSpec {
+        certs: vec![CertSpec::signing(KeyAlg::Rsa2048, "张三", 20)],
+        ..TokenSpec::ukey("UKey")
+    };
+    let s = setup(&[spec]);
+    let p = reference_portal(&s.hsm);
+    let order = p
+        .server
+        .portal
+        .create_order(&ukey_portal_api::CreateOrderRequest {
+            serial_hex: s.tokens[0].certs[0].serial_hex.clone(),
+            issuer_der: None,
+            issuer_dn: None,
+            years: 1,
+            state: ukey_portal_api::InitialState::AwaitingPayment,
+            key_policy: KeyPolicy::New,
+            with_encryption_cert: false,
+            target_algorithm: ukey_portal_api::KeyAlgorithm::Rsa2048,
+            old_encryption_serial_hex: None,
+        })
+        .unwrap();
+    let mut o = s.options();
+    o.portal = Some(p.server.url.clone());
+    // Only the root is trusted: the portal's issuing CA completes the chain.
+    let ca = s.hsm.ca().unwrap();
+    o.trust_anchors = TrustAnchor::load(&ca.root_cert_path).unwrap();
+    let r = diagnose(&o);
+    let portal = r.section("portal").unwrap();
+    assert_eq!(
+        status_of(portal, "portal.reach"),
+        Status::Pass,
+        "{portal:#?}"
+    );
+    assert_eq!(status_of(portal, "portal.tls"), Status::Skip);
+    assert_eq!(status_of(portal, "portal.clock"), Status::Pass);
+    let st = portal.check("portal.status").unwrap();
+    assert_eq!(st.status, Status::Warn, "{st:#?}");
+    assert_eq!(st.facts.get("state").unwrap(), "awaiting_payment");
+    assert!(
+        st.action.as_ref().unwrap().en.contains("/pay"),
+        "{:?}",
+        st.action
+    );
+    let c = certs(&r);
+    assert_eq!(
+        status_of(c[0], "certificate.chain"),
+        Status::Pass,
+        "{:#?}",
+        c[0]
+    );
+
+    p.server.portal.pay(&order.order_id).unwrap();
+    let r = diagnose(&o);
+    let st = r
+        .section("portal")
+        .unwrap()
+        .check("portal.status")
+        .unwrap()
+        .clone();
+    assert_eq!(st.status, Status::Pass, "{st:#?}");
+    assert_eq!(st.facts.get("state").unwrap(), "ready");
+}
+
+/// Every file of the token directory, with its bytes.
+fn token_files(dir: &Path) -> Vec<(PathBuf, Vec<u8>)> {
+    let mut out = Vec::new();
+    for e in std::fs::read_dir(dir).unwrap().flatten() {
+        let p = e.path();
+        if p.is_dir() {
+            out.extend(token_files(&p));
+        } else {
+            out.push((p.clone(), std::fs::read(&p).unwrap()));
+        }
+    }
+    out.sort();
+    out
+}
+
+fn changed_files(before: &[(PathBuf, Vec<u8>)], after: &[(PathBuf, Vec<u8>)]) -> Vec<String> {
+    assert_eq!(before.len(), after.len(), "files added or removed");
+    after
+        .iter()
+        .filter(|(p, bytes)| !before.iter().any(|(q, b)| q == p && b == bytes))
+        .map(|(p, _)| p.file_name().unwrap().to_string_lossy().into_owned())
+        .collect()
+}
+
+#[test]
+fn the_diagnosis_never_writes_to_the_token() {
+    let mut spec = TokenSpec::dual("UKey", KeyAlg::EcP256);
+    spec.certs.push(CertSpec {
+        with_cert: false,
+        key_id: vec![0x09],
+        label: "leftover".into(),
+        ..CertSpec::signing(KeyAlg::Rsa2048, "张三", 300)
+    });
+    let s = setup(&[spec]);
+    let before = token_files(s.hsm.token_dir());
+    assert!(before.len() > 4);
+
+    // Without a PIN, not one byte of the token directory changes.
+    let mut o = s.options();
+    o.trust_anchors = s.anchors();
+    let r = diagnose(&o);
+    assert_eq!(r.sections_of(SectionKind::Certificate).count(), 2);
+    let after = token_files(s.hsm.token_dir());
+    assert!(changed_files(&before, &after).is_empty());
+
+    // With the PIN, SoftHSM2 itself rewrites its token.object at C_Login (its PIN
+    // bookkeeping); every key and certificate object stays byte for byte the same.
+    o.pin = Some(pin("123456"));
+    let r = diagnose(&o);
+    assert_eq!(
+        status_of(token_section(&r, s.serial()), "token.self_test"),
+        Status::Pass
+    );
+    let after = token_files(s.hsm.token_dir());
+    let changed = changed_files(&before, &after);
+    assert!(
+        changed.iter().all(|f| f == "token.object"),
+        "changed: {changed:?}"
+    );
+}
