@@ -1,0 +1,381 @@
+//! Crash and resume: `ukey renew` (the real binary, through the ukey-sim PKCS#11 shim
+//! over SoftHSM2) is killed with a hard abort at every step boundary and inside
+//! writes (`UKEY_FAILPOINT`), or the key is pulled out / fills up mid-write (ukey-sim
+//! faults). After each interruption a certificate on the token still works (signs, and
+//! its certificate verifies the signature): the old one or the new one, never neither.
+//! A new `ukey renew` then finishes the job: renewed, old signing certificate gone, old
+//! decryption key archived, no pending objects left.
+
+use std::io::Write;
+use std::os::unix::process::ExitStatusExt;
+use std::path::PathBuf;
+use std::process::{Output, Stdio};
+use std::sync::Arc;
+
+use secrecy::SecretString;
+use serde_json::Value;
+use softhsm_fixtures::{KeyAlg, SoftHsm, TokenFixture, TokenSpec, softhsm_module};
+use ukey_portal::{Portal, PortalConfig, RunningServer};
+use ukey_portal_api::{CreateOrderRequest, InitialState, KeyAlgorithm, KeyPolicy};
+use ukey_sim::{Control, Fault};
+use ukey_token::cryptoki::object::{Attribute, ObjectClass};
+use ukey_token::{Module, ObjectInfo};
+
+const UKEY: &str = env!("CARGO_BIN_EXE_ukey");
+
+struct Lab {
+    hsm: SoftHsm,
+    control: Control,
+    server: RunningServer,
+    _rt: tokio::runtime::Runtime,
+    _portal_dir: tempfile::TempDir,
+    data: tempfile::TempDir,
+    shim: PathBuf,
+}
+
+impl Lab {
+    fn new() -> Lab {
+        let hsm = SoftHsm::new().unwrap();
+        let ca = hsm.ca().unwrap();
+        let portal_dir = tempfile::tempdir().unwrap();
+        let mut config = PortalConfig::new(portal_dir.path().join("data"));
+        config.ca_import = Some((ca.issuing_cert_path.clone(), ca.issuing_key_path.clone()));
+        let portal = Arc::new(Portal::open(&config).unwrap());
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(1)
+            .enable_all()
+            .build()
+            .unwrap();
+        let server = rt
+            .block_on(ukey_portal::start(
+                portal,
+                "127.0.0.1:0".parse().unwrap(),
+                None,
+                None,
+            ))
+            .unwrap();
+        let control = Control::new(hsm.dir().join("ukey-sim-state")).unwrap();
+        Lab {
+            hsm,
+            control,
+            server,
+            _rt: rt,
+            _portal_dir: portal_dir,
+            data: tempfile::tempdir().unwrap(),
+            shim: shim(),
+        }
+    }
+
+    /// A dual-certificate RSA token with a ready new-key order (every sub-step runs).
+    fn token(&self, label: &str) -> TokenFixture {
+        let fx = self
+            .hsm
+            .create_token(&TokenSpec::dual(label, KeyAlg::Rsa2048))
+            .unwrap();
+        self.server
+            .portal
+            .create_order(&CreateOrderRequest {
+                serial_hex: fx.certs[0].serial_hex.clone(),
+                issuer_der: None,
+                issuer_dn: None,
+                years: 1,
+                state: InitialState::Ready,
+                key_policy: KeyPolicy::New,
+                with_encryption_cert: true,
+                target_algorithm: KeyAlgorithm::Rsa2048,
+                old_encryption_serial_hex: Some(fx.certs[1].serial_hex.clone()),
+            })
+            .unwrap();
+        fx
+    }
+
+    fn renew(&self, fx: &TokenFixture, failpoint: Option<&str>) -> Output {
+        let root = self.hsm.ca().unwrap().root_cert_path.clone();
+        let mut cmd = self.hsm.command(UKEY);
+        cmd.arg("--module")
+            .arg(&self.shim)
+            .args(["renew", "--portal", &self.server.url, "--token", &fx.serial])
+            .args(["--pin-stdin", "--yes", "--json", "--trust"])
+            .arg(&root)
+            .env_remove("UKEY_PKCS11_MODULE")
+            .env_remove("UKEY_FAILPOINT")
+            .env("UKEY_CONFIG", self.hsm.dir().join("no-config.toml"))
+            .env("UKEY_DATA_DIR", self.data.path())
+            .env(ukey_sim::STATE_ENV, self.control.dir())
+            .env(ukey_sim::BACKEND_ENV, softhsm_module().unwrap())
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped());
+        if let Some(p) = failpoint {
+            cmd.env("UKEY_FAILPOINT", p);
+        }
+        let mut child = cmd.spawn().unwrap();
+        // The process may exit before reading the PIN (its output says why).
+        let _ = writeln!(child.stdin.take().unwrap(), "{}", fx.user_pin);
+        child.wait_with_output().unwrap()
+    }
+}
+
+/// The ukey-sim PKCS#11 module. Cargo builds a dependency's cdylib only when that
+/// package itself is built, so when this test runs alone (`-p ukey-cli`) build it into
+/// the same target directory first.
+fn shim() -> PathBuf {
+    if let Ok(p) = ukey_sim::module_path() {
+        if p.is_file() {
+            return p;
+        }
+    }
+    let exe = std::env::current_exe().unwrap();
+    // <target>/<profile>/deps/<test binary>
+    let target = exe.ancestors().nth(3).unwrap().to_owned();
+    let status = std::process::Command::new(env!("CARGO"))
+        .current_dir(env!("CARGO_MANIFEST_DIR"))
+        .args(["build", "-p", "ukey-sim", "--lib"])
+        .env("CARGO_TARGET_DIR", &target)
+        .status()
+        .unwrap();
+    assert!(status.success(), "building the ukey-sim module");
+    let p = ukey_sim::module_path().unwrap();
+    assert!(p.is_file(), "{}", p.display());
+    p
+}
+
+fn text(out: &Output) -> String {
+    format!(
+        "status {:?}\nstdout {}\nstderr {}",
+        out.status,
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    )
+}
+
+/// What is on the token now (read with SoftHSM2 directly, logged in): every object, and
+/// the serials of signing certificates whose key pair works (the private key with the
+/// certificate's CKA_ID signs, the certificate's public key verifies).
+struct Seen {
+    objects: Vec<ObjectInfo>,
+    working: Vec<String>,
+}
+
+fn look(fx: &TokenFixture) -> Seen {
+    let module = Module::load(&softhsm_module().unwrap()).unwrap();
+    let token = module
+        .tokens()
+        .unwrap()
+        .into_iter()
+        .find(|t| t.serial == fx.serial)
+        .expect("token");
+    let s = module.open_session(&token).unwrap();
+    s.login(&SecretString::from(fx.user_pin.clone())).unwrap();
+    let objects = s.snapshot().unwrap();
+    let mut working = Vec::new();
+    for o in objects
+        .iter()
+        .filter(|o| o.kind == ukey_token::ObjectKind::Certificate)
+    {
+        let der = hex::decode(&o.value_hex).unwrap();
+        let Ok(d) = ukey_token::CertificateDetails::from_der(&der) else {
+            continue;
+        };
+        if d.usage == ukey_token::Usage::Encryption {
+            continue;
+        }
+        let alg = ukey_token::KeyAlg::parse(&d.key_algorithm).unwrap();
+        let keys = s
+            .find_objects(&[
+                Attribute::Class(ObjectClass::PRIVATE_KEY),
+                Attribute::Id(o.id()),
+            ])
+            .unwrap();
+        for k in keys {
+            let data = b"still works?";
+            if let Ok(sig) = s.sign_data(alg, k, data) {
+                if ukey_renewal::checks::verify_with_certificate(&der, data, &sig).is_ok() {
+                    working.push(d.serial.clone());
+                }
+            }
+        }
+    }
+    drop(s);
+    drop(module);
+    Seen { objects, working }
+}
+
+fn assert_finished(fx: &TokenFixture, out: &Output, point: &str) -> Value {
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "resume after {point}: {}",
+        text(out)
+    );
+    let v: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(v["status"], "renewed", "{point}: {v}");
+    let new_serial = v["new_serial"].as_str().unwrap().to_owned();
+    let seen = look(fx);
+    assert_eq!(
+        seen.working,
+        vec![new_serial.clone()],
+        "{point}: only the new certificate works"
+    );
+    let certs: Vec<String> = seen
+        .objects
+        .iter()
+        .filter(|o| o.kind == ukey_token::ObjectKind::Certificate)
+        .map(|o| {
+            ukey_token::CertificateDetails::from_der(&hex::decode(&o.value_hex).unwrap())
+                .unwrap()
+                .serial
+        })
+        .collect();
+    assert!(
+        !certs.contains(&fx.certs[0].serial_hex),
+        "{point}: old signing certificate left: {certs:?}"
+    );
+    assert!(
+        certs.contains(&fx.certs[1].serial_hex),
+        "{point}: archived encryption certificate lost"
+    );
+    let archived = format!("archived {}", fx.certs[1].serial_hex);
+    assert_eq!(
+        seen.objects
+            .iter()
+            .filter(|o| o.label.starts_with(&archived))
+            .count(),
+        3,
+        "{point}: archived cert, private and public key: {:?}",
+        seen.objects
+    );
+    assert!(
+        !seen
+            .objects
+            .iter()
+            .any(|o| o.label.starts_with(ukey_renewal::PENDING_LABEL_PREFIX)),
+        "{point}: pending objects left: {:?}",
+        seen.objects
+    );
+    // Exactly one certificate and key pair under the old CKA_ID.
+    let at_old_id = seen
+        .objects
+        .iter()
+        .filter(|o| o.id() == fx.certs[0].key_id)
+        .count();
+    assert_eq!(at_old_id, 3, "{point}: {:?}", seen.objects);
+    v
+}
+
+fn crash_points() -> Vec<String> {
+    let mut points = Vec::new();
+    for step in [
+        "login",
+        "key",
+        "request",
+        "verify",
+        "write",
+        "self_test",
+        "activate",
+        "installed",
+    ] {
+        for when in ["before", "after"] {
+            points.push(format!("{step}:{when}"));
+        }
+    }
+    for n in 1..=4 {
+        for when in ["before", "after"] {
+            points.push(format!("activate.{n}:{when}"));
+        }
+    }
+    points.push("write.cert:after".to_owned());
+    points.push("write.unwrap:after".to_owned());
+    points
+}
+
+#[test]
+fn killed_at_every_step_boundary_then_resumed() {
+    let lab = Lab::new();
+    let points = crash_points();
+    let mut covered = 0;
+    for (i, point) in points.iter().enumerate() {
+        let fx = lab.token(&format!("Crash {i}"));
+        let out = lab.renew(&fx, Some(point));
+        assert_eq!(
+            out.status.signal(),
+            Some(6),
+            "{point}: expected an abort: {}",
+            text(&out)
+        );
+        let seen = look(&fx);
+        assert!(
+            !seen.working.is_empty(),
+            "{point}: neither certificate works: {:?}",
+            seen.objects
+        );
+        let out = lab.renew(&fx, None);
+        let v = assert_finished(&fx, &out, point);
+        assert_eq!(v["resumed"], true, "{point}: {v}");
+        covered += 1;
+    }
+    println!("crash points covered (hard abort, then resumed): {covered}");
+    assert_eq!(covered, points.len());
+}
+
+fn with_fault(fault: Fault, expect_code: &str, unplug: bool) {
+    let lab = Lab::new();
+    let fx = lab.token("Fault");
+    let before = look(&fx).objects;
+    lab.control.add_fault(&fx.serial, fault.clone()).unwrap();
+    let out = lab.renew(&fx, None);
+    assert_eq!(out.status.code(), Some(7), "{fault:?}: {}", text(&out));
+    let v: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(v["error"]["code"], expect_code, "{v}");
+    if unplug {
+        lab.control.plug(&fx.serial).unwrap();
+    }
+    let seen = look(&fx);
+    assert!(
+        !seen.working.is_empty(),
+        "{fault:?}: neither certificate works"
+    );
+    if expect_code == "device_memory" {
+        // Token full: rolled back, the token is exactly as before.
+        assert_eq!(
+            seen.objects, before,
+            "token changed after CKR_DEVICE_MEMORY"
+        );
+    }
+    lab.control.clear_faults(&fx.serial).unwrap();
+    let out = lab.renew(&fx, None);
+    assert_finished(&fx, &out, &format!("{fault:?}"));
+    println!("crash point covered: {fault:?}");
+}
+
+#[test]
+fn token_full_while_writing_rolls_back_cleanly_then_renews() {
+    with_fault(
+        Fault::fail("C_CreateObject", 1, "CKR_DEVICE_MEMORY"),
+        "device_memory",
+        false,
+    );
+}
+
+#[test]
+fn key_pulled_out_as_the_certificate_is_written_then_resumed() {
+    with_fault(
+        Fault::unplug("C_CreateObject", 1).after_call(),
+        "token_removed",
+        true,
+    );
+}
+
+#[test]
+fn key_pulled_out_while_unwrapping_the_escrowed_key_then_resumed() {
+    with_fault(Fault::unplug("C_UnwrapKey", 2), "token_removed", true);
+}
+
+#[test]
+fn key_pulled_out_during_activation_then_resumed() {
+    with_fault(
+        Fault::unplug("C_SetAttributeValue", 2).after_call(),
+        "token_removed",
+        true,
+    );
+}
