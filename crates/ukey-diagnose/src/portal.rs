@@ -1,6 +1,10 @@
 //! The CA's portal, only when one is given: reachable, TLS, the computer's clock against
 //! the portal's `Date` header, and the renewal status of each certificate.
 //!
+//! Reachability, TLS and the clock are probed with a plain GET (a diagnosis needs the raw
+//! HTTP status, round trip and `Date` even of an error answer); the renewal status goes
+//! through `ukey-portal-client`, as renewal does.
+//!
 //! Requests carry no personal data: a status request is the certificate's issuer and
 //! serial (public in every signature the holder makes).
 
@@ -263,10 +267,35 @@ pub(crate) fn diagnose(
         sent + rtt / 2,
     ));
 
-    for (token_serial, der) in certificates {
-        section
-            .checks
-            .push(status_check(&client, &base, token_serial, der));
+    if certificates.is_empty() {
+        return section;
+    }
+    // The renewal status goes through the project's portal client, as renewal does.
+    let roots: Vec<Vec<u8>> = anchors
+        .iter()
+        .map(|a| pem::encode(&pem::Pem::new("CERTIFICATE", a.der.clone())).into_bytes())
+        .collect();
+    let portal = ukey_portal_client::PortalClient::with_roots(&base, &roots)
+        .and_then(ukey_portal_client::BlockingPortalClient::new);
+    match portal {
+        Ok(portal) => {
+            for (token_serial, der) in certificates {
+                section
+                    .checks
+                    .push(status_check(&portal, token_serial, der));
+            }
+        }
+        Err(e) => {
+            let detail = e.to_string();
+            section.checks.push(Check::new(
+                "portal.status",
+                Status::Warn,
+                text!(
+                    "无法查询更新状态：{detail}",
+                    "Cannot look up renewal status: {detail}"
+                ),
+            ));
+        }
     }
     section
 }
@@ -349,8 +378,7 @@ pub(crate) fn clock_check(date: Option<&str>, local: SystemTime) -> Check {
 }
 
 fn status_check(
-    client: &reqwest::blocking::Client,
-    base: &str,
+    portal: &ukey_portal_client::BlockingPortalClient,
     token_serial: &str,
     der: &[u8],
 ) -> Check {
@@ -371,17 +399,10 @@ fn status_check(
     let facts = Facts::new()
         .with("token_serial", token_serial)
         .with("certificate_serial", serial.clone());
-    let url = format!("{base}{}", paths::STATUS);
-    let answer = client
-        .post(&url)
-        .json(&request)
-        .send()
-        .and_then(|r| r.error_for_status())
-        .and_then(|r| r.json::<RenewalStatus>());
-    let status = match answer {
-        Ok(s) => s,
+    let status = match portal.status(&request) {
+        Ok(answer) => answer.value,
         Err(e) => {
-            let detail = error_chain(&e);
+            let detail = e.to_string();
             return Check::new(
                 id,
                 Status::Warn,
@@ -390,7 +411,7 @@ fn status_check(
                     "Cannot look up the renewal status of certificate {serial}: {detail}"
                 ),
             )
-            .facts(facts.with("error", detail));
+            .facts(facts.with("error_code", e.code()).with("error", detail));
         }
     };
     let state = serde_json::to_value(&status)
