@@ -46,6 +46,9 @@ pub struct DiagnoseArgs {
     /// on its final try or locked is not tried at all.
     #[arg(long)]
     pub pin_stdin: bool,
+    /// The token (serial) the PIN is for, when several are inserted.
+    #[arg(long, value_name = "SERIAL", requires = "pin_stdin")]
+    pub token: Option<String>,
     /// The CA portal's URL: check reachability, TLS, the clock, each certificate's
     /// renewal status.
     #[arg(long, value_name = "URL")]
@@ -101,6 +104,7 @@ pub fn run(args: &DiagnoseArgs, module: Option<PathBuf>, lang: Lang) -> anyhow::
     options.portal = args.portal.clone();
     options.journal_dir = args.journal_dir.clone();
     options.expiry_warning_days = args.warn_days;
+    options.pin_token = args.token.clone();
     if args.pin_stdin {
         options.pin = Some(read_pin()?);
     }

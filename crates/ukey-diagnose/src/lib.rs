@@ -76,8 +76,11 @@ pub struct Options {
     pub config: Config,
     /// Certificates the chain must end at (`--trust`).
     pub trust_anchors: Vec<TrustAnchor>,
-    /// The user PIN for the self-test; used once per token, never retried.
+    /// The user PIN for the self-test; used once, never retried, only on one token:
+    /// the one named by `pin_token`, or the only one inserted.
     pub pin: Option<SecretString>,
+    /// Serial of the token the PIN is for (needed when several are inserted).
+    pub pin_token: Option<String>,
     /// Portal base URL; no network is used without it.
     pub portal: Option<String>,
     /// Directory of renewal journals; `None` uses the renewal engine's default.
@@ -98,6 +101,7 @@ impl Options {
             config: Config::default(),
             trust_anchors: Vec::new(),
             pin: None,
+            pin_token: None,
             portal: None,
             journal_dir: None,
             expiry_warning_days: DEFAULT_EXPIRY_WARNING_DAYS,
@@ -203,7 +207,7 @@ pub fn diagnose_with(module: &Module, options: &Options) -> Report {
                 .facts(Facts::new().with("count", n)),
             );
             for t in &tokens {
-                let result = token::diagnose(module, t, options, &portal_ca, now);
+                let result = token::diagnose(module, t, options, &portal_ca, n > 1, now);
                 token_sections.extend(result.sections);
                 certificates.extend(result.certificates);
                 report.personal.extend(result.personal);

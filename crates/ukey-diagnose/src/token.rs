@@ -437,6 +437,7 @@ pub(crate) fn diagnose(
     token: &TokenSummary,
     options: &Options,
     extra_intermediates: &[Vec<u8>],
+    several: bool,
     now: OffsetDateTime,
 ) -> TokenResult {
     let mut section = Section::new(
@@ -486,7 +487,27 @@ pub(crate) fn diagnose(
     }
 
     let mut test = None;
+    // A PIN belongs to one token: with several inserted, it is tried only on the one
+    // named in `pin_token` (a wrong try on another token would count against it).
+    let pin_for_this = match (&options.pin_token, several) {
+        (Some(serial), _) => serial == &token.serial,
+        (None, several) => !several,
+    };
     match (&options.pin, removed) {
+        (Some(_), false) if !pin_for_this => section.checks.push(
+            Check::new(
+                "token.self_test",
+                Status::Skip,
+                Text::new(
+                    "插着多把 UKey：PIN 码没有用在这把上。",
+                    "Several keys are inserted: the PIN was not used on this one.",
+                ),
+            )
+            .action(Text::new(
+                "用 --token 序列号 指定要自检的 UKey。",
+                "Name the key to self-test with --token SERIAL.",
+            )),
+        ),
         (Some(pin), false) => {
             let t = selftest::run(module, &listing.token, &listing.certificates, pin);
             removed |= t.removed;

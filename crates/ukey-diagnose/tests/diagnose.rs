@@ -733,3 +733,26 @@ fn the_diagnosis_never_writes_to_the_token() {
         "changed: {changed:?}"
     );
 }
+
+#[test]
+fn with_several_tokens_the_pin_is_used_only_on_the_named_one() {
+    let s = setup(&[TokenSpec::ukey("UKey-A"), TokenSpec::ukey("UKey-B")]);
+    let (a, b) = (s.tokens[0].serial.clone(), s.tokens[1].serial.clone());
+    let mut o = s.options();
+    o.pin = Some(pin("123456"));
+    let r = diagnose(&o);
+    for serial in [&a, &b] {
+        let t = token_section(&r, serial);
+        assert_eq!(status_of(t, "token.self_test"), Status::Skip, "{t:#?}");
+    }
+    o.pin_token = Some(b.clone());
+    let r = diagnose(&o);
+    assert_eq!(
+        status_of(token_section(&r, &a), "token.self_test"),
+        Status::Skip
+    );
+    assert_eq!(
+        status_of(token_section(&r, &b), "token.self_test"),
+        Status::Pass
+    );
+}
