@@ -583,6 +583,37 @@ struct PortalServer {
 }
 
 fn reference_portal(hsm: &SoftHsm) -> PortalServer {
+    reference_portal_tls(hsm, None)
+}
+
+/// A CA and a server certificate for 127.0.0.1 signed by it, as PEM files in `dir`:
+/// (CA certificate path, TLS files).
+fn tls_files(dir: &Path) -> (PathBuf, ukey_portal::TlsFiles) {
+    use rcgen::{BasicConstraints, CertificateParams, IsCa, Issuer, KeyPair};
+    let ca_key = KeyPair::generate().unwrap();
+    let mut ca_params = CertificateParams::new(Vec::<String>::new()).unwrap();
+    ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    ca_params
+        .distinguished_name
+        .push(rcgen::DnType::CommonName, "Portal TLS Test CA");
+    let ca_cert = ca_params.self_signed(&ca_key).unwrap();
+    let issuer = Issuer::new(ca_params, ca_key);
+    let key = KeyPair::generate().unwrap();
+    let params =
+        CertificateParams::new(vec!["127.0.0.1".to_owned(), "localhost".to_owned()]).unwrap();
+    let cert = params.signed_by(&key, &issuer).unwrap();
+    let ca_path = dir.join("tls-ca.pem");
+    std::fs::write(&ca_path, ca_cert.pem()).unwrap();
+    let files = ukey_portal::TlsFiles {
+        cert: dir.join("tls-cert.pem"),
+        key: dir.join("tls-key.pem"),
+    };
+    std::fs::write(&files.cert, cert.pem()).unwrap();
+    std::fs::write(&files.key, key.serialize_pem()).unwrap();
+    (ca_path, files)
+}
+
+fn reference_portal_tls(hsm: &SoftHsm, tls: Option<ukey_portal::TlsFiles>) -> PortalServer {
     let ca = hsm.ca().unwrap();
     let dir = tempfile::tempdir().unwrap();
     let mut config = ukey_portal::PortalConfig::new(dir.path().join("data"));
@@ -597,7 +628,7 @@ fn reference_portal(hsm: &SoftHsm) -> PortalServer {
         .block_on(ukey_portal::start(
             portal,
             "127.0.0.1:0".parse().unwrap(),
-            None,
+            tls,
             None,
         ))
         .unwrap();
@@ -754,5 +785,31 @@ fn with_several_tokens_the_pin_is_used_only_on_the_named_one() {
     assert_eq!(
         status_of(token_section(&r, &b), "token.self_test"),
         Status::Pass
+    );
+}
+
+#[test]
+fn https_portal_tls_fails_without_its_ca_and_passes_with_it() {
+    let s = setup(&[TokenSpec::ukey("UKey")]);
+    let (ca, files) = tls_files(s.hsm.dir());
+    let p = reference_portal_tls(&s.hsm, Some(files));
+    assert!(p.server.url.starts_with("https://"), "{}", p.server.url);
+    let mut o = s.options();
+    o.portal = Some(p.server.url.clone());
+    let r = diagnose(&o);
+    let portal = r.section("portal").unwrap();
+    let tls = portal.check("portal.tls").unwrap();
+    assert_eq!(tls.status, Status::Fail, "{portal:#?}");
+    assert_eq!(status_of(portal, "portal.clock"), Status::Skip);
+
+    o.trust_anchors = TrustAnchor::load(&ca).unwrap();
+    let r = diagnose(&o);
+    let portal = r.section("portal").unwrap();
+    assert_eq!(status_of(portal, "portal.tls"), Status::Pass, "{portal:#?}");
+    assert_eq!(status_of(portal, "portal.clock"), Status::Pass);
+    assert_eq!(
+        status_of(portal, "portal.status"),
+        Status::Pass,
+        "{portal:#?}"
     );
 }
