@@ -136,3 +136,45 @@ impl Control {
             .unwrap_or_default())
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn hidden_mechanisms_are_left_out_of_the_two_call_list() {
+        let all = [0x0000, 0x0001, 0x0040, 0x1040];
+        let hidden = [0x1040];
+        let mut count: CK_ULONG = 0;
+        // SAFETY: `count` is a valid local; a null list asks for the size.
+        let rv = unsafe { write_filtered(&all, &hidden, std::ptr::null_mut(), &mut count) };
+        assert_eq!((rv, count), (CKR_OK, 3));
+        let mut small = [0 as CK_MECHANISM_TYPE; 2];
+        count = 2;
+        // SAFETY: `small` holds `count` items.
+        let rv = unsafe { write_filtered(&all, &hidden, small.as_mut_ptr(), &mut count) };
+        assert_eq!((rv, count), (CKR_BUFFER_TOO_SMALL, 3));
+        let mut list = [0 as CK_MECHANISM_TYPE; 3];
+        // SAFETY: `list` holds `count` (3) items.
+        let rv = unsafe { write_filtered(&all, &hidden, list.as_mut_ptr(), &mut count) };
+        assert_eq!(rv, CKR_OK);
+        assert_eq!(list, [0x0000, 0x0001, 0x0040]);
+    }
+
+    #[test]
+    fn control_hides_and_shows_per_token() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let control = Control::new(dir.path()).expect("control");
+        control.hide_mechanism("abc", 0x1040).expect("hide");
+        control.hide_mechanism("abc", 0x1040).expect("hide twice");
+        assert_eq!(
+            control.hidden_mechanisms("abc").expect("read"),
+            vec![0x1040]
+        );
+        assert_eq!(hidden_for(dir.path(), "abc"), vec![0x1040]);
+        assert!(hidden_for(dir.path(), "other").is_empty());
+        control.show_all_mechanisms("abc").expect("show");
+        assert!(hidden_for(dir.path(), "abc").is_empty());
+        assert!(control.hide_mechanism("", 1).is_err(), "bad serial");
+    }
+}
