@@ -55,6 +55,10 @@ impl Lab {
             ))
             .unwrap();
         let control = Control::new(hsm.dir().join("ukey-sim-state")).unwrap();
+        // A private copy: the shared target directory's module may be rebuilt (and
+        // briefly missing) while this test runs.
+        let shim = hsm.dir().join(ukey_sim::module_file_name());
+        std::fs::copy(shim_module(), &shim).unwrap();
         Lab {
             hsm,
             control,
@@ -62,7 +66,7 @@ impl Lab {
             _rt: rt,
             _portal_dir: portal_dir,
             data: tempfile::tempdir().unwrap(),
-            shim: shim(),
+            shim,
         }
     }
 
@@ -119,7 +123,7 @@ impl Lab {
 /// The ukey-sim PKCS#11 module. Cargo builds a dependency's cdylib only when that
 /// package itself is built, so when this test runs alone (`-p ukey-cli`) build it into
 /// the same target directory first.
-fn shim() -> PathBuf {
+fn shim_module() -> PathBuf {
     if let Ok(p) = ukey_sim::module_path() {
         if p.is_file() {
             return p;
