@@ -5,7 +5,7 @@
 // Prints one table and, last, one JSON line:
 //   {"app":"ukey-desktop","keys":1,"rss_mib":..., "pss_mib":..., "processes":[...]}
 import { spawn, execFileSync } from 'node:child_process';
-import { mkdtempSync, readFileSync, readdirSync, rmSync } from 'node:fs';
+import { mkdtempSync, mkdirSync, readFileSync, readdirSync, rmSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 
@@ -20,6 +20,7 @@ const SETTLE_MS = Number(process.env.MEMORY_SETTLE_MS || 4000);
 
 const work = mkdtempSync(join(process.env.E2E_TMP || tmpdir(), 'ukey-mem-'));
 const hsm = join(work, 'hsm');
+mkdirSync(join(work, 'home/.config'), { recursive: true });
 const env = {
   ...process.env,
   HOME: join(work, 'home'),

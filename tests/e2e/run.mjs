@@ -10,7 +10,7 @@
 // Environment from run.sh: UKEY_DESKTOP_BIN, UKEY_SIM_BIN, UKEY_SIM_MODULE_PATH,
 // UKEY_PORTAL_BIN, SOFTHSM_FIXTURES_BIN, TAURI_DRIVER_BIN.
 import { spawn, execFileSync } from 'node:child_process';
-import { mkdtempSync, mkdirSync, writeFileSync, readFileSync, existsSync, statSync, chmodSync, rmSync } from 'node:fs';
+import { mkdtempSync, mkdirSync, writeFileSync, readFileSync, readdirSync, existsSync, statSync, chmodSync, rmSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join, dirname } from 'node:path';
 import { fileURLToPath } from 'node:url';
@@ -40,7 +40,8 @@ const portalData = join(work, 'portal');
 const home = join(work, 'home');
 const binDir = join(work, 'bin');
 const openedFile = join(work, 'opened-urls.txt');
-for (const d of [home, binDir, simState, SHOTS]) mkdirSync(d, { recursive: true });
+// A home like a real user's: ~/.config exists (the autostart entry goes below it).
+for (const d of [join(home, '.config'), binDir, simState, SHOTS]) mkdirSync(d, { recursive: true });
 
 const log = (...a) => console.log('[e2e]', ...a);
 const sleep = (ms) => new Promise((r) => setTimeout(r, ms));
@@ -201,6 +202,9 @@ const scenarios = {
   async empty() {
     await waitFor(() => visible('no-keys'), 'the "insert your UKey" screen');
     if (!(await textOf('no-keys')).includes('请插入 UKey')) throw new Error('no "请插入 UKey"');
+    // Autostart is opt-out: the first start registered it with the desktop.
+    const autostart = join(home, '.config', 'autostart');
+    await waitFor(() => existsSync(autostart) && readdirSync(autostart).some((f) => f.endsWith('.desktop')), 'the autostart entry');
     await shot('01-no-key');
   },
 
@@ -219,15 +223,25 @@ const scenarios = {
   },
 
   async renew() {
+    plugged('a');
+    await waitText('banner', '证书有可用更新');
     await click('banner-renew');
-    await waitText('consequences', '旧证书将被吊销');
+    await waitText('consequences', '将被 CA 吊销');
     await shot('03-consequences');
     await click('continue');
     await waitFor(() => visible('pin-input'), 'PIN dialog');
     await shot('04-pin');
+    // Slow the certificate write down so the progress view can be seen and checked.
+    sim('latency', tokens.a.serial, '--function', 'C_CreateObject', '--ms', '1500');
     await enterPinAndSubmit(PIN);
-    // The progress view is short-lived; catch it if we can.
-    if (await visible('steps').catch(() => false)) await shot('05-progress').catch(() => {});
+    await waitText('do-not-pull', '请勿拔出', 30000);
+    const steps = await textOf('steps');
+    for (const want of ['验证 PIN', '向 CA 申请新证书', '校验新证书', '写入新证书']) {
+      if (!steps.includes(want)) throw new Error(`progress lacks step ${want}: ${steps}`);
+    }
+    await sleep(300);
+    await shot('05-progress');
+    sim('latency', tokens.a.serial, '--function', 'C_CreateObject', '--ms', '0');
     await waitText('result-title', '证书已更新', 60000);
     if (!(await textOf('self-test')).includes('测试签名成功')) throw new Error('no test signature success');
     await shot('06-renewed');
@@ -338,7 +352,7 @@ async function main() {
     UKEY_DATA_DIR: join(work, 'data'),
     UKEY_LANG: 'zh-CN',
     UKEY_EXIT_ON_CLOSE: '1',
-    UKEY_LOG: process.env.UKEY_LOG || 'info',
+    UKEY_LOG: process.env.UKEY_LOG || 'info,cryptoki=off',
   };
   await startDriver(appEnv);
   browser = await remote({
@@ -361,6 +375,8 @@ async function main() {
       failed++;
       log(`FAIL ${name}: ${e.stack || e}`);
       await shot(`fail-${name}`).catch(() => {});
+      // Leave no dialog open for the next scenario (Escape closes it unless writing).
+      await browser.keys('Escape').catch(() => {});
     }
   }
   return { passed, failed };
