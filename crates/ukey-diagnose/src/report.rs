@@ -3,7 +3,28 @@
 //! the facts the check saw.
 //!
 //! The JSON shape (`ukey diagnose --json`, the desktop app's IPC) is the serde form of
-//! [`Report`]; `format` is bumped when a field changes meaning or disappears.
+//! [`Report`]; `format` is bumped when a field changes meaning or disappears:
+//!
+//! ```json
+//! {"format": 1, "app_version": "0.1.0", "generated_at": "2026-11-21T20:48:17Z",
+//!  "duration_ms": 4, "overall": "warn", "redacted": false,
+//!  "counts": {"pass": 19, "warn": 1, "fail": 0, "skip": 3},
+//!  "sections": [
+//!   {"kind": "token", "id": "token:74c8fb55f14e83c3",
+//!    "title": {"zh-CN": "UKey “张三的UKey”（序列号 74c8…）", "en": "Token \"张三的UKey\" (serial 74c8…)"},
+//!    "verdict": "pin_count_low", "summary": {"zh-CN": "输错过 PIN", "en": "a wrong PIN was entered"},
+//!    "checks": [
+//!     {"id": "token.pin", "status": "warn",
+//!      "reason": {"zh-CN": "…", "en": "A wrong PIN was entered since the last correct one; …"},
+//!      "action": {"zh-CN": "…", "en": "Type the PIN carefully next time; …"},
+//!      "facts": {"count_low": true, "final_try": false, "locked": false, "tries_remaining": null}}]}]}
+//! ```
+//!
+//! Check ids: `environment.{system,config,module,other_modules,pcscd,tokens}`,
+//! `token.{info,pin,memory,mechanisms,self_test,read}`,
+//! `certificate.{parse,validity,key,chain,self_test}`, `key.orphan`,
+//! `portal.{reach,tls,clock,status}`, `journal.unfinished`. Front ends may translate
+//! by id and verdict, or show `reason`/`action` as they are.
 
 use std::fmt;
 
