@@ -310,6 +310,44 @@ const scenarios = {
     }
     await waitFor(async () => !(await visible('banner')), 'banner to go after renewing both');
   },
+
+  async diagnostics() {
+    plugged('a');
+    await waitFor(async () => (await keyCount()) === 1, 'key A listed');
+    await click('nav-diagnostics');
+    await waitFor(async () => (await browser.$$('[data-testid="diag-check"]')).length > 5, 'diagnosis checks', 60000);
+    const kinds = await browser.$$('[data-testid="diag-section"]').map((e) => e.getAttribute('data-kind'));
+    for (const want of ['environment', 'token', 'certificate', 'portal']) {
+      if (!kinds.includes(want)) throw new Error(`no ${want} section in the diagnosis: ${kinds}`);
+    }
+    const statuses = await browser.$$('[data-testid="diag-check"]').map((e) => e.getAttribute('data-status'));
+    if (!statuses.includes('pass')) throw new Error(`no passing check: ${statuses}`);
+    const counts = await textOf('diag-counts');
+    if (!/✓ \d+/.test(counts)) throw new Error(`counts: ${counts}`);
+    await sleep(200);
+    await shot('13-diagnostics');
+    await click('nav-keys');
+  },
+
+  async settings() {
+    await click('nav-settings');
+    await waitFor(() => visible('settings-save'), 'settings page');
+    const page = await textOf('settings');
+    if (!page.includes('由环境变量设定')) throw new Error('environment overrides not shown');
+    await (await $t('language')).selectByAttribute('value', 'en');
+    await click('settings-save');
+    await waitText('settings-saved', 'Settings saved');
+    await waitText('nav-keys', 'Certificates');
+    await sleep(200);
+    await shot('14-settings-en');
+    const saved = JSON.parse(readFileSync(join(work, 'config', 'settings.json'), 'utf8'));
+    if (saved.language !== 'en') throw new Error(`settings.json: ${JSON.stringify(saved)}`);
+    if ('portalUrl' in saved && saved.portalUrl) throw new Error('an environment value was written to the file');
+    await (await $t('language')).selectByAttribute('value', 'zh-CN');
+    await click('settings-save');
+    await waitText('nav-keys', '证书');
+    await click('nav-keys');
+  },
 };
 
 // ---- main -----------------------------------------------------------------------
@@ -343,6 +381,10 @@ async function main() {
     XDG_CONFIG_HOME: join(home, '.config'),
     XDG_DATA_HOME: join(home, '.local/share'),
     XDG_CURRENT_DESKTOP: '',
+    // A Chinese user's locale (the language setting is left on "auto"), whatever the
+    // machine's own.
+    LANG: 'zh_CN.UTF-8',
+    LC_ALL: 'zh_CN.UTF-8',
     SOFTHSM2_CONF: join(hsmDir, 'softhsm2.conf'),
     UKEY_SIM_STATE: simState,
     UKEY_PKCS11_MODULE: SIM_MODULE,
@@ -350,7 +392,6 @@ async function main() {
     UKEY_TRUST: caFiles.root_cert,
     UKEY_CONFIG_DIR: join(work, 'config'),
     UKEY_DATA_DIR: join(work, 'data'),
-    UKEY_LANG: 'zh-CN',
     UKEY_EXIT_ON_CLOSE: '1',
     UKEY_LOG: process.env.UKEY_LOG || 'info,cryptoki=off',
   };
