@@ -33,6 +33,10 @@ pub trait TokenApi {
     fn mechanisms(&self) -> TokenResult<Vec<MechanismType>>;
     /// Every object visible.
     fn objects(&self) -> TokenResult<Vec<ObjectInfo>>;
+    /// How many objects of `kind` have CKA_ID `id`.
+    fn count(&self, kind: ObjectKind, id: &[u8]) -> TokenResult<usize>;
+    /// Whether a certificate object with value `der` (and, if given, CKA_ID `id`) exists.
+    fn has_certificate(&self, der: &[u8], id: Option<&[u8]>) -> TokenResult<bool>;
     /// The public key of the key pair with CKA_ID `id`.
     fn public_key(&self, id: &[u8]) -> TokenResult<Option<PublicKey>>;
     /// Generates a key pair under `id` / `label`.
@@ -168,6 +172,19 @@ impl TokenApi for SessionToken<'_> {
     }
     fn public_key(&self, id: &[u8]) -> TokenResult<Option<PublicKey>> {
         self.session.public_key_by_id(id)
+    }
+    fn count(&self, kind: ObjectKind, id: &[u8]) -> TokenResult<usize> {
+        Ok(self.session.find_kind_by_id(kind, id)?.len())
+    }
+    fn has_certificate(&self, der: &[u8], id: Option<&[u8]>) -> TokenResult<bool> {
+        let mut template = vec![
+            ukey_token::cryptoki::object::Attribute::Class(ObjectKind::Certificate.class()),
+            ukey_token::cryptoki::object::Attribute::Value(der.to_vec()),
+        ];
+        if let Some(id) = id {
+            template.push(ukey_token::cryptoki::object::Attribute::Id(id.to_vec()));
+        }
+        Ok(!self.session.find_objects(&template)?.is_empty())
     }
     fn generate_key_pair(&self, alg: KeyAlg, id: &[u8], label: &str) -> TokenResult<()> {
         self.session.generate_key_pair(alg, id, label).map(|_| ())

@@ -752,8 +752,10 @@ impl Run<'_> {
         let out = f(self)?;
         let duration = t0.elapsed();
         failpoint(step.as_str(), "after");
+        // "Done" reaches the disk with the next write: the next step's "started" record
+        // (nothing happens in between, so one fsync serves as both), a rollback, or the
+        // final "completed". A crash before that resumes this step, which is idempotent.
         self.j.mark(step, StepState::Done);
-        self.save()?;
         (self.on_event)(Event::StepFinished { step, duration });
         self.timings.push(StepTiming {
             step,
@@ -840,11 +842,7 @@ impl Run<'_> {
     fn key(&mut self) -> Result<(), RenewalError> {
         let id = self.signing_key_id();
         if self.j.key_policy == KeyPolicy::New {
-            let has_private = self
-                .token
-                .objects()?
-                .iter()
-                .any(|o| o.kind == ObjectKind::PrivateKey && o.id() == id);
+            let has_private = self.token.count(ObjectKind::PrivateKey, &id)? > 0;
             let public = self.token.public_key(&id)?;
             match (has_private, public) {
                 (true, Some(pk)) => {
@@ -992,15 +990,10 @@ impl Run<'_> {
         let issued = self.issued.clone().ok_or_else(|| {
             RenewalError::Inconsistent("write without an issued certificate".into())
         })?;
-        let objects = self.token.objects()?;
-        let has_cert = |der: &[u8]| {
-            let h = hex::encode(der);
-            objects
-                .iter()
-                .any(|o| o.kind == ObjectKind::Certificate && o.value_hex == h)
-        };
+        let token = self.token;
+        let has_cert = |der: &[u8]| token.has_certificate(der, None);
         let sig_pending = unhex(&self.j.signing.pending_id_hex);
-        if !has_cert(&issued.certificate_der) {
+        if !has_cert(&issued.certificate_der)? {
             self.token.write_certificate(
                 &issued.certificate_der,
                 &sig_pending,
@@ -1010,9 +1003,7 @@ impl Run<'_> {
         failpoint("write.cert", "after");
         if let (Some(enc), Some(names)) = (&issued.encryption, self.j.encryption.clone()) {
             let enc_id = unhex(&names.pending_id_hex);
-            let has_key = objects
-                .iter()
-                .any(|o| o.kind == ObjectKind::PrivateKey && o.id() == enc_id);
+            let has_key = self.token.count(ObjectKind::PrivateKey, &enc_id)? > 0;
             if !has_key {
                 let transport = match &enc.envelope.key_transport {
                     WireTransport::RsaOaepSha1 { wrapped_key } => {
@@ -1041,7 +1032,7 @@ impl Run<'_> {
                 )?;
             }
             failpoint("write.unwrap", "after");
-            if !has_cert(&enc.certificate_der) {
+            if !has_cert(&enc.certificate_der)? {
                 self.token.write_certificate(
                     &enc.certificate_der,
                     &enc_id,
@@ -1168,11 +1159,7 @@ impl Run<'_> {
         );
         match self.j.key_policy {
             KeyPolicy::New => {
-                let der_hex = hex::encode(&der);
-                let copied = self.token.objects()?.iter().any(|o| {
-                    o.kind == ObjectKind::Certificate && o.id() == to && o.value_hex == der_hex
-                });
-                if !copied {
+                if !self.token.has_certificate(&der, Some(&to))? {
                     self.token.write_certificate(&der, &to, &n.final_label)?;
                 }
                 self.token
