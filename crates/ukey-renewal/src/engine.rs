@@ -943,14 +943,19 @@ impl Run<'_> {
                 }
                 let (_, ec) = X509Certificate::from_der(&enc.certificate_der)
                     .map_err(|e| RenewalError::Refused(Refusal::Malformed(e.to_string())))?;
-                let want_alg = match (
-                    &enc.envelope.private_key_algorithm,
-                    ec.public_key().parsed(),
-                ) {
-                    (KeyAlgorithm::Rsa2048, Ok(x509_parser::public_key::PublicKey::RSA(_))) => true,
-                    (KeyAlgorithm::EcP256, Ok(x509_parser::public_key::PublicKey::EC(_))) => true,
-                    _ => false,
-                };
+                let want_alg = matches!(
+                    (
+                        &enc.envelope.private_key_algorithm,
+                        ec.public_key().parsed()
+                    ),
+                    (
+                        KeyAlgorithm::Rsa2048,
+                        Ok(x509_parser::public_key::PublicKey::RSA(_))
+                    ) | (
+                        KeyAlgorithm::EcP256,
+                        Ok(x509_parser::public_key::PublicKey::EC(_))
+                    )
+                );
                 if !want_alg {
                     return Err(RenewalError::Refused(Refusal::Encryption(
                         "the escrowed key's algorithm does not match its certificate".into(),
@@ -1083,20 +1088,18 @@ impl Run<'_> {
     /// Activation in four sub-steps, each recorded in the journal so that a resumed
     /// run never repeats one whose effect would now hit the new objects.
     fn activate(&mut self) -> Result<(), RenewalError> {
-        let subs: [fn(&mut Self) -> Result<(), RenewalError>; 4] = [
-            Self::archive_old_encryption,
-            Self::remove_old_signing,
-            Self::activate_new_signing,
-            Self::activate_new_encryption,
-        ];
-        for (i, sub) in subs.iter().enumerate() {
-            let n = i as u32 + 1;
+        for n in 1..=4u32 {
             if self.j.activate_done >= n {
                 continue;
             }
             let point = format!("activate.{n}");
             failpoint(&point, "before");
-            sub(self)?;
+            match n {
+                1 => self.archive_old_encryption()?,
+                2 => self.remove_old_signing()?,
+                3 => self.activate_new_signing()?,
+                _ => self.activate_new_encryption()?,
+            }
             failpoint(&point, "after");
             self.j.activate_done = n;
             self.save()?;
