@@ -321,7 +321,17 @@ fn transport_error(url: &str, e: &reqwest::Error) -> ClientError {
         ClientError::Timeout {
             url: url.to_owned(),
         }
-    } else if lower.contains("certificate") || lower.contains("tls") || lower.contains("handshake")
+    } else if [
+        "certificate",
+        "tls",
+        "handshake",
+        "corrupt message",
+        "invalidcontenttype",
+        "alert",
+        "unknownissuer",
+    ]
+    .iter()
+    .any(|k| lower.contains(k))
     {
         ClientError::Tls {
             url: url.to_owned(),
