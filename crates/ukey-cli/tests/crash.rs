@@ -94,6 +94,16 @@ impl Lab {
     }
 
     fn renew(&self, fx: &TokenFixture, failpoint: Option<&str>) -> Output {
+        self.renew_with(fx, failpoint, &fx.user_pin, &[])
+    }
+
+    fn renew_with(
+        &self,
+        fx: &TokenFixture,
+        failpoint: Option<&str>,
+        pin: &str,
+        extra: &[&str],
+    ) -> Output {
         let root = self.hsm.ca().unwrap().root_cert_path.clone();
         let mut cmd = self.hsm.command(UKEY);
         cmd.arg("--module")
@@ -101,6 +111,7 @@ impl Lab {
             .args(["renew", "--portal", &self.server.url, "--token", &fx.serial])
             .args(["--pin-stdin", "--yes", "--json", "--trust"])
             .arg(&root)
+            .args(extra)
             .env_remove("UKEY_PKCS11_MODULE")
             .env_remove("UKEY_FAILPOINT")
             .env("UKEY_CONFIG", self.hsm.dir().join("no-config.toml"))
@@ -115,7 +126,7 @@ impl Lab {
         }
         let mut child = cmd.spawn().unwrap();
         // The process may exit before reading the PIN (its output says why).
-        let _ = writeln!(child.stdin.take().unwrap(), "{}", fx.user_pin);
+        let _ = writeln!(child.stdin.take().unwrap(), "{pin}");
         child.wait_with_output().unwrap()
     }
 }
@@ -382,4 +393,51 @@ fn key_pulled_out_during_activation_then_resumed() {
         "token_removed",
         true,
     );
+}
+
+fn code_of(out: &Output) -> String {
+    let v: Value = serde_json::from_slice(&out.stdout).unwrap_or(Value::Null);
+    v["error"]["code"].as_str().unwrap_or("").to_owned()
+}
+
+/// One try left: no PIN is tried without --confirm-final-try (--yes is not enough);
+/// with it, the renewal goes on. A locked PIN stops before anything changes.
+#[test]
+fn final_try_needs_explicit_confirmation_and_locked_stops() {
+    let lab = Lab::new();
+    let fx = lab.token("Final try");
+    lab.control.set_pin_tries(&fx.serial, 1).unwrap();
+    let before = look(&fx).objects;
+    // look() logged in with the right PIN: the counter is still clean.
+    let out = lab.renew(&fx, None);
+    assert_eq!(out.status.code(), Some(6), "{}", text(&out));
+    assert_eq!(code_of(&out), "pin_final_try");
+    assert!(String::from_utf8_lossy(&out.stderr).contains("--confirm-final-try"));
+    assert_eq!(
+        lab.control.token(&fx.serial).unwrap().pin.failures,
+        0,
+        "no PIN was tried"
+    );
+    assert_eq!(look(&fx).objects, before);
+    let out = lab.renew_with(&fx, None, &fx.user_pin, &["--confirm-final-try"]);
+    assert_finished(&fx, &out, "final try confirmed");
+
+    let fx = lab.token("Locked");
+    lab.control.set_pin_tries(&fx.serial, 1).unwrap();
+    let out = lab.renew_with(&fx, None, "000000", &["--confirm-final-try"]);
+    assert_eq!(out.status.code(), Some(7), "{}", text(&out));
+    assert!(
+        matches!(code_of(&out).as_str(), "pin_incorrect" | "pin_locked"),
+        "{}",
+        text(&out)
+    );
+    assert_eq!(
+        lab.control.token(&fx.serial).unwrap().pin.failures,
+        1,
+        "tried once, never retried"
+    );
+    let out = lab.renew(&fx, None);
+    assert_eq!(out.status.code(), Some(6), "{}", text(&out));
+    assert_eq!(code_of(&out), "pin_locked");
+    assert_eq!(lab.control.token(&fx.serial).unwrap().pin.failures, 1);
 }
