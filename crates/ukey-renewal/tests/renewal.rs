@@ -6,4 +6,5 @@ mod renewal {
     pub mod common;
     pub mod e2e;
     pub mod refusal;
+    pub mod resume;
 }
