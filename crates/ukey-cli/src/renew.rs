@@ -243,6 +243,7 @@ pub fn run(args: &RenewArgs, module: &Module, config: &Config, lang: Lang) -> an
         }
     }
 
+    let notices: Vec<String> = plan.notices.iter().map(|n| n.text(zh)).collect();
     let pin = read_pin(args.pin_stdin, zh)?;
     let bar = (!args.json && std::io::stderr().is_terminal()).then(|| {
         let bar = indicatif::ProgressBar::new(Step::ALL.len() as u64);
@@ -271,7 +272,7 @@ pub fn run(args: &RenewArgs, module: &Module, config: &Config, lang: Lang) -> an
     }
     match result {
         Ok(report) => {
-            print_report(&report, args.json, zh);
+            print_report(&report, &notices, args.json, zh);
             Ok(0)
         }
         Err(e) => {
@@ -303,7 +304,7 @@ fn read_pin(from_stdin: bool, zh: bool) -> anyhow::Result<SecretString> {
     Ok(pin)
 }
 
-fn print_report(r: &Report, json: bool, zh: bool) {
+fn print_report(r: &Report, notices: &[String], json: bool, zh: bool) {
     if json {
         let steps: Vec<serde_json::Value> = r
             .steps
@@ -319,6 +320,7 @@ fn print_report(r: &Report, json: bool, zh: bool) {
             "encryption_serial": r.encryption_serial,
             "archived_serial": r.archived_serial,
             "resumed": r.resumed,
+            "notices": notices,
             "steps": steps,
         });
         println!("{v}");

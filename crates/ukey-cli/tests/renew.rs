@@ -82,7 +82,7 @@ impl Env {
             .arg(self.hsm.module_path())
             .args(args)
             .env_remove("UKEY_PKCS11_MODULE")
-            .env("UKEY_CONFIG", self.hsm.dir().join("no-config.toml"))
+            .env("UKEY_CONFIG", self.hsm.dir().join("config.toml"))
             .env("UKEY_DATA_DIR", self.data.path())
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
@@ -354,4 +354,58 @@ fn help_documents_the_exit_codes() {
     ] {
         assert!(help.contains(flag), "{flag}: {help}");
     }
+}
+
+/// Trust anchors come from the config file's [renewal] table too; with none at all the
+/// issued certificate is refused and the token left as it was.
+#[test]
+fn trust_anchors_from_the_config_file_or_refusal_without_any() {
+    let env = Env::new(TokenSpec::ukey("CLI trust"));
+    env.order(InitialState::Ready);
+    let url = env.server.url.clone();
+    let args = [
+        "renew",
+        "--portal",
+        url.as_str(),
+        "--pin-stdin",
+        "--yes",
+        "--json",
+    ];
+    let pin = format!("{}\n", env.token.user_pin);
+
+    let out = env.ukey(&args, &pin, &[]);
+    assert_eq!(
+        out.status.code(),
+        Some(7),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let v = json(&out);
+    assert_eq!(v["error"]["code"], "certificate_refused");
+    assert!(
+        v["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("trust anchor"),
+        "{v}"
+    );
+
+    std::fs::write(
+        env.hsm.dir().join("config.toml"),
+        format!(
+            "[renewal]\ntrust_anchors = [{:?}]\n",
+            env.root().display().to_string()
+        ),
+    )
+    .unwrap();
+    let out = env.ukey(&args, &pin, &[]);
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let v = json(&out);
+    assert_eq!(v["status"], "renewed");
+    assert!(v["notices"][0].as_str().unwrap().contains("revoked"), "{v}");
 }
