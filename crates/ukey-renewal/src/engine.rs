@@ -70,9 +70,26 @@ pub enum LabelScheme {
     },
 }
 
+/// Which journal records are fsynced.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum JournalSync {
+    /// Every record (before and after each step, each activation sub-step): fsync of
+    /// the file, atomic rename, fsync of the directory.
+    #[default]
+    EveryStep,
+    /// Every record is written atomically (survives a killed process), but only the
+    /// checkpoints a power cut must not lose are fsynced: before the first change to
+    /// the token (key), before activation, after the old signing objects are removed
+    /// (activation sub-step 2: re-running it would hit the new objects), and the
+    /// outcome. Losing any other record to a power cut only re-runs idempotent steps.
+    Checkpoints,
+}
+
 /// Engine settings.
 #[derive(Debug, Clone)]
 pub struct Options {
+    /// Which journal records are fsynced.
+    pub journal_sync: JournalSync,
     /// Trust anchors (DER) the issued certificate must chain to.
     pub trust_anchors: Vec<Vec<u8>>,
     /// Final CKA_IDs.
@@ -93,6 +110,7 @@ impl Options {
     /// Defaults with the given journal store and anchors.
     pub fn new(journals: JournalStore, trust_anchors: Vec<Vec<u8>>) -> Options {
         Options {
+            journal_sync: JournalSync::default(),
             trust_anchors,
             key_ids: KeyIdScheme::default(),
             labels: LabelScheme::default(),
@@ -727,7 +745,12 @@ fn unhex(s: &str) -> Vec<u8> {
 
 impl Run<'_> {
     fn save(&self) -> Result<(), RenewalError> {
-        self.opts.journals.save(&self.j)
+        let j = &self.j;
+        let checkpoint = j.outcome != Outcome::Unfinished
+            || (j.step == Step::Key && j.state == StepState::Started)
+            || (j.step == Step::Activate && matches!(j.activate_done, 0 | 2));
+        let durable = self.opts.journal_sync == JournalSync::EveryStep || checkpoint;
+        self.opts.journals.save_with(j, durable)
     }
 
     fn skip(&mut self, step: Step) {

@@ -232,6 +232,13 @@ impl JournalStore {
 
     /// Durably writes `journal`: temp file, fsync, rename over the old one, fsync dir.
     pub fn save(&self, journal: &Journal) -> Result<(), RenewalError> {
+        self.save_with(journal, true)
+    }
+
+    /// Writes `journal` atomically (temp file + rename: a killed process leaves the old
+    /// or the new record, whole); with `durable`, also fsyncs the file and the
+    /// directory so the record survives a power cut.
+    pub fn save_with(&self, journal: &Journal, durable: bool) -> Result<(), RenewalError> {
         let path = self.path_of(&journal.token_serial, &journal.old.serial);
         let err = |reason: String| RenewalError::Journal {
             path: path.clone(),
@@ -248,9 +255,14 @@ impl JournalStore {
                 .open(&tmp)
                 .map_err(|e| err(e.to_string()))?;
             f.write_all(&json).map_err(|e| err(e.to_string()))?;
-            f.sync_all().map_err(|e| err(e.to_string()))?;
+            if durable {
+                f.sync_all().map_err(|e| err(e.to_string()))?;
+            }
         }
         fs::rename(&tmp, &path).map_err(|e| err(e.to_string()))?;
+        if !durable {
+            return Ok(());
+        }
         File::open(&self.dir)
             .and_then(|d| d.sync_all())
             .map_err(|e| err(format!("fsync of the directory: {e}")))?;

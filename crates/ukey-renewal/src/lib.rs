@@ -19,8 +19,8 @@ pub mod journal;
 
 pub use api::{PortalApi, SessionToken, TokenApi};
 pub use engine::{
-    FAILPOINT_ENV, KeyIdScheme, LabelScheme, Notice, Options, PENDING_LABEL_PREFIX, Plan, Report,
-    StepTiming, abandon, preflight, renew, run, status_request,
+    FAILPOINT_ENV, JournalSync, KeyIdScheme, LabelScheme, Notice, Options, PENDING_LABEL_PREFIX,
+    Plan, Report, StepTiming, abandon, preflight, renew, run, status_request,
 };
 pub use error::{ErrorKind, Refusal, RenewalError};
 pub use events::{Event, Step};
