@@ -428,3 +428,30 @@ fn several_keys_at_once_each_on_its_own_session() {
     }
     archived_key_still_decrypts(&env, 1);
 }
+
+#[test]
+fn p256_dual_new_key() {
+    let (env, report) = run_case(Case {
+        spec: TokenSpec::dual("EC dual new", FxAlg::EcP256),
+        policy: KeyPolicy::New,
+        target: KeyAlgorithm::EcP256,
+        with_enc: true,
+    });
+    confirm_externally(&env, 0, &report, FxAlg::EcP256);
+    assert_eq!(
+        report.archived_serial.as_deref(),
+        Some(env.tokens[0].certs[1].serial_hex.as_str())
+    );
+}
+
+#[test]
+fn upgrade_rsa_dual_to_p256_with_escrowed_key_over_ecdh() {
+    let (env, report) = run_case(Case {
+        spec: TokenSpec::dual("Upgrade dual", FxAlg::Rsa2048),
+        policy: KeyPolicy::New,
+        target: KeyAlgorithm::EcP256,
+        with_enc: true,
+    });
+    confirm_externally(&env, 0, &report, FxAlg::EcP256);
+    archived_key_still_decrypts(&env, 0);
+}
