@@ -324,13 +324,33 @@ fn killed_at_every_step_boundary_then_resumed() {
             "{point}: neither certificate works: {:?}",
             seen.objects
         );
+        // Killed again while logging in to resume: the journal must still know where
+        // it was (activation begun or not).
+        if point.starts_with("activate") || point.starts_with("installed") {
+            let out = lab.renew(&fx, Some("login:after"));
+            assert_eq!(
+                out.status.signal(),
+                Some(6),
+                "{point} + login: {}",
+                text(&out)
+            );
+            assert!(
+                !look(&fx).working.is_empty(),
+                "{point} + login: neither works"
+            );
+            covered += 1;
+        }
         let out = lab.renew(&fx, None);
         let v = assert_finished(&fx, &out, point);
         assert_eq!(v["resumed"], true, "{point}: {v}");
         covered += 1;
     }
     println!("crash points covered (hard abort, then resumed): {covered}");
-    assert_eq!(covered, points.len());
+    let double = points
+        .iter()
+        .filter(|p| p.starts_with("activate") || p.starts_with("installed"))
+        .count();
+    assert_eq!(covered, points.len() + double);
 }
 
 fn with_fault(fault: Fault, expect_code: &str, unplug: bool) {

@@ -789,30 +789,35 @@ impl Run<'_> {
     }
 
     fn login(&mut self, pin: &SecretString, resumed: bool) -> Result<(), RenewalError> {
-        // A failed login on a fresh renewal leaves nothing to resume.
-        let fresh = !resumed;
-        let saved_step = (self.j.step, self.j.state);
-        let result = self.step(Step::Login, |r| Ok(r.token.login(pin)?));
-        if let Err(e) = result {
-            if fresh {
-                self.j.outcome = Outcome::RolledBack {
-                    reason: e.code().to_owned(),
-                };
-                let _ = self.save();
-            } else {
-                (self.j.step, self.j.state) = saved_step;
-                let _ = self.save();
-            }
+        if resumed {
+            // On resume the journal keeps the step it had reached: recording "login"
+            // over it would lose, at a crash during login, that activation had begun.
+            (self.on_event)(Event::StepStarted { step: Step::Login });
+            failpoint("login", "before");
+            let t0 = Instant::now();
+            self.token.login(pin)?;
+            let duration = t0.elapsed();
+            failpoint("login", "after");
+            (self.on_event)(Event::StepFinished {
+                step: Step::Login,
+                duration,
+            });
+            self.timings.push(StepTiming {
+                step: Step::Login,
+                ms: duration.as_secs_f64() * 1000.0,
+                skipped: false,
+            });
+            return Ok(());
+        }
+        if let Err(e) = self.step(Step::Login, |r| Ok(r.token.login(pin)?)) {
+            // A failed login on a fresh renewal leaves nothing to resume.
+            self.j.outcome = Outcome::RolledBack {
+                reason: e.code().to_owned(),
+            };
+            let _ = self.save();
             return Err(e);
         }
-        if resumed {
-            // Login is not a journaled state of its own on resume: keep where we were.
-            (self.j.step, self.j.state) = saved_step;
-            self.save()?;
-        } else {
-            self.cleanup_abandoned()?;
-        }
-        Ok(())
+        self.cleanup_abandoned()
     }
 
     /// Removes pending objects no unfinished journal owns (an abandoned renewal whose
