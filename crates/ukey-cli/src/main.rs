@@ -31,7 +31,8 @@ Exit codes / 退出码:
   4    some token could not be read completely / 有 UKey 未能完整读取
   5    renew: nothing to renew (no order, already renewed) / 无需续期
   6    renew: user action needed (payment, PIN locked or last try, new key mailed,
-       rejected, choose --token/--cert, clock) / 需要用户处理
+       rejected, key lacks what the order needs (ask the CA), choose --token/--cert,
+       clock) / 需要用户处理
   7    renew: failed; the old certificate still works, or the renewal resumes on the
        next run / 续期失败（旧证书仍可用，或下次运行继续）
   8    ukey diagnose: a check failed / 诊断报告中有失败项

@@ -461,3 +461,58 @@ fn final_try_needs_explicit_confirmation_and_locked_stops() {
     assert_eq!(code_of(&out), "pin_locked");
     assert_eq!(lab.control.token(&fx.serial).unwrap().pin.failures, 1);
 }
+
+/// A token that lacks a mechanism the order needs (here EC key generation, for an
+/// RSA → P-256 upgrade) is "user action needed" (exit 6), not a failure: retrying
+/// cannot help, the CA can (by mailing a new key). Nothing is tried, nothing changes;
+/// with the mechanism shown again, the same order renews.
+#[test]
+fn missing_mechanism_is_user_action_and_says_to_contact_the_ca() {
+    let lab = Lab::new();
+    let fx = lab
+        .hsm
+        .create_token(&TokenSpec::ukey("No EC keygen"))
+        .unwrap();
+    lab.server
+        .portal
+        .create_order(&CreateOrderRequest {
+            serial_hex: fx.certs[0].serial_hex.clone(),
+            issuer_der: None,
+            issuer_dn: None,
+            years: 1,
+            state: InitialState::Ready,
+            key_policy: KeyPolicy::New,
+            with_encryption_cert: false,
+            target_algorithm: KeyAlgorithm::EcP256,
+            old_encryption_serial_hex: None,
+        })
+        .unwrap();
+    // CKM_EC_KEY_PAIR_GEN.
+    lab.control.hide_mechanism(&fx.serial, 0x1040).unwrap();
+    let before = look(&fx).objects;
+    for (lang, contact) in [("en", "Contact your CA"), ("zh-CN", "请联系发证机构")] {
+        let out = lab.renew_with(&fx, None, &fx.user_pin, &["--lang", lang]);
+        assert_eq!(out.status.code(), Some(6), "{}", text(&out));
+        let v: Value = serde_json::from_slice(&out.stdout).unwrap();
+        assert_eq!(v["status"], "action_needed", "{v}");
+        assert_eq!(v["error"]["code"], "mechanism_missing", "{v}");
+        let message = v["error"]["message"].as_str().unwrap();
+        assert!(message.contains(contact), "{message}");
+        assert!(message.contains("CKM_EC_KEY_PAIR_GEN"), "{message}");
+        assert!(
+            String::from_utf8_lossy(&out.stderr).contains(contact),
+            "{}",
+            text(&out)
+        );
+    }
+    assert_eq!(
+        lab.control.token(&fx.serial).unwrap().pin.failures,
+        0,
+        "no PIN was tried"
+    );
+    assert_eq!(look(&fx).objects, before, "the token is unchanged");
+
+    lab.control.show_all_mechanisms(&fx.serial).unwrap();
+    let out = lab.renew(&fx, None);
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out));
+}

@@ -119,7 +119,8 @@ pub enum RenewalError {
         /// Token serial.
         token: String,
     },
-    /// The token lacks a mechanism.
+    /// The token lacks a mechanism the order needs (e.g. EC key generation for an
+    /// algorithm upgrade): user action, since only the CA can help (a new key by mail).
     #[error("token {token} does not support {mechanism}")]
     MechanismMissing {
         /// Token serial.
@@ -163,6 +164,7 @@ impl RenewalError {
             | RenewalError::PinLocked { .. }
             | RenewalError::FinalTryNeedsConfirmation { .. }
             | RenewalError::Selection(_)
+            | RenewalError::MechanismMissing { .. }
             | RenewalError::ClockSkew { .. } => ErrorKind::UserAction,
             RenewalError::Token(ukey_token::Error::PinLocked { .. }) => ErrorKind::UserAction,
             _ => ErrorKind::Failure,
@@ -282,6 +284,17 @@ impl RenewalError {
                 } else {
                     format!(
                         "The PIN of token {token} has one try left; a wrong PIN locks it. If you are sure, retry with --confirm-final-try."
+                    )
+                }
+            }
+            RenewalError::MechanismMissing { token, mechanism } => {
+                if zh {
+                    format!(
+                        "UKey {token} 不支持此续期订单所需的算法（{mechanism}），无法完成续期，未做任何改动。请联系发证机构（CA），他们可以为您寄送新的 UKey。"
+                    )
+                } else {
+                    format!(
+                        "Token {token} cannot do what this renewal order asks (it lacks {mechanism}); nothing was changed. Contact your CA: they can mail you a new key."
                     )
                 }
             }
