@@ -121,26 +121,82 @@ fn is_software(name: &str, path: &Path) -> bool {
     name.contains("SoftHSM") || file.contains("softhsm") || file.contains("ukey_sim")
 }
 
+/// What an installed module is, for the conflict check.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum ModuleKind {
+    /// A UKey maker's middleware: two of them may fight over one reader.
+    Vendor,
+    /// A generic smart-card driver (OpenSC): installed on most Linux desktops, shares
+    /// the reader through pcscd and does not conflict with a vendor driver.
+    Generic,
+    /// A software token (SoftHSM2, ukey-sim): no reader at all.
+    Software,
+}
+
+impl ModuleKind {
+    fn of(name: &str, path: &Path) -> ModuleKind {
+        let file = path
+            .file_name()
+            .map(|f| f.to_string_lossy().to_lowercase())
+            .unwrap_or_default();
+        if is_software(name, path) {
+            ModuleKind::Software
+        } else if name.to_lowercase().contains("opensc") || file.contains("opensc-pkcs11") {
+            ModuleKind::Generic
+        } else {
+            ModuleKind::Vendor
+        }
+    }
+
+    fn as_str(self) -> &'static str {
+        match self {
+            ModuleKind::Vendor => "vendor",
+            ModuleKind::Generic => "generic",
+            ModuleKind::Software => "software",
+        }
+    }
+}
+
 /// Other UKey drivers installed besides the one in use. Several vendor middlewares on
 /// one machine is a classic source of "the key is not found": each may claim the
-/// reader, or the browser plug-in loads the wrong one.
+/// reader, or the browser plug-in loads the wrong one. So the check warns when two or
+/// more vendor modules are installed (the one in use counted), naming those not in use.
+/// Generic drivers (OpenSC, on most Linux desktops) and software tokens (SoftHSM2) do
+/// not conflict: they, and a lone vendor module not in use, are listed, not warned about.
 pub(crate) fn other_modules_check(in_use: Option<&Path>, config: &Config) -> Check {
     let canon = |p: &Path| p.canonicalize().unwrap_or_else(|_| p.to_owned());
     let in_use = in_use.map(canon);
     let found = ukey_token::discover_all(config);
-    let others: Vec<&FoundModule> = found
+    let others: Vec<(&FoundModule, ModuleKind)> = found
         .iter()
         .filter(|m| Some(canon(&m.path)) != in_use)
+        .map(|m| (m, ModuleKind::of(&m.name, &m.path)))
         .collect();
-    let vendors: Vec<&&FoundModule> = others
-        .iter()
-        .filter(|m| !is_software(&m.name, &m.path))
-        .collect();
-    let list = |ms: &[&&FoundModule]| {
-        ms.iter()
-            .map(|m| format!("{} ({})", m.name, m.path.display()))
+    let list = |kind: ModuleKind| {
+        others
+            .iter()
+            .filter(|(_, k)| *k == kind)
+            .map(|(m, _)| format!("{} ({})", m.name, m.path.display()))
             .collect::<Vec<_>>()
     };
+    let in_use_kind = in_use.as_deref().map(|p| {
+        let name = found
+            .iter()
+            .find(|m| canon(&m.path) == p)
+            .map_or("", |m| m.name.as_str());
+        ModuleKind::of(name, p)
+    });
+    let vendors = list(ModuleKind::Vendor);
+    let conflict = vendors.len() + usize::from(in_use_kind == Some(ModuleKind::Vendor)) >= 2;
+    let harmless: Vec<String> = list(ModuleKind::Generic)
+        .into_iter()
+        .chain(list(ModuleKind::Software))
+        .chain(if conflict {
+            Vec::new()
+        } else {
+            vendors.clone()
+        })
+        .collect();
     let facts = Facts::new().with(
         "installed",
         found
@@ -149,24 +205,29 @@ pub(crate) fn other_modules_check(in_use: Option<&Path>, config: &Config) -> Che
                 serde_json::json!({
                     "name": m.name,
                     "path": m.path.display().to_string(),
+                    "kind": ModuleKind::of(&m.name, &m.path).as_str(),
                     "in_use": Some(canon(&m.path)) == in_use,
                 })
             })
             .collect::<Vec<_>>(),
     );
-    if vendors.is_empty() {
+    if !conflict {
         let n = found.len();
-        return Check::new(
-            "environment.other_modules",
-            Status::Pass,
+        let reason = if harmless.is_empty() {
             text!(
                 "没有发现可能冲突的其他 UKey 驱动（共找到 {n} 个已知模块）。",
                 "No other UKey driver that could conflict was found ({n} known modules installed)."
-            ),
-        )
-        .facts(facts);
+            )
+        } else {
+            let names = harmless.join("; ");
+            text!(
+                "没有发现可能冲突的其他 UKey 驱动。另外安装了：{names}，它们不会与当前驱动冲突。",
+                "No other UKey driver that could conflict was found. Also installed, without conflict: {names}."
+            )
+        };
+        return Check::new("environment.other_modules", Status::Pass, reason).facts(facts);
     }
-    let names = list(&vendors).join("; ");
+    let names = vendors.join("; ");
     Check::new(
         "environment.other_modules",
         Status::Warn,
@@ -270,4 +331,130 @@ pub(crate) fn section() -> Section {
         "environment",
         Text::new("运行环境", "Environment"),
     )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use ukey_token::ModuleEntry;
+
+    /// Files standing in for installed modules (discovery only looks for the file),
+    /// listed in the configuration like a user's `[[modules]]`.
+    fn installed(dir: &Path, modules: &[(&str, &str)]) -> Config {
+        let mut config = Config::default();
+        for (name, file) in modules {
+            let path = dir.join(file);
+            std::fs::write(&path, b"not loaded").unwrap();
+            config.modules.push(ModuleEntry {
+                name: (*name).to_owned(),
+                path,
+            });
+        }
+        config
+    }
+
+    fn installed_facts(check: &Check) -> Vec<serde_json::Value> {
+        check
+            .facts
+            .get("installed")
+            .and_then(|v| v.as_array())
+            .cloned()
+            .unwrap_or_default()
+    }
+
+    /// These tests assume this machine has no real vendor UKey driver installed (OpenSC
+    /// and SoftHSM2 may be).
+    #[test]
+    fn opensc_and_softhsm_are_facts_not_conflicts() {
+        let dir = tempfile::tempdir().unwrap();
+        let config = installed(
+            dir.path(),
+            &[
+                ("Longmai mToken (龙脉)", "libgm3000_pkcs11.so"),
+                ("OpenSC", "opensc-pkcs11.so"),
+                ("SoftHSM2", "libsofthsm2.so"),
+            ],
+        );
+        let vendor = dir.path().join("libgm3000_pkcs11.so");
+        let check = other_modules_check(Some(&vendor), &config);
+        assert_eq!(check.status, Status::Pass, "{check:?}");
+        assert!(check.action.is_none());
+        let opensc = dir.path().join("opensc-pkcs11.so").display().to_string();
+        assert!(check.reason.en.contains(&opensc), "{}", check.reason.en);
+        assert!(
+            check.reason.zh_cn.contains(&opensc),
+            "{}",
+            check.reason.zh_cn
+        );
+        let kinds: Vec<(String, String, bool)> = installed_facts(&check)
+            .iter()
+            .filter(|m| {
+                m["path"]
+                    .as_str()
+                    .unwrap()
+                    .starts_with(&*dir.path().to_string_lossy())
+            })
+            .map(|m| {
+                (
+                    m["name"].as_str().unwrap().to_owned(),
+                    m["kind"].as_str().unwrap().to_owned(),
+                    m["in_use"].as_bool().unwrap(),
+                )
+            })
+            .collect();
+        assert_eq!(
+            kinds,
+            [
+                (
+                    "Longmai mToken (龙脉)".to_owned(),
+                    "vendor".to_owned(),
+                    true
+                ),
+                ("OpenSC".to_owned(), "generic".to_owned(), false),
+                ("SoftHSM2".to_owned(), "software".to_owned(), false),
+            ]
+        );
+
+        // SoftHSM2 in use (tests, the demo) with OpenSC and one vendor driver: no two
+        // vendor middlewares, no conflict; the vendor driver is listed.
+        let softhsm = dir.path().join("libsofthsm2.so");
+        let check = other_modules_check(Some(&softhsm), &config);
+        assert_eq!(check.status, Status::Pass, "{check:?}");
+        assert!(check.reason.en.contains("Longmai"), "{}", check.reason.en);
+    }
+
+    #[test]
+    fn another_vendor_driver_is_a_conflict_and_opensc_is_not_named() {
+        let dir = tempfile::tempdir().unwrap();
+        let config = installed(
+            dir.path(),
+            &[
+                ("Longmai mToken (龙脉)", "libgm3000_pkcs11.so"),
+                ("Haitai (海泰方圆)", "libhtpkcs11.so"),
+                ("OpenSC", "opensc-pkcs11.so"),
+            ],
+        );
+        let vendor = dir.path().join("libgm3000_pkcs11.so");
+        let check = other_modules_check(Some(&vendor), &config);
+        assert_eq!(check.status, Status::Warn, "{check:?}");
+        assert!(check.action.is_some());
+        assert!(check.reason.en.contains("Haitai"), "{}", check.reason.en);
+        assert!(
+            check.reason.zh_cn.contains("海泰方圆"),
+            "{}",
+            check.reason.zh_cn
+        );
+        assert!(!check.reason.en.contains("OpenSC"), "{}", check.reason.en);
+        assert!(
+            !check.reason.en.contains("Longmai"),
+            "in use: {}",
+            check.reason.en
+        );
+
+        // With OpenSC in use, the two vendor drivers still fight over the reader.
+        let opensc = dir.path().join("opensc-pkcs11.so");
+        let check = other_modules_check(Some(&opensc), &config);
+        assert_eq!(check.status, Status::Warn, "{check:?}");
+        assert!(check.reason.en.contains("Longmai") && check.reason.en.contains("Haitai"));
+    }
 }
