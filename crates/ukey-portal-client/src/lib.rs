@@ -7,10 +7,15 @@
 //! portal's error code, a body that is not what the protocol says, or a body larger
 //! than [`PortalClient::max_body`] (read in chunks and cut off, never buffered whole).
 //!
+//! Besides the protocol's calls, [`PortalClient::probe`] looks at the portal the way a
+//! support desk does (any HTTP answer, its status, round trip, `Date` and whether TLS
+//! verified) and [`PortalClient::ca_certificates`] fetches the issuing CA
+//! (`GET /api/v1/ca`), so that diagnostics need no HTTP client of their own.
+//!
 //! [`PortalClient`] is async (the desktop app runs on tokio); [`BlockingPortalClient`]
 //! wraps it for synchronous callers (the CLI, the renewal engine's worker threads).
 
-use std::time::Duration;
+use std::time::{Duration, Instant, SystemTime};
 
 use serde::Serialize;
 use serde::de::DeserializeOwned;
@@ -23,6 +28,47 @@ use ukey_portal_api::{
 /// Default cap on a response body: issued certificates, a chain and an envelope fit in
 /// a few KiB.
 pub const DEFAULT_MAX_BODY: usize = 256 * 1024;
+
+/// Timeout of a [`PortalClient::probe`]: a diagnosis should not hang for a minute.
+pub const PROBE_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// What [`PortalClient::probe`] saw: the portal answered over HTTP (any status).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Probe {
+    /// The URL probed.
+    pub url: String,
+    /// HTTP status of the answer (an error status is still an answer).
+    pub http_status: u16,
+    /// From sending the request to the answer's headers.
+    pub round_trip: Duration,
+    /// Local time when the request was sent.
+    pub sent_at: SystemTime,
+    /// The `Date` header as sent, if any (kept raw: a support desk wants to see a bad one).
+    pub date_header: Option<String>,
+    /// The `Date` header, if present and valid.
+    pub server_date: Option<OffsetDateTime>,
+    /// HTTPS, and the TLS handshake verified the portal's certificate. `false` for plain
+    /// HTTP. (A failed handshake is [`ClientError::Tls`], not a probe.)
+    pub tls_verified: bool,
+}
+
+impl Probe {
+    /// The local time the server's `Date` should be compared with: the middle of the
+    /// round trip.
+    pub fn local_midpoint(&self) -> SystemTime {
+        self.sent_at + self.round_trip / 2
+    }
+
+    /// Local clock minus the portal's, in whole seconds (positive: the local clock is
+    /// ahead); `None` without a valid `Date`.
+    pub fn clock_skew_seconds(&self) -> Option<i64> {
+        let server = SystemTime::from(self.server_date?);
+        Some(match self.local_midpoint().duration_since(server) {
+            Ok(d) => i64::try_from(d.as_secs()).unwrap_or(i64::MAX),
+            Err(e) => -i64::try_from(e.duration().as_secs()).unwrap_or(i64::MAX),
+        })
+    }
+}
 
 /// An answer and the server's clock.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -145,6 +191,8 @@ impl ClientError {
 #[derive(Debug, Clone)]
 pub struct PortalClient {
     base: String,
+    https: bool,
+    host: String,
     http: reqwest::Client,
     max_body: usize,
 }
@@ -169,6 +217,11 @@ impl PortalClient {
         if !(base.starts_with("https://") || base.starts_with("http://")) {
             return Err(invalid("expected http:// or https://".to_owned()));
         }
+        let parsed = reqwest::Url::parse(&base).map_err(|e| invalid(e.to_string()))?;
+        let host = match parsed.host_str() {
+            Some(h) if !h.is_empty() => h.to_owned(),
+            _ => return Err(invalid("no host name".to_owned())),
+        };
         let mut builder = reqwest::Client::builder()
             .connect_timeout(Duration::from_secs(10))
             .timeout(Duration::from_secs(60))
@@ -180,6 +233,8 @@ impl PortalClient {
         }
         let http = builder.build().map_err(|e| invalid(e.to_string()))?;
         Ok(PortalClient {
+            https: parsed.scheme() == "https",
+            host,
             base,
             http,
             max_body: DEFAULT_MAX_BODY,
@@ -195,6 +250,27 @@ impl PortalClient {
     /// The base URL.
     pub fn base_url(&self) -> &str {
         &self.base
+    }
+
+    /// Whether the portal is reached over HTTPS.
+    pub fn is_https(&self) -> bool {
+        self.https
+    }
+
+    /// The portal's host name or address (IPv6 in brackets), as in the URL.
+    pub fn host(&self) -> &str {
+        &self.host
+    }
+
+    /// Whether the portal is on this computer (`localhost`, 127.0.0.0/8, `[::1]`): a
+    /// test or demo portal, for which plain HTTP is fine.
+    pub fn is_loopback(&self) -> bool {
+        self.host == "localhost"
+            || self
+                .host
+                .trim_matches(|c| c == '[' || c == ']')
+                .parse::<std::net::IpAddr>()
+                .is_ok_and(|ip| ip.is_loopback())
     }
 
     /// A web page of the portal (payment page...), absolute.
@@ -233,6 +309,60 @@ impl PortalClient {
         self.post(&paths::installed(order_id), Some(req)).await
     }
 
+    /// Looks at the portal: `GET /openapi.yaml`, and any HTTP answer, error statuses
+    /// included, is a [`Probe`] (status, round trip, `Date`, TLS verified). Fails only
+    /// when there is no HTTP answer: [`ClientError::Unreachable`], [`ClientError::Tls`]
+    /// (the handshake failed: untrusted certificate, not TLS at all...),
+    /// [`ClientError::Timeout`] (after [`PROBE_TIMEOUT`]). The body is not read.
+    pub async fn probe(&self) -> Result<Probe, ClientError> {
+        let url = self.url(paths::OPENAPI);
+        tracing::debug!(%url, "portal probe");
+        let sent_at = SystemTime::now();
+        let started = Instant::now();
+        let response = self
+            .http
+            .get(&url)
+            .timeout(PROBE_TIMEOUT)
+            .send()
+            .await
+            .map_err(|e| transport_error(&url, &e))?;
+        let round_trip = started.elapsed();
+        let date_header = response
+            .headers()
+            .get(reqwest::header::DATE)
+            .map(|v| String::from_utf8_lossy(v.as_bytes()).into_owned());
+        let server_date = server_date(response.headers());
+        Ok(Probe {
+            http_status: response.status().as_u16(),
+            round_trip,
+            sent_at,
+            date_header,
+            server_date,
+            tls_verified: self.https,
+            url,
+        })
+    }
+
+    /// `GET /api/v1/ca`: the portal's issuing CA certificate, as DER. The protocol
+    /// serves one DER certificate (`application/pkix-cert`); a PEM bundle or
+    /// concatenated DER certificates (a chain) are accepted too, in the order served.
+    /// Anything else is [`ClientError::Garbage`]. These certificates complete chains;
+    /// they are not trust anchors (the portal could say anything).
+    pub async fn ca_certificates(&self) -> Result<Answer<Vec<Vec<u8>>>, ClientError> {
+        let url = self.url(paths::CA_CERT);
+        let (status, server_date, bytes) = self.send(self.http.get(&url), &url).await?;
+        check_status(status, &bytes)?;
+        let certificates = parse_certificates(&bytes).map_err(|reason| ClientError::Garbage {
+            url,
+            status,
+            reason,
+        })?;
+        Ok(Answer {
+            value: certificates,
+            server_date,
+        })
+    }
+
     async fn post<B: Serialize, T: DeserializeOwned>(
         &self,
         path: &str,
@@ -249,56 +379,8 @@ impl PortalClient {
                 .header(reqwest::header::CONTENT_TYPE, "application/json")
                 .body(json);
         }
-        tracing::debug!(%url, "portal request");
-        let mut response = request
-            .send()
-            .await
-            .map_err(|e| transport_error(&url, &e))?;
-        let status = response.status().as_u16();
-        let server_date = response
-            .headers()
-            .get(reqwest::header::DATE)
-            .and_then(|v| v.to_str().ok())
-            .and_then(|v| httpdate::parse_http_date(v).ok())
-            .map(OffsetDateTime::from);
-        if response
-            .content_length()
-            .is_some_and(|len| len > self.max_body as u64)
-        {
-            return Err(ClientError::TooLarge {
-                url,
-                limit: self.max_body,
-            });
-        }
-        let mut bytes = Vec::new();
-        while let Some(chunk) = response
-            .chunk()
-            .await
-            .map_err(|e| transport_error(&url, &e))?
-        {
-            if bytes.len() + chunk.len() > self.max_body {
-                return Err(ClientError::TooLarge {
-                    url,
-                    limit: self.max_body,
-                });
-            }
-            bytes.extend_from_slice(&chunk);
-        }
-        tracing::debug!(%url, status, bytes = bytes.len(), "portal answer");
-        if !(200..300).contains(&status) {
-            return Err(match serde_json::from_slice::<ApiError>(&bytes) {
-                Ok(e) => ClientError::Api {
-                    status,
-                    code: e.code,
-                    message: e.message,
-                },
-                Err(_) => ClientError::Api {
-                    status,
-                    code: ErrorCode::Unknown,
-                    message: String::from_utf8_lossy(&bytes[..bytes.len().min(200)]).into_owned(),
-                },
-            });
-        }
+        let (status, server_date, bytes) = self.send(request, &url).await?;
+        check_status(status, &bytes)?;
         let value = serde_json::from_slice(&bytes).map_err(|e| ClientError::Garbage {
             url,
             status,
@@ -306,6 +388,131 @@ impl PortalClient {
         })?;
         Ok(Answer { value, server_date })
     }
+
+    /// Sends `request` and reads the body up to [`PortalClient::max_body`]: (status,
+    /// `Date`, body).
+    async fn send(
+        &self,
+        request: reqwest::RequestBuilder,
+        url: &str,
+    ) -> Result<(u16, Option<OffsetDateTime>, Vec<u8>), ClientError> {
+        tracing::debug!(%url, "portal request");
+        let mut response = request.send().await.map_err(|e| transport_error(url, &e))?;
+        let status = response.status().as_u16();
+        let server_date = server_date(response.headers());
+        let too_large = || ClientError::TooLarge {
+            url: url.to_owned(),
+            limit: self.max_body,
+        };
+        if response
+            .content_length()
+            .is_some_and(|len| len > self.max_body as u64)
+        {
+            return Err(too_large());
+        }
+        let mut bytes = Vec::new();
+        while let Some(chunk) = response
+            .chunk()
+            .await
+            .map_err(|e| transport_error(url, &e))?
+        {
+            if bytes.len() + chunk.len() > self.max_body {
+                return Err(too_large());
+            }
+            bytes.extend_from_slice(&chunk);
+        }
+        tracing::debug!(%url, status, bytes = bytes.len(), "portal answer");
+        Ok((status, server_date, bytes))
+    }
+}
+
+fn server_date(headers: &reqwest::header::HeaderMap) -> Option<OffsetDateTime> {
+    headers
+        .get(reqwest::header::DATE)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| httpdate::parse_http_date(v).ok())
+        .map(OffsetDateTime::from)
+}
+
+/// An error status becomes [`ClientError::Api`], with the portal's error code if the
+/// body carries one.
+fn check_status(status: u16, bytes: &[u8]) -> Result<(), ClientError> {
+    if (200..300).contains(&status) {
+        return Ok(());
+    }
+    Err(match serde_json::from_slice::<ApiError>(bytes) {
+        Ok(e) => ClientError::Api {
+            status,
+            code: e.code,
+            message: e.message,
+        },
+        Err(_) => ClientError::Api {
+            status,
+            code: ErrorCode::Unknown,
+            message: String::from_utf8_lossy(&bytes[..bytes.len().min(200)]).into_owned(),
+        },
+    })
+}
+
+/// Certificates from a PEM bundle or from one or more concatenated DER certificates.
+/// Checks only the DER framing (each one a SEQUENCE, nothing left over): the caller
+/// parses them.
+fn parse_certificates(bytes: &[u8]) -> Result<Vec<Vec<u8>>, String> {
+    let text_start = bytes.iter().position(|b| !b.is_ascii_whitespace());
+    if text_start.is_some_and(|i| bytes[i..].starts_with(b"-----BEGIN")) {
+        let blocks = pem::parse_many(bytes).map_err(|e| format!("bad PEM: {e}"))?;
+        let certs: Vec<Vec<u8>> = blocks
+            .into_iter()
+            .filter(|p| p.tag() == "CERTIFICATE")
+            .map(pem::Pem::into_contents)
+            .collect();
+        if certs.is_empty() {
+            return Err("no CERTIFICATE in the PEM answer".to_owned());
+        }
+        for der in &certs {
+            if der_sequence_len(der) != Some(der.len()) {
+                return Err("a PEM CERTIFICATE is not one DER SEQUENCE".to_owned());
+            }
+        }
+        return Ok(certs);
+    }
+    let mut out = Vec::new();
+    let mut rest = bytes;
+    while !rest.is_empty() {
+        let Some(len) = der_sequence_len(rest).filter(|&l| l <= rest.len()) else {
+            return Err(format!(
+                "not a DER certificate (at byte {})",
+                bytes.len() - rest.len()
+            ));
+        };
+        out.push(rest[..len].to_vec());
+        rest = &rest[len..];
+    }
+    if out.is_empty() {
+        return Err("empty answer".to_owned());
+    }
+    Ok(out)
+}
+
+/// Total length (header + content) of the DER SEQUENCE at the start of `der`, if it
+/// starts with one (definite length, at most 4 length bytes).
+fn der_sequence_len(der: &[u8]) -> Option<usize> {
+    if der.first() != Some(&0x30) {
+        return None;
+    }
+    let first = usize::from(*der.get(1)?);
+    if first < 0x80 {
+        return Some(2 + first);
+    }
+    let n = first & 0x7f;
+    if n == 0 || n > 4 {
+        return None;
+    }
+    let mut len = 0usize;
+    for i in 0..n {
+        len = (len << 8) | usize::from(*der.get(2 + i)?);
+    }
+    Some(2 + n + len)
 }
 
 fn transport_error(url: &str, e: &reqwest::Error) -> ClientError {
@@ -421,6 +628,16 @@ impl BlockingPortalClient {
         req: &IssueRequest,
     ) -> Result<Answer<IssueResponse>, ClientError> {
         self.block_on(self.client.issue(order_id, req))
+    }
+
+    /// See [`PortalClient::probe`].
+    pub fn probe(&self) -> Result<Probe, ClientError> {
+        self.block_on(self.client.probe())
+    }
+
+    /// See [`PortalClient::ca_certificates`].
+    pub fn ca_certificates(&self) -> Result<Answer<Vec<Vec<u8>>>, ClientError> {
+        self.block_on(self.client.ca_certificates())
     }
 
     /// See [`PortalClient::installed`].

@@ -140,3 +140,228 @@ fn tls_to_a_plain_http_server_is_a_tls_error() {
     let e = client.status(&request()).unwrap_err();
     assert!(matches!(e, ClientError::Tls { .. }), "{e:?}");
 }
+
+fn reference_portal(
+    rt: &tokio::runtime::Runtime,
+    dir: &std::path::Path,
+    tls: Option<ukey_portal::TlsFiles>,
+) -> ukey_portal::RunningServer {
+    let portal = Arc::new(Portal::open(&PortalConfig::new(dir.join("data"))).unwrap());
+    rt.block_on(ukey_portal::start(
+        portal,
+        "127.0.0.1:0".parse().unwrap(),
+        tls,
+        None,
+    ))
+    .unwrap()
+}
+
+/// A TLS CA and a server certificate for 127.0.0.1 signed by it, as PEM files in `dir`:
+/// (CA certificate PEM, TLS files).
+fn tls_files(dir: &std::path::Path) -> (Vec<u8>, ukey_portal::TlsFiles) {
+    use rcgen::{BasicConstraints, CertificateParams, IsCa, Issuer, KeyPair};
+    let ca_key = KeyPair::generate().unwrap();
+    let mut ca_params = CertificateParams::new(Vec::<String>::new()).unwrap();
+    ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    ca_params
+        .distinguished_name
+        .push(rcgen::DnType::CommonName, "Portal TLS Test CA");
+    let ca_cert = ca_params.self_signed(&ca_key).unwrap();
+    let issuer = Issuer::new(ca_params, ca_key);
+    let key = KeyPair::generate().unwrap();
+    let params = CertificateParams::new(vec!["127.0.0.1".to_owned()]).unwrap();
+    let cert = params.signed_by(&key, &issuer).unwrap();
+    let files = ukey_portal::TlsFiles {
+        cert: dir.join("tls-cert.pem"),
+        key: dir.join("tls-key.pem"),
+    };
+    std::fs::write(&files.cert, cert.pem()).unwrap();
+    std::fs::write(&files.key, key.serialize_pem()).unwrap();
+    (ca_cert.pem().into_bytes(), files)
+}
+
+#[test]
+fn probe_of_the_reference_portal_gives_status_round_trip_and_date() {
+    let rt = runtime();
+    let dir = tempfile::tempdir().unwrap();
+    let server = reference_portal(&rt, dir.path(), None);
+    let client = BlockingPortalClient::new(PortalClient::new(&server.url).unwrap()).unwrap();
+    assert!(!client.client().is_https());
+    assert!(client.client().is_loopback());
+    assert_eq!(client.client().host(), "127.0.0.1");
+    let before = std::time::SystemTime::now();
+    let probe = client.probe().unwrap();
+    assert_eq!(probe.http_status, 200);
+    assert_eq!(probe.url, format!("{}/openapi.yaml", server.url));
+    assert!(!probe.tls_verified, "plain HTTP");
+    assert!(probe.round_trip < std::time::Duration::from_secs(5));
+    assert!(probe.sent_at >= before);
+    assert!(probe.date_header.is_some());
+    assert!(probe.clock_skew_seconds().unwrap().abs() <= 2);
+}
+
+/// An error answer is still an answer: its status and `Date` come through (a proxy's
+/// 404 tells the support desk the network works and what the clock is).
+#[test]
+fn probe_reports_an_error_status_and_a_skewed_date() {
+    let rt = runtime();
+    let an_hour_ago = httpdate::fmt_http_date(
+        std::time::SystemTime::now() - std::time::Duration::from_secs(3600),
+    );
+    let date = an_hour_ago.clone();
+    let app = Router::new().fallback(move || {
+        let date = date.clone();
+        async move {
+            (
+                axum::http::StatusCode::NOT_FOUND,
+                [(axum::http::header::DATE, date)],
+                "no such page",
+            )
+        }
+    });
+    let url = serve(&rt, app);
+    let client = BlockingPortalClient::new(PortalClient::new(&url).unwrap()).unwrap();
+    let probe = client.probe().unwrap();
+    assert_eq!(probe.http_status, 404);
+    assert_eq!(probe.date_header.as_deref(), Some(an_hour_ago.as_str()));
+    let skew = probe.clock_skew_seconds().unwrap();
+    assert!((3595..=3605).contains(&skew), "{skew}");
+
+    // A Date that is not a date: kept raw, no skew.
+    let app =
+        Router::new().fallback(|| async { ([(axum::http::header::DATE, "yesterday")], "ok") });
+    let url = serve(&rt, app);
+    let client = BlockingPortalClient::new(PortalClient::new(&url).unwrap()).unwrap();
+    let probe = client.probe().unwrap();
+    assert_eq!(probe.http_status, 200);
+    assert_eq!(probe.date_header.as_deref(), Some("yesterday"));
+    assert_eq!(probe.server_date, None);
+    assert_eq!(probe.clock_skew_seconds(), None);
+}
+
+#[test]
+fn probe_failures_are_classified() {
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let client =
+        BlockingPortalClient::new(PortalClient::new(&format!("http://127.0.0.1:{port}")).unwrap())
+            .unwrap();
+    let e = client.probe().unwrap_err();
+    assert!(matches!(e, ClientError::Unreachable { .. }), "{e:?}");
+
+    let rt = runtime();
+    let url = serve(&rt, Router::new().fallback(|| async { "plain" }));
+    let https = url.replace("http://", "https://");
+    let client = BlockingPortalClient::new(PortalClient::new(&https).unwrap()).unwrap();
+    let e = client.probe().unwrap_err();
+    assert!(matches!(e, ClientError::Tls { .. }), "{e:?}");
+
+    assert!(matches!(
+        PortalClient::new("https://"),
+        Err(ClientError::InvalidUrl { .. })
+    ));
+}
+
+/// HTTPS: untrusted certificate is a TLS error; with the portal's TLS CA it verifies.
+#[test]
+fn probe_over_https_verifies_the_portal_certificate() {
+    let rt = runtime();
+    let dir = tempfile::tempdir().unwrap();
+    let (ca_pem, files) = tls_files(dir.path());
+    let server = reference_portal(&rt, dir.path(), Some(files));
+    assert!(server.url.starts_with("https://"), "{}", server.url);
+
+    let client = BlockingPortalClient::new(PortalClient::new(&server.url).unwrap()).unwrap();
+    let e = client.probe().unwrap_err();
+    assert!(matches!(e, ClientError::Tls { .. }), "{e:?}");
+    assert!(matches!(
+        client.ca_certificates(),
+        Err(ClientError::Tls { .. })
+    ));
+
+    let client =
+        BlockingPortalClient::new(PortalClient::with_roots(&server.url, &[ca_pem]).unwrap())
+            .unwrap();
+    assert!(client.client().is_https());
+    let probe = client.probe().unwrap();
+    assert_eq!(probe.http_status, 200);
+    assert!(probe.tls_verified);
+    let ca = client.ca_certificates().unwrap();
+    assert_eq!(ca.value, vec![server.portal.ca().cert_der().to_vec()]);
+}
+
+#[test]
+fn ca_certificates_of_the_reference_portal_and_other_shapes() {
+    let rt = runtime();
+    let dir = tempfile::tempdir().unwrap();
+    let server = reference_portal(&rt, dir.path(), None);
+    let client = BlockingPortalClient::new(PortalClient::new(&server.url).unwrap()).unwrap();
+    let answer = client.ca_certificates().unwrap();
+    assert_eq!(answer.value, vec![server.portal.ca().cert_der().to_vec()]);
+    assert!(answer.server_date.is_some());
+
+    // A PEM chain and concatenated DER: every certificate, in order.
+    let make = |cn: &str| {
+        let key = rcgen::KeyPair::generate().unwrap();
+        let mut params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+        params
+            .distinguished_name
+            .push(rcgen::DnType::CommonName, cn);
+        params.self_signed(&key).unwrap()
+    };
+    let (a, b) = (make("A"), make("B"));
+    let pem_chain = format!("{}{}", a.pem(), b.pem());
+    let der_chain = [a.der().to_vec(), b.der().to_vec()].concat();
+    let expect = vec![a.der().to_vec(), b.der().to_vec()];
+    for (name, body) in [("pem", pem_chain.into_bytes()), ("der", der_chain)] {
+        let app = Router::new().route(
+            "/api/v1/ca",
+            axum::routing::get(move || {
+                let body = body.clone();
+                async move { body }
+            }),
+        );
+        let url = serve(&rt, app);
+        let client = BlockingPortalClient::new(PortalClient::new(&url).unwrap()).unwrap();
+        assert_eq!(client.ca_certificates().unwrap().value, expect, "{name}");
+    }
+
+    // Garbage, a truncated certificate, a PEM without certificates, an error answer.
+    let truncated = a.der()[..a.der().len() - 1].to_vec();
+    let app = Router::new()
+        .route(
+            "/x/api/v1/ca",
+            axum::routing::get(|| async { "<html>hello</html>" }),
+        )
+        .route(
+            "/y/api/v1/ca",
+            axum::routing::get(move || {
+                let t = truncated.clone();
+                async move { t }
+            }),
+        )
+        .route(
+            "/z/api/v1/ca",
+            axum::routing::get(|| async {
+                "-----BEGIN PUBLIC KEY-----\nAAAA\n-----END PUBLIC KEY-----\n"
+            }),
+        );
+    let url = serve(&rt, app);
+    for prefix in ["x", "y", "z"] {
+        let client =
+            BlockingPortalClient::new(PortalClient::new(&format!("{url}/{prefix}")).unwrap())
+                .unwrap();
+        let e = client.ca_certificates().unwrap_err();
+        assert!(
+            matches!(e, ClientError::Garbage { status: 200, .. }),
+            "{prefix}: {e:?}"
+        );
+    }
+    let client =
+        BlockingPortalClient::new(PortalClient::new(&format!("{url}/none")).unwrap()).unwrap();
+    let e = client.ca_certificates().unwrap_err();
+    assert!(matches!(e, ClientError::Api { status: 404, .. }), "{e:?}");
+}
