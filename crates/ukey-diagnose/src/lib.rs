@@ -180,8 +180,6 @@ pub fn diagnose_with(module: &Module, options: &Options) -> Report {
     let portal_ca: Vec<Vec<u8>> = match &options.portal {
         Some(url) if !options.trust_anchors.is_empty() => {
             portal::fetch_ca(url, &options.trust_anchors)
-                .into_iter()
-                .collect()
         }
         _ => Vec::new(),
     };

@@ -1,16 +1,17 @@
 //! The CA's portal, only when one is given: reachable, TLS, the computer's clock against
 //! the portal's `Date` header, and the renewal status of each certificate.
 //!
-//! Reachability, TLS and the clock are probed with a plain GET (a diagnosis needs the raw
-//! HTTP status, round trip and `Date` even of an error answer); the renewal status goes
-//! through `ukey-portal-client`, as renewal does.
+//! Everything goes through `ukey-portal-client` (the only crate that speaks HTTP to a
+//! portal): its `probe()` gives the raw HTTP status, round trip and `Date` even of an
+//! error answer, `status()` the renewal status, as renewal sees it.
 //!
 //! Requests carry no personal data: a status request is the certificate's issuer and
 //! serial (public in every signature the holder makes).
 
-use std::time::{Duration, Instant, SystemTime};
+use std::time::{Duration, SystemTime};
 
-use ukey_portal_api::{RenewalStatus, StatusRequest, paths};
+use ukey_portal_api::{RenewalStatus, StatusRequest};
+use ukey_portal_client::{BlockingPortalClient, ClientError, PortalClient};
 use x509_parser::prelude::{FromDer, X509Certificate};
 
 use crate::certificate::TrustAnchor;
@@ -25,73 +26,34 @@ pub const SKEW_FAIL: Duration = Duration::from_secs(300);
 /// Timeout of each request to the portal.
 const TIMEOUT: Duration = Duration::from_secs(10);
 
-fn is_loopback(host: &str) -> bool {
-    host == "localhost"
-        || host
-            .trim_matches(|c| c == '[' || c == ']')
-            .parse::<std::net::IpAddr>()
-            .is_ok_and(|ip| ip.is_loopback())
-}
-
-/// Walks an error's sources for a TLS failure (rustls reports certificate and
-/// handshake problems there).
-fn tls_error(e: &(dyn std::error::Error + 'static)) -> Option<String> {
-    let mut cur: Option<&(dyn std::error::Error + 'static)> = Some(e);
-    while let Some(err) = cur {
-        let text = err.to_string();
-        let lower = text.to_lowercase();
-        if lower.contains("certificate")
-            || lower.contains("tls")
-            || lower.contains("handshake")
-            || lower.contains("unknownissuer")
-        {
-            return Some(text);
-        }
-        cur = err.source();
-    }
-    None
-}
-
-fn error_chain(e: &(dyn std::error::Error + 'static)) -> String {
-    let mut parts = vec![e.to_string()];
-    let mut cur = e.source();
-    while let Some(err) = cur {
-        parts.push(err.to_string());
-        cur = err.source();
-    }
-    parts.join(": ")
-}
-
-/// The HTTP client: system roots plus the trust anchors (a CA's own portal may use a
+/// The portal client: system roots plus the trust anchors (a CA's own portal may use a
 /// certificate from its own CA).
-fn client(anchors: &[TrustAnchor]) -> reqwest::Result<reqwest::blocking::Client> {
-    let mut builder = reqwest::blocking::Client::builder()
-        .timeout(TIMEOUT)
-        .connect_timeout(Duration::from_secs(5));
-    let extra: Vec<reqwest::Certificate> = anchors
+fn client(url: &str, anchors: &[TrustAnchor]) -> Result<BlockingPortalClient, ClientError> {
+    let roots: Vec<Vec<u8>> = anchors
         .iter()
-        .filter_map(|a| reqwest::Certificate::from_der(&a.der).ok())
+        .map(|a| pem::encode(&pem::Pem::new("CERTIFICATE", a.der.clone())).into_bytes())
         .collect();
-    if !extra.is_empty() {
-        builder = builder.tls_certs_merge(extra);
-    }
-    builder.build()
+    PortalClient::with_roots(url, &roots)
+        .map(|c| c.timeout(TIMEOUT))
+        .and_then(BlockingPortalClient::new)
 }
 
-/// The portal's issuing CA certificate (`GET /api/v1/ca`), used as an intermediate
-/// (never as a trust anchor) when checking chains: users are given the root. `None` if
-/// the portal cannot be asked or answers something that is not a CA certificate.
-pub(crate) fn fetch_ca(url: &str, anchors: &[TrustAnchor]) -> Option<Vec<u8>> {
-    let base = url.trim_end_matches('/');
-    let response = client(anchors)
-        .ok()?
-        .get(format!("{base}{}", paths::CA_CERT))
-        .send()
-        .ok()?
-        .error_for_status()
-        .ok()?;
-    let der = response.bytes().ok()?.to_vec();
-    crate::certificate::is_ca(&der).then_some(der)
+/// The portal's issuing CA certificates (`GET /api/v1/ca`), used as intermediates
+/// (never as trust anchors) when checking chains: users are given the root. Empty if
+/// the portal cannot be asked; what is not a CA certificate is left out.
+pub(crate) fn fetch_ca(url: &str, anchors: &[TrustAnchor]) -> Vec<Vec<u8>> {
+    let answer = client(url, anchors).and_then(|c| c.ca_certificates());
+    match answer {
+        Ok(answer) => answer
+            .value
+            .into_iter()
+            .filter(|der| crate::certificate::is_ca(der))
+            .collect(),
+        Err(e) => {
+            tracing::debug!("portal CA certificate not fetched: {e}");
+            Vec::new()
+        }
+    }
 }
 
 /// Runs the portal checks. `certificates` are (token serial, DER) of the certificates
@@ -107,28 +69,27 @@ pub(crate) fn diagnose(
         text!("发证机构门户 {url}", "CA portal {url}"),
     );
     let base = url.trim_end_matches('/').to_owned();
-    let parsed = reqwest::Url::parse(&base);
-    let Ok(parsed) = parsed else {
-        section.checks.push(
-            Check::new(
-                "portal.reach",
-                Status::Fail,
-                text!("“{url}”不是有效的网址。", "\"{url}\" is not a valid URL."),
-            )
-            .action(Text::new(
-                "请给出门户的完整网址，例如 https://portal.example.cn",
-                "Give the portal's full URL, e.g. https://portal.example.cn",
-            )),
-        );
-        return section;
-    };
-    let https = parsed.scheme() == "https";
-    let host = parsed.host_str().unwrap_or("").to_owned();
-
-    let client = match client(anchors) {
-        Ok(c) => c,
+    let portal = match client(&base, anchors) {
+        Ok(p) => p,
+        Err(ClientError::InvalidUrl { reason, .. }) => {
+            section.checks.push(
+                Check::new(
+                    "portal.reach",
+                    Status::Fail,
+                    text!(
+                        "“{url}”不是可用的网址：{reason}",
+                        "\"{url}\" is not a usable URL: {reason}"
+                    ),
+                )
+                .action(Text::new(
+                    "请给出门户的完整网址，例如 https://portal.example.cn",
+                    "Give the portal's full URL, e.g. https://portal.example.cn",
+                )),
+            );
+            return section;
+        }
         Err(e) => {
-            let detail = error_chain(&e);
+            let detail = e.to_string();
             section.checks.push(Check::new(
                 "portal.reach",
                 Status::Fail,
@@ -140,63 +101,62 @@ pub(crate) fn diagnose(
             return section;
         }
     };
+    let https = portal.client().is_https();
 
     // Reachability and Date: any HTTP answer will do.
-    let sent = SystemTime::now();
-    let started = Instant::now();
-    let probe_url = format!("{base}{}", paths::OPENAPI);
-    let response = client.get(&probe_url).send();
-    let rtt = started.elapsed();
-    let response = match response {
-        Ok(r) => r,
+    let probe = match portal.probe() {
+        Ok(p) => p,
         Err(e) => {
-            let detail = error_chain(&e);
-            let tls = if https { tls_error(&e) } else { None };
+            let detail = e.to_string();
             let facts = Facts::new()
                 .with("url", base.clone())
+                .with("error_code", e.code())
                 .with("error", detail.clone());
-            if let Some(tls) = tls {
-                section.checks.push(
-                    Check::new(
-                        "portal.reach",
-                        Status::Pass,
-                        Text::new("门户可以连接（TCP）。", "The portal answers (TCP)."),
-                    )
-                    .facts(Facts::new().with("url", base.clone())),
-                );
-                section.checks.push(
-                    Check::new(
-                        "portal.tls",
-                        Status::Fail,
-                        text!(
-                            "与门户的安全连接（TLS）失败：{tls}",
-                            "The secure connection (TLS) to the portal failed: {tls}"
-                        ),
-                    )
-                    .action(Text::new(
-                        "请检查电脑时间是否正确、是否有代理或安全软件拦截 HTTPS；必要时用 --trust 指定门户的 CA 证书。",
-                        "Check the computer's clock and for a proxy or security software intercepting HTTPS; give the portal's CA with --trust if it has its own.",
-                    ))
-                    .facts(facts),
-                );
-            } else {
-                let (zh, en) = if e.is_timeout() {
-                    ("连接门户超时", "Connecting to the portal timed out")
-                } else {
-                    ("无法连接门户", "Cannot reach the portal")
-                };
-                section.checks.push(
-                    Check::new(
-                        "portal.reach",
-                        Status::Fail,
-                        text!("{zh}：{detail}", "{en}: {detail}"),
-                    )
-                    .action(Text::new(
-                        "请检查网络连接、代理设置和门户网址；在浏览器中打开门户网址试试。",
-                        "Check the network, the proxy settings and the portal URL; try opening it in a browser.",
-                    ))
-                    .facts(facts),
-                );
+            match &e {
+                ClientError::Tls { reason, .. } if https => {
+                    section.checks.push(
+                        Check::new(
+                            "portal.reach",
+                            Status::Pass,
+                            Text::new("门户可以连接（TCP）。", "The portal answers (TCP)."),
+                        )
+                        .facts(Facts::new().with("url", base.clone())),
+                    );
+                    section.checks.push(
+                        Check::new(
+                            "portal.tls",
+                            Status::Fail,
+                            text!(
+                                "与门户的安全连接（TLS）失败：{reason}",
+                                "The secure connection (TLS) to the portal failed: {reason}"
+                            ),
+                        )
+                        .action(Text::new(
+                            "请检查电脑时间是否正确、是否有代理或安全软件拦截 HTTPS；必要时用 --trust 指定门户的 CA 证书。",
+                            "Check the computer's clock and for a proxy or security software intercepting HTTPS; give the portal's CA with --trust if it has its own.",
+                        ))
+                        .facts(facts),
+                    );
+                }
+                _ => {
+                    let (zh, en) = if matches!(e, ClientError::Timeout { .. }) {
+                        ("连接门户超时", "Connecting to the portal timed out")
+                    } else {
+                        ("无法连接门户", "Cannot reach the portal")
+                    };
+                    section.checks.push(
+                        Check::new(
+                            "portal.reach",
+                            Status::Fail,
+                            text!("{zh}：{detail}", "{en}: {detail}"),
+                        )
+                        .action(Text::new(
+                            "请检查网络连接、代理设置和门户网址；在浏览器中打开门户网址试试。",
+                            "Check the network, the proxy settings and the portal URL; try opening it in a browser.",
+                        ))
+                        .facts(facts),
+                    );
+                }
             }
             section.checks.push(Check::new(
                 "portal.clock",
@@ -209,8 +169,8 @@ pub(crate) fn diagnose(
             return section;
         }
     };
-    let http_status = response.status().as_u16();
-    let rtt_ms = u64::try_from(rtt.as_millis()).unwrap_or(u64::MAX);
+    let http_status = probe.http_status;
+    let rtt_ms = u64::try_from(probe.round_trip.as_millis()).unwrap_or(u64::MAX);
     section.checks.push(
         Check::new(
             "portal.reach",
@@ -227,7 +187,7 @@ pub(crate) fn diagnose(
                 .with("round_trip_ms", rtt_ms),
         ),
     );
-    section.checks.push(if https {
+    section.checks.push(if probe.tls_verified {
         Check::new(
             "portal.tls",
             Status::Pass,
@@ -236,7 +196,7 @@ pub(crate) fn diagnose(
                 "HTTPS to the portal works and its certificate was verified.",
             ),
         )
-    } else if is_loopback(&host) {
+    } else if portal.client().is_loopback() {
         Check::new(
             "portal.tls",
             Status::Skip,
@@ -260,42 +220,15 @@ pub(crate) fn diagnose(
         ))
     });
     section.checks.push(clock_check(
-        response
-            .headers()
-            .get(reqwest::header::DATE)
-            .and_then(|v| v.to_str().ok()),
-        sent + rtt / 2,
+        probe.date_header.as_deref(),
+        probe.local_midpoint(),
     ));
 
-    if certificates.is_empty() {
-        return section;
-    }
-    // The renewal status goes through the project's portal client, as renewal does.
-    let roots: Vec<Vec<u8>> = anchors
-        .iter()
-        .map(|a| pem::encode(&pem::Pem::new("CERTIFICATE", a.der.clone())).into_bytes())
-        .collect();
-    let portal = ukey_portal_client::PortalClient::with_roots(&base, &roots)
-        .and_then(ukey_portal_client::BlockingPortalClient::new);
-    match portal {
-        Ok(portal) => {
-            for (token_serial, der) in certificates {
-                section
-                    .checks
-                    .push(status_check(&portal, token_serial, der));
-            }
-        }
-        Err(e) => {
-            let detail = e.to_string();
-            section.checks.push(Check::new(
-                "portal.status",
-                Status::Warn,
-                text!(
-                    "无法查询更新状态：{detail}",
-                    "Cannot look up renewal status: {detail}"
-                ),
-            ));
-        }
+    // The renewal status, through the same client as renewal uses.
+    for (token_serial, der) in certificates {
+        section
+            .checks
+            .push(status_check(&portal, token_serial, der));
     }
     section
 }
@@ -377,11 +310,7 @@ pub(crate) fn clock_check(date: Option<&str>, local: SystemTime) -> Check {
     }
 }
 
-fn status_check(
-    portal: &ukey_portal_client::BlockingPortalClient,
-    token_serial: &str,
-    der: &[u8],
-) -> Check {
+fn status_check(portal: &BlockingPortalClient, token_serial: &str, der: &[u8]) -> Check {
     let id = "portal.status";
     let Ok((_, cert)) = X509Certificate::from_der(der) else {
         return Check::new(

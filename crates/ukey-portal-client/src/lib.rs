@@ -195,6 +195,7 @@ pub struct PortalClient {
     host: String,
     http: reqwest::Client,
     max_body: usize,
+    timeout: Option<Duration>,
 }
 
 impl PortalClient {
@@ -238,12 +239,21 @@ impl PortalClient {
             base,
             http,
             max_body: DEFAULT_MAX_BODY,
+            timeout: None,
         })
     }
 
     /// Sets the response body cap.
     pub fn max_body(mut self, bytes: usize) -> PortalClient {
         self.max_body = bytes;
+        self
+    }
+
+    /// Sets the time each request may take, connecting included (default: 60 s; a
+    /// diagnosis wants less). [`PortalClient::probe`] never waits longer than
+    /// [`PROBE_TIMEOUT`].
+    pub fn timeout(mut self, timeout: Duration) -> PortalClient {
+        self.timeout = Some(timeout);
         self
     }
 
@@ -322,7 +332,7 @@ impl PortalClient {
         let response = self
             .http
             .get(&url)
-            .timeout(PROBE_TIMEOUT)
+            .timeout(self.timeout.map_or(PROBE_TIMEOUT, |t| t.min(PROBE_TIMEOUT)))
             .send()
             .await
             .map_err(|e| transport_error(&url, &e))?;
@@ -397,6 +407,10 @@ impl PortalClient {
         url: &str,
     ) -> Result<(u16, Option<OffsetDateTime>, Vec<u8>), ClientError> {
         tracing::debug!(%url, "portal request");
+        let request = match self.timeout {
+            Some(t) => request.timeout(t),
+            None => request,
+        };
         let mut response = request.send().await.map_err(|e| transport_error(url, &e))?;
         let status = response.status().as_u16();
         let server_date = server_date(response.headers());

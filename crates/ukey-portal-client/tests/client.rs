@@ -365,3 +365,26 @@ fn ca_certificates_of_the_reference_portal_and_other_shapes() {
     let e = client.ca_certificates().unwrap_err();
     assert!(matches!(e, ClientError::Api { status: 404, .. }), "{e:?}");
 }
+
+#[test]
+fn a_slow_portal_times_out_after_the_timeout_set() {
+    let rt = runtime();
+    let app = Router::new().fallback(|| async {
+        tokio::time::sleep(std::time::Duration::from_secs(5)).await;
+        "late"
+    });
+    let url = serve(&rt, app);
+    let client = BlockingPortalClient::new(
+        PortalClient::new(&url)
+            .unwrap()
+            .timeout(std::time::Duration::from_millis(300)),
+    )
+    .unwrap();
+    let started = std::time::Instant::now();
+    let e = client.ca_certificates().unwrap_err();
+    assert!(matches!(e, ClientError::Timeout { .. }), "{e:?}");
+    assert!(e.is_transient());
+    let e = client.probe().unwrap_err();
+    assert!(matches!(e, ClientError::Timeout { .. }), "{e:?}");
+    assert!(started.elapsed() < std::time::Duration::from_secs(3));
+}
