@@ -129,18 +129,21 @@ fn newest_deb(dir: &Path) -> Option<PathBuf> {
 pub fn check(deb: &Path) -> Result<()> {
     eprintln!("xtask package: checking {}", deb.display());
     let listing = output(Command::new("dpkg-deb").arg("-c").arg(deb))?;
-    let paths: Vec<&str> = listing
+    // "mode owner size date time path": the path may hold spaces and may or may not
+    // start with "./" depending on the tool that built the archive.
+    let paths: Vec<String> = listing
         .lines()
-        .filter_map(|l| l.split_whitespace().nth(5))
+        .map(|l| l.split_whitespace().skip(5).collect::<Vec<_>>().join(" "))
+        .map(|p| p.trim_start_matches("./").to_owned())
         .collect();
-    for want in ["./usr/bin/ukey-desktop", "./usr/bin/ukey"] {
-        if !paths.contains(&want) {
+    for want in ["usr/bin/ukey-desktop", "usr/bin/ukey"] {
+        if !paths.iter().any(|p| p == want) {
             bail!("{} lacks {want}; it holds:\n{listing}", deb.display());
         }
     }
     if !paths
         .iter()
-        .any(|p| p.starts_with("./usr/share/applications/") && p.ends_with(".desktop"))
+        .any(|p| p.starts_with("usr/share/applications/") && p.ends_with(".desktop"))
     {
         bail!("{} has no .desktop entry:\n{listing}", deb.display());
     }

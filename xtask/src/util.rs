@@ -102,7 +102,13 @@ pub fn output(cmd: &mut Command) -> Result<String> {
 
 /// Program and arguments, without the environment (which may be long).
 pub fn describe(cmd: &Command) -> String {
-    let mut s = cmd.get_program().to_string_lossy().into_owned();
+    // The program by its file name: cargo's full rustup path is noise.
+    let program = Path::new(cmd.get_program());
+    let mut s = program
+        .file_name()
+        .filter(|_| program.starts_with(std::env::var_os("HOME").unwrap_or_default()))
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_else(|| program.to_string_lossy().into_owned());
     for a in cmd.get_args() {
         let a = a.to_string_lossy();
         if a.contains(' ') || a.is_empty() {
