@@ -515,3 +515,54 @@ fn watch_prints_one_line_per_insert_and_remove() {
     child.wait().unwrap();
     assert!(rx.try_recv().is_err(), "no further lines expected");
 }
+
+/// `ukey list` without `--module`: the config file lists OpenSC's module first and
+/// SoftHSM2's second; the key is only in SoftHSM2, so that is the one opened. Without
+/// any token, the first module is used and the text output names it.
+#[test]
+fn list_without_module_opens_the_discovered_module_that_has_the_key() {
+    let opensc = ukey_token::discover_all(&ukey_token::Config::default())
+        .into_iter()
+        .find(|m| m.name == "OpenSC")
+        .expect("OpenSC's PKCS#11 module is installed (apt install opensc)")
+        .path;
+    let hsm = SoftHsm::new().unwrap();
+    let config = hsm.dir().join("config.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[[modules]]\nname = \"OpenSC\"\npath = {:?}\n\n[[modules]]\nname = \"SoftHSM2\"\npath = {:?}\n",
+            opensc.display().to_string(),
+            hsm.module_path().display().to_string()
+        ),
+    )
+    .unwrap();
+    let list = |args: &[&str]| {
+        hsm.command(UKEY)
+            .args(["--lang", "en", "list"])
+            .args(args)
+            .env_remove("UKEY_PKCS11_MODULE")
+            .env("UKEY_CONFIG", &config)
+            .output()
+            .expect("run ukey")
+    };
+
+    let out = list(&[]);
+    assert!(out.status.success(), "{out:?}");
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(text.contains("No token found"), "{text}");
+    assert!(text.contains(&opensc.display().to_string()), "{text}");
+
+    let fx = hsm
+        .create_token(&TokenSpec::ukey("Only in SoftHSM2"))
+        .unwrap();
+    let out = list(&["--json"]);
+    assert!(out.status.success(), "{out:?}");
+    let v: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(
+        v["module"]["path"],
+        hsm.module_path().display().to_string(),
+        "{v}"
+    );
+    assert_eq!(v["tokens"][0]["serial"], fx.serial.as_str(), "{v}");
+}

@@ -252,18 +252,59 @@ pub fn discover_all(config: &Config) -> Vec<FoundModule> {
 }
 
 /// Chooses the module path: `explicit` (CLI `--module` / `UKEY_PKCS11_MODULE`), else the
-/// configuration's `pkcs11_module`, else the first module discovery finds.
+/// configuration's `pkcs11_module`, else discovery: the first module found that has a
+/// token present, else the first found that loads, else the first found.
+///
+/// Preferring a module with a token matters on a machine with OpenSC (most Linux
+/// desktops) or SoftHSM2 next to the vendor driver: the first one found may see no token
+/// while the user's key is in another. Each candidate is loaded, asked for its tokens and
+/// finalised again (a few ms each) before this returns, so the caller's own load is the
+/// only one alive; a candidate that fails to load is skipped (debug log). A library some
+/// other code of this process already initialised is only looked at, never finalised.
 pub fn resolve_module_path(explicit: Option<&Path>, config: &Config) -> Result<PathBuf> {
     if let Some(p) = explicit.or(config.pkcs11_module.as_deref()) {
         return Ok(p.to_owned());
     }
-    match discover_all(config).into_iter().next() {
-        Some(found) => Ok(found.path),
-        None => Err(Error::ModuleNotFound {
+    let found = discover_all(config);
+    let Some(first) = found.first() else {
+        return Err(Error::ModuleNotFound {
             path: None,
             searched: candidates(config).into_iter().map(|m| m.path).collect(),
-        }),
+        });
+    };
+    let mut first_loadable: Option<&FoundModule> = None;
+    if found.len() > 1 {
+        for m in &found {
+            let probe = has_token(&m.path);
+            if probe.is_ok() && first_loadable.is_none() {
+                first_loadable = Some(m);
+            }
+            match probe {
+                Ok(true) => {
+                    tracing::debug!(module = %m.path.display(), name = %m.name, "discovered module with a token");
+                    return Ok(m.path.clone());
+                }
+                Ok(false) => {
+                    tracing::debug!(module = %m.path.display(), name = %m.name, "discovered module has no token");
+                }
+                Err(e) => {
+                    tracing::debug!(module = %m.path.display(), name = %m.name, "discovered module skipped: {e}");
+                }
+            }
+        }
     }
+    // The first that loads; if none does, the first, whose load error the caller shows.
+    let chosen = first_loadable.unwrap_or(first);
+    tracing::debug!(module = %chosen.path.display(), "no discovered module has a token; using the first that loads");
+    Ok(chosen.path.clone())
+}
+
+/// Loads `path`, looks for a token, and finalises it again (on drop) before returning.
+fn has_token(path: &Path) -> Result<bool> {
+    let module = crate::module::Module::load(path)?;
+    let present = !module.tokens()?.is_empty();
+    drop(module);
+    Ok(present)
 }
 
 #[cfg(test)]

@@ -156,6 +156,9 @@ pub struct Module {
     pkcs11: Pkcs11,
     path: PathBuf,
     info: LibraryInfo,
+    /// Whether our C_Initialize started the library: only then does drop call
+    /// C_Finalize (a library someone else in the process initialised stays theirs).
+    owns_init: bool,
 }
 
 impl Module {
@@ -185,22 +188,30 @@ impl Module {
             )),
             other => invalid(other.to_string()),
         })?;
-        match pkcs11.initialize(CInitializeArgs::new(CInitializeFlags::OS_LOCKING_OK)) {
-            Ok(()) => {}
-            Err(CkError::Pkcs11(RvError::CryptokiAlreadyInitialized, _)) => {
-                tracing::warn!(
-                    module = %path.display(),
-                    "module already initialised in this process; sharing it"
-                );
-            }
+        let owns_init =
+            match pkcs11.initialize(CInitializeArgs::new(CInitializeFlags::OS_LOCKING_OK)) {
+                Ok(()) => true,
+                Err(CkError::Pkcs11(RvError::CryptokiAlreadyInitialized, _)) => {
+                    tracing::warn!(
+                        module = %path.display(),
+                        "module already initialised in this process; sharing it"
+                    );
+                    false
+                }
+                Err(e) => {
+                    let e = Error::from_cryptoki(e, None);
+                    return Err(invalid(format!("C_Initialize failed: {e}")));
+                }
+            };
+        let info = match pkcs11.get_library_info() {
+            Ok(info) => info,
             Err(e) => {
-                let e = Error::from_cryptoki(e, None);
-                return Err(invalid(format!("C_Initialize failed: {e}")));
+                if owns_init && let Err(fe) = pkcs11.finalize() {
+                    tracing::debug!("C_Finalize after a failed C_GetInfo: {fe}");
+                }
+                return Err(invalid(format!("C_GetInfo failed: {e}")));
             }
-        }
-        let info = pkcs11
-            .get_library_info()
-            .map_err(|e| invalid(format!("C_GetInfo failed: {e}")))?;
+        };
         let info = LibraryInfo {
             manufacturer: info.manufacturer_id().trim().to_owned(),
             description: info.library_description().trim().to_owned(),
@@ -212,6 +223,7 @@ impl Module {
             pkcs11,
             path: path.to_owned(),
             info,
+            owns_init,
         })
     }
 
@@ -241,7 +253,10 @@ impl Module {
         }
         self.pkcs11
             .initialize(CInitializeArgs::new(CInitializeFlags::OS_LOCKING_OK))
-            .map_err(|e| Error::from_cryptoki(e, None))
+            .map_err(|e| Error::from_cryptoki(e, None))?;
+        // Ours now, whoever initialised it first.
+        self.owns_init = true;
+        Ok(())
     }
 
     /// Every initialised token present in a slot. A slot whose token cannot be read is
@@ -334,6 +349,9 @@ fn removed_if_gone(e: Error, token: &TokenSummary) -> Error {
 
 impl Drop for Module {
     fn drop(&mut self) {
+        if !self.owns_init {
+            return;
+        }
         if let Err(e) = self.pkcs11.clone().finalize() {
             tracing::debug!("C_Finalize on drop: {e}");
         }

@@ -359,3 +359,86 @@ fn a_file_that_is_not_a_pkcs11_library_is_rejected_with_its_path() {
     assert_eq!(e.code(), "module_not_found");
     assert!(e.to_string().contains("missing.so"));
 }
+
+/// OpenSC's module, as discovery finds it (OpenSC is a test dependency: `cargo xtask
+/// setup` installs it).
+fn opensc_module() -> std::path::PathBuf {
+    ukey_token::discover_all(&ukey_token::Config::default())
+        .into_iter()
+        .find(|m| m.name == "OpenSC")
+        .expect("OpenSC's PKCS#11 module is installed (apt install opensc)")
+        .path
+}
+
+/// A configuration listing OpenSC first, then SoftHSM2 (after an entry that is no
+/// library at all), as a machine with OpenSC and a vendor driver would be.
+fn opensc_then_softhsm(hsm: &SoftHsm) -> ukey_token::Config {
+    let bogus = hsm.dir().join("libnot-a-module.so");
+    std::fs::write(&bogus, b"not a shared object").unwrap();
+    let entry = |name: &str, path: &Path| ukey_token::ModuleEntry {
+        name: name.to_owned(),
+        path: path.to_owned(),
+    };
+    ukey_token::Config {
+        modules: vec![
+            entry("Broken driver", &bogus),
+            entry("OpenSC", &opensc_module()),
+            entry("SoftHSM2", hsm.module_path()),
+        ],
+        ..ukey_token::Config::default()
+    }
+}
+
+/// Without a configured module, discovery prefers the module that has a token over the
+/// first one found (OpenSC, with no reader here), skipping one that does not load; the
+/// probe is finalised, so the real load initialises the module afresh and lists the key.
+#[test]
+fn discovery_prefers_the_module_with_a_token() {
+    let hsm = SoftHsm::new().unwrap();
+    let fx = hsm
+        .create_token(&TokenSpec::ukey("Found by discovery"))
+        .unwrap();
+    hsm.activate();
+    let config = opensc_then_softhsm(&hsm);
+    let found = ukey_token::discover_all(&config);
+    assert_eq!(found[0].name, "Broken driver", "{found:?}");
+    assert_eq!(found[1].name, "OpenSC", "{found:?}");
+
+    let path = ukey_token::resolve_module_path(None, &config).unwrap();
+    assert_eq!(path, hsm.module_path());
+    let m = Module::load(&path).unwrap();
+    let tokens = m.tokens().unwrap();
+    assert_eq!(tokens.len(), 1);
+    assert_eq!(tokens[0].serial, fx.serial);
+    // A second resolution while this process holds the module: it is looked at but
+    // not finalised, so the session below still works.
+    assert_eq!(
+        ukey_token::resolve_module_path(None, &config).unwrap(),
+        hsm.module_path()
+    );
+    let s = m.open_session(&tokens[0]).unwrap();
+    s.login(&SecretString::from(fx.user_pin.clone())).unwrap();
+    assert!(!s.snapshot().unwrap().is_empty());
+
+    // An explicit choice is never second-guessed.
+    let explicit = ukey_token::Config {
+        pkcs11_module: Some(opensc_module()),
+        ..config
+    };
+    assert_eq!(
+        ukey_token::resolve_module_path(None, &explicit).unwrap(),
+        opensc_module()
+    );
+}
+
+/// No module has a token: the first that loads (OpenSC), not the broken one before it.
+#[test]
+fn discovery_without_any_token_falls_back_to_the_first_module_that_loads() {
+    let hsm = SoftHsm::new().unwrap();
+    hsm.activate();
+    let config = opensc_then_softhsm(&hsm);
+    assert_eq!(
+        ukey_token::resolve_module_path(None, &config).unwrap(),
+        opensc_module()
+    );
+}
