@@ -135,8 +135,9 @@ const LIB_DIRS: &[&str] = &[
 ];
 
 /// Best-effort table of UKey vendor PKCS#11 libraries, in discovery order: (vendor,
-/// file names). File names are looked up in [`LIB_DIRS`]; absolute paths are used as
-/// they are. Real UKeys first, then OpenSC, then SoftHSM2 (the test stand-in) last.
+/// file names). File names are looked up in the usual library directories
+/// (`LIB_DIRS`); absolute paths are used as they are. Real UKeys first, then OpenSC,
+/// then SoftHSM2 (the test stand-in) last.
 pub const VENDOR_MODULES: &[(&str, &[&str])] = &[
     (
         "Longmai mToken (龙脉)",
