@@ -422,6 +422,21 @@ mod tests {
     use super::*;
 
     #[test]
+    fn an_unusable_url_fails_reach_without_any_request() {
+        for url in ["portal.example.cn", "ftp://portal.example.cn", "https://"] {
+            let section = diagnose(url, &[], &[]);
+            let reach = section.check("portal.reach").unwrap();
+            assert_eq!(reach.status, Status::Fail, "{url}: {reach:?}");
+            assert!(
+                reach.reason.en.contains("not a usable URL"),
+                "{url}: {reach:?}"
+            );
+            assert!(reach.action.is_some());
+            assert_eq!(section.checks.len(), 1, "{url}: nothing else was tried");
+        }
+    }
+
+    #[test]
     fn clock_skew_thresholds() {
         let now = SystemTime::now();
         let date = |t: SystemTime| httpdate::fmt_http_date(t);
