@@ -10,7 +10,7 @@
 // Environment from run.sh: UKEY_DESKTOP_BIN, UKEY_SIM_BIN, UKEY_SIM_MODULE_PATH,
 // UKEY_PORTAL_BIN, SOFTHSM_FIXTURES_BIN, TAURI_DRIVER_BIN.
 import { spawn, execFileSync } from 'node:child_process';
-import { mkdtempSync, mkdirSync, writeFileSync, readFileSync, readdirSync, existsSync, statSync, chmodSync, rmSync } from 'node:fs';
+import { mkdtempSync, mkdirSync, writeFileSync, readFileSync, readdirSync, existsSync, statSync, chmodSync, rmSync, openSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join, dirname } from 'node:path';
 import { fileURLToPath } from 'node:url';
@@ -106,6 +106,9 @@ async function startDriver(env) {
 }
 
 let browser;
+let notifyMonitor;
+let appEnvForSecond;
+const notifyLog = join(work, 'notifications.txt');
 const $t = (id) => browser.$(`[data-testid="${id}"]`);
 
 async function waitFor(fn, what, timeout = 15000) {
@@ -311,6 +314,64 @@ const scenarios = {
     await waitFor(async () => !(await visible('banner')), 'banner to go after renewing both');
   },
 
+  async 'other-states'() {
+    // Rejected (with the reviewer's reason), new key in the mail (tracking number),
+    // PIN locked (who to call): each with its one action or none.
+    plugged('g', 'h', 'i');
+    await waitFor(async () => (await keyCount()) === 3, 'three keys listed');
+    const byToken = async (t) => {
+      const card = await browser.$(`[data-testid="key"][data-token-serial="${t.serial}"]`);
+      return card.getText();
+    };
+    await waitFor(async () => (await byToken(tokens.g)).includes('续期申请被驳回：营业执照已过期'), 'rejected with reason');
+    await waitFor(async () => (await byToken(tokens.h)).includes('快递单号 SF1234567890'), 'tracking number');
+    // Lock key I's PIN: one try allowed, one wrong PIN.
+    sim('pin-tries', tokens.i.serial, '--max', '1');
+    await click('nav-settings');
+    await (await $t('support')).setValue('400-800-1234');
+    await click('settings-save');
+    await waitFor(() => visible('settings-saved'), 'settings saved');
+    await click('nav-keys');
+    const renewI = await browser.$(`[data-testid="key"][data-token-serial="${tokens.i.serial}"] [data-testid="renew"]`);
+    await waitFor(() => renewI.isDisplayed(), 'renew button of key I');
+    await renewI.click();
+    await click('continue');
+    await waitText('pin-final-try', '最后一次机会');
+    await enterPinAndSubmit('999999');
+    await waitFor(async () => (await visible('pin-locked')) && (await textOf('pin-locked')).includes('400-800-1234'), 'PIN locked with the support phone', 30000);
+    await browser.keys('Escape');
+    await waitFor(async () => (await byToken(tokens.i)).includes('PIN 已锁定'), 'key card says locked');
+    await sleep(200);
+    await shot('15-other-states');
+  },
+
+  async 'single-instance'() {
+    // A second start hands over to the running app (which shows its window) and exits.
+    const second = spawn(BIN, [], { env: appEnvForSecond, stdio: 'ignore' });
+    const code = await new Promise((resolve) => {
+      const timer = setTimeout(() => resolve('still running'), 15000);
+      second.once('exit', (c) => {
+        clearTimeout(timer);
+        resolve(c);
+      });
+    });
+    if (code !== 0) {
+      if (code === 'still running') second.kill('SIGTERM');
+      throw new Error(`second instance: ${code}`);
+    }
+    // The first one still answers.
+    await click('nav-keys');
+  },
+
+  async notification() {
+    // The desktop notification is a D-Bus call to org.freedesktop.Notifications (no
+    // daemon runs here, so the call itself is what we check, with dbus-monitor).
+    const seen = readFileSync(notifyLog, 'utf8');
+    if (!seen.includes('member=Notify') || !seen.includes('证书有可用更新 — 立即更新')) {
+      throw new Error(`no Notify call with the title on the session bus:\n${seen.slice(0, 2000)}`);
+    }
+  },
+
   async diagnostics() {
     plugged('a');
     await waitFor(async () => (await keyCount()) === 1, 'key A listed');
@@ -365,9 +426,19 @@ async function main() {
   tokens.d = createToken('UKey-D', '赵六', 20);
   tokens.e = createToken('UKey-E', '孙七');
   tokens.f = createToken('UKey-F', '周八');
+  tokens.g = createToken('UKey-G', '吴九');
+  tokens.h = createToken('UKey-H', '郑十');
+  tokens.i = createToken('UKey-I', '冯十一');
   await startPortal(caFiles);
   for (const n of ['a', 'b', 'c', 'e', 'f']) order(tokens[n], 'ready', ['--years', '2']);
   order(tokens.d, 'awaiting-payment');
+  portalCli('order', 'reject', order(tokens.g, 'awaiting-payment'), '--reason', '营业执照已过期，请上传新的营业执照');
+  portalCli('order', 'ship', order(tokens.h, 'ready'), '--tracking', 'SF1234567890');
+  order(tokens.i, 'ready');
+  // Record what the app sends to the notification service.
+  notifyMonitor = spawn('dbus-monitor', ['--session', "interface='org.freedesktop.Notifications'"], {
+    stdio: ['ignore', openSync(notifyLog, 'w'), 'ignore'],
+  });
 
   // A stand-in for the desktop's URL opener that records what the app asked to open.
   const opener = join(binDir, 'xdg-open');
@@ -395,6 +466,7 @@ async function main() {
     UKEY_EXIT_ON_CLOSE: '1',
     UKEY_LOG: process.env.UKEY_LOG || 'info,cryptoki=off',
   };
+  appEnvForSecond = appEnv;
   await startDriver(appEnv);
   browser = await remote({
     hostname: '127.0.0.1',
@@ -433,6 +505,7 @@ try {
   // SIGTERM: tauri-driver then stops WebKitWebDriver; after SIGKILL it would live on.
   driver?.kill('SIGTERM');
   portal?.kill('SIGTERM');
+  notifyMonitor?.kill('SIGTERM');
   await sleep(500);
   if (!process.env.E2E_KEEP) rmSync(work, { recursive: true, force: true });
 }
