@@ -22,10 +22,13 @@ for tool in xvfb-run dbus-run-session WebKitWebDriver node npm; do
 done
 
 TAURI_DRIVER_BIN="$(command -v tauri-driver || true)"
+if [ -z "$TAURI_DRIVER_BIN" ] && [ -x "${CARGO_HOME:-$HOME/.cargo}/bin/tauri-driver" ]; then
+  TAURI_DRIVER_BIN="${CARGO_HOME:-$HOME/.cargo}/bin/tauri-driver"
+fi
 if [ -z "$TAURI_DRIVER_BIN" ]; then
   echo "e2e: installing tauri-driver (cargo install tauri-driver --locked --version ^2)"
   cargo install tauri-driver --locked --version '^2'
-  TAURI_DRIVER_BIN="$(command -v tauri-driver || echo "$HOME/.cargo/bin/tauri-driver")"
+  TAURI_DRIVER_BIN="$(command -v tauri-driver || echo "${CARGO_HOME:-$HOME/.cargo}/bin/tauri-driver")"
 fi
 
 echo "e2e: building the UI"
