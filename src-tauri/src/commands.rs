@@ -124,6 +124,7 @@ pub fn save_settings(
         .service
         .send(Request::Reconfigure(crate::service_config(
             &state.effective(),
+            &state.data_dir,
         )))?;
     Ok(settings_view(&app, &state))
 }

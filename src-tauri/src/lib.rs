@@ -125,11 +125,12 @@ fn show_main_window(app: &AppHandle) {
 }
 
 /// The service configuration for these settings.
-pub fn service_config(settings: &Settings) -> ServiceConfig {
+pub fn service_config(settings: &Settings, data_dir: &std::path::Path) -> ServiceConfig {
     ServiceConfig {
         module: settings.pkcs11_module.clone(),
         portal: commands::status_source(settings),
         portal_url: settings.portal_url.clone(),
+        data_dir: Some(data_dir.to_owned()),
         lang: settings::lang(settings),
     }
 }
@@ -169,7 +170,7 @@ fn setup(app: &mut tauri::App) -> Result<(), Box<dyn std::error::Error>> {
     let env = EnvOverrides::from_env();
     let effective = env.apply(&file_settings);
     let emitter: Arc<dyn Emitter> = Arc::new(TauriEmitter(handle.clone()));
-    let service = Service::start(service_config(&effective), emitter);
+    let service = Service::start(service_config(&effective, &data_dir), emitter);
     app.manage(AppState {
         service,
         settings_path,

@@ -16,6 +16,7 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
 use time::OffsetDateTime;
+use ukey_renewal::JournalStore;
 use ukey_token::{Config, Lang, Module, TokenEvent, WatchMode, Watcher};
 
 use crate::error::{IpcError, IpcResult};
@@ -48,6 +49,10 @@ pub struct ServiceConfig {
     pub portal: Option<Arc<dyn StatusSource>>,
     /// Portal base URL (for links; `portal` does the asking).
     pub portal_url: Option<String>,
+    /// Data directory of the renewal journals: unfinished renewals found there (a key
+    /// pulled while the app was closed, a `ukey renew` interrupted) are offered to
+    /// finish when their key is inserted.
+    pub data_dir: Option<PathBuf>,
     /// Language of backend messages.
     pub lang: Lang,
 }
@@ -57,6 +62,7 @@ impl std::fmt::Debug for ServiceConfig {
         f.debug_struct("ServiceConfig")
             .field("module", &self.module)
             .field("portal", &self.portal.is_some())
+            .field("data_dir", &self.data_dir)
             .field("lang", &self.lang)
             .finish()
     }
@@ -385,6 +391,7 @@ impl Worker {
                 }));
             }
         }
+        self.merge_unfinished_journals(&keys);
         for i in &mut self.interrupted {
             i.key_present = keys.iter().any(|k| k.serial == i.token_serial);
         }
@@ -400,6 +407,46 @@ impl Worker {
         for job in jobs {
             // The portal thread lives as long as this one.
             let _ = self.portal.send((self.config.portal.clone(), job));
+        }
+    }
+
+    /// Inserted keys with an unfinished journal are interrupted renewals; an entry
+    /// whose key is inserted but whose journal is finished (or was never written, so
+    /// nothing changed on the key) is dropped.
+    fn merge_unfinished_journals(&mut self, keys: &[KeyView]) {
+        let Some(dir) = &self.config.data_dir else {
+            return;
+        };
+        let store = JournalStore::new(dir);
+        for key in keys {
+            let unfinished: Vec<String> = match store.for_token(&key.serial) {
+                Ok(js) => js
+                    .into_iter()
+                    .filter(|j| j.is_unfinished())
+                    .map(|j| j.old.serial)
+                    .collect(),
+                Err(e) => {
+                    tracing::warn!("reading renewal journals: {e}");
+                    continue;
+                }
+            };
+            self.interrupted
+                .retain(|i| i.token_serial != key.serial || unfinished.contains(&i.cert_serial));
+            for cert_serial in unfinished {
+                let known = self
+                    .interrupted
+                    .iter()
+                    .any(|i| i.token_serial == key.serial && i.cert_serial == cert_serial);
+                if !known {
+                    tracing::info!(token = %key.serial, cert = %cert_serial, "unfinished renewal found");
+                    self.interrupted.push(InterruptedView {
+                        token_serial: key.serial.clone(),
+                        token_label: key.label.clone(),
+                        cert_serial,
+                        key_present: true,
+                    });
+                }
+            }
         }
     }
 

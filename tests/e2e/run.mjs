@@ -31,6 +31,7 @@ const SIM_MODULE = need('UKEY_SIM_MODULE_PATH');
 const PORTAL = need('UKEY_PORTAL_BIN');
 const FIXTURES = need('SOFTHSM_FIXTURES_BIN');
 const DRIVER = need('TAURI_DRIVER_BIN');
+const UKEY = need('UKEY_CLI_BIN');
 const PIN = '123456';
 
 const work = mkdtempSync(join(process.env.E2E_TMP || tmpdir(), 'ukey-e2e-'));
@@ -108,6 +109,7 @@ async function startDriver(env) {
 let browser;
 let notifyMonitor;
 let appEnvForSecond;
+let caRoot;
 const notifyLog = join(work, 'notifications.txt');
 const $t = (id) => browser.$(`[data-testid="${id}"]`);
 
@@ -314,6 +316,33 @@ const scenarios = {
     await waitFor(async () => !(await visible('banner')), 'banner to go after renewing both');
   },
 
+  async 'cli-then-app'() {
+    // `ukey renew` loses its key while writing; the app finds the unfinished journal
+    // when the key comes back and finishes the renewal (the same engine, one journal).
+    plugged('j');
+    await waitFor(async () => (await keyCount()) === 1, 'key J listed');
+    sim('fault', tokens.j.serial, '--function', 'C_CreateObject', '--unplug');
+    let failed = false;
+    try {
+      execFileSync(UKEY, ['renew', '--portal', portalUrl, '--token', tokens.j.serial, '--pin-stdin', '--yes', '--trust', caRoot, '--lang', 'zh-CN'], {
+        env: { ...appEnvForSecond },
+        input: `${PIN}\n`,
+        encoding: 'utf8',
+        stdio: ['pipe', 'pipe', 'pipe'],
+      });
+    } catch (e) {
+      failed = true;
+      log('ukey renew stopped as expected:', String(e.stderr || '').trim().split('\n').pop());
+    }
+    if (!failed) throw new Error('ukey renew did not stop when the key was pulled');
+    await waitFor(async () => (await keyCount()) === 0, 'key J gone');
+    sim('plug', tokens.j.serial);
+    await waitFor(() => visible('pin-input'), 'the app offering to finish the renewal', 10000);
+    await enterPinAndSubmit(PIN);
+    await waitText('result-title', '证书已更新', 60000);
+    await click('close');
+  },
+
   async 'other-states'() {
     // Rejected (with the reviewer's reason), new key in the mail (tracking number),
     // PIN locked (who to call): each with its one action or none.
@@ -429,12 +458,15 @@ async function main() {
   tokens.g = createToken('UKey-G', '吴九');
   tokens.h = createToken('UKey-H', '郑十');
   tokens.i = createToken('UKey-I', '冯十一');
+  tokens.j = createToken('UKey-J', '陈十二');
   await startPortal(caFiles);
   for (const n of ['a', 'b', 'c', 'e', 'f']) order(tokens[n], 'ready', ['--years', '2']);
   order(tokens.d, 'awaiting-payment');
   portalCli('order', 'reject', order(tokens.g, 'awaiting-payment'), '--reason', '营业执照已过期，请上传新的营业执照');
   portalCli('order', 'ship', order(tokens.h, 'ready'), '--tracking', 'SF1234567890');
   order(tokens.i, 'ready');
+  order(tokens.j, 'ready');
+  caRoot = caFiles.root_cert;
   // Record what the app sends to the notification service.
   notifyMonitor = spawn('dbus-monitor', ['--session', "interface='org.freedesktop.Notifications'"], {
     stdio: ['ignore', openSync(notifyLog, 'w'), 'ignore'],

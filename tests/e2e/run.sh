@@ -36,18 +36,19 @@ echo "e2e: building the UI"
 npm --prefix ui run build
 [ -d tests/e2e/node_modules ] || npm --prefix tests/e2e ci --no-audit --no-fund
 
-echo "e2e: building the app, ukey-sim, the portal and the fixtures CLI"
+echo "e2e: building the app, ukey, ukey-sim, the portal and the fixtures CLI"
 cargo build -p ukey-desktop --features tauri/custom-protocol
-cargo build -p ukey-sim -p ukey-portal -p softhsm-fixtures
+cargo build -p ukey-sim -p ukey-portal -p softhsm-fixtures -p ukey-cli
 
 BIN="$CARGO_TARGET_DIR/debug"
 export UKEY_DESKTOP_BIN="$BIN/ukey-desktop"
 export UKEY_SIM_BIN="$BIN/ukey-sim"
 export UKEY_PORTAL_BIN="$BIN/ukey-portal"
+export UKEY_CLI_BIN="$BIN/ukey"
 export SOFTHSM_FIXTURES_BIN="$BIN/softhsm-fixtures"
 export UKEY_SIM_MODULE_PATH="$BIN/libukey_sim.so"
 export TAURI_DRIVER_BIN
-for f in "$UKEY_DESKTOP_BIN" "$UKEY_SIM_BIN" "$UKEY_PORTAL_BIN" "$SOFTHSM_FIXTURES_BIN" "$UKEY_SIM_MODULE_PATH"; do
+for f in "$UKEY_DESKTOP_BIN" "$UKEY_CLI_BIN" "$UKEY_SIM_BIN" "$UKEY_PORTAL_BIN" "$SOFTHSM_FIXTURES_BIN" "$UKEY_SIM_MODULE_PATH"; do
   [ -e "$f" ] || { echo "e2e: $f was not built" >&2; exit 2; }
 done
 # Tokens on tmpfs when there is one: SoftHSM2 writes are much faster there.
