@@ -5,6 +5,8 @@
 #   tests/e2e/run.sh [scenario ...]      exit 0 only if every scenario passed
 #   tests/e2e/run.sh --memory            print the app's RSS/PSS with one key listed
 #
+# UKEY_E2E_PROFILE=release builds and tests the release binaries instead of debug.
+#
 # Needs (Debian): xvfb webkit2gtk-driver dbus fonts-noto-cjk softhsm2, the Tauri build
 # packages (libwebkit2gtk-4.1-dev ...), Node 20 + npm. Installs tauri-driver with
 # `cargo install` when it is missing. Screenshots land in tests/e2e/screenshots/.
@@ -37,10 +39,16 @@ npm --prefix ui run build
 [ -d tests/e2e/node_modules ] || npm --prefix tests/e2e ci --no-audit --no-fund
 
 echo "e2e: building the app, ukey, ukey-sim, the portal and the fixtures CLI"
-cargo build -p ukey-desktop --features tauri/custom-protocol
-cargo build -p ukey-sim -p ukey-portal -p softhsm-fixtures -p ukey-cli
+PROFILE="${UKEY_E2E_PROFILE:-debug}"
+case "$PROFILE" in
+  debug) PROFILE_ARGS=() ;;
+  release) PROFILE_ARGS=(--release) ;;
+  *) echo "e2e: UKEY_E2E_PROFILE must be debug or release" >&2; exit 2 ;;
+esac
+cargo build "${PROFILE_ARGS[@]}" -p ukey-desktop --features tauri/custom-protocol
+cargo build "${PROFILE_ARGS[@]}" -p ukey-sim -p ukey-portal -p softhsm-fixtures -p ukey-cli
 
-BIN="$CARGO_TARGET_DIR/debug"
+BIN="$CARGO_TARGET_DIR/$PROFILE"
 export UKEY_DESKTOP_BIN="$BIN/ukey-desktop"
 export UKEY_SIM_BIN="$BIN/ukey-sim"
 export UKEY_PORTAL_BIN="$BIN/ukey-portal"
