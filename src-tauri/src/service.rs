@@ -152,6 +152,8 @@ impl Service {
             std::thread::Builder::new()
                 .name("ukey-portal-status".into())
                 .spawn(move || portal_thread(prx, shared, emitter))
+                // Without it statuses stay "checking"; the keys are still listed.
+                .map_err(|e| tracing::error!("starting the portal status thread: {e}"))
                 .ok();
         }
         {
@@ -162,6 +164,8 @@ impl Service {
                     let mut worker = Worker::new(config, shared, emitter, ptx);
                     worker.run(rx);
                 })
+                // Commands then answer `internal` (worker gone): nothing else to do.
+                .map_err(|e| tracing::error!("starting the key service thread: {e}"))
                 .ok();
         }
         Service { tx, shared }

@@ -23,7 +23,7 @@ for tool in xvfb-run dbus-run-session WebKitWebDriver node npm; do
   fi
 done
 
-TAURI_DRIVER_BIN="$(command -v tauri-driver || true)"
+TAURI_DRIVER_BIN="${TAURI_DRIVER_BIN:-$(command -v tauri-driver || true)}"
 if [ -z "$TAURI_DRIVER_BIN" ] && [ -x "${CARGO_HOME:-$HOME/.cargo}/bin/tauri-driver" ]; then
   TAURI_DRIVER_BIN="${CARGO_HOME:-$HOME/.cargo}/bin/tauri-driver"
 fi
