@@ -5,6 +5,12 @@
 //!
 //! Events to the UI: `snapshot` (a [`view::Snapshot`]) whenever keys, statuses or the
 //! module change. Renewal progress goes over the `renew` command's channel.
+//!
+//! Environment (tests, managed installs): the settings overrides of [`settings`]
+//! (`UKEY_PKCS11_MODULE`, `UKEY_PORTAL_URL`, `UKEY_TRUST`, `UKEY_LANG`), plus
+//! `UKEY_CONFIG_DIR` (settings file), `UKEY_DATA_DIR` (renewal journals, shared with
+//! `ukey renew`), `UKEY_LOG` (tracing filter, default `info,cryptoki=off`) and
+//! `UKEY_EXIT_ON_CLOSE` (closing the window quits instead of hiding to the tray).
 
 pub mod commands;
 pub mod error;
