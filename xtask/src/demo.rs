@@ -338,6 +338,11 @@ fn desktop(world: &World, url: &str) -> Result<()> {
         .env("UKEY_PORTAL_URL", url)
         .env("UKEY_TRUST", &world.portal_ca)
         .env("UKEY_CONFIG_DIR", dir.join("app-config"))
+        // The app's first run turns autostart on: keep that entry (and anything else it
+        // saves) in the demo dir, not in the user's ~/.config.
+        .env("XDG_CONFIG_HOME", dir.join("xdg-config"))
+        .env("XDG_DATA_HOME", dir.join("xdg-data"))
+        .env("XDG_CACHE_HOME", dir.join("xdg-cache"))
         .env("UKEY_EXIT_ON_CLOSE", "1");
     let mut app = ChildGuard::spawn("ukey-desktop", &mut app_cmd)?;
     let plug = plug_command(world);
