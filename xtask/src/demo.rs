@@ -333,13 +333,18 @@ fn desktop(world: &World, url: &str) -> Result<()> {
         "tauri/custom-protocol",
     ]))?;
     let dir = world.dir.path();
+    // A settings file with autostart off: on a first run (no file) the app would add
+    // itself to the user's session autostart (~/.config/autostart), which a demo must
+    // not leave behind.
+    let app_config = dir.join("app-config");
+    std::fs::create_dir_all(&app_config)?;
+    std::fs::write(app_config.join("settings.json"), br#"{"autostart": false}"#)?;
     let mut app_cmd = world.cmd("ukey-desktop");
     app_cmd
         .env("UKEY_PORTAL_URL", url)
         .env("UKEY_TRUST", &world.portal_ca)
-        .env("UKEY_CONFIG_DIR", dir.join("app-config"))
-        // The app's first run turns autostart on: keep that entry (and anything else it
-        // saves) in the demo dir, not in the user's ~/.config.
+        .env("UKEY_CONFIG_DIR", &app_config)
+        // Anything else the app or WebKit saves stays in the demo dir.
         .env("XDG_CONFIG_HOME", dir.join("xdg-config"))
         .env("XDG_DATA_HOME", dir.join("xdg-data"))
         .env("XDG_CACHE_HOME", dir.join("xdg-cache"))
