@@ -4,7 +4,7 @@
 //!   Debian machine (apt packages, cargo-nextest, tauri-driver, npm packages), saying
 //!   what it installs. `test`, `demo`, `bench` and `package` run the part they need first.
 //! - `cargo xtask test`: formatting, clippy, every Rust test (nextest), doc tests, the
-//!   frontend tests, the real-window end-to-end test, the package check; a summary last.
+//!   frontend tests, the real-window end-to-end test, the .deb built and checked; a summary last.
 //! - `cargo xtask demo`: the main job on a SoftHSM2 key behind ukey-sim and the reference
 //!   portal on loopback (see `demo`).
 //! - `cargo xtask bench [--quick] [--out FILE]`: every benchmark in one run, a table and
@@ -56,7 +56,7 @@ fn print_help() {
         "usage: cargo xtask <task>\n\n\
          tasks:\n  \
          setup [--only rust,app,e2e]   install the apt/npm packages and tools the project needs\n  \
-         test                          fmt, clippy, Rust tests, doc tests, Vitest, real-window E2E, package check\n  \
+         test                          fmt, clippy, Rust tests, doc tests, Vitest, real-window E2E, .deb build + check\n  \
          demo [--cli]                  renew a SoftHSM2 key against the reference portal (app with a display, else CLI)\n  \
          bench [--quick] [--out FILE] [--only renewal,parallel,latency,idle,diagnose,portal,memory]\n  \
                                        every benchmark in one run: table + JSON\n  \

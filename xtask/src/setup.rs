@@ -250,9 +250,23 @@ pub fn npm_ci(dir: &Path) -> Result<()> {
         "xtask setup: installing npm packages in {} (npm ci)",
         dir.display()
     );
-    run(Command::new("npm")
+    let ci = run(Command::new("npm")
         .args(["ci", "--no-audit", "--no-fund"])
-        .current_dir(dir))
+        .current_dir(dir));
+    if ci.is_err() {
+        // A lock file written where the registry serves only some platforms' optional
+        // packages (the Tauri CLI ships one binary package per platform) lacks the others,
+        // and `npm ci` then refuses it; `npm install --no-save` installs the same pinned
+        // versions from it without rewriting it.
+        eprintln!(
+            "xtask setup: npm ci refused {}; installing from the lock file with npm install --no-save",
+            dir.display()
+        );
+        return run(Command::new("npm")
+            .args(["install", "--no-audit", "--no-fund", "--no-save"])
+            .current_dir(dir));
+    }
+    Ok(())
 }
 
 fn modified(p: &Path) -> Option<std::time::SystemTime> {

@@ -40,6 +40,20 @@ pub fn check_interrupted() -> Result<()> {
 }
 
 pub fn workspace_root() -> PathBuf {
+    // The checkout `cargo xtask` was run in: the nearest ancestor of the current directory
+    // that holds xtask/ and a workspace Cargo.toml. Not CARGO_MANIFEST_DIR alone: two
+    // checkouts sharing one CARGO_TARGET_DIR share the uplifted `target/debug/xtask`
+    // binary, which would then work on the other checkout.
+    let is_root = |d: &Path| {
+        d.join("xtask/Cargo.toml").is_file()
+            && std::fs::read_to_string(d.join("Cargo.toml"))
+                .is_ok_and(|t| t.contains("[workspace]"))
+    };
+    if let Ok(cwd) = std::env::current_dir()
+        && let Some(root) = cwd.ancestors().find(|d| is_root(d))
+    {
+        return root.to_path_buf();
+    }
     // xtask lives one level below the workspace root.
     Path::new(env!("CARGO_MANIFEST_DIR"))
         .parent()
