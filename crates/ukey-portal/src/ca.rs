@@ -152,8 +152,11 @@ impl Ca {
     }
 
     /// Adds CA certificates (PEM bundle) whose certificates may be renewed too.
+    /// Nothing is written unless `pem` holds at least one valid certificate; the data directory
+    /// is created when it does not exist yet (a CA may be accepted before the first serve).
     pub fn add_accepted_issuers(data_dir: &Path, pem: &str) -> Result<usize, CaError> {
         let certs = parse_cert_bundle(pem)?;
+        std::fs::create_dir_all(data_dir).map_err(io_err(data_dir))?;
         let path = data_dir.join(ACCEPTED_FILE);
         let mut existing = if path.exists() {
             std::fs::read_to_string(&path).map_err(io_err(&path))?

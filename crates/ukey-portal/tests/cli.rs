@@ -413,3 +413,62 @@ async fn https_with_rustls() {
     );
     server.stop().await.unwrap();
 }
+
+#[test]
+fn ca_accept_issuer_works_on_a_new_data_dir_and_a_bad_pem_writes_nothing() {
+    let tmp = tempfile::tempdir().unwrap();
+    let d = tmp.path();
+    openssl(
+        d,
+        &[
+            "req",
+            "-x509",
+            "-newkey",
+            "ec",
+            "-pkeyopt",
+            "ec_paramgen_curve:P-256",
+            "-nodes",
+            "-keyout",
+            "old.key",
+            "-out",
+            "old-ca.pem",
+            "-days",
+            "30",
+            "-subj",
+            "/CN=Old CA",
+        ],
+    );
+    std::fs::write(
+        d.join("bad.pem"),
+        "-----BEGIN CERTIFICATE-----\nAAAA\n-----END CERTIFICATE-----\n",
+    )
+    .unwrap();
+
+    // A data directory that does not exist yet: accepting an issuer is a first step.
+    let data = d.join("new-data");
+    let bad = run(portal_bin()
+        .arg("--data")
+        .arg(&data)
+        .args(["ca", "accept-issuer"])
+        .arg(d.join("bad.pem")));
+    assert!(!bad.0, "a bad PEM must be refused: {}", bad.1);
+    assert!(
+        !data.join("accepted-issuers.pem").exists(),
+        "a refused PEM must not be written"
+    );
+
+    let out = cli(
+        &data,
+        &[
+            "ca",
+            "accept-issuer",
+            d.join("old-ca.pem").to_str().unwrap(),
+        ],
+    );
+    assert!(out.contains("accepted 1"), "{out}");
+    let written = std::fs::read_to_string(data.join("accepted-issuers.pem")).unwrap();
+    assert_eq!(
+        written,
+        std::fs::read_to_string(d.join("old-ca.pem")).unwrap()
+    );
+}
