@@ -72,10 +72,12 @@ impl Step {
             (Step::Verify, false) => "Verifying the issued certificate",
             (Step::Write, true) => "写入新证书",
             (Step::Write, false) => "Writing to the token",
-            (Step::SelfTest, true) => "自检（签名与解密）",
-            (Step::SelfTest, false) => "Self-test (sign and decrypt)",
-            (Step::Activate, true) => "启用新证书，归档旧加密密钥",
-            (Step::Activate, false) => "Activating; archiving the old encryption key",
+            // Neutral wording: a key without an encryption certificate has nothing to
+            // decrypt or archive; the preflight notices say when there is.
+            (Step::SelfTest, true) => "自检新密钥",
+            (Step::SelfTest, false) => "Self-test of the new key",
+            (Step::Activate, true) => "启用新证书",
+            (Step::Activate, false) => "Activating the new certificate",
             (Step::Installed, true) => "通知 CA 安装完成",
             (Step::Installed, false) => "Confirming installation to the portal",
         }
