@@ -6,16 +6,16 @@
 //! A new `ukey renew` then finishes the job: renewed, old signing certificate gone, old
 //! decryption key archived, no pending objects left.
 
+mod common;
+
 use std::io::Write;
 use std::os::unix::process::ExitStatusExt;
 use std::path::PathBuf;
 use std::process::{Output, Stdio};
-use std::sync::Arc;
 
 use secrecy::SecretString;
 use serde_json::Value;
 use softhsm_fixtures::{KeyAlg, SoftHsm, TokenFixture, TokenSpec, softhsm_module};
-use ukey_portal::{Portal, PortalConfig, RunningServer};
 use ukey_portal_api::{CreateOrderRequest, InitialState, KeyAlgorithm, KeyPolicy};
 use ukey_sim::{Control, Fault};
 use ukey_token::cryptoki::object::{Attribute, ObjectClass};
@@ -26,9 +26,7 @@ const UKEY: &str = env!("CARGO_BIN_EXE_ukey");
 struct Lab {
     hsm: SoftHsm,
     control: Control,
-    server: RunningServer,
-    _rt: tokio::runtime::Runtime,
-    _portal_dir: tempfile::TempDir,
+    portal: common::LoopbackPortal,
     data: tempfile::TempDir,
     shim: PathBuf,
 }
@@ -36,24 +34,7 @@ struct Lab {
 impl Lab {
     fn new() -> Lab {
         let hsm = SoftHsm::new().unwrap();
-        let ca = hsm.ca().unwrap();
-        let portal_dir = tempfile::tempdir().unwrap();
-        let mut config = PortalConfig::new(portal_dir.path().join("data"));
-        config.ca_import = Some((ca.issuing_cert_path.clone(), ca.issuing_key_path.clone()));
-        let portal = Arc::new(Portal::open(&config).unwrap());
-        let rt = tokio::runtime::Builder::new_multi_thread()
-            .worker_threads(1)
-            .enable_all()
-            .build()
-            .unwrap();
-        let server = rt
-            .block_on(ukey_portal::start(
-                portal,
-                "127.0.0.1:0".parse().unwrap(),
-                None,
-                None,
-            ))
-            .unwrap();
+        let portal = common::start_portal(&hsm);
         let control = Control::new(hsm.dir().join("ukey-sim-state")).unwrap();
         // A private copy: the shared target directory's module may be rebuilt (and
         // briefly missing) while this test runs.
@@ -62,9 +43,7 @@ impl Lab {
         Lab {
             hsm,
             control,
-            server,
-            _rt: rt,
-            _portal_dir: portal_dir,
+            portal,
             data: tempfile::tempdir().unwrap(),
             shim,
         }
@@ -76,7 +55,8 @@ impl Lab {
             .hsm
             .create_token(&TokenSpec::dual(label, KeyAlg::Rsa2048))
             .unwrap();
-        self.server
+        self.portal
+            .server
             .portal
             .create_order(&CreateOrderRequest {
                 serial_hex: fx.certs[0].serial_hex.clone(),
@@ -108,7 +88,13 @@ impl Lab {
         let mut cmd = self.hsm.command(UKEY);
         cmd.arg("--module")
             .arg(&self.shim)
-            .args(["renew", "--portal", &self.server.url, "--token", &fx.serial])
+            .args([
+                "renew",
+                "--portal",
+                &self.portal.server.url,
+                "--token",
+                &fx.serial,
+            ])
             .args(["--pin-stdin", "--yes", "--json", "--trust"])
             .arg(&root)
             .args(extra)
@@ -473,7 +459,8 @@ fn missing_mechanism_is_user_action_and_says_to_contact_the_ca() {
         .hsm
         .create_token(&TokenSpec::ukey("No EC keygen"))
         .unwrap();
-    lab.server
+    lab.portal
+        .server
         .portal
         .create_order(&CreateOrderRequest {
             serial_hex: fx.certs[0].serial_hex.clone(),

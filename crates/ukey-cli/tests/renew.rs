@@ -1,14 +1,14 @@
 //! The real `ukey renew` / `ukey status` binaries against SoftHSM2 tokens and the
 //! reference portal on loopback (in this test process).
 
+mod common;
+
 use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::process::{Output, Stdio};
-use std::sync::Arc;
 
 use serde_json::Value;
 use softhsm_fixtures::{SoftHsm, TokenFixture, TokenSpec};
-use ukey_portal::{Portal, PortalConfig, RunningServer};
 use ukey_portal_api::{CreateOrderRequest, InitialState, KeyAlgorithm, KeyPolicy};
 
 const UKEY: &str = env!("CARGO_BIN_EXE_ukey");
@@ -16,9 +16,7 @@ const UKEY: &str = env!("CARGO_BIN_EXE_ukey");
 struct Env {
     hsm: SoftHsm,
     token: TokenFixture,
-    server: RunningServer,
-    _rt: tokio::runtime::Runtime,
-    _portal_dir: tempfile::TempDir,
+    portal: common::LoopbackPortal,
     data: tempfile::TempDir,
 }
 
@@ -26,36 +24,18 @@ impl Env {
     fn new(spec: TokenSpec) -> Env {
         let hsm = SoftHsm::new().unwrap();
         let token = hsm.create_token(&spec).unwrap();
-        let ca = hsm.ca().unwrap();
-        let portal_dir = tempfile::tempdir().unwrap();
-        let mut config = PortalConfig::new(portal_dir.path().join("data"));
-        config.ca_import = Some((ca.issuing_cert_path.clone(), ca.issuing_key_path.clone()));
-        let portal = Arc::new(Portal::open(&config).unwrap());
-        let rt = tokio::runtime::Builder::new_multi_thread()
-            .worker_threads(1)
-            .enable_all()
-            .build()
-            .unwrap();
-        let server = rt
-            .block_on(ukey_portal::start(
-                portal,
-                "127.0.0.1:0".parse().unwrap(),
-                None,
-                None,
-            ))
-            .unwrap();
+        let portal = common::start_portal(&hsm);
         Env {
             hsm,
             token,
-            server,
-            _rt: rt,
-            _portal_dir: portal_dir,
+            portal,
             data: tempfile::tempdir().unwrap(),
         }
     }
 
     fn order(&self, state: InitialState) -> String {
-        self.server
+        self.portal
+            .server
             .portal
             .create_order(&CreateOrderRequest {
                 serial_hex: self.token.certs[0].serial_hex.clone(),
@@ -102,7 +82,7 @@ impl Env {
 
     fn renew(&self, pin: &str, extra: &[&str], env: &[(&str, &str)]) -> Output {
         let root = self.root();
-        let url = self.server.url.clone();
+        let url = self.portal.server.url.clone();
         let mut args = vec![
             "renew",
             "--portal",
@@ -189,7 +169,7 @@ fn renew_json_then_status_completed_and_nothing_left_to_do() {
     assert!(v["steps"][2]["ms"].as_f64().unwrap() > 0.0);
 
     // The portal now says completed for the new certificate.
-    let url = env.server.url.clone();
+    let url = env.portal.server.url.clone();
     let out = env.ukey(&["status", "--portal", &url, "--json"], "", &[]);
     assert_eq!(
         out.status.code(),
@@ -239,7 +219,7 @@ fn unpaid_order_needs_user_action_with_the_payment_url() {
         v["error"]["message"].as_str().unwrap().contains("/pay"),
         "{v}"
     );
-    let url = env.server.url.clone();
+    let url = env.portal.server.url.clone();
     let out = env.ukey(&["--lang", "zh-CN", "status", "--portal", &url], "", &[]);
     assert_eq!(out.status.code(), Some(0));
     assert!(
@@ -253,7 +233,7 @@ fn without_yes_off_a_terminal_nothing_happens() {
     let env = Env::new(TokenSpec::ukey("CLI noyes"));
     env.order(InitialState::Ready);
     let root = env.root();
-    let url = env.server.url.clone();
+    let url = env.portal.server.url.clone();
     let out = env.ukey(
         &[
             "renew",
@@ -362,7 +342,7 @@ fn help_documents_the_exit_codes() {
 fn trust_anchors_from_the_config_file_or_refusal_without_any() {
     let env = Env::new(TokenSpec::ukey("CLI trust"));
     env.order(InitialState::Ready);
-    let url = env.server.url.clone();
+    let url = env.portal.server.url.clone();
     let args = [
         "renew",
         "--portal",
