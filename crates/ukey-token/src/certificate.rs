@@ -58,6 +58,9 @@ pub struct CertificateDetails {
     pub usage: Usage,
     /// The SubjectPublicKeyInfo, DER, to match the certificate against a key.
     pub public_key_info: Vec<u8>,
+    /// basicConstraints CA:TRUE: a CA's certificate stored on the key (a root or an
+    /// intermediate), never the holder's own and never renewed.
+    pub is_ca: bool,
 }
 
 impl CertificateDetails {
@@ -101,6 +104,11 @@ impl CertificateDetails {
             key_algorithm: key_algorithm(&cert),
             usage,
             public_key_info: cert.public_key().raw.to_vec(),
+            is_ca: cert
+                .basic_constraints()
+                .ok()
+                .flatten()
+                .is_some_and(|bc| bc.value.ca),
         })
     }
 
@@ -376,6 +384,7 @@ mod tests {
             key_algorithm: "RSA-2048".into(),
             usage: Usage::Signing,
             public_key_info: vec![],
+            is_ca: false,
         };
         assert_eq!(d.days_left(now), 10);
         assert!(!d.is_expired(now));

@@ -243,3 +243,190 @@ impl Session<'_> {
         }
     }
 }
+
+/// What a key object says about itself: enough to tell which key it is and what it may
+/// do. Attributes the token does not give (sensitive, unsupported) are `None`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct KeyObject {
+    /// The object, valid in the session that found it.
+    pub handle: ObjectHandle,
+    /// CKA_LABEL (lossy UTF-8).
+    pub label: String,
+    /// CKA_KEY_TYPE.
+    pub key_type: Option<KeyType>,
+    /// CKA_MODULUS (RSA private and public keys).
+    pub modulus: Option<Vec<u8>>,
+    /// CKA_PUBLIC_EXPONENT.
+    pub exponent: Option<Vec<u8>>,
+    /// CKA_EC_POINT, without its OCTET STRING wrapping (public keys; a few tokens give
+    /// it on private keys too).
+    pub ec_point: Option<Vec<u8>>,
+    /// CKA_SIGN.
+    pub sign: Option<bool>,
+    /// CKA_DECRYPT.
+    pub decrypt: Option<bool>,
+    /// CKA_DERIVE.
+    pub derive: Option<bool>,
+    /// CKA_UNWRAP.
+    pub unwrap: Option<bool>,
+    /// CKA_MODIFIABLE (PKCS#11 default: true).
+    pub modifiable: Option<bool>,
+}
+
+/// Whether a key object holds a given public key, as far as its attributes tell.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum KeyMatch {
+    /// Its key material is the key.
+    Same,
+    /// Another key (other type or other material).
+    Different,
+    /// Same type, but the token shows no material to compare (an EC private key): only
+    /// an operation with the key can tell.
+    Unknown,
+}
+
+fn strip_zeros(v: &[u8]) -> &[u8] {
+    let i = v.iter().position(|b| *b != 0).unwrap_or(v.len());
+    &v[i..]
+}
+
+impl PublicKey {
+    /// The public key of an X.509 certificate (RSA, or EC on P-256).
+    pub fn from_certificate(der: &[u8]) -> Result<PublicKey> {
+        use x509_parser::asn1_rs::ToDer;
+        use x509_parser::prelude::{FromDer, X509Certificate};
+        use x509_parser::public_key::PublicKey as X509Key;
+        let bad = |what: String| Error::ObjectInvalid { what };
+        let (_, cert) = X509Certificate::from_der(der)
+            .map_err(|e| bad(format!("certificate is not valid DER: {e}")))?;
+        let spki = cert.public_key();
+        match spki.parsed() {
+            Ok(X509Key::RSA(r)) => Ok(PublicKey::Rsa {
+                modulus: strip_zeros(r.modulus).to_vec(),
+                exponent: strip_zeros(r.exponent).to_vec(),
+            }),
+            Ok(X509Key::EC(p)) => {
+                let curve = spki
+                    .algorithm
+                    .parameters
+                    .as_ref()
+                    .map(|a| a.to_der_vec().unwrap_or_default());
+                if curve.as_deref() != Some(P256_EC_PARAMS) || p.data().len() != 65 {
+                    return Err(bad(
+                        "EC certificate key is not an uncompressed P-256 point".into()
+                    ));
+                }
+                Ok(PublicKey::EcP256 {
+                    point: p.data().to_vec(),
+                })
+            }
+            _ => Err(bad(format!(
+                "unsupported certificate key algorithm {}",
+                spki.algorithm.algorithm
+            ))),
+        }
+    }
+
+    /// Compares this key with a key object's material.
+    pub fn compare(&self, obj: &KeyObject) -> KeyMatch {
+        match self {
+            PublicKey::Rsa { modulus, exponent } => {
+                if obj.key_type.is_some_and(|t| t != KeyType::RSA) {
+                    return KeyMatch::Different;
+                }
+                match &obj.modulus {
+                    Some(n) if strip_zeros(n) != strip_zeros(modulus) => KeyMatch::Different,
+                    Some(_) => match &obj.exponent {
+                        Some(e) if strip_zeros(e) != strip_zeros(exponent) => KeyMatch::Different,
+                        _ => KeyMatch::Same,
+                    },
+                    None => KeyMatch::Unknown,
+                }
+            }
+            PublicKey::EcP256 { point } => {
+                if obj.key_type.is_some_and(|t| t != KeyType::EC) {
+                    return KeyMatch::Different;
+                }
+                match &obj.ec_point {
+                    Some(p) if p == point => KeyMatch::Same,
+                    Some(_) => KeyMatch::Different,
+                    None => KeyMatch::Unknown,
+                }
+            }
+        }
+    }
+}
+
+impl Session<'_> {
+    /// Every private or public key object with CKA_ID `id`, with what it says about
+    /// itself. An attribute the token refuses to give is left `None`.
+    pub fn key_objects(&self, class: ObjectClass, id: &[u8]) -> Result<Vec<KeyObject>> {
+        let mut out = Vec::new();
+        for handle in self.find_by_id(class, id)? {
+            out.push(self.key_object(handle)?);
+        }
+        Ok(out)
+    }
+
+    /// One key object's [`KeyObject`].
+    pub fn key_object(&self, handle: ObjectHandle) -> Result<KeyObject> {
+        let attrs = self.attributes(
+            handle,
+            &[
+                AttributeType::Label,
+                AttributeType::KeyType,
+                AttributeType::Modulus,
+                AttributeType::PublicExponent,
+                AttributeType::EcPoint,
+                AttributeType::Sign,
+                AttributeType::Decrypt,
+                AttributeType::Derive,
+                AttributeType::Unwrap,
+                AttributeType::Modifiable,
+            ],
+        )?;
+        let mut k = KeyObject {
+            handle,
+            label: String::new(),
+            key_type: None,
+            modulus: None,
+            exponent: None,
+            ec_point: None,
+            sign: None,
+            decrypt: None,
+            derive: None,
+            unwrap: None,
+            modifiable: None,
+        };
+        for a in attrs {
+            match a {
+                Attribute::Label(v) => k.label = String::from_utf8_lossy(&v).into_owned(),
+                Attribute::KeyType(t) => k.key_type = Some(t),
+                Attribute::Modulus(v) if !v.is_empty() => k.modulus = Some(v),
+                Attribute::PublicExponent(v) if !v.is_empty() => k.exponent = Some(v),
+                Attribute::EcPoint(v) if !v.is_empty() => {
+                    k.ec_point = Some(der::unwrap_octet_string(&v).unwrap_or(v))
+                }
+                Attribute::Sign(b) => k.sign = Some(b),
+                Attribute::Decrypt(b) => k.decrypt = Some(b),
+                Attribute::Derive(b) => k.derive = Some(b),
+                Attribute::Unwrap(b) => k.unwrap = Some(b),
+                Attribute::Modifiable(b) => k.modifiable = Some(b),
+                _ => {}
+            }
+        }
+        Ok(k)
+    }
+
+    /// CKA_MODIFIABLE of any object (`None`: the token does not say; PKCS#11's default
+    /// is true).
+    pub fn modifiable(&self, handle: ObjectHandle) -> Result<Option<bool>> {
+        Ok(self
+            .attributes(handle, &[AttributeType::Modifiable])?
+            .into_iter()
+            .find_map(|a| match a {
+                Attribute::Modifiable(b) => Some(b),
+                _ => None,
+            }))
+    }
+}

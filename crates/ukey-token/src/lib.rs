@@ -34,7 +34,7 @@ pub use config::{
     Config, FoundModule, ModuleEntry, RenewalConfig, discover_all, resolve_module_path,
 };
 pub use error::{Error, Lang, Pkcs11Call, Result, TokenName};
-pub use keys::{KeyAlg, KeyPairHandles, PublicKey};
+pub use keys::{KeyAlg, KeyMatch, KeyObject, KeyPairHandles, PublicKey};
 pub use listing::{CertificateEntry, KeyEntry, KeyEvidence, TokenListing};
 pub use module::{LibraryInfo, Module, PinState, TokenFlags, TokenSummary};
 pub use objects::{ObjectInfo, ObjectKind};

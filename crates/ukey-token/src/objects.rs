@@ -207,6 +207,47 @@ impl Session<'_> {
             .map_err(|e| self.map_error(e))
     }
 
+    /// Writes a public CKO_DATA token object with CKA_APPLICATION `application`,
+    /// CKA_LABEL `label` and CKA_VALUE `value` (markers the engine leaves on the token,
+    /// which travels between users and machines).
+    pub fn write_data_object(
+        &self,
+        application: &str,
+        label: &str,
+        value: &[u8],
+    ) -> Result<ObjectHandle> {
+        self.cryptoki()
+            .create_object(&[
+                Attribute::Class(ObjectClass::DATA),
+                Attribute::Token(true),
+                Attribute::Private(false),
+                Attribute::Application(application.as_bytes().to_vec()),
+                Attribute::Label(label.as_bytes().to_vec()),
+                Attribute::Value(value.to_vec()),
+            ])
+            .map_err(|e| self.map_error(e))
+    }
+
+    /// Every CKO_DATA object of `application`, with its CKA_LABEL.
+    pub fn data_objects(&self, application: &str) -> Result<Vec<(ObjectHandle, String)>> {
+        let mut out = Vec::new();
+        for h in self.find_objects(&[
+            Attribute::Class(ObjectClass::DATA),
+            Attribute::Application(application.as_bytes().to_vec()),
+        ])? {
+            let label = self
+                .attributes(h, &[AttributeType::Label])?
+                .into_iter()
+                .find_map(|a| match a {
+                    Attribute::Label(v) => Some(String::from_utf8_lossy(&v).into_owned()),
+                    _ => None,
+                })
+                .unwrap_or_default();
+            out.push((h, label));
+        }
+        Ok(out)
+    }
+
     /// C_GenerateRandom.
     pub fn random(&self, len: usize) -> Result<Vec<u8>> {
         let mut buf = vec![0u8; len];

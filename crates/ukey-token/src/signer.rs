@@ -35,6 +35,9 @@ pub struct TokenSigner<'s, 'm> {
     key: ObjectHandle,
     public: PublicKey,
     raw_public: Vec<u8>,
+    /// The token error of the last failed signature: rcgen's error type carries no
+    /// source, so [`TokenSigner::take_error`] gives it back typed.
+    failure: std::cell::RefCell<Option<crate::error::Error>>,
 }
 
 impl std::fmt::Debug for TokenSigner<'_, '_> {
@@ -54,12 +57,19 @@ impl<'s, 'm> TokenSigner<'s, 'm> {
             key,
             public,
             raw_public,
+            failure: std::cell::RefCell::new(None),
         }
     }
 
     /// The public key.
     pub fn public_key(&self) -> &PublicKey {
         &self.public
+    }
+
+    /// The token error behind the last `rcgen::Error::RemoteKeyError` of this signer
+    /// (a pulled key, CKR_DEVICE_ERROR, ...), taken out.
+    pub fn take_error(&self) -> Option<crate::error::Error> {
+        self.failure.borrow_mut().take()
     }
 
     /// Signs `data` on the token (see [`Session::sign_data`]).
@@ -83,10 +93,11 @@ impl rcgen::PublicKeyData for TokenSigner<'_, '_> {
 
 impl rcgen::SigningKey for TokenSigner<'_, '_> {
     fn sign(&self, msg: &[u8]) -> std::result::Result<Vec<u8>, rcgen::Error> {
-        // rcgen's error type carries no source; the token error is logged (never a PIN:
-        // signing takes none).
+        // rcgen's error type carries no source; the token error is kept for
+        // `take_error` (and logged: never a PIN, signing takes none).
         self.sign_data(msg).map_err(|e| {
             tracing::warn!("signing on the token failed: {e}");
+            *self.failure.borrow_mut() = Some(e);
             rcgen::Error::RemoteKeyError
         })
     }
