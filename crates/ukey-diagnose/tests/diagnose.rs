@@ -14,6 +14,7 @@ use ukey_diagnose::{Options, Report, SectionKind, Status, TrustAnchor, Verdict, 
 use ukey_portal_api::KeyPolicy;
 use ukey_renewal::journal::{HistoryEntry, ObjectNames, OldObjects, StepState};
 use ukey_renewal::{Journal, JournalStore, Outcome, Step};
+use ukey_renewal::{KeyId, PendingId};
 use ukey_sim::{Control, Fault};
 
 /// A fixture installation and the options to diagnose it directly through SoftHSM2.
@@ -469,10 +470,10 @@ fn skewed_clock_against_the_portal_date_fails() {
 /// A journal as the renewal engine writes it, stopped at `step`.
 fn journal(s: &Setup, step: Step, outcome: Outcome) -> Journal {
     let cert = &s.tokens[0].certs[0];
-    let names = |id: &str| ObjectNames {
-        pending_id_hex: format!("{id}ff"),
+    let names = |id: &[u8]| ObjectNames {
+        pending_id: PendingId::new("00aa", "sig"),
         pending_label: "pending".into(),
-        final_id_hex: id.into(),
+        final_id: KeyId::new(id.to_vec()).unwrap(),
         final_label: "张三 签名".into(),
     };
     let now = time::OffsetDateTime::now_utc();
@@ -488,12 +489,12 @@ fn journal(s: &Setup, step: Step, outcome: Outcome) -> Journal {
         old: OldObjects {
             serial: cert.serial_hex.clone(),
             cert_der_hex: hex::encode(&cert.der),
-            id_hex: hex::encode(&cert.key_id),
+            id: KeyId::new(cert.key_id.clone()).unwrap(),
             label: cert.label.clone(),
             alg: ukey_token::KeyAlg::Rsa2048,
         },
         old_encryption: None,
-        signing: names("01"),
+        signing: names(&cert.key_id),
         encryption: None,
         archive: None,
         issued: None,

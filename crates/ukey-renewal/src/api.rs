@@ -1,9 +1,23 @@
-//! The two things the engine talks to, as traits: the token ([`TokenApi`]) and the
-//! portal ([`PortalApi`]), with their real implementations over `ukey-token`
-//! ([`SessionToken`]) and `ukey-portal-client` ([`BlockingPortalClient`]).
+//! The two things the engine talks to: the token ([`SessionToken`], over a `ukey-token`
+//! session) and the portal ([`PortalApi`], a trait so that tests can make a network or
+//! a portal fail; its real implementation is `ukey-portal-client`'s
+//! [`BlockingPortalClient`]).
 //!
-//! Token operations name objects by class and CKA_ID, never by handle: handles do not
-//! survive a new session or process, and a resumed renewal must find its objects again.
+//! # Which objects are ours
+//!
+//! Objects are named by what they are, never by handle (handles do not survive a new
+//! session or process, and a resumed renewal must find its objects again) and never by
+//! CKA_ID alone (container-style UKeys give a signing pair and an encryption pair one
+//! CKA_ID):
+//! - a **certificate** by its value (DER);
+//! - a **key** by [`KeyRef`]: class, CKA_ID *and* key material equal to the public key
+//!   it must carry (RSA: CKA_MODULUS and exponent; EC: CKA_EC_POINT where the object
+//!   shows it). An EC private key shows no point, so it is proven by an operation: a
+//!   signature that verifies with the public key (when CKA_SIGN allows), else an ECDH
+//!   agreement that gives the expected secret (when CKA_DERIVE allows). A key nothing
+//!   proves is not ours: never used, moved or deleted;
+//! - objects the engine created for a pending renewal by their [`PendingId`]
+//!   (`ukey-renew:<renewal id>:<role>`), which nothing else on a token carries.
 
 use secrecy::SecretString;
 use ukey_portal_api::{
@@ -12,69 +26,16 @@ use ukey_portal_api::{
 };
 use ukey_portal_client::{Answer, BlockingPortalClient, ClientError};
 use ukey_token::cryptoki::mechanism::MechanismType;
-use ukey_token::cryptoki::object::ObjectHandle;
+use ukey_token::cryptoki::object::{Attribute, ObjectHandle};
 use ukey_token::{
-    KeyAlg, KeyTransport, Module, ObjectInfo, ObjectKind, PinState, PublicKey, Session,
-    TokenSigner, TokenSummary,
+    KeyAlg, KeyMatch, KeyObject, KeyTransport, Module, ObjectInfo, ObjectKind, PinState, PublicKey,
+    Session, TokenSigner, TokenSummary,
 };
+
+use crate::journal::PendingId;
 
 /// Token result.
 pub type TokenResult<T> = Result<T, ukey_token::Error>;
-
-/// What the engine does on a token, through one session.
-pub trait TokenApi {
-    /// The token's serial.
-    fn serial(&self) -> String;
-    /// The PIN flags, read now.
-    fn pin_state(&self) -> TokenResult<PinState>;
-    /// C_Login. Never retried by the engine.
-    fn login(&self, pin: &SecretString) -> TokenResult<()>;
-    /// The mechanisms the token offers.
-    fn mechanisms(&self) -> TokenResult<Vec<MechanismType>>;
-    /// Every object visible.
-    fn objects(&self) -> TokenResult<Vec<ObjectInfo>>;
-    /// How many objects of `kind` have CKA_ID `id`.
-    fn count(&self, kind: ObjectKind, id: &[u8]) -> TokenResult<usize>;
-    /// Whether a certificate object with value `der` (and, if given, CKA_ID `id`) exists.
-    fn has_certificate(&self, der: &[u8], id: Option<&[u8]>) -> TokenResult<bool>;
-    /// The public key of the key pair with CKA_ID `id`.
-    fn public_key(&self, id: &[u8]) -> TokenResult<Option<PublicKey>>;
-    /// Generates a key pair under `id` / `label`.
-    fn generate_key_pair(&self, alg: KeyAlg, id: &[u8], label: &str) -> TokenResult<()>;
-    /// Signs with the private key `id`.
-    fn sign(&self, id: &[u8], alg: KeyAlg, data: &[u8]) -> TokenResult<Vec<u8>>;
-    /// A PKCS#10 CSR with `params`, signed by the private key `id` whose public key is
-    /// `public`.
-    fn csr(
-        &self,
-        id: &[u8],
-        public: &PublicKey,
-        params: &rcgen::CertificateParams,
-    ) -> TokenResult<Vec<u8>>;
-    /// Writes a certificate object.
-    fn write_certificate(&self, der: &[u8], id: &[u8], label: &str) -> TokenResult<()>;
-    /// Sets CKA_ID and CKA_LABEL of every object of `kind` with CKA_ID `from`; returns
-    /// how many.
-    fn relabel(&self, kind: ObjectKind, from: &[u8], to: &[u8], label: &str) -> TokenResult<usize>;
-    /// Destroys every object of `kind` with CKA_ID `id`; returns how many.
-    fn destroy(&self, kind: ObjectKind, id: &[u8]) -> TokenResult<usize>;
-    /// Destroys every certificate object whose value is `der`.
-    fn destroy_certificate(&self, der: &[u8]) -> TokenResult<usize>;
-    /// Unwraps an escrowed key with the private key `recipient_id`.
-    fn unwrap_escrowed_key(
-        &self,
-        recipient_id: &[u8],
-        transport: &KeyTransport<'_>,
-        wrapped_private_key: &[u8],
-        alg: KeyAlg,
-        id: &[u8],
-        label: &str,
-    ) -> TokenResult<()>;
-    /// RSA-OAEP (SHA-1) decryption with the private key `id`.
-    fn decrypt_rsa_oaep(&self, id: &[u8], ciphertext: &[u8]) -> TokenResult<Vec<u8>>;
-    /// ECDH shared secret of the private key `id` with `peer_point`.
-    fn ecdh(&self, id: &[u8], peer_point: &[u8]) -> TokenResult<Vec<u8>>;
-}
 
 /// The portal protocol, synchronously.
 pub trait PortalApi {
@@ -119,7 +80,46 @@ impl PortalApi for BlockingPortalClient {
     }
 }
 
-/// [`TokenApi`] over a read-write `ukey-token` session.
+/// A key pair the engine uses or changes: its CKA_ID and the public key its objects
+/// must hold.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct KeyRef {
+    /// CKA_ID.
+    pub id: Vec<u8>,
+    /// The public key (from its certificate, or read back after generation).
+    pub public: PublicKey,
+}
+
+impl KeyRef {
+    /// The key of a certificate, under `id`.
+    pub fn of_certificate(id: &[u8], cert_der: &[u8]) -> TokenResult<KeyRef> {
+        Ok(KeyRef {
+            id: id.to_vec(),
+            public: PublicKey::from_certificate(cert_der)?,
+        })
+    }
+}
+
+/// What a private key is used for here; a token that says the key may not do it
+/// (CKA_SIGN / CKA_DECRYPT / CKA_UNWRAP / CKA_DERIVE false) is not asked to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum KeyUse {
+    /// Signing (challenge, CSR, installed, self-test).
+    Sign,
+    /// Receiving the escrowed key's envelope (RSA unwrap or ECDH).
+    Unwrap,
+    /// Decryption / key agreement with an encryption key (self-test).
+    Decrypt,
+    /// Moving or deleting it: any key proven to be the one.
+    Any,
+}
+
+/// Application of the CKO_DATA markers the engine leaves on a token.
+pub const MARKER_APPLICATION: &str = "ukey-renew";
+/// Label prefix of the marker that says a renewal's activation has begun.
+pub const ACTIVATION_MARKER_PREFIX: &str = "ukey-renew activating ";
+
+/// The token side of a renewal: one read-write session with one token.
 #[derive(Debug)]
 pub struct SessionToken<'m> {
     module: &'m Module,
@@ -143,116 +143,384 @@ impl<'m> SessionToken<'m> {
         &self.session
     }
 
-    fn one(&self, kind: ObjectKind, id: &[u8]) -> TokenResult<ObjectHandle> {
-        self.session
-            .find_kind_by_id(kind, id)?
-            .into_iter()
-            .next()
-            .ok_or_else(|| ukey_token::Error::ObjectInvalid {
-                what: format!("no {kind:?} with CKA_ID {}", hex::encode(id)),
-            })
-    }
-}
-
-impl TokenApi for SessionToken<'_> {
-    fn serial(&self) -> String {
+    /// The token's serial.
+    pub fn serial(&self) -> String {
         self.token.serial.clone()
     }
-    fn pin_state(&self) -> TokenResult<PinState> {
+
+    /// The PIN flags, read now.
+    pub fn pin_state(&self) -> TokenResult<PinState> {
         Ok(self.module.refresh(&self.token)?.pin)
     }
-    fn login(&self, pin: &SecretString) -> TokenResult<()> {
+
+    /// C_Login. Never retried by the engine.
+    pub fn login(&self, pin: &SecretString) -> TokenResult<()> {
         self.session.login(pin)
     }
-    fn mechanisms(&self) -> TokenResult<Vec<MechanismType>> {
+
+    /// The mechanisms the token offers.
+    pub fn mechanisms(&self) -> TokenResult<Vec<MechanismType>> {
         self.session.mechanisms()
     }
-    fn objects(&self) -> TokenResult<Vec<ObjectInfo>> {
+
+    /// Every object visible.
+    pub fn objects(&self) -> TokenResult<Vec<ObjectInfo>> {
         self.session.snapshot()
     }
-    fn public_key(&self, id: &[u8]) -> TokenResult<Option<PublicKey>> {
-        self.session.public_key_by_id(id)
+
+    // --- Objects of a pending renewal, found by their pending id. ---
+
+    /// How many objects of `kind` carry the pending id.
+    pub fn pending_count(&self, kind: ObjectKind, id: &PendingId) -> TokenResult<usize> {
+        Ok(self.session.find_kind_by_id(kind, id.as_bytes())?.len())
     }
-    fn count(&self, kind: ObjectKind, id: &[u8]) -> TokenResult<usize> {
-        Ok(self.session.find_kind_by_id(kind, id)?.len())
+
+    /// The public key of the pending key pair, from its public key object.
+    pub fn pending_public_key(&self, id: &PendingId) -> TokenResult<Option<PublicKey>> {
+        self.session.public_key_by_id(id.as_bytes())
     }
-    fn has_certificate(&self, der: &[u8], id: Option<&[u8]>) -> TokenResult<bool> {
-        let mut template = vec![
-            ukey_token::cryptoki::object::Attribute::Class(ObjectKind::Certificate.class()),
-            ukey_token::cryptoki::object::Attribute::Value(der.to_vec()),
-        ];
-        if let Some(id) = id {
-            template.push(ukey_token::cryptoki::object::Attribute::Id(id.to_vec()));
+
+    /// Generates the pending key pair.
+    pub fn generate_key_pair(&self, alg: KeyAlg, id: &PendingId, label: &str) -> TokenResult<()> {
+        self.session
+            .generate_key_pair(alg, id.as_bytes(), label)
+            .map(|_| ())
+    }
+
+    /// Destroys every object of `kind` with the pending id; returns how many.
+    pub fn destroy_pending(&self, kind: ObjectKind, id: &PendingId) -> TokenResult<usize> {
+        let handles = self.session.find_kind_by_id(kind, id.as_bytes())?;
+        for h in &handles {
+            self.session.destroy(*h)?;
         }
-        Ok(!self.session.find_objects(&template)?.is_empty())
+        Ok(handles.len())
     }
-    fn generate_key_pair(&self, alg: KeyAlg, id: &[u8], label: &str) -> TokenResult<()> {
-        self.session.generate_key_pair(alg, id, label).map(|_| ())
-    }
-    fn sign(&self, id: &[u8], alg: KeyAlg, data: &[u8]) -> TokenResult<Vec<u8>> {
-        let key = self.one(ObjectKind::PrivateKey, id)?;
-        self.session.sign_data(alg, key, data)
-    }
-    fn csr(
+
+    /// Moves every object of `kind` with the pending id to `to` / `label`.
+    pub fn relabel_pending(
         &self,
-        id: &[u8],
-        public: &PublicKey,
-        params: &rcgen::CertificateParams,
-    ) -> TokenResult<Vec<u8>> {
-        let key = self.one(ObjectKind::PrivateKey, id)?;
-        let signer = TokenSigner::new(&self.session, key, public.clone());
-        let csr =
-            params
-                .serialize_request(&signer)
-                .map_err(|e| ukey_token::Error::ObjectInvalid {
-                    what: format!("CSR signing on the token failed: {e}"),
-                })?;
-        Ok(csr.der().to_vec())
-    }
-    fn write_certificate(&self, der: &[u8], id: &[u8], label: &str) -> TokenResult<()> {
-        self.session.write_certificate(der, id, label).map(|_| ())
-    }
-    fn relabel(&self, kind: ObjectKind, from: &[u8], to: &[u8], label: &str) -> TokenResult<usize> {
-        let handles = self.session.find_kind_by_id(kind, from)?;
+        kind: ObjectKind,
+        id: &PendingId,
+        to: &[u8],
+        label: &str,
+    ) -> TokenResult<usize> {
+        let handles = self.session.find_kind_by_id(kind, id.as_bytes())?;
         for h in &handles {
             self.session.set_id_and_label(*h, to, label)?;
         }
         Ok(handles.len())
     }
-    fn destroy(&self, kind: ObjectKind, id: &[u8]) -> TokenResult<usize> {
-        let handles = self.session.find_kind_by_id(kind, id)?;
-        for h in &handles {
-            self.session.destroy(*h)?;
+
+    // --- Keys, by identity. ---
+
+    /// Whether the private key object `obj` is proven to be `key`'s.
+    fn proven(&self, obj: &KeyObject, key: &KeyRef) -> TokenResult<bool> {
+        match key.public.compare(obj) {
+            KeyMatch::Same => return Ok(true),
+            KeyMatch::Different => return Ok(false),
+            KeyMatch::Unknown => {}
         }
-        Ok(handles.len())
-    }
-    fn destroy_certificate(&self, der: &[u8]) -> TokenResult<usize> {
-        let handles = self.session.find_certificate_by_value(der)?;
-        for h in &handles {
-            self.session.destroy(*h)?;
+        let rng = aws_lc_rs::rand::SystemRandom::new();
+        if obj.sign != Some(false) {
+            let mut data = vec![0u8; 32];
+            aws_lc_rs::rand::SecureRandom::fill(&rng, &mut data).map_err(|_| {
+                ukey_token::Error::ObjectInvalid {
+                    what: "no random numbers for a key proof".into(),
+                }
+            })?;
+            match self.session.sign_data(key.public.alg(), obj.handle, &data) {
+                Ok(sig) => return Ok(crate::checks::verify_with_public(&key.public, &data, &sig)),
+                Err(e) if is_token_gone(&e) => return Err(e),
+                // Not allowed to sign, or another key type: try agreement.
+                Err(_) => {}
+            }
         }
-        Ok(handles.len())
+        if obj.derive != Some(false) {
+            if let PublicKey::EcP256 { point } = &key.public {
+                if let Ok((peer, shared)) = crate::checks::ecdh_test(point) {
+                    match self.session.ecdh_shared_secret(obj.handle, &peer) {
+                        Ok(got) => return Ok(got == shared),
+                        Err(e) if is_token_gone(&e) => return Err(e),
+                        Err(_) => {}
+                    }
+                }
+            }
+        }
+        Ok(false)
     }
-    fn unwrap_escrowed_key(
+
+    /// Every private key object of `key` (class, CKA_ID and key material).
+    pub fn private_keys(&self, key: &KeyRef) -> TokenResult<Vec<KeyObject>> {
+        let mut out = Vec::new();
+        for obj in self.session.key_objects(
+            ukey_token::cryptoki::object::ObjectClass::PRIVATE_KEY,
+            &key.id,
+        )? {
+            if self.proven(&obj, key)? {
+                out.push(obj);
+            }
+        }
+        Ok(out)
+    }
+
+    /// Every public key object of `key` (class, CKA_ID and key material).
+    pub fn public_keys(&self, key: &KeyRef) -> TokenResult<Vec<KeyObject>> {
+        Ok(self
+            .session
+            .key_objects(
+                ukey_token::cryptoki::object::ObjectClass::PUBLIC_KEY,
+                &key.id,
+            )?
+            .into_iter()
+            .filter(|o| key.public.compare(o) == KeyMatch::Same)
+            .collect())
+    }
+
+    /// The private key of `key` for `usage`.
+    pub fn private_key(&self, key: &KeyRef, usage: KeyUse) -> TokenResult<ObjectHandle> {
+        let allowed = |o: &KeyObject| match usage {
+            KeyUse::Sign => o.sign != Some(false),
+            KeyUse::Unwrap => match key.public {
+                PublicKey::Rsa { .. } => o.unwrap != Some(false),
+                PublicKey::EcP256 { .. } => o.derive != Some(false),
+            },
+            KeyUse::Decrypt => match key.public {
+                PublicKey::Rsa { .. } => o.decrypt != Some(false),
+                PublicKey::EcP256 { .. } => o.derive != Some(false),
+            },
+            KeyUse::Any => true,
+        };
+        let keys = self.private_keys(key)?;
+        keys.iter()
+            .find(|o| allowed(o))
+            .map(|o| o.handle)
+            .ok_or_else(|| ukey_token::Error::ObjectInvalid {
+                what: if keys.is_empty() {
+                    format!(
+                        "no private key with CKA_ID {} holds the certificate's key",
+                        hex::encode(&key.id)
+                    )
+                } else {
+                    format!(
+                        "the private key with CKA_ID {} may not be used for {usage:?}",
+                        hex::encode(&key.id)
+                    )
+                },
+            })
+    }
+
+    /// Whether the private key of `key` is on the token.
+    pub fn has_private_key(&self, key: &KeyRef) -> TokenResult<bool> {
+        Ok(!self.private_keys(key)?.is_empty())
+    }
+
+    /// Destroys the private and public key objects of `key` (nothing else with its
+    /// CKA_ID); returns how many.
+    pub fn destroy_key_pair(&self, key: &KeyRef) -> TokenResult<usize> {
+        let objects: Vec<KeyObject> = self
+            .private_keys(key)?
+            .into_iter()
+            .chain(self.public_keys(key)?)
+            .collect();
+        for o in &objects {
+            self.session.destroy(o.handle)?;
+        }
+        Ok(objects.len())
+    }
+
+    /// Sets CKA_ID and CKA_LABEL of the private and public key objects of `key`.
+    pub fn relabel_key_pair(&self, key: &KeyRef, to: &[u8], label: &str) -> TokenResult<usize> {
+        let objects: Vec<KeyObject> = self
+            .private_keys(key)?
+            .into_iter()
+            .chain(self.public_keys(key)?)
+            .collect();
+        for o in &objects {
+            self.session.set_id_and_label(o.handle, to, label)?;
+        }
+        Ok(objects.len())
+    }
+
+    /// The objects whose CKA_ID or label an activation changes that the token says
+    /// cannot be changed (CKA_MODIFIABLE false), described.
+    pub fn unmodifiable(&self, keys: &[&KeyRef], certs: &[&[u8]]) -> TokenResult<Vec<String>> {
+        let mut out = Vec::new();
+        for key in keys {
+            for o in self
+                .private_keys(key)?
+                .into_iter()
+                .chain(self.public_keys(key)?)
+            {
+                if o.modifiable == Some(false) {
+                    out.push(format!(
+                        "key \"{}\" (CKA_ID {})",
+                        o.label,
+                        hex::encode(&key.id)
+                    ));
+                }
+            }
+        }
+        for der in certs {
+            for h in self.session.find_certificate_by_value(der)? {
+                if self.session.modifiable(h)? == Some(false) {
+                    out.push(format!("certificate {}", serial_hex(der)));
+                }
+            }
+        }
+        Ok(out)
+    }
+
+    /// Signs with the private key of `key`.
+    pub fn sign(&self, key: &KeyRef, data: &[u8]) -> TokenResult<Vec<u8>> {
+        let h = self.private_key(key, KeyUse::Sign)?;
+        self.session.sign_data(key.public.alg(), h, data)
+    }
+
+    /// A PKCS#10 CSR with `params`, signed by the private key of `key`. A token error
+    /// while signing (a pulled key, CKR_DEVICE_ERROR) comes back as itself.
+    pub fn csr(&self, key: &KeyRef, params: &rcgen::CertificateParams) -> TokenResult<Vec<u8>> {
+        let h = self.private_key(key, KeyUse::Sign)?;
+        let signer = TokenSigner::new(&self.session, h, key.public.clone());
+        match params.serialize_request(&signer) {
+            Ok(csr) => Ok(csr.der().to_vec()),
+            Err(e) => {
+                Err(signer
+                    .take_error()
+                    .unwrap_or_else(|| ukey_token::Error::ObjectInvalid {
+                        what: format!("CSR signing on the token failed: {e}"),
+                    }))
+            }
+        }
+    }
+
+    /// Unwraps an escrowed key with the private key of `recipient`.
+    pub fn unwrap_escrowed_key(
         &self,
-        recipient_id: &[u8],
+        recipient: &KeyRef,
         transport: &KeyTransport<'_>,
         wrapped_private_key: &[u8],
         alg: KeyAlg,
-        id: &[u8],
+        id: &PendingId,
         label: &str,
     ) -> TokenResult<()> {
-        let recipient = self.one(ObjectKind::PrivateKey, recipient_id)?;
+        let h = self.private_key(recipient, KeyUse::Unwrap)?;
         self.session
-            .unwrap_escrowed_key(recipient, transport, wrapped_private_key, alg, id, label)
+            .unwrap_escrowed_key(h, transport, wrapped_private_key, alg, id.as_bytes(), label)
             .map(|_| ())
     }
-    fn decrypt_rsa_oaep(&self, id: &[u8], ciphertext: &[u8]) -> TokenResult<Vec<u8>> {
-        let key = self.one(ObjectKind::PrivateKey, id)?;
-        self.session.decrypt_rsa_oaep(key, ciphertext)
+
+    /// RSA-OAEP (SHA-1) decryption with the private key of `key`.
+    pub fn decrypt_rsa_oaep(&self, key: &KeyRef, ciphertext: &[u8]) -> TokenResult<Vec<u8>> {
+        let h = self.private_key(key, KeyUse::Decrypt)?;
+        self.session.decrypt_rsa_oaep(h, ciphertext)
     }
-    fn ecdh(&self, id: &[u8], peer_point: &[u8]) -> TokenResult<Vec<u8>> {
-        let key = self.one(ObjectKind::PrivateKey, id)?;
-        self.session.ecdh_shared_secret(key, peer_point)
+
+    /// ECDH shared secret of the private key of `key` with `peer_point`.
+    pub fn ecdh(&self, key: &KeyRef, peer_point: &[u8]) -> TokenResult<Vec<u8>> {
+        let h = self.private_key(key, KeyUse::Decrypt)?;
+        self.session.ecdh_shared_secret(h, peer_point)
     }
+
+    // --- Certificates, by value. ---
+
+    /// Whether a certificate object with value `der` (and, if given, CKA_ID `id`) exists.
+    pub fn has_certificate(&self, der: &[u8], id: Option<&[u8]>) -> TokenResult<bool> {
+        let mut template = vec![
+            Attribute::Class(ObjectKind::Certificate.class()),
+            Attribute::Value(der.to_vec()),
+        ];
+        if let Some(id) = id {
+            template.push(Attribute::Id(id.to_vec()));
+        }
+        Ok(!self.session.find_objects(&template)?.is_empty())
+    }
+
+    /// Writes a certificate object.
+    pub fn write_certificate(&self, der: &[u8], id: &[u8], label: &str) -> TokenResult<()> {
+        self.session.write_certificate(der, id, label).map(|_| ())
+    }
+
+    /// Sets CKA_ID and CKA_LABEL of every certificate object whose value is `der`.
+    pub fn relabel_certificate(&self, der: &[u8], to: &[u8], label: &str) -> TokenResult<usize> {
+        let handles = self.session.find_certificate_by_value(der)?;
+        for h in &handles {
+            self.session.set_id_and_label(*h, to, label)?;
+        }
+        Ok(handles.len())
+    }
+
+    /// Destroys every certificate object whose value is `der` (and, if given, whose
+    /// CKA_ID is `id`).
+    pub fn destroy_certificate(&self, der: &[u8], id: Option<&[u8]>) -> TokenResult<usize> {
+        let mut n = 0;
+        for h in self.session.find_certificate_by_value(der)? {
+            if let Some(id) = id {
+                let same = self
+                    .session
+                    .attributes(h, &[ukey_token::cryptoki::object::AttributeType::Id])?
+                    .into_iter()
+                    .any(|a| matches!(a, Attribute::Id(v) if v == id));
+                if !same {
+                    continue;
+                }
+            }
+            self.session.destroy(h)?;
+            n += 1;
+        }
+        Ok(n)
+    }
+
+    // --- Markers on the token. ---
+
+    /// Records on the token that activation of renewal `renewal_id` has begun (journals
+    /// are per user; the key travels between users and machines).
+    pub fn mark_activation(&self, renewal_id: &str) -> TokenResult<()> {
+        if self.activations()?.iter().any(|r| r == renewal_id) {
+            return Ok(());
+        }
+        self.session
+            .write_data_object(
+                MARKER_APPLICATION,
+                &format!("{ACTIVATION_MARKER_PREFIX}{renewal_id}"),
+                renewal_id.as_bytes(),
+            )
+            .map(|_| ())
+    }
+
+    /// Removes the activation marker of `renewal_id`.
+    pub fn unmark_activation(&self, renewal_id: &str) -> TokenResult<()> {
+        let want = format!("{ACTIVATION_MARKER_PREFIX}{renewal_id}");
+        for (h, label) in self.session.data_objects(MARKER_APPLICATION)? {
+            if label == want {
+                self.session.destroy(h)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// The renewal ids whose activation has begun on this token and not ended.
+    pub fn activations(&self) -> TokenResult<Vec<String>> {
+        Ok(self
+            .session
+            .data_objects(MARKER_APPLICATION)?
+            .into_iter()
+            .filter_map(|(_, l)| l.strip_prefix(ACTIVATION_MARKER_PREFIX).map(str::to_owned))
+            .collect())
+    }
+}
+
+fn is_token_gone(e: &ukey_token::Error) -> bool {
+    matches!(
+        e,
+        ukey_token::Error::TokenRemoved { .. }
+            | ukey_token::Error::TokenNotPresent { .. }
+            | ukey_token::Error::DeviceError { .. }
+    )
+}
+
+fn serial_hex(der: &[u8]) -> String {
+    use x509_parser::prelude::{FromDer, X509Certificate};
+    X509Certificate::from_der(der)
+        .map(|(_, c)| ukey_portal_api::serial_hex_from_bytes(c.raw_serial()))
+        .unwrap_or_else(|_| "(unparsable)".into())
 }

@@ -220,6 +220,46 @@ pub fn verify_with_certificate(
     })
 }
 
+/// Whether `signature` over `data` verifies with `public` (RSASSA-PKCS1-v1_5 SHA-256,
+/// or ECDSA P-256 SHA-256 in DER): proves which token key holds a public key.
+pub fn verify_with_public(public: &PublicKey, data: &[u8], signature: &[u8]) -> bool {
+    use aws_lc_rs::signature::{
+        ECDSA_P256_SHA256_ASN1, RSA_PKCS1_2048_8192_SHA256, UnparsedPublicKey,
+    };
+    let raw = public.raw();
+    match public {
+        PublicKey::Rsa { .. } => UnparsedPublicKey::new(&RSA_PKCS1_2048_8192_SHA256, &raw)
+            .verify(data, signature)
+            .is_ok(),
+        PublicKey::EcP256 { .. } => UnparsedPublicKey::new(&ECDSA_P256_SHA256_ASN1, &raw)
+            .verify(data, signature)
+            .is_ok(),
+    }
+}
+
+/// An ephemeral P-256 point and the secret ECDH with it must give for the key whose
+/// public point is `point`.
+pub fn ecdh_test(point: &[u8]) -> Result<(Vec<u8>, Vec<u8>), String> {
+    use aws_lc_rs::agreement::{
+        ECDH_P256, EphemeralPrivateKey, UnparsedPublicKey, agree_ephemeral,
+    };
+    let rng = aws_lc_rs::rand::SystemRandom::new();
+    let eph = EphemeralPrivateKey::generate(&ECDH_P256, &rng).map_err(|e| e.to_string())?;
+    let peer_point = eph
+        .compute_public_key()
+        .map_err(|e| e.to_string())?
+        .as_ref()
+        .to_vec();
+    let shared = agree_ephemeral(
+        eph,
+        UnparsedPublicKey::new(&ECDH_P256, point),
+        "ECDH failed",
+        |z| Ok(z.to_vec()),
+    )
+    .map_err(|e: &str| e.to_owned())?;
+    Ok((peer_point, shared))
+}
+
 /// A test value encrypted to an encryption certificate's key, and what the token must
 /// give back: RSA-OAEP(SHA-1) of random bytes, or for EC an ephemeral ECDH point and
 /// the expected shared secret.
@@ -268,22 +308,7 @@ pub fn decrypt_test(cert_der: &[u8]) -> Result<DecryptTest, String> {
             })
         }
         Ok(X509Key::EC(point)) => {
-            use aws_lc_rs::agreement::{
-                ECDH_P256, EphemeralPrivateKey, UnparsedPublicKey, agree_ephemeral,
-            };
-            let eph = EphemeralPrivateKey::generate(&ECDH_P256, &rng).map_err(|e| e.to_string())?;
-            let peer_point = eph
-                .compute_public_key()
-                .map_err(|e| e.to_string())?
-                .as_ref()
-                .to_vec();
-            let shared = agree_ephemeral(
-                eph,
-                UnparsedPublicKey::new(&ECDH_P256, point.data()),
-                "ECDH failed",
-                |z| Ok(z.to_vec()),
-            )
-            .map_err(|e: &str| e.to_owned())?;
+            let (peer_point, shared) = ecdh_test(point.data())?;
             Ok(DecryptTest::Ec { peer_point, shared })
         }
         _ => Err("unsupported encryption key type".to_owned()),

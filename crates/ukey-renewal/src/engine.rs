@@ -29,12 +29,13 @@ use ukey_token::{
 };
 use x509_parser::prelude::{FromDer, X509Certificate};
 
-use crate::api::{PortalApi, SessionToken, TokenApi};
+use crate::api::{KeyRef, PortalApi, SessionToken};
 use crate::checks::{self, DecryptTest, Expectations, Role};
 use crate::error::{Refusal, RenewalError};
 use crate::events::{Event, Step};
 use crate::journal::{
-    IssuedCerts, Journal, JournalStore, ObjectNames, OldObjects, Outcome, StepState,
+    ArchiveNames, IssuedCerts, Journal, JournalStore, KeyId, ObjectNames, OldObjects, Outcome,
+    PendingId, StepState,
 };
 
 /// Label prefix of pending objects (abandoned ones are found by it and removed).
@@ -344,6 +345,11 @@ pub fn preflight(
     let mut encryption = Vec::new();
     for c in &listing.certificates {
         let Ok(d) = &c.details else { continue };
+        // A CA's certificate kept on the key is never the holder's; objects of another
+        // renewal still pending are that renewal's.
+        if d.is_ca || PendingId::parse(&c.key_id).is_some() {
+            continue;
+        }
         let cand = Candidate {
             der: c.der.clone(),
             details: d.clone(),
@@ -433,6 +439,23 @@ pub fn preflight(
     }
     let (cand, order_id, terms) = match ready.len() {
         0 => {
+            // "No order" for the certificate a finished renewal wrote is nothing to do,
+            // and is said as such.
+            if let Some(RenewalError::NoOrder { serial }) = &first_blocker {
+                let renewed = opts
+                    .journals
+                    .for_token(&token.serial)?
+                    .into_iter()
+                    .filter(|j| j.outcome == Outcome::Completed)
+                    .filter_map(|j| j.issued)
+                    .find(|i| &i.serial == serial);
+                if let Some(i) = renewed {
+                    return Err(RenewalError::AlreadyRenewed {
+                        serial: i.serial,
+                        not_after: i.not_after,
+                    });
+                }
+            }
             return Err(first_blocker.unwrap_or_else(|| RenewalError::NoOrder {
                 serial: String::new(),
             }));
@@ -492,7 +515,7 @@ pub fn preflight(
         old_alg,
         new_alg,
         opts,
-    );
+    )?;
     Ok(Plan {
         token,
         journal,
@@ -543,24 +566,37 @@ fn new_journal(
     old_alg: KeyAlg,
     new_alg: KeyAlg,
     opts: &Options,
-) -> Journal {
+) -> Result<Journal, RenewalError> {
     let rid = random_hex(6);
+    let id_of = |c: &Candidate| {
+        KeyId::new(c.key_id.clone()).ok_or_else(|| {
+            RenewalError::Inconsistent(format!(
+                "certificate {} has no CKA_ID, so its key cannot be told apart",
+                c.details.serial
+            ))
+        })
+    };
     let old = OldObjects {
         serial: cand.details.serial.clone(),
         cert_der_hex: hex::encode(&cand.der),
-        id_hex: hex::encode(&cand.key_id),
+        id: id_of(cand)?,
         label: cand.label.clone(),
         alg: old_alg,
     };
-    let old_encryption = old_enc.and_then(|e| {
-        Some(OldObjects {
-            serial: e.details.serial.clone(),
-            cert_der_hex: hex::encode(&e.der),
-            id_hex: hex::encode(&e.key_id),
-            label: e.label.clone(),
-            alg: alg_of(&e.details)?,
-        })
-    });
+    let old_encryption = match old_enc {
+        Some(e) => alg_of(&e.details)
+            .map(|alg| {
+                Ok::<_, RenewalError>(OldObjects {
+                    serial: e.details.serial.clone(),
+                    cert_der_hex: hex::encode(&e.der),
+                    id: id_of(e)?,
+                    label: e.label.clone(),
+                    alg,
+                })
+            })
+            .transpose()?,
+        None => None,
+    };
     let (sig_label, enc_label) = match &opts.labels {
         LabelScheme::KeepOld => (
             cand.label.clone(),
@@ -574,32 +610,33 @@ fn new_journal(
         } => (signing.clone(), encryption.clone()),
     };
     let signing = ObjectNames {
-        pending_id_hex: hex::encode(format!("ukey-renew:{rid}:sig")),
+        pending_id: PendingId::new(&rid, "sig"),
         pending_label: format!("{PENDING_LABEL_PREFIX}{rid} sig"),
         // Filled in at verify for the SHA-1 scheme.
-        final_id_hex: hex::encode(&cand.key_id),
+        final_id: old.id.clone(),
         final_label: sig_label,
     };
     let encryption = terms.with_encryption_cert.then(|| ObjectNames {
-        pending_id_hex: hex::encode(format!("ukey-renew:{rid}:enc")),
+        pending_id: PendingId::new(&rid, "enc"),
         pending_label: format!("{PENDING_LABEL_PREFIX}{rid} enc"),
-        final_id_hex: match old_enc {
-            Some(e) => hex::encode(&e.key_id),
-            None => hex::encode([cand.key_id.as_slice(), b"-enc"].concat()),
+        final_id: match &old_encryption {
+            Some(e) => e.id.clone(),
+            None => KeyId::new([cand.key_id.as_slice(), b"-enc"].concat())
+                .unwrap_or_else(|| old.id.clone()),
         },
         final_label: enc_label,
     });
     let today = OffsetDateTime::now_utc().date();
     let archive = match (&encryption, &old_encryption) {
-        (Some(_), Some(e)) => Some(ObjectNames {
-            pending_id_hex: e.id_hex.clone(),
-            pending_label: e.label.clone(),
-            final_id_hex: hex::encode(format!("archived {}", e.serial)),
-            final_label: format!("archived {} {today}", e.serial),
-        }),
+        (Some(_), Some(e)) => {
+            KeyId::new(format!("archived {}", e.serial).into_bytes()).map(|id| ArchiveNames {
+                id,
+                label: format!("archived {} {today}", e.serial),
+            })
+        }
         _ => None,
     };
-    Journal {
+    Ok(Journal {
         version: crate::journal::JOURNAL_VERSION,
         renewal_id: rid,
         token_serial: token.serial.clone(),
@@ -619,7 +656,7 @@ fn new_journal(
         activate_done: 0,
         outcome: Outcome::Unfinished,
         history: Vec::new(),
-    }
+    })
 }
 
 /// Aborts the process when `UKEY_FAILPOINT` names this point (crash tests).
@@ -645,9 +682,9 @@ pub fn renew(
     run(&token, plan, pin, portal, opts, on_event)
 }
 
-/// Runs a planned renewal against any [`TokenApi`].
+/// Runs a planned renewal on an open session.
 pub fn run(
-    token: &dyn TokenApi,
+    token: &SessionToken<'_>,
     plan: Plan,
     pin: &SecretString,
     portal: &dyn PortalApi,
@@ -661,8 +698,6 @@ pub fn run(
         j: plan.journal,
         on_event,
         timings: Vec::new(),
-        issued: None,
-        new_public: None,
     };
     let resumed = plan.resuming;
     if resumed {
@@ -696,25 +731,25 @@ pub fn run(
             r.skip(s);
         }
     }
+    // From here on the journal holds the verified certificates: activation and the
+    // confirmation work from them alone.
+    let issued = r.issued()?;
     if r.j.step < Step::Activate || (r.j.step == Step::Activate && r.j.state == StepState::Started)
     {
-        r.step(Step::Activate, |r| r.activate())?;
+        r.step(Step::Activate, |r| r.activate(&issued))?;
     } else {
         r.skip(Step::Activate);
     }
-    r.step(Step::Installed, |r| r.installed())?;
+    r.step(Step::Installed, |r| r.installed(&issued))?;
     r.j.outcome = Outcome::Completed;
     r.opts.journals.save(&r.j)?;
-    let issued = r.j.issued.clone().ok_or_else(|| {
-        RenewalError::Inconsistent("finished without an issued certificate".into())
-    })?;
     Ok(Report {
         status: "renewed",
         token_serial: r.j.token_serial.clone(),
         old_serial: r.j.old.serial.clone(),
-        new_serial: issued.serial,
-        not_after: issued.not_after,
-        encryption_serial: issued.enc_serial,
+        new_serial: issued.record.serial.clone(),
+        not_after: issued.record.not_after,
+        encryption_serial: issued.record.enc_serial.clone(),
         archived_serial: r
             .j
             .archive
@@ -726,21 +761,71 @@ pub fn run(
     })
 }
 
+/// The activation sub-steps, in order. Each is recorded in the journal when done
+/// (`activate_done` holds the number of the last), so that a resumed run never
+/// repeats one whose effect would now hit the new objects.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub enum ActivationStep {
+    /// The old encryption certificate and its decryption key move to the archive id.
+    ArchiveOldEncryption = 1,
+    /// New key: the old signing certificate and key pair go. Same key: the new
+    /// certificate takes the key's id.
+    RemoveOldSigning = 2,
+    /// New key: the new certificate and key pair take the final id. Same key: the old
+    /// certificate goes.
+    ActivateNewSigning = 3,
+    /// The new encryption certificate and key take their final id.
+    ActivateNewEncryption = 4,
+}
+
+impl ActivationStep {
+    /// Every sub-step, in order.
+    pub const ALL: [ActivationStep; 4] = [
+        ActivationStep::ArchiveOldEncryption,
+        ActivationStep::RemoveOldSigning,
+        ActivationStep::ActivateNewSigning,
+        ActivationStep::ActivateNewEncryption,
+    ];
+
+    /// Its number in the journal and in fail points (`activate.<n>`).
+    pub fn number(self) -> u32 {
+        self as u32
+    }
+}
+
+/// A certificate the portal issued that passed every check, with the keys it names.
+struct Verified {
+    issued: IssueResponse,
+    /// The new signing key (pending, or the old key for a same-key renewal).
+    key: KeyRef,
+    /// The escrowed encryption key, under its pending id.
+    encryption: Option<KeyRef>,
+}
+
+/// What activation and the confirmation work from: the journal's verified record.
+struct Issued {
+    record: IssuedCerts,
+    cert_der: Vec<u8>,
+    public: PublicKey,
+    enc_cert_der: Option<Vec<u8>>,
+}
+
 struct Run<'a> {
-    token: &'a dyn TokenApi,
+    token: &'a SessionToken<'a>,
     portal: &'a dyn PortalApi,
     opts: &'a Options,
     j: Journal,
     on_event: &'a mut dyn FnMut(Event),
     timings: Vec<StepTiming>,
-    issued: Option<IssueResponse>,
-    new_public: Option<PublicKey>,
 }
 
-fn unhex(s: &str) -> Vec<u8> {
-    // Journal ids are written by this engine as hex; a damaged one gives an empty id,
-    // which matches no object.
-    hex::decode(s).unwrap_or_default()
+/// The DER of a certificate the journal holds as hex. The engine wrote it; a damaged
+/// value is an error, never an empty certificate.
+fn der_of(hex_der: &str) -> Result<Vec<u8>, RenewalError> {
+    hex::decode(hex_der)
+        .ok()
+        .filter(|d| !d.is_empty())
+        .ok_or_else(|| RenewalError::Inconsistent("a certificate in the journal is damaged".into()))
 }
 
 impl Run<'_> {
@@ -820,10 +905,13 @@ impl Run<'_> {
         self.cleanup_abandoned()
     }
 
-    /// Removes pending objects no unfinished journal owns (an abandoned renewal whose
-    /// journal was lost or rolled back while the token was away).
+    /// Removes the pending objects of renewals nobody will finish: no unfinished
+    /// journal of this user owns them, the token carries no activation marker for
+    /// them (the key may have travelled from another user or machine mid-activation),
+    /// and they do not hold a complete certificate + key pair (which may be the only
+    /// working key of a renewal run elsewhere). Only pending ids are used.
     fn cleanup_abandoned(&mut self) -> Result<(), RenewalError> {
-        let owned: Vec<String> = self
+        let mut keep: Vec<String> = self
             .opts
             .journals
             .for_token(&self.j.token_serial)?
@@ -831,15 +919,48 @@ impl Run<'_> {
             .filter(|j| j.is_unfinished())
             .map(|j| j.renewal_id)
             .collect();
-        let mut n = 0;
+        keep.extend(self.token.activations()?);
+        let mut groups: std::collections::BTreeMap<String, Vec<(ObjectKind, PendingId)>> =
+            std::collections::BTreeMap::new();
         for o in self.token.objects()? {
-            let Some(rest) = o.label.strip_prefix(PENDING_LABEL_PREFIX) else {
+            let Some(id) = hex::decode(&o.id_hex)
+                .ok()
+                .and_then(|b| PendingId::parse(&b))
+            else {
                 continue;
             };
-            if owned.iter().any(|id| rest.starts_with(id.as_str())) {
+            if matches!(o.kind, ObjectKind::Data | ObjectKind::SecretKey) {
                 continue;
             }
-            n += self.token.destroy(o.kind, &o.id())?;
+            groups
+                .entry(id.renewal_id().to_owned())
+                .or_default()
+                .push((o.kind, id));
+        }
+        let mut n = 0;
+        for (rid, objects) in groups {
+            if keep.contains(&rid) {
+                continue;
+            }
+            let complete = objects.iter().any(|(k, id)| {
+                *k == ObjectKind::Certificate
+                    && objects
+                        .iter()
+                        .any(|(k2, id2)| *k2 == ObjectKind::PrivateKey && id2 == id)
+            });
+            if complete {
+                tracing::info!(
+                    renewal = rid,
+                    "pending objects hold a complete certificate and key: kept"
+                );
+                continue;
+            }
+            let mut seen = std::collections::BTreeSet::new();
+            for (kind, id) in objects {
+                if seen.insert((kind, id.as_bytes().to_vec())) {
+                    n += self.token.destroy_pending(kind, &id)?;
+                }
+            }
         }
         if n > 0 {
             tracing::info!(
@@ -851,72 +972,80 @@ impl Run<'_> {
         Ok(())
     }
 
-    fn signing_key_id(&self) -> Vec<u8> {
-        match self.j.key_policy {
-            KeyPolicy::Same => unhex(&self.j.old.id_hex),
-            KeyPolicy::New => unhex(&self.j.signing.pending_id_hex),
-        }
+    fn old_cert(&self) -> Result<Vec<u8>, RenewalError> {
+        der_of(&self.j.old.cert_der_hex)
+    }
+
+    /// The key of the certificate being renewed.
+    fn old_key(&self) -> Result<KeyRef, RenewalError> {
+        Ok(KeyRef::of_certificate(
+            self.j.old.id.as_bytes(),
+            &self.old_cert()?,
+        )?)
+    }
+
+    /// The new signing key before activation: the pending pair, or the old key.
+    fn new_key(&self, public: PublicKey) -> Result<KeyRef, RenewalError> {
+        Ok(match self.j.key_policy {
+            KeyPolicy::New => KeyRef {
+                id: self.j.signing.pending_id.as_bytes().to_vec(),
+                public,
+            },
+            KeyPolicy::Same => self.old_key()?,
+        })
     }
 
     fn before_activation(&mut self) -> Result<(), RenewalError> {
-        self.step(Step::Key, |r| r.key())?;
-        self.step(Step::Request, |r| r.request())?;
-        self.step(Step::Verify, |r| r.verify())?;
-        self.step(Step::Write, |r| r.write())?;
-        self.step(Step::SelfTest, |r| r.self_test())?;
-        Ok(())
+        let public = self.step(Step::Key, |r| r.key())?;
+        let issued = self.step(Step::Request, |r| r.request(&public))?;
+        let verified = self.step(Step::Verify, |r| r.verify(issued, public))?;
+        self.step(Step::Write, |r| r.write(&verified))?;
+        self.step(Step::SelfTest, |r| r.self_test(&verified))?;
+        self.probe_activation(&verified)
     }
 
-    fn key(&mut self) -> Result<(), RenewalError> {
-        let id = self.signing_key_id();
-        if self.j.key_policy == KeyPolicy::New {
-            let has_private = self.token.count(ObjectKind::PrivateKey, &id)? > 0;
-            let public = self.token.public_key(&id)?;
-            match (has_private, public) {
-                (true, Some(pk)) => {
-                    self.new_public = Some(pk);
-                    return Ok(());
-                }
-                (false, None) => {}
-                // Half a key pair from an interrupted generation: start over.
-                _ => {
-                    self.token.destroy(ObjectKind::PrivateKey, &id)?;
-                    self.token.destroy(ObjectKind::PublicKey, &id)?;
-                }
-            }
-            self.token
-                .generate_key_pair(self.j.new_alg, &id, &self.j.signing.pending_label)?;
+    /// The new signing key's public key: generated on the token (new key) or the old
+    /// certificate's (same key; a token may keep no public key object).
+    fn key(&mut self) -> Result<PublicKey, RenewalError> {
+        let old = self.old_key()?;
+        if !self.token.has_private_key(&old)? {
+            return Err(RenewalError::KeyMissing {
+                serial: self.j.old.serial.clone(),
+            });
         }
-        let pk = self
-            .token
-            .public_key(&id)?
+        if self.j.key_policy == KeyPolicy::Same {
+            return Ok(old.public);
+        }
+        let id = self.j.signing.pending_id.clone();
+        let has_private = self.token.pending_count(ObjectKind::PrivateKey, &id)? > 0;
+        match (has_private, self.token.pending_public_key(&id)?) {
+            (true, Some(pk)) => return Ok(pk),
+            (false, None) => {}
+            // Half a key pair from an interrupted generation: start over.
+            _ => {
+                self.token.destroy_pending(ObjectKind::PrivateKey, &id)?;
+                self.token.destroy_pending(ObjectKind::PublicKey, &id)?;
+            }
+        }
+        self.token
+            .generate_key_pair(self.j.new_alg, &id, &self.j.signing.pending_label)?;
+        self.token
+            .pending_public_key(&id)?
             .ok_or_else(|| RenewalError::KeyMissing {
                 serial: self.j.old.serial.clone(),
-            })?;
-        self.new_public = Some(pk);
-        Ok(())
+            })
     }
 
-    fn request(&mut self) -> Result<(), RenewalError> {
-        let old_der = unhex(&self.j.old.cert_der_hex);
-        let id = self.signing_key_id();
-        let public = match &self.new_public {
-            Some(p) => p.clone(),
-            None => self
-                .token
-                .public_key(&id)?
-                .ok_or_else(|| RenewalError::KeyMissing {
-                    serial: self.j.old.serial.clone(),
-                })?,
-        };
+    fn request(&mut self, public: &PublicKey) -> Result<IssueResponse, RenewalError> {
+        let old_der = self.old_cert()?;
+        let new_key = self.new_key(public.clone())?;
         let mut params = rcgen::CertificateParams::default();
         params.distinguished_name =
             checks::subject_of(&old_der).map_err(RenewalError::Inconsistent)?;
-        let csr_der = self.token.csr(&id, &public, &params)?;
+        let csr_der = self.token.csr(&new_key, &params)?;
         let challenge = self.portal.challenge(&self.j.order_id)?.value;
         let data = challenge_signed_data(&self.j.order_id, &challenge.nonce, &csr_der);
-        let old_id = unhex(&self.j.old.id_hex);
-        let signature = self.token.sign(&old_id, self.j.old.alg, &data)?;
+        let signature = self.token.sign(&self.old_key()?, &data)?;
         let req = IssueRequest {
             challenge_id: challenge.challenge_id,
             challenge_signature: signature,
@@ -925,24 +1054,19 @@ impl Run<'_> {
             csr_der,
             ecdh_kdf: self.opts.ecdh_kdf,
         };
-        let issued = self.portal.issue(&self.j.order_id, &req)?.value;
-        self.issued = Some(issued);
-        self.new_public = Some(public);
-        Ok(())
+        Ok(self.portal.issue(&self.j.order_id, &req)?.value)
     }
 
-    fn verify(&mut self) -> Result<(), RenewalError> {
-        let issued = self.issued.as_ref().ok_or_else(|| {
-            RenewalError::Inconsistent("verify without an issued certificate".into())
-        })?;
-        let public = self.new_public.as_ref().ok_or_else(|| {
-            RenewalError::Inconsistent("verify without the new public key".into())
-        })?;
-        let old_der = unhex(&self.j.old.cert_der_hex);
+    fn verify(
+        &mut self,
+        issued: IssueResponse,
+        public: PublicKey,
+    ) -> Result<Verified, RenewalError> {
+        let old_der = self.old_cert()?;
         let now = OffsetDateTime::now_utc();
         let x = Expectations {
             old_der: &old_der,
-            public_key: Some(public),
+            public_key: Some(&public),
             anchors: &self.opts.trust_anchors,
             chain: &issued.chain_der,
             now,
@@ -954,8 +1078,9 @@ impl Run<'_> {
         let serial = serial_of(&issued.certificate_der)?;
         let mut enc_serial = None;
         let mut enc_der = None;
-        match (&issued.encryption, self.j.with_encryption) {
-            (Some(enc), true) => {
+        let mut encryption = None;
+        match (&issued.encryption, &self.j.encryption) {
+            (Some(enc), Some(names)) => {
                 let x = Expectations {
                     public_key: None,
                     role: Role::Encryption,
@@ -969,20 +1094,16 @@ impl Run<'_> {
                         "the key envelope is addressed to another key".into(),
                     )));
                 }
-                let (_, ec) = X509Certificate::from_der(&enc.certificate_der)
-                    .map_err(|e| RenewalError::Refused(Refusal::Malformed(e.to_string())))?;
+                let enc_public =
+                    PublicKey::from_certificate(&enc.certificate_der).map_err(|e| {
+                        RenewalError::Refused(Refusal::Encryption(format!(
+                            "the encryption certificate's key: {e}"
+                        )))
+                    })?;
                 let want_alg = matches!(
-                    (
-                        &enc.envelope.private_key_algorithm,
-                        ec.public_key().parsed()
-                    ),
-                    (
-                        KeyAlgorithm::Rsa2048,
-                        Ok(x509_parser::public_key::PublicKey::RSA(_))
-                    ) | (
-                        KeyAlgorithm::EcP256,
-                        Ok(x509_parser::public_key::PublicKey::EC(_))
-                    )
+                    (&enc.envelope.private_key_algorithm, &enc_public),
+                    (KeyAlgorithm::Rsa2048, PublicKey::Rsa { .. })
+                        | (KeyAlgorithm::EcP256, PublicKey::EcP256 { .. })
                 );
                 if !want_alg {
                     return Err(RenewalError::Refused(Refusal::Encryption(
@@ -991,21 +1112,25 @@ impl Run<'_> {
                 }
                 enc_serial = Some(serial_of(&enc.certificate_der)?);
                 enc_der = Some(hex::encode(&enc.certificate_der));
+                encryption = Some(KeyRef {
+                    id: names.pending_id.as_bytes().to_vec(),
+                    public: enc_public,
+                });
             }
-            (None, true) => {
+            (None, Some(_)) => {
                 return Err(RenewalError::Refused(Refusal::Encryption(
                     "the order includes an encryption certificate but none came".into(),
                 )));
             }
-            (_, false) => {}
+            (_, None) => {}
         }
         if self.opts.key_ids == KeyIdScheme::Sha1OfPublicKey {
-            self.j.signing.final_id_hex = hex::encode(sha1_id(public));
-            if let (Some(names), Some(enc)) =
-                (self.j.encryption.as_mut(), issued.encryption.as_ref())
-            {
-                if let Some(pk) = public_key_of_cert(&enc.certificate_der) {
-                    names.final_id_hex = hex::encode(sha1_id(&pk));
+            if let Some(id) = KeyId::new(sha1_id(&public)) {
+                self.j.signing.final_id = id;
+            }
+            if let (Some(names), Some(enc)) = (self.j.encryption.as_mut(), &encryption) {
+                if let Some(id) = KeyId::new(sha1_id(&enc.public)) {
+                    names.final_id = id;
                 }
             }
         }
@@ -1016,27 +1141,37 @@ impl Run<'_> {
             enc_cert_der_hex: enc_der,
             not_after,
         });
-        Ok(())
+        Ok(Verified {
+            key: self.new_key(public)?,
+            issued,
+            encryption,
+        })
     }
 
-    fn write(&mut self) -> Result<(), RenewalError> {
-        let issued = self.issued.clone().ok_or_else(|| {
-            RenewalError::Inconsistent("write without an issued certificate".into())
-        })?;
-        let token = self.token;
-        let has_cert = |der: &[u8]| token.has_certificate(der, None);
-        let sig_pending = unhex(&self.j.signing.pending_id_hex);
-        if !has_cert(&issued.certificate_der)? {
+    fn write(&mut self, v: &Verified) -> Result<(), RenewalError> {
+        let issued = &v.issued;
+        let sig_pending = self.j.signing.pending_id.clone();
+        if !self.token.has_certificate(&issued.certificate_der, None)? {
             self.token.write_certificate(
                 &issued.certificate_der,
-                &sig_pending,
+                sig_pending.as_bytes(),
                 &self.j.signing.pending_label,
             )?;
         }
         failpoint("write.cert", "after");
-        if let (Some(enc), Some(names)) = (&issued.encryption, self.j.encryption.clone()) {
-            let enc_id = unhex(&names.pending_id_hex);
-            let has_key = self.token.count(ObjectKind::PrivateKey, &enc_id)? > 0;
+        if let (Some(enc), Some(names), Some(enc_key)) =
+            (&issued.encryption, self.j.encryption.clone(), &v.encryption)
+        {
+            let has_key = self
+                .token
+                .pending_count(ObjectKind::PrivateKey, &names.pending_id)?
+                > 0;
+            if has_key && !self.token.has_private_key(enc_key)? {
+                // Something else sits under our pending id: not the escrowed key.
+                return Err(RenewalError::Inconsistent(
+                    "a pending encryption key on the token is not the escrowed key".into(),
+                ));
+            }
             if !has_key {
                 let transport = match &enc.envelope.key_transport {
                     WireTransport::RsaOaepSha1 { wrapped_key } => {
@@ -1056,19 +1191,19 @@ impl Run<'_> {
                     }
                 };
                 self.token.unwrap_escrowed_key(
-                    &self.signing_key_id(),
+                    &v.key,
                     &transport,
                     &enc.envelope.wrapped_private_key,
                     key_alg(enc.envelope.private_key_algorithm),
-                    &enc_id,
+                    &names.pending_id,
                     &names.pending_label,
                 )?;
             }
             failpoint("write.unwrap", "after");
-            if !has_cert(&enc.certificate_der)? {
+            if !self.token.has_certificate(&enc.certificate_der, None)? {
                 self.token.write_certificate(
                     &enc.certificate_der,
-                    &enc_id,
+                    names.pending_id.as_bytes(),
                     &names.pending_label,
                 )?;
             }
@@ -1076,24 +1211,18 @@ impl Run<'_> {
         Ok(())
     }
 
-    fn self_test(&mut self) -> Result<(), RenewalError> {
-        let issued = self.j.issued.clone().ok_or_else(|| {
-            RenewalError::Inconsistent("self-test without an issued certificate".into())
-        })?;
+    fn self_test(&mut self, v: &Verified) -> Result<(), RenewalError> {
         let data = format!("ukey-renew self-test {}", random_hex(16)).into_bytes();
-        let sig = self
-            .token
-            .sign(&self.signing_key_id(), self.j.new_alg, &data)?;
-        checks::verify_with_certificate(&unhex(&issued.cert_der_hex), &data, &sig)
+        let sig = self.token.sign(&v.key, &data)?;
+        checks::verify_with_certificate(&v.issued.certificate_der, &data, &sig)
             .map_err(RenewalError::SelfTest)?;
-        if let (Some(enc_hex), Some(names)) = (&issued.enc_cert_der_hex, &self.j.encryption) {
-            let enc_id = unhex(&names.pending_id_hex);
-            match checks::decrypt_test(&unhex(enc_hex)).map_err(RenewalError::SelfTest)? {
+        if let (Some(enc), Some(enc_key)) = (&v.issued.encryption, &v.encryption) {
+            match checks::decrypt_test(&enc.certificate_der).map_err(RenewalError::SelfTest)? {
                 DecryptTest::Rsa {
                     ciphertext,
                     plaintext,
                 } => {
-                    let got = self.token.decrypt_rsa_oaep(&enc_id, &ciphertext)?;
+                    let got = self.token.decrypt_rsa_oaep(enc_key, &ciphertext)?;
                     if got != plaintext {
                         return Err(RenewalError::SelfTest(
                             "the new encryption key does not decrypt what is encrypted to its certificate".into(),
@@ -1101,7 +1230,7 @@ impl Run<'_> {
                     }
                 }
                 DecryptTest::Ec { peer_point, shared } => {
-                    let got = self.token.ecdh(&enc_id, &peer_point)?;
+                    let got = self.token.ecdh(enc_key, &peer_point)?;
                     if got != shared {
                         return Err(RenewalError::SelfTest(
                             "the new encryption key does not match its certificate".into(),
@@ -1113,39 +1242,87 @@ impl Run<'_> {
         Ok(())
     }
 
-    /// Activation in four sub-steps, each recorded in the journal so that a resumed
-    /// run never repeats one whose effect would now hit the new objects.
-    fn activate(&mut self) -> Result<(), RenewalError> {
-        for n in 1..=4u32 {
-            if self.j.activate_done >= n {
+    /// Before the first change activation makes: every object whose CKA_ID or label it
+    /// changes must be modifiable, else refuse now (the renewal rolls back) rather than
+    /// stop half-way through.
+    fn probe_activation(&mut self, v: &Verified) -> Result<(), RenewalError> {
+        let old = self.old_key()?;
+        let old_der = self.old_cert()?;
+        let mut keys: Vec<&KeyRef> = vec![&v.key];
+        let mut certs: Vec<&[u8]> = vec![&v.issued.certificate_der];
+        let old_enc = match (&self.j.archive, &self.j.old_encryption) {
+            (Some(_), Some(e)) => {
+                let der = der_of(&e.cert_der_hex)?;
+                Some((KeyRef::of_certificate(e.id.as_bytes(), &der)?, der))
+            }
+            _ => None,
+        };
+        if let Some((k, der)) = &old_enc {
+            keys.push(k);
+            certs.push(der);
+        }
+        if self.j.key_policy == KeyPolicy::Same && old.id != self.j.signing.final_id.as_bytes() {
+            certs.push(&old_der);
+        }
+        if let (Some(k), Some(enc)) = (&v.encryption, &v.issued.encryption) {
+            keys.push(k);
+            certs.push(&enc.certificate_der);
+        }
+        let stuck = self.token.unmodifiable(&keys, &certs)?;
+        if stuck.is_empty() {
+            Ok(())
+        } else {
+            Err(RenewalError::ReadOnlyObjects { objects: stuck })
+        }
+    }
+
+    /// The journal's verified certificates, for activation and the confirmation.
+    fn issued(&self) -> Result<Issued, RenewalError> {
+        let record = self.j.issued.clone().ok_or_else(|| {
+            RenewalError::Inconsistent("the journal holds no verified certificate".into())
+        })?;
+        let cert_der = der_of(&record.cert_der_hex)?;
+        let public = PublicKey::from_certificate(&cert_der)?;
+        let enc_cert_der = record.enc_cert_der_hex.as_deref().map(der_of).transpose()?;
+        Ok(Issued {
+            record,
+            cert_der,
+            public,
+            enc_cert_der,
+        })
+    }
+
+    /// Activation: marked on the token, then the four sub-steps, then unmarked.
+    fn activate(&mut self, issued: &Issued) -> Result<(), RenewalError> {
+        self.token.mark_activation(&self.j.renewal_id)?;
+        for a in ActivationStep::ALL {
+            if self.j.activate_done >= a.number() {
                 continue;
             }
-            let point = format!("activate.{n}");
+            let point = format!("activate.{}", a.number());
             failpoint(&point, "before");
-            match n {
-                1 => self.archive_old_encryption()?,
-                2 => self.remove_old_signing()?,
-                3 => self.activate_new_signing()?,
-                _ => self.activate_new_encryption()?,
+            match a {
+                ActivationStep::ArchiveOldEncryption => self.archive_old_encryption()?,
+                ActivationStep::RemoveOldSigning => self.remove_old_signing()?,
+                ActivationStep::ActivateNewSigning => self.activate_new_signing(issued)?,
+                ActivationStep::ActivateNewEncryption => self.activate_new_encryption()?,
             }
             failpoint(&point, "after");
-            self.j.activate_done = n;
+            self.j.activate_done = a.number();
             self.save()?;
         }
+        self.token.unmark_activation(&self.j.renewal_id)?;
         Ok(())
     }
 
     fn archive_old_encryption(&mut self) -> Result<(), RenewalError> {
-        if let Some(a) = self.j.archive.clone() {
-            let from = unhex(&a.pending_id_hex);
-            let to = unhex(&a.final_id_hex);
-            for kind in [
-                ObjectKind::Certificate,
-                ObjectKind::PrivateKey,
-                ObjectKind::PublicKey,
-            ] {
-                self.token.relabel(kind, &from, &to, &a.final_label)?;
-            }
+        if let (Some(a), Some(e)) = (self.j.archive.clone(), self.j.old_encryption.clone()) {
+            let der = der_of(&e.cert_der_hex)?;
+            let key = KeyRef::of_certificate(e.id.as_bytes(), &der)?;
+            self.token
+                .relabel_key_pair(&key, a.id.as_bytes(), &a.label)?;
+            self.token
+                .relabel_certificate(&der, a.id.as_bytes(), &a.label)?;
         }
         Ok(())
     }
@@ -1156,17 +1333,18 @@ impl Run<'_> {
     fn remove_old_signing(&mut self) -> Result<(), RenewalError> {
         match self.j.key_policy {
             KeyPolicy::New => {
-                self.token
-                    .destroy_certificate(&unhex(&self.j.old.cert_der_hex))?;
-                let old_id = unhex(&self.j.old.id_hex);
-                self.token.destroy(ObjectKind::PrivateKey, &old_id)?;
-                self.token.destroy(ObjectKind::PublicKey, &old_id)?;
+                let old = self.old_key()?;
+                self.token.destroy_certificate(&self.old_cert()?, None)?;
+                self.token.destroy_key_pair(&old)?;
             }
             KeyPolicy::Same => {
                 let n = self.j.signing.clone();
-                let (from, to) = (unhex(&n.pending_id_hex), unhex(&self.j.old.id_hex));
-                self.token
-                    .relabel(ObjectKind::Certificate, &from, &to, &n.final_label)?;
+                self.token.relabel_pending(
+                    ObjectKind::Certificate,
+                    &n.pending_id,
+                    self.j.old.id.as_bytes(),
+                    &n.final_label,
+                )?;
             }
         }
         Ok(())
@@ -1175,43 +1353,30 @@ impl Run<'_> {
     /// New key: a copy of the new certificate under the final id, then the key pair
     /// moves to it, then the pending copy goes: at every moment one certificate and
     /// key pair share an id. Same key: the old certificate goes.
-    fn activate_new_signing(&mut self) -> Result<(), RenewalError> {
+    fn activate_new_signing(&mut self, issued: &Issued) -> Result<(), RenewalError> {
         let n = self.j.signing.clone();
-        let (pending, to) = (unhex(&n.pending_id_hex), unhex(&n.final_id_hex));
-        let der = unhex(
-            &self
-                .j
-                .issued
-                .as_ref()
-                .ok_or_else(|| {
-                    RenewalError::Inconsistent("activation without a certificate".into())
-                })?
-                .cert_der_hex,
-        );
+        let to = n.final_id.as_bytes();
         match self.j.key_policy {
             KeyPolicy::New => {
-                if !self.token.has_certificate(&der, Some(&to))? {
-                    self.token.write_certificate(&der, &to, &n.final_label)?;
+                if !self.token.has_certificate(&issued.cert_der, Some(to))? {
+                    self.token
+                        .write_certificate(&issued.cert_der, to, &n.final_label)?;
+                }
+                for kind in [ObjectKind::PrivateKey, ObjectKind::PublicKey] {
+                    self.token
+                        .relabel_pending(kind, &n.pending_id, to, &n.final_label)?;
                 }
                 self.token
-                    .relabel(ObjectKind::PrivateKey, &pending, &to, &n.final_label)?;
-                self.token
-                    .relabel(ObjectKind::PublicKey, &pending, &to, &n.final_label)?;
-                self.token.destroy(ObjectKind::Certificate, &pending)?;
+                    .destroy_certificate(&issued.cert_der, Some(n.pending_id.as_bytes()))?;
             }
             KeyPolicy::Same => {
-                self.token
-                    .destroy_certificate(&unhex(&self.j.old.cert_der_hex))?;
+                self.token.destroy_certificate(&self.old_cert()?, None)?;
                 // The kept key and its certificate follow the id scheme.
-                let old = unhex(&self.j.old.id_hex);
-                if old != to {
-                    for kind in [
-                        ObjectKind::Certificate,
-                        ObjectKind::PrivateKey,
-                        ObjectKind::PublicKey,
-                    ] {
-                        self.token.relabel(kind, &old, &to, &n.final_label)?;
-                    }
+                if self.j.old.id != n.final_id {
+                    let old = self.old_key()?;
+                    self.token.relabel_key_pair(&old, to, &n.final_label)?;
+                    self.token
+                        .relabel_certificate(&issued.cert_der, to, &n.final_label)?;
                 }
             }
         }
@@ -1220,30 +1385,32 @@ impl Run<'_> {
 
     fn activate_new_encryption(&mut self) -> Result<(), RenewalError> {
         if let Some(n) = self.j.encryption.clone() {
-            let (from, to) = (unhex(&n.pending_id_hex), unhex(&n.final_id_hex));
-            self.token
-                .relabel(ObjectKind::Certificate, &from, &to, &n.final_label)?;
-            self.token
-                .relabel(ObjectKind::PrivateKey, &from, &to, &n.final_label)?;
+            let to = n.final_id.as_bytes();
+            for kind in [ObjectKind::Certificate, ObjectKind::PrivateKey] {
+                self.token
+                    .relabel_pending(kind, &n.pending_id, to, &n.final_label)?;
+            }
         }
         Ok(())
     }
 
-    fn installed(&mut self) -> Result<(), RenewalError> {
-        let issued = self.j.issued.clone().ok_or_else(|| {
-            RenewalError::Inconsistent("installed without an issued certificate".into())
-        })?;
-        let id = unhex(&self.j.signing.final_id_hex);
-        let data = installed_signed_data(&self.j.order_id, &issued.serial);
-        let signature = self.token.sign(&id, self.j.new_alg, &data)?;
+    fn installed(&mut self, issued: &Issued) -> Result<(), RenewalError> {
+        let key = KeyRef {
+            id: self.j.signing.final_id.as_bytes().to_vec(),
+            public: issued.public.clone(),
+        };
+        let data = installed_signed_data(&self.j.order_id, &issued.record.serial);
+        let signature = self.token.sign(&key, &data)?;
         self.portal.installed(
             &self.j.order_id,
             &InstalledRequest {
-                certificate_serial_hex: issued.serial.clone(),
+                certificate_serial_hex: issued.record.serial.clone(),
                 signature,
                 signature_algorithm: sig_alg(self.j.new_alg),
             },
         )?;
+        // The encryption certificate is checked by the self-test; nothing to sign.
+        let _ = &issued.enc_cert_der;
         Ok(())
     }
 
@@ -1252,16 +1419,17 @@ impl Run<'_> {
         if self.j.activation_begun() {
             return Ok(());
         }
-        let sig = unhex(&self.j.signing.pending_id_hex);
-        self.token.destroy(ObjectKind::Certificate, &sig)?;
+        let sig = self.j.signing.pending_id.clone();
+        self.token.destroy_pending(ObjectKind::Certificate, &sig)?;
         if self.j.key_policy == KeyPolicy::New {
-            self.token.destroy(ObjectKind::PrivateKey, &sig)?;
-            self.token.destroy(ObjectKind::PublicKey, &sig)?;
+            self.token.destroy_pending(ObjectKind::PrivateKey, &sig)?;
+            self.token.destroy_pending(ObjectKind::PublicKey, &sig)?;
         }
         if let Some(n) = &self.j.encryption {
-            let enc = unhex(&n.pending_id_hex);
-            self.token.destroy(ObjectKind::Certificate, &enc)?;
-            self.token.destroy(ObjectKind::PrivateKey, &enc)?;
+            self.token
+                .destroy_pending(ObjectKind::Certificate, &n.pending_id)?;
+            self.token
+                .destroy_pending(ObjectKind::PrivateKey, &n.pending_id)?;
         }
         self.j.outcome = Outcome::RolledBack {
             reason: reason.to_owned(),
@@ -1281,6 +1449,11 @@ pub fn abandon(
     pin: &SecretString,
     opts: &Options,
 ) -> Result<(), RenewalError> {
+    if journal.activation_begun() {
+        return Err(RenewalError::Inconsistent(
+            "activation has begun; the renewal can only be finished".into(),
+        ));
+    }
     let t = SessionToken::open(module, token)?;
     t.login(pin)?;
     let mut noop = |_e: Event| {};
@@ -1291,14 +1464,7 @@ pub fn abandon(
         j: journal,
         on_event: &mut noop,
         timings: Vec::new(),
-        issued: None,
-        new_public: None,
     };
-    if r.j.activation_begun() {
-        return Err(RenewalError::Inconsistent(
-            "activation has begun; the renewal can only be finished".into(),
-        ));
-    }
     r.rollback("abandoned")
 }
 
@@ -1355,20 +1521,6 @@ fn serial_of(der: &[u8]) -> Result<String, RenewalError> {
     let (_, c) = X509Certificate::from_der(der)
         .map_err(|e| RenewalError::Refused(Refusal::Malformed(e.to_string())))?;
     Ok(ukey_portal_api::serial_hex_from_bytes(c.raw_serial()))
-}
-
-fn public_key_of_cert(der: &[u8]) -> Option<PublicKey> {
-    let (_, c) = X509Certificate::from_der(der).ok()?;
-    match c.public_key().parsed().ok()? {
-        x509_parser::public_key::PublicKey::RSA(r) => Some(PublicKey::Rsa {
-            modulus: r.modulus.to_vec(),
-            exponent: r.exponent.to_vec(),
-        }),
-        x509_parser::public_key::PublicKey::EC(p) => Some(PublicKey::EcP256 {
-            point: p.data().to_vec(),
-        }),
-        _ => None,
-    }
 }
 
 fn sha1_id(pk: &PublicKey) -> Vec<u8> {

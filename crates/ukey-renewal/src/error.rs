@@ -85,6 +85,14 @@ pub enum RenewalError {
         /// Its serial.
         serial: String,
     },
+    /// Nothing to do: this certificate is the one a finished renewal put on the key.
+    #[error("certificate {serial} was already renewed; it is valid until {}", .not_after.date())]
+    AlreadyRenewed {
+        /// Its serial.
+        serial: String,
+        /// End of its validity.
+        not_after: time::OffsetDateTime,
+    },
     /// Not paid yet.
     #[error("the renewal of certificate {serial} is not paid yet: pay at {payment_url}")]
     AwaitingPayment {
@@ -143,6 +151,13 @@ pub enum RenewalError {
         /// Serial.
         serial: String,
     },
+    /// Objects activation must change are read-only on this token (CKA_MODIFIABLE
+    /// false): refused before the first change; the pending objects were removed.
+    #[error("the token does not allow changing {}; nothing was changed", .objects.join(", "))]
+    ReadOnlyObjects {
+        /// What could not be changed.
+        objects: Vec<String>,
+    },
     /// The self-test failed; the pending objects were removed.
     #[error("self-test failed: {0}")]
     SelfTest(String),
@@ -155,9 +170,9 @@ impl RenewalError {
     /// The kind, for exit codes.
     pub fn kind(&self) -> ErrorKind {
         match self {
-            RenewalError::NoOrder { .. } | RenewalError::AlreadyCompleted { .. } => {
-                ErrorKind::NothingToDo
-            }
+            RenewalError::NoOrder { .. }
+            | RenewalError::AlreadyCompleted { .. }
+            | RenewalError::AlreadyRenewed { .. } => ErrorKind::NothingToDo,
             RenewalError::AwaitingPayment { .. }
             | RenewalError::Rejected { .. }
             | RenewalError::NewKeyMailed { .. }
@@ -180,6 +195,7 @@ impl RenewalError {
             RenewalError::Journal { .. } => "journal",
             RenewalError::NoOrder { .. } => "no_order",
             RenewalError::AlreadyCompleted { .. } => "already_completed",
+            RenewalError::AlreadyRenewed { .. } => "already_renewed",
             RenewalError::AwaitingPayment { .. } => "awaiting_payment",
             RenewalError::Rejected { .. } => "rejected",
             RenewalError::NewKeyMailed { .. } => "new_key_mailed",
@@ -190,6 +206,7 @@ impl RenewalError {
             RenewalError::Selection(_) => "selection",
             RenewalError::KeyMissing { .. } => "key_missing",
             RenewalError::SelfTest(_) => "self_test_failed",
+            RenewalError::ReadOnlyObjects { .. } => "read_only_objects",
             RenewalError::Inconsistent(_) => "inconsistent",
         }
     }
@@ -237,6 +254,16 @@ impl RenewalError {
                 } else {
                     format!(
                         "The certificate from the portal was refused and the token left unchanged: {r}"
+                    )
+                }
+            }
+            RenewalError::AlreadyRenewed { serial, not_after } => {
+                let day = not_after.date();
+                if zh {
+                    format!("证书（序列号 {serial}）已完成更新，有效期至 {day}，无需操作。")
+                } else {
+                    format!(
+                        "Certificate {serial} is already renewed and valid until {day}; nothing to do."
                     )
                 }
             }
@@ -304,6 +331,18 @@ impl RenewalError {
                 } else {
                     format!(
                         "This computer's clock is {seconds} s off the portal's. Set the system time and retry."
+                    )
+                }
+            }
+            RenewalError::ReadOnlyObjects { objects } => {
+                let list = objects.join(", ");
+                if zh {
+                    format!(
+                        "此 UKey 不允许修改续期所需改动的对象（{list}），续期未进行，UKey 未做任何改动。请联系发证机构（CA）。"
+                    )
+                } else {
+                    format!(
+                        "This token does not allow changing what the renewal must change ({list}); nothing was changed. Contact your CA."
                     )
                 }
             }

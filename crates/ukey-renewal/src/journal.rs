@@ -33,6 +33,104 @@ pub fn default_data_dir() -> Option<PathBuf> {
     directories::ProjectDirs::from("", "", "ukey").map(|d| d.data_dir().to_owned())
 }
 
+/// A CKA_ID as the journal keeps it: bytes, written as hex, never empty. A damaged
+/// file cannot turn into an empty id (which would match every object in a template):
+/// an empty or unparsable id makes the whole journal unreadable.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct KeyId(Vec<u8>);
+
+impl KeyId {
+    /// An id from bytes; `None` for an empty one.
+    pub fn new(bytes: Vec<u8>) -> Option<KeyId> {
+        (!bytes.is_empty()).then_some(KeyId(bytes))
+    }
+
+    /// The bytes.
+    pub fn as_bytes(&self) -> &[u8] {
+        &self.0
+    }
+
+    /// Lower-case hex.
+    pub fn hex(&self) -> String {
+        hex::encode(&self.0)
+    }
+}
+
+impl Serialize for KeyId {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(&self.hex())
+    }
+}
+
+impl<'de> Deserialize<'de> for KeyId {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<KeyId, D::Error> {
+        let s = String::deserialize(d)?;
+        let bytes = hex::decode(&s)
+            .map_err(|e| serde::de::Error::custom(format!("CKA_ID {s:?} is not hex: {e}")))?;
+        KeyId::new(bytes).ok_or_else(|| serde::de::Error::custom("empty CKA_ID"))
+    }
+}
+
+/// Prefix of the CKA_ID of every object the engine creates while a renewal is pending.
+pub const PENDING_ID_PREFIX: &[u8] = b"ukey-renew:";
+
+/// The CKA_ID of objects a pending renewal created and owns: `ukey-renew:<renewal
+/// id>:<role>`. Only such ids are ever used to find objects by id alone; everything
+/// else is found by identity (certificate value, key material).
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct PendingId(KeyId);
+
+impl PendingId {
+    /// `ukey-renew:<renewal_id>:<role>`.
+    pub fn new(renewal_id: &str, role: &str) -> PendingId {
+        PendingId(KeyId(
+            format!("ukey-renew:{renewal_id}:{role}").into_bytes(),
+        ))
+    }
+
+    /// Parses an id read from the token or a journal; `None` unless it is a pending id
+    /// with a renewal id and a role.
+    pub fn parse(bytes: &[u8]) -> Option<PendingId> {
+        let rest = bytes.strip_prefix(PENDING_ID_PREFIX)?;
+        let text = std::str::from_utf8(rest).ok()?;
+        let (rid, role) = text.split_once(':')?;
+        (!rid.is_empty() && !role.is_empty()).then(|| PendingId(KeyId(bytes.to_vec())))
+    }
+
+    /// The renewal id it carries.
+    pub fn renewal_id(&self) -> &str {
+        std::str::from_utf8(&self.0.0[PENDING_ID_PREFIX.len()..])
+            .ok()
+            .and_then(|t| t.split_once(':'))
+            .map(|(rid, _)| rid)
+            .unwrap_or_default()
+    }
+
+    /// The bytes.
+    pub fn as_bytes(&self) -> &[u8] {
+        self.0.as_bytes()
+    }
+
+    /// As a plain id.
+    pub fn key_id(&self) -> &KeyId {
+        &self.0
+    }
+}
+
+impl Serialize for PendingId {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        self.0.serialize(s)
+    }
+}
+
+impl<'de> Deserialize<'de> for PendingId {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<PendingId, D::Error> {
+        let id = KeyId::deserialize(d)?;
+        PendingId::parse(id.as_bytes())
+            .ok_or_else(|| serde::de::Error::custom("not a pending object id (ukey-renew:…)"))
+    }
+}
+
 /// A certificate and its key pair's CKA_ID and label on the token, as they were.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct OldObjects {
@@ -40,8 +138,9 @@ pub struct OldObjects {
     pub serial: String,
     /// The certificate DER, hex (public).
     pub cert_der_hex: String,
-    /// CKA_ID, hex.
-    pub id_hex: String,
+    /// CKA_ID.
+    #[serde(rename = "id_hex")]
+    pub id: KeyId,
     /// CKA_LABEL of the certificate.
     pub label: String,
     /// Key algorithm.
@@ -51,14 +150,27 @@ pub struct OldObjects {
 /// Where the new objects live while pending and once active.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ObjectNames {
-    /// CKA_ID while pending, hex.
-    pub pending_id_hex: String,
+    /// CKA_ID while pending.
+    #[serde(rename = "pending_id_hex")]
+    pub pending_id: PendingId,
     /// CKA_LABEL while pending.
     pub pending_label: String,
-    /// CKA_ID once active, hex.
-    pub final_id_hex: String,
+    /// CKA_ID once active.
+    #[serde(rename = "final_id_hex")]
+    pub final_id: KeyId,
     /// CKA_LABEL once active.
     pub final_label: String,
+}
+
+/// Where the old encryption certificate and key are archived.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ArchiveNames {
+    /// CKA_ID once archived.
+    #[serde(rename = "final_id_hex")]
+    pub id: KeyId,
+    /// CKA_LABEL once archived.
+    #[serde(rename = "final_label")]
+    pub label: String,
 }
 
 /// What the portal issued (public data only).
@@ -142,7 +254,7 @@ pub struct Journal {
     /// The new encryption certificate and key.
     pub encryption: Option<ObjectNames>,
     /// CKA_ID and label the old encryption objects are archived under.
-    pub archive: Option<ObjectNames>,
+    pub archive: Option<ArchiveNames>,
     /// What the portal issued, once verified.
     pub issued: Option<IssuedCerts>,
     /// The current step.
@@ -291,15 +403,25 @@ impl JournalStore {
                 });
             }
         };
+        let own_prefix = Journal::file_name(token_serial, "");
+        let own_prefix = own_prefix.trim_end_matches(".json");
         for entry in entries.flatten() {
             let path = entry.path();
             if path.extension().and_then(|e| e.to_str()) != Some("json") {
                 continue;
             }
-            if let Some(j) = read(&path)? {
-                if j.token_serial == token_serial {
-                    out.push(j);
-                }
+            // `<token>_<certificate serial>.json`: serials hold no `_`.
+            let own = path
+                .file_stem()
+                .and_then(|s| s.to_str())
+                .and_then(|s| s.rsplit_once('_'))
+                .is_some_and(|(token, _)| format!("{token}_") == own_prefix);
+            match read(&path) {
+                Ok(Some(j)) if j.token_serial == token_serial => out.push(j),
+                Ok(_) => {}
+                // A damaged or newer journal blocks only its own token.
+                Err(e) if own => return Err(e),
+                Err(e) => tracing::debug!("journal of another token skipped: {e}"),
             }
         }
         out.sort_by(|a, b| a.old.serial.cmp(&b.old.serial));
@@ -318,15 +440,25 @@ fn read(path: &Path) -> Result<Option<Journal>, RenewalError> {
             });
         }
     };
-    let j: Journal = serde_json::from_slice(&bytes).map_err(|e| RenewalError::Journal {
-        path: path.to_owned(),
-        reason: format!("damaged journal (not deleted; move it away to start over): {e}"),
-    })?;
-    if j.version > JOURNAL_VERSION {
+    // The version first: a newer format may not parse as this one.
+    let version = serde_json::from_slice::<serde_json::Value>(&bytes)
+        .ok()
+        .and_then(|v| v.get("version").and_then(|v| v.as_u64()));
+    if let Some(v) = version.filter(|v| *v > u64::from(JOURNAL_VERSION)) {
         return Err(RenewalError::Journal {
             path: path.to_owned(),
-            reason: format!("written by a newer version (format {})", j.version),
+            reason: format!(
+                "written by a newer version of this program (format {v}); update it to finish this key's renewal"
+            ),
         });
     }
+    let j: Journal = serde_json::from_slice(&bytes).map_err(|e| RenewalError::Journal {
+        path: path.to_owned(),
+        reason: format!(
+            "damaged journal, so this key's renewal cannot go on (not deleted: support can \
+             read it; moving it away starts over, and may leave objects of an interrupted \
+             renewal on the key): {e}"
+        ),
+    })?;
     Ok(Some(j))
 }

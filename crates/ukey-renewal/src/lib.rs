@@ -6,8 +6,9 @@
 //!   -> activate -> installed
 //! ```
 //!
-//! The engine talks to two traits ([`api::TokenApi`], [`api::PortalApi`]); their real
-//! implementations are over `ukey-token` and `ukey-portal-client`. The CLI and the
+//! The engine talks to the token through [`api::SessionToken`] (over `ukey-token`),
+//! which names objects by identity, and to the portal through [`api::PortalApi`]
+//! (`ukey-portal-client`). The CLI and the
 //! desktop app only wire these pieces together: [`preflight`], then [`renew`].
 
 pub mod api;
@@ -17,11 +18,13 @@ pub mod error;
 pub mod events;
 pub mod journal;
 
-pub use api::{PortalApi, SessionToken, TokenApi};
+pub use api::{KeyRef, KeyUse, PortalApi, SessionToken};
 pub use engine::{
-    FAILPOINT_ENV, JournalSync, KeyIdScheme, LabelScheme, Notice, Options, PENDING_LABEL_PREFIX,
-    Plan, Report, StepTiming, abandon, preflight, renew, run, status_request,
+    ActivationStep, FAILPOINT_ENV, JournalSync, KeyIdScheme, LabelScheme, Notice, Options,
+    PENDING_LABEL_PREFIX, Plan, Report, StepTiming, abandon, preflight, renew, run, status_request,
 };
 pub use error::{ErrorKind, Refusal, RenewalError};
 pub use events::{Event, Step};
-pub use journal::{DATA_DIR_ENV, Journal, JournalStore, Outcome, default_data_dir};
+pub use journal::{
+    DATA_DIR_ENV, Journal, JournalStore, KeyId, Outcome, PendingId, default_data_dir,
+};

@@ -7,4 +7,5 @@ mod renewal {
     pub mod e2e;
     pub mod refusal;
     pub mod resume;
+    pub mod shared_id;
 }

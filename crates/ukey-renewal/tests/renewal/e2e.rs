@@ -308,6 +308,109 @@ fn rsa_new_key() {
     confirm_externally(&env, 0, &report, FxAlg::Rsa2048);
 }
 
+/// After a finished renewal, with the CA's root certificate also stored on the key:
+/// the root is never a candidate (never sent to the portal), and "nothing to do" is
+/// said as "already renewed, valid until …".
+#[test]
+fn a_second_run_says_already_renewed_and_ignores_a_ca_certificate() {
+    let (env, report) = run_case(Case {
+        spec: TokenSpec::ukey("Twice"),
+        policy: KeyPolicy::New,
+        target: KeyAlgorithm::Rsa2048,
+        with_enc: false,
+    });
+    let fx = &env.tokens[0];
+    let ca = env.hsm.ca().unwrap();
+    let root = tempfile::tempdir().unwrap();
+    let root_der = root.path().join("root.der");
+    std::fs::write(&root_der, pem_to_der(&ca.root_cert_pem)).unwrap();
+    p11(
+        &env.hsm,
+        &fx.label,
+        &fx.user_pin,
+        &[
+            "--write-object",
+            root_der.to_str().unwrap(),
+            "--type",
+            "cert",
+            "--id",
+            "ca01",
+            "--label",
+            "Root CA",
+        ],
+    );
+    let module = env.module();
+    let token = summary(&module, &fx.serial);
+    let counting = Counting {
+        inner: &env.client(),
+        asked: std::cell::RefCell::new(Vec::new()),
+    };
+    let err = preflight(&module, &token, None, &counting, &env.options()).unwrap_err();
+    match &err {
+        ukey_renewal::RenewalError::AlreadyRenewed { serial, not_after } => {
+            assert_eq!(serial, &report.new_serial);
+            assert_eq!(*not_after, report.not_after);
+        }
+        other => panic!("{other:?}"),
+    }
+    assert_eq!(err.kind(), ukey_renewal::ErrorKind::NothingToDo);
+    assert!(
+        err.user_message(ukey_token::Lang::En)
+            .contains(&report.not_after.date().to_string()),
+        "{}",
+        err.user_message(ukey_token::Lang::En)
+    );
+    assert_eq!(*counting.asked.borrow(), vec![report.new_serial.clone()]);
+}
+
+/// The real client, recording which serials it was asked about.
+struct Counting<'a> {
+    inner: &'a dyn ukey_renewal::PortalApi,
+    asked: std::cell::RefCell<Vec<String>>,
+}
+
+impl ukey_renewal::PortalApi for Counting<'_> {
+    fn status(
+        &self,
+        req: &ukey_portal_api::StatusRequest,
+    ) -> Result<
+        ukey_portal_client::Answer<ukey_portal_api::RenewalStatus>,
+        ukey_portal_client::ClientError,
+    > {
+        self.asked.borrow_mut().push(req.serial_hex.clone());
+        self.inner.status(req)
+    }
+    fn challenge(
+        &self,
+        order_id: &str,
+    ) -> Result<
+        ukey_portal_client::Answer<ukey_portal_api::ChallengeResponse>,
+        ukey_portal_client::ClientError,
+    > {
+        self.inner.challenge(order_id)
+    }
+    fn issue(
+        &self,
+        order_id: &str,
+        req: &ukey_portal_api::IssueRequest,
+    ) -> Result<
+        ukey_portal_client::Answer<ukey_portal_api::IssueResponse>,
+        ukey_portal_client::ClientError,
+    > {
+        self.inner.issue(order_id, req)
+    }
+    fn installed(
+        &self,
+        order_id: &str,
+        req: &ukey_portal_api::InstalledRequest,
+    ) -> Result<
+        ukey_portal_client::Answer<ukey_portal_api::InstalledResponse>,
+        ukey_portal_client::ClientError,
+    > {
+        self.inner.installed(order_id, req)
+    }
+}
+
 #[test]
 fn rsa_same_key() {
     let (env, report) = run_case(Case {
