@@ -198,6 +198,19 @@ pub struct PortalClient {
     timeout: Option<Duration>,
 }
 
+/// Whether the URL's host is this computer: `localhost`, 127.0.0.0/8 or ::1.
+pub fn is_loopback(url: &reqwest::Url) -> bool {
+    match url.host_str() {
+        Some(h) if h.eq_ignore_ascii_case("localhost") => true,
+        Some(h) => h
+            .trim_start_matches('[')
+            .trim_end_matches(']')
+            .parse::<std::net::IpAddr>()
+            .is_ok_and(|ip| ip.is_loopback()),
+        None => false,
+    }
+}
+
 impl PortalClient {
     /// A client of the portal at `base_url` (`https://portal.example/` or, for tests
     /// and the demo, `http://127.0.0.1:PORT`), trusting the system's roots.
@@ -223,7 +236,16 @@ impl PortalClient {
             Some(h) if !h.is_empty() => h.to_owned(),
             _ => return Err(invalid("no host name".to_owned())),
         };
+        if parsed.scheme() == "http" && !is_loopback(&parsed) {
+            return Err(invalid(
+                "plain http:// is refused except on this computer (loopback): the portal \
+                 must be https://"
+                    .to_owned(),
+            ));
+        }
         let mut builder = reqwest::Client::builder()
+            // A redirect would take the holder's requests to another origin.
+            .redirect(reqwest::redirect::Policy::none())
             .connect_timeout(Duration::from_secs(10))
             .timeout(Duration::from_secs(60))
             .user_agent(concat!("ukey-renew/", env!("CARGO_PKG_VERSION")));

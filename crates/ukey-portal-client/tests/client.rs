@@ -388,3 +388,59 @@ fn a_slow_portal_times_out_after_the_timeout_set() {
     assert!(matches!(e, ClientError::Timeout { .. }), "{e:?}");
     assert!(started.elapsed() < std::time::Duration::from_secs(3));
 }
+
+/// Plain HTTP only to this computer; no redirect is followed (a portal that answers
+/// 307 to another origin does not get the request replayed there).
+#[test]
+fn plain_http_only_on_loopback_and_no_redirects() {
+    for url in [
+        "http://portal.example",
+        "http://10.0.0.1:8443",
+        "http://[2001:db8::1]",
+    ] {
+        let e = PortalClient::new(url).unwrap_err();
+        assert!(
+            matches!(&e, ClientError::InvalidUrl { reason, .. } if reason.contains("https://")),
+            "{url}: {e}"
+        );
+    }
+    for url in ["http://127.0.0.1:1", "http://localhost:1", "http://[::1]:1"] {
+        PortalClient::new(url).unwrap_or_else(|e| panic!("{url}: {e}"));
+    }
+    PortalClient::new("https://portal.example").unwrap();
+
+    let rt = runtime();
+    let hits = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let target = {
+        let hits = hits.clone();
+        serve(
+            &rt,
+            Router::new().route(
+                "/api/v1/status",
+                post(move || {
+                    hits.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                    async { r#"{"state":"none"}"# }
+                }),
+            ),
+        )
+    };
+    let location = format!("{target}/api/v1/status");
+    let redirecting = serve(
+        &rt,
+        Router::new().route(
+            "/api/v1/status",
+            post(move || {
+                let location = location.clone();
+                async move {
+                    (
+                        axum::http::StatusCode::TEMPORARY_REDIRECT,
+                        [(axum::http::header::LOCATION, location)],
+                    )
+                }
+            }),
+        ),
+    );
+    let client = BlockingPortalClient::new(PortalClient::new(&redirecting).unwrap()).unwrap();
+    assert!(client.status(&request()).is_err());
+    assert_eq!(hits.load(std::sync::atomic::Ordering::SeqCst), 0);
+}
