@@ -376,6 +376,9 @@ impl Worker {
                 let fresh = inserted.is_some_and(|i| i.contains(&token.serial));
                 for cert in &listing.certificates {
                     if let Ok(d) = &cert.details {
+                        if d.is_ca {
+                            continue;
+                        }
                         if fresh || requery || !statuses.contains_key(&d.serial) {
                             statuses.insert(d.serial.clone(), StatusView::Checking);
                             jobs.push(PortalJob {

@@ -277,10 +277,16 @@ pub fn key_view(
                 not_after: rfc3339(d.not_after),
                 days_left: Some(d.days_left(now)),
                 algorithm: Some(d.key_algorithm.clone()),
-                usage: Some(d.usage.as_str().to_owned()),
+                // A CA's certificate kept on the key is shown as the CA's and never
+                // asked about.
+                usage: Some(if d.is_ca { "ca" } else { d.usage.as_str() }.to_owned()),
                 has_key: c.key.has_private_key(),
                 error: None,
-                status: status(&d.serial),
+                status: if d.is_ca {
+                    StatusView::Unknown
+                } else {
+                    status(&d.serial)
+                },
             },
             Err(e) => CertView {
                 key_id: c.key_id_hex(),

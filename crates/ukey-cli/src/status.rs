@@ -35,7 +35,10 @@ pub fn run(args: &StatusArgs, module: &Module, lang: Lang) -> anyhow::Result<u8>
             .collect();
         for c in &listing.certificates {
             let Ok(d) = &c.details else { continue };
-            let (state, detail) = if d.usage == Usage::Encryption {
+            let (state, detail) = if d.is_ca {
+                // A CA's certificate kept on the key: not the holder's, never renewed.
+                ("ca".to_owned(), serde_json::Value::Null)
+            } else if d.usage == Usage::Encryption {
                 ("encryption".to_owned(), serde_json::Value::Null)
             } else {
                 match client.status(&status_request(&c.der)?) {
@@ -122,6 +125,8 @@ fn state_text(state: &str, v: &serde_json::Value, zh: bool) -> String {
         ),
         ("rejected", true) => format!("已驳回：{}", s("reason")),
         ("rejected", false) => format!("rejected: {}", s("reason")),
+        ("ca", true) => "CA 证书（不续期）".into(),
+        ("ca", false) => "CA certificate (not renewed)".into(),
         ("encryption", true) => "加密证书（随签名证书续期）".into(),
         ("encryption", false) => "encryption certificate (renewed with the signing one)".into(),
         (_, true) => format!("查询失败：{}", s("message")),

@@ -36,7 +36,7 @@ export interface Cert {
   notAfter: string | null;
   daysLeft: number | null;
   algorithm: string | null;
-  usage: 'signing' | 'encryption' | 'both' | null;
+  usage: 'signing' | 'encryption' | 'both' | 'ca' | null;
   hasKey: boolean | null;
   error: IpcError | null;
   status: Status;
