@@ -329,9 +329,26 @@ fn fast_temp_base() -> PathBuf {
     }
 }
 
+/// The one installation this process has activated.
+static ACTIVATED: Mutex<Option<PathBuf>> = Mutex::new(None);
+
+/// What a second installation in one process means, and what to run instead.
+pub const ONE_PROCESS_PER_TEST: &str = "these tests need one process per test: \
+    SOFTHSM2_CONF is process-wide and a PKCS#11 module is initialised once per process, \
+    so each test makes its own SoftHSM2 installation in its own process. Plain `cargo test` \
+    runs many tests in one process; run `cargo xtask test` (everything) or `cargo nextest \
+    run` (the Rust tests) instead.";
+
 /// Sets SOFTHSM2_CONF in this process's environment.
 #[allow(unsafe_code)]
 fn set_softhsm2_conf(path: &Path) {
+    {
+        let mut active = ACTIVATED.lock().unwrap_or_else(|p| p.into_inner());
+        match active.as_deref() {
+            Some(p) if p != path => panic!("{ONE_PROCESS_PER_TEST}"),
+            _ => *active = Some(path.to_owned()),
+        }
+    }
     if std::env::var_os(SOFTHSM2_CONF).as_deref() == Some(path.as_os_str()) {
         return;
     }
@@ -342,4 +359,21 @@ fn set_softhsm2_conf(path: &Path) {
     // module, which is the only other reader of SOFTHSM2_CONF; our own readers are
     // serialised by PROCESS_LOCK, which the callers hold.
     unsafe { std::env::set_var(SOFTHSM2_CONF, path) }
+}
+
+#[cfg(test)]
+mod one_process {
+    use super::*;
+
+    /// Plain `cargo test` runs many tests in one process: the second installation
+    /// stops with a message that says what to run instead.
+    #[test]
+    #[should_panic(expected = "cargo xtask test")]
+    fn a_second_installation_in_one_process_stops_with_a_message() {
+        let a = SoftHsm::new().unwrap();
+        let b = SoftHsm::new().unwrap();
+        a.activate();
+        a.activate();
+        b.activate();
+    }
 }
