@@ -84,6 +84,18 @@ impl Lab {
         pin: &str,
         extra: &[&str],
     ) -> Output {
+        self.renew_as(fx, failpoint, pin, extra, self.data.path())
+    }
+
+    /// `ukey renew` as a user whose data directory (journals) is `data`.
+    fn renew_as(
+        &self,
+        fx: &TokenFixture,
+        failpoint: Option<&str>,
+        pin: &str,
+        extra: &[&str],
+        data: &std::path::Path,
+    ) -> Output {
         let root = self.hsm.ca().unwrap().root_cert_path.clone();
         let mut cmd = self.hsm.command(UKEY);
         cmd.arg("--module")
@@ -101,7 +113,7 @@ impl Lab {
             .env_remove("UKEY_PKCS11_MODULE")
             .env_remove("UKEY_FAILPOINT")
             .env("UKEY_CONFIG", self.hsm.dir().join("no-config.toml"))
-            .env("UKEY_DATA_DIR", self.data.path())
+            .env("UKEY_DATA_DIR", data)
             .env(ukey_sim::STATE_ENV, self.control.dir())
             .env(ukey_sim::BACKEND_ENV, softhsm_module().unwrap())
             .stdin(Stdio::piped())
@@ -401,6 +413,27 @@ fn key_pulled_out_during_activation_then_resumed() {
     );
 }
 
+#[test]
+fn key_pulled_out_while_generating_the_new_key_then_resumed() {
+    with_fault(Fault::unplug("C_GenerateKeyPair", 1), "token_removed", true);
+}
+
+/// The first C_Sign of a new-key renewal on an RSA key signs the CSR (through rcgen):
+/// the token's error must reach the engine as itself, so the renewal is resumable.
+#[test]
+fn key_pulled_out_while_signing_the_request_then_resumed() {
+    with_fault(Fault::unplug("C_Sign", 1), "token_removed", true);
+}
+
+#[test]
+fn device_error_while_signing_the_request_then_resumed() {
+    with_fault(
+        Fault::fail("C_Sign", 1, "CKR_DEVICE_ERROR"),
+        "device_error",
+        false,
+    );
+}
+
 fn code_of(out: &Output) -> String {
     let v: Value = serde_json::from_slice(&out.stdout).unwrap_or(Value::Null);
     v["error"]["code"].as_str().unwrap_or("").to_owned()
@@ -502,4 +535,176 @@ fn missing_mechanism_is_user_action_and_says_to_contact_the_ca() {
     lab.control.show_all_mechanisms(&fx.serial).unwrap();
     let out = lab.renew(&fx, None);
     assert_eq!(out.status.code(), Some(0), "{}", text(&out));
+}
+
+/// The key travels: a renewal stopped between activation sub-steps (the old signing
+/// key already removed, the new one still under its pending id: the only working key
+/// of that certificate), then another user (another data directory, so no journal of
+/// the first) renews another certificate on the same key. Nothing of the first is
+/// lost — the activation marker on the token says it is not abandoned — and the first
+/// still finishes.
+#[test]
+fn another_user_renewing_another_certificate_keeps_a_stopped_activation() {
+    let lab = Lab::new();
+    let mut second = softhsm_fixtures::CertSpec::signing(KeyAlg::EcP256, "李四", 10);
+    second.key_id = vec![0x03];
+    second.label = "李四 签名".into();
+    let fx = lab
+        .hsm
+        .create_token(&TokenSpec {
+            certs: vec![
+                softhsm_fixtures::CertSpec::signing(KeyAlg::Rsa2048, "张三", 10),
+                second,
+            ],
+            ..TokenSpec::ukey("Travels")
+        })
+        .unwrap();
+    for cert in &fx.certs {
+        lab.portal
+            .server
+            .portal
+            .create_order(&CreateOrderRequest {
+                serial_hex: cert.serial_hex.clone(),
+                issuer_der: None,
+                issuer_dn: None,
+                years: 1,
+                state: InitialState::Ready,
+                key_policy: KeyPolicy::New,
+                with_encryption_cert: false,
+                target_algorithm: KeyAlgorithm::Rsa2048,
+                old_encryption_serial_hex: None,
+            })
+            .unwrap();
+    }
+    let (a, b) = (&fx.certs[0].serial_hex, &fx.certs[1].serial_hex);
+    let out = lab.renew_with(&fx, Some("activate.3:before"), &fx.user_pin, &["--cert", a]);
+    assert_eq!(out.status.signal(), Some(6), "{}", text(&out));
+    let stopped = look(&fx);
+    assert!(!stopped.working.contains(a), "old key of A already removed");
+    assert_eq!(
+        stopped.working.len(),
+        2,
+        "A's pending pair and B: {:?}",
+        stopped.objects
+    );
+
+    let other_user = tempfile::tempdir().unwrap();
+    let out = lab.renew_as(&fx, None, &fx.user_pin, &["--cert", b], other_user.path());
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out));
+    let v: Value = serde_json::from_slice(&out.stdout).unwrap();
+    let b_new = v["new_serial"].as_str().unwrap().to_owned();
+    let seen = look(&fx);
+    assert_eq!(seen.working.len(), 2, "{:?}", seen.objects);
+    assert!(seen.working.contains(&b_new));
+    let pending_before: Vec<&ObjectInfo> = stopped
+        .objects
+        .iter()
+        .filter(|o| o.label.starts_with(ukey_renewal::PENDING_LABEL_PREFIX))
+        .collect();
+    assert!(!pending_before.is_empty());
+    for o in pending_before {
+        assert!(seen.objects.contains(o), "lost {o:?}");
+    }
+
+    // The first user finishes A.
+    let out = lab.renew_with(&fx, None, &fx.user_pin, &["--cert", a]);
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out));
+    let v: Value = serde_json::from_slice(&out.stdout).unwrap();
+    let a_new = v["new_serial"].as_str().unwrap().to_owned();
+    let done = look(&fx);
+    let mut working = done.working.clone();
+    working.sort();
+    let mut want = vec![a_new, b_new];
+    want.sort();
+    assert_eq!(working, want, "{:?}", done.objects);
+    assert!(
+        !done
+            .objects
+            .iter()
+            .any(|o| o.label.starts_with(ukey_renewal::PENDING_LABEL_PREFIX)
+                || o.kind == ukey_token::ObjectKind::Data),
+        "pending objects or activation marker left: {:?}",
+        done.objects
+    );
+}
+
+/// Crash tests beyond the dual new-key case: a single-certificate key, renewed with a
+/// new key and with the same key, killed around writing and at every activation
+/// sub-step, then resumed: one certificate works at every moment, and in the end only
+/// the new one, under the old CKA_ID, with no pending objects left.
+#[test]
+fn single_certificate_key_killed_then_resumed_new_key_and_same_key() {
+    let lab = Lab::new();
+    let points = [
+        "write:after",
+        "self_test:after",
+        "activate.2:before",
+        "activate.2:after",
+        "activate.3:before",
+        "activate.3:after",
+        "activate:after",
+        "installed:before",
+    ];
+    let mut n = 0;
+    for policy in [KeyPolicy::Same, KeyPolicy::New] {
+        for point in points {
+            n += 1;
+            let fx = lab
+                .hsm
+                .create_token(&TokenSpec::ukey(&format!("Single {n}")))
+                .unwrap();
+            lab.portal
+                .server
+                .portal
+                .create_order(&CreateOrderRequest {
+                    serial_hex: fx.certs[0].serial_hex.clone(),
+                    issuer_der: None,
+                    issuer_dn: None,
+                    years: 1,
+                    state: InitialState::Ready,
+                    key_policy: policy,
+                    with_encryption_cert: false,
+                    target_algorithm: KeyAlgorithm::Rsa2048,
+                    old_encryption_serial_hex: None,
+                })
+                .unwrap();
+            let out = lab.renew(&fx, Some(point));
+            assert_eq!(
+                out.status.signal(),
+                Some(6),
+                "{policy:?} {point}: {}",
+                text(&out)
+            );
+            assert!(
+                !look(&fx).working.is_empty(),
+                "{policy:?} {point}: neither certificate works"
+            );
+            let out = lab.renew(&fx, None);
+            assert_eq!(
+                out.status.code(),
+                Some(0),
+                "{policy:?} {point}: {}",
+                text(&out)
+            );
+            let v: Value = serde_json::from_slice(&out.stdout).unwrap();
+            let new_serial = v["new_serial"].as_str().unwrap().to_owned();
+            let seen = look(&fx);
+            assert_eq!(seen.working, vec![new_serial], "{policy:?} {point}");
+            let at_old_id = seen
+                .objects
+                .iter()
+                .filter(|o| o.id() == fx.certs[0].key_id)
+                .count();
+            assert_eq!(at_old_id, 3, "{policy:?} {point}: {:?}", seen.objects);
+            assert!(
+                !seen
+                    .objects
+                    .iter()
+                    .any(|o| o.label.starts_with(ukey_renewal::PENDING_LABEL_PREFIX)
+                        || o.kind == ukey_token::ObjectKind::Data),
+                "{policy:?} {point}: {:?}",
+                seen.objects
+            );
+        }
+    }
 }
