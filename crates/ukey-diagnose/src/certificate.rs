@@ -483,6 +483,7 @@ mod tests {
             key_algorithm: "RSA-2048".into(),
             usage: ukey_token::Usage::Signing,
             public_key_info: vec![],
+            is_ca: false,
         }
     }
 
