@@ -26,8 +26,8 @@ pub const EXIT_FAILED: u8 = 7;
 #[derive(Debug, clap::Args)]
 pub struct RenewArgs {
     /// The CA portal, e.g. https://portal.example.cn
-    #[arg(long, value_name = "URL")]
-    pub portal: String,
+    #[arg(long, value_name = "URL", required_unless_present = "abandon")]
+    pub portal: Option<String>,
     /// Token serial (needed only when several tokens have a ready renewal).
     #[arg(long, value_name = "SERIAL")]
     pub token: Option<String>,
@@ -50,6 +50,10 @@ pub struct RenewArgs {
     /// added to `trust_anchors` of the config file's [renewal] table).
     #[arg(long, value_name = "PEM")]
     pub trust: Vec<PathBuf>,
+    /// Give up the unfinished renewal of the token (only while its activation has not
+    /// begun): remove what it put on the key and close its journal. Needs the PIN.
+    #[arg(long)]
+    pub abandon: bool,
 }
 
 /// Reads every CERTIFICATE block of a PEM file as DER.
@@ -141,7 +145,15 @@ fn fail(e: &RenewalError, json: bool, lang: Lang) -> u8 {
 pub fn run(args: &RenewArgs, module: &Module, config: &Config, lang: Lang) -> anyhow::Result<u8> {
     let zh = lang == Lang::ZhCn;
     let opts = options(config, &args.trust, args.confirm_final_try)?;
-    let client = match PortalClient::new(&args.portal).and_then(BlockingPortalClient::new) {
+    if args.abandon {
+        return abandon_unfinished(args, module, &opts, lang);
+    }
+    // Refuse before the PIN: without an anchor no issued certificate can be checked.
+    if opts.trust_anchors.is_empty() {
+        return Ok(fail(&RenewalError::NoTrustAnchor, args.json, lang));
+    }
+    let portal = args.portal.as_deref().unwrap_or_default();
+    let client = match PortalClient::new(portal).and_then(BlockingPortalClient::new) {
         Ok(c) => c,
         Err(e) => return Ok(fail(&RenewalError::Portal(e), args.json, lang)),
     };
@@ -289,6 +301,79 @@ pub fn run(args: &RenewArgs, module: &Module, config: &Config, lang: Lang) -> an
             Ok(fail(&e, args.json, lang))
         }
     }
+}
+
+/// `ukey renew --abandon`: rolls back the one unfinished renewal of the chosen token
+/// (and certificate) whose activation has not begun.
+fn abandon_unfinished(
+    args: &RenewArgs,
+    module: &Module,
+    opts: &Options,
+    lang: Lang,
+) -> anyhow::Result<u8> {
+    let zh = lang == Lang::ZhCn;
+    let mut found = Vec::new();
+    for t in module.tokens()? {
+        if args.token.as_ref().is_some_and(|s| *s != t.serial) {
+            continue;
+        }
+        for j in opts.journals.for_token(&t.serial)? {
+            if j.is_unfinished() && args.cert.as_ref().is_none_or(|c| *c == j.old.serial) {
+                found.push((t.clone(), j));
+            }
+        }
+    }
+    let (token, journal) = match found.len() {
+        1 => found.remove(0),
+        0 => {
+            let e = RenewalError::Selection(
+                if zh {
+                    "没有可放弃的未完成续期（UKey 需已插入）。"
+                } else {
+                    "No unfinished renewal to abandon on an inserted token."
+                }
+                .to_owned(),
+            );
+            return Ok(fail(&e, args.json, lang));
+        }
+        _ => {
+            let e = RenewalError::Selection(
+                "several unfinished renewals; choose one with --token and --cert".to_owned(),
+            );
+            return Ok(fail(&e, args.json, lang));
+        }
+    };
+    if journal.activation_begun() {
+        let e = RenewalError::Selection(
+            if zh {
+                "此续期已开始启用新证书，只能继续完成：请运行 ukey renew。"
+            } else {
+                "This renewal has begun activating the new certificate and can only be finished: run ukey renew."
+            }
+            .to_owned(),
+        );
+        return Ok(fail(&e, args.json, lang));
+    }
+    let serial = journal.old.serial.clone();
+    let pin = read_pin(args.pin_stdin, zh)?;
+    if let Err(e) = ukey_renewal::abandon(module, &token, journal, &pin, opts) {
+        return Ok(fail(&e, args.json, lang));
+    }
+    if args.json {
+        println!(
+            "{}",
+            serde_json::json!({"status": "abandoned", "token_serial": token.serial, "old_serial": serial})
+        );
+    }
+    eprintln!(
+        "{}",
+        if zh {
+            format!("已放弃证书 {serial} 的续期，UKey 已恢复原状。")
+        } else {
+            format!("The renewal of certificate {serial} was abandoned; the token is as before.")
+        }
+    );
+    Ok(0)
 }
 
 fn read_pin(from_stdin: bool, zh: bool) -> anyhow::Result<SecretString> {

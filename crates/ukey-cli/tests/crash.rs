@@ -708,3 +708,31 @@ fn single_certificate_key_killed_then_resumed_new_key_and_same_key() {
         }
     }
 }
+
+/// `ukey renew --abandon` before activation puts the key back as it was and closes the
+/// journal; once activation has begun it refuses (the renewal can only be finished),
+/// and the next `ukey renew` finishes it.
+#[test]
+fn abandon_before_activation_restores_the_key_and_refuses_after() {
+    let lab = Lab::new();
+    let fx = lab.token("Abandon");
+    let before = look(&fx).objects;
+    let out = lab.renew(&fx, Some("self_test:after"));
+    assert_eq!(out.status.signal(), Some(6), "{}", text(&out));
+    assert_ne!(look(&fx).objects, before, "pending objects were written");
+    let out = lab.renew_with(&fx, None, &fx.user_pin, &["--abandon"]);
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out));
+    let v: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(v["status"], "abandoned", "{v}");
+    assert_eq!(look(&fx).objects, before, "the key is as before");
+    // Nothing left to abandon.
+    let out = lab.renew_with(&fx, None, &fx.user_pin, &["--abandon"]);
+    assert_eq!(out.status.code(), Some(6), "{}", text(&out));
+
+    let out = lab.renew(&fx, Some("activate.2:after"));
+    assert_eq!(out.status.signal(), Some(6), "{}", text(&out));
+    let out = lab.renew_with(&fx, None, &fx.user_pin, &["--abandon"]);
+    assert_eq!(out.status.code(), Some(6), "{}", text(&out));
+    let out = lab.renew(&fx, None);
+    assert_finished(&fx, &out, "after a refused abandon");
+}

@@ -198,7 +198,9 @@ fn renew_json_then_status_completed_and_nothing_left_to_do() {
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
-    assert_eq!(json(&out)["status"], "nothing_to_do");
+    let v = json(&out);
+    assert_eq!(v["status"], "nothing_to_do");
+    assert_eq!(v["error"]["code"], "already_renewed", "{v}");
 }
 
 #[test]
@@ -353,22 +355,21 @@ fn trust_anchors_from_the_config_file_or_refusal_without_any() {
     ];
     let pin = format!("{}\n", env.token.user_pin);
 
+    // No anchor: refused before the PIN (user action), nothing journalled.
     let out = env.ukey(&args, &pin, &[]);
     assert_eq!(
         out.status.code(),
-        Some(7),
+        Some(6),
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
     let v = json(&out);
-    assert_eq!(v["error"]["code"], "certificate_refused");
+    assert_eq!(v["error"]["code"], "trust_anchor_missing");
     assert!(
-        v["error"]["message"]
-            .as_str()
-            .unwrap()
-            .contains("trust anchor"),
+        v["error"]["message"].as_str().unwrap().contains("--trust"),
         "{v}"
     );
+    assert!(files_under(env.data.path()).is_empty());
 
     std::fs::write(
         env.hsm.dir().join("config.toml"),

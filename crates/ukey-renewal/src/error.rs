@@ -158,6 +158,9 @@ pub enum RenewalError {
         /// What could not be changed.
         objects: Vec<String>,
     },
+    /// No trust anchor is configured: no issued certificate could be checked.
+    #[error("no trusted root certificate is configured")]
+    NoTrustAnchor,
     /// The self-test failed; the pending objects were removed.
     #[error("self-test failed: {0}")]
     SelfTest(String),
@@ -180,7 +183,8 @@ impl RenewalError {
             | RenewalError::FinalTryNeedsConfirmation { .. }
             | RenewalError::Selection(_)
             | RenewalError::MechanismMissing { .. }
-            | RenewalError::ClockSkew { .. } => ErrorKind::UserAction,
+            | RenewalError::ClockSkew { .. }
+            | RenewalError::NoTrustAnchor => ErrorKind::UserAction,
             RenewalError::Token(ukey_token::Error::PinLocked { .. }) => ErrorKind::UserAction,
             _ => ErrorKind::Failure,
         }
@@ -207,6 +211,7 @@ impl RenewalError {
             RenewalError::KeyMissing { .. } => "key_missing",
             RenewalError::SelfTest(_) => "self_test_failed",
             RenewalError::ReadOnlyObjects { .. } => "read_only_objects",
+            RenewalError::NoTrustAnchor => "trust_anchor_missing",
             RenewalError::Inconsistent(_) => "inconsistent",
         }
     }
@@ -332,6 +337,13 @@ impl RenewalError {
                     format!(
                         "This computer's clock is {seconds} s off the portal's. Set the system time and retry."
                     )
+                }
+            }
+            RenewalError::NoTrustAnchor => {
+                if zh {
+                    "未配置受信任的根证书，无法校验新证书，未做任何改动。请用 --trust 指定 CA 根证书，或写入配置文件 [renewal] trust_anchors。".to_owned()
+                } else {
+                    "No trusted root certificate is configured, so the new certificate cannot be checked; nothing was changed. Give the CA's root with --trust, or set [renewal] trust_anchors in the config file.".to_owned()
                 }
             }
             RenewalError::ReadOnlyObjects { objects } => {
