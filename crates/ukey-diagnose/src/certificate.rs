@@ -20,39 +20,21 @@ pub struct TrustAnchor {
 }
 
 impl TrustAnchor {
-    /// Every certificate in a PEM file (or one DER certificate).
+    /// Every certificate of a PEM file (or one DER certificate); each must be a CA
+    /// certificate (`ukey_trust::Anchor::load`): a bad file is an error, never a
+    /// silently dropped entry.
     pub fn load(path: &std::path::Path) -> Result<Vec<TrustAnchor>, crate::DiagnoseError> {
-        let bytes = std::fs::read(path).map_err(|source| crate::DiagnoseError::Io {
-            path: path.to_owned(),
-            source,
-        })?;
-        let bad = |reason: String| crate::DiagnoseError::TrustAnchor {
-            path: path.to_owned(),
-            reason,
-        };
-        let ders: Vec<Vec<u8>> = if bytes.starts_with(b"-----") || bytes.contains(&b'-') {
-            pem::parse_many(&bytes)
-                .map_err(|e| bad(e.to_string()))?
-                .into_iter()
-                .filter(|p| p.tag() == "CERTIFICATE")
-                .map(|p| p.into_contents())
-                .collect()
-        } else {
-            vec![bytes]
-        };
-        if ders.is_empty() {
-            return Err(bad("no CERTIFICATE block in the file".to_owned()));
-        }
-        ders.into_iter()
-            .map(|der| {
-                X509Certificate::from_der(&der)
-                    .map_err(|e| bad(format!("not an X.509 certificate: {e}")))?;
-                Ok(TrustAnchor {
-                    der,
-                    source: path.display().to_string(),
-                })
+        Ok(ukey_trust::Anchor::load(path)
+            .map_err(|e| crate::DiagnoseError::TrustAnchor {
+                path: path.to_owned(),
+                reason: e.reason,
+            })?
+            .into_iter()
+            .map(|a| TrustAnchor {
+                der: a.der,
+                source: a.source,
             })
-            .collect()
+            .collect())
     }
 }
 
@@ -256,87 +238,30 @@ pub(crate) enum Chain {
     Untrusted { reason: Text, path: Vec<String> },
 }
 
-/// Follows issuer links from `leaf` through `intermediates` (CA certificates on the
-/// token, not trusted by themselves) to one of `anchors`, checking each signature and
-/// that each CA is valid `now`.
+/// Validates `leaf` through `intermediates` (CA certificates on the token or from the
+/// portal, not trusted by themselves) to one of `anchors`, with the one trust path
+/// (`ukey_trust::verify`).
 pub(crate) fn verify_chain(
     leaf: &[u8],
     anchors: &[TrustAnchor],
     intermediates: &[Vec<u8>],
     now: OffsetDateTime,
 ) -> Chain {
-    let Ok((_, mut current)) = X509Certificate::from_der(leaf) else {
-        return Chain::Untrusted {
-            reason: Text::new("证书无法解析。", "The certificate cannot be parsed."),
-            path: vec![],
-        };
+    let anchors: Vec<Vec<u8>> = anchors.iter().map(|a| a.der.clone()).collect();
+    // The validity check speaks of the certificate's own dates: the chain is checked
+    // within them, so an expired certificate is not also "untrusted".
+    let at = match X509Certificate::from_der(leaf) {
+        Ok((_, c)) => now
+            .max(c.validity().not_before.to_datetime())
+            .min(c.validity().not_after.to_datetime()),
+        Err(_) => now,
     };
-    let parsed_anchors: Vec<X509Certificate<'_>> = anchors
-        .iter()
-        .filter_map(|a| X509Certificate::from_der(&a.der).ok().map(|(_, c)| c))
-        .collect();
-    let parsed_inter: Vec<X509Certificate<'_>> = intermediates
-        .iter()
-        .filter_map(|d| X509Certificate::from_der(d).ok().map(|(_, c)| c))
-        .collect();
-    let name = |c: &X509Certificate<'_>| ukey_token::certificate::format_name(c.subject());
-    let mut path = Vec::new();
-    let ts = now.unix_timestamp();
-    for _ in 0..8 {
-        if parsed_anchors
-            .iter()
-            .any(|a| a.as_raw() == current.as_raw())
-        {
-            return Chain::Trusted { path };
-        }
-        let signs = |ca: &X509Certificate<'_>| {
-            ca.subject().as_raw() == current.issuer().as_raw()
-                && current.verify_signature(Some(ca.public_key())).is_ok()
-        };
-        let next = parsed_anchors
-            .iter()
-            .find(|a| signs(a))
-            .map(|a| (a, true))
-            .or_else(|| parsed_inter.iter().find(|c| signs(c)).map(|c| (c, false)));
-        let Some((ca, trusted)) = next else {
-            let issuer = ukey_token::certificate::format_name(current.issuer());
-            let same_name = parsed_anchors
-                .iter()
-                .chain(parsed_inter.iter())
-                .any(|a| a.subject().as_raw() == current.issuer().as_raw());
-            let reason = if same_name {
-                text!(
-                    "签发者“{issuer}”的证书在信任列表中，但签名不匹配。",
-                    "The issuer \"{issuer}\" is known, but its signature does not match."
-                )
-            } else {
-                text!(
-                    "签发者“{issuer}”不在配置的信任锚中，UKey 上也没有它的证书（若它是中级 CA，请同时用 --trust 给出它的证书）。",
-                    "The issuer \"{issuer}\" is neither among the configured trust anchors nor on the key (if it is an intermediate CA, give its certificate with --trust too)."
-                )
-            };
-            return Chain::Untrusted { reason, path };
-        };
-        path.push(name(ca));
-        let validity = ca.validity();
-        if ts < validity.not_before.timestamp() || ts > validity.not_after.timestamp() {
-            let ca_name = name(ca);
-            return Chain::Untrusted {
-                reason: text!(
-                    "证书链中的 CA 证书“{ca_name}”不在有效期内。",
-                    "The CA certificate \"{ca_name}\" in the chain is not valid now."
-                ),
-                path,
-            };
-        }
-        if trusted {
-            return Chain::Trusted { path };
-        }
-        current = ca.clone();
-    }
-    Chain::Untrusted {
-        reason: Text::new("证书链过长。", "The certificate chain is too long."),
-        path,
+    match ukey_trust::verify(leaf, intermediates, &anchors, at) {
+        Ok(v) => Chain::Trusted { path: v.path },
+        Err(e) => Chain::Untrusted {
+            reason: Text::new(e.explain(true), e.explain(false)),
+            path: vec![],
+        },
     }
 }
 

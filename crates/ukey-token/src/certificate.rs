@@ -6,7 +6,7 @@
 
 use serde::Serialize;
 use time::OffsetDateTime;
-use x509_parser::asn1_rs::Tag;
+use ukey_trust::attribute_text;
 use x509_parser::oid_registry;
 use x509_parser::prelude::{FromDer, X509Certificate, X509Name};
 use x509_parser::public_key::PublicKey;
@@ -184,38 +184,6 @@ fn attribute_short_name(oid: &x509_parser::der_parser::oid::Oid<'_>) -> String {
         .find(|(o, _)| *o == oid)
         .map(|(_, n)| (*n).to_owned())
         .unwrap_or_else(|| oid.to_id_string())
-}
-
-/// Decodes a directory string of any of the ASN.1 string types to UTF-8.
-fn attribute_text(value: &x509_parser::asn1_rs::Any<'_>) -> String {
-    let data = value.data;
-    match value.tag() {
-        Tag::Utf8String
-        | Tag::PrintableString
-        | Tag::Ia5String
-        | Tag::NumericString
-        | Tag::VisibleString => String::from_utf8_lossy(data).into_owned(),
-        // BMPString: UTF-16 big-endian.
-        Tag::BmpString => {
-            let units: Vec<u16> = data
-                .chunks(2)
-                .map(|c| u16::from_be_bytes([c[0], *c.get(1).unwrap_or(&0)]))
-                .collect();
-            String::from_utf16_lossy(&units)
-        }
-        // UniversalString: UTF-32 big-endian.
-        Tag::UniversalString => data
-            .chunks(4)
-            .map(|c| {
-                let mut b = [0u8; 4];
-                b[..c.len()].copy_from_slice(c);
-                char::from_u32(u32::from_be_bytes(b)).unwrap_or('\u{FFFD}')
-            })
-            .collect(),
-        // T61String is in practice Latin-1.
-        Tag::T61String => data.iter().map(|&b| char::from(b)).collect(),
-        _ => format!("#{}", hex::encode(value.as_bytes())),
-    }
 }
 
 /// `C=CN, O=某某建设工程有限公司, CN=张三`, in the certificate's own order (as
