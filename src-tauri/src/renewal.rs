@@ -105,9 +105,10 @@ pub struct RenewOutcome {
     pub archived_serial: Option<String>,
     /// Whether an interrupted renewal was finished.
     pub resumed: bool,
-    /// The engine's sign/verify self-test with the new key ran and passed (the engine
-    /// stops with `self_test_failed` otherwise).
-    pub self_test_ok: bool,
+    /// The engine's sign/verify self-test with the new key ran and passed in this run
+    /// (`false`: it passed in an earlier, interrupted run, which this one finished; the
+    /// engine stops with `self_test_failed` when it fails).
+    pub self_test_in_this_run: bool,
 }
 
 /// An engine error for the UI.
@@ -128,7 +129,13 @@ fn portal(cfg: &EngineConfig) -> IpcResult<BlockingPortalClient> {
             ),
         ));
     };
-    PortalClient::new(url)
+    // The trust anchors also verify the portal's TLS certificate, as for the diagnosis.
+    let roots: Vec<Vec<u8>> = trust_anchors(&cfg.trust_anchors)
+        .unwrap_or_default()
+        .iter()
+        .map(|a| ukey_trust::anchors::to_pem(&a.der).into_bytes())
+        .collect();
+    PortalClient::with_roots(url, &roots)
         .and_then(BlockingPortalClient::new)
         .map_err(|e| IpcError::new(e.code(), e.to_string()))
 }
@@ -234,7 +241,10 @@ pub fn renew(
     let report = ukey_renewal::renew(module, plan, pin, &portal, &opts, &mut forward)
         .map_err(|e| ipc_error(&e, lang))?;
     Ok(RenewOutcome {
-        self_test_ok: report.steps.iter().any(|s| s.step == Step::SelfTest),
+        self_test_in_this_run: report
+            .steps
+            .iter()
+            .any(|s| s.step == Step::SelfTest && !s.skipped),
         new_serial: report.new_serial,
         not_after: report.not_after.format(&Rfc3339).unwrap_or_default(),
         encryption_serial: report.encryption_serial,

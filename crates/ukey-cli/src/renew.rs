@@ -5,7 +5,6 @@
 use std::io::{BufRead, IsTerminal, Write};
 use std::path::{Path, PathBuf};
 
-use anyhow::Context as _;
 use secrecy::SecretString;
 use ukey_portal_client::{BlockingPortalClient, PortalClient};
 use ukey_renewal::{
@@ -56,31 +55,13 @@ pub struct RenewArgs {
     pub abandon: bool,
 }
 
-/// Reads every CERTIFICATE block of a PEM file as DER.
+/// The trust anchors of a PEM or DER file (each must be a CA certificate; see
+/// `ukey_trust::Anchor::load`), as DER.
 pub fn read_pem_certs(path: &Path) -> anyhow::Result<Vec<Vec<u8>>> {
-    use base64::Engine as _;
-    let text = std::fs::read_to_string(path)
-        .with_context(|| format!("reading trust anchor {}", path.display()))?;
-    let mut out = Vec::new();
-    let mut cur: Option<String> = None;
-    for line in text.lines() {
-        let line = line.trim();
-        if line == "-----BEGIN CERTIFICATE-----" {
-            cur = Some(String::new());
-        } else if line == "-----END CERTIFICATE-----" {
-            if let Some(b64) = cur.take() {
-                out.push(
-                    base64::engine::general_purpose::STANDARD
-                        .decode(b64)
-                        .with_context(|| format!("bad base64 in {}", path.display()))?,
-                );
-            }
-        } else if let Some(c) = cur.as_mut() {
-            c.push_str(line);
-        }
-    }
-    anyhow::ensure!(!out.is_empty(), "no CERTIFICATE in {}", path.display());
-    Ok(out)
+    Ok(ukey_trust::Anchor::load(path)?
+        .into_iter()
+        .map(|a| a.der)
+        .collect())
 }
 
 /// Engine options from the config file and the command line.
@@ -153,10 +134,18 @@ pub fn run(args: &RenewArgs, module: &Module, config: &Config, lang: Lang) -> an
         return Ok(fail(&RenewalError::NoTrustAnchor, args.json, lang));
     }
     let portal = args.portal.as_deref().unwrap_or_default();
-    let client = match PortalClient::new(portal).and_then(BlockingPortalClient::new) {
-        Ok(c) => c,
-        Err(e) => return Ok(fail(&RenewalError::Portal(e), args.json, lang)),
-    };
+    // The trust anchors also verify the portal's TLS certificate (a CA's portal may use
+    // one of its own CA's certificates), as they do for `ukey diagnose`.
+    let tls_roots: Vec<Vec<u8>> = opts
+        .trust_anchors
+        .iter()
+        .map(|der| ukey_trust::anchors::to_pem(der).into_bytes())
+        .collect();
+    let client =
+        match PortalClient::with_roots(portal, &tls_roots).and_then(BlockingPortalClient::new) {
+            Ok(c) => c,
+            Err(e) => return Ok(fail(&RenewalError::Portal(e), args.json, lang)),
+        };
 
     // Which token: the one named, else every token, keeping those with a plan.
     let tokens: Vec<_> = module
