@@ -1110,6 +1110,7 @@ impl Run<'_> {
                         "the escrowed key's algorithm does not match its certificate".into(),
                     )));
                 }
+                check_envelope(&enc.envelope, &public, self.opts.ecdh_kdf)?;
                 enc_serial = Some(serial_of(&enc.certificate_der)?);
                 enc_der = Some(hex::encode(&enc.certificate_der));
                 encryption = Some(KeyRef {
@@ -1510,6 +1511,56 @@ fn no_portal() -> ukey_portal_client::ClientError {
     }
 }
 
+/// The envelope's fields are the ones this client opens: version 1, AES-256 key wrap
+/// with padding around a PKCS#8 key, and a key transport that fits the recipient key —
+/// RSA-OAEP to an RSA key, or ECDH on P-256 to an EC key with the KDF asked for and an
+/// ephemeral point that is on the curve (checked here, before it reaches the token).
+fn check_envelope(
+    envelope: &ukey_portal_api::KeyEnvelope,
+    recipient: &PublicKey,
+    kdf_asked: EcdhKdf,
+) -> Result<(), RenewalError> {
+    let refuse = |why: String| Err(RenewalError::Refused(Refusal::Encryption(why)));
+    if envelope.version != 1 {
+        return refuse(format!("envelope version {} is not 1", envelope.version));
+    }
+    if envelope.content_wrap != ukey_portal_api::CONTENT_WRAP_AES256_KWP {
+        return refuse(format!("content wrap {:?}", envelope.content_wrap));
+    }
+    if envelope.private_key_format != ukey_portal_api::PRIVATE_KEY_FORMAT_PKCS8 {
+        return refuse(format!(
+            "private key format {:?}",
+            envelope.private_key_format
+        ));
+    }
+    match (&envelope.key_transport, recipient) {
+        (WireTransport::RsaOaepSha1 { .. }, PublicKey::Rsa { .. }) => Ok(()),
+        (
+            WireTransport::EcdhP256 {
+                ephemeral_public_key,
+                kdf,
+                ..
+            },
+            PublicKey::EcP256 { .. },
+        ) => {
+            if *kdf != kdf_asked {
+                return refuse(format!("envelope KDF {kdf:?} was not asked for"));
+            }
+            if checks::ecdh_test(ephemeral_public_key).is_err() {
+                return refuse("the ephemeral ECDH point is not on P-256".into());
+            }
+            Ok(())
+        }
+        (t, _) => refuse(format!(
+            "key transport {} does not fit the recipient key",
+            match t {
+                WireTransport::RsaOaepSha1 { .. } => "rsa_oaep_sha1",
+                WireTransport::EcdhP256 { .. } => "ecdh_p256",
+            }
+        )),
+    }
+}
+
 fn sig_alg(a: KeyAlg) -> SignatureAlgorithm {
     match a {
         KeyAlg::Rsa2048 => SignatureAlgorithm::RsaPkcs1Sha256,
@@ -1539,4 +1590,58 @@ fn sha1_id(pk: &PublicKey) -> Vec<u8> {
 /// Total time of a report's steps.
 pub fn total(report: &Report) -> StdDuration {
     StdDuration::from_secs_f64(report.steps.iter().map(|s| s.ms).sum::<f64>() / 1000.0)
+}
+
+#[cfg(test)]
+mod envelope_tests {
+    use super::*;
+
+    fn envelope(point: Vec<u8>, kdf: EcdhKdf) -> ukey_portal_api::KeyEnvelope {
+        ukey_portal_api::KeyEnvelope {
+            version: 1,
+            recipient_spki_sha256: vec![0; 32],
+            key_transport: WireTransport::EcdhP256 {
+                ephemeral_public_key: point,
+                kdf,
+                shared_info: vec![],
+            },
+            content_wrap: ukey_portal_api::CONTENT_WRAP_AES256_KWP.into(),
+            private_key_algorithm: KeyAlgorithm::EcP256,
+            private_key_format: ukey_portal_api::PRIVATE_KEY_FORMAT_PKCS8.into(),
+            wrapped_private_key: vec![1; 40],
+        }
+    }
+
+    #[test]
+    fn the_ephemeral_point_must_be_on_the_curve_and_the_kdf_the_one_asked() {
+        // A real point: the public key of a fresh P-256 key.
+        let rng = aws_lc_rs::rand::SystemRandom::new();
+        let key = aws_lc_rs::agreement::EphemeralPrivateKey::generate(
+            &aws_lc_rs::agreement::ECDH_P256,
+            &rng,
+        )
+        .unwrap();
+        let good = key.compute_public_key().unwrap().as_ref().to_vec();
+        let recipient = PublicKey::EcP256 {
+            point: good.clone(),
+        };
+        check_envelope(
+            &envelope(good.clone(), EcdhKdf::Null),
+            &recipient,
+            EcdhKdf::Null,
+        )
+        .unwrap();
+        let mut off = good.clone();
+        off[64] ^= 1;
+        let e =
+            check_envelope(&envelope(off, EcdhKdf::Null), &recipient, EcdhKdf::Null).unwrap_err();
+        assert!(e.to_string().contains("not on P-256"), "{e}");
+        let e = check_envelope(
+            &envelope(good, EcdhKdf::X963Sha256),
+            &recipient,
+            EcdhKdf::Null,
+        )
+        .unwrap_err();
+        assert!(e.to_string().contains("not asked for"), "{e}");
+    }
 }

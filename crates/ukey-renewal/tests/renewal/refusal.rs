@@ -33,6 +33,28 @@ enum Mode {
     Oversized,
     GarbageBody,
     GarbageDer,
+    NotLater,
+    NotYetValid,
+    IntermediateNotCa,
+    LookalikeSubject,
+    EncryptionMissing,
+    EncryptionOtherRecipient,
+    EncryptionAlgorithmMismatch,
+    EncryptionEnvelopeVersion,
+    EncryptionTransportMismatch,
+}
+
+impl Mode {
+    fn with_encryption(self) -> bool {
+        matches!(
+            self,
+            Mode::EncryptionMissing
+                | Mode::EncryptionOtherRecipient
+                | Mode::EncryptionAlgorithmMismatch
+                | Mode::EncryptionEnvelopeVersion
+                | Mode::EncryptionTransportMismatch
+        )
+    }
 }
 
 struct Fake {
@@ -40,6 +62,81 @@ struct Fake {
     issuing_pem: String,
     issuing_key_pem: String,
     issuing_der: Vec<u8>,
+    old_der: Vec<u8>,
+    extra_chain: std::sync::Mutex<Vec<Vec<u8>>>,
+}
+
+/// An RSA encryption certificate from the real issuing CA, for the encryption cases
+/// (they are refused before its key would be needed).
+fn encryption_certificate(fake: &Fake) -> Vec<u8> {
+    let issuer = Issuer::from_ca_cert_pem(
+        &fake.issuing_pem,
+        KeyPair::from_pem(&fake.issuing_key_pem).unwrap(),
+    )
+    .unwrap();
+    let key = KeyPair::generate_for(&rcgen::PKCS_RSA_SHA256)
+        .or_else(|_| KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256))
+        .unwrap();
+    let mut p = CertificateParams::new(Vec::<String>::new()).unwrap();
+    p.distinguished_name = ukey_renewal::checks::subject_of(&fake.old_der).unwrap();
+    p.key_usages = vec![
+        KeyUsagePurpose::KeyEncipherment,
+        KeyUsagePurpose::DataEncipherment,
+        KeyUsagePurpose::KeyAgreement,
+    ];
+    let now = time::OffsetDateTime::now_utc();
+    p.not_before = now - time::Duration::days(1);
+    p.not_after = now + time::Duration::days(365);
+    p.is_ca = IsCa::ExplicitNoCa;
+    p.serial_number = Some(vec![0x5A, 0x0E].into());
+    p.signed_by(&key, &issuer).unwrap().der().to_vec()
+}
+
+fn envelope(fake: &Fake, csr_der: &[u8], enc_der: &[u8]) -> ukey_portal_api::KeyEnvelope {
+    use x509_parser::prelude::FromDer;
+    let (_, csr) =
+        x509_parser::certification_request::X509CertificationRequest::from_der(csr_der).unwrap();
+    let spki = csr.certification_request_info.subject_pki.raw;
+    let mut recipient = aws_lc_rs::digest::digest(&aws_lc_rs::digest::SHA256, spki)
+        .as_ref()
+        .to_vec();
+    if fake.mode == Mode::EncryptionOtherRecipient {
+        recipient[0] ^= 0xFF;
+    }
+    let (_, enc) = x509_parser::prelude::X509Certificate::from_der(enc_der).unwrap();
+    let rsa = matches!(
+        enc.public_key().parsed(),
+        Ok(x509_parser::public_key::PublicKey::RSA(_))
+    );
+    // The mismatch case names the other algorithm than the certificate's.
+    let algorithm = match (rsa, fake.mode == Mode::EncryptionAlgorithmMismatch) {
+        (true, false) | (false, true) => KeyAlgorithm::Rsa2048,
+        _ => KeyAlgorithm::EcP256,
+    };
+    ukey_portal_api::KeyEnvelope {
+        version: if fake.mode == Mode::EncryptionEnvelopeVersion {
+            2
+        } else {
+            1
+        },
+        recipient_spki_sha256: recipient,
+        // The token's new key is RSA: ECDH cannot reach it.
+        key_transport: if fake.mode == Mode::EncryptionTransportMismatch {
+            ukey_portal_api::KeyTransport::EcdhP256 {
+                ephemeral_public_key: vec![4; 65],
+                kdf: ukey_portal_api::EcdhKdf::Null,
+                shared_info: vec![],
+            }
+        } else {
+            ukey_portal_api::KeyTransport::RsaOaepSha1 {
+                wrapped_key: vec![1; 256],
+            }
+        },
+        content_wrap: ukey_portal_api::CONTENT_WRAP_AES256_KWP.to_owned(),
+        private_key_algorithm: algorithm,
+        private_key_format: ukey_portal_api::PRIVATE_KEY_FORMAT_PKCS8.to_owned(),
+        wrapped_private_key: vec![2; 64],
+    }
 }
 
 fn sign_leaf(fake: &Fake, csr_der: &[u8]) -> Vec<u8> {
@@ -58,6 +155,9 @@ fn sign_leaf(fake: &Fake, csr_der: &[u8]) -> Vec<u8> {
         KeyUsagePurpose::ContentCommitment,
     ];
     params.serial_number = Some(vec![0x5A, 0x01, 0x02].into());
+    // rcgen writes extensions (keyUsage among them) only when one of a few others is
+    // set: basicConstraints CA:FALSE, as a CA writes it.
+    params.is_ca = IsCa::ExplicitNoCa;
     match fake.mode {
         Mode::AnotherKey => {
             let other = KeyPair::generate_for(&rcgen::PKCS_RSA_SHA256)
@@ -92,6 +192,51 @@ fn sign_leaf(fake: &Fake, csr_der: &[u8]) -> Vec<u8> {
                 KeyUsagePurpose::DigitalSignature,
             ];
         }
+        Mode::NotLater => {
+            // The old certificate has 10 days left.
+            params.not_after = now + time::Duration::days(5);
+        }
+        Mode::NotYetValid => {
+            params.not_before = now + time::Duration::days(2);
+        }
+        Mode::IntermediateNotCa => {
+            // Signed by a certificate the real CA issued without CA:TRUE.
+            let key = KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).unwrap();
+            let mut p = CertificateParams::new(Vec::<String>::new()).unwrap();
+            p.distinguished_name.push(DnType::CommonName, "Not a CA");
+            p.key_usages = vec![KeyUsagePurpose::KeyCertSign];
+            p.is_ca = IsCa::ExplicitNoCa;
+            p.not_before = now - time::Duration::days(1);
+            p.not_after = now + time::Duration::days(400);
+            let not_ca = p.signed_by(&key, &issuer).unwrap();
+            *fake.extra_chain.lock().unwrap() = vec![not_ca.der().to_vec()];
+            let not_ca_issuer = Issuer::new(p, key);
+            return params
+                .signed_by(&csr.public_key, &not_ca_issuer)
+                .unwrap()
+                .der()
+                .to_vec();
+        }
+        Mode::LookalikeSubject => {
+            use x509_parser::prelude::FromDer as _;
+            // One attribute of the old first type holding the text of all of them:
+            // formatted, it reads exactly like the old subject.
+            let old = ukey_token::certificate::format_name(
+                x509_parser::prelude::X509Certificate::from_der(&fake.old_der)
+                    .unwrap()
+                    .1
+                    .subject(),
+            );
+            let (ty, value) = old.split_once('=').unwrap();
+            let ty = match ty {
+                "C" => DnType::CountryName,
+                "O" => DnType::OrganizationName,
+                _ => DnType::CommonName,
+            };
+            let mut dn = rcgen::DistinguishedName::new();
+            dn.push(ty, rcgen::DnValue::Utf8String(value.to_owned()));
+            params.distinguished_name = dn;
+        }
         _ => {}
     }
     params
@@ -101,14 +246,14 @@ fn sign_leaf(fake: &Fake, csr_der: &[u8]) -> Vec<u8> {
         .to_vec()
 }
 
-async fn status() -> Json<RenewalStatus> {
+async fn status(State(fake): State<Arc<Fake>>) -> Json<RenewalStatus> {
     Json(RenewalStatus::Ready {
         order_id: "ord_fake".into(),
         terms: OrderTerms {
             years: 1,
             key_policy: KeyPolicy::New,
             target_algorithm: KeyAlgorithm::Rsa2048,
-            with_encryption_cert: false,
+            with_encryption_cert: fake.mode.with_encryption(),
         },
     })
 }
@@ -140,12 +285,28 @@ async fn issue(
             } else {
                 sign_leaf(&fake, &req.csr_der)
             };
+            let mut chain = fake.extra_chain.lock().unwrap().clone();
+            chain.push(fake.issuing_der.clone());
+            let encryption = match fake.mode {
+                Mode::EncryptionOtherRecipient
+                | Mode::EncryptionAlgorithmMismatch
+                | Mode::EncryptionEnvelopeVersion
+                | Mode::EncryptionTransportMismatch => {
+                    let enc = encryption_certificate(&fake);
+                    Some(ukey_portal_api::EncryptionIssue {
+                        certificate_serial_hex: "5A0E".into(),
+                        envelope: envelope(&fake, &req.csr_der, &enc),
+                        certificate_der: enc,
+                    })
+                }
+                _ => None,
+            };
             Json(IssueResponse {
                 order_id: "ord_fake".into(),
                 certificate_serial_hex: "5A0102".into(),
                 certificate_der: der,
-                chain_der: vec![fake.issuing_der.clone()],
-                encryption: None,
+                chain_der: chain,
+                encryption,
             })
             .into_response()
         }
@@ -170,6 +331,8 @@ fn refused(mode: Mode) -> RenewalError {
         issuing_pem: ca.issuing_cert_pem.clone(),
         issuing_key_pem: std::fs::read_to_string(&ca.issuing_key_path).unwrap(),
         issuing_der: pem_to_der(&ca.issuing_cert_pem),
+        old_der: env.tokens[0].certs[0].der.clone(),
+        extra_chain: std::sync::Mutex::new(Vec::new()),
     });
     let app = Router::new()
         .route("/api/v1/status", post(status))
@@ -295,4 +458,56 @@ fn garbage_certificate_is_refused() {
         matches!(e, RenewalError::Refused(Refusal::Malformed(_))),
         "{e}"
     );
+}
+
+#[test]
+fn a_certificate_that_does_not_end_later_is_refused() {
+    let e = refused(Mode::NotLater);
+    assert!(matches!(e, RenewalError::Refused(Refusal::NotLater)), "{e}");
+}
+
+#[test]
+fn a_certificate_not_yet_valid_is_refused() {
+    let e = refused(Mode::NotYetValid);
+    assert!(
+        matches!(e, RenewalError::Refused(Refusal::NotValidNow(_))),
+        "{e}"
+    );
+}
+
+#[test]
+fn an_intermediate_that_is_not_a_ca_is_refused() {
+    let e = refused(Mode::IntermediateNotCa);
+    assert!(
+        matches!(e, RenewalError::Refused(Refusal::Untrusted(_))),
+        "{e}"
+    );
+}
+
+#[test]
+fn a_subject_that_formats_alike_but_differs_is_refused() {
+    let e = refused(Mode::LookalikeSubject);
+    assert!(
+        matches!(e, RenewalError::Refused(Refusal::Subject { .. })),
+        "{e}"
+    );
+}
+
+#[test]
+fn encryption_refusals() {
+    for (mode, words) in [
+        (Mode::EncryptionMissing, "none came"),
+        (Mode::EncryptionOtherRecipient, "another key"),
+        (Mode::EncryptionAlgorithmMismatch, "does not match"),
+        (Mode::EncryptionEnvelopeVersion, "version 2"),
+        (Mode::EncryptionTransportMismatch, "does not fit"),
+    ] {
+        let e = refused(mode);
+        match &e {
+            RenewalError::Refused(Refusal::Encryption(why)) => {
+                assert!(why.contains(words), "{mode:?}: {why}")
+            }
+            other => panic!("{mode:?}: {other}"),
+        }
+    }
 }
