@@ -38,7 +38,7 @@ impl Part {
     /// Debian packages of this part.
     fn packages(self) -> &'static [&'static str] {
         match self {
-            Part::Rust => &["softhsm2", "opensc", "openssl"],
+            Part::Rust => &["softhsm2", "opensc", "openssl", "python3-pykcs11"],
             Part::App => &[
                 "libwebkit2gtk-4.1-dev",
                 "libgtk-3-dev",

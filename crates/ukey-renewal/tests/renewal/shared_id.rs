@@ -1,6 +1,6 @@
 //! Container-style UKeys: the signing pair and the encryption pair share one CKA_ID.
 //! The token is written by `pkcs11-tool` from keys and certificates `openssl` made (none
-//! of our code), and afterwards `openssl` and `pkcs11-tool` judge it: renewing the
+//! of our code), and afterwards `openssl`, `pkcs11-tool` and PyKCS11 judge it: renewing the
 //! signing certificate leaves the encryption pair untouched, so what was encrypted to
 //! the encryption certificate still decrypts on the token.
 
@@ -269,8 +269,27 @@ fn objects(c: &Container) -> String {
     p11(&c.env.hsm, &fx.label, &fx.user_pin, &["--list-objects"])
 }
 
-/// openssl encrypts to the encryption certificate; the token decrypts it with the
-/// key labelled "张三 加密" (pkcs11-tool, RSA-OAEP).
+/// PyKCS11 (Debian's python3-pykcs11, a PKCS#11 client none of us wrote): decrypts
+/// `ciphertext` with RSA-OAEP (SHA-1) using the private key labelled `label`.
+const PYKCS11_DECRYPT: &str = r#"
+import sys, PyKCS11
+module, label, pin, path = sys.argv[1:5]
+lib = PyKCS11.PyKCS11Lib()
+lib.load(module)
+s = None
+for slot in lib.getSlotList(tokenPresent=True):
+    if lib.getTokenInfo(slot).label.strip() == "Container":
+        s = lib.openSession(slot)
+s.login(pin)
+keys = s.findObjects([(PyKCS11.CKA_CLASS, PyKCS11.CKO_PRIVATE_KEY), (PyKCS11.CKA_LABEL, label)])
+assert len(keys) == 1, f"{len(keys)} private keys labelled {label}"
+mech = PyKCS11.RSAOAEPMechanism(PyKCS11.CKM_SHA_1, PyKCS11.CKG_MGF1_SHA1)
+ct = open(path, "rb").read()
+sys.stdout.buffer.write(bytes(s.decrypt(keys[0], ct, mech)))
+"#;
+
+/// openssl encrypts to the encryption certificate; the token decrypts it (PyKCS11)
+/// with the key labelled "张三 加密".
 fn encryption_key_still_decrypts(c: &Container) {
     let d = c.dir.path();
     let fx = &c.env.tokens[0];
@@ -291,30 +310,20 @@ fn encryption_key_still_decrypts(c: &Container) {
             "bid.enc",
         ],
     );
-    p11(
+    let module = module_path();
+    let out = run(
         &c.env.hsm,
-        &fx.label,
-        &fx.user_pin,
+        "/usr/bin/python3",
         &[
-            "--decrypt",
-            "--mechanism",
-            "RSA-PKCS-OAEP",
-            "--hash-algorithm",
-            "SHA-1",
-            "--mgf",
-            "MGF1-SHA1",
-            "--label",
+            "-c",
+            PYKCS11_DECRYPT,
+            &module,
             "张三 加密",
-            "--input-file",
+            &fx.user_pin,
             d.join("bid.enc").to_str().unwrap(),
-            "--output-file",
-            d.join("bid.out").to_str().unwrap(),
         ],
     );
-    assert_eq!(
-        std::fs::read_to_string(d.join("bid.out")).unwrap(),
-        "投标文件 sealed bid 2026"
-    );
+    assert_eq!(out, "投标文件 sealed bid 2026");
 }
 
 #[test]
