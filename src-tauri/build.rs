@@ -10,6 +10,7 @@ const COMMANDS: &[&str] = &[
     "renew",
     "diagnose",
     "save_report",
+    "open_portal_page",
 ];
 
 fn main() {

@@ -108,6 +108,9 @@ pub fn save_settings(
 ) -> IpcResult<SettingsView> {
     settings.validate()?;
     settings.save(&state.settings_path)?;
+    if settings.autostart {
+        crate::ensure_autostart_dir();
+    }
     let autostart = if settings.autostart {
         app.autolaunch().enable()
     } else {
@@ -242,4 +245,64 @@ pub fn save_report(state: State<'_, AppState>, path: PathBuf) -> IpcResult<()> {
         serde_json::to_vec_pretty(&report).map_err(|e| IpcError::new("internal", e.to_string()))?;
     std::fs::write(&path, json)
         .map_err(|e| IpcError::new("save_failed", format!("{}: {e}", path.display())))
+}
+
+/// Whether `page` may be opened for the configured portal: the same origin (scheme,
+/// host and port) as `portal`. `Err` says why not, in both languages.
+pub fn check_portal_page(portal: Option<&str>, page: &str) -> IpcResult<tauri::Url> {
+    let refuse = |why: &str| {
+        IpcError::new(
+            "page_not_on_portal",
+            format!("只打开 CA 门户自己的页面 / only the portal's own pages are opened: {why}"),
+        )
+    };
+    let portal = portal.ok_or_else(|| refuse("no portal is configured"))?;
+    let portal = tauri::Url::parse(portal).map_err(|e| refuse(&e.to_string()))?;
+    let url = tauri::Url::parse(page).map_err(|e| refuse(&e.to_string()))?;
+    if url.origin() != portal.origin() {
+        return Err(refuse(&format!(
+            "{} is not on {}",
+            url.origin().ascii_serialization(),
+            portal.origin().ascii_serialization()
+        )));
+    }
+    Ok(url)
+}
+
+/// Opens a page of the configured portal (payment, application) in the browser. The
+/// URL comes from a portal answer through the webview: only the portal's own origin is
+/// opened, by Rust (the webview has no opener permission).
+#[tauri::command]
+pub fn open_portal_page(
+    app: tauri::AppHandle,
+    state: State<'_, AppState>,
+    url: String,
+) -> IpcResult<()> {
+    use tauri_plugin_opener::OpenerExt as _;
+    let url = check_portal_page(state.effective().portal_url.as_deref(), &url)?;
+    app.opener()
+        .open_url(url.as_str(), None::<&str>)
+        .map_err(|e| IpcError::new("open_failed", e.to_string()))
+}
+
+#[cfg(test)]
+mod portal_page_tests {
+    use super::check_portal_page;
+
+    #[test]
+    fn only_the_portal_origin_is_opened() {
+        let portal = Some("https://portal.example.cn/base");
+        assert!(check_portal_page(portal, "https://portal.example.cn/pay?serial=0A").is_ok());
+        for other in [
+            "https://evil.example/pay",
+            "http://portal.example.cn/pay",
+            "https://portal.example.cn:8443/pay",
+            "file:///etc/passwd",
+            "not a url",
+        ] {
+            let e = check_portal_page(portal, other).unwrap_err();
+            assert_eq!(e.code, "page_not_on_portal", "{other}");
+        }
+        assert!(check_portal_page(None, "https://portal.example.cn/pay").is_err());
+    }
 }

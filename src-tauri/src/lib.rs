@@ -165,6 +165,7 @@ fn setup(app: &mut tauri::App) -> Result<(), Box<dyn std::error::Error>> {
     };
     if first_run && file_settings.autostart {
         // Autostart is opt-out: turned on at first start, off in the settings page.
+        ensure_autostart_dir();
         match app.autolaunch().enable() {
             Ok(()) => tracing::info!("autostart enabled (first run)"),
             Err(e) => tracing::warn!("enabling autostart: {e}"),
@@ -283,10 +284,26 @@ pub fn run() {
             commands::renew,
             commands::diagnose,
             commands::save_report,
+            commands::open_portal_page,
         ])
         .run(tauri::generate_context!());
     if let Err(e) = result {
         eprintln!("ukey-desktop: {e}");
         std::process::exit(1);
+    }
+}
+
+/// Creates the desktop's autostart directory (`$XDG_CONFIG_HOME/autostart`, else
+/// `~/.config/autostart`) if it is missing: on a fresh account neither it nor
+/// `~/.config` exists yet, and the autostart entry cannot be written without it.
+pub(crate) fn ensure_autostart_dir() {
+    let base = std::env::var_os("XDG_CONFIG_HOME")
+        .filter(|v| !v.is_empty())
+        .map(std::path::PathBuf::from)
+        .or_else(|| std::env::var_os("HOME").map(|h| std::path::PathBuf::from(h).join(".config")));
+    if let Some(dir) = base.map(|b| b.join("autostart")) {
+        if let Err(e) = std::fs::create_dir_all(&dir) {
+            tracing::warn!("creating {}: {e}", dir.display());
+        }
     }
 }

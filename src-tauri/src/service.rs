@@ -115,11 +115,32 @@ impl std::fmt::Debug for Request {
     }
 }
 
-/// Handle to the running service.
+/// Handle to the running service. When the last handle goes, the service thread is
+/// told to stop (its channel closes) and joined: it finalises the PKCS#11 module
+/// before the process exits, never during the exit (a module torn down under a running
+/// poll crashes the process).
 #[derive(Debug, Clone)]
 pub struct Service {
+    // Dropped first: closes the channel the service thread waits on.
     tx: mpsc::Sender<Request>,
     shared: Arc<Shared>,
+    // Dropped last: the last one joins the service thread.
+    _worker: Arc<WorkerThread>,
+}
+
+/// The service thread, joined when the last [`Service`] handle is dropped.
+#[derive(Debug)]
+struct WorkerThread(Mutex<Option<std::thread::JoinHandle<()>>>);
+
+impl Drop for WorkerThread {
+    fn drop(&mut self) {
+        let handle = self.0.lock().ok().and_then(|mut h| h.take());
+        if let Some(h) = handle {
+            if h.join().is_err() {
+                tracing::error!("the key service thread panicked");
+            }
+        }
+    }
 }
 
 #[derive(Debug, Default)]
@@ -156,7 +177,7 @@ impl Service {
                 .map_err(|e| tracing::error!("starting the portal status thread: {e}"))
                 .ok();
         }
-        {
+        let worker = {
             let shared = shared.clone();
             std::thread::Builder::new()
                 .name("ukey-keys".into())
@@ -166,9 +187,13 @@ impl Service {
                 })
                 // Commands then answer `internal` (worker gone): nothing else to do.
                 .map_err(|e| tracing::error!("starting the key service thread: {e}"))
-                .ok();
+                .ok()
+        };
+        Service {
+            tx,
+            shared,
+            _worker: Arc::new(WorkerThread(Mutex::new(worker))),
         }
-        Service { tx, shared }
     }
 
     /// The current snapshot.

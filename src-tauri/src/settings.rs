@@ -62,14 +62,14 @@ impl Settings {
     /// Checks what a user typed; the file is not touched when this fails.
     pub fn validate(&self) -> Result<(), IpcError> {
         if let Some(url) = &self.portal_url {
-            let ok = (url.starts_with("https://") || url.starts_with("http://"))
-                && url.len() > "https://".len()
-                && !url.contains(char::is_whitespace);
+            // The portal client's own rule: https://, plain http:// only on this computer.
+            let ok = !url.contains(char::is_whitespace)
+                && ukey_portal_client::PortalClient::new(url).is_ok();
             if !ok {
                 return Err(IpcError::new(
                     "settings_portal_url",
                     format!(
-                        "门户地址必须以 https:// 开头 / the portal URL must start with https://: {url:?}"
+                        "门户地址必须以 https:// 开头（http:// 仅限本机地址）/ the portal URL must start with https:// (http:// only for this computer): {url:?}"
                     ),
                 ));
             }
@@ -268,6 +268,22 @@ mod tests {
             ..Settings::default()
         };
         assert_eq!(bad_url.validate().unwrap_err().code, "settings_portal_url");
+        for url in ["http://portal.example", "http://10.1.2.3:8080"] {
+            let plain = Settings {
+                portal_url: Some(url.into()),
+                ..Settings::default()
+            };
+            let e = plain.validate().unwrap_err();
+            assert_eq!(e.code, "settings_portal_url", "{url}");
+            assert!(e.message.contains("https://"), "{}", e.message);
+        }
+        for url in ["http://127.0.0.1:8443", "https://portal.example"] {
+            let ok = Settings {
+                portal_url: Some(url.into()),
+                ..Settings::default()
+            };
+            assert!(ok.validate().is_ok(), "{url}");
+        }
         let bad_module = Settings {
             pkcs11_module: Some("/nonexistent/libp11.so".into()),
             ..Settings::default()

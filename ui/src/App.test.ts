@@ -16,7 +16,7 @@ const OUTCOME = {
   encryptionSerial: null,
   archivedSerial: null,
   resumed: false,
-  selfTestOk: true,
+  selfTestInThisRun: true,
 };
 
 type Call = { cmd: string; args: Record<string, unknown> };
@@ -63,7 +63,7 @@ function backend(
         case 'renew':
           if (!renew) throw new Error('unexpected renew');
           return renew(args as Record<string, unknown>);
-        case 'plugin:opener|open_url':
+        case 'open_portal_page':
         case 'plugin:clipboard-manager|write_text':
           return null;
       }
@@ -184,6 +184,21 @@ describe('main window', () => {
     expect(calls.filter((c) => c.cmd === 'renew')).toHaveLength(1);
   });
 
+  it('the self-test mark says when the test signature ran', async () => {
+    // A renewal finished after an interruption whose self-test had already passed.
+    backend(snapshot([key('S1', [cert('0A', READY)])]), () => ({ ...OUTCOME, resumed: true, selfTestInThisRun: false }));
+    render(App);
+    await fireEvent.click(await screen.findByTestId('renew'));
+    await fireEvent.click(await screen.findByTestId('continue'));
+    const input = (await screen.findByTestId('pin-input')) as HTMLInputElement;
+    await fireEvent.input(input, { target: { value: '1234' } });
+    await fireEvent.submit(input.form as HTMLFormElement);
+    await screen.findByTestId('result-title');
+    const mark = screen.getByTestId('self-test').textContent ?? '';
+    expect(mark).toContain('测试签名已在中断前完成');
+    expect(mark).not.toContain('测试签名成功');
+  });
+
   it('a wrong PIN returns to the PIN dialog with the count, and is not retried', async () => {
     let snap = snapshot([key('S1', [cert('0A', READY)])]);
     const calls = backend(snap, async () => {
@@ -215,12 +230,14 @@ describe('main window', () => {
 
   it('a locked PIN says who to call and offers no renewal', async () => {
     backend(
-      snapshot([key('S1', [cert('0A', READY)], { pin: { countLow: true, finalTry: false, locked: true, pinPad: false, wrongEntries: 0 } })]),
+      snapshot([key('S1', [cert('0A', READY), cert('0B', READY)], { pin: { countLow: true, finalTry: false, locked: true, pinPad: false, wrongEntries: 0 } })]),
       undefined,
       { supportContact: '400-800-0000' },
     );
     render(App);
     await waitFor(() => expect(screen.getByTestId('pin-locked').textContent).toContain('400-800-0000'));
+    // Said once for the key, not again on each of its certificates.
+    expect(document.body.textContent?.split('PIN 已锁定').length).toBe(2);
     expect(screen.queryByTestId('renew')).toBeNull();
     expect(screen.queryByTestId('banner')).toBeNull();
   });
@@ -230,8 +247,8 @@ describe('main window', () => {
     render(App);
     expect((await screen.findByTestId('status-text')).textContent).toBe('续期订单待付款');
     await fireEvent.click(screen.getByTestId('pay'));
-    await waitFor(() => expect(calls.some((c) => c.cmd === 'plugin:opener|open_url')).toBe(true));
-    expect(calls.find((c) => c.cmd === 'plugin:opener|open_url')?.args.url).toBe(
+    await waitFor(() => expect(calls.some((c) => c.cmd === 'open_portal_page')).toBe(true));
+    expect(calls.find((c) => c.cmd === 'open_portal_page')?.args.url).toBe(
       'http://127.0.0.1:8080/pay?serial=0A1B',
     );
   });
@@ -242,7 +259,7 @@ describe('main window', () => {
     expect((await screen.findByTestId('status-text')).textContent).toBe('证书即将过期，尚未申请续期');
     await fireEvent.click(screen.getByTestId('apply'));
     await waitFor(() =>
-      expect(calls.find((c) => c.cmd === 'plugin:opener|open_url')?.args.url).toBe('http://127.0.0.1:8080/pay?serial=0C'),
+      expect(calls.find((c) => c.cmd === 'open_portal_page')?.args.url).toBe('http://127.0.0.1:8080/pay?serial=0C'),
     );
   });
 

@@ -2,7 +2,6 @@
 // the UI goes through here, typed. Types mirror src-tauri/src/view.rs and commands.rs.
 import { invoke, Channel } from '@tauri-apps/api/core';
 import { listen, type UnlistenFn } from '@tauri-apps/api/event';
-import { openUrl as pluginOpenUrl } from '@tauri-apps/plugin-opener';
 import { writeText } from '@tauri-apps/plugin-clipboard-manager';
 import { open as dialogOpen, save as dialogSave } from '@tauri-apps/plugin-dialog';
 
@@ -119,7 +118,7 @@ export interface RenewOutcome {
   encryptionSerial: string | null;
   archivedSerial: string | null;
   resumed: boolean;
-  selfTestOk: boolean;
+  selfTestInThisRun: boolean;
 }
 
 /** A bilingual text of the diagnosis report. */
@@ -204,9 +203,10 @@ export function onSnapshot(cb: (s: Snapshot) => void): Promise<UnlistenFn> {
   return listen<Snapshot>('snapshot', (e) => cb(e.payload));
 }
 
+/** Opens a page of the configured portal; Rust refuses any other origin. */
 export async function openUrl(url: string): Promise<void> {
   try {
-    await pluginOpenUrl(url);
+    await invoke('open_portal_page', { url });
   } catch (e) {
     throw toIpcError(e);
   }
