@@ -13,7 +13,9 @@
 set -euo pipefail
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)"
-export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-/var/tmp/ukey-target}"
+# The workspace's own target dir unless one is given: the same one every other step
+# of `cargo xtask test` builds into.
+export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$ROOT/target}"
 cd "$ROOT"
 
 for tool in xvfb-run dbus-run-session WebKitWebDriver node npm; do
@@ -45,7 +47,7 @@ case "$PROFILE" in
   release) PROFILE_ARGS=(--release) ;;
   *) echo "e2e: UKEY_E2E_PROFILE must be debug or release" >&2; exit 2 ;;
 esac
-cargo build "${PROFILE_ARGS[@]}" -p ukey-desktop --features tauri/custom-protocol
+cargo build "${PROFILE_ARGS[@]}" -p ukey-desktop
 cargo build "${PROFILE_ARGS[@]}" -p ukey-sim -p ukey-portal -p softhsm-fixtures -p ukey-cli
 
 BIN="$CARGO_TARGET_DIR/$PROFILE"

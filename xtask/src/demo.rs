@@ -324,14 +324,7 @@ fn desktop(world: &World, url: &str) -> Result<()> {
     run(Command::new("npm")
         .args(["run", "build"])
         .current_dir(root.join("ui")))?;
-    run(cargo().args([
-        "build",
-        "--quiet",
-        "-p",
-        "ukey-desktop",
-        "--features",
-        "tauri/custom-protocol",
-    ]))?;
+    run(cargo().args(["build", "--quiet", "-p", "ukey-desktop"]))?;
     let dir = world.dir.path();
     // A settings file with autostart off: on a first run (no file) the app would add
     // itself to the user's session autostart (~/.config/autostart), which a demo must
