@@ -237,8 +237,7 @@ impl Module {
         &self.info
     }
 
-    /// The cryptoki context, for the few operations not wrapped here (the renewal
-    /// engine's key generation and unwrap will be added to this crate; prefer that).
+    /// The cryptoki context, for this crate's sessions (mechanism lists).
     pub(crate) fn pkcs11(&self) -> &Pkcs11 {
         &self.pkcs11
     }
@@ -246,7 +245,15 @@ impl Module {
     /// C_Finalize then C_Initialize: SoftHSM2 (and some vendor modules) only see tokens
     /// created or deleted by other processes after this. Takes `&mut self`, so no
     /// [`Session`] from this module can be open (see the module invariant).
+    ///
+    /// A library that another user in this process initialised is never finalised
+    /// under it: then this is a no-op, and tokens made by other processes appear only
+    /// if the module reports them by itself.
     pub fn reinitialize(&mut self) -> Result<()> {
+        if !self.owns_init {
+            tracing::debug!("module shared with another user in this process: not re-initialised");
+            return Ok(());
+        }
         // finalize() consumes a handle; the library stays loaded through `self.pkcs11`.
         if let Err(e) = self.pkcs11.clone().finalize() {
             tracing::debug!("C_Finalize before re-initialise: {e}");
@@ -254,8 +261,6 @@ impl Module {
         self.pkcs11
             .initialize(CInitializeArgs::new(CInitializeFlags::OS_LOCKING_OK))
             .map_err(|e| Error::from_cryptoki(e, None))?;
-        // Ours now, whoever initialised it first.
-        self.owns_init = true;
         Ok(())
     }
 

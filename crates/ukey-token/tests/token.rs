@@ -442,3 +442,41 @@ fn discovery_without_any_token_falls_back_to_the_first_module_that_loads() {
         opensc_module()
     );
 }
+
+/// A library another user in this process initialised is never finalised under it by a
+/// re-scan: that user's session keeps working.
+#[test]
+fn reinitialize_leaves_a_library_another_user_started() {
+    let hsm = SoftHsm::new().unwrap();
+    let fx = hsm.create_token(&TokenSpec::ukey("Shared")).unwrap();
+    hsm.activate();
+    let path = softhsm_fixtures::softhsm_module().unwrap();
+    let other = cryptoki::context::Pkcs11::new(&path).unwrap();
+    other
+        .initialize(cryptoki::context::CInitializeArgs::new(
+            cryptoki::context::CInitializeFlags::OS_LOCKING_OK,
+        ))
+        .unwrap();
+    let slot = other
+        .get_slots_with_token()
+        .unwrap()
+        .into_iter()
+        .find(|s| {
+            other
+                .get_token_info(*s)
+                .map(|t| t.serial_number().trim() == fx.serial)
+                .unwrap_or(false)
+        })
+        .unwrap();
+    let session = other.open_ro_session(slot).unwrap();
+    let mut module = Module::load(&path).unwrap();
+    module.reinitialize().unwrap();
+    assert_eq!(module.tokens().unwrap().len(), 1);
+    session
+        .get_session_info()
+        .expect("the other user's session survives the re-scan");
+    drop(module);
+    session
+        .get_session_info()
+        .expect("and dropping the shared module does not end it either");
+}
