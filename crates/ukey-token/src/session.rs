@@ -137,9 +137,9 @@ impl<'m> Session<'m> {
             .map_err(|e| self.err(e))
     }
 
-    /// The cryptoki session, for operations not wrapped yet (key generation, unwrap and
-    /// certificate writing belong here next; add them to this type rather than using
-    /// this from other crates).
+    /// The cryptoki session, for this crate's own modules (key generation, unwrap,
+    /// objects) and for tests that write odd objects; the product's other crates use
+    /// the wrapped operations.
     pub fn cryptoki(&self) -> &cryptoki::session::Session {
         &self.inner
     }
