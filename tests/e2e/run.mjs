@@ -502,6 +502,8 @@ async function main() {
     UKEY_PORTAL_URL: portalUrl,
     UKEY_TRUST: caFiles.root_cert,
     UKEY_CONFIG_DIR: join(work, 'config'),
+    UKEY_CONFIG: join(work, 'ukey-config.toml'),
+    UKEY_SYSTEM_CONFIG: join(work, 'ukey-system-config.toml'),
     UKEY_DATA_DIR: join(work, 'data'),
     UKEY_EXIT_ON_CLOSE: '1',
     UKEY_LOG: process.env.UKEY_LOG || 'info,cryptoki=off',

@@ -132,10 +132,14 @@ pub fn make_world(profile: &'static str, label: &str, cn: &str, days: i64) -> Re
         "UKEY_PKCS11_MODULE".to_owned(),
         util::bin(profile, "libukey_sim.so").into_os_string(),
     );
-    // Never the user's own config file or journal.
+    // Never the user's own config files (nor a CA's system-wide one) or journal.
     env.insert(
         "UKEY_CONFIG".to_owned(),
         dir.path().join("ukey-config.toml").into_os_string(),
+    );
+    env.insert(
+        "UKEY_SYSTEM_CONFIG".to_owned(),
+        dir.path().join("ukey-system-config.toml").into_os_string(),
     );
     env.insert(
         "UKEY_DATA_DIR".to_owned(),

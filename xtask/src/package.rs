@@ -85,7 +85,11 @@ fn build(debug: bool) -> Result<PathBuf> {
             "linux": {
                 "deb": {
                     "section": "utils",
-                    "files": { "/usr/bin/ukey": ukey.to_string_lossy() }
+                    "files": {
+                        "/usr/bin/ukey": ukey.to_string_lossy(),
+                        "/usr/share/doc/ukey-renew/config.example.toml":
+                            root.join("docs/config.example.toml").to_string_lossy(),
+                    }
                 }
             }
         }
@@ -136,7 +140,11 @@ pub fn check(deb: &Path) -> Result<()> {
         .map(|l| l.split_whitespace().skip(5).collect::<Vec<_>>().join(" "))
         .map(|p| p.trim_start_matches("./").to_owned())
         .collect();
-    for want in ["usr/bin/ukey-desktop", "usr/bin/ukey"] {
+    for want in [
+        "usr/bin/ukey-desktop",
+        "usr/bin/ukey",
+        "usr/share/doc/ukey-renew/config.example.toml",
+    ] {
         if !paths.iter().any(|p| p == want) {
             bail!("{} lacks {want}; it holds:\n{listing}", deb.display());
         }

@@ -20,8 +20,9 @@ ID-card numbers and mobile numbers are replaced by markers unless --no-redact is
 A FILE ending in .txt gets the text report, any other name the JSON report.
 报告输出到终端时不隐去个人信息；用 --out 保存给技术支持的文件默认隐去姓名、身份证号和手机号（--no-redact 保留）。
 
-Nothing is written to the token. The network is used only with --portal.
-诊断不会写入 UKey；只有给出 --portal 时才访问网络。
+Nothing is written to the token. The network is used only with a portal (--portal, or
+portal_url in the configuration files).
+诊断不会写入 UKey；只有给出门户（--portal 或配置文件中的 portal_url）时才访问网络。
 
 Exit codes / 退出码:
   0    no check failed (warnings possible) / 没有失败项（可能有警告）
@@ -101,7 +102,7 @@ pub fn run(args: &DiagnoseArgs, module: Option<PathBuf>, lang: Lang) -> anyhow::
         let anchors = TrustAnchor::load(path).context("--trust")?;
         options.trust_anchors.extend(anchors);
     }
-    options.portal = args.portal.clone();
+    options.portal = args.portal.clone().or(options.config.portal_url.clone());
     options.journal_dir = args.journal_dir.clone();
     options.expiry_warning_days = args.warn_days;
     options.pin_token = args.token.clone();

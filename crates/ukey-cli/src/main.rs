@@ -200,8 +200,9 @@ fn run(cli: &Cli, lang: Lang) -> anyhow::Result<u8> {
         }
         Command::Diagnose(ref args) => diagnose::run(args, cli.module.clone(), lang),
         Command::Status(ref args) => {
+            let config = Config::load_default()?;
             let module = load_module(cli)?;
-            status::run(args, &module, lang)
+            status::run(args, &module, &config, lang)
         }
         Command::Watch { json, interval_ms } => {
             let module = load_module(cli)?;

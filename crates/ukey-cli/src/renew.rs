@@ -24,8 +24,9 @@ pub const EXIT_FAILED: u8 = 7;
 /// Arguments of `ukey renew`.
 #[derive(Debug, clap::Args)]
 pub struct RenewArgs {
-    /// The CA portal, e.g. https://portal.example.cn
-    #[arg(long, value_name = "URL", required_unless_present = "abandon")]
+    /// The CA portal, e.g. https://portal.example.cn (default: `portal_url` of the
+    /// configuration files).
+    #[arg(long, value_name = "URL")]
     pub portal: Option<String>,
     /// Token serial (needed only when several tokens have a ready renewal).
     #[arg(long, value_name = "SERIAL")]
@@ -133,7 +134,9 @@ pub fn run(args: &RenewArgs, module: &Module, config: &Config, lang: Lang) -> an
     if opts.trust_anchors.is_empty() {
         return Ok(fail(&RenewalError::NoTrustAnchor, args.json, lang));
     }
-    let portal = args.portal.as_deref().unwrap_or_default();
+    let Some(portal) = args.portal.as_deref().or(config.portal_url.as_deref()) else {
+        return Ok(fail(&RenewalError::NoPortal, args.json, lang));
+    };
     // The trust anchors also verify the portal's TLS certificate (a CA's portal may use
     // one of its own CA's certificates), as they do for `ukey diagnose`.
     let tls_roots: Vec<Vec<u8>> = opts

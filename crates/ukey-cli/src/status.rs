@@ -10,18 +10,30 @@ use ukey_token::{Lang, Module, Usage};
 /// Arguments of `ukey status`.
 #[derive(Debug, clap::Args)]
 pub struct StatusArgs {
-    /// The CA portal.
+    /// The CA portal (default: `portal_url` of the configuration files).
     #[arg(long, value_name = "URL")]
-    pub portal: String,
+    pub portal: Option<String>,
     /// Print JSON (`{"certificates": [...]}`).
     #[arg(long)]
     pub json: bool,
 }
 
 /// Runs `ukey status`.
-pub fn run(args: &StatusArgs, module: &Module, lang: Lang) -> anyhow::Result<u8> {
+pub fn run(
+    args: &StatusArgs,
+    module: &Module,
+    config: &ukey_token::Config,
+    lang: Lang,
+) -> anyhow::Result<u8> {
     let zh = lang == Lang::ZhCn;
-    let client = BlockingPortalClient::new(PortalClient::new(&args.portal)?)?;
+    let Some(portal) = args.portal.as_deref().or(config.portal_url.as_deref()) else {
+        eprintln!(
+            "ukey: {}",
+            ukey_renewal::RenewalError::NoPortal.user_message(lang)
+        );
+        return Ok(crate::renew::EXIT_ACTION);
+    };
+    let client = BlockingPortalClient::new(PortalClient::new(portal)?)?;
     let journals = JournalStore::open_default()?;
     let now = time::OffsetDateTime::now_utc();
     let mut rows = Vec::new();

@@ -390,3 +390,72 @@ fn trust_anchors_from_the_config_file_or_refusal_without_any() {
     assert_eq!(v["status"], "renewed");
     assert!(v["notices"][0].as_str().unwrap().contains("revoked"), "{v}");
 }
+
+/// A CA ships the client preconfigured: its system-wide file gives the portal and the
+/// trust anchor, so `ukey renew` needs neither `--portal` nor `--trust`; without any,
+/// it refuses before the PIN and says where a portal comes from; `ukey diagnose` names
+/// the file each setting came from.
+#[test]
+fn the_portal_and_anchor_come_from_the_cas_system_file() {
+    let env = Env::new(TokenSpec::ukey("CLI system"));
+    env.order(InitialState::Ready);
+    let root = env.root();
+    let root = root.to_str().unwrap();
+    let pin = format!("{}\n", env.token.user_pin);
+    let absent = env.hsm.dir().join("no-system.toml");
+    let absent = absent.to_str().unwrap();
+    let args = ["renew", "--pin-stdin", "--yes", "--json", "--trust", root];
+    let out = env.ukey(&args, &pin, &[("UKEY_SYSTEM_CONFIG", absent)]);
+    assert_eq!(
+        out.status.code(),
+        Some(6),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let v = json(&out);
+    assert_eq!(v["error"]["code"], "portal_not_configured");
+    assert!(
+        v["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("/etc/ukey/config.toml"),
+        "{v}"
+    );
+    assert!(
+        files_under(env.data.path()).is_empty(),
+        "nothing journalled"
+    );
+
+    let system = env.hsm.dir().join("system.toml");
+    std::fs::write(
+        &system,
+        format!(
+            "portal_url = {:?}\n[renewal]\ntrust_anchors = [{root:?}]\n",
+            env.portal.server.url
+        ),
+    )
+    .unwrap();
+    let system = system.to_str().unwrap();
+    let out = env.ukey(
+        &["renew", "--pin-stdin", "--yes", "--json"],
+        &pin,
+        &[("UKEY_SYSTEM_CONFIG", system)],
+    );
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(json(&out)["status"], "renewed");
+
+    let out = env.ukey(
+        &["diagnose", "--json"],
+        "",
+        &[("UKEY_SYSTEM_CONFIG", system)],
+    );
+    let report: Value = serde_json::from_slice(&out.stdout).unwrap();
+    let text = report.to_string();
+    assert!(text.contains("environment.config_sources"), "{text}");
+    assert!(text.contains(system), "the system file is named: {text}");
+}

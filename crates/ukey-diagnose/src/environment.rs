@@ -69,6 +69,51 @@ pub(crate) fn config_check(error: Option<&ukey_token::Error>) -> Option<Check> {
     )
 }
 
+/// Which configuration file each setting came from (the CA's system-wide file, the
+/// user's own), and where a missing portal would come from.
+pub(crate) fn config_sources_check(config: &Config) -> Check {
+    let mut facts = Facts::new();
+    for (what, path) in &config.sources {
+        facts.push(what, path.display().to_string());
+    }
+    let system = Config::system_path().display().to_string();
+    let user = Config::default_path()
+        .map(|p| p.display().to_string())
+        .unwrap_or_default();
+    facts.push("system_file", system.clone());
+    facts.push("user_file", user.clone());
+    if config.sources.is_empty() {
+        return Check::new(
+            "environment.config_sources",
+            Status::Pass,
+            text!(
+                "没有配置文件（CA 的 {system}、本人的 {user}）：使用默认设置。",
+                "No configuration file (the CA's {system}, your own {user}): defaults are used."
+            ),
+        )
+        .facts(facts);
+    }
+    let list = config
+        .sources
+        .iter()
+        .map(|(w, p)| format!("{w} ← {}", p.display()))
+        .collect::<Vec<_>>()
+        .join("; ");
+    let mut check = Check::new(
+        "environment.config_sources",
+        Status::Pass,
+        text!("设置来源：{list}", "Settings from: {list}"),
+    )
+    .facts(facts);
+    if config.portal_url.is_none() {
+        check = check.action(text!(
+            "未设置 CA 门户：CA 的安装程序会写入 {system} 的 portal_url，也可写入本人的 {user}。",
+            "No CA portal is set: your CA's installer writes portal_url to {system}; you can also set it in {user}."
+        ));
+    }
+    check
+}
+
 /// The module check when the module could not be found or loaded.
 pub(crate) fn module_failed(path: Option<&Path>, error: &ukey_token::Error) -> Check {
     let mut facts = Facts::new().with("error_code", error.code());

@@ -135,6 +135,8 @@ pub fn diagnose(options: &Options) -> Report {
             env.checks
                 .extend(environment::config_check(options.config_error.as_ref()));
             env.checks
+                .push(environment::config_sources_check(&options.config));
+            env.checks
                 .push(environment::module_failed(path.as_deref().ok(), &e));
             env.checks.push(environment::other_modules_check(
                 path.as_deref().ok(),
@@ -166,6 +168,8 @@ pub fn diagnose_with(module: &Module, options: &Options) -> Report {
     env.checks.push(environment::os_check(&options.app_version));
     env.checks
         .extend(environment::config_check(options.config_error.as_ref()));
+    env.checks
+        .push(environment::config_sources_check(&options.config));
     env.checks.push(environment::module_loaded(module));
     env.checks.push(environment::other_modules_check(
         Some(module.path()),

@@ -158,6 +158,9 @@ pub enum RenewalError {
         /// What could not be changed.
         objects: Vec<String>,
     },
+    /// No portal is given or configured.
+    #[error("no CA portal is configured")]
+    NoPortal,
     /// No trust anchor is configured: no issued certificate could be checked.
     #[error("no trusted root certificate is configured")]
     NoTrustAnchor,
@@ -184,7 +187,8 @@ impl RenewalError {
             | RenewalError::Selection(_)
             | RenewalError::MechanismMissing { .. }
             | RenewalError::ClockSkew { .. }
-            | RenewalError::NoTrustAnchor => ErrorKind::UserAction,
+            | RenewalError::NoTrustAnchor
+            | RenewalError::NoPortal => ErrorKind::UserAction,
             RenewalError::Token(ukey_token::Error::PinLocked { .. }) => ErrorKind::UserAction,
             _ => ErrorKind::Failure,
         }
@@ -212,6 +216,7 @@ impl RenewalError {
             RenewalError::SelfTest(_) => "self_test_failed",
             RenewalError::ReadOnlyObjects { .. } => "read_only_objects",
             RenewalError::NoTrustAnchor => "trust_anchor_missing",
+            RenewalError::NoPortal => "portal_not_configured",
             RenewalError::Inconsistent(_) => "inconsistent",
         }
     }
@@ -337,6 +342,13 @@ impl RenewalError {
                     format!(
                         "This computer's clock is {seconds} s off the portal's. Set the system time and retry."
                     )
+                }
+            }
+            RenewalError::NoPortal => {
+                if zh {
+                    "未设置 CA 门户地址。请用 --portal 指定，或在配置文件中设置 portal_url（本人的 ~/.config/ukey/config.toml，或 CA 安装程序写入的 /etc/ukey/config.toml）。".to_owned()
+                } else {
+                    "No CA portal is set. Give it with --portal, or set portal_url in a configuration file (your ~/.config/ukey/config.toml, or /etc/ukey/config.toml, which your CA's installer writes).".to_owned()
                 }
             }
             RenewalError::NoTrustAnchor => {

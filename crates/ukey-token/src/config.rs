@@ -9,11 +9,21 @@
 //! ```toml
 //! # ~/.config/ukey/config.toml (Linux; see `Config::default_path`)
 //! pkcs11_module = "/opt/vendor/lib/libvendor_p11.so"   # always use this one
+//! portal_url = "https://portal.example-ca.cn"            # the CA's renewal portal
 //!
 //! [[modules]]                                            # or extend discovery
 //! name = "My CA's UKey"
 //! path = "/opt/myca/lib/libmyca_pkcs11.so"
 //! ```
+//!
+//! # Two layers
+//!
+//! A CA ships the client preconfigured: a system-wide file (`/etc/ukey/config.toml`, or
+//! `$UKEY_SYSTEM_CONFIG`) holds its portal, trust anchors and module table; the user's
+//! own file is read over it. A setting the user's file gives wins; lists add up (the
+//! user's modules are tried first, both files' trust anchors are trusted). The CLI and
+//! the desktop app read the same layers; [`Config::sources`] says which file each
+//! setting came from.
 
 use std::path::{Path, PathBuf};
 
@@ -25,6 +35,10 @@ use crate::error::{Error, Result};
 pub const CONFIG_ENV: &str = "UKEY_CONFIG";
 /// Environment variable naming the PKCS#11 module (the CLI reads it through clap).
 pub const MODULE_ENV: &str = "UKEY_PKCS11_MODULE";
+/// Environment variable naming the system-wide configuration file.
+pub const SYSTEM_CONFIG_ENV: &str = "UKEY_SYSTEM_CONFIG";
+/// The system-wide configuration file a CA's installer writes.
+pub const SYSTEM_CONFIG_PATH: &str = "/etc/ukey/config.toml";
 
 /// A known module: a human name and a path.
 #[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
@@ -45,9 +59,16 @@ pub struct Config {
     /// Extra modules to try first during discovery.
     #[serde(default)]
     pub modules: Vec<ModuleEntry>,
+    /// The CA's renewal portal (`https://…`).
+    #[serde(default)]
+    pub portal_url: Option<String>,
     /// `[renewal]`: trust anchors and naming of renewed objects.
     #[serde(default)]
     pub renewal: RenewalConfig,
+    /// Which file each setting came from (`setting`, file), filled by
+    /// [`Config::load_default`]; not part of the file.
+    #[serde(skip)]
+    pub sources: Vec<(String, PathBuf)>,
 }
 
 /// The `[renewal]` table:
@@ -87,13 +108,64 @@ impl Config {
         directories::ProjectDirs::from("", "", "ukey").map(|d| d.config_dir().join("config.toml"))
     }
 
-    /// Reads the configuration at [`Config::default_path`]; a missing file is an empty
-    /// configuration, a malformed one an error.
+    /// `$UKEY_SYSTEM_CONFIG`, else `/etc/ukey/config.toml`.
+    pub fn system_path() -> PathBuf {
+        std::env::var_os(SYSTEM_CONFIG_ENV)
+            .map(PathBuf::from)
+            .unwrap_or_else(|| PathBuf::from(SYSTEM_CONFIG_PATH))
+    }
+
+    /// The system-wide file, then the user's ([`Config::default_path`]) over it; a
+    /// missing file is an empty layer, a malformed one an error naming it.
     pub fn load_default() -> Result<Config> {
-        match Config::default_path() {
-            Some(path) => Config::load(&path),
-            None => Ok(Config::default()),
+        let system = Config::system_path();
+        let mut layers = vec![(Config::load(&system)?, system)];
+        if let Some(user) = Config::default_path() {
+            layers.push((Config::load(&user)?, user));
         }
+        Ok(Config::layered(layers))
+    }
+
+    /// Merges layers, lowest first: a later layer's setting wins, lists add up (later
+    /// layers' modules first, every layer's trust anchors), and `sources` records
+    /// where each setting came from.
+    pub fn layered(layers: Vec<(Config, PathBuf)>) -> Config {
+        let mut out = Config::default();
+        for (layer, path) in layers {
+            let mut from = |what: &str| out_sources_push(&mut out.sources, what, &path);
+            if let Some(m) = layer.pkcs11_module {
+                from("pkcs11_module");
+                out.pkcs11_module = Some(m);
+            }
+            if let Some(u) = layer.portal_url {
+                from("portal_url");
+                out.portal_url = Some(u);
+            }
+            if !layer.modules.is_empty() {
+                from("modules");
+                let mut modules = layer.modules;
+                modules.extend(std::mem::take(&mut out.modules));
+                out.modules = modules;
+            }
+            let r = layer.renewal;
+            if !r.trust_anchors.is_empty() {
+                from("renewal.trust_anchors");
+                out.renewal.trust_anchors.extend(r.trust_anchors);
+            }
+            if let Some(k) = r.key_id {
+                from("renewal.key_id");
+                out.renewal.key_id = Some(k);
+            }
+            if let Some(l) = r.signing_label {
+                from("renewal.signing_label");
+                out.renewal.signing_label = Some(l);
+            }
+            if let Some(l) = r.encryption_label {
+                from("renewal.encryption_label");
+                out.renewal.encryption_label = Some(l);
+            }
+        }
+        out
     }
 
     /// Reads a configuration file; a missing file is an empty configuration.
@@ -113,6 +185,16 @@ impl Config {
             reason: e.to_string(),
         })
     }
+}
+
+/// Records that `what` came from `path` (a later layer replaces an earlier one for a
+/// single setting; lists keep every file).
+fn out_sources_push(sources: &mut Vec<(String, PathBuf)>, what: &str, path: &Path) {
+    let list = matches!(what, "modules" | "renewal.trust_anchors");
+    if !list {
+        sources.retain(|(w, _)| w != what);
+    }
+    sources.push((what.to_owned(), path.to_owned()));
 }
 
 /// Directories searched for the library names in [`VENDOR_MODULES`].
@@ -332,6 +414,56 @@ mod tests {
         // Missing file: empty configuration.
         let none = Config::load(&dir.path().join("absent.toml")).unwrap();
         assert_eq!(none, Config::default());
+    }
+
+    /// A CA's system-wide file under the user's: the user's settings win, lists add
+    /// up, and each setting names the file it came from.
+    #[test]
+    fn the_users_file_is_read_over_the_system_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let system = dir.path().join("system.toml");
+        let user = dir.path().join("user.toml");
+        std::fs::write(
+            &system,
+            "portal_url = \"https://portal.ca.example\"\npkcs11_module = \"/opt/ca/libca.so\"\n\
+             [[modules]]\nname = \"CA key\"\npath = \"/opt/ca/libca.so\"\n\
+             [renewal]\ntrust_anchors = [\"/etc/ukey/ca-root.pem\"]\nkey_id = \"sha1\"\n",
+        )
+        .unwrap();
+        std::fs::write(
+            &user,
+            "pkcs11_module = \"/home/u/libmine.so\"\n\
+             [[modules]]\nname = \"Mine\"\npath = \"/home/u/libmine.so\"\n\
+             [renewal]\ntrust_anchors = [\"/home/u/extra.pem\"]\n",
+        )
+        .unwrap();
+        let c = Config::layered(vec![
+            (Config::load(&system).unwrap(), system.clone()),
+            (Config::load(&user).unwrap(), user.clone()),
+        ]);
+        assert_eq!(c.portal_url.as_deref(), Some("https://portal.ca.example"));
+        assert_eq!(c.pkcs11_module, Some(PathBuf::from("/home/u/libmine.so")));
+        let names: Vec<&str> = c.modules.iter().map(|m| m.name.as_str()).collect();
+        assert_eq!(names, ["Mine", "CA key"]);
+        assert_eq!(
+            c.renewal.trust_anchors,
+            [
+                PathBuf::from("/etc/ukey/ca-root.pem"),
+                PathBuf::from("/home/u/extra.pem")
+            ]
+        );
+        assert_eq!(c.renewal.key_id.as_deref(), Some("sha1"));
+        let from = |what: &str| -> Vec<&PathBuf> {
+            c.sources
+                .iter()
+                .filter(|(w, _)| w == what)
+                .map(|(_, p)| p)
+                .collect()
+        };
+        assert_eq!(from("portal_url"), [&system]);
+        assert_eq!(from("pkcs11_module"), [&user]);
+        assert_eq!(from("renewal.trust_anchors"), [&system, &user]);
+        assert_eq!(from("renewal.key_id"), [&system]);
     }
 
     #[test]
