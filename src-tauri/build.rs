@@ -11,6 +11,7 @@ const COMMANDS: &[&str] = &[
     "diagnose",
     "save_report",
     "open_portal_page",
+    "choose_file",
 ];
 
 fn main() {

@@ -107,6 +107,23 @@ pub fn save_settings(
     settings: Settings,
 ) -> IpcResult<SettingsView> {
     settings.validate()?;
+    {
+        let old = state
+            .file_settings
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
+        let chosen = state.chosen_files.lock().unwrap_or_else(|e| e.into_inner());
+        let unchosen = unchosen_paths(&settings, &old, &chosen);
+        if let Some(p) = unchosen.first() {
+            return Err(IpcError::new(
+                "settings_path_not_chosen",
+                format!(
+                    "请用“选择”按钮选择文件 / choose the file with the button: {}",
+                    p.display()
+                ),
+            ));
+        }
+    }
     settings.save(&state.settings_path)?;
     if settings.autostart {
         crate::ensure_autostart_dir();
@@ -224,27 +241,117 @@ pub async fn renew(
 
 /// Runs the diagnosis (`ukey diagnose`) and keeps its redacted form for "save".
 #[tauri::command]
-pub async fn diagnose(state: State<'_, AppState>) -> IpcResult<DiagnosticsResult> {
+pub async fn diagnose(
+    state: State<'_, AppState>,
+    pin: Option<SecretString>,
+    token_serial: Option<String>,
+) -> IpcResult<DiagnosticsResult> {
     let cfg = engine_config(&state);
     let module_path = state.effective().pkcs11_module;
-    let result = with_module(&state, move |m| renewal::diagnose(m, &cfg, module_path)).await?;
+    // With a PIN, the diagnosis proves each key signs: the PIN goes to C_Login once on
+    // one token (never at a last try or locked), and is dropped with the job.
+    let result = with_module(&state, move |m| {
+        renewal::diagnose(m, &cfg, module_path, pin, token_serial)
+    })
+    .await?;
     *state.last_report.lock().unwrap_or_else(|e| e.into_inner()) = Some(result.report.redacted());
     Ok(result)
 }
 
-/// Writes the last diagnosis, redacted, as JSON to `path` (chosen in a save dialog).
+/// Asks where to save the last diagnosis (a save dialog opened here, not a path from
+/// the webview) and writes it there, redacted, as JSON. `None`: the user cancelled.
 #[tauri::command]
-pub fn save_report(state: State<'_, AppState>, path: PathBuf) -> IpcResult<()> {
+pub async fn save_report(
+    app: tauri::AppHandle,
+    state: State<'_, AppState>,
+) -> IpcResult<Option<String>> {
+    use tauri_plugin_dialog::DialogExt as _;
     let report = state
         .last_report
         .lock()
         .unwrap_or_else(|e| e.into_inner())
         .clone()
         .ok_or_else(|| IpcError::new("no_report", "先运行诊断 / run the diagnosis first"))?;
+    let lang = settings::lang(&state.effective());
+    let chosen = app
+        .dialog()
+        .file()
+        .set_title(lang.pick("保存诊断报告", "Save the diagnosis report"))
+        .set_file_name("ukey-diagnose.json")
+        .add_filter("JSON", &["json"])
+        .blocking_save_file();
+    let Some(chosen) = chosen else {
+        return Ok(None);
+    };
+    let path = chosen
+        .into_path()
+        .map_err(|e| IpcError::new("save_failed", e.to_string()))?;
     let json =
         serde_json::to_vec_pretty(&report).map_err(|e| IpcError::new("internal", e.to_string()))?;
     std::fs::write(&path, json)
-        .map_err(|e| IpcError::new("save_failed", format!("{}: {e}", path.display())))
+        .map_err(|e| IpcError::new("save_failed", format!("{}: {e}", path.display())))?;
+    Ok(Some(path.display().to_string()))
+}
+
+/// Opens a file dialog here (not in the webview) for the PKCS#11 module (`kind =
+/// "module"`) or a trust anchor (`"trust"`) and remembers the choice, so that
+/// `save_settings` accepts it. `None`: the user cancelled.
+#[tauri::command]
+pub async fn choose_file(
+    app: tauri::AppHandle,
+    state: State<'_, AppState>,
+    kind: String,
+) -> IpcResult<Option<String>> {
+    use tauri_plugin_dialog::DialogExt as _;
+    let lang = settings::lang(&state.effective());
+    let (title, extensions): (&str, &[&str]) = match kind.as_str() {
+        "module" => (
+            lang.pick("选择 PKCS#11 驱动", "Choose the PKCS#11 module"),
+            &["so", "dylib", "dll"],
+        ),
+        "trust" => (
+            lang.pick("选择根证书", "Choose a trusted root certificate"),
+            &["pem", "crt", "cer", "der"],
+        ),
+        other => {
+            return Err(IpcError::new(
+                "internal",
+                format!("no such file kind {other:?}"),
+            ));
+        }
+    };
+    let chosen = app
+        .dialog()
+        .file()
+        .set_title(title)
+        .add_filter(title, extensions)
+        .blocking_pick_file();
+    let Some(chosen) = chosen else {
+        return Ok(None);
+    };
+    let path = chosen
+        .into_path()
+        .map_err(|e| IpcError::new("internal", e.to_string()))?;
+    state
+        .chosen_files
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .push(path.clone());
+    Ok(Some(path.display().to_string()))
+}
+
+/// Paths in `new` that are neither in `old` (the file as it was) nor among `chosen`
+/// (picked in a dialog Rust opened): the webview may not bring its own.
+pub fn unchosen_paths(new: &Settings, old: &Settings, chosen: &[PathBuf]) -> Vec<PathBuf> {
+    let known = |p: &PathBuf| {
+        chosen.contains(p) || old.pkcs11_module.as_ref() == Some(p) || old.trust_anchors.contains(p)
+    };
+    new.pkcs11_module
+        .iter()
+        .chain(new.trust_anchors.iter())
+        .filter(|p| !known(p))
+        .cloned()
+        .collect()
 }
 
 /// Whether `page` may be opened for the configured portal: the same origin (scheme,
@@ -287,7 +394,33 @@ pub fn open_portal_page(
 
 #[cfg(test)]
 mod portal_page_tests {
-    use super::check_portal_page;
+    use super::{check_portal_page, unchosen_paths};
+    use crate::settings::Settings;
+
+    #[test]
+    fn settings_take_only_paths_chosen_in_a_dialog_or_already_there() {
+        let old = Settings {
+            pkcs11_module: Some("/usr/lib/old.so".into()),
+            trust_anchors: vec!["/etc/ukey/root.pem".into()],
+            ..Settings::default()
+        };
+        let chosen = vec![std::path::PathBuf::from("/opt/vendor/libp11.so")];
+        let keep = old.clone();
+        assert!(unchosen_paths(&keep, &old, &chosen).is_empty());
+        let picked = Settings {
+            pkcs11_module: Some("/opt/vendor/libp11.so".into()),
+            ..old.clone()
+        };
+        assert!(unchosen_paths(&picked, &old, &chosen).is_empty());
+        let injected = Settings {
+            trust_anchors: vec!["/etc/ukey/root.pem".into(), "/tmp/evil.pem".into()],
+            ..old.clone()
+        };
+        assert_eq!(
+            unchosen_paths(&injected, &old, &chosen),
+            vec![std::path::PathBuf::from("/tmp/evil.pem")]
+        );
+    }
 
     #[test]
     fn only_the_portal_origin_is_opened() {

@@ -52,6 +52,9 @@ pub struct AppState {
     pub data_dir: PathBuf,
     /// The last diagnosis, redacted, for "save report".
     pub last_report: Mutex<Option<ukey_diagnose::Report>>,
+    /// Files the user chose in a dialog Rust opened (module, trust anchors): the only
+    /// new paths `save_settings` accepts from the webview.
+    pub chosen_files: Mutex<Vec<PathBuf>>,
 }
 
 impl AppState {
@@ -62,7 +65,8 @@ impl AppState {
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .clone();
-        self.env.apply(&file)
+        let config = ukey_token::Config::load_default().unwrap_or_default();
+        self.env.apply(&settings::over_config(&file, &config))
     }
 }
 
@@ -175,7 +179,11 @@ fn setup(app: &mut tauri::App) -> Result<(), Box<dyn std::error::Error>> {
         }
     }
     let env = EnvOverrides::from_env();
-    let effective = env.apply(&file_settings);
+    let config = ukey_token::Config::load_default().unwrap_or_else(|e| {
+        tracing::warn!("configuration file: {e}");
+        ukey_token::Config::default()
+    });
+    let effective = env.apply(&settings::over_config(&file_settings, &config));
     let emitter: Arc<dyn Emitter> = Arc::new(TauriEmitter(handle.clone()));
     let service = Service::start(service_config(&effective, &data_dir), emitter);
     app.manage(AppState {
@@ -185,6 +193,7 @@ fn setup(app: &mut tauri::App) -> Result<(), Box<dyn std::error::Error>> {
         env,
         data_dir,
         last_report: Mutex::new(None),
+        chosen_files: Mutex::new(Vec::new()),
     });
 
     let zh = settings::effective_language(&effective) != "en";
@@ -285,6 +294,7 @@ pub fn run() {
             commands::diagnose,
             commands::save_report,
             commands::open_portal_page,
+            commands::choose_file,
         ])
         .run(tauri::generate_context!());
     if let Err(e) = result {

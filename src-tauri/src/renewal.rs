@@ -124,8 +124,8 @@ fn portal(cfg: &EngineConfig) -> IpcResult<BlockingPortalClient> {
         return Err(IpcError::new(
             "portal_not_configured",
             cfg.lang.pick(
-                "尚未设置 CA 门户地址，请在“设置”中填写",
-                "No portal URL is set: enter it in Settings",
+                "尚未设置 CA 门户地址：请在“设置”中填写，或由 CA 的安装程序写入 /etc/ukey/config.toml",
+                "No portal URL is set: enter it in Settings, or have your CA's installer write it to /etc/ukey/config.toml",
             ),
         ));
     };
@@ -296,9 +296,13 @@ pub fn diagnose(
     module: Option<&Module>,
     cfg: &EngineConfig,
     module_path: Option<PathBuf>,
+    pin: Option<SecretString>,
+    pin_token: Option<String>,
 ) -> DiagnosticsResult {
     let mut opts = ukey_diagnose::Options::new(env!("CARGO_PKG_VERSION"));
     opts.module = module_path;
+    opts.pin = pin;
+    opts.pin_token = pin_token;
     opts.config = ukey_token::Config::load_default().unwrap_or_default();
     opts.portal = cfg.portal_url.clone();
     opts.journal_dir = Some(JournalStore::new(&cfg.data_dir).dir().to_owned());
@@ -310,6 +314,8 @@ pub fn diagnose(
         Some(m) => ukey_diagnose::diagnose_with(m, &opts),
         None => ukey_diagnose::diagnose(&opts),
     };
+    // The PIN is not needed any more.
+    drop(opts);
     let redacted = report.redacted();
     DiagnosticsResult {
         redacted_text_zh: ukey_diagnose::render_text(&redacted, Lang::ZhCn, true),

@@ -318,3 +318,63 @@ mod tests {
         assert_eq!(effective_language(&s), "en");
     }
 }
+
+/// The engine settings of the configuration files the CLI reads too (the CA's
+/// `/etc/ukey/config.toml` under the user's `~/.config/ukey/config.toml`), below the
+/// app's own file: what the app's file leaves unset comes from them, and their trust
+/// anchors are always trusted.
+pub fn over_config(file: &Settings, config: &ukey_token::Config) -> Settings {
+    let mut s = file.clone();
+    if s.portal_url.is_none() {
+        s.portal_url = config.portal_url.clone();
+    }
+    if s.pkcs11_module.is_none() {
+        s.pkcs11_module = config.pkcs11_module.clone();
+    }
+    let mut anchors = config.renewal.trust_anchors.clone();
+    for a in &file.trust_anchors {
+        if !anchors.contains(a) {
+            anchors.push(a.clone());
+        }
+    }
+    s.trust_anchors = anchors;
+    s
+}
+
+#[cfg(test)]
+mod config_layer_tests {
+    use super::*;
+
+    #[test]
+    fn the_apps_file_is_read_over_the_configuration_files() {
+        let config = ukey_token::Config {
+            portal_url: Some("https://portal.ca.example".into()),
+            pkcs11_module: Some("/opt/ca/libca.so".into()),
+            renewal: ukey_token::RenewalConfig {
+                trust_anchors: vec!["/etc/ukey/ca-root.pem".into()],
+                ..Default::default()
+            },
+            ..Default::default()
+        };
+        // A fresh install: everything from the CA's file.
+        let s = over_config(&Settings::default(), &config);
+        assert_eq!(s.portal_url.as_deref(), Some("https://portal.ca.example"));
+        assert_eq!(s.pkcs11_module, Some(PathBuf::from("/opt/ca/libca.so")));
+        assert_eq!(s.trust_anchors, [PathBuf::from("/etc/ukey/ca-root.pem")]);
+        // The user's own choices win; anchors add up.
+        let mine = Settings {
+            portal_url: Some("https://other.example".into()),
+            trust_anchors: vec!["/home/u/extra.pem".into()],
+            ..Settings::default()
+        };
+        let s = over_config(&mine, &config);
+        assert_eq!(s.portal_url.as_deref(), Some("https://other.example"));
+        assert_eq!(
+            s.trust_anchors,
+            [
+                PathBuf::from("/etc/ukey/ca-root.pem"),
+                PathBuf::from("/home/u/extra.pem")
+            ]
+        );
+    }
+}

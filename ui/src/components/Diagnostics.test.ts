@@ -46,9 +46,8 @@ describe('diagnostics page', () => {
         case 'diagnose':
           return RESULT;
         case 'plugin:clipboard-manager|write_text':
-        case 'save_report':
           return null;
-        case 'plugin:dialog|save':
+        case 'save_report':
           return '/tmp/report.json';
       }
       throw new Error(`unmocked ${cmd}`);
@@ -67,7 +66,8 @@ describe('diagnostics page', () => {
 
     await fireEvent.click(screen.getByTestId('diag-save'));
     await waitFor(() => expect(calls.some((c) => c.cmd === 'save_report')).toBe(true));
-    expect(calls.find((c) => c.cmd === 'save_report')?.args.path).toBe('/tmp/report.json');
+    // The path comes from the dialog Rust opens, never from the page.
+    expect(calls.find((c) => c.cmd === 'save_report')?.args).toEqual({});
     expect((await screen.findByTestId('diag-note')).textContent).toContain('/tmp/report.json');
   });
 
@@ -78,5 +78,29 @@ describe('diagnostics page', () => {
     });
     render(Diagnostics);
     expect((await screen.findByTestId('diag-error')).textContent).toContain('没有找到 UKey 驱动');
+  });
+
+  it('proves the keys sign with a PIN given once, then forgets it', async () => {
+    const calls: { cmd: string; args: Record<string, unknown> }[] = [];
+    mockIPC((cmd, args) => {
+      calls.push({ cmd, args: (args ?? {}) as Record<string, unknown> });
+      if (cmd === 'diagnose') return RESULT;
+      throw new Error(`unmocked ${cmd}`);
+    });
+    render(Diagnostics);
+    await waitFor(() => expect(calls.filter((c) => c.cmd === 'diagnose')).toHaveLength(1));
+    // The first, automatic run has no PIN.
+    expect(calls[0].args.pin).toBeNull();
+    const input = screen.getByTestId('diag-pin') as HTMLInputElement;
+    expect(input.type).toBe('password');
+    await fireEvent.input(input, { target: { value: '123456' } });
+    await fireEvent.submit(screen.getByTestId('diag-pin-form'));
+    await waitFor(() => expect(calls.filter((c) => c.cmd === 'diagnose')).toHaveLength(2));
+    expect(calls[1].args.pin).toBe('123456');
+    expect(input.value).toBe('');
+    // Running again does not send it again.
+    await fireEvent.click(screen.getByTestId('diag-run'));
+    await waitFor(() => expect(calls.filter((c) => c.cmd === 'diagnose')).toHaveLength(3));
+    expect(calls[2].args.pin).toBeNull();
   });
 });

@@ -3,7 +3,6 @@
 import { invoke, Channel } from '@tauri-apps/api/core';
 import { listen, type UnlistenFn } from '@tauri-apps/api/event';
 import { writeText } from '@tauri-apps/plugin-clipboard-manager';
-import { open as dialogOpen, save as dialogSave } from '@tauri-apps/plugin-dialog';
 
 /** An error from the backend: the UI translates `code`, `message` is the fallback. */
 export interface IpcError {
@@ -174,9 +173,12 @@ export const refresh = () => call<void>('refresh');
 export const getSettings = () => call<SettingsView>('get_settings');
 export const saveSettings = (settings: Settings) => call<SettingsView>('save_settings', { settings });
 
-export const diagnose = () => call<DiagnosticsResult>('diagnose');
+/** Runs the diagnosis; with a PIN it also proves each key signs (the PIN is used once, never kept). */
+export const diagnose = (pin?: string) =>
+  call<DiagnosticsResult>('diagnose', { pin: pin ?? null, tokenSerial: null });
 /** Writes the last report, redacted, as JSON to a path the user chose. */
-export const saveReport = (path: string) => call<void>('save_report', { path });
+/** Asks where to save the last diagnosis (a dialog Rust opens) and saves it: the path, or null. */
+export const saveReport = () => call<string | null>('save_report');
 
 /** What renewing will do, before the PIN (engine preflight). */
 export const planRenewal = (tokenSerial: string, certSerial: string) =>
@@ -220,13 +222,5 @@ export async function copyText(text: string): Promise<void> {
   }
 }
 
-/** A file chosen by the user, or null. */
-export async function chooseFile(title: string, extensions: string[]): Promise<string | null> {
-  const r = await dialogOpen({ title, multiple: false, directory: false, filters: [{ name: title, extensions }] });
-  return typeof r === 'string' ? r : null;
-}
-
-/** A path to save to, or null. */
-export async function chooseSavePath(title: string, defaultPath: string): Promise<string | null> {
-  return (await dialogSave({ title, defaultPath })) ?? null;
-}
+/** A file chosen by the user in a dialog Rust opens (the module or a trust anchor), or null. */
+export const chooseFile = (kind: 'module' | 'trust') => call<string | null>('choose_file', { kind });
