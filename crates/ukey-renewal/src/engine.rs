@@ -288,7 +288,10 @@ struct Candidate {
 /// Checks everything that can be checked without the PIN and decides what to renew.
 ///
 /// `cert_serial` selects a certificate when the token holds several with a ready order.
-/// Resumes an unfinished journal of this token first.
+/// Resumes an unfinished journal of this token first. The concerns, in order: the PIN
+/// state, an unfinished renewal, the certificates that could be renewed, what the
+/// portal says of each, the one to renew, and the plan (algorithms, mechanisms,
+/// notices, journal).
 pub fn preflight(
     module: &Module,
     token: &TokenSummary,
@@ -303,6 +306,20 @@ pub fn preflight(
         None => None,
     };
     let token = module.refresh(token)?;
+    check_pin_state(&token, opts)?;
+    if let Some(plan) = unfinished(&token, want.as_deref(), opts)? {
+        return Ok(plan);
+    }
+    let (candidates, encryption) = candidates(module, &token, want.as_deref())?;
+    let answers = ask_portal(candidates, portal, opts)?;
+    let (cand, order_id, terms) = choose(answers.ready, answers.blocker, &token, opts)?;
+    let mut plan = plan(module, token, cand, encryption, &order_id, &terms, opts)?;
+    plan.clock_skew_seconds = answers.skew;
+    Ok(plan)
+}
+
+/// A locked PIN stops here; a last try only with the user's explicit consent.
+fn check_pin_state(token: &TokenSummary, opts: &Options) -> Result<(), RenewalError> {
     if token.pin.locked {
         return Err(RenewalError::PinLocked {
             token: token.serial.clone(),
@@ -313,26 +330,38 @@ pub fn preflight(
             token: token.serial.clone(),
         });
     }
+    Ok(())
+}
 
-    // An interrupted renewal comes first.
-    let unfinished: Vec<Journal> = opts
+/// An interrupted renewal of this token (of the wanted certificate) comes first.
+fn unfinished(
+    token: &TokenSummary,
+    want: Option<&str>,
+    opts: &Options,
+) -> Result<Option<Plan>, RenewalError> {
+    let journal = opts
         .journals
         .for_token(&token.serial)?
         .into_iter()
         .filter(|j| j.is_unfinished())
-        .filter(|j| want.as_ref().is_none_or(|w| *w == j.old.serial))
-        .collect();
-    if let Some(journal) = unfinished.into_iter().next() {
-        return Ok(Plan {
-            notices: vec![Notice::Resuming { step: journal.step }],
-            token,
-            journal,
-            resuming: true,
-            clock_skew_seconds: None,
-        });
-    }
+        .find(|j| want.is_none_or(|w| w == j.old.serial));
+    Ok(journal.map(|journal| Plan {
+        notices: vec![Notice::Resuming { step: journal.step }],
+        token: token.clone(),
+        journal,
+        resuming: true,
+        clock_skew_seconds: None,
+    }))
+}
 
-    let listing = module.list_token(&token, None);
+/// The signing certificates that could be renewed (with their key, not a CA's, not
+/// another renewal's pending objects), and the encryption certificates.
+fn candidates(
+    module: &Module,
+    token: &TokenSummary,
+    want: Option<&str>,
+) -> Result<(Vec<Candidate>, Vec<Candidate>), RenewalError> {
+    let listing = module.list_token(token, None);
     if let Some(e) = listing.errors.iter().find(|e| {
         matches!(
             e,
@@ -360,7 +389,7 @@ pub fn preflight(
             encryption.push(cand);
             continue;
         }
-        if want.as_ref().is_some_and(|w| *w != d.serial) {
+        if want.is_some_and(|w| w != d.serial) {
             continue;
         }
         if c.key.has_private_key() == Some(false) {
@@ -385,63 +414,86 @@ pub fn preflight(
             )),
         });
     }
+    Ok((candidates, encryption))
+}
 
-    // Ask the portal about each; keep the ready ones.
-    let mut ready = Vec::new();
-    let mut first_blocker: Option<RenewalError> = None;
-    let mut skew = None;
+/// What the portal said of the candidates.
+struct Answers {
+    /// Those with a ready (or issued) order.
+    ready: Vec<(Candidate, String, OrderTerms)>,
+    /// The most actionable reason the others cannot be renewed.
+    blocker: Option<RenewalError>,
+    /// Local clock minus the portal's, seconds.
+    skew: Option<i64>,
+}
+
+/// Asks the portal about each candidate (and checks the clock against its Date).
+fn ask_portal(
+    candidates: Vec<Candidate>,
+    portal: &dyn PortalApi,
+    opts: &Options,
+) -> Result<Answers, RenewalError> {
+    let mut out = Answers {
+        ready: Vec::new(),
+        blocker: None,
+        skew: None,
+    };
     for cand in candidates {
         let answer = portal.status(&status_request(&cand.der)?)?;
         if let Some(date) = answer.server_date {
             let s = (OffsetDateTime::now_utc() - date).whole_seconds();
-            skew = Some(s);
+            out.skew = Some(s);
             if s.abs() > opts.max_clock_skew.whole_seconds() {
                 return Err(RenewalError::ClockSkew { seconds: s });
             }
         }
         let serial = cand.details.serial.clone();
-        match answer.value {
+        let e = match answer.value {
             RenewalStatus::Ready { order_id, terms }
             | RenewalStatus::Issued {
                 order_id, terms, ..
             } => {
-                ready.push((cand, order_id, terms));
+                out.ready.push((cand, order_id, terms));
+                continue;
             }
-            other => {
-                let e = match other {
-                    RenewalStatus::None => RenewalError::NoOrder { serial },
-                    RenewalStatus::AwaitingPayment { payment_url, .. } => {
-                        RenewalError::AwaitingPayment {
-                            serial,
-                            payment_url,
-                        }
-                    }
-                    RenewalStatus::Completed { .. } => RenewalError::AlreadyCompleted { serial },
-                    RenewalStatus::RequiresNewKey {
-                        tracking_number, ..
-                    } => RenewalError::NewKeyMailed { tracking_number },
-                    RenewalStatus::Rejected { reason, .. } => RenewalError::Rejected { reason },
-                    RenewalStatus::Ready { .. } | RenewalStatus::Issued { .. } => continue,
-                };
-                // A user action outranks "nothing to do".
-                let replace = match &first_blocker {
-                    None => true,
-                    Some(prev) => {
-                        prev.kind() == crate::error::ErrorKind::NothingToDo
-                            && e.kind() != crate::error::ErrorKind::NothingToDo
-                    }
-                };
-                if replace {
-                    first_blocker = Some(e);
-                }
+            RenewalStatus::None => RenewalError::NoOrder { serial },
+            RenewalStatus::AwaitingPayment { payment_url, .. } => RenewalError::AwaitingPayment {
+                serial,
+                payment_url,
+            },
+            RenewalStatus::Completed { .. } => RenewalError::AlreadyCompleted { serial },
+            RenewalStatus::RequiresNewKey {
+                tracking_number, ..
+            } => RenewalError::NewKeyMailed { tracking_number },
+            RenewalStatus::Rejected { reason, .. } => RenewalError::Rejected { reason },
+        };
+        // A user action outranks "nothing to do".
+        let replace = match &out.blocker {
+            None => true,
+            Some(prev) => {
+                prev.kind() == crate::error::ErrorKind::NothingToDo
+                    && e.kind() != crate::error::ErrorKind::NothingToDo
             }
+        };
+        if replace {
+            out.blocker = Some(e);
         }
     }
-    let (cand, order_id, terms) = match ready.len() {
+    Ok(out)
+}
+
+/// The one certificate to renew: exactly one ready; none is the blocker (said as
+/// "already renewed" for a certificate a finished renewal wrote); several need
+/// `--cert`.
+fn choose(
+    mut ready: Vec<(Candidate, String, OrderTerms)>,
+    blocker: Option<RenewalError>,
+    token: &TokenSummary,
+    opts: &Options,
+) -> Result<(Candidate, String, OrderTerms), RenewalError> {
+    match ready.len() {
         0 => {
-            // "No order" for the certificate a finished renewal wrote is nothing to do,
-            // and is said as such.
-            if let Some(RenewalError::NoOrder { serial }) = &first_blocker {
+            if let Some(RenewalError::NoOrder { serial }) = &blocker {
                 let renewed = opts
                     .journals
                     .for_token(&token.serial)?
@@ -456,21 +508,33 @@ pub fn preflight(
                     });
                 }
             }
-            return Err(first_blocker.unwrap_or_else(|| RenewalError::NoOrder {
+            Err(blocker.unwrap_or_else(|| RenewalError::NoOrder {
                 serial: String::new(),
-            }));
+            }))
         }
-        1 => ready.remove(0),
+        1 => Ok(ready.remove(0)),
         _ => {
             let serials: Vec<String> = ready.iter().map(|r| r.0.details.serial.clone()).collect();
-            return Err(RenewalError::Selection(format!(
+            Err(RenewalError::Selection(format!(
                 "several certificates on token {} have a ready renewal ({}); choose one with --cert",
                 token.serial,
                 serials.join(", ")
-            )));
+            )))
         }
-    };
+    }
+}
 
+/// The plan for the chosen certificate: algorithms, the mechanisms the token must
+/// offer, the encryption certificate to archive, the notices, the journal.
+fn plan(
+    module: &Module,
+    token: TokenSummary,
+    cand: Candidate,
+    encryption: Vec<Candidate>,
+    order_id: &str,
+    terms: &OrderTerms,
+    opts: &Options,
+) -> Result<Plan, RenewalError> {
     let old_alg = alg_of(&cand.details).ok_or_else(|| {
         RenewalError::Inconsistent(format!(
             "unsupported key algorithm {} of certificate {}",
@@ -481,7 +545,7 @@ pub fn preflight(
         KeyPolicy::Same => old_alg,
         KeyPolicy::New => key_alg(terms.target_algorithm),
     };
-    check_mechanisms(module, &token, old_alg, new_alg, &terms)?;
+    check_mechanisms(module, &token, old_alg, new_alg, terms)?;
 
     let old_enc = if terms.with_encryption_cert {
         // The holder's current encryption certificate: same subject, encryption usage.
@@ -510,8 +574,8 @@ pub fn preflight(
         &token,
         &cand,
         old_enc.as_ref(),
-        &order_id,
-        &terms,
+        order_id,
+        terms,
         old_alg,
         new_alg,
         opts,
@@ -521,7 +585,7 @@ pub fn preflight(
         journal,
         resuming: false,
         notices,
-        clock_skew_seconds: skew,
+        clock_skew_seconds: None,
     })
 }
 
