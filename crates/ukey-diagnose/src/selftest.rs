@@ -6,7 +6,7 @@
 //! logged or kept; a token whose PIN is on its final try or locked is not logged into
 //! at all (a wrong PIN there would lock it, or prove nothing).
 
-use ring::signature::{self, UnparsedPublicKey};
+use aws_lc_rs::signature::{self, UnparsedPublicKey};
 use secrecy::SecretString;
 use ukey_token::cryptoki::mechanism::Mechanism;
 use ukey_token::cryptoki::object::{Attribute, AttributeType, ObjectClass};
@@ -309,7 +309,9 @@ fn sign_and_verify(
 ) -> Check {
     let id = "certificate.self_test";
     let mut challenge = [0u8; 32];
-    if ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut challenge).is_err() {
+    if aws_lc_rs::rand::SecureRandom::fill(&aws_lc_rs::rand::SystemRandom::new(), &mut challenge)
+        .is_err()
+    {
         return Check::new(
             id,
             Status::Skip,
@@ -338,7 +340,7 @@ fn sign_and_verify(
         )
     } else if algorithm == "EC-P256" {
         // No CKM_ECDSA_SHA256 on SoftHSM2 (and on many keys): hash here, sign the hash.
-        let digest = ring::digest::digest(&ring::digest::SHA256, &challenge);
+        let digest = aws_lc_rs::digest::digest(&aws_lc_rs::digest::SHA256, &challenge);
         (
             Mechanism::Ecdsa,
             digest.as_ref().to_vec(),

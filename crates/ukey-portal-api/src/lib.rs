@@ -41,7 +41,6 @@
 //! token without it ever being in the clear on the client's machine.
 
 use serde::{Deserialize, Serialize};
-use sha2::{Digest, Sha256};
 use time::OffsetDateTime;
 
 /// The OpenAPI 3.1 document describing this protocol (normative).
@@ -131,7 +130,7 @@ pub fn challenge_signed_data(order_id: &str, nonce: &[u8], csr_der: &[u8]) -> Ve
     out.extend_from_slice(order_id.as_bytes());
     out.push(0);
     out.extend_from_slice(nonce);
-    out.extend_from_slice(&Sha256::digest(csr_der));
+    out.extend_from_slice(aws_lc_rs::digest::digest(&aws_lc_rs::digest::SHA256, csr_der).as_ref());
     out
 }
 
@@ -905,7 +904,10 @@ mod tests {
         assert!(d.starts_with(b"ukey-renew-v1\0ord_x\0"));
         assert_eq!(d.len(), 14 + 5 + 1 + 32 + 32);
         assert_eq!(&d[20..52], &[7u8; 32]);
-        assert_eq!(&d[52..], Sha256::digest(b"csr").as_slice());
+        assert_eq!(
+            &d[52..],
+            aws_lc_rs::digest::digest(&aws_lc_rs::digest::SHA256, b"csr").as_ref()
+        );
         assert_eq!(
             installed_signed_data("o", "0a:12"),
             b"ukey-renew-installed-v1\0o\x000A12".to_vec()

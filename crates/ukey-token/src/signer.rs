@@ -7,7 +7,6 @@
 
 use cryptoki::mechanism::Mechanism;
 use cryptoki::object::ObjectHandle;
-use sha2::{Digest, Sha256};
 
 use crate::der;
 use crate::error::Result;
@@ -21,8 +20,8 @@ impl Session<'_> {
         match alg {
             KeyAlg::Rsa2048 => self.sign(&Mechanism::Sha256RsaPkcs, key, data),
             KeyAlg::EcP256 => {
-                let digest = Sha256::digest(data);
-                let raw = self.sign(&Mechanism::Ecdsa, key, &digest)?;
+                let digest = aws_lc_rs::digest::digest(&aws_lc_rs::digest::SHA256, data);
+                let raw = self.sign(&Mechanism::Ecdsa, key, digest.as_ref())?;
                 Ok(der::ecdsa_signature(&raw))
             }
         }
