@@ -55,22 +55,39 @@ impl Lab {
             .hsm
             .create_token(&TokenSpec::dual(label, KeyAlg::Rsa2048))
             .unwrap();
+        self.order(
+            &fx.certs[0].serial_hex,
+            KeyPolicy::New,
+            KeyAlgorithm::Rsa2048,
+            Some(&fx.certs[1].serial_hex),
+        );
+        fx
+    }
+
+    /// A ready one-year order for the certificate `serial`; with `old_encryption`, it
+    /// also renews that encryption certificate.
+    fn order(
+        &self,
+        serial: &str,
+        policy: KeyPolicy,
+        target: KeyAlgorithm,
+        old_encryption: Option<&str>,
+    ) {
         self.portal
             .server
             .portal
             .create_order(&CreateOrderRequest {
-                serial_hex: fx.certs[0].serial_hex.clone(),
+                serial_hex: serial.to_owned(),
                 issuer_der: None,
                 issuer_dn: None,
                 years: 1,
                 state: InitialState::Ready,
-                key_policy: KeyPolicy::New,
-                with_encryption_cert: true,
-                target_algorithm: KeyAlgorithm::Rsa2048,
-                old_encryption_serial_hex: Some(fx.certs[1].serial_hex.clone()),
+                key_policy: policy,
+                with_encryption_cert: old_encryption.is_some(),
+                target_algorithm: target,
+                old_encryption_serial_hex: old_encryption.map(str::to_owned),
             })
             .unwrap();
-        fx
     }
 
     fn renew(&self, fx: &TokenFixture, failpoint: Option<&str>) -> Output {
@@ -212,6 +229,17 @@ fn look(fx: &TokenFixture) -> Seen {
     drop(s);
     drop(module);
     Seen { objects, working }
+}
+
+/// Objects a finished renewal must not leave: pending objects, activation markers.
+fn leftovers(seen: &Seen) -> Vec<&ObjectInfo> {
+    seen.objects
+        .iter()
+        .filter(|o| {
+            o.label.starts_with(ukey_renewal::PENDING_LABEL_PREFIX)
+                || o.kind == ukey_token::ObjectKind::Data
+        })
+        .collect()
 }
 
 fn assert_finished(fx: &TokenFixture, out: &Output, point: &str) -> Value {
@@ -492,21 +520,12 @@ fn missing_mechanism_is_user_action_and_says_to_contact_the_ca() {
         .hsm
         .create_token(&TokenSpec::ukey("No EC keygen"))
         .unwrap();
-    lab.portal
-        .server
-        .portal
-        .create_order(&CreateOrderRequest {
-            serial_hex: fx.certs[0].serial_hex.clone(),
-            issuer_der: None,
-            issuer_dn: None,
-            years: 1,
-            state: InitialState::Ready,
-            key_policy: KeyPolicy::New,
-            with_encryption_cert: false,
-            target_algorithm: KeyAlgorithm::EcP256,
-            old_encryption_serial_hex: None,
-        })
-        .unwrap();
+    lab.order(
+        &fx.certs[0].serial_hex,
+        KeyPolicy::New,
+        KeyAlgorithm::EcP256,
+        None,
+    );
     // CKM_EC_KEY_PAIR_GEN.
     lab.control.hide_mechanism(&fx.serial, 0x1040).unwrap();
     let before = look(&fx).objects;
@@ -560,21 +579,12 @@ fn another_user_renewing_another_certificate_keeps_a_stopped_activation() {
         })
         .unwrap();
     for cert in &fx.certs {
-        lab.portal
-            .server
-            .portal
-            .create_order(&CreateOrderRequest {
-                serial_hex: cert.serial_hex.clone(),
-                issuer_der: None,
-                issuer_dn: None,
-                years: 1,
-                state: InitialState::Ready,
-                key_policy: KeyPolicy::New,
-                with_encryption_cert: false,
-                target_algorithm: KeyAlgorithm::Rsa2048,
-                old_encryption_serial_hex: None,
-            })
-            .unwrap();
+        lab.order(
+            &cert.serial_hex,
+            KeyPolicy::New,
+            KeyAlgorithm::Rsa2048,
+            None,
+        );
     }
     let (a, b) = (&fx.certs[0].serial_hex, &fx.certs[1].serial_hex);
     let out = lab.renew_with(&fx, Some("activate.3:before"), &fx.user_pin, &["--cert", a]);
@@ -618,11 +628,7 @@ fn another_user_renewing_another_certificate_keeps_a_stopped_activation() {
     want.sort();
     assert_eq!(working, want, "{:?}", done.objects);
     assert!(
-        !done
-            .objects
-            .iter()
-            .any(|o| o.label.starts_with(ukey_renewal::PENDING_LABEL_PREFIX)
-                || o.kind == ukey_token::ObjectKind::Data),
+        leftovers(&done).is_empty(),
         "pending objects or activation marker left: {:?}",
         done.objects
     );
@@ -653,21 +659,7 @@ fn single_certificate_key_killed_then_resumed_new_key_and_same_key() {
                 .hsm
                 .create_token(&TokenSpec::ukey(&format!("Single {n}")))
                 .unwrap();
-            lab.portal
-                .server
-                .portal
-                .create_order(&CreateOrderRequest {
-                    serial_hex: fx.certs[0].serial_hex.clone(),
-                    issuer_der: None,
-                    issuer_dn: None,
-                    years: 1,
-                    state: InitialState::Ready,
-                    key_policy: policy,
-                    with_encryption_cert: false,
-                    target_algorithm: KeyAlgorithm::Rsa2048,
-                    old_encryption_serial_hex: None,
-                })
-                .unwrap();
+            lab.order(&fx.certs[0].serial_hex, policy, KeyAlgorithm::Rsa2048, None);
             let out = lab.renew(&fx, Some(point));
             assert_eq!(
                 out.status.signal(),
@@ -697,11 +689,7 @@ fn single_certificate_key_killed_then_resumed_new_key_and_same_key() {
                 .count();
             assert_eq!(at_old_id, 3, "{policy:?} {point}: {:?}", seen.objects);
             assert!(
-                !seen
-                    .objects
-                    .iter()
-                    .any(|o| o.label.starts_with(ukey_renewal::PENDING_LABEL_PREFIX)
-                        || o.kind == ukey_token::ObjectKind::Data),
+                leftovers(&seen).is_empty(),
                 "{policy:?} {point}: {:?}",
                 seen.objects
             );

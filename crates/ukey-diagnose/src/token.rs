@@ -563,7 +563,7 @@ pub(crate) fn diagnose(
     let intermediates: Vec<Vec<u8>> = listing
         .certificates
         .iter()
-        .filter(|c| c.details.is_ok() && certificate::is_ca(&c.der))
+        .filter(|c| c.details.as_ref().is_ok_and(|d| d.is_ca))
         .map(|c| c.der.clone())
         .chain(extra_intermediates.iter().cloned())
         .collect();
@@ -575,7 +575,7 @@ pub(crate) fn diagnose(
         match &entry.details {
             Err(e) => s.checks.push(certificate::corrupt_check(e, entry)),
             Ok(d) => {
-                let ca = certificate::is_ca(&entry.der);
+                let ca = d.is_ca;
                 if !ca {
                     personal.extend(redact::personal_values(&d.subject));
                     if let Some(cn) = &d.subject_cn

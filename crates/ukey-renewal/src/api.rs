@@ -25,11 +25,10 @@ use ukey_portal_api::{
     RenewalStatus, StatusRequest,
 };
 use ukey_portal_client::{Answer, BlockingPortalClient, ClientError};
-use ukey_token::cryptoki::mechanism::MechanismType;
 use ukey_token::cryptoki::object::{Attribute, ObjectHandle};
 use ukey_token::{
-    KeyAlg, KeyMatch, KeyObject, KeyTransport, Module, ObjectInfo, ObjectKind, PinState, PublicKey,
-    Session, TokenSigner, TokenSummary,
+    KeyAlg, KeyMatch, KeyObject, KeyTransport, Module, ObjectInfo, ObjectKind, PublicKey, Session,
+    TokenSigner, TokenSummary,
 };
 
 use crate::journal::PendingId;
@@ -110,8 +109,6 @@ pub enum KeyUse {
     Unwrap,
     /// Decryption / key agreement with an encryption key (self-test).
     Decrypt,
-    /// Moving or deleting it: any key proven to be the one.
-    Any,
 }
 
 /// Application of the CKO_DATA markers the engine leaves on a token.
@@ -122,8 +119,6 @@ pub const ACTIVATION_MARKER_PREFIX: &str = "ukey-renew activating ";
 /// The token side of a renewal: one read-write session with one token.
 #[derive(Debug)]
 pub struct SessionToken<'m> {
-    module: &'m Module,
-    token: TokenSummary,
     session: Session<'m>,
 }
 
@@ -132,35 +127,13 @@ impl<'m> SessionToken<'m> {
     /// at once on several sessions of one module).
     pub fn open(module: &'m Module, token: &TokenSummary) -> TokenResult<SessionToken<'m>> {
         Ok(SessionToken {
-            module,
-            token: token.clone(),
             session: module.open_rw_session(token)?,
         })
-    }
-
-    /// The session.
-    pub fn session(&self) -> &Session<'m> {
-        &self.session
-    }
-
-    /// The token's serial.
-    pub fn serial(&self) -> String {
-        self.token.serial.clone()
-    }
-
-    /// The PIN flags, read now.
-    pub fn pin_state(&self) -> TokenResult<PinState> {
-        Ok(self.module.refresh(&self.token)?.pin)
     }
 
     /// C_Login. Never retried by the engine.
     pub fn login(&self, pin: &SecretString) -> TokenResult<()> {
         self.session.login(pin)
-    }
-
-    /// The mechanisms the token offers.
-    pub fn mechanisms(&self) -> TokenResult<Vec<MechanismType>> {
-        self.session.mechanisms()
     }
 
     /// Every object visible.
@@ -288,7 +261,6 @@ impl<'m> SessionToken<'m> {
                 PublicKey::Rsa { .. } => o.decrypt != Some(false),
                 PublicKey::EcP256 { .. } => o.derive != Some(false),
             },
-            KeyUse::Any => true,
         };
         let keys = self.private_keys(key)?;
         keys.iter()
