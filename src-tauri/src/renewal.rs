@@ -1,7 +1,7 @@
 //! The renewal engine (ukey-renewal) and the diagnosis (ukey-diagnose), wired for the
 //! app: portal client and engine options from the settings, engine events mapped to
-//! the progress channel, engine errors to `{code, message}`. Runs on the key service
-//! thread, which owns the module.
+//! the progress channel, engine errors to `{code, message}`. Each call runs on a thread
+//! of its own with a shared handle on the module (see [`crate::service`]).
 
 use std::path::PathBuf;
 use std::sync::Arc;

@@ -1,7 +1,10 @@
-//! The key service: one thread owns the PKCS#11 module (a module can be initialised
-//! once per process, and ukey-token's sessions borrow it), watches slots, lists
-//! tokens and runs renewals; a second thread asks the portal for renewal statuses so
-//! a slow network never delays the insert/remove events.
+//! The key service: one thread (`ukey-keys`) loads the PKCS#11 module (a module can be
+//! initialised once per process), watches slots and lists tokens; each renewal,
+//! renewal plan and diagnosis runs on a thread of its own with a shared handle on the
+//! module, and a further thread asks the portal for renewal statuses. So a slow or dead
+//! portal, or a renewal's minutes on the key, never delay an insert or a removal.
+//! While a renewal or diagnosis holds the module, the watcher's re-scans (C_Finalize +
+//! C_Initialize, for SoftHSM2) wait: see [`ukey_token::Watcher`].
 //!
 //! Nothing here knows Tauri: the app gives an [`Emitter`], tests give a recorder.
 //!
@@ -9,7 +12,7 @@
 //! handed to the engine once and dropped with the job; it is never stored, logged or
 //! sent in an event, and a wrong PIN is never retried here.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::path::PathBuf;
 use std::sync::mpsc::{self, RecvTimeoutError};
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -68,8 +71,8 @@ impl std::fmt::Debug for ServiceConfig {
     }
 }
 
-/// A renewal run, executed on the service thread (it needs the module). The closure
-/// owns the PIN and drops it when it returns.
+/// A renewal run, executed on a thread of its own with the module. The closure owns
+/// the PIN and drops it when it returns.
 pub type RenewJob = Box<dyn FnOnce(&Module) -> IpcResult<RenewOutcome> + Send>;
 
 /// Other work needing the module (plan, diagnosis); `None` when no module is loaded.
@@ -115,26 +118,51 @@ impl std::fmt::Debug for Request {
     }
 }
 
+/// What the service thread receives: requests from the front end, and the end of
+/// the work it started on other threads.
+enum Message {
+    Request(Request),
+    /// A renewal thread finished.
+    Finished {
+        token_serial: String,
+        cert_serial: String,
+        outcome: IpcResult<RenewOutcome>,
+        reply: mpsc::Sender<IpcResult<RenewOutcome>>,
+    },
+    /// The last [`Service`] handle is gone.
+    Stop,
+}
+
 /// Handle to the running service. When the last handle goes, the service thread is
-/// told to stop (its channel closes) and joined: it finalises the PKCS#11 module
-/// before the process exits, never during the exit (a module torn down under a running
-/// poll crashes the process).
+/// told to stop and joined: it lets go of the PKCS#11 module before the process exits,
+/// never during the exit (a module torn down under a running poll crashes the
+/// process). A renewal still running holds its own handle on the module, so the module
+/// is finalised only after it ends.
 #[derive(Debug, Clone)]
 pub struct Service {
-    // Dropped first: closes the channel the service thread waits on.
-    tx: mpsc::Sender<Request>,
+    tx: mpsc::Sender<Message>,
     shared: Arc<Shared>,
-    // Dropped last: the last one joins the service thread.
+    // The last one stops and joins the service thread.
     _worker: Arc<WorkerThread>,
 }
 
-/// The service thread, joined when the last [`Service`] handle is dropped.
-#[derive(Debug)]
-struct WorkerThread(Mutex<Option<std::thread::JoinHandle<()>>>);
+/// The service thread, stopped and joined when the last [`Service`] handle is dropped.
+struct WorkerThread {
+    tx: mpsc::Sender<Message>,
+    handle: Mutex<Option<std::thread::JoinHandle<()>>>,
+}
+
+impl std::fmt::Debug for WorkerThread {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("WorkerThread")
+    }
+}
 
 impl Drop for WorkerThread {
     fn drop(&mut self) {
-        let handle = self.0.lock().ok().and_then(|mut h| h.take());
+        // Fails only when the thread is gone already.
+        let _ = self.tx.send(Message::Stop);
+        let handle = self.handle.lock().ok().and_then(|mut h| h.take());
         if let Some(h) = handle {
             if h.join().is_err() {
                 tracing::error!("the key service thread panicked");
@@ -179,10 +207,11 @@ impl Service {
         }
         let worker = {
             let shared = shared.clone();
+            let to_self = tx.clone();
             std::thread::Builder::new()
                 .name("ukey-keys".into())
                 .spawn(move || {
-                    let mut worker = Worker::new(config, shared, emitter, ptx);
+                    let mut worker = Worker::new(config, shared, emitter, ptx, to_self);
                     worker.run(rx);
                 })
                 // Commands then answer `internal` (worker gone): nothing else to do.
@@ -190,9 +219,12 @@ impl Service {
                 .ok()
         };
         Service {
-            tx,
+            tx: tx.clone(),
             shared,
-            _worker: Arc::new(WorkerThread(Mutex::new(worker))),
+            _worker: Arc::new(WorkerThread {
+                tx,
+                handle: Mutex::new(worker),
+            }),
         }
     }
 
@@ -203,7 +235,9 @@ impl Service {
 
     /// Sends a request to the service thread.
     pub fn send(&self, req: Request) -> IpcResult<()> {
-        self.tx.send(req).map_err(|_| IpcError::worker_gone())
+        self.tx
+            .send(Message::Request(req))
+            .map_err(|_| IpcError::worker_gone())
     }
 }
 
@@ -251,6 +285,10 @@ struct Worker {
     shared: Arc<Shared>,
     emitter: Arc<dyn Emitter>,
     portal: mpsc::Sender<(Option<Arc<dyn StatusSource>>, PortalJob)>,
+    /// For the renewal threads to say they are done.
+    to_self: mpsc::Sender<Message>,
+    /// Tokens with a renewal running (one at a time per key).
+    renewing: HashSet<String>,
     /// Wrong PINs entered in this app, by token serial.
     wrong_pins: HashMap<String, u32>,
     /// Renewals stopped by a pulled key.
@@ -263,6 +301,7 @@ impl Worker {
         shared: Arc<Shared>,
         emitter: Arc<dyn Emitter>,
         portal: mpsc::Sender<(Option<Arc<dyn StatusSource>>, PortalJob)>,
+        to_self: mpsc::Sender<Message>,
     ) -> Worker {
         let mut w = Worker {
             config,
@@ -270,6 +309,8 @@ impl Worker {
             shared,
             emitter,
             portal,
+            to_self,
+            renewing: HashSet::new(),
             wrong_pins: HashMap::new(),
             interrupted: vec![],
         };
@@ -318,9 +359,25 @@ impl Worker {
         self.emitter.snapshot(&snap);
     }
 
-    fn run(&mut self, rx: mpsc::Receiver<Request>) {
+    fn run(&mut self, rx: mpsc::Receiver<Message>) {
         loop {
-            match rx.recv_timeout(POLL_INTERVAL) {
+            let request = match rx.recv_timeout(POLL_INTERVAL) {
+                Ok(Message::Request(r)) => Ok(r),
+                Ok(Message::Finished {
+                    token_serial,
+                    cert_serial,
+                    outcome,
+                    reply,
+                }) => {
+                    self.finished(&token_serial, &cert_serial, &outcome);
+                    // The UI may have gone away (window closed): nothing to tell then.
+                    let _ = reply.send(outcome);
+                    continue;
+                }
+                Ok(Message::Stop) => return,
+                Err(e) => Err(e),
+            };
+            match request {
                 Ok(Request::Refresh) => {
                     lock(&self.shared.statuses).clear();
                     self.relist(None, true);
@@ -339,12 +396,18 @@ impl Worker {
                     cert_serial,
                     job,
                     reply,
-                }) => {
-                    let outcome = self.renew(&token_serial, &cert_serial, job);
-                    // The UI may have gone away (window closed): nothing to tell then.
-                    let _ = reply.send(outcome);
+                }) => self.renew(token_serial, cert_serial, job, reply),
+                Ok(Request::WithModule(job)) => {
+                    let module = self.watcher.as_ref().map(Watcher::shared_module);
+                    let started = std::thread::Builder::new()
+                        .name("ukey-module-job".into())
+                        .spawn(move || job(module.as_deref()));
+                    if let Err(e) = started {
+                        // The job (and the command's answer channel) is gone: the
+                        // command answers `internal`.
+                        tracing::error!("starting a module job: {e}");
+                    }
                 }
-                Ok(Request::WithModule(job)) => job(self.watcher.as_ref().map(Watcher::module)),
                 Err(RecvTimeoutError::Timeout) => self.poll(),
                 Err(RecvTimeoutError::Disconnected) => return,
             }
@@ -482,21 +545,74 @@ impl Worker {
         }
     }
 
+    /// Starts the renewal on a thread of its own; its end comes back as
+    /// [`Message::Finished`].
     fn renew(
         &mut self,
-        token_serial: &str,
-        cert_serial: &str,
+        token_serial: String,
+        cert_serial: String,
         job: RenewJob,
-    ) -> IpcResult<RenewOutcome> {
+        reply: mpsc::Sender<IpcResult<RenewOutcome>>,
+    ) {
         let Some(watcher) = self.watcher.as_ref() else {
-            return Err(lock(&self.shared.snapshot)
+            let _ = reply.send(Err(lock(&self.shared.snapshot)
                 .module
                 .error
                 .clone()
-                .unwrap_or_else(|| IpcError::new("module_not_found", "no PKCS#11 module")));
+                .unwrap_or_else(|| IpcError::new("module_not_found", "no PKCS#11 module"))));
+            return;
         };
-        let outcome = job(watcher.module());
-        match &outcome {
+        if self.renewing.contains(&token_serial) {
+            let _ = reply.send(Err(IpcError::new(
+                "renewal_running",
+                self.config.lang.pick(
+                    "这个 UKey 正在更新证书，请等它完成",
+                    "A renewal is already running on this UKey: wait for it to finish",
+                ),
+            )));
+            return;
+        }
+        let module = watcher.shared_module();
+        let to_self = self.to_self.clone();
+        let (t, c) = (token_serial.clone(), cert_serial.clone());
+        let started = std::thread::Builder::new()
+            .name("ukey-renewal".into())
+            .spawn(move || {
+                let outcome = job(&module);
+                drop(module);
+                let done = Message::Finished {
+                    token_serial: t,
+                    cert_serial: c,
+                    outcome,
+                    reply,
+                };
+                // The service stopped meanwhile: answer the command directly.
+                if let Err(mpsc::SendError(Message::Finished { outcome, reply, .. })) =
+                    to_self.send(done)
+                {
+                    let _ = reply.send(outcome);
+                }
+            });
+        match started {
+            Ok(_) => {
+                self.renewing.insert(token_serial);
+            }
+            // The job and its reply channel went with the closure: the command answers
+            // `internal`.
+            Err(e) => tracing::error!("starting a renewal thread: {e}"),
+        }
+    }
+
+    /// A renewal thread ended: remember what the outcome says about the key, and show
+    /// the key as it is now.
+    fn finished(
+        &mut self,
+        token_serial: &str,
+        cert_serial: &str,
+        outcome: &IpcResult<RenewOutcome>,
+    ) {
+        self.renewing.remove(token_serial);
+        match outcome {
             Ok(_) => {
                 self.wrong_pins.remove(token_serial);
                 self.interrupted.retain(|i| i.token_serial != token_serial);
@@ -532,6 +648,5 @@ impl Worker {
         lock(&self.shared.statuses).remove(cert_serial);
         self.poll();
         self.relist(None, false);
-        outcome
     }
 }

@@ -5,7 +5,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use softhsm_fixtures::{SoftHsm, TokenSpec, softhsm_module};
-use ukey_desktop::service::{Emitter, Service, ServiceConfig};
+use ukey_desktop::service::{Emitter, Request, Service, ServiceConfig};
 use ukey_desktop::view::{KeyView, Snapshot, StatusView};
 use ukey_token::Lang;
 
@@ -137,4 +137,101 @@ fn a_missing_module_is_shown_not_fatal() {
         "{err:?}"
     );
     assert!(snap.keys.is_empty());
+}
+
+#[test]
+fn a_renewal_that_hangs_delays_no_insert_and_no_second_renewal_starts() {
+    // Keys behind ukey-sim, which reports hot-plug as a USB key does; the second one
+    // starts unplugged.
+    let hsm = SoftHsm::new().expect("softhsm");
+    let first = hsm
+        .create_token(&TokenSpec::ukey("UKey-One"))
+        .expect("token");
+    let second = hsm
+        .create_token(&TokenSpec::ukey("UKey-Two"))
+        .expect("second token");
+    hsm.activate();
+    let sim = ukey_sim::Control::new(ukey_sim::default_state_dir()).expect("ukey-sim state");
+    sim.unplug(&second.serial).expect("unplug");
+    let rec = Arc::new(Recorder::default());
+    let service = Service::start(
+        ServiceConfig {
+            module: Some(ukey_sim::module_path().expect("libukey_sim.so")),
+            portal: None,
+            portal_url: None,
+            data_dir: None,
+            lang: Lang::En,
+        },
+        rec.clone(),
+    );
+    wait_for(&rec, "the first token", Duration::from_secs(10), |s| {
+        s.keys.len() == 1
+    });
+
+    // A renewal whose portal never answers: it holds the module (with a session open on
+    // the key) until the test lets it go.
+    let (release_tx, release_rx) = std::sync::mpsc::channel::<()>();
+    let (started_tx, started_rx) = std::sync::mpsc::channel::<()>();
+    let (reply_tx, reply_rx) = std::sync::mpsc::channel();
+    let serial = first.serial.clone();
+    service
+        .send(Request::Renew {
+            token_serial: first.serial.clone(),
+            cert_serial: first.certs[0].serial_hex.clone(),
+            job: Box::new(move |module| {
+                let token = module
+                    .tokens()
+                    .expect("tokens")
+                    .into_iter()
+                    .find(|t| t.serial == serial)
+                    .expect("the key");
+                let session = module.open_session(&token).expect("session");
+                started_tx.send(()).expect("started");
+                // Waits far longer than the test waits for the insert below.
+                let _ = release_rx.recv_timeout(Duration::from_secs(60));
+                // The session survived the watcher's polls meanwhile.
+                session.find_objects(&[]).expect("session still open");
+                Err(ukey_desktop::error::IpcError::new(
+                    "portal_timeout",
+                    "no answer",
+                ))
+            }),
+            reply: reply_tx,
+        })
+        .expect("send");
+    started_rx
+        .recv_timeout(Duration::from_secs(10))
+        .expect("the renewal started");
+
+    // A second renewal on the same key is refused at once.
+    let (again_tx, again_rx) = std::sync::mpsc::channel();
+    service
+        .send(Request::Renew {
+            token_serial: first.serial.clone(),
+            cert_serial: first.certs[0].serial_hex.clone(),
+            job: Box::new(|_| panic!("a second renewal must not start")),
+            reply: again_tx,
+        })
+        .expect("send");
+    let again = again_rx
+        .recv_timeout(Duration::from_secs(10))
+        .expect("an answer");
+    assert_eq!(again.expect_err("refused").code, "renewal_running");
+
+    // Meanwhile another key is plugged in and is listed.
+    sim.plug(&second.serial).expect("plug");
+    let snap = wait_for(&rec, "the second token", Duration::from_secs(20), |s| {
+        s.keys.len() == 2
+    });
+    assert!(snap.keys.iter().any(|k| k.serial == second.serial));
+    assert!(
+        reply_rx.try_recv().is_err(),
+        "the renewal is still running while the insert was shown"
+    );
+
+    release_tx.send(()).expect("release");
+    let outcome = reply_rx
+        .recv_timeout(Duration::from_secs(10))
+        .expect("the renewal's answer");
+    assert_eq!(outcome.expect_err("failed").code, "portal_timeout");
 }

@@ -4,7 +4,9 @@
 //! [`Module::reinitialize`] (C_Finalize + C_Initialize, which SoftHSM2 needs to see
 //! tokens created or deleted by another process) takes `&mut self`. So the borrow
 //! checker guarantees that no session of ours is open when the module is
-//! re-initialised: a re-scan can never kill a session in use.
+//! re-initialised: a re-scan can never kill a session in use. A module shared between
+//! threads lives in an `Arc`, and only the sole holder can get the `&mut` (see
+//! [`crate::Watcher`]).
 
 use std::path::{Path, PathBuf};
 

@@ -1,11 +1,15 @@
 //! Turning slot changes into [`TokenEvent::Inserted`] / [`TokenEvent::Removed`].
 //!
-//! The watcher owns the [`Module`]. Each [`Watcher::poll`]:
+//! The watcher holds the [`Module`] in an [`Arc`], which it shares with whoever works
+//! with the keys meanwhile ([`Watcher::shared_module`]: a renewal on another thread).
+//! Each [`Watcher::poll`]:
 //!
 //! 1. in [`WatchMode::Reinitialize`], calls C_Finalize + C_Initialize, because SoftHSM2
 //!    (and some vendor modules) never show a token created or deleted after
-//!    C_Initialize. `poll` takes `&mut self` and sessions borrow the module (see
-//!    [`crate::module`]), so this never happens while a session is open;
+//!    C_Initialize. It needs the module to itself: `poll` takes `&mut self`, sessions
+//!    borrow the module (see [`crate::module`]), and while any other handle of the
+//!    `Arc` lives the re-scan is skipped ([`Arc::get_mut`]). So it never happens while
+//!    a session is open, on this thread or another; the live slot list still runs;
 //! 2. in [`WatchMode::SlotEvents`], drains C_WaitForSlotEvent(CKF_DONT_BLOCK) so that
 //!    modules which queue events do not fill up, and logs them;
 //! 3. lists the tokens (C_GetSlotList + C_GetTokenInfo) and compares them with the
@@ -16,6 +20,7 @@
 //! A blocking C_WaitForSlotEvent in a thread is not used: waking it needs C_Finalize
 //! from another thread, which would kill the caller's sessions.
 
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use cryptoki::error::{Error as CkError, RvError};
@@ -57,7 +62,7 @@ pub enum TokenEvent {
 /// Watches a module's slots.
 #[derive(Debug)]
 pub struct Watcher {
-    module: Module,
+    module: Arc<Module>,
     mode: WatchMode,
     known: Option<Vec<TokenSummary>>,
 }
@@ -66,6 +71,12 @@ impl Watcher {
     /// Starts watching. The first [`Watcher::poll`] reports the tokens already present
     /// as [`TokenEvent::Inserted`].
     pub fn new(module: Module, mode: WatchMode) -> Watcher {
+        Watcher::with_shared(Arc::new(module), mode)
+    }
+
+    /// Starts watching a module that others may hold too (re-scans wait until they
+    /// let go).
+    pub fn with_shared(module: Arc<Module>, mode: WatchMode) -> Watcher {
         let mode = match mode {
             WatchMode::Auto => auto_mode(&module),
             m => m,
@@ -88,9 +99,11 @@ impl Watcher {
         &self.module
     }
 
-    /// Stops watching and gives the module back.
-    pub fn into_module(self) -> Module {
-        self.module
+    /// A handle on the module for work on another thread (a renewal, a diagnosis).
+    /// While it lives, [`Watcher::poll`] does not re-initialise the module; it goes on
+    /// listing slots.
+    pub fn shared_module(&self) -> Arc<Module> {
+        Arc::clone(&self.module)
     }
 
     /// The tokens present at the last poll.
@@ -101,7 +114,7 @@ impl Watcher {
     /// Looks once and returns what changed since the last look.
     pub fn poll(&mut self) -> Result<Vec<TokenEvent>> {
         match self.mode {
-            WatchMode::Reinitialize => self.module.reinitialize()?,
+            WatchMode::Reinitialize => self.reinitialize()?,
             _ => self.drain_slot_events()?,
         }
         let now = self.module.tokens()?;
@@ -151,12 +164,26 @@ impl Watcher {
                 Err(CkError::Pkcs11(RvError::FunctionNotSupported, _)) => {
                     tracing::debug!("C_WaitForSlotEvent not supported; re-initialising instead");
                     self.mode = WatchMode::Reinitialize;
-                    return self.module.reinitialize();
+                    return self.reinitialize();
                 }
                 Err(e) => return Err(Error::from_cryptoki(e, None)),
             }
         }
         Ok(())
+    }
+}
+
+impl Watcher {
+    /// C_Finalize + C_Initialize, only when nobody else holds the module (a session
+    /// open on another thread would die); otherwise the re-scan waits for a later poll.
+    fn reinitialize(&mut self) -> Result<()> {
+        match Arc::get_mut(&mut self.module) {
+            Some(module) => module.reinitialize(),
+            None => {
+                tracing::trace!("module in use elsewhere: re-scan postponed");
+                Ok(())
+            }
+        }
     }
 }
 

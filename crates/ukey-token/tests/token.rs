@@ -304,6 +304,66 @@ fn watcher_sees_a_token_appear_and_disappear() {
 }
 
 #[test]
+fn a_session_on_another_thread_survives_the_watchers_polls() {
+    use ukey_token::cryptoki::mechanism::Mechanism;
+    let hsm = SoftHsm::new().unwrap();
+    let fx = hsm.create_token(&TokenSpec::ukey("busy")).unwrap();
+    let mut w = Watcher::new(module(&hsm), WatchMode::Reinitialize);
+    assert_eq!(w.poll().unwrap().len(), 1);
+
+    // A renewal on another thread holds the module with a logged-in session while the
+    // watcher keeps polling: the re-scan (C_Finalize) waits, the session lives on.
+    let shared = w.shared_module();
+    let pin = fx.user_pin.clone();
+    let key_id = fx.certs[0].key_id.clone();
+    let (logged_in, polled) = (std::sync::mpsc::channel(), std::sync::mpsc::channel::<()>());
+    let worker = std::thread::spawn(move || {
+        let token = shared.tokens().unwrap().remove(0);
+        let s = shared.open_session(&token).unwrap();
+        s.login(&SecretString::from(pin)).unwrap();
+        logged_in.0.send(()).unwrap();
+        polled.1.recv().unwrap();
+        let key = s
+            .find_private_key(&key_id)
+            .unwrap()
+            .expect("still logged in");
+        s.sign(&Mechanism::Sha256RsaPkcs, key, b"after the polls")
+            .unwrap()
+    });
+    logged_in.1.recv().unwrap();
+    for _ in 0..5 {
+        assert!(w.poll().unwrap().is_empty(), "the token stays listed");
+    }
+    polled.0.send(()).unwrap();
+    assert_eq!(worker.join().expect("worker").len(), 256);
+
+    // Once the other handle is gone, re-scans happen again: a token made by another
+    // process appears.
+    let out = hsm
+        .command("softhsm2-util")
+        .args([
+            "--init-token",
+            "--free",
+            "--label",
+            "later",
+            "--pin",
+            "123456",
+            "--so-pin",
+            "12345678",
+        ])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{out:?}");
+    let ev = w
+        .wait(Duration::from_millis(50), Duration::from_secs(10))
+        .unwrap();
+    assert!(
+        matches!(&ev[..], [TokenEvent::Inserted { token }] if token.label == "later"),
+        "{ev:?}"
+    );
+}
+
+#[test]
 fn session_signs_with_the_token_key() {
     use ukey_token::cryptoki::mechanism::Mechanism;
     let hsm = SoftHsm::new().unwrap();
