@@ -18,8 +18,9 @@ use crate::renewal::{
     self, DiagnosticsResult, EngineConfig, PlanView, PortalStatus, RenewEvent, RenewOutcome,
 };
 use crate::service::{Request, StatusSource};
-use crate::settings::{self, Settings};
+use crate::settings::{self, AppSettings, Settings};
 use crate::view::Snapshot;
+use ukey_token::UserSettings;
 
 /// The keys, certificates and statuses as they are now (later changes come as
 /// `snapshot` events).
@@ -48,33 +49,55 @@ pub struct DetectedModule {
 #[derive(Debug, Clone, Serialize)]
 #[serde(rename_all = "camelCase")]
 pub struct SettingsView {
-    /// As in the file: what the page edits.
+    /// As in the user's files (config.toml and the app's settings.json): what the page
+    /// edits.
     pub file: Settings,
-    /// In force (file + environment).
+    /// In force (the CA's config, the user's files, the environment).
     pub effective: Settings,
+    /// What the CA's system-wide file sets (shown where the user's file is silent).
+    pub system: Settings,
     /// Settings set by the environment (not editable here).
     pub env_overrides: Vec<&'static str>,
     /// `zh-CN` or `en`.
     pub language: &'static str,
     /// Modules found on this machine.
     pub detected_modules: Vec<DetectedModule>,
-    /// Where the settings live.
+    /// The app's own settings file.
     pub settings_path: String,
+    /// The user's config.toml (shared with the `ukey` CLI).
+    pub config_path: Option<String>,
+    /// The CA's system-wide config.toml.
+    pub system_config_path: String,
     /// Whether autostart is really registered with the desktop.
     pub autostart_registered: Option<bool>,
     /// App version.
     pub version: &'static str,
 }
 
-fn settings_view(app: &tauri::AppHandle, state: &AppState) -> SettingsView {
-    let file = state
+/// The form as in the user's files.
+fn file_form(state: &AppState) -> IpcResult<Settings> {
+    let app = state
         .file_settings
         .lock()
         .unwrap_or_else(|e| e.into_inner())
         .clone();
-    let effective = state.env.apply(&file);
+    let user = match &state.config_path {
+        Some(p) => ukey_token::Config::load(p)
+            .map_err(|e| IpcError::new("settings_file_damaged", e.to_string()))?,
+        None => ukey_token::Config::default(),
+    };
+    Ok(Settings::from_parts(&app, &UserSettings::of(&user)))
+}
+
+fn settings_view(app: &tauri::AppHandle, state: &AppState) -> IpcResult<SettingsView> {
+    let file = file_form(state)?;
+    let effective = state.effective();
+    let system_path = ukey_token::Config::system_path();
+    let system = ukey_token::Config::load(&system_path)
+        .map(|c| Settings::from_parts(&AppSettings::default(), &UserSettings::of(&c)))
+        .unwrap_or_default();
     let config = ukey_token::Config::load_default().unwrap_or_default();
-    SettingsView {
+    Ok(SettingsView {
         language: settings::effective_language(&effective),
         env_overrides: state.env.names(),
         detected_modules: ukey_token::discover_all(&config)
@@ -85,21 +108,25 @@ fn settings_view(app: &tauri::AppHandle, state: &AppState) -> SettingsView {
             })
             .collect(),
         settings_path: state.settings_path.display().to_string(),
+        config_path: state.config_path.as_ref().map(|p| p.display().to_string()),
+        system_config_path: system_path.display().to_string(),
         autostart_registered: app.autolaunch().is_enabled().ok(),
         version: env!("CARGO_PKG_VERSION"),
         file,
         effective,
-    }
+        system,
+    })
 }
 
 /// The settings page's content.
 #[tauri::command]
-pub fn get_settings(app: tauri::AppHandle, state: State<'_, AppState>) -> SettingsView {
+pub fn get_settings(app: tauri::AppHandle, state: State<'_, AppState>) -> IpcResult<SettingsView> {
     settings_view(&app, &state)
 }
 
-/// Validates and saves the settings, applies autostart and reloads the service.
-/// Invalid input changes nothing.
+/// Validates and saves the settings (the engine's in the user's config.toml, which the
+/// CLI reads too; language and autostart in the app's file), applies autostart and
+/// reloads the service. Invalid input changes nothing.
 #[tauri::command]
 pub fn save_settings(
     app: tauri::AppHandle,
@@ -108,10 +135,7 @@ pub fn save_settings(
 ) -> IpcResult<SettingsView> {
     settings.validate()?;
     {
-        let old = state
-            .file_settings
-            .lock()
-            .unwrap_or_else(|e| e.into_inner());
+        let old = file_form(&state)?;
         let chosen = state.chosen_files.lock().unwrap_or_else(|e| e.into_inner());
         let unchosen = unchosen_paths(&settings, &old, &chosen);
         if let Some(p) = unchosen.first() {
@@ -124,11 +148,21 @@ pub fn save_settings(
             ));
         }
     }
-    settings.save(&state.settings_path)?;
-    if settings.autostart {
+    let autostart_on = settings.autostart;
+    let (app_settings, user) = settings.into_parts();
+    let config_path = state.config_path.as_ref().ok_or_else(|| {
+        IpcError::new(
+            "settings_io",
+            "找不到用户配置目录 / no configuration directory for this user",
+        )
+    })?;
+    user.save(config_path)
+        .map_err(|e| IpcError::new("settings_io", e.to_string()))?;
+    app_settings.save(&state.settings_path)?;
+    if autostart_on {
         crate::ensure_autostart_dir();
     }
-    let autostart = if settings.autostart {
+    let autostart = if autostart_on {
         app.autolaunch().enable()
     } else {
         app.autolaunch().disable()
@@ -139,14 +173,14 @@ pub fn save_settings(
     *state
         .file_settings
         .lock()
-        .unwrap_or_else(|e| e.into_inner()) = settings;
+        .unwrap_or_else(|e| e.into_inner()) = app_settings;
     state
         .service
         .send(Request::Reconfigure(crate::service_config(
             &state.effective(),
             &state.data_dir,
         )))?;
-    Ok(settings_view(&app, &state))
+    settings_view(&app, &state)
 }
 
 /// The portal client for these settings, if a portal is configured.

@@ -29,7 +29,7 @@ use tauri_plugin_autostart::ManagerExt as _;
 use tauri_plugin_notification::NotificationExt as _;
 
 use crate::service::{Emitter, Service, ServiceConfig};
-use crate::settings::{EnvOverrides, Settings};
+use crate::settings::{AppSettings, EnvOverrides, Settings};
 use crate::view::{KeyView, Snapshot};
 
 /// Name of the event carrying a [`Snapshot`].
@@ -42,10 +42,13 @@ pub const MINIMIZED_FLAG: &str = "--minimized";
 pub struct AppState {
     /// The key service.
     pub service: Service,
-    /// Settings file path.
+    /// The app's own settings file (language, autostart).
     pub settings_path: PathBuf,
-    /// Settings as in the file (what the settings page edits).
-    pub file_settings: Mutex<Settings>,
+    /// The user's config.toml, shared with the CLI (module, portal, trust anchors,
+    /// support contact); `None` when the system gives no config directory.
+    pub config_path: Option<PathBuf>,
+    /// The app's own settings as in its file.
+    pub file_settings: Mutex<AppSettings>,
     /// Environment overrides, read once at start.
     pub env: EnvOverrides,
     /// Directory of the renewal journals (shared with `ukey renew`).
@@ -65,8 +68,11 @@ impl AppState {
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .clone();
-        let config = ukey_token::Config::load_default().unwrap_or_default();
-        self.env.apply(&settings::over_config(&file, &config))
+        let config = ukey_token::Config::load_default().unwrap_or_else(|e| {
+            tracing::warn!("configuration file: {e}");
+            ukey_token::Config::default()
+        });
+        self.env.apply(&Settings::in_force(&file, &config))
     }
 }
 
@@ -159,14 +165,26 @@ fn setup(app: &mut tauri::App) -> Result<(), Box<dyn std::error::Error>> {
     };
     let settings_path = config_dir.join(settings::FILE_NAME);
     let first_run = !settings_path.exists();
-    let file_settings = match Settings::load(&settings_path) {
+    let file_settings = match AppSettings::load(&settings_path) {
         Ok(s) => s,
         Err(e) => {
             // Keep the damaged file for the user to look at; run on defaults.
             tracing::warn!("{}", e.message);
-            Settings::default()
+            AppSettings::default()
         }
     };
+    let config_path = ukey_token::Config::default_path();
+    if let Some(config_path) = &config_path {
+        match settings::migrate(&file_settings, &settings_path, config_path) {
+            Ok(moved) if moved.is_empty() => {}
+            Ok(moved) => tracing::info!(
+                ?moved,
+                to = %config_path.display(),
+                "engine settings moved from settings.json to config.toml"
+            ),
+            Err(e) => tracing::warn!("moving settings to config.toml: {}", e.message),
+        }
+    }
     if first_run && file_settings.autostart {
         // Autostart is opt-out: turned on at first start, off in the settings page.
         ensure_autostart_dir();
@@ -183,12 +201,13 @@ fn setup(app: &mut tauri::App) -> Result<(), Box<dyn std::error::Error>> {
         tracing::warn!("configuration file: {e}");
         ukey_token::Config::default()
     });
-    let effective = env.apply(&settings::over_config(&file_settings, &config));
+    let effective = env.apply(&Settings::in_force(&file_settings, &config));
     let emitter: Arc<dyn Emitter> = Arc::new(TauriEmitter(handle.clone()));
     let service = Service::start(service_config(&effective, &data_dir), emitter);
     app.manage(AppState {
         service,
         settings_path,
+        config_path,
         file_settings: Mutex::new(file_settings),
         env,
         data_dir,

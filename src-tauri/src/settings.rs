@@ -1,30 +1,36 @@
-//! The app's settings: a JSON file in the app config dir, plus environment overrides
-//! for tests and managed installs.
+//! The settings page's values live in two files:
 //!
-//! | setting          | file key        | environment           |
-//! |------------------|-----------------|-----------------------|
-//! | PKCS#11 module   | `pkcs11Module`  | `UKEY_PKCS11_MODULE`  |
-//! | portal URL       | `portalUrl`     | `UKEY_PORTAL_URL`     |
-//! | trust anchors    | `trustAnchors`  | `UKEY_TRUST` (paths, `:`-separated) |
-//! | language         | `language`      | `UKEY_LANG`           |
-//! | autostart        | `autostart`     | -                     |
-//! | support contact  | `supportContact`| -                     |
+//! - the engine's, shared with the `ukey` CLI: the user's `config.toml`
+//!   ([`ukey_token::Config::default_path`], over the CA's `/etc/ukey/config.toml`):
+//!   PKCS#11 module, portal URL, trust anchors, support contact;
+//! - the app's own `settings.json` in the app config dir: language and autostart.
 //!
-//! `UKEY_CONFIG_DIR` moves the settings file, `UKEY_DATA_DIR` the renewal journal.
-//! The environment wins over the file; the settings page shows which values come from
-//! the environment and saving never writes them into the file.
+//! | setting          | form key        | file                           | environment           |
+//! |------------------|-----------------|--------------------------------|-----------------------|
+//! | PKCS#11 module   | `pkcs11Module`  | config.toml `pkcs11_module`    | `UKEY_PKCS11_MODULE`  |
+//! | portal URL       | `portalUrl`     | config.toml `portal_url`       | `UKEY_PORTAL_URL`     |
+//! | trust anchors    | `trustAnchors`  | config.toml `[renewal] trust_anchors` | `UKEY_TRUST` (paths, `:`-separated) |
+//! | support contact  | `supportContact`| config.toml `support_contact`  | -                     |
+//! | language         | `language`      | settings.json `language`       | `UKEY_LANG`           |
+//! | autostart        | `autostart`     | settings.json `autostart`      | -                     |
+//!
+//! `UKEY_CONFIG` moves config.toml, `UKEY_CONFIG_DIR` settings.json, `UKEY_DATA_DIR` the
+//! renewal journal. The environment wins over the files; the settings page shows which
+//! values come from the environment and saving never writes them into a file. A
+//! settings.json of an older version, which held the engine's settings too, is moved
+//! over on start ([`migrate`]).
 
 use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
-use ukey_token::Lang;
+use ukey_token::{Config, Lang, UserSettings};
 
 use crate::error::IpcError;
 
-/// Name of the settings file in the config dir.
+/// Name of the app's settings file in the app config dir.
 pub const FILE_NAME: &str = "settings.json";
 
-/// What the user can set. Missing keys take their defaults, so an older file loads.
+/// The settings page's form: what the user can set, from both files.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(default, rename_all = "camelCase", deny_unknown_fields)]
 pub struct Settings {
@@ -44,14 +50,77 @@ pub struct Settings {
 
 impl Default for Settings {
     fn default() -> Self {
-        Settings {
+        Settings::from_parts(&AppSettings::default(), &UserSettings::default())
+    }
+}
+
+/// The app's own file: only what is the app's.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, rename_all = "camelCase", deny_unknown_fields)]
+pub struct AppSettings {
+    /// `zh-CN` or `en`; `None`: from the system locale.
+    pub language: Option<String>,
+    /// Start at login (opt-out).
+    pub autostart: bool,
+    /// Engine settings an older version kept here: read, moved to config.toml by
+    /// [`migrate`], never written again.
+    #[serde(skip_serializing)]
+    pkcs11_module: Option<PathBuf>,
+    #[serde(skip_serializing)]
+    portal_url: Option<String>,
+    #[serde(skip_serializing)]
+    trust_anchors: Vec<PathBuf>,
+    #[serde(skip_serializing)]
+    support_contact: Option<String>,
+}
+
+impl Default for AppSettings {
+    fn default() -> Self {
+        AppSettings {
+            language: None,
+            autostart: true,
             pkcs11_module: None,
             portal_url: None,
             trust_anchors: vec![],
-            language: None,
-            autostart: true,
             support_contact: None,
         }
+    }
+}
+
+impl Settings {
+    /// The form for the app's file and the user's config.toml.
+    pub fn from_parts(app: &AppSettings, user: &UserSettings) -> Settings {
+        Settings {
+            pkcs11_module: user.pkcs11_module.clone(),
+            portal_url: user.portal_url.clone(),
+            trust_anchors: user.trust_anchors.clone(),
+            language: app.language.clone(),
+            autostart: app.autostart,
+            support_contact: user.support_contact.clone(),
+        }
+    }
+
+    /// The form split into the app's file and the user's config.toml.
+    pub fn into_parts(self) -> (AppSettings, UserSettings) {
+        (
+            AppSettings {
+                language: self.language,
+                autostart: self.autostart,
+                ..AppSettings::default()
+            },
+            UserSettings {
+                pkcs11_module: self.pkcs11_module,
+                portal_url: self.portal_url,
+                support_contact: self.support_contact,
+                trust_anchors: self.trust_anchors,
+            },
+        )
+    }
+
+    /// The settings in force: the app's file and the merged configuration files (the
+    /// CA's and the user's), before the environment.
+    pub fn in_force(app: &AppSettings, config: &Config) -> Settings {
+        Settings::from_parts(app, &UserSettings::of(config))
     }
 }
 
@@ -103,10 +172,12 @@ impl Settings {
         }
         Ok(())
     }
+}
 
+impl AppSettings {
     /// Reads the file; a missing file gives the defaults, a damaged one an error (and
     /// the caller keeps running on defaults without overwriting it).
-    pub fn load(path: &Path) -> Result<Settings, IpcError> {
+    pub fn load(path: &Path) -> Result<AppSettings, IpcError> {
         match std::fs::read(path) {
             Ok(bytes) => serde_json::from_slice(&bytes).map_err(|e| {
                 IpcError::new(
@@ -117,7 +188,7 @@ impl Settings {
                     ),
                 )
             }),
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(Settings::default()),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(AppSettings::default()),
             Err(e) => Err(IpcError::new(
                 "settings_io",
                 format!("{}: {e}", path.display()),
@@ -140,7 +211,7 @@ impl Settings {
     }
 }
 
-/// Values from the environment that override the file.
+/// Values from the environment that override the files.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct EnvOverrides {
     /// `UKEY_PKCS11_MODULE`.
@@ -222,6 +293,46 @@ pub fn lang(settings: &Settings) -> Lang {
     Lang::from_locale(effective_language(settings))
 }
 
+/// Moves the engine settings an older settings.json held into the user's config.toml
+/// (where it does not set them already) and rewrites settings.json without them. Says
+/// what it moved; a failure leaves both files as they were.
+pub fn migrate(
+    app: &AppSettings,
+    app_path: &Path,
+    config_path: &Path,
+) -> Result<Vec<&'static str>, IpcError> {
+    let config_err = |e: ukey_token::Error| IpcError::new("settings_io", e.to_string());
+    let mut user = UserSettings::of(&Config::load(config_path).map_err(config_err)?);
+    let mut moved = vec![];
+    if let Some(m) = &app.pkcs11_module {
+        moved.push("pkcs11_module");
+        user.pkcs11_module.get_or_insert_with(|| m.clone());
+    }
+    if let Some(u) = &app.portal_url {
+        moved.push("portal_url");
+        user.portal_url.get_or_insert_with(|| u.clone());
+    }
+    if let Some(c) = &app.support_contact {
+        moved.push("support_contact");
+        user.support_contact.get_or_insert_with(|| c.clone());
+    }
+    if !app.trust_anchors.is_empty() {
+        moved.push("trust_anchors");
+        for a in &app.trust_anchors {
+            if !user.trust_anchors.contains(a) {
+                user.trust_anchors.push(a.clone());
+            }
+        }
+    }
+    if moved.is_empty() {
+        return Ok(moved);
+    }
+    user.save(config_path).map_err(config_err)?;
+    // Written without the engine's settings (they are never serialised).
+    app.save(app_path)?;
+    Ok(moved)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -229,8 +340,8 @@ mod tests {
     #[test]
     fn missing_file_gives_defaults_with_autostart_on() {
         let dir = tempfile::tempdir().expect("tempdir");
-        let s = Settings::load(&dir.path().join(FILE_NAME)).expect("loads");
-        assert_eq!(s, Settings::default());
+        let s = AppSettings::load(&dir.path().join(FILE_NAME)).expect("loads");
+        assert_eq!(s, AppSettings::default());
         assert!(s.autostart);
     }
 
@@ -238,17 +349,15 @@ mod tests {
     fn save_then_load_round_trips() {
         let dir = tempfile::tempdir().expect("tempdir");
         let path = dir.path().join("sub").join(FILE_NAME);
-        let s = Settings {
-            portal_url: Some("https://portal.example".into()),
+        let s = AppSettings {
             language: Some("en".into()),
             autostart: false,
-            support_contact: Some("400-000-0000".into()),
-            ..Settings::default()
+            ..AppSettings::default()
         };
         s.save(&path).expect("saves");
-        assert_eq!(Settings::load(&path).expect("loads"), s);
+        assert_eq!(AppSettings::load(&path).expect("loads"), s);
         let text = std::fs::read_to_string(&path).expect("read");
-        assert!(text.contains("\"portalUrl\""), "{text}");
+        assert!(text.contains("\"autostart\": false"), "{text}");
     }
 
     #[test]
@@ -256,7 +365,7 @@ mod tests {
         let dir = tempfile::tempdir().expect("tempdir");
         let path = dir.path().join(FILE_NAME);
         std::fs::write(&path, b"{not json").expect("write");
-        let err = Settings::load(&path).unwrap_err();
+        let err = AppSettings::load(&path).unwrap_err();
         assert_eq!(err.code, "settings_file_damaged");
         assert_eq!(std::fs::read(&path).expect("read"), b"{not json");
     }
@@ -317,64 +426,78 @@ mod tests {
         assert_eq!(env.names(), vec!["portalUrl"]);
         assert_eq!(effective_language(&s), "en");
     }
-}
-
-/// The engine settings of the configuration files the CLI reads too (the CA's
-/// `/etc/ukey/config.toml` under the user's `~/.config/ukey/config.toml`), below the
-/// app's own file: what the app's file leaves unset comes from them, and their trust
-/// anchors are always trusted.
-pub fn over_config(file: &Settings, config: &ukey_token::Config) -> Settings {
-    let mut s = file.clone();
-    if s.portal_url.is_none() {
-        s.portal_url = config.portal_url.clone();
-    }
-    if s.pkcs11_module.is_none() {
-        s.pkcs11_module = config.pkcs11_module.clone();
-    }
-    let mut anchors = config.renewal.trust_anchors.clone();
-    for a in &file.trust_anchors {
-        if !anchors.contains(a) {
-            anchors.push(a.clone());
-        }
-    }
-    s.trust_anchors = anchors;
-    s
-}
-
-#[cfg(test)]
-mod config_layer_tests {
-    use super::*;
 
     #[test]
-    fn the_apps_file_is_read_over_the_configuration_files() {
-        let config = ukey_token::Config {
+    fn the_form_is_split_between_the_apps_file_and_config_toml() {
+        let form = Settings {
+            pkcs11_module: Some("/opt/vendor/libp11.so".into()),
             portal_url: Some("https://portal.ca.example".into()),
-            pkcs11_module: Some("/opt/ca/libca.so".into()),
-            renewal: ukey_token::RenewalConfig {
-                trust_anchors: vec!["/etc/ukey/ca-root.pem".into()],
-                ..Default::default()
-            },
-            ..Default::default()
+            trust_anchors: vec!["/etc/ukey/root.pem".into()],
+            language: Some("en".into()),
+            autostart: false,
+            support_contact: Some("400-800-1234".into()),
         };
-        // A fresh install: everything from the CA's file.
-        let s = over_config(&Settings::default(), &config);
-        assert_eq!(s.portal_url.as_deref(), Some("https://portal.ca.example"));
-        assert_eq!(s.pkcs11_module, Some(PathBuf::from("/opt/ca/libca.so")));
-        assert_eq!(s.trust_anchors, [PathBuf::from("/etc/ukey/ca-root.pem")]);
-        // The user's own choices win; anchors add up.
-        let mine = Settings {
-            portal_url: Some("https://other.example".into()),
-            trust_anchors: vec!["/home/u/extra.pem".into()],
-            ..Settings::default()
+        let (app, user) = form.clone().into_parts();
+        let dir = tempfile::tempdir().expect("tempdir");
+        let app_path = dir.path().join(FILE_NAME);
+        app.save(&app_path).expect("save");
+        let json = std::fs::read_to_string(&app_path).expect("read");
+        for engine in [
+            "portalUrl",
+            "pkcs11Module",
+            "trustAnchors",
+            "supportContact",
+        ] {
+            assert!(!json.contains(engine), "{engine} in settings.json: {json}");
+        }
+        assert_eq!(Settings::from_parts(&app, &user), form);
+        // What is in force comes from the merged configuration files.
+        let config = Config {
+            portal_url: Some("https://portal.ca.example".into()),
+            ..Config::default()
         };
-        let s = over_config(&mine, &config);
-        assert_eq!(s.portal_url.as_deref(), Some("https://other.example"));
+        let in_force = Settings::in_force(&app, &config);
+        assert_eq!(in_force.portal_url, form.portal_url);
+        assert_eq!(in_force.language.as_deref(), Some("en"));
+        assert_eq!(in_force.pkcs11_module, None);
+    }
+
+    #[test]
+    fn an_older_settings_file_is_moved_into_config_toml() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let app_path = dir.path().join(FILE_NAME);
+        let config_path = dir.path().join("ukey").join("config.toml");
+        std::fs::write(
+            &app_path,
+            r#"{"portalUrl":"https://old.example","trustAnchors":["/etc/ukey/old.pem"],"supportContact":"400-1","language":"en","autostart":false}"#,
+        )
+        .expect("write");
+        // The user's config.toml already names a portal: it stays.
+        std::fs::create_dir_all(config_path.parent().expect("dir")).expect("mkdir");
+        std::fs::write(&config_path, "portal_url = \"https://mine.example\"\n").expect("write");
+        let app = AppSettings::load(&app_path).expect("an old file loads");
+        let moved = migrate(&app, &app_path, &config_path).expect("migrate");
+        assert_eq!(moved, ["portal_url", "support_contact", "trust_anchors"]);
+        let cfg = Config::load(&config_path).expect("config");
+        assert_eq!(cfg.portal_url.as_deref(), Some("https://mine.example"));
+        assert_eq!(cfg.support_contact.as_deref(), Some("400-1"));
         assert_eq!(
-            s.trust_anchors,
-            [
-                PathBuf::from("/etc/ukey/ca-root.pem"),
-                PathBuf::from("/home/u/extra.pem")
-            ]
+            cfg.renewal.trust_anchors,
+            [PathBuf::from("/etc/ukey/old.pem")]
+        );
+        let json = std::fs::read_to_string(&app_path).expect("read");
+        assert!(
+            !json.contains("old.example") && !json.contains("400-1"),
+            "{json}"
+        );
+        let again = AppSettings::load(&app_path).expect("load");
+        assert_eq!(again.language.as_deref(), Some("en"));
+        assert!(!again.autostart);
+        // Nothing left to move.
+        assert!(
+            migrate(&again, &app_path, &config_path)
+                .expect("again")
+                .is_empty()
         );
     }
 }

@@ -368,6 +368,12 @@ const scenarios = {
     await (await $t('support')).setValue('400-800-1234');
     await click('settings-save');
     await waitFor(() => visible('settings-saved'), 'settings saved');
+    // The CA's hotline is engine configuration: it goes to the config.toml the CLI
+    // reads too, not to the app's settings.json.
+    const toml = readFileSync(join(work, 'ukey-config.toml'), 'utf8');
+    if (!/^support_contact = "400-800-1234"$/m.test(toml)) throw new Error(`config.toml: ${toml}`);
+    const appFile = readFileSync(join(work, 'config', 'settings.json'), 'utf8');
+    if (appFile.includes('400-800-1234')) throw new Error(`settings.json: ${appFile}`);
     await click('nav-keys');
     const renewI = await browser.$(`[data-testid="key"][data-token-serial="${tokens.i.serial}"] [data-testid="renew"]`);
     await waitFor(() => renewI.isDisplayed(), 'renew button of key I');

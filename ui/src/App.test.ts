@@ -26,10 +26,13 @@ function settingsView(language: 'zh-CN' | 'en' = 'zh-CN', supportContact: string
   return {
     file: s,
     effective: s,
+    system: { ...s, portalUrl: null, trustAnchors: [], supportContact: null },
     envOverrides: [],
     language,
     detectedModules: [{ name: 'SoftHSM2', path: '/usr/lib/softhsm/libsofthsm2.so' }],
     settingsPath: '/tmp/settings.json',
+    configPath: '/tmp/config.toml',
+    systemConfigPath: '/etc/ukey/config.toml',
     autostartRegistered: true,
     version: '0.1.0',
   };

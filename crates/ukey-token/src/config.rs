@@ -62,6 +62,9 @@ pub struct Config {
     /// The CA's renewal portal (`https://…`).
     #[serde(default)]
     pub portal_url: Option<String>,
+    /// Who to call when a PIN is locked (the CA's hotline), shown as it is.
+    #[serde(default)]
+    pub support_contact: Option<String>,
     /// `[renewal]`: trust anchors and naming of renewed objects.
     #[serde(default)]
     pub renewal: RenewalConfig,
@@ -141,6 +144,10 @@ impl Config {
                 from("portal_url");
                 out.portal_url = Some(u);
             }
+            if let Some(c) = layer.support_contact {
+                from("support_contact");
+                out.support_contact = Some(c);
+            }
             if !layer.modules.is_empty() {
                 from("modules");
                 let mut modules = layer.modules;
@@ -184,6 +191,136 @@ impl Config {
             path: path.to_owned(),
             reason: e.to_string(),
         })
+    }
+}
+
+/// The settings a front end edits in the user's own file ([`Config::default_path`]):
+/// the desktop app's settings page writes these, the CLI reads them.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct UserSettings {
+    /// `pkcs11_module`.
+    pub pkcs11_module: Option<PathBuf>,
+    /// `portal_url`.
+    pub portal_url: Option<String>,
+    /// `support_contact`.
+    pub support_contact: Option<String>,
+    /// `[renewal] trust_anchors`.
+    pub trust_anchors: Vec<PathBuf>,
+}
+
+impl UserSettings {
+    /// What a configuration file (one layer, not merged) says.
+    pub fn of(config: &Config) -> UserSettings {
+        UserSettings {
+            pkcs11_module: config.pkcs11_module.clone(),
+            portal_url: config.portal_url.clone(),
+            support_contact: config.support_contact.clone(),
+            trust_anchors: config.renewal.trust_anchors.clone(),
+        }
+    }
+
+    /// Writes these settings into the configuration file at `path`, keeping
+    /// everything else in it (other settings, `[[modules]]`, comments) as it is. An
+    /// unset value removes its key. A file that does not parse is an error and is
+    /// left alone; the new file is written whole (temporary file + rename).
+    pub fn save(&self, path: &Path) -> Result<()> {
+        let err = |reason: String| Error::Config {
+            path: path.to_owned(),
+            reason,
+        };
+        let text = match std::fs::read_to_string(path) {
+            Ok(t) => t,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => String::new(),
+            Err(e) => return Err(err(e.to_string())),
+        };
+        // The file must be one we could read, before anything is changed in it.
+        toml::from_str::<Config>(&text).map_err(|e| err(e.to_string()))?;
+        let mut doc: toml_edit::DocumentMut = text.parse().map_err(|e| err(format!("{e}")))?;
+        let path_str = |p: &Path| p.to_string_lossy().into_owned();
+        set_or_remove(
+            doc.as_table_mut(),
+            "pkcs11_module",
+            self.pkcs11_module.as_deref().map(path_str),
+        );
+        set_or_remove(doc.as_table_mut(), "portal_url", self.portal_url.clone());
+        set_or_remove(
+            doc.as_table_mut(),
+            "support_contact",
+            self.support_contact.clone(),
+        );
+        let anchors: toml_edit::Array = self.trust_anchors.iter().map(|p| path_str(p)).collect();
+        match doc.get_mut("renewal").and_then(|r| r.as_table_like_mut()) {
+            Some(renewal) if anchors.is_empty() => {
+                renewal.remove("trust_anchors");
+            }
+            Some(renewal) => {
+                renewal.insert("trust_anchors", toml_edit::value(anchors));
+            }
+            None if anchors.is_empty() => {}
+            None => {
+                let mut renewal = toml_edit::Table::new();
+                renewal.insert("trust_anchors", toml_edit::value(anchors));
+                doc.insert("renewal", toml_edit::Item::Table(renewal));
+            }
+        }
+        let new = doc.to_string();
+        // Never write what the next read would refuse.
+        toml::from_str::<Config>(&new).map_err(|e| err(format!("internal: {e}")))?;
+        if let Some(dir) = path.parent() {
+            std::fs::create_dir_all(dir).map_err(|e| err(e.to_string()))?;
+        }
+        let tmp = path.with_extension("toml.tmp");
+        std::fs::write(&tmp, new).map_err(|e| err(e.to_string()))?;
+        std::fs::rename(&tmp, path).map_err(|e| err(e.to_string()))
+    }
+}
+
+/// Sets a top-level string key (rendered before the tables, so it stays top-level),
+/// or removes it when `value` is `None`. The comment lines above a removed key are
+/// kept: they move to the next key, else to the first table (when nothing else is left
+/// in the file, they go with the key).
+fn set_or_remove(table: &mut toml_edit::Table, key: &str, value: Option<String>) {
+    let Some(v) = value else {
+        let comment = table
+            .key(key)
+            .and_then(|k| k.leaf_decor().prefix())
+            .and_then(|p| p.as_str())
+            .filter(|p| p.contains('#'))
+            .map(str::to_owned);
+        let at = table.iter().position(|(k, _)| k == key);
+        table.remove(key);
+        if let (Some(comment), Some(at)) = (comment, at) {
+            keep_comment(table, at, &comment);
+        }
+        return;
+    };
+    table.insert(key, toml_edit::value(v));
+}
+
+/// Puts `comment` before the key-value now at position `at` or after it, else before
+/// the first table.
+fn keep_comment(table: &mut toml_edit::Table, at: usize, comment: &str) {
+    let prepend = |decor: &mut toml_edit::Decor| {
+        let old = decor
+            .prefix()
+            .and_then(|p| p.as_str())
+            .unwrap_or("")
+            .to_owned();
+        decor.set_prefix(format!("{comment}{old}"));
+    };
+    let next_value = table
+        .iter()
+        .enumerate()
+        .find(|(i, (_, item))| *i >= at && item.is_value())
+        .map(|(_, (k, _))| k.to_owned());
+    if let Some(k) = next_value {
+        if let Some(mut key) = table.key_mut(&k) {
+            prepend(key.leaf_decor_mut());
+            return;
+        }
+    }
+    if let Some(t) = table.iter_mut().find_map(|(_, item)| item.as_table_mut()) {
+        prepend(t.decor_mut());
     }
 }
 
@@ -464,6 +601,50 @@ mod tests {
         assert_eq!(from("pkcs11_module"), [&user]);
         assert_eq!(from("renewal.trust_anchors"), [&system, &user]);
         assert_eq!(from("renewal.key_id"), [&system]);
+    }
+
+    #[test]
+    fn saving_user_settings_keeps_the_rest_of_the_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("sub").join("config.toml");
+        // A fresh account: the file and its directory are made.
+        let first = UserSettings {
+            portal_url: Some("https://portal.ca.example".into()),
+            trust_anchors: vec!["/etc/ukey/root.pem".into()],
+            ..UserSettings::default()
+        };
+        first.save(&path).unwrap();
+        assert_eq!(UserSettings::of(&Config::load(&path).unwrap()), first);
+
+        // A file the user wrote: comments, [[modules]] and renewal.key_id survive.
+        std::fs::write(
+            &path,
+            "# my UKey settings\nportal_url = \"https://old.example\"\n\n[[modules]]\nname = \"Mine\"\npath = \"/opt/mine.so\"\n\n[renewal]\nkey_id = \"sha1\"  # keep ids short\n",
+        )
+        .unwrap();
+        let second = UserSettings {
+            pkcs11_module: Some("/opt/vendor/libp11.so".into()),
+            portal_url: None,
+            support_contact: Some("400-800-1234".into()),
+            trust_anchors: vec!["/etc/ukey/a.pem".into(), "/home/u/b.pem".into()],
+        };
+        second.save(&path).unwrap();
+        let text = std::fs::read_to_string(&path).unwrap();
+        assert!(text.contains("# my UKey settings"), "{text}");
+        assert!(text.contains("# keep ids short"), "{text}");
+        assert!(!text.contains("old.example"), "{text}");
+        let cfg = Config::load(&path).unwrap();
+        assert_eq!(UserSettings::of(&cfg), second);
+        assert_eq!(cfg.modules.len(), 1);
+        assert_eq!(cfg.renewal.key_id.as_deref(), Some("sha1"));
+
+        // A damaged file is an error and stays as it was.
+        std::fs::write(&path, "portal_url = [unclosed").unwrap();
+        assert!(matches!(first.save(&path), Err(Error::Config { .. })));
+        assert_eq!(
+            std::fs::read_to_string(&path).unwrap(),
+            "portal_url = [unclosed"
+        );
     }
 
     #[test]

@@ -31,7 +31,8 @@ pub mod watcher;
 
 pub use certificate::{CertificateDetails, Usage};
 pub use config::{
-    Config, FoundModule, ModuleEntry, RenewalConfig, discover_all, resolve_module_path,
+    Config, FoundModule, ModuleEntry, RenewalConfig, UserSettings, discover_all,
+    resolve_module_path,
 };
 pub use error::{Error, Lang, Pkcs11Call, Result, TokenName};
 pub use keys::{KeyAlg, KeyMatch, KeyObject, KeyPairHandles, PublicKey};

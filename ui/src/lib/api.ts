@@ -83,12 +83,17 @@ export interface Settings {
 }
 
 export interface SettingsView {
+  /** As in the user's files: config.toml (shared with the CLI) and settings.json. */
   file: Settings;
   effective: Settings;
+  /** What the CA's system-wide config.toml sets. */
+  system: Settings;
   envOverrides: string[];
   language: 'zh-CN' | 'en';
   detectedModules: { name: string; path: string }[];
   settingsPath: string;
+  configPath: string | null;
+  systemConfigPath: string;
   autostartRegistered: boolean | null;
   version: string;
 }

@@ -155,7 +155,10 @@ const zh: Dict = {
   'settings.save': '保存',
   'settings.saved': '设置已保存',
   'settings.fromEnv': '由环境变量设定',
-  'settings.path': '设置文件：{path}',
+  'settings.path': '应用设置（语言、开机启动）：{path}',
+  'settings.configPath': '驱动、门户、根证书、客服电话保存在 {path}（与 ukey 命令行共用）',
+  'settings.systemPath': 'CA 预设：{path}',
+  'settings.fromCa': 'CA 预设',
 };
 
 const en: Dict = {
@@ -301,7 +304,10 @@ const en: Dict = {
   'settings.save': 'Save',
   'settings.saved': 'Settings saved',
   'settings.fromEnv': 'set by an environment variable',
-  'settings.path': 'Settings file: {path}',
+  'settings.path': 'App settings (language, autostart): {path}',
+  'settings.configPath': 'Driver, portal, root certificates and support phone are saved in {path} (shared with the ukey command line)',
+  'settings.systemPath': "Your CA's defaults: {path}",
+  'settings.fromCa': 'set by your CA',
 };
 
 export const messages: Record<Lang, Dict> = { 'zh-CN': zh, en };
