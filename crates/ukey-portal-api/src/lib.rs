@@ -36,9 +36,12 @@
 //! # Encryption-key escrow envelope
 //! See [`KeyEnvelope`]: the portal (acting as key-management centre) generates the
 //! encryption key pair, and returns the PKCS#8 private key wrapped with AES-256 key wrap
-//! with padding (RFC 5649) under a content-encryption key that only the token's NEW
-//! signing key (the public key in the CSR) can recover, so `C_UnwrapKey` puts it on the
-//! token without it ever being in the clear on the client's machine.
+//! with padding (RFC 5649) under a content-encryption key that only a *transport key*
+//! can recover: a key pair the token generated for this one renewal, whose public key
+//! the issue request carries ([`IssueRequest::transport_key_spki`], covered by the old
+//! key's challenge signature). So `C_UnwrapKey` puts the escrowed key on the token
+//! without it ever being in the clear on the client's machine, and the new signing key
+//! only signs.
 
 use serde::{Deserialize, Serialize};
 use time::OffsetDateTime;
@@ -120,17 +123,29 @@ pub const MAX_BODY_BYTES: usize = 64 * 1024;
 
 /// The bytes the OLD certificate's key signs to answer a challenge:
 ///
-/// `"ukey-renew-v1\0" || order_id (ASCII) || "\0" || nonce (32 bytes) || SHA-256(csr_der)`
+/// `"ukey-renew-v1\0" || order_id (ASCII) || "\0" || nonce (32 bytes) || SHA-256(csr_der)
+/// [|| SHA-256(transport_key_spki)]`
 ///
 /// Binding the CSR's hash means a captured challenge answer cannot be replayed with
-/// another CSR; binding the order id means it cannot be used on another order.
-pub fn challenge_signed_data(order_id: &str, nonce: &[u8], csr_der: &[u8]) -> Vec<u8> {
-    let mut out = Vec::with_capacity(CHALLENGE_CONTEXT.len() + order_id.len() + 1 + 64);
+/// another CSR; binding the order id means it cannot be used on another order; binding
+/// the transport key (present exactly when the request carries one) means the escrowed
+/// key cannot be redirected to another key.
+pub fn challenge_signed_data(
+    order_id: &str,
+    nonce: &[u8],
+    csr_der: &[u8],
+    transport_key_spki: Option<&[u8]>,
+) -> Vec<u8> {
+    let sha256 = |b: &[u8]| aws_lc_rs::digest::digest(&aws_lc_rs::digest::SHA256, b);
+    let mut out = Vec::with_capacity(CHALLENGE_CONTEXT.len() + order_id.len() + 1 + 96);
     out.extend_from_slice(CHALLENGE_CONTEXT);
     out.extend_from_slice(order_id.as_bytes());
     out.push(0);
     out.extend_from_slice(nonce);
-    out.extend_from_slice(aws_lc_rs::digest::digest(&aws_lc_rs::digest::SHA256, csr_der).as_ref());
+    out.extend_from_slice(sha256(csr_der).as_ref());
+    if let Some(spki) = transport_key_spki {
+        out.extend_from_slice(sha256(spki).as_ref());
+    }
     out
 }
 
@@ -386,22 +401,6 @@ pub struct ChallengeResponse {
     pub expires_at: OffsetDateTime,
 }
 
-/// How the client wants the ECDH-derived key of an EC envelope computed. Tokens that
-/// support `CKD_SHA256_KDF` in `CKM_ECDH1_DERIVE` should use the default
-/// [`X963Sha256`](EcdhKdf::X963Sha256); tokens limited to `CKD_NULL` (SoftHSM 2.6.1)
-/// ask for [`Null`](EcdhKdf::Null).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum EcdhKdf {
-    /// ANSI X9.63 KDF with SHA-256 (= PKCS#11 `CKD_SHA256_KDF`): key =
-    /// `SHA-256(Z || 00000001 || shared_info)` (32 bytes = one block), `Z` the 32-byte
-    /// x-coordinate of the shared point, `shared_info` as given in the envelope.
-    #[default]
-    X963Sha256,
-    /// No KDF (= `CKD_NULL`): the AES-256 key is `Z` itself; `shared_info` is empty.
-    Null,
-}
-
 /// `POST /api/v1/orders/{order_id}/issue`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct IssueRequest {
@@ -420,9 +419,14 @@ pub struct IssueRequest {
     /// certificate's; its key must fit the order's key policy and target algorithm.
     #[serde(with = "b64")]
     pub csr_der: Vec<u8>,
-    /// KDF for an EC envelope (ignored for RSA and when no encryption certificate comes).
-    #[serde(default)]
-    pub ecdh_kdf: EcdhKdf,
+    /// The transport key: SubjectPublicKeyInfo DER (base64) of a key pair the token
+    /// generated for this renewal only, RSA-2048 (unwraps with OAEP) or EC P-256
+    /// (derives with ECDH), different from the CSR's and the old certificate's key. The
+    /// escrowed encryption key's envelope is addressed to it. Required when the order
+    /// includes an encryption certificate (`transport_key_invalid` otherwise), ignored
+    /// when it does not. Covered by `challenge_signature`.
+    #[serde(default, skip_serializing_if = "Option::is_none", with = "b64_opt")]
+    pub transport_key_spki: Option<Vec<u8>>,
 }
 
 /// Answer to [`IssueRequest`]. Asking again with the same public key before completion
@@ -458,27 +462,29 @@ pub struct EncryptionIssue {
 
 /// Envelope version 1: a PKCS#8 private key that only the token can open.
 ///
-/// Addressed to the public key in the CSR, i.e. the token's NEW signing key (the token
-/// just generated it, so it is present and its private half can unwrap). With key
-/// policy `same` that is the old key, which is equally on the token.
+/// Addressed to the transport key of the issue request
+/// ([`IssueRequest::transport_key_spki`]): a key pair the token generated for this
+/// renewal only, so the signing key never decrypts or unwraps.
 ///
 /// Opening on a token, RSA recipient (`key_transport.alg = "rsa_oaep_sha1"`):
 /// 1. `C_UnwrapKey(CKM_RSA_PKCS_OAEP{hashAlg=SHA-1, mgf=MGF1-SHA1, source=data
-///    specified, empty label}, signing private key, wrapped_key)` → a session
+///    specified, empty label}, transport private key, wrapped_key)` → a session
 ///    `CKK_AES` key of 32 bytes (`CKA_UNWRAP` true).
 /// 2. `C_UnwrapKey(CKM_AES_KEY_WRAP_PAD, that AES key, wrapped_private_key)` →
 ///    `CKO_PRIVATE_KEY` of `private_key_algorithm` (token object, sensitive,
 ///    `CKA_DECRYPT`/`CKA_UNWRAP` for RSA, `CKA_DERIVE` for EC).
 ///
-/// EC recipient (`"ecdh_p256"`): `C_DeriveKey(CKM_ECDH1_DERIVE{kdf, shared_info,
-/// public data = ephemeral_public_key}, signing private key)` → session `CKK_AES`
-/// key, `CKA_VALUE_LEN` 32; then step 2.
+/// EC recipient (`"ecdh_p256"`): `C_DeriveKey(CKM_ECDH1_DERIVE{kdf = CKD_NULL, no
+/// shared data, public data = ephemeral_public_key}, transport private key)` → session
+/// `CKK_AES` key, `CKA_VALUE_LEN` 32; then step 2. (`CKD_NULL` because it is the one KDF
+/// every token with ECDH has, SoftHSM2 2.6 included; both ends of the agreement are
+/// keys made for this one envelope.)
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct KeyEnvelope {
     /// Always 1.
     pub version: u32,
-    /// SHA-256 of the recipient's SubjectPublicKeyInfo DER (the CSR's key), base64: lets
-    /// the client check it opens the envelope with the right key.
+    /// SHA-256 of the recipient's SubjectPublicKeyInfo DER (the transport key), base64:
+    /// lets the client check it opens the envelope with the right key.
     #[serde(with = "b64")]
     pub recipient_spki_sha256: Vec<u8>,
     /// How the AES-256 content-encryption key reaches the token.
@@ -510,22 +516,15 @@ pub enum KeyTransport {
         #[serde(with = "b64")]
         wrapped_key: Vec<u8>,
     },
-    /// Ephemeral-static ECDH on P-256; the derived 32 bytes ARE the AES-256 key.
+    /// Ephemeral-static ECDH on P-256 without KDF (`CKD_NULL`): the 32-byte
+    /// x-coordinate of the shared point IS the AES-256 key.
     EcdhP256 {
         /// Ephemeral public key, uncompressed SEC1 point (65 bytes, `04 || X || Y`),
         /// base64 (pass as `pPublicData` of `CK_ECDH1_DERIVE_PARAMS`).
         #[serde(with = "b64")]
         ephemeral_public_key: Vec<u8>,
-        /// The KDF used, as requested by [`IssueRequest::ecdh_kdf`].
-        kdf: EcdhKdf,
-        /// X9.63 SharedInfo (`pSharedData`), base64; empty with `kdf = "null"`.
-        #[serde(with = "b64")]
-        shared_info: Vec<u8>,
     },
 }
-
-/// SharedInfo the reference portal uses with [`EcdhKdf::X963Sha256`].
-pub const ECDH_SHARED_INFO: &[u8] = b"ukey-renew-envelope-v1";
 
 /// `POST /api/v1/orders/{order_id}/installed`: the renewed certificate is on the token
 /// and works. Signed by the NEW key over [`installed_signed_data`].
@@ -616,6 +615,10 @@ error_codes! {
     MalformedCsr = ("malformed_csr", 400),
     /// The CSR's self-signature does not verify.
     CsrSignatureInvalid = ("csr_signature_invalid", 400),
+    /// The order includes an encryption certificate and the request carries no usable
+    /// transport key (missing, unparsable, not RSA-2048+ or P-256, or the CSR's or the
+    /// old certificate's key).
+    TransportKeyInvalid = ("transport_key_invalid", 422),
     /// The CSR's subject differs from the old certificate's.
     SubjectMismatch = ("subject_mismatch", 422),
     /// A key or signature algorithm the portal does not support.
@@ -900,14 +903,16 @@ mod tests {
 
     #[test]
     fn signed_data_layout() {
-        let d = challenge_signed_data("ord_x", &[7u8; 32], b"csr");
+        let sha = |b: &[u8]| aws_lc_rs::digest::digest(&aws_lc_rs::digest::SHA256, b);
+        let d = challenge_signed_data("ord_x", &[7u8; 32], b"csr", None);
         assert!(d.starts_with(b"ukey-renew-v1\0ord_x\0"));
         assert_eq!(d.len(), 14 + 5 + 1 + 32 + 32);
         assert_eq!(&d[20..52], &[7u8; 32]);
-        assert_eq!(
-            &d[52..],
-            aws_lc_rs::digest::digest(&aws_lc_rs::digest::SHA256, b"csr").as_ref()
-        );
+        assert_eq!(&d[52..], sha(b"csr").as_ref());
+        // A transport key is covered too, after the CSR.
+        let t = challenge_signed_data("ord_x", &[7u8; 32], b"csr", Some(b"spki"));
+        assert_eq!(&t[..d.len()], &d[..]);
+        assert_eq!(&t[d.len()..], sha(b"spki").as_ref());
         assert_eq!(
             installed_signed_data("o", "0a:12"),
             b"ukey-renew-installed-v1\0o\x000A12".to_vec()

@@ -16,8 +16,8 @@ use rcgen::{
 };
 use ukey_portal::{Portal, PortalConfig};
 use ukey_portal_api::{
-    ChallengeResponse, CreateOrderRequest, EcdhKdf, InitialState, IssueRequest, KeyAlgorithm,
-    KeyPolicy, SignatureAlgorithm, challenge_signed_data, paths,
+    ChallengeResponse, CreateOrderRequest, InitialState, IssueRequest, KeyAlgorithm, KeyPolicy,
+    SignatureAlgorithm, challenge_signed_data, paths,
 };
 
 struct Job {
@@ -199,7 +199,12 @@ async fn renew(http: &reqwest::Client, base: &str, job: &Job) -> Result<(), Stri
     let ch: ChallengeResponse = r.json().await.map_err(|e| e.to_string())?;
     let signature = job
         .old_key
-        .sign(&challenge_signed_data(&job.order_id, &ch.nonce, &job.csr))
+        .sign(&challenge_signed_data(
+            &job.order_id,
+            &ch.nonce,
+            &job.csr,
+            None,
+        ))
         .map_err(|e| e.to_string())?;
     let req = IssueRequest {
         challenge_id: ch.challenge_id,
@@ -207,7 +212,8 @@ async fn renew(http: &reqwest::Client, base: &str, job: &Job) -> Result<(), Stri
         signature_algorithm: SignatureAlgorithm::EcdsaP256Sha256,
         old_certificate_der: job.old_cert.clone(),
         csr_der: job.csr.clone(),
-        ecdh_kdf: EcdhKdf::default(),
+        // No encryption certificate in these orders: no transport key.
+        transport_key_spki: None,
     };
     let r = http
         .post(format!("{base}{}", paths::issue(&job.order_id)))

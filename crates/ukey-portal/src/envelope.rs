@@ -1,6 +1,7 @@
 //! The key-escrow envelope: the portal, acting as key-management centre, generates an
-//! encryption key pair and seals its PKCS#8 private key so that only the token's new
-//! signing key can open it (see [`ukey_portal_api::KeyEnvelope`] for the format).
+//! encryption key pair and seals its PKCS#8 private key so that only the transport key
+//! the token made for this renewal can open it (see [`ukey_portal_api::KeyEnvelope`]
+//! for the format).
 
 use aws_lc_rs::agreement::{self, ECDH_P256, PrivateKey, UnparsedPublicKey};
 use aws_lc_rs::encoding::AsDer;
@@ -8,8 +9,7 @@ use aws_lc_rs::key_wrap::{AES_256, AesKek, KeyWrapPadded};
 use aws_lc_rs::rsa::{KeySize, OAEP_SHA1_MGF1SHA1, OaepPublicEncryptingKey, PublicEncryptingKey};
 use aws_lc_rs::signature::{ECDSA_P256_SHA256_ASN1_SIGNING, EcdsaKeyPair, KeyPair as _};
 use ukey_portal_api::{
-    CONTENT_WRAP_AES256_KWP, ECDH_SHARED_INFO, EcdhKdf, KeyAlgorithm, KeyEnvelope, KeyTransport,
-    PRIVATE_KEY_FORMAT_PKCS8,
+    CONTENT_WRAP_AES256_KWP, KeyAlgorithm, KeyEnvelope, KeyTransport, PRIVATE_KEY_FORMAT_PKCS8,
 };
 use x509_parser::prelude::FromDer;
 use x509_parser::x509::SubjectPublicKeyInfo;
@@ -73,22 +73,11 @@ pub fn generate_escrow_key(alg: KeyAlgorithm) -> Result<EscrowKey, EnvelopeError
     }
 }
 
-/// ANSI X9.63 KDF with SHA-256 for a 32-byte output (one block): `SHA-256(Z || 1 || info)`.
-/// This is what PKCS#11's `CKD_SHA256_KDF` computes.
-pub fn x963_sha256(z: &[u8], shared_info: &[u8]) -> Vec<u8> {
-    let mut input = Vec::with_capacity(z.len() + 4 + shared_info.len());
-    input.extend_from_slice(z);
-    input.extend_from_slice(&1u32.to_be_bytes());
-    input.extend_from_slice(shared_info);
-    sha256(&input)
-}
-
 /// Seals `pkcs8` (of `key_alg`) for the key in `recipient_spki` (DER).
 pub fn seal(
     recipient_spki: &[u8],
     pkcs8: &[u8],
     key_alg: KeyAlgorithm,
-    kdf: EcdhKdf,
 ) -> Result<KeyEnvelope, EnvelopeError> {
     let (_, spki) = SubjectPublicKeyInfo::from_der(recipient_spki)
         .map_err(|_| EnvelopeError::UnsupportedRecipient("unparsable".into()))?;
@@ -121,22 +110,14 @@ pub fn seal(
                 .as_ref()
                 .to_vec();
             let peer = UnparsedPublicKey::new(&ECDH_P256, spki.subject_public_key.as_ref());
-            let shared_info = match kdf {
-                EcdhKdf::X963Sha256 => ECDH_SHARED_INFO.to_vec(),
-                EcdhKdf::Null => Vec::new(),
-            };
+            // CKD_NULL: the shared x-coordinate is the AES-256 key.
             let cek = agreement::agree(&ephemeral, peer, EnvelopeError::Crypto("ECDH"), |z| {
-                Ok(Zeroizing::new(match kdf {
-                    EcdhKdf::X963Sha256 => x963_sha256(z, &shared_info),
-                    EcdhKdf::Null => z.to_vec(),
-                }))
+                Ok(Zeroizing::new(z.to_vec()))
             })?;
             (
                 cek,
                 KeyTransport::EcdhP256 {
                     ephemeral_public_key: ephemeral_public,
-                    kdf,
-                    shared_info,
                 },
             )
         }
@@ -175,13 +156,7 @@ mod tests {
         let recipient = aws_lc_rs::rsa::KeyPair::generate(KeySize::Rsa2048).unwrap();
         let spki = recipient.public_key().as_der().unwrap();
         let escrow = generate_escrow_key(KeyAlgorithm::EcP256).unwrap();
-        let env = seal(
-            spki.as_ref(),
-            &escrow.pkcs8,
-            KeyAlgorithm::EcP256,
-            EcdhKdf::default(),
-        )
-        .unwrap();
+        let env = seal(spki.as_ref(), &escrow.pkcs8, KeyAlgorithm::EcP256).unwrap();
         let KeyTransport::RsaOaepSha1 { wrapped_key } = &env.key_transport else {
             panic!()
         };
@@ -200,38 +175,26 @@ mod tests {
     }
 
     #[test]
-    fn ec_envelope_opens_with_the_recipient_key_both_kdfs() {
-        for kdf in [EcdhKdf::X963Sha256, EcdhKdf::Null] {
-            let recipient = PrivateKey::generate(&ECDH_P256).unwrap();
-            let point = recipient.compute_public_key().unwrap().as_ref().to_vec();
-            // SPKI for an EC P-256 point, built by rcgen's encoder via x509 DER by hand.
-            let spki = ec_spki(&point);
-            let escrow = generate_escrow_key(KeyAlgorithm::EcP256).unwrap();
-            let env = seal(&spki, &escrow.pkcs8, KeyAlgorithm::EcP256, kdf).unwrap();
-            let KeyTransport::EcdhP256 {
-                ephemeral_public_key,
-                kdf: k,
-                shared_info,
-            } = &env.key_transport
-            else {
-                panic!()
-            };
-            assert_eq!(*k, kdf);
-            let cek = agreement::agree(
-                &recipient,
-                UnparsedPublicKey::new(&ECDH_P256, ephemeral_public_key),
-                (),
-                |z| {
-                    Ok(if kdf == EcdhKdf::Null {
-                        z.to_vec()
-                    } else {
-                        x963_sha256(z, shared_info)
-                    })
-                },
-            )
-            .unwrap();
-            assert_eq!(unwrap_kwp(&cek, &env.wrapped_private_key), escrow.pkcs8);
-        }
+    fn ec_envelope_opens_with_the_recipient_key() {
+        let recipient = PrivateKey::generate(&ECDH_P256).unwrap();
+        let point = recipient.compute_public_key().unwrap().as_ref().to_vec();
+        let spki = ec_spki(&point);
+        let escrow = generate_escrow_key(KeyAlgorithm::EcP256).unwrap();
+        let env = seal(&spki, &escrow.pkcs8, KeyAlgorithm::EcP256).unwrap();
+        let KeyTransport::EcdhP256 {
+            ephemeral_public_key,
+        } = &env.key_transport
+        else {
+            panic!()
+        };
+        let cek = agreement::agree(
+            &recipient,
+            UnparsedPublicKey::new(&ECDH_P256, ephemeral_public_key),
+            (),
+            |z| Ok(z.to_vec()),
+        )
+        .unwrap();
+        assert_eq!(unwrap_kwp(&cek, &env.wrapped_private_key), escrow.pkcs8);
     }
 
     fn ec_spki(point: &[u8]) -> Vec<u8> {
@@ -251,16 +214,8 @@ mod tests {
     #[test]
     fn rejects_unsupported_recipients() {
         assert!(matches!(
-            seal(b"garbage", b"k", KeyAlgorithm::EcP256, EcdhKdf::Null),
+            seal(b"garbage", b"k", KeyAlgorithm::EcP256),
             Err(EnvelopeError::UnsupportedRecipient(_))
         ));
-    }
-
-    #[test]
-    fn x963_matches_the_nist_known_answer() {
-        // NIST CAVS ANSI X9.63 KDF, SHA-256, COUNT 0 (also `openssl kdf X963KDF`).
-        let z = hex::decode("96c05619d56c328ab95fe84b18264b08725b85e33fd34f08").unwrap();
-        let key = x963_sha256(&z, &[]);
-        assert_eq!(hex::encode(&key[..16]), "443024c3dae66b95e6f5670601558f71");
     }
 }

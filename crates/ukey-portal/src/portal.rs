@@ -295,7 +295,12 @@ impl Portal {
                 "the certificate is revoked",
             ));
         }
-        let signed = challenge_signed_data(&order.id, &challenge.nonce, &req.csr_der);
+        let signed = challenge_signed_data(
+            &order.id,
+            &challenge.nonce,
+            &req.csr_der,
+            req.transport_key_spki.as_deref(),
+        );
         if !crypto::verify(
             old.public_key(),
             req.signature_algorithm,
@@ -358,6 +363,12 @@ impl Portal {
         }
         let csr_spki = info.subject_pki.raw;
         let spki_hash = sha256(csr_spki);
+        // The escrowed key goes to a key made for that purpose, never to a signing key.
+        let transport = if order.terms.with_encryption_cert {
+            Some(transport_key(req, csr_spki, old.public_key().raw)?)
+        } else {
+            None
+        };
 
         if order.state == OrderState::Issued
             && order.current_spki_sha256.as_deref() == Some(spki_hash.as_slice())
@@ -365,7 +376,7 @@ impl Portal {
             self.store
                 .commit_repeat(&challenge.id, &order.id, &spki_hash, t.unix_timestamp())?;
             let (signing, encryption) = self.current_certs(&order)?;
-            return self.response(&order, &signing, encryption.as_ref(), csr_spki, req);
+            return self.response(&order, &signing, encryption.as_ref(), transport);
         }
 
         let crl_url = self.public_url().map(|u| format!("{u}{}", paths::CRL));
@@ -434,12 +445,12 @@ impl Portal {
             .commit_issue(&new, self.ca.name_key(), t.unix_timestamp())?
         {
             IssueCommit::Issued => {
-                self.response(&order, &new.signing, new.encryption.as_ref(), csr_spki, req)
+                self.response(&order, &new.signing, new.encryption.as_ref(), transport)
             }
             IssueCommit::Existing {
                 signing,
                 encryption,
-            } => self.response(&order, &signing, encryption.as_deref(), csr_spki, req),
+            } => self.response(&order, &signing, encryption.as_deref(), transport),
         }
     }
 
@@ -468,30 +479,30 @@ impl Portal {
         order: &Order,
         signing: &StoredCert,
         encryption: Option<&StoredCert>,
-        recipient_spki: &[u8],
-        req: &IssueRequest,
+        transport: Option<&[u8]>,
     ) -> Result<IssueResponse, Error> {
-        let encryption = match encryption {
-            Some(enc) => {
+        let encryption = match (encryption, transport) {
+            (None, _) => None,
+            (Some(enc), None) => {
+                return Err(Error::Setup(format!(
+                    "order {} has encryption certificate {} but no transport key was checked",
+                    order.id, enc.serial_hex
+                )));
+            }
+            (Some(enc), Some(recipient_spki)) => {
                 let pkcs8 = enc.escrow_pkcs8.as_deref().ok_or_else(|| {
                     Error::Setup(format!(
                         "encryption certificate {} has no escrow key",
                         enc.serial_hex
                     ))
                 })?;
-                let envelope = envelope::seal(
-                    recipient_spki,
-                    pkcs8,
-                    order.terms.target_algorithm,
-                    req.ecdh_kdf,
-                )?;
+                let envelope = envelope::seal(recipient_spki, pkcs8, order.terms.target_algorithm)?;
                 Some(EncryptionIssue {
                     certificate_serial_hex: enc.serial_hex.clone(),
                     certificate_der: enc.der.clone(),
                     envelope,
                 })
             }
-            None => None,
         };
         Ok(IssueResponse {
             order_id: order.id.clone(),
@@ -725,6 +736,51 @@ fn parse_certificate(der: &[u8]) -> Result<X509Certificate<'_>, Error> {
             format!("not a DER X.509 certificate: {e}"),
         )),
     }
+}
+
+/// The request's transport key, checked: present, a key the envelope can be sealed to
+/// (RSA-2048 or larger, EC P-256), and neither the CSR's key nor the old certificate's
+/// (a signing key must not become a decryption key).
+fn transport_key<'a>(
+    req: &'a IssueRequest,
+    csr_spki: &[u8],
+    old_spki: &[u8],
+) -> Result<&'a [u8], Error> {
+    let refuse = |why: String| api(ErrorCode::TransportKeyInvalid, why);
+    let der = req.transport_key_spki.as_deref().ok_or_else(|| {
+        refuse(
+            "the order includes an encryption certificate: the request needs a transport key"
+                .into(),
+        )
+    })?;
+    let (rest, spki) = x509_parser::x509::SubjectPublicKeyInfo::from_der(der).map_err(|e| {
+        refuse(format!(
+            "the transport key is not a SubjectPublicKeyInfo: {e}"
+        ))
+    })?;
+    if !rest.is_empty() {
+        return Err(refuse("trailing bytes after the transport key".into()));
+    }
+    match KeyKind::of(&spki) {
+        KeyKind::Rsa { bits } if (2048..=8192).contains(&bits) => {}
+        KeyKind::EcP256 => {}
+        other => {
+            return Err(refuse(format!(
+                "a {} transport key cannot receive the envelope (RSA-2048 or EC P-256)",
+                other.describe()
+            )));
+        }
+    }
+    let same = |other: &[u8]| {
+        x509_parser::x509::SubjectPublicKeyInfo::from_der(other)
+            .is_ok_and(|(_, o)| o.subject_public_key.data == spki.subject_public_key.data)
+    };
+    if same(csr_spki) || same(old_spki) {
+        return Err(refuse(
+            "the transport key is a signing key (the CSR's or the old certificate's): it must be a key made for this envelope".into(),
+        ));
+    }
+    Ok(der)
 }
 
 fn parse_csr(der: &[u8]) -> Result<X509CertificationRequest<'_>, Error> {

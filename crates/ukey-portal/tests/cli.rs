@@ -3,6 +3,7 @@
 
 mod common;
 
+use rcgen::PublicKeyData as _;
 use std::io::{BufRead as _, BufReader};
 use std::path::Path;
 use std::process::{Child, Command, Stdio};
@@ -224,15 +225,21 @@ async fn openssl_made_ca_works_end_to_end_through_the_binary() {
         .await
         .unwrap();
     let csr_der = csr(&new_key, CN, ORG);
+    let transport = new_key_transport();
     let req = IssueRequest {
         challenge_id: ch.challenge_id,
         challenge_signature: old_key
-            .sign(&challenge_signed_data(&id, &ch.nonce, &csr_der))
+            .sign(&challenge_signed_data(
+                &id,
+                &ch.nonce,
+                &csr_der,
+                Some(&transport),
+            ))
             .unwrap(),
         signature_algorithm: ukey_portal_api::SignatureAlgorithm::EcdsaP256Sha256,
         old_certificate_der: old_der.clone(),
         csr_der,
-        ecdh_kdf: Default::default(),
+        transport_key_spki: Some(transport),
     };
     let r = post(paths::issue(&id), serde_json::to_value(&req).unwrap())
         .await
@@ -471,4 +478,11 @@ fn ca_accept_issuer_works_on_a_new_data_dir_and_a_bad_pem_writes_nothing() {
         written,
         std::fs::read_to_string(d.join("old-ca.pem")).unwrap()
     );
+}
+
+/// A transport key's SubjectPublicKeyInfo (a fresh P-256 key).
+fn new_key_transport() -> Vec<u8> {
+    rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256)
+        .unwrap()
+        .subject_public_key_info()
 }

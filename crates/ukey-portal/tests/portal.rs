@@ -3,6 +3,7 @@
 mod common;
 
 use common::*;
+use rcgen::PublicKeyData as _;
 use ukey_portal_api::{
     ErrorCode, InitialState, InstalledResponse, KeyAlgorithm, KeyPolicy, OPENAPI_YAML,
     RenewalStatus, StatusRequest, paths,
@@ -466,7 +467,12 @@ async fn malformed_requests_get_clear_codes_and_change_nothing() {
         .nonce;
     req.challenge_signature = rcgen::SigningKey::sign(
         &holder.key,
-        &ukey_portal_api::challenge_signed_data(&order.order_id, &ch_nonce, &req.csr_der),
+        &ukey_portal_api::challenge_signed_data(
+            &order.order_id,
+            &ch_nonce,
+            &req.csr_der,
+            req.transport_key_spki.as_deref(),
+        ),
     )
     .unwrap();
     expect_error(
@@ -481,7 +487,12 @@ async fn malformed_requests_get_clear_codes_and_change_nothing() {
     req.csr_der[n - 5] ^= 0x55;
     req.challenge_signature = rcgen::SigningKey::sign(
         &holder.key,
-        &ukey_portal_api::challenge_signed_data(&order.order_id, &ch_nonce, &req.csr_der),
+        &ukey_portal_api::challenge_signed_data(
+            &order.order_id,
+            &ch_nonce,
+            &req.csr_der,
+            req.transport_key_spki.as_deref(),
+        ),
     )
     .unwrap();
     expect_error(
@@ -551,7 +562,12 @@ async fn proof_failures_get_clear_codes_and_change_nothing() {
         .nonce;
     req.challenge_signature = rcgen::SigningKey::sign(
         &intruder,
-        &ukey_portal_api::challenge_signed_data(&order.order_id, &nonce, &req.csr_der),
+        &ukey_portal_api::challenge_signed_data(
+            &order.order_id,
+            &nonce,
+            &req.csr_der,
+            req.transport_key_spki.as_deref(),
+        ),
     )
     .unwrap();
     expect_error(
@@ -673,17 +689,25 @@ async fn signed_request(
     csr_der: Vec<u8>,
 ) -> ukey_portal_api::IssueRequest {
     let ch = h.challenge(order_id).await;
+    let transport = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256)
+        .unwrap()
+        .subject_public_key_info();
     ukey_portal_api::IssueRequest {
         challenge_signature: rcgen::SigningKey::sign(
             &holder.key,
-            &ukey_portal_api::challenge_signed_data(order_id, &ch.nonce, &csr_der),
+            &ukey_portal_api::challenge_signed_data(
+                order_id,
+                &ch.nonce,
+                &csr_der,
+                Some(&transport),
+            ),
         )
         .unwrap(),
         challenge_id: ch.challenge_id,
         signature_algorithm: holder.sig_alg(),
         old_certificate_der: holder.cert_der.clone(),
         csr_der,
-        ecdh_kdf: Default::default(),
+        transport_key_spki: Some(transport),
     }
 }
 
@@ -999,6 +1023,94 @@ async fn every_mounted_route_is_documented_and_served() {
         .await
         .unwrap();
     assert_eq!(ca.as_ref(), h.portal().ca().cert_der());
+}
+
+#[tokio::test]
+async fn the_escrowed_key_goes_only_to_a_transport_key_the_old_key_signed_for() {
+    let h = Harness::start().await;
+    let holder = h.holder(KeyAlgorithm::EcP256);
+    let order = h
+        .portal()
+        .create_order(&ukey_portal_api::CreateOrderRequest {
+            serial_hex: holder.serial_hex.clone(),
+            issuer_der: None,
+            issuer_dn: None,
+            years: 1,
+            state: InitialState::Ready,
+            key_policy: KeyPolicy::New,
+            with_encryption_cert: true,
+            target_algorithm: KeyAlgorithm::EcP256,
+            old_encryption_serial_hex: None,
+        })
+        .unwrap();
+    let issue_path = paths::issue(&order.order_id);
+    let new = new_key(KeyAlgorithm::EcP256);
+    // No transport key, the CSR's key, the old certificate's key: refused, nothing kept.
+    let refused = [
+        None,
+        Some(new.subject_public_key_info()),
+        Some(holder.key.subject_public_key_info()),
+        Some(b"not a key".to_vec()),
+    ];
+    for transport in refused {
+        let req = h
+            .issue_request_with(&order.order_id, &holder, &new, transport.clone())
+            .await;
+        let e = expect_error(
+            h.post(&issue_path, &req).await,
+            422,
+            ErrorCode::TransportKeyInvalid,
+        )
+        .await;
+        assert!(!e.message.is_empty(), "{transport:?}");
+    }
+    assert!(
+        matches!(h.status(&holder).await, RenewalStatus::Ready { .. }),
+        "nothing issued"
+    );
+
+    // The transport key is covered by the old key's signature: swapping it after
+    // signing is refused.
+    let mut swapped = h
+        .issue_request_with(
+            &order.order_id,
+            &holder,
+            &new,
+            Some(new_key(KeyAlgorithm::EcP256).subject_public_key_info()),
+        )
+        .await;
+    swapped.transport_key_spki = Some(new_key(KeyAlgorithm::EcP256).subject_public_key_info());
+    expect_error(
+        h.post(&issue_path, &swapped).await,
+        403,
+        ErrorCode::ChallengeSignatureInvalid,
+    )
+    .await;
+
+    // A transport key made for it receives the envelope.
+    let transport = new_key(KeyAlgorithm::Rsa2048);
+    let req = h
+        .issue_request_with(
+            &order.order_id,
+            &holder,
+            &new,
+            Some(transport.subject_public_key_info()),
+        )
+        .await;
+    let issued: ukey_portal_api::IssueResponse = h.post_ok(&issue_path, &req).await;
+    let enc = issued.encryption.expect("an encryption certificate");
+    assert_eq!(
+        enc.envelope.recipient_spki_sha256,
+        aws_lc_rs::digest::digest(
+            &aws_lc_rs::digest::SHA256,
+            &transport.subject_public_key_info()
+        )
+        .as_ref()
+    );
+    assert!(matches!(
+        enc.envelope.key_transport,
+        ukey_portal_api::KeyTransport::RsaOaepSha1 { .. }
+    ));
 }
 
 #[tokio::test]

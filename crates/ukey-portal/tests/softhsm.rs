@@ -18,8 +18,8 @@ use cryptoki::types::AuthPin;
 use softhsm_fixtures::{CertSpec, KeyAlg, SoftHsm, TokenFixture, TokenSpec, softhsm_module};
 use ukey_portal::{Portal, PortalConfig};
 use ukey_portal_api::{
-    CreateOrderRequest, EcdhKdf, InitialState, IssueRequest, IssueResponse, KeyAlgorithm,
-    KeyPolicy, KeyTransport, SignatureAlgorithm, challenge_signed_data, paths,
+    CreateOrderRequest, InitialState, IssueRequest, IssueResponse, KeyAlgorithm, KeyPolicy,
+    KeyTransport, SignatureAlgorithm, challenge_signed_data, paths,
 };
 
 /// A key on the token, usable by rcgen to sign a CSR.
@@ -172,13 +172,75 @@ fn private_key(session: &Session, id: &[u8]) -> ObjectHandle {
     found[0]
 }
 
+/// A transport key in the session, as the renewal engine makes one: its private half
+/// only unwraps (RSA) or derives (EC). Returns it and its SubjectPublicKeyInfo DER.
+fn transport_key(session: &Session, ec: bool) -> (ObjectHandle, Vec<u8>) {
+    let (mechanism, mut public, mut private) = if ec {
+        (
+            Mechanism::EccKeyPairGen,
+            vec![Attribute::EcParams(vec![
+                0x06, 0x08, 0x2a, 0x86, 0x48, 0xce, 0x3d, 0x03, 0x01, 0x07,
+            ])],
+            vec![Attribute::Derive(true)],
+        )
+    } else {
+        (
+            Mechanism::RsaPkcsKeyPairGen,
+            vec![
+                Attribute::ModulusBits(2048.into()),
+                Attribute::PublicExponent(vec![1, 0, 1]),
+                Attribute::Wrap(true),
+            ],
+            vec![Attribute::Unwrap(true), Attribute::Decrypt(false)],
+        )
+    };
+    public.push(Attribute::Token(false));
+    private.extend([
+        Attribute::Token(false),
+        Attribute::Sign(false),
+        Attribute::Sensitive(true),
+    ]);
+    let (pub_h, priv_h) = session
+        .generate_key_pair(&mechanism, &public, &private)
+        .unwrap();
+    let key = if ec {
+        let attrs = session
+            .get_attributes(pub_h, &[AttributeType::EcPoint])
+            .unwrap();
+        let Some(Attribute::EcPoint(p)) = attrs.into_iter().next() else {
+            panic!("no CKA_EC_POINT")
+        };
+        // SoftHSM2 wraps the point in an OCTET STRING (04 41 …).
+        ukey_token::PublicKey::EcP256 {
+            point: p[p.len() - 65..].to_vec(),
+        }
+    } else {
+        let attrs = session
+            .get_attributes(
+                pub_h,
+                &[AttributeType::Modulus, AttributeType::PublicExponent],
+            )
+            .unwrap();
+        let (mut modulus, mut exponent) = (vec![], vec![]);
+        for a in attrs {
+            match a {
+                Attribute::Modulus(m) => modulus = m,
+                Attribute::PublicExponent(e) => exponent = e,
+                _ => {}
+            }
+        }
+        ukey_token::PublicKey::Rsa { modulus, exponent }
+    };
+    (priv_h, key.spki())
+}
+
 /// Challenge → issue, with the CSR and the challenge answer signed on the token by the
-/// existing key (order policy `same`, so the envelope is addressed to that key too).
+/// existing key (order policy `same`); the envelope is addressed to `transport_spki`.
 async fn issue_on_token(
     s: &Setup,
     order_id: &str,
     key: &TokenKey<'_>,
-    kdf: EcdhKdf,
+    transport_spki: &[u8],
 ) -> IssueResponse {
     let http = reqwest::Client::new();
     let ch: ukey_portal_api::ChallengeResponse = http
@@ -194,7 +256,12 @@ async fn issue_on_token(
     params.distinguished_name = ukey_portal::ca::dn_from_name(old.subject()).unwrap();
     let csr_der = params.serialize_request(key).unwrap().der().to_vec();
     let req = IssueRequest {
-        challenge_signature: key.sign_bytes(&challenge_signed_data(order_id, &ch.nonce, &csr_der)),
+        challenge_signature: key.sign_bytes(&challenge_signed_data(
+            order_id,
+            &ch.nonce,
+            &csr_der,
+            Some(transport_spki),
+        )),
         challenge_id: ch.challenge_id,
         signature_algorithm: if key.ec {
             SignatureAlgorithm::EcdsaP256Sha256
@@ -203,7 +270,7 @@ async fn issue_on_token(
         },
         old_certificate_der: s.token.certs[0].der.clone(),
         csr_der,
-        ecdh_kdf: kdf,
+        transport_key_spki: Some(transport_spki.to_vec()),
     };
     let r = http
         .post(format!("{}{}", s.server.url, paths::issue(order_id)))
@@ -248,7 +315,8 @@ async fn rsa_envelope_unwraps_on_softhsm_into_a_key_that_decrypts() {
         public: old.public_key().subject_public_key.as_ref().to_vec(),
         ec: false,
     };
-    let issued = issue_on_token(&s, &order_id, &key, EcdhKdf::default()).await;
+    let (transport, transport_spki) = transport_key(&session, false);
+    let issued = issue_on_token(&s, &order_id, &key, &transport_spki).await;
     let enc = issued.encryption.expect("an encryption certificate");
     let KeyTransport::RsaOaepSha1 { wrapped_key } = &enc.envelope.key_transport else {
         panic!(
@@ -257,7 +325,7 @@ async fn rsa_envelope_unwraps_on_softhsm_into_a_key_that_decrypts() {
         )
     };
 
-    // 1. the AES key, unwrapped with the token's signing key (RSA-OAEP SHA-1)
+    // 1. the AES key, unwrapped with the transport key (RSA-OAEP SHA-1)
     let oaep = PkcsOaepParams::new(
         MechanismType::SHA1,
         PkcsMgfType::MGF1_SHA1,
@@ -266,7 +334,7 @@ async fn rsa_envelope_unwraps_on_softhsm_into_a_key_that_decrypts() {
     let aes = session
         .unwrap_key(
             &Mechanism::RsaPkcsOaep(oaep),
-            key.key,
+            transport,
             wrapped_key,
             &aes_template(),
         )
@@ -326,7 +394,7 @@ async fn rsa_envelope_unwraps_on_softhsm_into_a_key_that_decrypts() {
     let aes = session
         .unwrap_key(
             &Mechanism::RsaPkcsOaep(oaep),
-            key.key,
+            transport,
             wrapped_key,
             &aes_template(),
         )
@@ -360,13 +428,11 @@ async fn ec_envelope_derives_and_unwraps_on_softhsm() {
         public: old.public_key().subject_public_key.as_ref().to_vec(),
         ec: true,
     };
-    // SoftHSM 2.6.1 derives with CKD_NULL only: ask the portal for that KDF
-    let issued = issue_on_token(&s, &order_id, &key, EcdhKdf::Null).await;
+    let (transport, transport_spki) = transport_key(&session, true);
+    let issued = issue_on_token(&s, &order_id, &key, &transport_spki).await;
     let enc = issued.encryption.expect("an encryption certificate");
     let KeyTransport::EcdhP256 {
         ephemeral_public_key,
-        kdf,
-        shared_info,
     } = &enc.envelope.key_transport
     else {
         panic!(
@@ -374,13 +440,12 @@ async fn ec_envelope_derives_and_unwraps_on_softhsm() {
             enc.envelope.key_transport
         )
     };
-    assert_eq!((*kdf, shared_info.len()), (EcdhKdf::Null, 0));
 
     let mut aes_tmpl = aes_template();
     aes_tmpl.push(Attribute::ValueLen(32.into()));
     let params = Ecdh1DeriveParams::new(EcKdf::null(), ephemeral_public_key);
     let aes = session
-        .derive_key(&Mechanism::Ecdh1Derive(params), key.key, &aes_tmpl)
+        .derive_key(&Mechanism::Ecdh1Derive(params), transport, &aes_tmpl)
         .unwrap();
     let enc_key = session
         .unwrap_key(

@@ -16,8 +16,8 @@ use secrecy::SecretString;
 use softhsm_fixtures::{KeyAlg as FxAlg, SoftHsm, TokenFixture, TokenSpec, softhsm_module};
 use ukey_portal::{Portal, PortalConfig};
 use ukey_portal_api::{
-    CreateOrderRequest, EcdhKdf, InitialState, InstalledRequest, IssueRequest, KeyAlgorithm,
-    KeyPolicy, SignatureAlgorithm, challenge_signed_data, installed_signed_data,
+    CreateOrderRequest, InitialState, InstalledRequest, IssueRequest, KeyAlgorithm, KeyPolicy,
+    SignatureAlgorithm, challenge_signed_data, installed_signed_data,
 };
 use ukey_portal_client::{BlockingPortalClient, PortalClient};
 use ukey_renewal::{JournalStore, Options, preflight, renew, status_request};
@@ -187,7 +187,7 @@ fn main() {
             s.sign_data(
                 alg,
                 old_key,
-                &challenge_signed_data(&order_id, &ch.nonce, &csr),
+                &challenge_signed_data(&order_id, &ch.nonce, &csr, None),
             )
             .unwrap()
         });
@@ -205,7 +205,7 @@ fn main() {
                         signature_algorithm: sig_alg,
                         old_certificate_der: old.der.clone(),
                         csr_der: csr.clone(),
-                        ecdh_kdf: EcdhKdf::Null,
+                        transport_key_spki: None,
                     },
                 )
                 .unwrap()

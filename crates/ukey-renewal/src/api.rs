@@ -33,6 +33,17 @@ use ukey_token::{
 
 use crate::journal::PendingId;
 
+/// The key the escrowed encryption key's envelope is addressed to: a session object
+/// generated for one renewal run (it never outlives the session, so a crash or a pulled
+/// key leaves nothing behind, and a resumed run makes a new one), which can only
+/// receive a key. Named by handle: it exists only in this session.
+#[derive(Debug)]
+pub struct TransportKey {
+    handle: ObjectHandle,
+    /// Its public key, sent in the issue request.
+    pub public: PublicKey,
+}
+
 /// Token result.
 pub type TokenResult<T> = Result<T, ukey_token::Error>;
 
@@ -105,8 +116,6 @@ impl KeyRef {
 pub enum KeyUse {
     /// Signing (challenge, CSR, installed, self-test).
     Sign,
-    /// Receiving the escrowed key's envelope (RSA unwrap or ECDH).
-    Unwrap,
     /// Decryption / key agreement with an encryption key (self-test).
     Decrypt,
 }
@@ -253,10 +262,6 @@ impl<'m> SessionToken<'m> {
     pub fn private_key(&self, key: &KeyRef, usage: KeyUse) -> TokenResult<ObjectHandle> {
         let allowed = |o: &KeyObject| match usage {
             KeyUse::Sign => o.sign != Some(false),
-            KeyUse::Unwrap => match key.public {
-                PublicKey::Rsa { .. } => o.unwrap != Some(false),
-                PublicKey::EcP256 { .. } => o.derive != Some(false),
-            },
             KeyUse::Decrypt => match key.public {
                 PublicKey::Rsa { .. } => o.decrypt != Some(false),
                 PublicKey::EcP256 { .. } => o.derive != Some(false),
@@ -368,17 +373,34 @@ impl<'m> SessionToken<'m> {
     /// Unwraps an escrowed key with the private key of `recipient`.
     pub fn unwrap_escrowed_key(
         &self,
-        recipient: &KeyRef,
+        recipient: &TransportKey,
         transport: &KeyTransport<'_>,
         wrapped_private_key: &[u8],
         alg: KeyAlg,
         id: &PendingId,
         label: &str,
     ) -> TokenResult<()> {
-        let h = self.private_key(recipient, KeyUse::Unwrap)?;
         self.session
-            .unwrap_escrowed_key(h, transport, wrapped_private_key, alg, id.as_bytes(), label)
+            .unwrap_escrowed_key(
+                recipient.handle,
+                transport,
+                wrapped_private_key,
+                alg,
+                id.as_bytes(),
+                label,
+            )
             .map(|_| ())
+    }
+
+    /// A transport key for this renewal run (see [`TransportKey`]).
+    pub fn generate_transport_key(&self, alg: KeyAlg) -> TokenResult<TransportKey> {
+        let (handle, public) = self.session.generate_transport_key(alg)?;
+        Ok(TransportKey { handle, public })
+    }
+
+    /// Destroys the transport key now rather than at the end of the session.
+    pub fn destroy_transport_key(&self, key: TransportKey) -> TokenResult<()> {
+        self.session.destroy(key.handle)
     }
 
     /// RSA-OAEP (SHA-1) decryption with the private key of `key`.

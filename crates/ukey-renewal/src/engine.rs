@@ -19,7 +19,7 @@ use secrecy::SecretString;
 use serde::Serialize;
 use time::OffsetDateTime;
 use ukey_portal_api::{
-    EcdhKdf, InstalledRequest, IssueRequest, IssueResponse, KeyAlgorithm, KeyPolicy,
+    InstalledRequest, IssueRequest, IssueResponse, KeyAlgorithm, KeyPolicy,
     KeyTransport as WireTransport, OrderTerms, RenewalStatus, SignatureAlgorithm, StatusRequest,
     challenge_signed_data, installed_signed_data, normalize_serial_hex,
 };
@@ -29,7 +29,7 @@ use ukey_token::{
 };
 use x509_parser::prelude::{FromDer, X509Certificate};
 
-use crate::api::{KeyRef, PortalApi, SessionToken};
+use crate::api::{KeyRef, PortalApi, SessionToken, TransportKey};
 use crate::checks::{self, DecryptTest, Expectations, Role};
 use crate::error::{Refusal, RenewalError};
 use crate::events::{Event, Step};
@@ -103,8 +103,6 @@ pub struct Options {
     pub confirm_final_try: bool,
     /// Where journals live.
     pub journals: JournalStore,
-    /// KDF asked for an EC envelope (SoftHSM 2.6.1 can only do `Null`).
-    pub ecdh_kdf: EcdhKdf,
 }
 
 impl Options {
@@ -118,7 +116,6 @@ impl Options {
             max_clock_skew: time::Duration::minutes(5),
             confirm_final_try: false,
             journals,
-            ecdh_kdf: EcdhKdf::Null,
         }
     }
 }
@@ -857,13 +854,21 @@ impl ActivationStep {
     }
 }
 
+/// The portal's answer to the issue request, with the transport key the request named
+/// (when an encryption certificate comes: its envelope is addressed to that key).
+struct Requested {
+    issued: IssueResponse,
+    transport: Option<TransportKey>,
+}
+
 /// A certificate the portal issued that passed every check, with the keys it names.
 struct Verified {
     issued: IssueResponse,
     /// The new signing key (pending, or the old key for a same-key renewal).
     key: KeyRef,
-    /// The escrowed encryption key, under its pending id.
-    encryption: Option<KeyRef>,
+    /// The escrowed encryption key, under its pending id, and the transport key its
+    /// envelope is addressed to (taken and destroyed once the key is on the token).
+    encryption: Option<(KeyRef, Option<TransportKey>)>,
 }
 
 /// What activation and the confirmation work from: the journal's verified record.
@@ -1060,9 +1065,9 @@ impl Run<'_> {
 
     fn before_activation(&mut self) -> Result<(), RenewalError> {
         let public = self.step(Step::Key, |r| r.key())?;
-        let issued = self.step(Step::Request, |r| r.request(&public))?;
-        let verified = self.step(Step::Verify, |r| r.verify(issued, public))?;
-        self.step(Step::Write, |r| r.write(&verified))?;
+        let requested = self.step(Step::Request, |r| r.request(&public))?;
+        let mut verified = self.step(Step::Verify, |r| r.verify(requested, public))?;
+        self.step(Step::Write, |r| r.write(&mut verified))?;
         self.step(Step::SelfTest, |r| r.self_test(&verified))?;
         self.probe_activation(&verified)
     }
@@ -1099,15 +1104,27 @@ impl Run<'_> {
             })
     }
 
-    fn request(&mut self, public: &PublicKey) -> Result<IssueResponse, RenewalError> {
+    fn request(&mut self, public: &PublicKey) -> Result<Requested, RenewalError> {
         let old_der = self.old_cert()?;
         let new_key = self.new_key(public.clone())?;
         let mut params = rcgen::CertificateParams::default();
         params.distinguished_name =
             checks::subject_of(&old_der).map_err(RenewalError::Inconsistent)?;
         let csr_der = self.token.csr(&new_key, &params)?;
+        // The escrowed encryption key goes to a key made for it in this run, never to
+        // the signing key (which only signs).
+        let transport = match self.j.encryption {
+            Some(_) => Some(self.token.generate_transport_key(self.j.new_alg)?),
+            None => None,
+        };
+        let transport_spki = transport.as_ref().map(|t| t.public.spki());
         let challenge = self.portal.challenge(&self.j.order_id)?.value;
-        let data = challenge_signed_data(&self.j.order_id, &challenge.nonce, &csr_der);
+        let data = challenge_signed_data(
+            &self.j.order_id,
+            &challenge.nonce,
+            &csr_der,
+            transport_spki.as_deref(),
+        );
         let signature = self.token.sign(&self.old_key()?, &data)?;
         let req = IssueRequest {
             challenge_id: challenge.challenge_id,
@@ -1115,16 +1132,20 @@ impl Run<'_> {
             signature_algorithm: sig_alg(self.j.old.alg),
             old_certificate_der: old_der,
             csr_der,
-            ecdh_kdf: self.opts.ecdh_kdf,
+            transport_key_spki: transport_spki,
         };
-        Ok(self.portal.issue(&self.j.order_id, &req)?.value)
+        Ok(Requested {
+            issued: self.portal.issue(&self.j.order_id, &req)?.value,
+            transport,
+        })
     }
 
     fn verify(
         &mut self,
-        issued: IssueResponse,
+        requested: Requested,
         public: PublicKey,
     ) -> Result<Verified, RenewalError> {
+        let Requested { issued, transport } = requested;
         let old_der = self.old_cert()?;
         let now = OffsetDateTime::now_utc();
         let x = Expectations {
@@ -1150,8 +1171,13 @@ impl Run<'_> {
                     ..x
                 };
                 checks::check_issued(&enc.certificate_der, &x).map_err(RenewalError::Refused)?;
+                let Some(transport) = transport else {
+                    return Err(RenewalError::Inconsistent(
+                        "an encryption certificate came without a transport key asked for".into(),
+                    ));
+                };
                 let spki_hash =
-                    aws_lc_rs::digest::digest(&aws_lc_rs::digest::SHA256, &public.spki());
+                    aws_lc_rs::digest::digest(&aws_lc_rs::digest::SHA256, &transport.public.spki());
                 if enc.envelope.recipient_spki_sha256 != spki_hash.as_ref() {
                     return Err(RenewalError::Refused(Refusal::Encryption(
                         "the key envelope is addressed to another key".into(),
@@ -1173,13 +1199,16 @@ impl Run<'_> {
                         "the escrowed key's algorithm does not match its certificate".into(),
                     )));
                 }
-                check_envelope(&enc.envelope, &public, self.opts.ecdh_kdf)?;
+                check_envelope(&enc.envelope, &transport.public)?;
                 enc_serial = Some(serial_of(&enc.certificate_der)?);
                 enc_der = Some(hex::encode(&enc.certificate_der));
-                encryption = Some(KeyRef {
-                    id: names.pending_id.as_bytes().to_vec(),
-                    public: enc_public,
-                });
+                encryption = Some((
+                    KeyRef {
+                        id: names.pending_id.as_bytes().to_vec(),
+                        public: enc_public,
+                    },
+                    Some(transport),
+                ));
             }
             (None, Some(_)) => {
                 return Err(RenewalError::Refused(Refusal::Encryption(
@@ -1192,7 +1221,7 @@ impl Run<'_> {
             if let Some(id) = KeyId::new(sha1_id(&public)) {
                 self.j.signing.final_id = id;
             }
-            if let (Some(names), Some(enc)) = (self.j.encryption.as_mut(), &encryption) {
+            if let (Some(names), Some((enc, _))) = (self.j.encryption.as_mut(), &encryption) {
                 if let Some(id) = KeyId::new(sha1_id(&enc.public)) {
                     names.final_id = id;
                 }
@@ -1212,7 +1241,7 @@ impl Run<'_> {
         })
     }
 
-    fn write(&mut self, v: &Verified) -> Result<(), RenewalError> {
+    fn write(&mut self, v: &mut Verified) -> Result<(), RenewalError> {
         let issued = &v.issued;
         let sig_pending = self.j.signing.pending_id.clone();
         if !self.token.has_certificate(&issued.certificate_der, None)? {
@@ -1223,9 +1252,11 @@ impl Run<'_> {
             )?;
         }
         failpoint("write.cert", "after");
-        if let (Some(enc), Some(names), Some(enc_key)) =
-            (&issued.encryption, self.j.encryption.clone(), &v.encryption)
-        {
+        if let (Some(enc), Some(names), Some((enc_key, transport_key))) = (
+            &issued.encryption,
+            self.j.encryption.clone(),
+            &mut v.encryption,
+        ) {
             let has_key = self
                 .token
                 .pending_count(ObjectKind::PrivateKey, &names.pending_id)?
@@ -1243,25 +1274,27 @@ impl Run<'_> {
                     }
                     WireTransport::EcdhP256 {
                         ephemeral_public_key,
-                        kdf: EcdhKdf::Null,
-                        ..
-                    } => KeyTransport::EcdhP256Null {
+                    } => KeyTransport::EcdhP256 {
                         ephemeral_public_key,
                     },
-                    WireTransport::EcdhP256 { kdf, .. } => {
-                        return Err(RenewalError::Refused(Refusal::Encryption(format!(
-                            "envelope KDF {kdf:?} was not asked for"
-                        ))));
-                    }
                 };
+                let recipient = transport_key.as_ref().ok_or_else(|| {
+                    RenewalError::Inconsistent("the transport key was used already".into())
+                })?;
                 self.token.unwrap_escrowed_key(
-                    &v.key,
+                    recipient,
                     &transport,
                     &enc.envelope.wrapped_private_key,
                     key_alg(enc.envelope.private_key_algorithm),
                     &names.pending_id,
                     &names.pending_label,
                 )?;
+            }
+            // Its job is done (it also goes with the session).
+            if let Some(t) = transport_key.take() {
+                if let Err(e) = self.token.destroy_transport_key(t) {
+                    tracing::debug!("destroying the transport key: {e}");
+                }
             }
             failpoint("write.unwrap", "after");
             if !self.token.has_certificate(&enc.certificate_der, None)? {
@@ -1280,7 +1313,7 @@ impl Run<'_> {
         let sig = self.token.sign(&v.key, &data)?;
         checks::verify_with_certificate(&v.issued.certificate_der, &data, &sig)
             .map_err(RenewalError::SelfTest)?;
-        if let (Some(enc), Some(enc_key)) = (&v.issued.encryption, &v.encryption) {
+        if let (Some(enc), Some((enc_key, _))) = (&v.issued.encryption, &v.encryption) {
             match checks::decrypt_test(&enc.certificate_der).map_err(RenewalError::SelfTest)? {
                 DecryptTest::Rsa {
                     ciphertext,
@@ -1328,7 +1361,7 @@ impl Run<'_> {
         if self.j.key_policy == KeyPolicy::Same && old.id != self.j.signing.final_id.as_bytes() {
             certs.push(&old_der);
         }
-        if let (Some(k), Some(enc)) = (&v.encryption, &v.issued.encryption) {
+        if let (Some((k, _)), Some(enc)) = (&v.encryption, &v.issued.encryption) {
             keys.push(k);
             certs.push(&enc.certificate_der);
         }
@@ -1574,13 +1607,12 @@ fn no_portal() -> ukey_portal_client::ClientError {
 }
 
 /// The envelope's fields are the ones this client opens: version 1, AES-256 key wrap
-/// with padding around a PKCS#8 key, and a key transport that fits the recipient key —
-/// RSA-OAEP to an RSA key, or ECDH on P-256 to an EC key with the KDF asked for and an
+/// with padding around a PKCS#8 key, and a key transport that fits the recipient (the
+/// transport key) — RSA-OAEP to an RSA key, or ECDH on P-256 to an EC key with an
 /// ephemeral point that is on the curve (checked here, before it reaches the token).
 fn check_envelope(
     envelope: &ukey_portal_api::KeyEnvelope,
     recipient: &PublicKey,
-    kdf_asked: EcdhKdf,
 ) -> Result<(), RenewalError> {
     let refuse = |why: String| Err(RenewalError::Refused(Refusal::Encryption(why)));
     if envelope.version != 1 {
@@ -1600,14 +1632,9 @@ fn check_envelope(
         (
             WireTransport::EcdhP256 {
                 ephemeral_public_key,
-                kdf,
-                ..
             },
             PublicKey::EcP256 { .. },
         ) => {
-            if *kdf != kdf_asked {
-                return refuse(format!("envelope KDF {kdf:?} was not asked for"));
-            }
             if checks::ecdh_test(ephemeral_public_key).is_err() {
                 return refuse("the ephemeral ECDH point is not on P-256".into());
             }
@@ -1658,14 +1685,12 @@ pub fn total(report: &Report) -> StdDuration {
 mod envelope_tests {
     use super::*;
 
-    fn envelope(point: Vec<u8>, kdf: EcdhKdf) -> ukey_portal_api::KeyEnvelope {
+    fn envelope(point: Vec<u8>) -> ukey_portal_api::KeyEnvelope {
         ukey_portal_api::KeyEnvelope {
             version: 1,
             recipient_spki_sha256: vec![0; 32],
             key_transport: WireTransport::EcdhP256 {
                 ephemeral_public_key: point,
-                kdf,
-                shared_info: vec![],
             },
             content_wrap: ukey_portal_api::CONTENT_WRAP_AES256_KWP.into(),
             private_key_algorithm: KeyAlgorithm::EcP256,
@@ -1675,7 +1700,7 @@ mod envelope_tests {
     }
 
     #[test]
-    fn the_ephemeral_point_must_be_on_the_curve_and_the_kdf_the_one_asked() {
+    fn the_ephemeral_point_must_be_on_the_curve_and_the_transport_fit_the_key() {
         // A real point: the public key of a fresh P-256 key.
         let rng = aws_lc_rs::rand::SystemRandom::new();
         let key = aws_lc_rs::agreement::EphemeralPrivateKey::generate(
@@ -1687,23 +1712,16 @@ mod envelope_tests {
         let recipient = PublicKey::EcP256 {
             point: good.clone(),
         };
-        check_envelope(
-            &envelope(good.clone(), EcdhKdf::Null),
-            &recipient,
-            EcdhKdf::Null,
-        )
-        .unwrap();
+        check_envelope(&envelope(good.clone()), &recipient).unwrap();
         let mut off = good.clone();
         off[64] ^= 1;
-        let e =
-            check_envelope(&envelope(off, EcdhKdf::Null), &recipient, EcdhKdf::Null).unwrap_err();
+        let e = check_envelope(&envelope(off), &recipient).unwrap_err();
         assert!(e.to_string().contains("not on P-256"), "{e}");
-        let e = check_envelope(
-            &envelope(good, EcdhKdf::X963Sha256),
-            &recipient,
-            EcdhKdf::Null,
-        )
-        .unwrap_err();
-        assert!(e.to_string().contains("not asked for"), "{e}");
+        let rsa = PublicKey::Rsa {
+            modulus: vec![0xC1; 256],
+            exponent: vec![1, 0, 1],
+        };
+        let e = check_envelope(&envelope(good), &rsa).unwrap_err();
+        assert!(e.to_string().contains("does not fit"), "{e}");
     }
 }

@@ -155,10 +155,10 @@ impl Session<'_> {
                 public.extend([
                     Attribute::ModulusBits(2048.into()),
                     Attribute::PublicExponent(vec![0x01, 0x00, 0x01]),
-                    Attribute::Encrypt(true),
-                    Attribute::Wrap(true),
+                    Attribute::Encrypt(false),
+                    Attribute::Wrap(false),
                 ]);
-                private.extend([Attribute::Decrypt(true), Attribute::Unwrap(true)]);
+                private.extend([Attribute::Decrypt(false), Attribute::Unwrap(false)]);
                 Mechanism::RsaPkcsKeyPairGen
             }
             KeyAlg::EcP256 => {
@@ -168,7 +168,7 @@ impl Session<'_> {
                     Attribute::Wrap(false),
                 ]);
                 private.extend([
-                    Attribute::Derive(true),
+                    Attribute::Derive(false),
                     Attribute::Decrypt(false),
                     Attribute::Unwrap(false),
                 ]);
@@ -181,6 +181,62 @@ impl Session<'_> {
             .map_err(|e| self.map_error(e))?;
         tracing::debug!(alg = alg.as_str(), label, "key pair generated on the token");
         Ok(KeyPairHandles { public, private })
+    }
+
+    /// Generates a *transport key*: a key pair that lives in this session only
+    /// (CKA_TOKEN false, gone when the session ends or the key is pulled), whose
+    /// private half can only receive a key (RSA: CKA_UNWRAP; EC: CKA_DERIVE) and never
+    /// signs or decrypts data. The escrowed encryption key's envelope is addressed to
+    /// it, so that the signing key only signs. Returns the private key and the public
+    /// key as read back from the token.
+    pub fn generate_transport_key(&self, alg: KeyAlg) -> Result<(ObjectHandle, PublicKey)> {
+        let label = b"ukey-renew transport key".to_vec();
+        let mut public = vec![
+            Attribute::Token(false),
+            Attribute::Private(false),
+            Attribute::Label(label.clone()),
+            Attribute::Verify(false),
+            Attribute::Encrypt(false),
+        ];
+        let mut private = vec![
+            Attribute::Token(false),
+            Attribute::Private(true),
+            Attribute::Label(label),
+            Attribute::Sensitive(true),
+            Attribute::Extractable(false),
+            Attribute::Sign(false),
+            Attribute::Decrypt(false),
+        ];
+        let mechanism = match alg {
+            KeyAlg::Rsa2048 => {
+                public.extend([
+                    Attribute::ModulusBits(2048.into()),
+                    Attribute::PublicExponent(vec![0x01, 0x00, 0x01]),
+                    Attribute::Wrap(true),
+                ]);
+                private.extend([Attribute::Unwrap(true), Attribute::Derive(false)]);
+                Mechanism::RsaPkcsKeyPairGen
+            }
+            KeyAlg::EcP256 => {
+                public.push(Attribute::EcParams(P256_EC_PARAMS.to_vec()));
+                private.extend([Attribute::Derive(true), Attribute::Unwrap(false)]);
+                Mechanism::EccKeyPairGen
+            }
+        };
+        let (public, private) = self
+            .cryptoki()
+            .generate_key_pair(&mechanism, &public, &private)
+            .map_err(|e| self.map_error(e))?;
+        let key = self.public_key(public);
+        // The public half is not needed on the token once read.
+        if let Err(e) = self.cryptoki().destroy_object(public) {
+            tracing::debug!("destroying the transport key's public object: {e}");
+        }
+        tracing::debug!(
+            alg = alg.as_str(),
+            "transport key generated for this session"
+        );
+        Ok((private, key?))
     }
 
     /// Reads the public key of a public key object (RSA or EC P-256).

@@ -1,10 +1,11 @@
 //! Putting an escrowed private key on the token without it being in the clear on this
 //! machine (C_UnwrapKey), and the decryption the renewal self-test needs.
 //!
-//! The envelope (see the portal protocol): an AES-256 key reaches the token either
-//! RSA-OAEP(SHA-1, MGF1-SHA-1, empty label)-wrapped to a token RSA key (the only OAEP
-//! SoftHSM 2.6.1 unwraps), or by ECDH (CKM_ECDH1_DERIVE, CKD_NULL: SoftHSM 2.6.1 has no
-//! other KDF) with an ephemeral P-256 key; that AES key is a session object used only to
+//! The envelope (see the portal protocol) is addressed to a transport key
+//! ([`Session::generate_transport_key`]): an AES-256 key reaches the token either
+//! RSA-OAEP(SHA-1, MGF1-SHA-1, empty label)-wrapped to it (the only OAEP SoftHSM 2.6.1
+//! unwraps), or by ECDH (CKM_ECDH1_DERIVE, CKD_NULL: SoftHSM 2.6.1 has no other KDF)
+//! with an ephemeral P-256 key; that AES key is a session object used only to
 //! C_UnwrapKey(CKM_AES_KEY_WRAP_PAD) the PKCS#8 private key into a token object, then
 //! destroyed.
 
@@ -25,9 +26,9 @@ pub enum KeyTransport<'a> {
         /// The wrapped 32-byte AES key.
         wrapped_key: &'a [u8],
     },
-    /// ECDH on P-256 with an ephemeral public key, no KDF (the shared x-coordinate is
-    /// the AES key).
-    EcdhP256Null {
+    /// ECDH on P-256 with an ephemeral public key, no KDF (CKD_NULL: the shared
+    /// x-coordinate is the AES key).
+    EcdhP256 {
         /// Uncompressed SEC1 point of the sender's ephemeral key.
         ephemeral_public_key: &'a [u8],
     },
@@ -68,7 +69,7 @@ impl Session<'_> {
                 .cryptoki()
                 .unwrap_key(&oaep_sha1(), recipient, wrapped_key, &aes_template)
                 .map_err(|e| self.map_error(e))?,
-            KeyTransport::EcdhP256Null {
+            KeyTransport::EcdhP256 {
                 ephemeral_public_key,
             } => {
                 let params = Ecdh1DeriveParams::new(EcKdf::null(), ephemeral_public_key);

@@ -6,6 +6,7 @@
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
+use rcgen::PublicKeyData as _;
 use rcgen::{
     CertificateParams, DistinguishedName, DnType, DnValue, Issuer, KeyPair, SerialNumber,
     SigningKey,
@@ -14,9 +15,9 @@ use serde::Serialize;
 use serde::de::DeserializeOwned;
 use ukey_portal::{Portal, PortalConfig, RunningServer};
 use ukey_portal_api::{
-    ApiError, ChallengeResponse, CreateOrderRequest, EcdhKdf, ErrorCode, InitialState,
-    InstalledRequest, IssueRequest, IssueResponse, KeyAlgorithm, KeyPolicy, OrderView,
-    SignatureAlgorithm, StatusRequest, challenge_signed_data, installed_signed_data, paths,
+    ApiError, ChallengeResponse, CreateOrderRequest, ErrorCode, InitialState, InstalledRequest,
+    IssueRequest, IssueResponse, KeyAlgorithm, KeyPolicy, OrderView, SignatureAlgorithm,
+    StatusRequest, challenge_signed_data, installed_signed_data, paths,
 };
 
 pub const CN: &str = "张三";
@@ -156,18 +157,41 @@ impl Harness {
     }
 
     /// A well-formed issue request: fresh challenge, CSR for `new_key` with the holder's
-    /// subject, challenge signed by the holder's key.
+    /// subject, a fresh P-256 transport key, challenge signed by the holder's key.
     pub async fn issue_request(
         &self,
         order_id: &str,
         holder: &Holder,
         new_key: &KeyPair,
     ) -> IssueRequest {
+        let transport = KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).unwrap();
+        self.issue_request_with(
+            order_id,
+            holder,
+            new_key,
+            Some(transport.subject_public_key_info()),
+        )
+        .await
+    }
+
+    /// [`Harness::issue_request`] with the given transport key (SPKI DER), or none.
+    pub async fn issue_request_with(
+        &self,
+        order_id: &str,
+        holder: &Holder,
+        new_key: &KeyPair,
+        transport_key_spki: Option<Vec<u8>>,
+    ) -> IssueRequest {
         let ch = self.challenge(order_id).await;
         let csr_der = csr(new_key, CN, ORG);
         let sig = holder
             .key
-            .sign(&challenge_signed_data(order_id, &ch.nonce, &csr_der))
+            .sign(&challenge_signed_data(
+                order_id,
+                &ch.nonce,
+                &csr_der,
+                transport_key_spki.as_deref(),
+            ))
             .unwrap();
         IssueRequest {
             challenge_id: ch.challenge_id,
@@ -175,7 +199,7 @@ impl Harness {
             signature_algorithm: holder.sig_alg(),
             old_certificate_der: holder.cert_der.clone(),
             csr_der,
-            ecdh_kdf: EcdhKdf::default(),
+            transport_key_spki,
         }
     }
 

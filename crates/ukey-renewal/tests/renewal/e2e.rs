@@ -212,6 +212,38 @@ fn confirm_externally(env: &Env, token_index: usize, report: &Report, new_alg: F
     );
 }
 
+/// A new signing key only signs (pkcs11-tool reads its usage flags), and the escrowed
+/// encryption key came to a transport key that is gone: nothing on the token carries
+/// its label.
+fn new_signing_key_only_signs(env: &Env, token_index: usize) {
+    let fx = &env.tokens[token_index];
+    let id = hex::encode(&fx.certs[0].key_id);
+    let keys = p11(
+        &env.hsm,
+        &fx.label,
+        &fx.user_pin,
+        &["--list-objects", "--type", "privkey"],
+    );
+    // One block per object; the one with the signing certificate's id.
+    let usage: Vec<&str> = keys
+        .split("Private Key Object")
+        .filter(|block| {
+            block
+                .lines()
+                .any(|l| l.trim().strip_prefix("ID:").map(str::trim) == Some(id.as_str()))
+        })
+        .flat_map(|block| {
+            block
+                .lines()
+                .filter_map(|l| l.trim().strip_prefix("Usage:"))
+        })
+        .map(str::trim)
+        .collect();
+    assert_eq!(usage, ["sign"], "{keys}");
+    let all = p11(&env.hsm, &fx.label, &fx.user_pin, &["--list-objects"]);
+    assert!(!all.contains("transport"), "{all}");
+}
+
 fn archived_key_still_decrypts(env: &Env, token_index: usize) {
     let fx = &env.tokens[token_index];
     let old_enc = &fx.certs[1];
@@ -456,6 +488,7 @@ fn rsa_dual_new_key_archives_old_decryption_key() {
         with_enc: true,
     });
     confirm_externally(&env, 0, &report, FxAlg::Rsa2048);
+    new_signing_key_only_signs(&env, 0);
     assert_eq!(
         report.archived_serial.as_deref(),
         Some(env.tokens[0].certs[1].serial_hex.as_str())
@@ -541,6 +574,7 @@ fn p256_dual_new_key() {
         with_enc: true,
     });
     confirm_externally(&env, 0, &report, FxAlg::EcP256);
+    new_signing_key_only_signs(&env, 0);
     assert_eq!(
         report.archived_serial.as_deref(),
         Some(env.tokens[0].certs[1].serial_hex.as_str())
@@ -556,5 +590,6 @@ fn upgrade_rsa_dual_to_p256_with_escrowed_key_over_ecdh() {
         with_enc: true,
     });
     confirm_externally(&env, 0, &report, FxAlg::EcP256);
+    new_signing_key_only_signs(&env, 0);
     archived_key_still_decrypts(&env, 0);
 }

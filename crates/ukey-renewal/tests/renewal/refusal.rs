@@ -92,17 +92,23 @@ fn encryption_certificate(fake: &Fake) -> Vec<u8> {
     p.signed_by(&key, &issuer).unwrap().der().to_vec()
 }
 
-fn envelope(fake: &Fake, csr_der: &[u8], enc_der: &[u8]) -> ukey_portal_api::KeyEnvelope {
+fn envelope(fake: &Fake, req: &IssueRequest, enc_der: &[u8]) -> ukey_portal_api::KeyEnvelope {
     use x509_parser::prelude::FromDer;
-    let (_, csr) =
-        x509_parser::certification_request::X509CertificationRequest::from_der(csr_der).unwrap();
-    let spki = csr.certification_request_info.subject_pki.raw;
-    let mut recipient = aws_lc_rs::digest::digest(&aws_lc_rs::digest::SHA256, spki)
+    // Addressed to the request's transport key; the "other recipient" case addresses it
+    // to the new signing key (the CSR's), which must only sign.
+    let spki = if fake.mode == Mode::EncryptionOtherRecipient {
+        let (_, csr) =
+            x509_parser::certification_request::X509CertificationRequest::from_der(&req.csr_der)
+                .unwrap();
+        csr.certification_request_info.subject_pki.raw.to_vec()
+    } else {
+        req.transport_key_spki
+            .clone()
+            .expect("the client sends a transport key when an encryption certificate comes")
+    };
+    let recipient = aws_lc_rs::digest::digest(&aws_lc_rs::digest::SHA256, &spki)
         .as_ref()
         .to_vec();
-    if fake.mode == Mode::EncryptionOtherRecipient {
-        recipient[0] ^= 0xFF;
-    }
     let (_, enc) = x509_parser::prelude::X509Certificate::from_der(enc_der).unwrap();
     let rsa = matches!(
         enc.public_key().parsed(),
@@ -120,12 +126,10 @@ fn envelope(fake: &Fake, csr_der: &[u8], enc_der: &[u8]) -> ukey_portal_api::Key
             1
         },
         recipient_spki_sha256: recipient,
-        // The token's new key is RSA: ECDH cannot reach it.
+        // The transport key is RSA (as the token's new key): ECDH cannot reach it.
         key_transport: if fake.mode == Mode::EncryptionTransportMismatch {
             ukey_portal_api::KeyTransport::EcdhP256 {
                 ephemeral_public_key: vec![4; 65],
-                kdf: ukey_portal_api::EcdhKdf::Null,
-                shared_info: vec![],
             }
         } else {
             ukey_portal_api::KeyTransport::RsaOaepSha1 {
@@ -295,7 +299,7 @@ async fn issue(
                     let enc = encryption_certificate(&fake);
                     Some(ukey_portal_api::EncryptionIssue {
                         certificate_serial_hex: "5A0E".into(),
-                        envelope: envelope(&fake, &req.csr_der, &enc),
+                        envelope: envelope(&fake, &req, &enc),
                         certificate_der: enc,
                     })
                 }
