@@ -319,11 +319,9 @@ impl SubjectPublicKey {
                 modulus.len() * 8
             )));
         }
-        let mut body = der_unsigned_integer(modulus);
-        body.extend(der_unsigned_integer(public_exponent));
         Ok(SubjectPublicKey {
             alg: KeyAlg::Rsa2048,
-            key_bytes: der_tlv(0x30, &body),
+            key_bytes: rsa_public_key_der(modulus, public_exponent)?,
         })
     }
 
@@ -378,32 +376,26 @@ fn strip_leading_zeros(bytes: &[u8]) -> &[u8] {
     &bytes[start..]
 }
 
-fn der_unsigned_integer(value: &[u8]) -> Vec<u8> {
-    let value = strip_leading_zeros(value);
-    let mut content = Vec::with_capacity(value.len() + 1);
-    if value.first().is_none_or(|b| b & 0x80 != 0) {
-        content.push(0);
+/// PKCS#1 `RSAPublicKey` DER (with the `der` crate).
+fn rsa_public_key_der(modulus: &[u8], public_exponent: &[u8]) -> Result<Vec<u8>, FixtureError> {
+    #[derive(der::Sequence)]
+    struct RsaPublicKey<'a> {
+        modulus: der::asn1::UintRef<'a>,
+        public_exponent: der::asn1::UintRef<'a>,
     }
-    content.extend_from_slice(value);
-    der_tlv(0x02, &content)
+    let bad = |e: der::Error| FixtureError::PublicKey(format!("RSA public key DER: {e}"));
+    der::Encode::to_der(&RsaPublicKey {
+        modulus: der::asn1::UintRef::new(modulus).map_err(bad)?,
+        public_exponent: der::asn1::UintRef::new(public_exponent).map_err(bad)?,
+    })
+    .map_err(bad)
 }
 
-pub(crate) fn der_tlv(tag: u8, content: &[u8]) -> Vec<u8> {
-    let mut out = vec![tag];
-    let len = content.len();
-    if len < 0x80 {
-        out.push(len as u8);
-    } else {
-        let len_bytes: Vec<u8> = len
-            .to_be_bytes()
-            .into_iter()
-            .skip_while(|b| *b == 0)
-            .collect();
-        out.push(0x80 | len_bytes.len() as u8);
-        out.extend(len_bytes);
-    }
-    out.extend_from_slice(content);
-    out
+/// CKA_SERIAL_NUMBER: the DER INTEGER of a certificate's serial, from its content
+/// bytes as the certificate has them.
+pub(crate) fn serial_number_der(raw_serial: &[u8]) -> Result<Vec<u8>, FixtureError> {
+    let bad = |e: der::Error| FixtureError::PublicKey(format!("serial number DER: {e}"));
+    der::Encode::to_der(&der::asn1::IntRef::new(raw_serial).map_err(bad)?).map_err(bad)
 }
 
 #[cfg(test)]
@@ -411,20 +403,20 @@ mod tests {
     use super::*;
 
     #[test]
-    fn der_integer_gets_a_leading_zero_only_when_the_high_bit_is_set() {
+    fn der_of_rsa_keys_and_serials() {
+        let key = rsa_public_key_der(&[0x80; 4], &[0x01, 0x00, 0x01]).unwrap();
         assert_eq!(
-            der_unsigned_integer(&[0x01, 0x00, 0x01]),
-            [0x02, 3, 1, 0, 1]
+            key,
+            [
+                0x30, 12, 0x02, 5, 0, 0x80, 0x80, 0x80, 0x80, 0x02, 3, 1, 0, 1
+            ]
         );
-        assert_eq!(der_unsigned_integer(&[0x00, 0x80]), [0x02, 2, 0, 0x80]);
-        assert_eq!(der_unsigned_integer(&[]), [0x02, 1, 0]);
-    }
-
-    #[test]
-    fn long_der_lengths() {
-        let tlv = der_tlv(0x30, &[0u8; 300]);
-        assert_eq!(&tlv[..4], &[0x30, 0x82, 0x01, 0x2c]);
-        assert_eq!(tlv.len(), 304);
+        // A serial with the high bit set carries its leading zero, as in the certificate.
+        assert_eq!(
+            serial_number_der(&[0x00, 0x80]).unwrap(),
+            [0x02, 2, 0, 0x80]
+        );
+        assert_eq!(serial_number_der(&[0x52]).unwrap(), [0x02, 1, 0x52]);
     }
 
     #[test]

@@ -14,7 +14,7 @@ use cryptoki::types::AuthPin;
 use x509_parser::prelude::{FromDer, X509Certificate};
 
 use crate::FixtureError;
-use crate::ca::{SubjectPublicKey, TestCa, der_tlv};
+use crate::ca::{SubjectPublicKey, TestCa, serial_number_der};
 use crate::spec::{CertFixture, CertSpec, KeyAlg, TokenFixture, TokenSpec};
 
 /// DER of the OID prime256v1 (1.2.840.10045.3.1.7), the CKA_EC_PARAMS of P-256 keys.
@@ -373,7 +373,7 @@ fn name_attributes(der: &[u8]) -> Result<NameAttributes, FixtureError> {
     Ok((
         tbs.subject.as_raw().to_vec(),
         tbs.issuer.as_raw().to_vec(),
-        der_tlv(0x02, tbs.raw_serial()),
+        serial_number_der(tbs.raw_serial())?,
     ))
 }
 

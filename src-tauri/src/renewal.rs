@@ -9,7 +9,7 @@ use std::sync::Arc;
 use secrecy::SecretString;
 use serde::Serialize;
 use time::format_description::well_known::Rfc3339;
-use ukey_portal_client::{BlockingPortalClient, PortalClient};
+use ukey_portal_client::PortalClient;
 use ukey_renewal::{Event, JournalStore, Notice, RenewalError, Step};
 use ukey_token::{Lang, Module, TokenSummary};
 
@@ -119,7 +119,7 @@ pub fn ipc_error(e: &RenewalError, lang: Lang) -> IpcError {
     }
 }
 
-fn portal(cfg: &EngineConfig) -> IpcResult<BlockingPortalClient> {
+fn portal(cfg: &EngineConfig) -> IpcResult<PortalClient> {
     let Some(url) = &cfg.portal_url else {
         return Err(IpcError::new(
             "portal_not_configured",
@@ -135,9 +135,7 @@ fn portal(cfg: &EngineConfig) -> IpcResult<BlockingPortalClient> {
         .iter()
         .map(|a| ukey_trust::anchors::to_pem(&a.der).into_bytes())
         .collect();
-    PortalClient::with_roots(url, &roots)
-        .and_then(BlockingPortalClient::new)
-        .map_err(|e| IpcError::new(e.code(), e.to_string()))
+    PortalClient::with_roots(url, &roots).map_err(|e| IpcError::new(e.code(), e.to_string()))
 }
 
 /// Trust anchors (DER) from the PEM files.
@@ -255,13 +253,12 @@ pub fn renew(
 
 /// Renewal statuses from the portal, for the listing.
 #[derive(Debug)]
-pub struct PortalStatus(BlockingPortalClient);
+pub struct PortalStatus(PortalClient);
 
 impl PortalStatus {
     /// A status source for the configured portal, if any.
     pub fn for_url(url: Option<&str>) -> Option<Arc<dyn StatusSource>> {
         let client = PortalClient::new(url?)
-            .and_then(BlockingPortalClient::new)
             .map_err(|e| tracing::warn!("portal client: {e}"))
             .ok()?;
         Some(Arc::new(PortalStatus(client)))

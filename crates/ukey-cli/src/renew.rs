@@ -6,7 +6,7 @@ use std::io::{BufRead, IsTerminal, Write};
 use std::path::{Path, PathBuf};
 
 use secrecy::SecretString;
-use ukey_portal_client::{BlockingPortalClient, PortalClient};
+use ukey_portal_client::PortalClient;
 use ukey_renewal::{
     ErrorKind, Event, JournalStore, KeyIdScheme, LabelScheme, Options, Plan, RenewalError, Report,
     Step, preflight, renew,
@@ -144,11 +144,10 @@ pub fn run(args: &RenewArgs, module: &Module, config: &Config, lang: Lang) -> an
         .iter()
         .map(|der| ukey_trust::anchors::to_pem(der).into_bytes())
         .collect();
-    let client =
-        match PortalClient::with_roots(portal, &tls_roots).and_then(BlockingPortalClient::new) {
-            Ok(c) => c,
-            Err(e) => return Ok(fail(&RenewalError::Portal(e), args.json, lang)),
-        };
+    let client = match PortalClient::with_roots(portal, &tls_roots) {
+        Ok(c) => c,
+        Err(e) => return Ok(fail(&RenewalError::Portal(e), args.json, lang)),
+    };
 
     // Which token: the one named, else every token, keeping those with a plan.
     let tokens: Vec<_> = module

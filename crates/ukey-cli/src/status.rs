@@ -3,7 +3,7 @@
 
 use std::io::Write;
 
-use ukey_portal_client::{BlockingPortalClient, PortalClient};
+use ukey_portal_client::PortalClient;
 use ukey_renewal::{JournalStore, status_request};
 use ukey_token::{Lang, Module, Usage};
 
@@ -33,7 +33,7 @@ pub fn run(
         );
         return Ok(crate::renew::EXIT_ACTION);
     };
-    let client = BlockingPortalClient::new(PortalClient::new(portal)?)?;
+    let client = PortalClient::new(portal)?;
     let journals = JournalStore::open_default()?;
     let now = time::OffsetDateTime::now_utc();
     let mut rows = Vec::new();

@@ -11,7 +11,7 @@
 use std::time::{Duration, SystemTime};
 
 use ukey_portal_api::{RenewalStatus, StatusRequest};
-use ukey_portal_client::{BlockingPortalClient, ClientError, PortalClient};
+use ukey_portal_client::{ClientError, PortalClient};
 use x509_parser::prelude::{FromDer, X509Certificate};
 
 use crate::certificate::TrustAnchor;
@@ -28,14 +28,12 @@ const TIMEOUT: Duration = Duration::from_secs(10);
 
 /// The portal client: system roots plus the trust anchors (a CA's own portal may use a
 /// certificate from its own CA).
-fn client(url: &str, anchors: &[TrustAnchor]) -> Result<BlockingPortalClient, ClientError> {
+fn client(url: &str, anchors: &[TrustAnchor]) -> Result<PortalClient, ClientError> {
     let roots: Vec<Vec<u8>> = anchors
         .iter()
         .map(|a| pem::encode(&pem::Pem::new("CERTIFICATE", a.der.clone())).into_bytes())
         .collect();
-    PortalClient::with_roots(url, &roots)
-        .map(|c| c.timeout(TIMEOUT))
-        .and_then(BlockingPortalClient::new)
+    PortalClient::with_roots(url, &roots).map(|c| c.timeout(TIMEOUT))
 }
 
 /// The portal's issuing CA certificates (`GET /api/v1/ca`), used as intermediates
@@ -101,7 +99,7 @@ pub(crate) fn diagnose(
             return section;
         }
     };
-    let https = portal.client().is_https();
+    let https = portal.is_https();
 
     // Reachability and Date: any HTTP answer will do.
     let probe = match portal.probe() {
@@ -196,7 +194,7 @@ pub(crate) fn diagnose(
                 "HTTPS to the portal works and its certificate was verified.",
             ),
         )
-    } else if portal.client().is_loopback() {
+    } else if portal.is_loopback() {
         Check::new(
             "portal.tls",
             Status::Skip,
@@ -310,7 +308,7 @@ pub(crate) fn clock_check(date: Option<&str>, local: SystemTime) -> Check {
     }
 }
 
-fn status_check(portal: &BlockingPortalClient, token_serial: &str, der: &[u8]) -> Check {
+fn status_check(portal: &PortalClient, token_serial: &str, der: &[u8]) -> Check {
     let id = "portal.status";
     let Ok((_, cert)) = X509Certificate::from_der(der) else {
         return Check::new(

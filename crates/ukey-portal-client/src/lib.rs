@@ -1,5 +1,5 @@
-//! HTTPS client of the renewal portal protocol (`ukey-portal-api`), over reqwest with
-//! rustls. The only crate that speaks HTTP to a portal.
+//! HTTPS client of the renewal portal protocol (`ukey-portal-api`), over reqwest's
+//! blocking client with rustls. The only crate that speaks HTTP to a portal.
 //!
 //! Every answer comes with the server's `Date` header ([`Answer::server_date`]) so the
 //! renewal engine can measure clock skew before it trusts validity periods. Failures
@@ -12,8 +12,9 @@
 //! verified) and [`PortalClient::ca_certificates`] fetches the issuing CA
 //! (`GET /api/v1/ca`), so that diagnostics need no HTTP client of their own.
 //!
-//! [`PortalClient`] is async (the desktop app runs on tokio); [`BlockingPortalClient`]
-//! wraps it for synchronous callers (the CLI, the renewal engine's worker threads).
+//! [`PortalClient`] is synchronous: its callers (the CLI, the renewal engine, the
+//! diagnosis, the desktop app's worker threads) are. Do not create or drop one inside
+//! an async task (reqwest's blocking client runs its own runtime).
 
 use std::time::{Duration, Instant, SystemTime};
 
@@ -187,13 +188,13 @@ impl ClientError {
     }
 }
 
-/// Async client of one portal.
+/// Client of one portal.
 #[derive(Debug, Clone)]
 pub struct PortalClient {
     base: String,
     https: bool,
     host: String,
-    http: reqwest::Client,
+    http: reqwest::blocking::Client,
     max_body: usize,
     timeout: Option<Duration>,
 }
@@ -243,7 +244,7 @@ impl PortalClient {
                     .to_owned(),
             ));
         }
-        let mut builder = reqwest::Client::builder()
+        let mut builder = reqwest::blocking::Client::builder()
             // A redirect would take the holder's requests to another origin.
             .redirect(reqwest::redirect::Policy::none())
             .connect_timeout(Duration::from_secs(10))
@@ -311,34 +312,31 @@ impl PortalClient {
     }
 
     /// `POST /api/v1/status`.
-    pub async fn status(&self, req: &StatusRequest) -> Result<Answer<RenewalStatus>, ClientError> {
-        self.post(paths::STATUS, Some(req)).await
+    pub fn status(&self, req: &StatusRequest) -> Result<Answer<RenewalStatus>, ClientError> {
+        self.post(paths::STATUS, Some(req))
     }
 
     /// `POST /api/v1/orders/{id}/challenge`.
-    pub async fn challenge(
-        &self,
-        order_id: &str,
-    ) -> Result<Answer<ChallengeResponse>, ClientError> {
-        self.post::<(), _>(&paths::challenge(order_id), None).await
+    pub fn challenge(&self, order_id: &str) -> Result<Answer<ChallengeResponse>, ClientError> {
+        self.post::<(), _>(&paths::challenge(order_id), None)
     }
 
     /// `POST /api/v1/orders/{id}/issue`.
-    pub async fn issue(
+    pub fn issue(
         &self,
         order_id: &str,
         req: &IssueRequest,
     ) -> Result<Answer<IssueResponse>, ClientError> {
-        self.post(&paths::issue(order_id), Some(req)).await
+        self.post(&paths::issue(order_id), Some(req))
     }
 
     /// `POST /api/v1/orders/{id}/installed`.
-    pub async fn installed(
+    pub fn installed(
         &self,
         order_id: &str,
         req: &InstalledRequest,
     ) -> Result<Answer<InstalledResponse>, ClientError> {
-        self.post(&paths::installed(order_id), Some(req)).await
+        self.post(&paths::installed(order_id), Some(req))
     }
 
     /// Looks at the portal: `GET /openapi.yaml`, and any HTTP answer, error statuses
@@ -346,7 +344,7 @@ impl PortalClient {
     /// when there is no HTTP answer: [`ClientError::Unreachable`], [`ClientError::Tls`]
     /// (the handshake failed: untrusted certificate, not TLS at all...),
     /// [`ClientError::Timeout`] (after [`PROBE_TIMEOUT`]). The body is not read.
-    pub async fn probe(&self) -> Result<Probe, ClientError> {
+    pub fn probe(&self) -> Result<Probe, ClientError> {
         let url = self.url(paths::OPENAPI);
         tracing::debug!(%url, "portal probe");
         let sent_at = SystemTime::now();
@@ -356,7 +354,6 @@ impl PortalClient {
             .get(&url)
             .timeout(self.timeout.map_or(PROBE_TIMEOUT, |t| t.min(PROBE_TIMEOUT)))
             .send()
-            .await
             .map_err(|e| transport_error(&url, &e))?;
         let round_trip = started.elapsed();
         let date_header = response
@@ -380,9 +377,9 @@ impl PortalClient {
     /// concatenated DER certificates (a chain) are accepted too, in the order served.
     /// Anything else is [`ClientError::Garbage`]. These certificates complete chains;
     /// they are not trust anchors (the portal could say anything).
-    pub async fn ca_certificates(&self) -> Result<Answer<Vec<Vec<u8>>>, ClientError> {
+    pub fn ca_certificates(&self) -> Result<Answer<Vec<Vec<u8>>>, ClientError> {
         let url = self.url(paths::CA_CERT);
-        let (status, server_date, bytes) = self.send(self.http.get(&url), &url).await?;
+        let (status, server_date, bytes) = self.send(self.http.get(&url), &url)?;
         check_status(status, &bytes)?;
         let certificates = parse_certificates(&bytes).map_err(|reason| ClientError::Garbage {
             url,
@@ -395,7 +392,7 @@ impl PortalClient {
         })
     }
 
-    async fn post<B: Serialize, T: DeserializeOwned>(
+    fn post<B: Serialize, T: DeserializeOwned>(
         &self,
         path: &str,
         body: Option<&B>,
@@ -411,7 +408,7 @@ impl PortalClient {
                 .header(reqwest::header::CONTENT_TYPE, "application/json")
                 .body(json);
         }
-        let (status, server_date, bytes) = self.send(request, &url).await?;
+        let (status, server_date, bytes) = self.send(request, &url)?;
         check_status(status, &bytes)?;
         let value = serde_json::from_slice(&bytes).map_err(|e| ClientError::Garbage {
             url,
@@ -423,9 +420,9 @@ impl PortalClient {
 
     /// Sends `request` and reads the body up to [`PortalClient::max_body`]: (status,
     /// `Date`, body).
-    async fn send(
+    fn send(
         &self,
-        request: reqwest::RequestBuilder,
+        request: reqwest::blocking::RequestBuilder,
         url: &str,
     ) -> Result<(u16, Option<OffsetDateTime>, Vec<u8>), ClientError> {
         tracing::debug!(%url, "portal request");
@@ -433,7 +430,7 @@ impl PortalClient {
             Some(t) => request.timeout(t),
             None => request,
         };
-        let mut response = request.send().await.map_err(|e| transport_error(url, &e))?;
+        let mut response = request.send().map_err(|e| transport_error(url, &e))?;
         let status = response.status().as_u16();
         let server_date = server_date(response.headers());
         let too_large = || ClientError::TooLarge {
@@ -446,16 +443,29 @@ impl PortalClient {
         {
             return Err(too_large());
         }
+        // Read in chunks and cut off at the cap, never buffered whole.
         let mut bytes = Vec::new();
-        while let Some(chunk) = response
-            .chunk()
-            .await
-            .map_err(|e| transport_error(url, &e))?
-        {
-            if bytes.len() + chunk.len() > self.max_body {
+        let mut chunk = [0u8; 16 * 1024];
+        loop {
+            let n = std::io::Read::read(&mut response, &mut chunk).map_err(|e| {
+                if e.kind() == std::io::ErrorKind::TimedOut {
+                    ClientError::Timeout {
+                        url: url.to_owned(),
+                    }
+                } else {
+                    ClientError::Transport {
+                        url: url.to_owned(),
+                        reason: e.to_string(),
+                    }
+                }
+            })?;
+            if n == 0 {
+                break;
+            }
+            if bytes.len() + n > self.max_body {
                 return Err(too_large());
             }
-            bytes.extend_from_slice(&chunk);
+            bytes.extend_from_slice(&chunk[..n]);
         }
         tracing::debug!(%url, status, bytes = bytes.len(), "portal answer");
         Ok((status, server_date, bytes))
@@ -531,24 +541,16 @@ fn parse_certificates(bytes: &[u8]) -> Result<Vec<Vec<u8>>, String> {
 }
 
 /// Total length (header + content) of the DER SEQUENCE at the start of `der`, if it
-/// starts with one (definite length, at most 4 length bytes).
+/// starts with one (read with the `der` crate).
 fn der_sequence_len(der: &[u8]) -> Option<usize> {
-    if der.first() != Some(&0x30) {
+    use der::{Decode as _, Encode as _};
+    let mut reader = der::SliceReader::new(der).ok()?;
+    let header = der::Header::decode(&mut reader).ok()?;
+    if header.tag != der::Tag::Sequence {
         return None;
     }
-    let first = usize::from(*der.get(1)?);
-    if first < 0x80 {
-        return Some(2 + first);
-    }
-    let n = first & 0x7f;
-    if n == 0 || n > 4 {
-        return None;
-    }
-    let mut len = 0usize;
-    for i in 0..n {
-        len = (len << 8) | usize::from(*der.get(2 + i)?);
-    }
-    Some(2 + n + len)
+    let total = (header.encoded_len().ok()? + header.length).ok()?;
+    usize::try_from(total).ok()
 }
 
 fn transport_error(url: &str, e: &reqwest::Error) -> ClientError {
@@ -590,98 +592,5 @@ fn transport_error(url: &str, e: &reqwest::Error) -> ClientError {
             url: url.to_owned(),
             reason,
         }
-    }
-}
-
-/// A [`PortalClient`] for synchronous code: owns a small tokio runtime, or uses the
-/// handle of an existing one (call it from a `spawn_blocking` thread, never from async
-/// code).
-#[derive(Debug)]
-pub struct BlockingPortalClient {
-    client: PortalClient,
-    runtime: RuntimeRef,
-}
-
-#[derive(Debug)]
-enum RuntimeRef {
-    Own(tokio::runtime::Runtime),
-    Handle(tokio::runtime::Handle),
-}
-
-impl BlockingPortalClient {
-    /// Wraps `client` with its own current-thread runtime.
-    pub fn new(client: PortalClient) -> Result<BlockingPortalClient, ClientError> {
-        let runtime = tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()
-            .map_err(|e| ClientError::Transport {
-                url: client.base.clone(),
-                reason: format!("starting the network runtime: {e}"),
-            })?;
-        Ok(BlockingPortalClient {
-            client,
-            runtime: RuntimeRef::Own(runtime),
-        })
-    }
-
-    /// Wraps `client`, running requests on an existing runtime.
-    pub fn with_handle(
-        client: PortalClient,
-        handle: tokio::runtime::Handle,
-    ) -> BlockingPortalClient {
-        BlockingPortalClient {
-            client,
-            runtime: RuntimeRef::Handle(handle),
-        }
-    }
-
-    /// The async client.
-    pub fn client(&self) -> &PortalClient {
-        &self.client
-    }
-
-    fn block_on<F: std::future::Future>(&self, f: F) -> F::Output {
-        match &self.runtime {
-            RuntimeRef::Own(rt) => rt.block_on(f),
-            RuntimeRef::Handle(h) => h.block_on(f),
-        }
-    }
-
-    /// See [`PortalClient::status`].
-    pub fn status(&self, req: &StatusRequest) -> Result<Answer<RenewalStatus>, ClientError> {
-        self.block_on(self.client.status(req))
-    }
-
-    /// See [`PortalClient::challenge`].
-    pub fn challenge(&self, order_id: &str) -> Result<Answer<ChallengeResponse>, ClientError> {
-        self.block_on(self.client.challenge(order_id))
-    }
-
-    /// See [`PortalClient::issue`].
-    pub fn issue(
-        &self,
-        order_id: &str,
-        req: &IssueRequest,
-    ) -> Result<Answer<IssueResponse>, ClientError> {
-        self.block_on(self.client.issue(order_id, req))
-    }
-
-    /// See [`PortalClient::probe`].
-    pub fn probe(&self) -> Result<Probe, ClientError> {
-        self.block_on(self.client.probe())
-    }
-
-    /// See [`PortalClient::ca_certificates`].
-    pub fn ca_certificates(&self) -> Result<Answer<Vec<Vec<u8>>>, ClientError> {
-        self.block_on(self.client.ca_certificates())
-    }
-
-    /// See [`PortalClient::installed`].
-    pub fn installed(
-        &self,
-        order_id: &str,
-        req: &InstalledRequest,
-    ) -> Result<Answer<InstalledResponse>, ClientError> {
-        self.block_on(self.client.installed(order_id, req))
     }
 }

@@ -7,7 +7,7 @@ use axum::Router;
 use axum::routing::post;
 use ukey_portal::{Portal, PortalConfig};
 use ukey_portal_api::{ErrorCode, RenewalStatus, StatusRequest};
-use ukey_portal_client::{BlockingPortalClient, ClientError, PortalClient};
+use ukey_portal_client::{ClientError, PortalClient};
 
 fn runtime() -> tokio::runtime::Runtime {
     tokio::runtime::Builder::new_multi_thread()
@@ -47,7 +47,7 @@ fn reference_portal_answers_with_its_date() {
             None,
         ))
         .unwrap();
-    let client = BlockingPortalClient::new(PortalClient::new(&server.url).unwrap()).unwrap();
+    let client = PortalClient::new(&server.url).unwrap();
     let answer = client.status(&request()).unwrap();
     assert_eq!(answer.value, RenewalStatus::None);
     let date = answer.server_date.expect("Date header");
@@ -78,8 +78,7 @@ fn misbehaving_servers_give_typed_errors() {
             post(|| async { "x".repeat(1024 * 1024) }),
         );
     let url = serve(&rt, app);
-    let client =
-        BlockingPortalClient::new(PortalClient::new(&url).unwrap().max_body(64 * 1024)).unwrap();
+    let client = PortalClient::new(&url).unwrap().max_body(64 * 1024);
     assert!(matches!(
         client.status(&request()),
         Err(ClientError::Garbage { .. })
@@ -116,9 +115,7 @@ fn unreachable_and_invalid_urls() {
         .local_addr()
         .unwrap()
         .port();
-    let client =
-        BlockingPortalClient::new(PortalClient::new(&format!("http://127.0.0.1:{port}")).unwrap())
-            .unwrap();
+    let client = PortalClient::new(&format!("http://127.0.0.1:{port}")).unwrap();
     let e = client.status(&request()).unwrap_err();
     assert!(matches!(e, ClientError::Unreachable { .. }), "{e}");
     assert!(e.is_transient());
@@ -136,7 +133,7 @@ fn tls_to_a_plain_http_server_is_a_tls_error() {
         Router::new().route("/api/v1/status", post(|| async { "{}" })),
     );
     let https = url.replace("http://", "https://");
-    let client = BlockingPortalClient::new(PortalClient::new(&https).unwrap()).unwrap();
+    let client = PortalClient::new(&https).unwrap();
     let e = client.status(&request()).unwrap_err();
     assert!(matches!(e, ClientError::Tls { .. }), "{e:?}");
 }
@@ -185,10 +182,10 @@ fn probe_of_the_reference_portal_gives_status_round_trip_and_date() {
     let rt = runtime();
     let dir = tempfile::tempdir().unwrap();
     let server = reference_portal(&rt, dir.path(), None);
-    let client = BlockingPortalClient::new(PortalClient::new(&server.url).unwrap()).unwrap();
-    assert!(!client.client().is_https());
-    assert!(client.client().is_loopback());
-    assert_eq!(client.client().host(), "127.0.0.1");
+    let client = PortalClient::new(&server.url).unwrap();
+    assert!(!client.is_https());
+    assert!(client.is_loopback());
+    assert_eq!(client.host(), "127.0.0.1");
     let before = std::time::SystemTime::now();
     let probe = client.probe().unwrap();
     assert_eq!(probe.http_status, 200);
@@ -220,7 +217,7 @@ fn probe_reports_an_error_status_and_a_skewed_date() {
         }
     });
     let url = serve(&rt, app);
-    let client = BlockingPortalClient::new(PortalClient::new(&url).unwrap()).unwrap();
+    let client = PortalClient::new(&url).unwrap();
     let probe = client.probe().unwrap();
     assert_eq!(probe.http_status, 404);
     assert_eq!(probe.date_header.as_deref(), Some(an_hour_ago.as_str()));
@@ -231,7 +228,7 @@ fn probe_reports_an_error_status_and_a_skewed_date() {
     let app =
         Router::new().fallback(|| async { ([(axum::http::header::DATE, "yesterday")], "ok") });
     let url = serve(&rt, app);
-    let client = BlockingPortalClient::new(PortalClient::new(&url).unwrap()).unwrap();
+    let client = PortalClient::new(&url).unwrap();
     let probe = client.probe().unwrap();
     assert_eq!(probe.http_status, 200);
     assert_eq!(probe.date_header.as_deref(), Some("yesterday"));
@@ -246,16 +243,14 @@ fn probe_failures_are_classified() {
         .local_addr()
         .unwrap()
         .port();
-    let client =
-        BlockingPortalClient::new(PortalClient::new(&format!("http://127.0.0.1:{port}")).unwrap())
-            .unwrap();
+    let client = PortalClient::new(&format!("http://127.0.0.1:{port}")).unwrap();
     let e = client.probe().unwrap_err();
     assert!(matches!(e, ClientError::Unreachable { .. }), "{e:?}");
 
     let rt = runtime();
     let url = serve(&rt, Router::new().fallback(|| async { "plain" }));
     let https = url.replace("http://", "https://");
-    let client = BlockingPortalClient::new(PortalClient::new(&https).unwrap()).unwrap();
+    let client = PortalClient::new(&https).unwrap();
     let e = client.probe().unwrap_err();
     assert!(matches!(e, ClientError::Tls { .. }), "{e:?}");
 
@@ -274,7 +269,7 @@ fn probe_over_https_verifies_the_portal_certificate() {
     let server = reference_portal(&rt, dir.path(), Some(files));
     assert!(server.url.starts_with("https://"), "{}", server.url);
 
-    let client = BlockingPortalClient::new(PortalClient::new(&server.url).unwrap()).unwrap();
+    let client = PortalClient::new(&server.url).unwrap();
     let e = client.probe().unwrap_err();
     assert!(matches!(e, ClientError::Tls { .. }), "{e:?}");
     assert!(matches!(
@@ -282,10 +277,8 @@ fn probe_over_https_verifies_the_portal_certificate() {
         Err(ClientError::Tls { .. })
     ));
 
-    let client =
-        BlockingPortalClient::new(PortalClient::with_roots(&server.url, &[ca_pem]).unwrap())
-            .unwrap();
-    assert!(client.client().is_https());
+    let client = PortalClient::with_roots(&server.url, &[ca_pem]).unwrap();
+    assert!(client.is_https());
     let probe = client.probe().unwrap();
     assert_eq!(probe.http_status, 200);
     assert!(probe.tls_verified);
@@ -298,7 +291,7 @@ fn ca_certificates_of_the_reference_portal_and_other_shapes() {
     let rt = runtime();
     let dir = tempfile::tempdir().unwrap();
     let server = reference_portal(&rt, dir.path(), None);
-    let client = BlockingPortalClient::new(PortalClient::new(&server.url).unwrap()).unwrap();
+    let client = PortalClient::new(&server.url).unwrap();
     let answer = client.ca_certificates().unwrap();
     assert_eq!(answer.value, vec![server.portal.ca().cert_der().to_vec()]);
     assert!(answer.server_date.is_some());
@@ -325,7 +318,7 @@ fn ca_certificates_of_the_reference_portal_and_other_shapes() {
             }),
         );
         let url = serve(&rt, app);
-        let client = BlockingPortalClient::new(PortalClient::new(&url).unwrap()).unwrap();
+        let client = PortalClient::new(&url).unwrap();
         assert_eq!(client.ca_certificates().unwrap().value, expect, "{name}");
     }
 
@@ -351,17 +344,14 @@ fn ca_certificates_of_the_reference_portal_and_other_shapes() {
         );
     let url = serve(&rt, app);
     for prefix in ["x", "y", "z"] {
-        let client =
-            BlockingPortalClient::new(PortalClient::new(&format!("{url}/{prefix}")).unwrap())
-                .unwrap();
+        let client = PortalClient::new(&format!("{url}/{prefix}")).unwrap();
         let e = client.ca_certificates().unwrap_err();
         assert!(
             matches!(e, ClientError::Garbage { status: 200, .. }),
             "{prefix}: {e:?}"
         );
     }
-    let client =
-        BlockingPortalClient::new(PortalClient::new(&format!("{url}/none")).unwrap()).unwrap();
+    let client = PortalClient::new(&format!("{url}/none")).unwrap();
     let e = client.ca_certificates().unwrap_err();
     assert!(matches!(e, ClientError::Api { status: 404, .. }), "{e:?}");
 }
@@ -374,12 +364,9 @@ fn a_slow_portal_times_out_after_the_timeout_set() {
         "late"
     });
     let url = serve(&rt, app);
-    let client = BlockingPortalClient::new(
-        PortalClient::new(&url)
-            .unwrap()
-            .timeout(std::time::Duration::from_millis(300)),
-    )
-    .unwrap();
+    let client = PortalClient::new(&url)
+        .unwrap()
+        .timeout(std::time::Duration::from_millis(300));
     let started = std::time::Instant::now();
     let e = client.ca_certificates().unwrap_err();
     assert!(matches!(e, ClientError::Timeout { .. }), "{e:?}");
@@ -440,7 +427,7 @@ fn plain_http_only_on_loopback_and_no_redirects() {
             }),
         ),
     );
-    let client = BlockingPortalClient::new(PortalClient::new(&redirecting).unwrap()).unwrap();
+    let client = PortalClient::new(&redirecting).unwrap();
     assert!(client.status(&request()).is_err());
     assert_eq!(hits.load(std::sync::atomic::Ordering::SeqCst), 0);
 }

@@ -198,17 +198,10 @@ mod tests {
     }
 
     fn ec_spki(point: &[u8]) -> Vec<u8> {
-        // SEQUENCE { SEQUENCE { id-ecPublicKey, prime256v1 }, BIT STRING point }
-        let alg: &[u8] = &[
-            0x30, 0x13, 0x06, 0x07, 0x2a, 0x86, 0x48, 0xce, 0x3d, 0x02, 0x01, 0x06, 0x08, 0x2a,
-            0x86, 0x48, 0xce, 0x3d, 0x03, 0x01, 0x07,
-        ];
-        let mut bits = vec![0x03, (point.len() + 1) as u8, 0x00];
-        bits.extend_from_slice(point);
-        let mut out = vec![0x30, (alg.len() + bits.len()) as u8];
-        out.extend_from_slice(alg);
-        out.extend_from_slice(&bits);
-        out
+        ukey_token::PublicKey::EcP256 {
+            point: point.to_vec(),
+        }
+        .spki()
     }
 
     #[test]

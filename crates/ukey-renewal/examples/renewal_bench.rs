@@ -19,7 +19,7 @@ use ukey_portal_api::{
     CreateOrderRequest, InitialState, InstalledRequest, IssueRequest, KeyAlgorithm, KeyPolicy,
     SignatureAlgorithm, challenge_signed_data, installed_signed_data,
 };
-use ukey_portal_client::{BlockingPortalClient, PortalClient};
+use ukey_portal_client::PortalClient;
 use ukey_renewal::{JournalStore, Options, preflight, renew, status_request};
 use ukey_token::cryptoki::object::{Attribute, ObjectClass};
 use ukey_token::{KeyAlg, Module, TokenSigner};
@@ -103,7 +103,7 @@ fn main() {
         vec![pem_to_der(&ca.root_cert_pem)],
     );
     opts.journal_sync = sync;
-    let client = BlockingPortalClient::new(PortalClient::new(&server.url).unwrap()).unwrap();
+    let client = PortalClient::new(&server.url).unwrap();
     let module = Module::load(&softhsm_module().unwrap()).unwrap();
 
     let mut engine_total = Duration::ZERO;

@@ -1,7 +1,7 @@
 //! The two things the engine talks to: the token ([`SessionToken`], over a `ukey-token`
 //! session) and the portal ([`PortalApi`], a trait so that tests can make a network or
 //! a portal fail; its real implementation is `ukey-portal-client`'s
-//! [`BlockingPortalClient`]).
+//! [`PortalClient`]).
 //!
 //! # Which objects are ours
 //!
@@ -24,7 +24,7 @@ use ukey_portal_api::{
     ChallengeResponse, InstalledRequest, InstalledResponse, IssueRequest, IssueResponse,
     RenewalStatus, StatusRequest,
 };
-use ukey_portal_client::{Answer, BlockingPortalClient, ClientError};
+use ukey_portal_client::{Answer, ClientError, PortalClient};
 use ukey_token::cryptoki::object::{Attribute, ObjectHandle};
 use ukey_token::{
     KeyAlg, KeyMatch, KeyObject, KeyTransport, Module, ObjectInfo, ObjectKind, PublicKey, Session,
@@ -67,26 +67,26 @@ pub trait PortalApi {
     ) -> Result<Answer<InstalledResponse>, ClientError>;
 }
 
-impl PortalApi for BlockingPortalClient {
+impl PortalApi for PortalClient {
     fn status(&self, req: &StatusRequest) -> Result<Answer<RenewalStatus>, ClientError> {
-        BlockingPortalClient::status(self, req)
+        PortalClient::status(self, req)
     }
     fn challenge(&self, order_id: &str) -> Result<Answer<ChallengeResponse>, ClientError> {
-        BlockingPortalClient::challenge(self, order_id)
+        PortalClient::challenge(self, order_id)
     }
     fn issue(
         &self,
         order_id: &str,
         req: &IssueRequest,
     ) -> Result<Answer<IssueResponse>, ClientError> {
-        BlockingPortalClient::issue(self, order_id, req)
+        PortalClient::issue(self, order_id, req)
     }
     fn installed(
         &self,
         order_id: &str,
         req: &InstalledRequest,
     ) -> Result<Answer<InstalledResponse>, ClientError> {
-        BlockingPortalClient::installed(self, order_id, req)
+        PortalClient::installed(self, order_id, req)
     }
 }
 

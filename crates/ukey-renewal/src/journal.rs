@@ -452,13 +452,123 @@ fn read(path: &Path) -> Result<Option<Journal>, RenewalError> {
             ),
         });
     }
-    let j: Journal = serde_json::from_slice(&bytes).map_err(|e| RenewalError::Journal {
+    let damaged = |e: String| RenewalError::Journal {
         path: path.to_owned(),
         reason: format!(
             "damaged journal, so this key's renewal cannot go on (not deleted: support can \
              read it; moving it away starts over, and may leave objects of an interrupted \
              renewal on the key): {e}"
         ),
-    })?;
+    };
+    let j: Journal = serde_json::from_slice(&bytes).map_err(|e| damaged(e.to_string()))?;
+    j.check().map_err(damaged)?;
     Ok(Some(j))
+}
+
+impl Journal {
+    /// What the engine relies on when it resumes, beyond the JSON's shape: from
+    /// activation on, the verified certificates are recorded (activation works from
+    /// them alone), and an encryption certificate is recorded whole or not at all.
+    fn check(&self) -> Result<(), String> {
+        if self.is_unfinished() && self.activation_begun() && self.issued.is_none() {
+            return Err("activation has begun but no verified certificate is recorded".into());
+        }
+        if let Some(i) = &self.issued {
+            if i.enc_serial.is_some() != i.enc_cert_der_hex.is_some() {
+                return Err("half an encryption certificate is recorded".into());
+            }
+            if i.enc_serial.is_some() != self.encryption.is_some() {
+                return Err(
+                    "the recorded encryption certificate does not match the renewal's plan".into(),
+                );
+            }
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn journal(token: &str, step: Step) -> Journal {
+        let names = |id: &[u8]| ObjectNames {
+            pending_id: PendingId::new("00aa", "sig"),
+            pending_label: "pending".into(),
+            final_id: KeyId::new(id.to_vec()).expect("id"),
+            final_label: "张三 签名".into(),
+        };
+        Journal {
+            version: JOURNAL_VERSION,
+            renewal_id: "00aa".into(),
+            token_serial: token.into(),
+            token_label: "UKey".into(),
+            order_id: "order-1".into(),
+            key_policy: KeyPolicy::New,
+            new_alg: KeyAlg::Rsa2048,
+            with_encryption: false,
+            old: OldObjects {
+                serial: "52".into(),
+                cert_der_hex: "3000".into(),
+                id: KeyId::new(vec![1]).expect("id"),
+                label: "张三 签名".into(),
+                alg: KeyAlg::Rsa2048,
+            },
+            old_encryption: None,
+            signing: names(&[1]),
+            encryption: None,
+            archive: None,
+            issued: None,
+            step,
+            state: StepState::Started,
+            activate_done: 0,
+            outcome: Outcome::Unfinished,
+            history: vec![],
+        }
+    }
+
+    fn issued(with_encryption: bool) -> IssuedCerts {
+        IssuedCerts {
+            serial: "53".into(),
+            cert_der_hex: "3000".into(),
+            enc_serial: with_encryption.then(|| "54".into()),
+            enc_cert_der_hex: with_encryption.then(|| "3000".into()),
+            not_after: OffsetDateTime::now_utc(),
+        }
+    }
+
+    #[test]
+    fn a_journal_the_engine_could_not_resume_from_is_damaged_and_blocks_only_its_token() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let store = JournalStore::new(dir.path());
+        // Written by the engine: fine before and after verification.
+        let mut fine = journal("AAAA", Step::Write);
+        store.save(&fine).expect("save");
+        assert_eq!(store.for_token("AAAA").expect("read").len(), 1);
+        fine.step = Step::Activate;
+        fine.issued = Some(issued(false));
+        store.save(&fine).expect("save");
+        assert!(store.for_token("AAAA").is_ok());
+
+        // Activation begun with no verified certificate: nothing to activate from.
+        let mut broken = journal("BBBB", Step::Activate);
+        store.save(&broken).expect("save");
+        let e = store.for_token("BBBB").unwrap_err();
+        assert!(e.to_string().contains("damaged"), "{e}");
+        assert!(e.to_string().contains("no verified certificate"), "{e}");
+        // An encryption certificate the plan did not have.
+        broken.issued = Some(issued(true));
+        store.save(&broken).expect("save");
+        let e = store.for_token("BBBB").unwrap_err();
+        assert!(e.to_string().contains("does not match"), "{e}");
+        // Half an encryption certificate.
+        let mut half = issued(true);
+        half.enc_cert_der_hex = None;
+        broken.issued = Some(half);
+        store.save(&broken).expect("save");
+        assert!(store.for_token("BBBB").is_err());
+
+        // The other token's journals still read.
+        assert_eq!(store.for_token("AAAA").expect("read").len(), 1);
+    }
 }

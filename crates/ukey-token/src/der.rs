@@ -1,83 +1,94 @@
-//! The few DER encodings this crate builds by hand (public keys, ECDSA signatures).
+//! The DER this crate builds or reads by itself (public keys, ECDSA signatures, the
+//! serial attribute of a certificate object), through RustCrypto's `der` and `spki`
+//! crates rather than by hand.
 
-/// A DER length.
-fn length(len: usize) -> Vec<u8> {
-    if len < 0x80 {
-        // Short form: fits in 7 bits (checked above).
-        vec![len as u8]
+use der::asn1::{AnyRef, BitStringRef, ObjectIdentifier, OctetStringRef, UintRef};
+use der::{Decode, Encode, Sequence};
+use spki::{AlgorithmIdentifier, SubjectPublicKeyInfo};
+
+/// rsaEncryption.
+pub(crate) const RSA_ENCRYPTION: ObjectIdentifier =
+    ObjectIdentifier::new_unwrap("1.2.840.113549.1.1.1");
+/// id-ecPublicKey.
+pub(crate) const EC_PUBLIC_KEY: ObjectIdentifier =
+    ObjectIdentifier::new_unwrap("1.2.840.10045.2.1");
+/// prime256v1 (NIST P-256).
+pub(crate) const PRIME256V1: ObjectIdentifier = ObjectIdentifier::new_unwrap("1.2.840.10045.3.1.7");
+
+/// PKCS#1 `RSAPublicKey`.
+#[derive(Sequence)]
+struct RsaPublicKey<'a> {
+    modulus: UintRef<'a>,
+    public_exponent: UintRef<'a>,
+}
+
+/// `ECDSA-Sig-Value ::= SEQUENCE { r INTEGER, s INTEGER }`.
+#[derive(Sequence)]
+struct EcdsaSigValue<'a> {
+    r: UintRef<'a>,
+    s: UintRef<'a>,
+}
+
+/// Encodes a value whose size is bounded by a key or a signature: `der` fails only
+/// beyond 256 MiB or for an unsigned integer longer than that.
+fn encode(value: &impl Encode) -> Vec<u8> {
+    value
+        .to_der()
+        .expect("DER of a key-sized value always encodes")
+}
+
+fn uint(magnitude: &[u8]) -> UintRef<'_> {
+    UintRef::new(magnitude).expect("a key-sized unsigned integer always encodes")
+}
+
+/// A non-negative INTEGER from big-endian magnitude bytes (leading zeros dropped, a
+/// zero byte added where the high bit is set).
+pub(crate) fn unsigned_integer(magnitude: &[u8]) -> Vec<u8> {
+    encode(&uint(magnitude))
+}
+
+/// PKCS#1 `RSAPublicKey` DER.
+pub(crate) fn rsa_public_key(modulus: &[u8], exponent: &[u8]) -> Vec<u8> {
+    encode(&RsaPublicKey {
+        modulus: uint(modulus),
+        public_exponent: uint(exponent),
+    })
+}
+
+/// SubjectPublicKeyInfo: an RSA key (`raw` is its PKCS#1 DER, parameters NULL) or a
+/// P-256 key (`raw` is the SEC1 point).
+pub(crate) fn spki(ec: bool, raw: &[u8]) -> Vec<u8> {
+    let curve = encode(&PRIME256V1);
+    let parameters = if ec {
+        AnyRef::from_der(&curve).ok()
     } else {
-        let bytes: Vec<u8> = len
-            .to_be_bytes()
-            .iter()
-            .copied()
-            .skip_while(|b| *b == 0)
-            .collect();
-        let mut out = vec![0x80 | bytes.len() as u8];
-        out.extend(bytes);
-        out
-    }
-}
-
-/// Tag + length + value.
-pub(crate) fn tlv(tag: u8, value: &[u8]) -> Vec<u8> {
-    let mut out = vec![tag];
-    out.extend(length(value.len()));
-    out.extend_from_slice(value);
-    out
-}
-
-/// SEQUENCE of already-encoded elements.
-pub(crate) fn sequence(items: &[Vec<u8>]) -> Vec<u8> {
-    tlv(0x30, &items.concat())
-}
-
-/// A non-negative INTEGER from big-endian magnitude bytes.
-pub(crate) fn integer(magnitude: &[u8]) -> Vec<u8> {
-    let mut v: Vec<u8> = magnitude.iter().copied().skip_while(|b| *b == 0).collect();
-    if v.is_empty() || v[0] & 0x80 != 0 {
-        v.insert(0, 0);
-    }
-    tlv(0x02, &v)
-}
-
-/// OBJECT IDENTIFIER from its encoded content bytes.
-pub(crate) fn oid(content: &[u8]) -> Vec<u8> {
-    tlv(0x06, content)
-}
-
-/// BIT STRING with no unused bits.
-pub(crate) fn bit_string(bytes: &[u8]) -> Vec<u8> {
-    let mut v = vec![0u8];
-    v.extend_from_slice(bytes);
-    tlv(0x03, &v)
+        Some(AnyRef::NULL)
+    };
+    let info = SubjectPublicKeyInfo {
+        algorithm: AlgorithmIdentifier {
+            oid: if ec { EC_PUBLIC_KEY } else { RSA_ENCRYPTION },
+            parameters,
+        },
+        subject_public_key: BitStringRef::from_bytes(raw)
+            .expect("a key-sized bit string always encodes"),
+    };
+    encode(&info)
 }
 
 /// The content of a DER OCTET STRING, if `der` is exactly one.
 pub(crate) fn unwrap_octet_string(der: &[u8]) -> Option<Vec<u8>> {
-    let (&tag, rest) = der.split_first()?;
-    if tag != 0x04 {
-        return None;
-    }
-    let (&first, rest) = rest.split_first()?;
-    let (len, body) = if first < 0x80 {
-        (usize::from(first), rest)
-    } else {
-        let n = usize::from(first & 0x7F);
-        if n == 0 || n > 2 || rest.len() < n {
-            return None;
-        }
-        let len = rest[..n]
-            .iter()
-            .fold(0usize, |acc, b| (acc << 8) | usize::from(*b));
-        (len, &rest[n..])
-    };
-    (body.len() == len).then(|| body.to_vec())
+    OctetStringRef::from_der(der)
+        .ok()
+        .map(|o| o.as_bytes().to_vec())
 }
 
-/// `ECDSA-Sig-Value ::= SEQUENCE { r INTEGER, s INTEGER }` from PKCS#11's raw `r || s`.
+/// `ECDSA-Sig-Value` DER from PKCS#11's raw `r || s`.
 pub fn ecdsa_signature(raw: &[u8]) -> Vec<u8> {
     let (r, s) = raw.split_at(raw.len() / 2);
-    sequence(&[integer(r), integer(s)])
+    encode(&EcdsaSigValue {
+        r: uint(r),
+        s: uint(s),
+    })
 }
 
 #[cfg(test)]
@@ -86,14 +97,53 @@ mod tests {
 
     #[test]
     fn encodings() {
-        assert_eq!(integer(&[0x00, 0x80]), vec![0x02, 0x02, 0x00, 0x80]);
-        assert_eq!(integer(&[]), vec![0x02, 0x01, 0x00]);
-        assert_eq!(length(0x7F), vec![0x7F]);
-        assert_eq!(length(0x100), vec![0x82, 0x01, 0x00]);
+        assert_eq!(
+            unsigned_integer(&[0x00, 0x80]),
+            vec![0x02, 0x02, 0x00, 0x80]
+        );
+        assert_eq!(
+            unsigned_integer(&[0x01, 0x00, 0x01]),
+            vec![0x02, 3, 1, 0, 1]
+        );
         assert_eq!(unwrap_octet_string(&[0x04, 0x02, 1, 2]), Some(vec![1, 2]));
         assert_eq!(unwrap_octet_string(&[0x04, 0x03, 1, 2]), None);
+        assert_eq!(
+            unwrap_octet_string(&[0x04, 0x01, 1, 2]),
+            None,
+            "trailing bytes"
+        );
         let sig = ecdsa_signature(&[[0x80; 32], [0x01; 32]].concat());
         assert_eq!(sig[0], 0x30);
         assert_eq!(sig.len(), 2 + 35 + 34);
+        assert_eq!(encode(&PRIME256V1), crate::keys::P256_EC_PARAMS);
+    }
+
+    #[test]
+    fn a_p256_spki_is_what_openssl_and_aws_lc_write() {
+        // aws-lc-rs writes the SPKI of a fresh key; ours from its point must be equal.
+        let key = aws_lc_rs::signature::EcdsaKeyPair::generate(
+            &aws_lc_rs::signature::ECDSA_P256_SHA256_ASN1_SIGNING,
+        )
+        .unwrap();
+        use aws_lc_rs::encoding::AsDer as _;
+        use aws_lc_rs::signature::KeyPair as _;
+        let theirs = key.public_key().as_der().unwrap();
+        let point = key.public_key().as_ref();
+        assert_eq!(spki(true, point), theirs.as_ref());
+    }
+
+    #[test]
+    fn an_rsa_spki_is_what_aws_lc_writes() {
+        use aws_lc_rs::encoding::AsDer as _;
+        use aws_lc_rs::signature::KeyPair as _;
+        let key = aws_lc_rs::rsa::KeyPair::generate(aws_lc_rs::rsa::KeySize::Rsa2048).unwrap();
+        let public = key.public_key();
+        let theirs = public.as_der().unwrap();
+        let modulus = public.modulus().big_endian_without_leading_zero();
+        let exponent = public.exponent().big_endian_without_leading_zero();
+        assert_eq!(
+            spki(false, &rsa_public_key(modulus, exponent)),
+            theirs.as_ref()
+        );
     }
 }

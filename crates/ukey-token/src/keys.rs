@@ -3,8 +3,8 @@
 //! compare with a certificate).
 //!
 //! Keys are generated like a UKey's own: token objects, private and sensitive, never
-//! extractable. RSA keys sign, decrypt and unwrap (the escrow envelope is RSA-OAEP
-//! wrapped to the signing key); EC keys sign and derive (ECDH for the envelope).
+//! extractable, and each for one job: a signing key only signs; the escrow envelope
+//! goes to a transport key (a session object that only unwraps or derives).
 
 use cryptoki::mechanism::{Mechanism, MechanismType};
 use cryptoki::object::{Attribute, AttributeType, KeyType, ObjectClass, ObjectHandle};
@@ -92,32 +92,14 @@ impl PublicKey {
     /// rcgen's raw form: PKCS#1 `RSAPublicKey` DER for RSA, the SEC1 point for EC.
     pub fn raw(&self) -> Vec<u8> {
         match self {
-            PublicKey::Rsa { modulus, exponent } => {
-                der::sequence(&[der::integer(modulus), der::integer(exponent)])
-            }
+            PublicKey::Rsa { modulus, exponent } => der::rsa_public_key(modulus, exponent),
             PublicKey::EcP256 { point } => point.clone(),
         }
     }
 
     /// The SubjectPublicKeyInfo DER, as in a certificate issued for this key.
     pub fn spki(&self) -> Vec<u8> {
-        let (alg_id, bits) = match self {
-            PublicKey::Rsa { .. } => (
-                der::sequence(&[
-                    der::oid(&[0x2A, 0x86, 0x48, 0x86, 0xF7, 0x0D, 0x01, 0x01, 0x01]),
-                    vec![0x05, 0x00],
-                ]),
-                self.raw(),
-            ),
-            PublicKey::EcP256 { point } => (
-                der::sequence(&[
-                    der::oid(&[0x2A, 0x86, 0x48, 0xCE, 0x3D, 0x02, 0x01]),
-                    P256_EC_PARAMS.to_vec(),
-                ]),
-                point.clone(),
-            ),
-        };
-        der::sequence(&[alg_id, der::bit_string(&bits)])
+        der::spki(matches!(self, PublicKey::EcP256 { .. }), &self.raw())
     }
 }
 

@@ -166,7 +166,7 @@ impl Session<'_> {
                 what: format!("certificate to write is not valid DER: {e}"),
             }
         })?;
-        let serial = crate::der::integer(cert.raw_serial());
+        let serial = crate::der::unsigned_integer(cert.raw_serial());
         let template = vec![
             Attribute::Class(ObjectClass::CERTIFICATE),
             Attribute::CertificateType(CertificateType::X_509),

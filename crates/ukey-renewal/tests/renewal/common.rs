@@ -9,7 +9,7 @@ use secrecy::SecretString;
 use softhsm_fixtures::{CertFixture, SoftHsm, TokenFixture, TokenSpec, softhsm_module};
 use ukey_portal::{Portal, PortalConfig, RunningServer};
 use ukey_portal_api::{CreateOrderRequest, InitialState, KeyAlgorithm, KeyPolicy};
-use ukey_portal_client::{BlockingPortalClient, PortalClient};
+use ukey_portal_client::PortalClient;
 use ukey_renewal::{JournalStore, Options};
 use ukey_token::{Module, TokenSummary};
 
@@ -106,8 +106,8 @@ impl Env {
         Options::new(JournalStore::new(self.data_dir.path()), vec![root])
     }
 
-    pub fn client(&self) -> BlockingPortalClient {
-        BlockingPortalClient::new(PortalClient::new(&self.url()).unwrap()).unwrap()
+    pub fn client(&self) -> PortalClient {
+        PortalClient::new(&self.url()).unwrap()
     }
 
     pub fn module(&self) -> Module {

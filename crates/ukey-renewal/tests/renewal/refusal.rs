@@ -354,10 +354,7 @@ fn refused(mode: Mode) -> RenewalError {
     let module = env.module();
     let fx = &env.tokens[0];
     let before = snapshot(&env, &module, &fx.serial);
-    let client = ukey_portal_client::BlockingPortalClient::new(
-        ukey_portal_client::PortalClient::new(&url).unwrap(),
-    )
-    .unwrap();
+    let client = ukey_portal_client::PortalClient::new(&url).unwrap();
     let opts = env.options();
     let token = summary(&module, &fx.serial);
     let plan = preflight(&module, &token, None, &client, &opts).unwrap();
