@@ -3,8 +3,11 @@
 //!
 //! `ukey list --json` prints `{"module": {...}, "tokens": [...]}`. Each token has
 //! `slot_id`, `label`, `serial`, `manufacturer`, `model`, `hardware_version`,
-//! `firmware_version`, `pin` {`initialized`, `count_low`, `final_try`, `locked`,
-//! `protected_authentication_path`}, `certificates`, and two extra fields:
+//! `firmware_version` (`unknown` when the module's is out of range), `clock` (the
+//! token's UTC clock, or `null`), `quirks` (fields the module filled in its own way,
+//! each {`field`, `kind`, `raw` (hex)}: see `ukey_token::quirks`), `pin` {`initialized`,
+//! `count_low`, `final_try`, `locked`, `protected_authentication_path`},
+//! `certificates`, and two extra fields:
 //! * `orphan_keys`: key objects whose CKA_ID matches no certificate, each
 //!   {`class` (`private`/`public`), `key_id`, `label`, `key_type`};
 //! * `errors`: what could not be read on this token, each {`code`, `message`}
@@ -50,6 +53,8 @@ struct TokenDoc {
     model: String,
     hardware_version: String,
     firmware_version: String,
+    clock: Option<String>,
+    quirks: Vec<ukey_token::Quirk>,
     pin: PinDoc,
     certificates: Vec<CertDoc>,
     orphan_keys: Vec<KeyEntry>,
@@ -159,6 +164,8 @@ pub fn list_json(module: &Module, listings: &[TokenListing], now: OffsetDateTime
                 model: l.token.model.clone(),
                 hardware_version: l.token.hardware_version.clone(),
                 firmware_version: l.token.firmware_version.clone(),
+                clock: l.token.clock.clone(),
+                quirks: l.token.quirks.clone(),
                 pin: l.token.pin.into(),
                 certificates: l.certificates.iter().map(|c| cert_doc(c, now)).collect(),
                 orphan_keys: l.orphan_keys.clone(),

@@ -39,7 +39,7 @@ impl Lab {
         // A private copy: the shared target directory's module may be rebuilt (and
         // briefly missing) while this test runs.
         let shim = hsm.dir().join(ukey_sim::module_file_name());
-        std::fs::copy(shim_module(), &shim).unwrap();
+        std::fs::copy(common::shim_module(), &shim).unwrap();
         Lab {
             hsm,
             control,
@@ -144,30 +144,6 @@ impl Lab {
         let _ = writeln!(child.stdin.take().unwrap(), "{pin}");
         child.wait_with_output().unwrap()
     }
-}
-
-/// The ukey-sim PKCS#11 module. Cargo builds a dependency's cdylib only when that
-/// package itself is built, so when this test runs alone (`-p ukey-cli`) build it into
-/// the same target directory first.
-fn shim_module() -> PathBuf {
-    if let Ok(p) = ukey_sim::module_path() {
-        if p.is_file() {
-            return p;
-        }
-    }
-    let exe = std::env::current_exe().unwrap();
-    // <target>/<profile>/deps/<test binary>
-    let target = exe.ancestors().nth(3).unwrap().to_owned();
-    let status = std::process::Command::new(env!("CARGO"))
-        .current_dir(env!("CARGO_MANIFEST_DIR"))
-        .args(["build", "-p", "ukey-sim", "--lib"])
-        .env("CARGO_TARGET_DIR", &target)
-        .status()
-        .unwrap();
-    assert!(status.success(), "building the ukey-sim module");
-    let p = ukey_sim::module_path().unwrap();
-    assert!(p.is_file(), "{}", p.display());
-    p
 }
 
 fn text(out: &Output) -> String {

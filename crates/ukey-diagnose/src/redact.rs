@@ -155,12 +155,23 @@ pub fn redact_numbers(text: &str) -> String {
     out
 }
 
-/// Redacts one string: the known personal values, then numbers.
+/// Redacts one string: the known personal values (also as the hex of their UTF-8 and
+/// GBK bytes, as raw token fields show them), then numbers.
 pub fn redact_text(text: &str, personal: &[String]) -> String {
     let mut s = text.to_owned();
     for p in personal {
-        if !p.is_empty() && s.contains(p.as_str()) {
-            s = s.replace(p.as_str(), NAME_MARK);
+        if p.is_empty() {
+            continue;
+        }
+        let (gbk, _, unmappable) = encoding_rs::GBK.encode(p);
+        let mut forms = vec![p.clone(), hex::encode(p.as_bytes())];
+        if !unmappable {
+            forms.push(hex::encode(&gbk));
+        }
+        for form in forms {
+            if s.contains(form.as_str()) {
+                s = s.replace(form.as_str(), NAME_MARK);
+            }
         }
     }
     redact_numbers(&s)
@@ -257,5 +268,18 @@ mod tests {
             personal_values("CN=Zhang, San+emailAddress=z@example.com, O=X"),
             vec!["Zhang, San".to_owned(), "z@example.com".to_owned()]
         );
+    }
+
+    #[test]
+    fn a_name_in_raw_token_bytes_is_redacted_too() {
+        let personal = vec!["张三".to_owned()];
+        // GBK 张三 = d5c5 c8fd; UTF-8 = e5bca0 e4b889.
+        let raw = "label d5c5c8fd4b6579202020 / e5bca0e4b8894b6579";
+        let r = redact_text(raw, &personal);
+        assert!(
+            !r.contains("d5c5c8fd") && !r.contains("e5bca0e4b889"),
+            "{r}"
+        );
+        assert_eq!(r.matches(NAME_MARK).count(), 2, "{r}");
     }
 }

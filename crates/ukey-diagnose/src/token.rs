@@ -72,6 +72,42 @@ fn info_check(t: &TokenSummary) -> Check {
     .facts(facts)
 }
 
+/// One warning per field the module filled in its own way, with the raw value: the key
+/// still works (the field is shown decoded or as unknown), but support should know.
+fn quirk_checks(t: &TokenSummary) -> Vec<Check> {
+    t.quirks
+        .iter()
+        .map(|q| {
+            let serial_shared = q.kind == ukey_token::QuirkKind::SerialNotUnique;
+            Check::new(
+                "token.quirk",
+                Status::Warn,
+                Text::new(
+                    q.describe(ukey_token::Lang::ZhCn),
+                    q.describe(ukey_token::Lang::En),
+                ),
+            )
+            .action(if serial_shared {
+                Text::new(
+                    "一次只插一把 UKey；若同时插入多把，请按标签区分。",
+                    "Plug in one key at a time; with several, tell them apart by their labels.",
+                )
+            } else {
+                Text::new(
+                    "不影响使用；可将此报告发给 UKey 厂商。",
+                    "The key still works; you may send this report to the key's vendor.",
+                )
+            })
+            .facts(
+                Facts::new()
+                    .with("field", q.field)
+                    .with("kind", json!(q.kind))
+                    .with("raw", q.raw.clone()),
+            )
+        })
+        .collect()
+}
+
 /// Plain-language PIN state. The standard flags do not carry the number of tries left;
 /// `tries_remaining` is `null` unless a module tells it some other way.
 fn pin_check(t: &TokenSummary) -> (Check, Option<Verdict>) {
@@ -446,6 +482,7 @@ pub(crate) fn diagnose(
         token_title(token),
     );
     section.checks.push(info_check(token));
+    section.checks.extend(quirk_checks(token));
     let (pin, pin_verdict) = pin_check(token);
     section.checks.push(pin);
     section.checks.push(memory_check(token));

@@ -12,10 +12,13 @@ use std::path::{Path, PathBuf};
 
 use cryptoki::context::{CInitializeArgs, CInitializeFlags, Pkcs11};
 use cryptoki::error::{Error as CkError, RvError};
-use cryptoki::slot::{Slot, TokenInfo};
+use cryptoki::slot::Slot;
+use cryptoki_sys::{CK_SLOT_INFO, CK_TOKEN_INFO};
 use serde::Serialize;
 
 use crate::error::{Error, Result, TokenName};
+use crate::quirks::{self, Quirk};
+use crate::raw::RawInfo;
 use crate::session::Session;
 
 /// The module's own description (C_GetInfo).
@@ -77,10 +80,12 @@ pub struct TokenSummary {
     pub manufacturer: String,
     /// Token model.
     pub model: String,
-    /// Hardware version, `major.minor`.
+    /// Hardware version, `major.minor` (`unknown` when the module's is out of range).
     pub hardware_version: String,
-    /// Firmware version, `major.minor`.
+    /// Firmware version, `major.minor` (`unknown` when the module's is out of range).
     pub firmware_version: String,
+    /// The token's clock (UTC), when it has a readable one.
+    pub clock: Option<String>,
     /// Free public memory in bytes, when the token says.
     pub free_public_memory: Option<usize>,
     /// Free private memory in bytes, when the token says.
@@ -89,6 +94,8 @@ pub struct TokenSummary {
     pub flags: TokenFlags,
     /// User PIN state.
     pub pin: PinState,
+    /// Fields the module filled in its own way (each shown decoded or as unknown).
+    pub quirks: Vec<Quirk>,
     #[serde(skip)]
     pub(crate) slot: SlotHandle,
 }
@@ -119,32 +126,78 @@ impl TokenSummary {
         self.serial == other.serial && self.label == other.label
     }
 
-    fn from_info(slot: Slot, slot_description: String, info: &TokenInfo) -> TokenSummary {
+    /// Reads each field on its own (see [`crate::quirks`]): an odd field is shown
+    /// decoded or as unknown and recorded as a quirk, never a reason to drop the token.
+    fn from_raw(slot: Slot, slot_info: &CK_SLOT_INFO, info: &CK_TOKEN_INFO) -> TokenSummary {
+        use cryptoki_sys as ck;
+        let mut q = Vec::new();
+        let slot_description = quirks::text("slotDescription", &slot_info.slotDescription, &mut q);
+        let label = quirks::text("label", &info.label, &mut q);
+        let serial = quirks::text("serialNumber", &info.serialNumber, &mut q);
+        quirks::check_serial(&serial, &info.serialNumber, &mut q);
+        let manufacturer = quirks::text("manufacturerID", &info.manufacturerID, &mut q);
+        let model = quirks::text("model", &info.model, &mut q);
+        let unknown = || "unknown".to_owned();
+        let hardware_version = quirks::version(
+            "hardwareVersion",
+            info.hardwareVersion.major,
+            info.hardwareVersion.minor,
+            &mut q,
+        )
+        .unwrap_or_else(unknown);
+        let firmware_version = quirks::version(
+            "firmwareVersion",
+            info.firmwareVersion.major,
+            info.firmwareVersion.minor,
+            &mut q,
+        )
+        .unwrap_or_else(unknown);
+        let f = info.flags;
+        let has = |bit: ck::CK_FLAGS| f & bit != 0;
+        let clock = if has(ck::CKF_CLOCK_ON_TOKEN) {
+            quirks::clock(&info.utcTime, &mut q)
+        } else {
+            None
+        };
+        let (free_public_memory, _) = quirks::memory(
+            "ulFreePublicMemory",
+            info.ulFreePublicMemory,
+            info.ulTotalPublicMemory,
+            &mut q,
+        );
+        let (free_private_memory, _) = quirks::memory(
+            "ulFreePrivateMemory",
+            info.ulFreePrivateMemory,
+            info.ulTotalPrivateMemory,
+            &mut q,
+        );
         TokenSummary {
             slot_id: slot.id(),
             slot_description,
-            label: info.label().trim().to_owned(),
-            serial: info.serial_number().trim().to_owned(),
-            manufacturer: info.manufacturer_id().trim().to_owned(),
-            model: info.model().trim().to_owned(),
-            hardware_version: info.hardware_version().to_string(),
-            firmware_version: info.firmware_version().to_string(),
-            free_public_memory: info.free_public_memory(),
-            free_private_memory: info.free_private_memory(),
+            label,
+            serial,
+            manufacturer,
+            model,
+            hardware_version,
+            firmware_version,
+            clock,
+            free_public_memory,
+            free_private_memory,
             flags: TokenFlags {
-                token_initialized: info.token_initialized(),
-                login_required: info.login_required(),
-                write_protected: info.write_protected(),
-                rng: info.rng(),
+                token_initialized: has(ck::CKF_TOKEN_INITIALIZED),
+                login_required: has(ck::CKF_LOGIN_REQUIRED),
+                write_protected: has(ck::CKF_WRITE_PROTECTED),
+                rng: has(ck::CKF_RNG),
             },
             pin: PinState {
-                initialized: info.user_pin_initialized(),
-                count_low: info.user_pin_count_low(),
-                final_try: info.user_pin_final_try(),
-                locked: info.user_pin_locked(),
-                to_be_changed: info.user_pin_to_be_changed(),
-                protected_authentication_path: info.protected_authentication_path(),
+                initialized: has(ck::CKF_USER_PIN_INITIALIZED),
+                count_low: has(ck::CKF_USER_PIN_COUNT_LOW),
+                final_try: has(ck::CKF_USER_PIN_FINAL_TRY),
+                locked: has(ck::CKF_USER_PIN_LOCKED),
+                to_be_changed: has(ck::CKF_USER_PIN_TO_BE_CHANGED),
+                protected_authentication_path: has(ck::CKF_PROTECTED_AUTHENTICATION_PATH),
             },
+            quirks: q,
             slot: SlotHandle(slot),
         }
     }
@@ -156,6 +209,8 @@ impl TokenSummary {
 #[derive(Debug)]
 pub struct Module {
     pkcs11: Pkcs11,
+    /// C_GetSlotInfo / C_GetTokenInfo read field by field (see [`crate::raw`]).
+    raw: RawInfo,
     path: PathBuf,
     info: LibraryInfo,
     /// Whether our C_Initialize started the library: only then does drop call
@@ -220,9 +275,19 @@ impl Module {
             version: info.library_version().to_string(),
             cryptoki_version: info.cryptoki_version().to_string(),
         };
+        let raw = match RawInfo::open(path) {
+            Ok(r) => r,
+            Err(e) => {
+                if owns_init && let Err(fe) = pkcs11.finalize() {
+                    tracing::debug!("C_Finalize after a failed C_GetFunctionList: {fe}");
+                }
+                return Err(invalid(format!("C_GetFunctionList: {e}")));
+            }
+        };
         tracing::debug!(module = %path.display(), ?info, "PKCS#11 module loaded");
         Ok(Module {
             pkcs11,
+            raw,
             path: path.to_owned(),
             info,
             owns_init,
@@ -291,19 +356,26 @@ impl Module {
             slot_id: Some(slot.id()),
             ..TokenName::default()
         };
+        let failed = |function, rv: cryptoki_sys::CK_RV| {
+            let e = cryptoki::error::Rv::from(rv)
+                .into_result(function)
+                .err()
+                .unwrap_or(CkError::Pkcs11(RvError::GeneralError, function));
+            Error::from_cryptoki(e, Some(slot_name()))
+        };
         let slot_info = self
-            .pkcs11
-            .get_slot_info(slot)
-            .map_err(|e| Error::from_cryptoki(e, Some(slot_name())))?;
+            .raw
+            .slot_info(slot.id())
+            .map_err(|rv| failed(cryptoki::context::Function::GetSlotInfo, rv))?;
         let info = self
-            .pkcs11
-            .get_token_info(slot)
-            .map_err(|e| Error::from_cryptoki(e, Some(slot_name())))?;
-        Ok(TokenSummary::from_info(
-            slot,
-            slot_info.slot_description().trim().to_owned(),
-            &info,
-        ))
+            .raw
+            .token_info(slot.id())
+            .map_err(|rv| failed(cryptoki::context::Function::GetTokenInfo, rv))?;
+        let token = TokenSummary::from_raw(slot, &slot_info, &info);
+        for q in &token.quirks {
+            tracing::debug!(slot = slot.id(), field = q.field, kind = ?q.kind, raw = %q.raw, "odd token info");
+        }
+        Ok(token)
     }
 
     /// Reads `token`'s info again (e.g. the PIN flags after a failed login). Fails with

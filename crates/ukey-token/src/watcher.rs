@@ -46,7 +46,7 @@ pub enum TokenEvent {
     /// A token appeared (or was present when watching started).
     Inserted {
         /// The token as it is now.
-        token: TokenSummary,
+        token: Box<TokenSummary>,
     },
     /// A token disappeared.
     Removed {
@@ -131,7 +131,9 @@ impl Watcher {
         }
         for new in &now {
             if !before.iter().any(|t| t.same_token(new)) {
-                events.push(TokenEvent::Inserted { token: new.clone() });
+                events.push(TokenEvent::Inserted {
+                    token: Box::new(new.clone()),
+                });
             }
         }
         self.known = Some(now);

@@ -29,7 +29,8 @@ use std::time::Duration;
 
 pub use names::{FUNCTIONS, is_function, rv_from_name, rv_name};
 pub use state::{
-    DEFAULT_PIN_TRIES, Fault, FaultAction, FaultTiming, PinCounter, SimState, StateFile, TokenState,
+    DEFAULT_PIN_TRIES, Fault, FaultAction, FaultTiming, PinCounter, SimState, StateFile,
+    TokenInfoOverride, TokenState,
 };
 
 /// Environment variable naming the state directory.
@@ -178,6 +179,33 @@ impl Control {
             ..fault
         };
         self.update(serial, |t| t.faults.push(fault)).map(drop)
+    }
+
+    /// Makes C_GetTokenInfo report these fields as a vendor's module would (an empty
+    /// override restores SoftHSM2's own). Hex fields must be hex of at most the
+    /// field's size (label and manufacturerID 32 bytes, model and serialNumber 16).
+    pub fn set_token_info(&self, serial: &str, info: TokenInfoOverride) -> Result<(), SimError> {
+        for (name, value, max) in [
+            ("label", &info.label_hex, 32),
+            ("manufacturer", &info.manufacturer_hex, 32),
+            ("model", &info.model_hex, 16),
+            ("serial", &info.serial_hex, 16),
+        ] {
+            if let Some(v) = value {
+                let bytes = hex::decode(v)
+                    .map_err(|e| SimError::InvalidArgument(format!("{name}: not hex: {e}")))?;
+                if bytes.len() > max {
+                    return Err(SimError::InvalidArgument(format!(
+                        "{name}: {} bytes, the field holds {max}",
+                        bytes.len()
+                    )));
+                }
+            }
+        }
+        if info.utc_time.as_ref().is_some_and(|t| t.len() > 16) {
+            return Err(SimError::InvalidArgument("utcTime holds 16 bytes".into()));
+        }
+        self.update(serial, |t| t.token_info = info).map(drop)
     }
 
     /// Disarms every fault of the token.

@@ -75,8 +75,50 @@ enum Command {
     },
     /// 解锁 PIN（清零错误计数）/ Unlock: reset the wrong-PIN count
     PinReset { serial: String },
+    /// 让 C_GetTokenInfo 像厂商驱动那样填写字段 / Make C_GetTokenInfo fill fields as a vendor's module does
+    TokenInfo {
+        serial: String,
+        /// label, raw bytes as hex (e.g. GBK text)
+        #[arg(long, value_name = "HEX")]
+        label_hex: Option<String>,
+        /// manufacturerID, raw bytes as hex
+        #[arg(long, value_name = "HEX")]
+        manufacturer_hex: Option<String>,
+        /// model, raw bytes as hex
+        #[arg(long, value_name = "HEX")]
+        model_hex: Option<String>,
+        /// serialNumber, raw bytes as hex (the simulated key keeps its own identity)
+        #[arg(long, value_name = "HEX")]
+        serial_hex: Option<String>,
+        /// Pad the text fields with NUL bytes instead of blanks
+        #[arg(long)]
+        pad_nul: bool,
+        /// utcTime as raw text (sets CKF_CLOCK_ON_TOKEN), e.g. "" or "2026-12-01"
+        #[arg(long, value_name = "TEXT")]
+        utc_time: Option<String>,
+        /// hardwareVersion MAJOR.MINOR (minor may exceed 99)
+        #[arg(long, value_name = "M.m", value_parser = parse_version)]
+        hardware_version: Option<(u8, u8)>,
+        /// firmwareVersion MAJOR.MINOR
+        #[arg(long, value_name = "M.m", value_parser = parse_version)]
+        firmware_version: Option<(u8, u8)>,
+        /// Every counter CK_UNAVAILABLE_INFORMATION
+        #[arg(long)]
+        counters_unavailable: bool,
+        /// Free memory above total memory
+        #[arg(long)]
+        counters_nonsense: bool,
+    },
     /// 打印 ukey-sim 模块路径 / Print the path of the ukey-sim PKCS#11 module
     ModulePath,
+}
+
+fn parse_version(s: &str) -> Result<(u8, u8), String> {
+    let (major, minor) = s.split_once('.').ok_or("expected MAJOR.MINOR")?;
+    Ok((
+        major.parse().map_err(|e| format!("major: {e}"))?,
+        minor.parse().map_err(|e| format!("minor: {e}"))?,
+    ))
 }
 
 fn main() -> ExitCode {
@@ -150,6 +192,39 @@ fn run(cli: Cli) -> Result<()> {
         Command::PinReset { serial } => {
             control()?.reset_pin_counter(&serial)?;
             println!("令牌 {serial}: PIN 已解锁 / PIN unlocked");
+        }
+        Command::TokenInfo {
+            serial,
+            label_hex,
+            manufacturer_hex,
+            model_hex,
+            serial_hex,
+            pad_nul,
+            utc_time,
+            hardware_version,
+            firmware_version,
+            counters_unavailable,
+            counters_nonsense,
+        } => {
+            let info = ukey_sim::TokenInfoOverride {
+                label_hex,
+                manufacturer_hex,
+                model_hex,
+                serial_hex,
+                pad: pad_nul.then_some(0),
+                utc_time,
+                hardware_version,
+                firmware_version,
+                counters_unavailable,
+                counters_nonsense,
+            };
+            let reset = info.is_empty();
+            control()?.set_token_info(&serial, info)?;
+            if reset {
+                println!("令牌 {serial}: 令牌信息恢复原样 / token info as SoftHSM2 reports it");
+            } else {
+                println!("令牌 {serial}: 令牌信息已改写 / token info overridden");
+            }
         }
         Command::ModulePath => println!("{}", ukey_sim::module_path()?.display()),
     }

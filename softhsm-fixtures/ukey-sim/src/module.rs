@@ -846,6 +846,52 @@ unsafe extern "C" fn C_GetSlotInfo(slotID: CK_SLOT_ID, pInfo: CK_SLOT_INFO_PTR) 
     })
 }
 
+/// Replaces the fields of `info` the override names, as a vendor module fills them.
+fn apply_token_info(info: &mut CK_TOKEN_INFO, odd: &crate::state::TokenInfoOverride) {
+    let pad = odd.pad.unwrap_or(b' ');
+    let put = |field: &mut [u8], hex_value: &Option<String>| {
+        if let Some(bytes) = hex_value.as_deref().and_then(|h| hex::decode(h).ok()) {
+            field.fill(pad);
+            let n = bytes.len().min(field.len());
+            field[..n].copy_from_slice(&bytes[..n]);
+        }
+    };
+    put(&mut info.label, &odd.label_hex);
+    put(&mut info.manufacturerID, &odd.manufacturer_hex);
+    put(&mut info.model, &odd.model_hex);
+    put(&mut info.serialNumber, &odd.serial_hex);
+    if let Some(t) = &odd.utc_time {
+        info.utcTime.fill(b' ');
+        let n = t.len().min(16);
+        info.utcTime[..n].copy_from_slice(&t.as_bytes()[..n]);
+        info.flags |= CKF_CLOCK_ON_TOKEN;
+    }
+    if let Some((major, minor)) = odd.hardware_version {
+        info.hardwareVersion = CK_VERSION { major, minor };
+    }
+    if let Some((major, minor)) = odd.firmware_version {
+        info.firmwareVersion = CK_VERSION { major, minor };
+    }
+    if odd.counters_unavailable {
+        for c in [
+            &mut info.ulMaxSessionCount,
+            &mut info.ulSessionCount,
+            &mut info.ulMaxRwSessionCount,
+            &mut info.ulRwSessionCount,
+            &mut info.ulTotalPublicMemory,
+            &mut info.ulFreePublicMemory,
+            &mut info.ulTotalPrivateMemory,
+            &mut info.ulFreePrivateMemory,
+        ] {
+            *c = CK_UNAVAILABLE_INFORMATION;
+        }
+    }
+    if odd.counters_nonsense {
+        info.ulTotalPublicMemory = 1024;
+        info.ulFreePublicMemory = 1 << 40;
+    }
+}
+
 unsafe extern "C" fn C_GetTokenInfo(slotID: CK_SLOT_ID, pInfo: CK_TOKEN_INFO_PTR) -> CK_RV {
     entry("C_GetTokenInfo", || {
         let shim = shim()?;
@@ -857,16 +903,20 @@ unsafe extern "C" fn C_GetTokenInfo(slotID: CK_SLOT_ID, pInfo: CK_TOKEN_INFO_PTR
             backend!(shim.backend, C_GetTokenInfo(slotID, pInfo))
         });
         ok_or(rv)?;
-        let pin_flags = shim
-            .lock()
-            .state
-            .token(&serial)
-            .map_or(0, |t| t.pin.flags());
+        let (pin_flags, odd) = {
+            let shim_state = shim.lock();
+            let token = shim_state.state.token(&serial);
+            (
+                token.map_or(0, |t| t.pin.flags()),
+                token.map(|t| t.token_info.clone()).unwrap_or_default(),
+            )
+        };
         // SAFETY: pInfo is non-null and points to the CK_TOKEN_INFO SoftHSM2 filled.
         let info = unsafe { &mut *pInfo };
         // SoftHSM2 sets COUNT_LOW on its own; the simulated counter decides instead.
         info.flags &= !(CKF_USER_PIN_COUNT_LOW | CKF_USER_PIN_FINAL_TRY | CKF_USER_PIN_LOCKED);
         info.flags |= pin_flags;
+        apply_token_info(info, &odd);
         Ok(CKR_OK)
     })
 }

@@ -89,6 +89,8 @@ pub struct TokenState {
     pub faults: Vec<Fault>,
     /// Delay in milliseconds before forwarding a function, by function name.
     pub latency_ms: BTreeMap<String, u64>,
+    /// Fields of C_GetTokenInfo replaced as a vendor's module fills them.
+    pub token_info: TokenInfoOverride,
 }
 
 impl Default for TokenState {
@@ -100,7 +102,43 @@ impl Default for TokenState {
             pin: PinCounter::default(),
             faults: Vec::new(),
             latency_ms: BTreeMap::new(),
+            token_info: TokenInfoOverride::default(),
         }
+    }
+}
+
+/// C_GetTokenInfo fields a real module fills in its own way: raw bytes (hex) for the
+/// text fields, copied in and padded with `pad` to the field's size; a raw utcTime
+/// (which also sets CKF_CLOCK_ON_TOKEN); versions; counters. Unset: SoftHSM2's value.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct TokenInfoOverride {
+    /// `label`, hex.
+    pub label_hex: Option<String>,
+    /// `manufacturerID`, hex.
+    pub manufacturer_hex: Option<String>,
+    /// `model`, hex.
+    pub model_hex: Option<String>,
+    /// `serialNumber`, hex.
+    pub serial_hex: Option<String>,
+    /// Padding byte of the text fields (default a blank, 0x20; real modules use 0x00).
+    pub pad: Option<u8>,
+    /// `utcTime`, as raw text (16 bytes, padded with blanks).
+    pub utc_time: Option<String>,
+    /// `hardwareVersion` (major, minor).
+    pub hardware_version: Option<(u8, u8)>,
+    /// `firmwareVersion` (major, minor).
+    pub firmware_version: Option<(u8, u8)>,
+    /// Report every counter as CK_UNAVAILABLE_INFORMATION.
+    pub counters_unavailable: bool,
+    /// Report free memory above total memory.
+    pub counters_nonsense: bool,
+}
+
+impl TokenInfoOverride {
+    /// Whether nothing is overridden.
+    pub fn is_empty(&self) -> bool {
+        *self == TokenInfoOverride::default()
     }
 }
 

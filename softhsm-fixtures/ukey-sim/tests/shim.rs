@@ -850,3 +850,134 @@ fn a_key_created_after_loading_appears_when_plugged_in() {
     let session = pkcs11.open_ro_session(a).expect("session on A again");
     session.get_session_info().expect("A works");
 }
+
+// ----------------------------------------------------------------------------------
+// Token info filled as vendors' modules fill it: ukey-token lists the key anyway
+
+/// One quirk at a time through the shim: cryptoki's whole-structure parse may fail on
+/// it (the bug users hit: "No token found"), ukey-token lists the token and names it.
+#[test]
+fn odd_token_info_never_hides_a_token() {
+    use ukey_sim::TokenInfoOverride;
+    use ukey_token::QuirkKind;
+
+    let sim = sim(&[TokenSpec::empty("A")]);
+    let serial = sim.serial(0).to_owned();
+    let module = ukey_token::Module::load(&shim_path()).expect("load the shim");
+    let cases: Vec<(TokenInfoOverride, &str, QuirkKind)> = vec![
+        (
+            // A clock that is not 16 digits: cryptoki fails the whole C_GetTokenInfo.
+            TokenInfoOverride {
+                utc_time: Some("2026-12-01".into()),
+                ..Default::default()
+            },
+            "utcTime",
+            QuirkKind::ClockUnreadable,
+        ),
+        (
+            // GBK: 张三的Key.
+            TokenInfoOverride {
+                label_hex: Some("d5c5c8fdb5c44b6579".into()),
+                ..Default::default()
+            },
+            "label",
+            QuirkKind::Gbk,
+        ),
+        (
+            TokenInfoOverride {
+                manufacturer_hex: Some(hex::encode("Longmai")),
+                pad: Some(0),
+                ..Default::default()
+            },
+            "manufacturerID",
+            QuirkKind::NulPadded,
+        ),
+        (
+            TokenInfoOverride {
+                model_hex: Some("ff80fe".into()),
+                ..Default::default()
+            },
+            "model",
+            QuirkKind::NotText,
+        ),
+        (
+            TokenInfoOverride {
+                serial_hex: Some(hex::encode("0000000000000000")),
+                ..Default::default()
+            },
+            "serialNumber",
+            QuirkKind::SerialNotUnique,
+        ),
+        (
+            TokenInfoOverride {
+                hardware_version: Some((1, 255)),
+                ..Default::default()
+            },
+            "hardwareVersion",
+            QuirkKind::VersionOutOfRange,
+        ),
+        (
+            TokenInfoOverride {
+                counters_nonsense: true,
+                ..Default::default()
+            },
+            "ulFreePublicMemory",
+            QuirkKind::CounterNonsense,
+        ),
+    ];
+    for (odd, field, kind) in cases {
+        sim.control
+            .set_token_info(&serial, odd.clone())
+            .expect("override");
+        let tokens = module.tokens().expect("slots");
+        assert_eq!(tokens.len(), 1, "{odd:?}: the token is listed");
+        let t = &tokens[0];
+        assert!(
+            t.quirks.iter().any(|q| q.field == field && q.kind == kind),
+            "{odd:?}: {:?}",
+            t.quirks
+        );
+        match kind {
+            QuirkKind::Gbk => assert_eq!(t.label, "张三的Key"),
+            QuirkKind::NulPadded => assert_eq!(t.manufacturer, "Longmai"),
+            QuirkKind::NotText => assert_eq!(t.model, "\\xff\\x80\\xfe"),
+            QuirkKind::VersionOutOfRange => assert_eq!(t.hardware_version, "unknown"),
+            QuirkKind::CounterNonsense => assert_eq!(t.free_public_memory, None),
+            QuirkKind::ClockUnreadable => {
+                assert_eq!(t.clock, None);
+                // What cryptoki alone makes of it: the whole token info fails.
+                let raw = Pkcs11::new(shim_path()).expect("load");
+                let _ = raw.initialize(CInitializeArgs::new(CInitializeFlags::OS_LOCKING_OK));
+                let slot = raw
+                    .get_slots_with_token()
+                    .expect("slots")
+                    .into_iter()
+                    .find(|s| s.id() == t.slot_id)
+                    .expect("the token's slot");
+                assert!(
+                    raw.get_token_info(slot).is_err(),
+                    "cryptoki parses it whole"
+                );
+            }
+            _ => {}
+        }
+        // The listing (sessions, objects) works on it too.
+        let listing = module.list_token(t, None);
+        assert!(listing.errors.is_empty(), "{odd:?}: {:?}", listing.errors);
+    }
+    // Counters unavailable are simply unknown, not a quirk; a readable clock is shown.
+    sim.control
+        .set_token_info(
+            &serial,
+            TokenInfoOverride {
+                counters_unavailable: true,
+                utc_time: Some("2026120113450900".into()),
+                ..Default::default()
+            },
+        )
+        .expect("override");
+    let t = &module.tokens().expect("slots")[0];
+    assert!(t.quirks.is_empty(), "{:?}", t.quirks);
+    assert_eq!(t.free_private_memory, None);
+    assert_eq!(t.clock.as_deref(), Some("2026-12-01 13:45:09"));
+}

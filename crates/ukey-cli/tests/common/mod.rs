@@ -1,5 +1,7 @@
 //! What the `ukey renew` test binaries share: a reference portal on loopback whose
-//! issuing CA is the fixtures' test CA, so certificates on fixture keys can be renewed.
+//! issuing CA is the fixtures' test CA, so certificates on fixture keys can be renewed;
+//! and the ukey-sim module. Not every test binary uses every item.
+#![allow(dead_code)]
 
 use std::sync::Arc;
 
@@ -40,4 +42,28 @@ pub fn start_portal(hsm: &SoftHsm) -> LoopbackPortal {
         _rt: rt,
         _dir: dir,
     }
+}
+
+/// The ukey-sim PKCS#11 module. Cargo builds a dependency's cdylib only when that
+/// package itself is built, so when this test runs alone (`-p ukey-cli`) build it into
+/// the same target directory first.
+pub fn shim_module() -> std::path::PathBuf {
+    if let Ok(p) = ukey_sim::module_path() {
+        if p.is_file() {
+            return p;
+        }
+    }
+    let exe = std::env::current_exe().unwrap();
+    // <target>/<profile>/deps/<test binary>
+    let target = exe.ancestors().nth(3).unwrap().to_owned();
+    let status = std::process::Command::new(env!("CARGO"))
+        .current_dir(env!("CARGO_MANIFEST_DIR"))
+        .args(["build", "-p", "ukey-sim", "--lib"])
+        .env("CARGO_TARGET_DIR", &target)
+        .status()
+        .unwrap();
+    assert!(status.success(), "building the ukey-sim module");
+    let p = ukey_sim::module_path().unwrap();
+    assert!(p.is_file(), "{}", p.display());
+    p
 }
