@@ -532,6 +532,43 @@ fn missing_mechanism_is_user_action_and_says_to_contact_the_ca() {
     assert_eq!(out.status.code(), Some(0), "{}", text(&out));
 }
 
+/// A chip that generates only some key sizes (C_GetMechanismInfo says which): a
+/// renewal that needs 2048-bit RSA on a key that offers 1024 only is refused before the
+/// PIN, naming what the key offers; with 2048 in its range it renews.
+#[test]
+fn a_key_that_cannot_make_2048_bit_rsa_is_refused_before_the_pin() {
+    let lab = Lab::new();
+    let fx = lab.hsm.create_token(&TokenSpec::ukey("Small RSA")).unwrap();
+    lab.order(
+        &fx.certs[0].serial_hex,
+        KeyPolicy::New,
+        KeyAlgorithm::Rsa2048,
+        None,
+    );
+    // CKM_RSA_PKCS_KEY_PAIR_GEN.
+    lab.control
+        .set_key_sizes(&fx.serial, 0x0000, Some((512, 1024)))
+        .unwrap();
+    let before = look(&fx).objects;
+    let out = lab.renew_with(&fx, None, &fx.user_pin, &["--lang", "en"]);
+    assert_eq!(out.status.code(), Some(6), "{}", text(&out));
+    let v: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(v["error"]["code"], "key_size_unsupported", "{v}");
+    let message = v["error"]["message"].as_str().unwrap();
+    assert!(
+        message.contains("512–1024") && message.contains("2048"),
+        "{message}"
+    );
+    assert_eq!(lab.control.token(&fx.serial).unwrap().pin.failures, 0);
+    assert_eq!(look(&fx).objects, before, "the token is unchanged");
+
+    lab.control
+        .set_key_sizes(&fx.serial, 0x0000, Some((1024, 4096)))
+        .unwrap();
+    let out = lab.renew(&fx, None);
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out));
+}
+
 /// The key travels: a renewal stopped between activation sub-steps (the old signing
 /// key already removed, the new one still under its pending id: the only working key
 /// of that certificate), then another user (another data directory, so no journal of

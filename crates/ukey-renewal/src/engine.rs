@@ -599,6 +599,27 @@ fn check_mechanisms(
     if terms.key_policy == KeyPolicy::New {
         need.push(new_alg.keygen_mechanism());
     }
+    let generates = terms.key_policy == KeyPolicy::New || terms.with_encryption_cert;
+    if generates && have.contains(&new_alg.keygen_mechanism()) {
+        // Chips generate keys of a few sizes only: 2048-bit RSA (or a 256-bit curve)
+        // must be among them, else say which sizes the key offers.
+        let bits = match new_alg {
+            KeyAlg::Rsa2048 => 2048,
+            KeyAlg::EcP256 => 256,
+        };
+        if let Some((min, max)) = session.key_sizes(new_alg.keygen_mechanism())? {
+            let max = if max == 0 { usize::MAX } else { max };
+            if !(min..=max).contains(&bits) {
+                return Err(RenewalError::KeySizeUnsupported {
+                    token: token.serial.clone(),
+                    algorithm: new_alg.as_str().to_owned(),
+                    bits,
+                    min,
+                    max,
+                });
+            }
+        }
+    }
     if terms.with_encryption_cert {
         need.push(MechanismType::AES_KEY_WRAP_PAD);
         need.push(match new_alg {

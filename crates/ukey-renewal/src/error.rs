@@ -136,6 +136,22 @@ pub enum RenewalError {
         /// The mechanism.
         mechanism: String,
     },
+    /// The token generates keys of the needed algorithm, but not of the needed size
+    /// (its C_GetMechanismInfo range leaves it out): user action, like a missing
+    /// mechanism.
+    #[error("token {token} generates {algorithm} keys of {min} to {max} bits, not {bits}")]
+    KeySizeUnsupported {
+        /// Token serial.
+        token: String,
+        /// The algorithm, e.g. `RSA-2048`.
+        algorithm: String,
+        /// The size needed, bits.
+        bits: usize,
+        /// The smallest size the token offers.
+        min: usize,
+        /// The largest size the token offers.
+        max: usize,
+    },
     /// The computer's clock differs too much from the portal's.
     #[error("the computer's clock is {seconds} s off the portal's")]
     ClockSkew {
@@ -186,6 +202,7 @@ impl RenewalError {
             | RenewalError::FinalTryNeedsConfirmation { .. }
             | RenewalError::Selection(_)
             | RenewalError::MechanismMissing { .. }
+            | RenewalError::KeySizeUnsupported { .. }
             | RenewalError::ClockSkew { .. }
             | RenewalError::NoTrustAnchor
             | RenewalError::NoPortal => ErrorKind::UserAction,
@@ -210,6 +227,7 @@ impl RenewalError {
             RenewalError::PinLocked { .. } => "pin_locked",
             RenewalError::FinalTryNeedsConfirmation { .. } => "pin_final_try",
             RenewalError::MechanismMissing { .. } => "mechanism_missing",
+            RenewalError::KeySizeUnsupported { .. } => "key_size_unsupported",
             RenewalError::ClockSkew { .. } => "clock_skew",
             RenewalError::Selection(_) => "selection",
             RenewalError::KeyMissing { .. } => "key_missing",
@@ -332,6 +350,30 @@ impl RenewalError {
                 } else {
                     format!(
                         "Token {token} cannot do what this renewal order asks (it lacks {mechanism}); nothing was changed. Contact your CA: they can mail you a new key."
+                    )
+                }
+            }
+            RenewalError::KeySizeUnsupported {
+                token,
+                algorithm,
+                bits,
+                min,
+                max,
+            } => {
+                let range = if *max == usize::MAX {
+                    format!("{min}+")
+                } else if min == max {
+                    format!("{min}")
+                } else {
+                    format!("{min}–{max}")
+                };
+                if zh {
+                    format!(
+                        "UKey {token} 只能生成 {range} 位的密钥，此续期需要 {bits} 位的 {algorithm} 密钥，无法完成续期，未做任何改动。请联系发证机构（CA），他们可以为您寄送新的 UKey。"
+                    )
+                } else {
+                    format!(
+                        "Token {token} generates keys of {range} bits only; this renewal needs a {bits}-bit {algorithm} key, so nothing was changed. Contact your CA: they can mail you a new key."
                     )
                 }
             }

@@ -129,6 +129,18 @@ impl<'m> Session<'m> {
             .map_err(|e| self.err(e))
     }
 
+    /// The key sizes C_GetMechanismInfo gives for `mechanism` (bits), as (min, max);
+    /// `None` when the module gives no range (both zero) or does not answer.
+    pub fn key_sizes(&self, mechanism: MechanismType) -> Result<Option<(usize, usize)>> {
+        let info = self
+            .module
+            .pkcs11()
+            .get_mechanism_info(self.token.slot.0, mechanism)
+            .map_err(|e| self.err(e))?;
+        let (min, max) = (info.min_key_size(), info.max_key_size());
+        Ok((min != 0 || max != 0).then_some((min, max)))
+    }
+
     /// C_Sign (single part). For ECDSA on SoftHSM2 there is no CKM_ECDSA_SHA256: hash in
     /// software and sign with CKM_ECDSA.
     pub fn sign(&self, mechanism: &Mechanism, key: ObjectHandle, data: &[u8]) -> Result<Vec<u8>> {

@@ -208,6 +208,33 @@ impl Control {
         self.update(serial, |t| t.token_info = info).map(drop)
     }
 
+    /// Makes C_GetMechanismInfo report key sizes `min`..=`max` bits for `mechanism` (a
+    /// CKM_ value) on the token, as a chip that generates only those; `None` restores
+    /// SoftHSM2's range.
+    pub fn set_key_sizes(
+        &self,
+        serial: &str,
+        mechanism: u64,
+        range: Option<(u64, u64)>,
+    ) -> Result<(), SimError> {
+        if let Some((min, max)) = range
+            && min > max
+        {
+            return Err(SimError::InvalidArgument(format!(
+                "key sizes: min {min} is above max {max}"
+            )));
+        }
+        self.update(serial, |t| match range {
+            Some(r) => {
+                t.key_sizes.insert(mechanism.to_string(), r);
+            }
+            None => {
+                t.key_sizes.remove(&mechanism.to_string());
+            }
+        })
+        .map(drop)
+    }
+
     /// Disarms every fault of the token.
     pub fn clear_faults(&self, serial: &str) -> Result<(), SimError> {
         self.update(serial, |t| t.faults.clear()).map(drop)

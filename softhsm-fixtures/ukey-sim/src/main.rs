@@ -109,8 +109,37 @@ enum Command {
         #[arg(long)]
         counters_nonsense: bool,
     },
+    /// 限制可生成的密钥长度 / Limit the key sizes a mechanism offers (C_GetMechanismInfo)
+    KeySizes {
+        serial: String,
+        /// CKM_RSA_PKCS_KEY_PAIR_GEN, CKM_EC_KEY_PAIR_GEN, or a CKM_ value (0x1040)
+        #[arg(long)]
+        mechanism: String,
+        /// Smallest size, bits
+        #[arg(long, requires = "max")]
+        min: Option<u64>,
+        /// Largest size, bits
+        #[arg(long, requires = "min")]
+        max: Option<u64>,
+        /// Report SoftHSM2's own range again
+        #[arg(long, conflicts_with_all = ["min", "max"])]
+        reset: bool,
+    },
     /// 打印 ukey-sim 模块路径 / Print the path of the ukey-sim PKCS#11 module
     ModulePath,
+}
+
+fn parse_mechanism(s: &str) -> Result<u64> {
+    Ok(match s {
+        "CKM_RSA_PKCS_KEY_PAIR_GEN" => 0x0000,
+        "CKM_EC_KEY_PAIR_GEN" | "CKM_ECDSA_KEY_PAIR_GEN" => 0x1040,
+        hex if hex.starts_with("0x") => {
+            u64::from_str_radix(&hex[2..], 16).with_context(|| format!("mechanism {hex:?}"))?
+        }
+        dec => dec
+            .parse()
+            .with_context(|| format!("mechanism {dec:?}: a CKM_ name or number"))?,
+    })
 }
 
 fn parse_version(s: &str) -> Result<(u8, u8), String> {
@@ -224,6 +253,29 @@ fn run(cli: Cli) -> Result<()> {
                 println!("令牌 {serial}: 令牌信息恢复原样 / token info as SoftHSM2 reports it");
             } else {
                 println!("令牌 {serial}: 令牌信息已改写 / token info overridden");
+            }
+        }
+        Command::KeySizes {
+            serial,
+            mechanism,
+            min,
+            max,
+            reset,
+        } => {
+            let m = parse_mechanism(&mechanism)?;
+            let range = match (min, max, reset) {
+                (Some(min), Some(max), false) => Some((min, max)),
+                (None, None, true) => None,
+                _ => bail!("give --min and --max, or --reset"),
+            };
+            control()?.set_key_sizes(&serial, m, range)?;
+            match range {
+                Some((min, max)) => println!(
+                    "令牌 {serial}: {mechanism} 密钥长度 {min}–{max} 位 / key sizes {min}-{max} bits"
+                ),
+                None => println!(
+                    "令牌 {serial}: {mechanism} 密钥长度恢复原样 / key sizes as SoftHSM2 reports them"
+                ),
             }
         }
         Command::ModulePath => println!("{}", ukey_sim::module_path()?.display()),

@@ -979,9 +979,21 @@ unsafe extern "C" fn C_GetMechanismInfo(
         if crate::mechanisms::hidden_for(shim.file.dir(), &serial).contains(&type_) {
             return Err(CKR_MECHANISM_INVALID);
         }
-        Ok(shim.run("C_GetMechanismInfo", &serial, || {
+        let rv = shim.run("C_GetMechanismInfo", &serial, || {
             backend!(shim.backend, C_GetMechanismInfo(slotID, type_, pInfo))
-        }))
+        });
+        let sizes = shim
+            .lock()
+            .state
+            .token(&serial)
+            .and_then(|t| t.key_sizes.get(&type_.to_string()).copied());
+        if let (CKR_OK, Some((min, max)), false) = (rv, sizes, pInfo.is_null()) {
+            // SAFETY: non-null, and SoftHSM2 just filled it.
+            let info = unsafe { &mut *pInfo };
+            info.ulMinKeySize = min as CK_ULONG;
+            info.ulMaxKeySize = max as CK_ULONG;
+        }
+        Ok(rv)
     })
 }
 

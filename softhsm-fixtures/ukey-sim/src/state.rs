@@ -91,6 +91,9 @@ pub struct TokenState {
     pub latency_ms: BTreeMap<String, u64>,
     /// Fields of C_GetTokenInfo replaced as a vendor's module fills them.
     pub token_info: TokenInfoOverride,
+    /// Key sizes C_GetMechanismInfo reports (min, max bits), by CKM_ value (decimal):
+    /// a chip that generates only some sizes.
+    pub key_sizes: BTreeMap<String, (u64, u64)>,
 }
 
 impl Default for TokenState {
@@ -103,6 +106,7 @@ impl Default for TokenState {
             faults: Vec::new(),
             latency_ms: BTreeMap::new(),
             token_info: TokenInfoOverride::default(),
+            key_sizes: BTreeMap::new(),
         }
     }
 }
