@@ -218,13 +218,13 @@ async fn with_module<T: Send + 'static>(
 #[tauri::command]
 pub async fn plan_renewal(
     state: State<'_, AppState>,
-    token_serial: String,
+    token_id: String,
     cert_serial: String,
 ) -> IpcResult<PlanView> {
     let cfg = engine_config(&state);
     let lang = cfg.lang;
     with_module(&state, move |m| match m {
-        Some(m) => renewal::plan(m, &token_serial, &cert_serial, &cfg),
+        Some(m) => renewal::plan(m, &token_id, &cert_serial, &cfg),
         None => Err(no_module(lang)),
     })
     .await?
@@ -243,7 +243,7 @@ fn no_module(lang: ukey_token::Lang) -> IpcError {
 #[tauri::command]
 pub async fn renew(
     state: State<'_, AppState>,
-    token_serial: String,
+    token_id: String,
     cert_serial: String,
     pin: SecretString,
     confirm_final_try: bool,
@@ -251,9 +251,9 @@ pub async fn renew(
 ) -> IpcResult<RenewOutcome> {
     let cfg = engine_config(&state);
     let (tx, rx) = mpsc::channel();
-    let (t, c) = (token_serial.clone(), cert_serial.clone());
+    let (t, c) = (token_id.clone(), cert_serial.clone());
     state.service.send(Request::Renew {
-        token_serial,
+        token_id,
         cert_serial,
         job: Box::new(move |module| {
             let mut send = |e: RenewEvent| {
@@ -278,14 +278,14 @@ pub async fn renew(
 pub async fn diagnose(
     state: State<'_, AppState>,
     pin: Option<SecretString>,
-    token_serial: Option<String>,
+    token_id: Option<String>,
 ) -> IpcResult<DiagnosticsResult> {
     let cfg = engine_config(&state);
     let module_path = state.effective().pkcs11_module;
     // With a PIN, the diagnosis proves each key signs: the PIN goes to C_Login once on
     // one token (never at a last try or locked), and is dropped with the job.
     let result = with_module(&state, move |m| {
-        renewal::diagnose(m, &cfg, module_path, pin, token_serial)
+        renewal::diagnose(m, &cfg, module_path, pin, token_id)
     })
     .await?;
     *state.last_report.lock().unwrap_or_else(|e| e.into_inner()) = Some(result.report.redacted());

@@ -169,13 +169,14 @@ fn options(cfg: &EngineConfig, confirm_final_try: bool) -> IpcResult<ukey_renewa
     Ok(o)
 }
 
-fn find_token(module: &Module, serial: &str, lang: Lang) -> IpcResult<TokenSummary> {
+fn find_token(module: &Module, id: &str, lang: Lang) -> IpcResult<TokenSummary> {
     let tokens = module
         .tokens()
         .map_err(|e| IpcError::from_token(&e, lang))?;
+    let serial = id;
     tokens
         .into_iter()
-        .find(|t| t.serial == serial)
+        .find(|t| t.answers_to(id))
         .ok_or_else(|| {
             IpcError::new(
                 "token_not_present",
@@ -190,12 +191,12 @@ fn find_token(module: &Module, serial: &str, lang: Lang) -> IpcResult<TokenSumma
 /// Preflight (no PIN): what will happen, for the consequences dialog.
 pub fn plan(
     module: &Module,
-    token_serial: &str,
+    token_id: &str,
     cert_serial: &str,
     cfg: &EngineConfig,
 ) -> IpcResult<PlanView> {
     let lang = cfg.lang;
-    let token = find_token(module, token_serial, lang)?;
+    let token = find_token(module, token_id, lang)?;
     let portal = portal(cfg)?;
     // The last-try confirmation belongs to the PIN dialog; the plan is shown either way.
     let opts = options(cfg, true)?;
@@ -218,7 +219,7 @@ pub fn plan(
 /// this is the PIN's last try and submitted anyway.
 pub fn renew(
     module: &Module,
-    token_serial: &str,
+    token_id: &str,
     cert_serial: &str,
     pin: &SecretString,
     confirm_final_try: bool,
@@ -226,7 +227,7 @@ pub fn renew(
     on_event: &mut dyn FnMut(RenewEvent),
 ) -> IpcResult<RenewOutcome> {
     let lang = cfg.lang;
-    let token = find_token(module, token_serial, lang)?;
+    let token = find_token(module, token_id, lang)?;
     let portal = portal(cfg)?;
     let opts = options(cfg, confirm_final_try)?;
     let plan = ukey_renewal::preflight(module, &token, Some(cert_serial), &portal, &opts)

@@ -86,8 +86,8 @@ pub enum Request {
     Reconfigure(ServiceConfig),
     /// Renew one certificate.
     Renew {
-        /// Token serial.
-        token_serial: String,
+        /// The key's id (`KeyView::id`).
+        token_id: String,
         /// Certificate serial.
         cert_serial: String,
         /// The engine run.
@@ -105,12 +105,12 @@ impl std::fmt::Debug for Request {
             Request::Refresh => f.write_str("Refresh"),
             Request::Reconfigure(c) => f.debug_tuple("Reconfigure").field(c).finish(),
             Request::Renew {
-                token_serial,
+                token_id,
                 cert_serial,
                 ..
             } => f
                 .debug_struct("Renew")
-                .field("token_serial", token_serial)
+                .field("token_id", token_id)
                 .field("cert_serial", cert_serial)
                 .finish_non_exhaustive(),
             Request::WithModule(_) => f.write_str("WithModule"),
@@ -124,7 +124,7 @@ enum Message {
     Request(Request),
     /// A renewal thread finished.
     Finished {
-        token_serial: String,
+        token_id: String,
         cert_serial: String,
         outcome: IpcResult<RenewOutcome>,
         reply: mpsc::Sender<IpcResult<RenewOutcome>>,
@@ -364,12 +364,12 @@ impl Worker {
             let request = match rx.recv_timeout(POLL_INTERVAL) {
                 Ok(Message::Request(r)) => Ok(r),
                 Ok(Message::Finished {
-                    token_serial,
+                    token_id,
                     cert_serial,
                     outcome,
                     reply,
                 }) => {
-                    self.finished(&token_serial, &cert_serial, &outcome);
+                    self.finished(&token_id, &cert_serial, &outcome);
                     // The UI may have gone away (window closed): nothing to tell then.
                     let _ = reply.send(outcome);
                     continue;
@@ -392,11 +392,11 @@ impl Worker {
                     self.relist(None, true);
                 }
                 Ok(Request::Renew {
-                    token_serial,
+                    token_id,
                     cert_serial,
                     job,
                     reply,
-                }) => self.renew(token_serial, cert_serial, job, reply),
+                }) => self.renew(token_id, cert_serial, job, reply),
                 Ok(Request::WithModule(job)) => {
                     let module = self.watcher.as_ref().map(Watcher::shared_module);
                     let started = std::thread::Builder::new()
@@ -424,17 +424,17 @@ impl Worker {
                 let inserted: Vec<String> = events
                     .iter()
                     .filter_map(|e| match e {
-                        TokenEvent::Inserted { token } => Some(token.serial.clone()),
+                        TokenEvent::Inserted { token } => Some(token.id.clone()),
                         TokenEvent::Removed { .. } => None,
                     })
                     .collect();
                 for e in &events {
                     match e {
                         TokenEvent::Inserted { token } => {
-                            tracing::info!(serial = %token.serial, "key inserted")
+                            tracing::info!(id = %token.id, "key inserted")
                         }
-                        TokenEvent::Removed { serial, .. } => {
-                            tracing::info!(%serial, "key removed")
+                        TokenEvent::Removed { id, .. } => {
+                            tracing::info!(%id, "key removed")
                         }
                     }
                 }
@@ -461,7 +461,7 @@ impl Worker {
             let mut statuses = lock(&self.shared.statuses);
             for token in &tokens {
                 let listing = module.list_token(token, None);
-                let fresh = inserted.is_some_and(|i| i.contains(&token.serial));
+                let fresh = inserted.is_some_and(|i| i.contains(&token.id));
                 for cert in &listing.certificates {
                     if let Ok(d) = &cert.details {
                         if d.is_ca {
@@ -477,7 +477,7 @@ impl Worker {
                         }
                     }
                 }
-                let wrong = self.wrong_pins.get(&token.serial).copied().unwrap_or(0);
+                let wrong = self.wrong_pins.get(&token.id).copied().unwrap_or(0);
                 keys.push(key_view(&listing, now, lang, wrong, |serial| {
                     statuses
                         .get(serial)
@@ -488,7 +488,7 @@ impl Worker {
         }
         self.merge_unfinished_journals(&keys);
         for i in &mut self.interrupted {
-            i.key_present = keys.iter().any(|k| k.serial == i.token_serial);
+            i.key_present = keys.iter().any(|k| k.id == i.token_id);
         }
         let snap = {
             let mut snap = lock(&self.shared.snapshot);
@@ -514,10 +514,24 @@ impl Worker {
         };
         let store = JournalStore::new(dir);
         for key in keys {
+            // Keys that share a serial: a journal is this key's if a certificate it
+            // names (the old one or the issued one) is on this key.
+            let here: Vec<&str> = key
+                .certificates
+                .iter()
+                .filter_map(|c| c.serial.as_deref())
+                .collect();
             let unfinished: Vec<String> = match store.for_token(&key.serial) {
                 Ok(js) => js
                     .into_iter()
                     .filter(|j| j.is_unfinished())
+                    .filter(|j| {
+                        key.id == key.serial
+                            || here.contains(&j.old.serial.as_str())
+                            || j.issued
+                                .as_ref()
+                                .is_some_and(|i| here.contains(&i.serial.as_str()))
+                    })
                     .map(|j| j.old.serial)
                     .collect(),
                 Err(e) => {
@@ -526,16 +540,16 @@ impl Worker {
                 }
             };
             self.interrupted
-                .retain(|i| i.token_serial != key.serial || unfinished.contains(&i.cert_serial));
+                .retain(|i| i.token_id != key.id || unfinished.contains(&i.cert_serial));
             for cert_serial in unfinished {
                 let known = self
                     .interrupted
                     .iter()
-                    .any(|i| i.token_serial == key.serial && i.cert_serial == cert_serial);
+                    .any(|i| i.token_id == key.id && i.cert_serial == cert_serial);
                 if !known {
                     tracing::info!(token = %key.serial, cert = %cert_serial, "unfinished renewal found");
                     self.interrupted.push(InterruptedView {
-                        token_serial: key.serial.clone(),
+                        token_id: key.id.clone(),
                         token_label: key.label.clone(),
                         cert_serial,
                         key_present: true,
@@ -549,7 +563,7 @@ impl Worker {
     /// [`Message::Finished`].
     fn renew(
         &mut self,
-        token_serial: String,
+        token_id: String,
         cert_serial: String,
         job: RenewJob,
         reply: mpsc::Sender<IpcResult<RenewOutcome>>,
@@ -562,7 +576,7 @@ impl Worker {
                 .unwrap_or_else(|| IpcError::new("module_not_found", "no PKCS#11 module"))));
             return;
         };
-        if self.renewing.contains(&token_serial) {
+        if self.renewing.contains(&token_id) {
             let _ = reply.send(Err(IpcError::new(
                 "renewal_running",
                 self.config.lang.pick(
@@ -574,14 +588,14 @@ impl Worker {
         }
         let module = watcher.shared_module();
         let to_self = self.to_self.clone();
-        let (t, c) = (token_serial.clone(), cert_serial.clone());
+        let (t, c) = (token_id.clone(), cert_serial.clone());
         let started = std::thread::Builder::new()
             .name("ukey-renewal".into())
             .spawn(move || {
                 let outcome = job(&module);
                 drop(module);
                 let done = Message::Finished {
-                    token_serial: t,
+                    token_id: t,
                     cert_serial: c,
                     outcome,
                     reply,
@@ -595,7 +609,7 @@ impl Worker {
             });
         match started {
             Ok(_) => {
-                self.renewing.insert(token_serial);
+                self.renewing.insert(token_id);
             }
             // The job and its reply channel went with the closure: the command answers
             // `internal`.
@@ -605,35 +619,26 @@ impl Worker {
 
     /// A renewal thread ended: remember what the outcome says about the key, and show
     /// the key as it is now.
-    fn finished(
-        &mut self,
-        token_serial: &str,
-        cert_serial: &str,
-        outcome: &IpcResult<RenewOutcome>,
-    ) {
-        self.renewing.remove(token_serial);
+    fn finished(&mut self, token_id: &str, cert_serial: &str, outcome: &IpcResult<RenewOutcome>) {
+        self.renewing.remove(token_id);
         match outcome {
             Ok(_) => {
-                self.wrong_pins.remove(token_serial);
-                self.interrupted.retain(|i| i.token_serial != token_serial);
+                self.wrong_pins.remove(token_id);
+                self.interrupted.retain(|i| i.token_id != token_id);
             }
             Err(e) if e.code == "pin_incorrect" => {
-                *self.wrong_pins.entry(token_serial.to_owned()).or_default() += 1;
+                *self.wrong_pins.entry(token_id.to_owned()).or_default() += 1;
             }
             Err(e) if e.code == "token_removed" || e.code == "token_not_present" => {
-                if !self
-                    .interrupted
-                    .iter()
-                    .any(|i| i.token_serial == token_serial)
-                {
+                if !self.interrupted.iter().any(|i| i.token_id == token_id) {
                     let label = lock(&self.shared.snapshot)
                         .keys
                         .iter()
-                        .find(|k| k.serial == token_serial)
+                        .find(|k| k.id == token_id)
                         .map(|k| k.label.clone())
                         .unwrap_or_default();
                     self.interrupted.push(InterruptedView {
-                        token_serial: token_serial.to_owned(),
+                        token_id: token_id.to_owned(),
                         token_label: label,
                         cert_serial: cert_serial.to_owned(),
                         key_present: false,

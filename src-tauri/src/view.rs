@@ -41,7 +41,9 @@ pub struct ModuleView {
 #[derive(Debug, Clone, PartialEq, Serialize)]
 #[serde(rename_all = "camelCase")]
 pub struct KeyView {
-    /// Token serial: identifies the key in commands.
+    /// The key's id ([`ukey_token::TokenSummary::id`]): identifies it in commands.
+    pub id: String,
+    /// Token serial, as the module reports it.
     pub serial: String,
     /// Token label.
     pub label: String,
@@ -237,8 +239,8 @@ impl From<RenewalStatus> for StatusView {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "camelCase")]
 pub struct InterruptedView {
-    /// Token serial.
-    pub token_serial: String,
+    /// The key's id (see [`KeyView::id`]).
+    pub token_id: String,
     /// Token label.
     pub token_label: String,
     /// Certificate being renewed.
@@ -308,6 +310,7 @@ pub fn key_view(
         })
         .collect();
     KeyView {
+        id: t.id.clone(),
         serial: t.serial.clone(),
         label: t.label.clone(),
         manufacturer: t.manufacturer.clone(),

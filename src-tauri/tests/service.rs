@@ -176,7 +176,7 @@ fn a_renewal_that_hangs_delays_no_insert_and_no_second_renewal_starts() {
     let serial = first.serial.clone();
     service
         .send(Request::Renew {
-            token_serial: first.serial.clone(),
+            token_id: first.serial.clone(),
             cert_serial: first.certs[0].serial_hex.clone(),
             job: Box::new(move |module| {
                 let token = module
@@ -207,7 +207,7 @@ fn a_renewal_that_hangs_delays_no_insert_and_no_second_renewal_starts() {
     let (again_tx, again_rx) = std::sync::mpsc::channel();
     service
         .send(Request::Renew {
-            token_serial: first.serial.clone(),
+            token_id: first.serial.clone(),
             cert_serial: first.certs[0].serial_hex.clone(),
             job: Box::new(|_| panic!("a second renewal must not start")),
             reply: again_tx,
@@ -234,4 +234,47 @@ fn a_renewal_that_hangs_delays_no_insert_and_no_second_renewal_starts() {
         .recv_timeout(Duration::from_secs(10))
         .expect("the renewal's answer");
     assert_eq!(outcome.expect_err("failed").code, "portal_timeout");
+}
+
+#[test]
+fn two_keys_whose_module_gives_one_serial_are_two_keys() {
+    let hsm = SoftHsm::new().expect("softhsm");
+    let a = hsm.create_token(&TokenSpec::ukey("A")).expect("token");
+    let b = hsm.create_token(&TokenSpec::ukey("B")).expect("token");
+    hsm.activate();
+    let sim = ukey_sim::Control::new(ukey_sim::default_state_dir()).expect("ukey-sim state");
+    for fx in [&a, &b] {
+        sim.set_token_info(
+            &fx.serial,
+            ukey_sim::TokenInfoOverride {
+                serial_hex: Some("30303030303030303030303030303030".into()),
+                ..Default::default()
+            },
+        )
+        .expect("override");
+    }
+    let rec = Arc::new(Recorder::default());
+    let _service = Service::start(
+        ServiceConfig {
+            module: Some(ukey_sim::module_path().expect("libukey_sim.so")),
+            portal: None,
+            portal_url: None,
+            data_dir: None,
+            lang: Lang::En,
+        },
+        rec.clone(),
+    );
+    let snap = wait_for(&rec, "both keys", Duration::from_secs(10), |s| {
+        s.keys.len() == 2
+    });
+    assert!(snap.keys.iter().all(|k| k.serial == "0000000000000000"));
+    assert_ne!(snap.keys[0].id, snap.keys[1].id);
+    assert!(snap.keys.iter().all(|k| k.id.starts_with("0000000000000000@")));
+    // One leaves: the other stays listed under the same id.
+    let stays = snap.keys.iter().find(|k| k.label == "A").expect("A").id.clone();
+    sim.unplug(&b.serial).expect("unplug");
+    let snap = wait_for(&rec, "one key", Duration::from_secs(10), |s| {
+        s.keys.len() == 1
+    });
+    assert_eq!(snap.keys[0].id, stays);
 }

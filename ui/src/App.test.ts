@@ -167,7 +167,28 @@ describe('main window', () => {
     expect(screen.getByTestId('result-validity').textContent).toMatch(/2028年11月/);
     expect(screen.getByTestId('self-test').textContent).toContain('测试签名成功');
     const renewCall = calls.find((c) => c.cmd === 'renew');
-    expect(renewCall?.args).toMatchObject({ tokenSerial: 'S1', certSerial: '0A', pin: '123456', confirmFinalTry: false });
+    expect(renewCall?.args).toMatchObject({ tokenId: 'S1', certSerial: '0A', pin: '123456', confirmFinalTry: false });
+  });
+
+  it('tells apart two keys whose module gives them one serial, and renews the one clicked', async () => {
+    const a = key('0000000000000000', [cert('0A', READY)], { id: '0000000000000000@1' });
+    const b = key('0000000000000000', [cert('0B', READY, { holder: '李四' })], { id: '0000000000000000@2' });
+    const calls = backend(snapshot([a, b]), () => ({ ...OUTCOME }));
+    render(App);
+    const cards = await screen.findAllByTestId('key');
+    expect(cards.map((c) => c.getAttribute('data-key-id'))).toEqual(['0000000000000000@1', '0000000000000000@2']);
+    expect(cards[1].textContent).toContain('0000000000000000@2');
+    const second = cards[1].querySelector('[data-testid="renew"]') as HTMLElement;
+    await fireEvent.click(second);
+    await fireEvent.click(await screen.findByTestId('continue'));
+    const input = (await screen.findByTestId('pin-input')) as HTMLInputElement;
+    await fireEvent.input(input, { target: { value: '123456' } });
+    await fireEvent.submit(input.closest('form') as HTMLFormElement);
+    await screen.findByTestId('result-title');
+    const plan = calls.find((c) => c.cmd === 'plan_renewal');
+    expect(plan?.args).toMatchObject({ tokenId: '0000000000000000@2', certSerial: '0B' });
+    const renewCall = calls.find((c) => c.cmd === 'renew');
+    expect(renewCall?.args).toMatchObject({ tokenId: '0000000000000000@2', certSerial: '0B' });
   });
 
   it('Enter submits the PIN; the Caps Lock hint shows', async () => {
@@ -285,7 +306,7 @@ describe('main window', () => {
       if (first) {
         first = false;
         sendStep(args, 'write', 8, 10, true);
-        await emit('snapshot', snapshot([], { interrupted: [{ tokenSerial: 'S1', tokenLabel: 'UKey S1', certSerial: '0A', keyPresent: false }] }));
+        await emit('snapshot', snapshot([], { interrupted: [{ tokenId: 'S1', tokenLabel: 'UKey S1', certSerial: '0A', keyPresent: false }] }));
         throw { code: 'token_removed', message: 'removed' };
       }
       return ({ ...OUTCOME, newSerial: '02', notAfter: '2027-01-01T00:00:00Z' });
@@ -298,7 +319,7 @@ describe('main window', () => {
     await fireEvent.submit(input.form as HTMLFormElement);
     expect((await screen.findByTestId('plug-back')).textContent).toContain('请重新插入 UKey');
     await emit('snapshot', snapshot([key('S1', [cert('0A', READY)])], {
-      interrupted: [{ tokenSerial: 'S1', tokenLabel: 'UKey S1', certSerial: '0A', keyPresent: true }],
+      interrupted: [{ tokenId: 'S1', tokenLabel: 'UKey S1', certSerial: '0A', keyPresent: true }],
     }));
     const again = (await screen.findByTestId('pin-input')) as HTMLInputElement;
     await fireEvent.input(again, { target: { value: '123456' } });
@@ -309,7 +330,7 @@ describe('main window', () => {
   it('two keys: both listed, "renew all" goes through each', async () => {
     const renewed: string[] = [];
     backend(snapshot([key('S1', [cert('0A', READY)]), key('S2', [cert('0B', READY, { holder: '李四' })])]), (args) => {
-      renewed.push(`${args.tokenSerial}/${args.certSerial}`);
+      renewed.push(`${args.tokenId}/${args.certSerial}`);
       return ({ ...OUTCOME, newSerial: 'FF', notAfter: '2027-01-01T00:00:00Z' });
     });
     render(App);

@@ -2,7 +2,8 @@
 //! and the tables in the user's language.
 //!
 //! `ukey list --json` prints `{"module": {...}, "tokens": [...]}`. Each token has
-//! `slot_id`, `label`, `serial`, `manufacturer`, `model`, `hardware_version`,
+//! `id` (the serial, or `serial@slot` when other keys report the same serial: what
+//! `--token` takes), `slot_id`, `label`, `serial`, `manufacturer`, `model`, `hardware_version`,
 //! `firmware_version` (`unknown` when the module's is out of range), `clock` (the
 //! token's UTC clock, or `null`), `quirks` (fields the module filled in its own way,
 //! each {`field`, `kind`, `raw` (hex)}: see `ukey_token::quirks`), `pin` {`initialized`,
@@ -46,6 +47,7 @@ struct ModuleDoc {
 
 #[derive(Debug, Serialize)]
 struct TokenDoc {
+    id: String,
     slot_id: u64,
     label: String,
     serial: String,
@@ -157,6 +159,7 @@ pub fn list_json(module: &Module, listings: &[TokenListing], now: OffsetDateTime
         tokens: listings
             .iter()
             .map(|l| TokenDoc {
+                id: l.token.id.clone(),
                 slot_id: l.token.slot_id,
                 label: l.token.label.clone(),
                 serial: l.token.serial.clone(),
@@ -256,7 +259,7 @@ pub fn list_text(
             t.slot_id,
             t.label,
             lang.pick("序列号", "serial"),
-            t.serial,
+            t.id,
             t.manufacturer,
             t.model,
             pin_text(t.pin, lang),
@@ -357,6 +360,7 @@ pub fn event_json(ev: &TokenEvent, now: OffsetDateTime) -> serde_json::Value {
         TokenEvent::Inserted { token } => serde_json::json!({
             "event": "inserted",
             "time": event_time(now),
+            "id": token.id,
             "slot_id": token.slot_id,
             "label": token.label,
             "serial": token.serial,
@@ -365,11 +369,13 @@ pub fn event_json(ev: &TokenEvent, now: OffsetDateTime) -> serde_json::Value {
         }),
         TokenEvent::Removed {
             slot_id,
+            id,
             serial,
             label,
         } => serde_json::json!({
             "event": "removed",
             "time": event_time(now),
+            "id": id,
             "slot_id": slot_id,
             "label": label,
             "serial": serial,
@@ -387,14 +393,12 @@ pub fn event_text(ev: &TokenEvent, lang: Lang, now: OffsetDateTime) -> String {
             token.slot_id,
             token.label,
             lang.pick("序列号", "serial"),
-            token.serial
+            token.id
         ),
         TokenEvent::Removed {
-            slot_id,
-            serial,
-            label,
+            slot_id, id, label, ..
         } => format!(
-            "{when}  {}  {} {slot_id}  \"{label}\"  {} {serial}",
+            "{when}  {}  {} {slot_id}  \"{label}\"  {} {id}",
             lang.pick("拔出", "removed"),
             lang.pick("槽位", "slot"),
             lang.pick("序列号", "serial"),

@@ -28,8 +28,10 @@ pub struct RenewArgs {
     /// configuration files).
     #[arg(long, value_name = "URL")]
     pub portal: Option<String>,
-    /// Token serial (needed only when several tokens have a ready renewal).
-    #[arg(long, value_name = "SERIAL")]
+    /// Token serial, or the id `ukey list` shows (`serial@slot`) for keys whose module
+    /// gives several keys one serial (needed only when several tokens have a ready
+    /// renewal).
+    #[arg(long, value_name = "SERIAL|ID")]
     pub token: Option<String>,
     /// Certificate serial, hex (needed only when several certificates are ready).
     #[arg(long, value_name = "SERIAL")]
@@ -150,18 +152,10 @@ pub fn run(args: &RenewArgs, module: &Module, config: &Config, lang: Lang) -> an
     };
 
     // Which token: the one named, else every token, keeping those with a plan.
-    let tokens: Vec<_> = module
-        .tokens()?
-        .into_iter()
-        .filter(|t| args.token.as_ref().is_none_or(|s| *s == t.serial))
-        .collect();
-    if tokens.is_empty() {
-        let e = RenewalError::Selection(match &args.token {
-            Some(s) => format!("no token with serial {s} is inserted"),
-            None => "no token is inserted".to_owned(),
-        });
-        return Ok(fail(&e, args.json, lang));
-    }
+    let tokens = match select_tokens(module, args.token.as_deref()) {
+        Ok(t) => t,
+        Err(e) => return Ok(fail(&e, args.json, lang)),
+    };
     let mut plans: Vec<Plan> = Vec::new();
     let mut errors: Vec<RenewalError> = Vec::new();
     for t in &tokens {
@@ -182,10 +176,10 @@ pub fn run(args: &RenewArgs, module: &Module, config: &Config, lang: Lang) -> an
             return Ok(fail(&errors.remove(0), args.json, lang));
         }
         _ => {
-            let serials: Vec<String> = plans.iter().map(|p| p.token.serial.clone()).collect();
+            let ids: Vec<String> = plans.iter().map(|p| p.token.id.clone()).collect();
             let e = RenewalError::Selection(format!(
                 "several tokens have a ready renewal ({}); choose one with --token",
-                serials.join(", ")
+                ids.join(", ")
             ));
             return Ok(fail(&e, args.json, lang));
         }
@@ -304,10 +298,11 @@ fn abandon_unfinished(
 ) -> anyhow::Result<u8> {
     let zh = lang == Lang::ZhCn;
     let mut found = Vec::new();
-    for t in module.tokens()? {
-        if args.token.as_ref().is_some_and(|s| *s != t.serial) {
-            continue;
-        }
+    let tokens = match select_tokens(module, args.token.as_deref()) {
+        Ok(t) => t,
+        Err(e) => return Ok(fail(&e, args.json, lang)),
+    };
+    for t in tokens {
         for j in opts.journals.for_token(&t.serial)? {
             if j.is_unfinished() && args.cert.as_ref().is_none_or(|c| *c == j.old.serial) {
                 found.push((t.clone(), j));
@@ -414,5 +409,38 @@ fn print_report(r: &Report, notices: &[String], json: bool, zh: bool) {
             r.not_after.date(),
             r.old_serial
         );
+    }
+}
+
+/// The inserted tokens `--token` names: by id (`serial`, or `serial@slot` for keys whose
+/// serial is shared) or by serial; every token without `--token`. A serial that several
+/// keys report names none of them: the message lists their ids.
+fn select_tokens(
+    module: &Module,
+    wanted: Option<&str>,
+) -> Result<Vec<ukey_token::TokenSummary>, RenewalError> {
+    let all = module.tokens().map_err(RenewalError::Token)?;
+    let Some(w) = wanted else {
+        if all.is_empty() {
+            return Err(RenewalError::Selection("no token is inserted".to_owned()));
+        }
+        return Ok(all);
+    };
+    if let Some(t) = all.iter().find(|t| t.answers_to(w)) {
+        return Ok(vec![t.clone()]);
+    }
+    let by_serial: Vec<_> = all.into_iter().filter(|t| t.serial == w).collect();
+    match by_serial.len() {
+        0 => Err(RenewalError::Selection(format!(
+            "no token with serial {w} is inserted"
+        ))),
+        1 => Ok(by_serial),
+        _ => {
+            let ids: Vec<&str> = by_serial.iter().map(|t| t.id.as_str()).collect();
+            Err(RenewalError::Selection(format!(
+                "several inserted keys report serial {w} (their module does not number keys uniquely); choose one with --token {}",
+                ids.join(" or --token ")
+            )))
+        }
     }
 }

@@ -101,13 +101,14 @@ impl Lab {
         pin: &str,
         extra: &[&str],
     ) -> Output {
-        self.renew_as(fx, failpoint, pin, extra, self.data.path())
+        self.renew_as(&fx.serial, failpoint, pin, extra, self.data.path())
     }
 
-    /// `ukey renew` as a user whose data directory (journals) is `data`.
+    /// `ukey renew --token <token>` as a user whose data directory (journals) is
+    /// `data`.
     fn renew_as(
         &self,
-        fx: &TokenFixture,
+        token: &str,
         failpoint: Option<&str>,
         pin: &str,
         extra: &[&str],
@@ -122,7 +123,7 @@ impl Lab {
                 "--portal",
                 &self.portal.server.url,
                 "--token",
-                &fx.serial,
+                token,
             ])
             .args(["--pin-stdin", "--yes", "--json", "--trust"])
             .arg(&root)
@@ -612,7 +613,13 @@ fn another_user_renewing_another_certificate_keeps_a_stopped_activation() {
     );
 
     let other_user = tempfile::tempdir().unwrap();
-    let out = lab.renew_as(&fx, None, &fx.user_pin, &["--cert", b], other_user.path());
+    let out = lab.renew_as(
+        &fx.serial,
+        None,
+        &fx.user_pin,
+        &["--cert", b],
+        other_user.path(),
+    );
     assert_eq!(out.status.code(), Some(0), "{}", text(&out));
     let v: Value = serde_json::from_slice(&out.stdout).unwrap();
     let b_new = v["new_serial"].as_str().unwrap().to_owned();
@@ -736,4 +743,93 @@ fn abandon_before_activation_restores_the_key_and_refuses_after() {
     assert_eq!(out.status.code(), Some(6), "{}", text(&out));
     let out = lab.renew(&fx, None);
     assert_finished(&fx, &out, "after a refused abandon");
+}
+
+/// A module that numbers every key `0000000000000000` (ukey-sim reports it for two
+/// keys): `--token` with the serial names neither and lists their ids; a renewal of
+/// one, interrupted, is not taken for the other's; each renews by its id.
+#[test]
+fn two_keys_with_one_serial_are_told_apart() {
+    let lab = Lab::new();
+    let a = lab.token("Shared A");
+    let b = lab.token("Shared B");
+    let shared = "0000000000000000";
+    for fx in [&a, &b] {
+        lab.control
+            .set_token_info(
+                &fx.serial,
+                ukey_sim::TokenInfoOverride {
+                    serial_hex: Some(hex::encode(shared)),
+                    ..Default::default()
+                },
+            )
+            .unwrap();
+    }
+    // The list shows both, with ids that carry their slots.
+    let out = lab
+        .hsm
+        .command(UKEY)
+        .arg("--module")
+        .arg(&lab.shim)
+        .args(["list", "--json"])
+        .env_remove("UKEY_PKCS11_MODULE")
+        .env("UKEY_CONFIG", lab.hsm.dir().join("no-config.toml"))
+        .env(ukey_sim::STATE_ENV, lab.control.dir())
+        .env(ukey_sim::BACKEND_ENV, softhsm_module().unwrap())
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", text(&out));
+    let list: Value = serde_json::from_slice(&out.stdout).unwrap();
+    let tokens = list["tokens"].as_array().unwrap();
+    assert_eq!(tokens.len(), 2, "{list:#}");
+    let id_of = |label: &str| {
+        tokens
+            .iter()
+            .find(|t| t["label"] == label)
+            .map(|t| t["id"].as_str().unwrap().to_owned())
+            .unwrap()
+    };
+    let (id_a, id_b) = (id_of("Shared A"), id_of("Shared B"));
+    assert!(
+        id_a.starts_with("0000000000000000@") && id_a != id_b,
+        "{id_a} {id_b}"
+    );
+    assert!(tokens.iter().all(|t| t["serial"] == shared));
+
+    // The serial alone names neither key.
+    let out = lab.renew_as(shared, None, &a.user_pin, &[], lab.data.path());
+    assert_ne!(out.status.code(), Some(0), "{}", text(&out));
+    let v: Value = serde_json::from_slice(&out.stdout).unwrap();
+    let message = v["error"]["message"].as_str().unwrap();
+    assert!(
+        message.contains(&id_a) && message.contains(&id_b),
+        "{message}"
+    );
+
+    // A's renewal is killed after the new certificate is written.
+    let before_b = look(&b);
+    let out = lab.renew_as(
+        &id_a,
+        Some("write:after"),
+        &a.user_pin,
+        &[],
+        lab.data.path(),
+    );
+    assert!(out.status.signal().is_some(), "{}", text(&out));
+    // B renews on its own: A's journal (same serial) is not taken for B's.
+    let out = lab.renew_as(&id_b, None, &b.user_pin, &[], lab.data.path());
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out));
+    let v: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(v["status"], "renewed", "{v}");
+    assert_eq!(v["resumed"], false, "{v}");
+    let after_b = look(&b);
+    assert_ne!(
+        after_b.working, before_b.working,
+        "B's certificate was renewed"
+    );
+    // A resumes and finishes.
+    let out = lab.renew_as(&id_a, None, &a.user_pin, &[], lab.data.path());
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out));
+    let v: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(v["resumed"], true, "{v}");
 }

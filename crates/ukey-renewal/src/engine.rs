@@ -304,7 +304,7 @@ pub fn preflight(
     };
     let token = module.refresh(token)?;
     check_pin_state(&token, opts)?;
-    if let Some(plan) = unfinished(&token, want.as_deref(), opts)? {
+    if let Some(plan) = unfinished(module, &token, want.as_deref(), opts)? {
         return Ok(plan);
     }
     let (candidates, encryption) = candidates(module, &token, want.as_deref())?;
@@ -330,17 +330,32 @@ fn check_pin_state(token: &TokenSummary, opts: &Options) -> Result<(), RenewalEr
     Ok(())
 }
 
-/// An interrupted renewal of this token (of the wanted certificate) comes first.
+/// An interrupted renewal of this token (of the wanted certificate) comes first. When
+/// other keys report the same serial, a journal is this key's only if a certificate it
+/// names (the old one, or the issued one) is on this key.
 fn unfinished(
+    module: &Module,
     token: &TokenSummary,
     want: Option<&str>,
     opts: &Options,
 ) -> Result<Option<Plan>, RenewalError> {
+    let here: Option<Vec<Vec<u8>>> = token.serial_is_shared().then(|| {
+        module
+            .list_token(token, None)
+            .certificates
+            .into_iter()
+            .map(|c| c.der)
+            .collect()
+    });
     let journal = opts
         .journals
         .for_token(&token.serial)?
         .into_iter()
         .filter(|j| j.is_unfinished())
+        .filter(|j| {
+            here.as_deref()
+                .is_none_or(|ders| j.names_a_certificate_in(ders))
+        })
         .find(|j| want.is_none_or(|w| w == j.old.serial));
     Ok(journal.map(|journal| Plan {
         notices: vec![Notice::Resuming { step: journal.step }],

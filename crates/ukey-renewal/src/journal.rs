@@ -292,6 +292,20 @@ impl Journal {
         self.outcome == Outcome::Unfinished
     }
 
+    /// Whether one of `certificates` (DER) is the certificate this renewal renews or the
+    /// one it was issued: at every step of a renewal one of them is on the key, so this
+    /// tells which of several keys with one serial the journal is about.
+    pub fn names_a_certificate_in(&self, certificates: &[Vec<u8>]) -> bool {
+        let mine = [
+            Some(self.old.cert_der_hex.as_str()),
+            self.issued.as_ref().map(|i| i.cert_der_hex.as_str()),
+        ];
+        certificates.iter().any(|der| {
+            let h = hex::encode(der);
+            mine.iter().flatten().any(|m| m.eq_ignore_ascii_case(&h))
+        })
+    }
+
     /// Whether activation has begun: from then on only forward.
     pub fn activation_begun(&self) -> bool {
         self.step >= Step::Activate

@@ -67,8 +67,12 @@ pub struct TokenFlags {
 /// A token as seen in a slot at one moment (C_GetSlotInfo + C_GetTokenInfo).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct TokenSummary {
+    /// The key's identity for this process: its serial, or `serial@slot` when the serial
+    /// cannot tell keys apart (zeros or blanks, or another present key reports the same
+    /// one). Front ends name a key by it in commands (`ukey renew --token`, the app).
+    pub id: String,
     /// The slot's id. May change when the module is re-initialised; identify a token
-    /// by [`TokenSummary::serial`] (+ label) instead.
+    /// by [`TokenSummary::id`] (+ label) instead.
     pub slot_id: u64,
     /// Slot description (reader name for card readers).
     pub slot_description: String,
@@ -121,9 +125,26 @@ impl TokenSummary {
         }
     }
 
-    /// Whether `other` is the same physical token (same serial and label).
+    /// Whether `other` is the same physical token (same id and label).
     pub fn same_token(&self, other: &TokenSummary) -> bool {
-        self.serial == other.serial && self.label == other.label
+        self.id == other.id && self.label == other.label
+    }
+
+    /// Whether the serial alone does not identify this key ([`TokenSummary::id`] then
+    /// carries the slot).
+    pub fn serial_is_shared(&self) -> bool {
+        self.id != self.serial
+    }
+
+    /// Whether `id` names this key: its id, or `serial@slot` of its slot (an id given
+    /// while another key shared its serial stays valid after that key leaves).
+    pub fn answers_to(&self, id: &str) -> bool {
+        self.id == id || format!("{}@{}", self.serial, self.slot_id) == id
+    }
+
+    /// Makes the id `serial@slot`.
+    pub(crate) fn qualify(&mut self) {
+        self.id = format!("{}@{}", self.serial, self.slot_id);
     }
 
     /// Reads each field on its own (see [`crate::quirks`]): an odd field is shown
@@ -171,7 +192,11 @@ impl TokenSummary {
             info.ulTotalPrivateMemory,
             &mut q,
         );
-        TokenSummary {
+        let shared = q
+            .iter()
+            .any(|q| q.kind == quirks::QuirkKind::SerialNotUnique);
+        let mut token = TokenSummary {
+            id: serial.clone(),
             slot_id: slot.id(),
             slot_description,
             label,
@@ -199,7 +224,11 @@ impl TokenSummary {
             },
             quirks: q,
             slot: SlotHandle(slot),
+        };
+        if shared {
+            token.qualify();
         }
+        token
     }
 }
 
@@ -339,12 +368,25 @@ impl Module {
             .pkcs11
             .get_slots_with_token()
             .map_err(|e| Error::from_cryptoki(e, None))?;
-        let mut out = Vec::new();
+        let mut out: Vec<TokenSummary> = Vec::new();
         for slot in slots {
             match self.token_in(slot) {
                 Ok(t) if t.flags.token_initialized => out.push(t),
                 Ok(_) => {}
                 Err(e) => tracing::warn!(slot = slot.id(), "skipping slot: {e}"),
+            }
+        }
+        // Two keys present with one serial (a module that numbers every key alike):
+        // neither serial identifies its key, so both ids carry the slot.
+        let serials: Vec<String> = out.iter().map(|t| t.serial.clone()).collect();
+        for t in &mut out {
+            if !t.serial_is_shared() && serials.iter().filter(|s| **s == t.serial).count() > 1 {
+                t.quirks.push(Quirk {
+                    field: "serialNumber",
+                    kind: quirks::QuirkKind::SerialNotUnique,
+                    raw: hex::encode(t.serial.as_bytes()),
+                });
+                t.qualify();
             }
         }
         Ok(out)
@@ -381,9 +423,13 @@ impl Module {
     /// Reads `token`'s info again (e.g. the PIN flags after a failed login). Fails with
     /// [`Error::TokenRemoved`] if another token, or none, is in its slot now.
     pub fn refresh(&self, token: &TokenSummary) -> Result<TokenSummary> {
-        let now = self
+        let mut now = self
             .token_in(token.slot.0)
             .map_err(|e| removed_if_gone(e, token))?;
+        if token.serial_is_shared() && !now.serial_is_shared() {
+            // Seen alone, its serial looks unique; it is still the key of that slot.
+            now.qualify();
+        }
         if now.same_token(token) {
             Ok(now)
         } else {

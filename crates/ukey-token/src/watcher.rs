@@ -13,7 +13,9 @@
 //! 2. in [`WatchMode::SlotEvents`], drains C_WaitForSlotEvent(CKF_DONT_BLOCK) so that
 //!    modules which queue events do not fill up, and logs them;
 //! 3. lists the tokens (C_GetSlotList + C_GetTokenInfo) and compares them with the
-//!    previous poll by serial + label, not by slot id, which may change on re-scan.
+//!    previous poll by id + label ([`TokenSummary::id`]: the serial, or serial and
+//!    slot when the serial is shared), not by slot id alone, which may change on
+//!    re-scan.
 //!
 //! Listing on every poll instead of trusting events alone costs one C_GetSlotList and a
 //! C_GetTokenInfo per token, and catches modules that report events unreliably.
@@ -52,6 +54,8 @@ pub enum TokenEvent {
     Removed {
         /// The slot it was last seen in.
         slot_id: u64,
+        /// Its id ([`TokenSummary::id`]).
+        id: String,
         /// Its serial.
         serial: String,
         /// Its label.
@@ -117,13 +121,27 @@ impl Watcher {
             WatchMode::Reinitialize => self.reinitialize()?,
             _ => self.drain_slot_events()?,
         }
-        let now = self.module.tokens()?;
+        let mut now = self.module.tokens()?;
         let before = self.known.take().unwrap_or_default();
+        // A key whose id carried its slot (another key shared its serial) keeps that id
+        // while it stays in its slot, even once the other key has gone.
+        for t in &mut now {
+            let was_shared = before.iter().any(|b| {
+                b.serial_is_shared()
+                    && b.slot_id == t.slot_id
+                    && b.serial == t.serial
+                    && b.label == t.label
+            });
+            if was_shared && !t.serial_is_shared() {
+                t.qualify();
+            }
+        }
         let mut events = vec![];
         for old in &before {
             if !now.iter().any(|t| t.same_token(old)) {
                 events.push(TokenEvent::Removed {
                     slot_id: old.slot_id,
+                    id: old.id.clone(),
                     serial: old.serial.clone(),
                     label: old.label.clone(),
                 });

@@ -981,3 +981,47 @@ fn odd_token_info_never_hides_a_token() {
     assert_eq!(t.free_private_memory, None);
     assert_eq!(t.clock.as_deref(), Some("2026-12-01 13:45:09"));
 }
+
+/// Two keys whose module gives them one serial: listed as two, with ids that carry
+/// their slots, and the watcher reports the one pulled out.
+#[test]
+fn keys_that_share_a_serial_are_told_apart() {
+    use ukey_token::{TokenEvent, WatchMode, Watcher};
+    let sim = sim(&[TokenSpec::empty("A"), TokenSpec::empty("B")]);
+    for i in 0..2 {
+        sim.control
+            .set_token_info(
+                sim.serial(i),
+                ukey_sim::TokenInfoOverride {
+                    serial_hex: Some(hex::encode("ABCD1234")),
+                    ..Default::default()
+                },
+            )
+            .expect("override");
+    }
+    let module = ukey_token::Module::load(&shim_path()).expect("load the shim");
+    let tokens = module.tokens().expect("slots");
+    assert_eq!(tokens.len(), 2);
+    assert!(tokens.iter().all(|t| t.serial == "ABCD1234"));
+    assert!(
+        tokens
+            .iter()
+            .all(|t| t.id == format!("ABCD1234@{}", t.slot_id))
+    );
+    assert!(tokens.iter().all(|t| t.serial_is_shared()));
+    assert_ne!(tokens[0].id, tokens[1].id);
+    let b = tokens.iter().find(|t| t.label == "B").expect("B").clone();
+    // Seen again on its own (a refresh), it is still the key of its slot.
+    assert_eq!(module.refresh(&b).expect("refresh").id, b.id);
+
+    let mut watcher = Watcher::new(module, WatchMode::Auto);
+    assert_eq!(watcher.poll().expect("poll").len(), 2);
+    sim.control.unplug(sim.serial(1)).expect("unplug B");
+    let events = watcher
+        .wait(Duration::from_millis(10), Duration::from_secs(5))
+        .expect("wait");
+    assert!(
+        matches!(&events[..], [TokenEvent::Removed { id, label, .. }] if *id == b.id && label == "B"),
+        "{events:?}"
+    );
+}

@@ -49,6 +49,8 @@ export interface PinView {
 }
 
 export interface Key {
+  /** Identifies the key in commands: its serial, or serial@slot when keys share one. */
+  id: string;
   serial: string;
   label: string;
   manufacturer: string;
@@ -59,7 +61,7 @@ export interface Key {
 }
 
 export interface Interrupted {
-  tokenSerial: string;
+  tokenId: string;
   tokenLabel: string;
   certSerial: string;
   keyPresent: boolean;
@@ -180,21 +182,21 @@ export const saveSettings = (settings: Settings) => call<SettingsView>('save_set
 
 /** Runs the diagnosis; with a PIN it also proves each key signs (the PIN is used once, never kept). */
 export const diagnose = (pin?: string) =>
-  call<DiagnosticsResult>('diagnose', { pin: pin ?? null, tokenSerial: null });
+  call<DiagnosticsResult>('diagnose', { pin: pin ?? null, tokenId: null });
 /** Writes the last report, redacted, as JSON to a path the user chose. */
 /** Asks where to save the last diagnosis (a dialog Rust opens) and saves it: the path, or null. */
 export const saveReport = () => call<string | null>('save_report');
 
 /** What renewing will do, before the PIN (engine preflight). */
-export const planRenewal = (tokenSerial: string, certSerial: string) =>
-  call<PlanView>('plan_renewal', { tokenSerial, certSerial });
+export const planRenewal = (tokenId: string, certSerial: string) =>
+  call<PlanView>('plan_renewal', { tokenId, certSerial });
 
 /**
  * Renews one certificate. The PIN is passed once and not kept here.
  * `confirmFinalTry`: the user was shown that this is the PIN's last try.
  */
 export function renew(
-  tokenSerial: string,
+  tokenId: string,
   certSerial: string,
   pin: string,
   confirmFinalTry: boolean,
@@ -202,7 +204,7 @@ export function renew(
 ): Promise<RenewOutcome> {
   const channel = new Channel<RenewEvent>();
   channel.onmessage = onEvent;
-  return call<RenewOutcome>('renew', { tokenSerial, certSerial, pin, confirmFinalTry, onEvent: channel });
+  return call<RenewOutcome>('renew', { tokenId, certSerial, pin, confirmFinalTry, onEvent: channel });
 }
 
 /** Snapshot events: keys inserted or removed, statuses answered. */

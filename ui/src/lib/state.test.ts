@@ -46,10 +46,10 @@ describe('certificate states', () => {
 
   it('an interrupted renewal resumes only when its key is back', () => {
     const k = key('S1', [cert('0A', READY)]);
-    const away = snapshot([k], { interrupted: [{ tokenSerial: 'S1', tokenLabel: 'x', certSerial: '0A', keyPresent: false }] });
+    const away = snapshot([k], { interrupted: [{ tokenId: 'S1', tokenLabel: 'x', certSerial: '0A', keyPresent: false }] });
     expect(certState(away, k, k.certificates[0])).toBe('interrupted');
     expect(certAction(away, k, k.certificates[0]).kind).toBe('none');
-    const back = snapshot([k], { interrupted: [{ tokenSerial: 'S1', tokenLabel: 'x', certSerial: '0A', keyPresent: true }] });
+    const back = snapshot([k], { interrupted: [{ tokenId: 'S1', tokenLabel: 'x', certSerial: '0A', keyPresent: true }] });
     expect(certAction(back, k, k.certificates[0])).toEqual({ kind: 'renew', resume: true });
   });
 

@@ -31,7 +31,7 @@ export type Action =
   | { kind: 'none' };
 
 export function interruptedFor(snapshot: Snapshot, key: Key): Interrupted | undefined {
-  return snapshot.interrupted.find((i) => i.tokenSerial === key.serial);
+  return snapshot.interrupted.find((i) => i.tokenId === key.id);
 }
 
 export function certState(snapshot: Snapshot, key: Key, cert: Cert): CertState {

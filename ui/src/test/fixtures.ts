@@ -24,6 +24,7 @@ export function cert(serial: string, status: Status, over: Partial<Cert> = {}): 
 
 export function key(serial: string, certs: Cert[], over: Partial<Key> = {}): Key {
   return {
+    id: serial,
     serial,
     label: `UKey ${serial}`,
     manufacturer: 'ukey-sim',
