@@ -269,9 +269,19 @@ fn two_keys_whose_module_gives_one_serial_are_two_keys() {
     });
     assert!(snap.keys.iter().all(|k| k.serial == "0000000000000000"));
     assert_ne!(snap.keys[0].id, snap.keys[1].id);
-    assert!(snap.keys.iter().all(|k| k.id.starts_with("0000000000000000@")));
+    assert!(
+        snap.keys
+            .iter()
+            .all(|k| k.id.starts_with("0000000000000000@"))
+    );
     // One leaves: the other stays listed under the same id.
-    let stays = snap.keys.iter().find(|k| k.label == "A").expect("A").id.clone();
+    let stays = snap
+        .keys
+        .iter()
+        .find(|k| k.label == "A")
+        .expect("A")
+        .id
+        .clone();
     sim.unplug(&b.serial).expect("unplug");
     let snap = wait_for(&rec, "one key", Duration::from_secs(10), |s| {
         s.keys.len() == 1

@@ -324,6 +324,21 @@ const scenarios = {
     await waitFor(async () => !(await visible('banner')), 'banner to go after renewing both');
   },
 
+  async 'shared-serial'() {
+    // A module that numbers every key alike: keys E and F both report 0000000000000000.
+    for (const n of ['e', 'f']) sim('token-info', tokens[n].serial, '--serial-hex', '30'.repeat(16));
+    plugged('e', 'f');
+    const ids = async () => browser.$$('[data-testid="key"]').map((e) => e.getAttribute('data-key-id'));
+    await waitFor(async () => {
+      const now = await ids();
+      return now.length === 2 && now[0] !== now[1] && now.every((i) => i.startsWith('0000000000000000@'));
+    }, 'two keys with one serial, told apart');
+    await sleep(200);
+    await shot('12b-shared-serial');
+    for (const n of ['e', 'f']) sim('token-info', tokens[n].serial);
+    await waitFor(async () => (await ids()).every((i) => !i.includes('@')), 'the keys report their own serials again');
+  },
+
   async 'cli-then-app'() {
     // `ukey renew` loses its key while writing; the app finds the unfinished journal
     // when the key comes back and finishes the renewal (the same engine, one journal).

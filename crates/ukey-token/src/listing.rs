@@ -217,7 +217,10 @@ fn read_all(
         for a in attrs {
             match a {
                 Attribute::Id(v) => obj.id = v,
-                Attribute::Label(v) => obj.label = String::from_utf8_lossy(&v).trim().to_owned(),
+                // Decoded as token fields are: vendors write GBK labels too.
+                Attribute::Label(v) => {
+                    obj.label = crate::quirks::text("CKA_LABEL", &v, &mut vec![])
+                }
                 Attribute::Value(v) => obj.value = v,
                 Attribute::KeyType(k) => obj.key_type = Some(k),
                 Attribute::CertificateType(c) => obj.cert_type = Some(c),

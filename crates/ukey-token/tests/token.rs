@@ -364,6 +364,30 @@ fn a_session_on_another_thread_survives_the_watchers_polls() {
 }
 
 #[test]
+fn a_gbk_object_label_is_shown_decoded() {
+    use ukey_token::cryptoki::object::{Attribute, ObjectClass};
+    let hsm = SoftHsm::new().unwrap();
+    let fx = hsm.create_token(&TokenSpec::ukey("gbk")).unwrap();
+    let m = module(&hsm);
+    let token = m.tokens().unwrap().remove(0);
+    {
+        let s = m.open_rw_session(&token).unwrap();
+        s.login(&SecretString::from(fx.user_pin.clone())).unwrap();
+        let cert = s
+            .find_objects(&[Attribute::Class(ObjectClass::CERTIFICATE)])
+            .unwrap()[0];
+        // 张三 签名 in GBK, as a vendor's tool writes it.
+        let gbk = vec![0xD5, 0xC5, 0xC8, 0xFD, b' ', 0xC7, 0xA9, 0xC3, 0xFB];
+        s.cryptoki()
+            .update_attributes(cert, &[Attribute::Label(gbk)])
+            .unwrap();
+    }
+    let l = m.list_token(&token, None);
+    assert!(l.errors.is_empty(), "{:?}", l.errors);
+    assert_eq!(l.certificates[0].label, "张三 签名");
+}
+
+#[test]
 fn session_signs_with_the_token_key() {
     use ukey_token::cryptoki::mechanism::Mechanism;
     let hsm = SoftHsm::new().unwrap();
