@@ -2,7 +2,8 @@
 //! benchmarks and the package need on a Debian machine, saying what it installs and
 //! skipping what is present.
 //!
-//! - `rust`: SoftHSM2, OpenSC (`pkcs11-tool`), OpenSSL; cargo-nextest.
+//! - `rust`: SoftHSM2, OpenSC (`pkcs11-tool`), OpenSSL, PyKCS11, swtpm and tpm2-pkcs11
+//!   (a second real PKCS#11 module); cargo-nextest.
 //! - `app`: the Tauri build libraries (WebKitGTK 4.1, GTK 3, appindicator, librsvg,
 //!   libssl, libxdo, pkg-config), Node.js + npm, and `npm ci` in ui/.
 //! - `e2e`: Xvfb, WebKitWebDriver, a CJK font, a D-Bus session; tauri-driver; `npm ci`
@@ -38,7 +39,19 @@ impl Part {
     /// Debian packages of this part.
     fn packages(self) -> &'static [&'static str] {
         match self {
-            Part::Rust => &["softhsm2", "opensc", "openssl", "python3-pykcs11"],
+            Part::Rust => &[
+                "softhsm2",
+                "opensc",
+                "openssl",
+                "python3-pykcs11",
+                // A second real PKCS#11 module: tpm2-pkcs11 over a software TPM.
+                "swtpm",
+                "swtpm-tools",
+                "tpm2-abrmd",
+                "libtss2-tcti-tabrmd0",
+                "libtpm2-pkcs11-1",
+                "dbus",
+            ],
             Part::App => &[
                 "libwebkit2gtk-4.1-dev",
                 "libgtk-3-dev",

@@ -124,6 +124,9 @@ impl Session<'_> {
                 Attribute::Label(label.as_bytes().to_vec()),
             ]
         };
+        // The private key only signs. The public key's usage flags grant nothing secret
+        // and are left to the module: tpm2-pkcs11 refuses a key pair whose public flags
+        // differ from what the TPM object carries (a sign-only TPM key shows "encrypt").
         let mut public = common(false);
         let mut private = common(true);
         private.extend([
@@ -131,24 +134,17 @@ impl Session<'_> {
             Attribute::Extractable(false),
             Attribute::Sign(true),
         ]);
-        public.push(Attribute::Verify(true));
         let mechanism = match alg {
             KeyAlg::Rsa2048 => {
                 public.extend([
                     Attribute::ModulusBits(2048.into()),
                     Attribute::PublicExponent(vec![0x01, 0x00, 0x01]),
-                    Attribute::Encrypt(false),
-                    Attribute::Wrap(false),
                 ]);
                 private.extend([Attribute::Decrypt(false), Attribute::Unwrap(false)]);
                 Mechanism::RsaPkcsKeyPairGen
             }
             KeyAlg::EcP256 => {
-                public.extend([
-                    Attribute::EcParams(P256_EC_PARAMS.to_vec()),
-                    Attribute::Encrypt(false),
-                    Attribute::Wrap(false),
-                ]);
+                public.push(Attribute::EcParams(P256_EC_PARAMS.to_vec()));
                 private.extend([
                     Attribute::Derive(false),
                     Attribute::Decrypt(false),

@@ -207,25 +207,42 @@ impl Session<'_> {
             .map_err(|e| self.map_error(e))
     }
 
-    /// Writes a public CKO_DATA token object with CKA_APPLICATION `application`,
-    /// CKA_LABEL `label` and CKA_VALUE `value` (markers the engine leaves on the token,
-    /// which travels between users and machines).
+    /// Writes a CKO_DATA token object with CKA_APPLICATION `application`, CKA_LABEL
+    /// `label` and CKA_VALUE `value` (markers the engine leaves on the token, which
+    /// travels between users and machines): public, or private where the module keeps
+    /// no public data objects.
     pub fn write_data_object(
         &self,
         application: &str,
         label: &str,
         value: &[u8],
     ) -> Result<ObjectHandle> {
-        self.cryptoki()
-            .create_object(&[
+        let template = |private: bool| {
+            [
                 Attribute::Class(ObjectClass::DATA),
                 Attribute::Token(true),
-                Attribute::Private(false),
+                Attribute::Private(private),
                 Attribute::Application(application.as_bytes().to_vec()),
                 Attribute::Label(label.as_bytes().to_vec()),
                 Attribute::Value(value.to_vec()),
-            ])
-            .map_err(|e| self.map_error(e))
+            ]
+        };
+        match self.cryptoki().create_object(&template(false)) {
+            Ok(h) => Ok(h),
+            // Some modules (tpm2-pkcs11) keep only private objects: then it is seen
+            // after login, which is when renewals and their clean-up look for it.
+            Err(cryptoki::error::Error::Pkcs11(
+                cryptoki::error::RvError::AttributeValueInvalid
+                | cryptoki::error::RvError::TemplateInconsistent,
+                _,
+            )) => {
+                tracing::debug!("public data objects refused: writing a private one");
+                self.cryptoki()
+                    .create_object(&template(true))
+                    .map_err(|e| self.map_error(e))
+            }
+            Err(e) => Err(self.map_error(e)),
+        }
     }
 
     /// Every CKO_DATA object of `application`, with its CKA_LABEL.

@@ -53,6 +53,18 @@ impl<'m> Session<'m> {
     }
 
     fn err(&self, e: cryptoki::error::Error) -> Error {
+        use cryptoki::error::{Error as CkError, RvError};
+        // CKR_GENERAL_ERROR is how SoftHSM2 reports a deleted token, but other modules
+        // (tpm2-pkcs11) use it for any failure: it means removal only if the token is
+        // no longer in its slot.
+        if let CkError::Pkcs11(RvError::GeneralError, function) = e
+            && self.module.refresh(&self.token).is_ok()
+        {
+            return Error::from_cryptoki(
+                CkError::Pkcs11(RvError::GeneralError, function),
+                Some(self.token.name()),
+            );
+        }
         Error::from_cryptoki_on_token(e, self.token.name())
     }
 
