@@ -122,6 +122,7 @@ fn main() -> ExitCode {
                     let exit = match te {
                         ukey_token::Error::ModuleNotFound { .. }
                         | ukey_token::Error::ModuleInvalid { .. }
+                        | ukey_token::Error::ModuleServiceDown { .. }
                         | ukey_token::Error::Config { .. } => EXIT_MODULE,
                         _ => EXIT_ERROR,
                     };

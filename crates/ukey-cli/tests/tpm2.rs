@@ -531,3 +531,46 @@ fn a_key_on_tpm2_pkcs11_is_listed_renewed_and_diagnosed() {
         .expect("certificate section");
     assert_eq!(cert["verdict"], "ok", "{cert:#}");
 }
+
+/// tpm2-pkcs11 with its resource manager down (a bus on which no tpm2-abrmd runs): the
+/// module loads, C_Initialize fails, and the user is told the key's service is not
+/// running, not that the driver is not a PKCS#11 library.
+#[test]
+fn a_module_whose_service_is_not_running_says_so() {
+    let hsm = SoftHsm::new().unwrap();
+    let mut bus = Command::new("dbus-daemon")
+        .args(["--session", "--nofork", "--print-address"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("dbus-daemon (apt-get install dbus)");
+    let mut address = String::new();
+    std::io::BufRead::read_line(
+        &mut std::io::BufReader::new(bus.stdout.take().unwrap()),
+        &mut address,
+    )
+    .unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let out = Command::new(UKEY)
+        .arg("--module")
+        .arg(tpm2_module())
+        .args(["--lang", "en", "list", "--json"])
+        .env_remove("UKEY_PKCS11_MODULE")
+        .env("UKEY_CONFIG", hsm.dir().join("no-config.toml"))
+        .env(
+            "UKEY_SYSTEM_CONFIG",
+            hsm.dir().join("no-system-config.toml"),
+        )
+        .env("TPM2_PKCS11_TCTI", "tabrmd:bus_type=session")
+        .env("DBUS_SESSION_BUS_ADDRESS", address.trim())
+        .env("TPM2_PKCS11_STORE", dir.path())
+        .output()
+        .unwrap();
+    let _ = bus.kill();
+    let _ = bus.wait();
+    assert_eq!(out.status.code(), Some(3), "{}", text(&out));
+    let v: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(v["error"]["code"], "module_service_down", "{v}");
+    let message = v["error"]["message"].as_str().unwrap();
+    assert!(message.contains("may not be running"), "{message}");
+}

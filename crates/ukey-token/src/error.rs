@@ -137,6 +137,16 @@ pub enum Error {
         /// What went wrong (loader message or failed call).
         reason: String,
     },
+    /// The library is a PKCS#11 module, but C_Initialize failed in a way that says it
+    /// could not reach what it drives: a service it needs (pcscd, tpm2-abrmd, a vendor
+    /// daemon) is not running.
+    #[error("PKCS#11 module {} could not start: {reason}", .path.display())]
+    ModuleServiceDown {
+        /// The module's path.
+        path: PathBuf,
+        /// The failed call.
+        reason: String,
+    },
     /// The configuration file could not be read or parsed.
     #[error("configuration file {}: {reason}", .path.display())]
     Config {
@@ -333,6 +343,7 @@ impl Error {
         match self {
             Error::ModuleNotFound { .. } => "module_not_found",
             Error::ModuleInvalid { .. } => "module_invalid",
+            Error::ModuleServiceDown { .. } => "module_service_down",
             Error::Config { .. } => "config_invalid",
             Error::PinIncorrect { .. } => "pin_incorrect",
             Error::PinLocked { .. } => "pin_locked",
@@ -381,6 +392,16 @@ impl Error {
                 ),
                 Lang::En => format!(
                     "{} is not a usable PKCS#11 module ({reason}). Point to the PKCS#11 library (.so / .dll / .dylib) from the UKey vendor.",
+                    path.display()
+                ),
+            },
+            Error::ModuleServiceDown { path, reason } => match lang {
+                Lang::ZhCn => format!(
+                    "UKey 驱动 {} 已加载但无法启动：它依赖的服务（如 pcscd、tpm2-abrmd 或厂商的后台程序）可能没有运行。请启动该服务或重新安装驱动后重试。（{reason}）",
+                    path.display()
+                ),
+                Lang::En => format!(
+                    "The key's driver {} loaded but could not start: the service it needs (pcscd, tpm2-abrmd or the vendor's daemon) may not be running. Start it, or reinstall the driver, and retry. ({reason})",
                     path.display()
                 ),
             },

@@ -252,7 +252,10 @@ impl Module {
     ///
     /// A missing file gives [`Error::ModuleNotFound`]; a file that is not a PKCS#11
     /// library (no `C_GetFunctionList`, not a shared object, wrong architecture, or
-    /// C_Initialize fails) gives [`Error::ModuleInvalid`], both with the path.
+    /// C_Initialize fails) gives [`Error::ModuleInvalid`], both with the path; a module
+    /// whose C_Initialize fails with CKR_GENERAL_ERROR, CKR_DEVICE_ERROR or
+    /// CKR_FUNCTION_FAILED (its service is not running) gives
+    /// [`Error::ModuleServiceDown`].
     pub fn load(path: &Path) -> Result<Module> {
         if !path.exists() {
             return Err(Error::ModuleNotFound {
@@ -283,6 +286,19 @@ impl Module {
                         "module already initialised in this process; sharing it"
                     );
                     false
+                }
+                // It is a PKCS#11 module, but what it drives is out of reach.
+                Err(
+                    e @ CkError::Pkcs11(
+                        RvError::GeneralError | RvError::DeviceError | RvError::FunctionFailed,
+                        _,
+                    ),
+                ) => {
+                    let e = Error::from_cryptoki(e, None);
+                    return Err(Error::ModuleServiceDown {
+                        path: path.to_owned(),
+                        reason: format!("C_Initialize failed: {e}"),
+                    });
                 }
                 Err(e) => {
                     let e = Error::from_cryptoki(e, None);
