@@ -232,15 +232,11 @@ fn read_cert(tpm: &Tpm, name: &str) {
     );
 }
 
-#[test]
-fn a_key_on_tpm2_pkcs11_is_listed_renewed_and_diagnosed() {
-    let hsm = SoftHsm::new().unwrap();
-    let ca = hsm.ca().unwrap();
-    let portal = common::start_portal(&hsm);
-    let tpm = Tpm::start();
+/// A token on the TPM, an RSA key pair made on it by pkcs11-tool (CKA_ID 01), and a
+/// certificate for its key (serial 5A17) made by openssl from the test CA. The public
+/// key is left in `pub.pem`.
+fn make_key(tpm: &Tpm, ca: &softhsm_fixtures::TestCa) {
     let d = tpm.dir.path();
-
-    // A token on the TPM, an RSA key pair made on it, a certificate for its key.
     tpm.p11(&[
         "--init-token",
         "--slot-index",
@@ -332,6 +328,17 @@ fn a_key_on_tpm2_pkcs11_is_listed_renewed_and_diagnosed() {
         "--label",
         "sig",
     ]);
+}
+
+#[test]
+fn a_key_on_tpm2_pkcs11_is_listed_renewed_and_diagnosed() {
+    let hsm = SoftHsm::new().unwrap();
+    let ca = hsm.ca().unwrap();
+    let portal = common::start_portal(&hsm);
+    let tpm = Tpm::start();
+    let d = tpm.dir.path();
+
+    make_key(&tpm, ca);
 
     // `ukey list`: the token, its serial shown as the module gives it (zeros: the id
     // carries the slot), the certificate with its key.
@@ -573,4 +580,167 @@ fn a_module_whose_service_is_not_running_says_so() {
     assert_eq!(v["error"]["code"], "module_service_down", "{v}");
     let message = v["error"]["message"].as_str().unwrap();
     assert!(message.contains("may not be running"), "{message}");
+}
+
+/// The crash tests on tpm2-pkcs11: `ukey renew` killed at each step boundary and
+/// between activation sub-steps (same key, then new key), then run again: it finishes,
+/// and the TPM's key under the certificate's id signs what the renewed certificate
+/// verifies.
+#[test]
+fn renewals_killed_at_every_step_on_tpm2_pkcs11_then_finished() {
+    let hsm = SoftHsm::new().unwrap();
+    let ca = hsm.ca().unwrap();
+    let portal = common::start_portal(&hsm);
+    let tpm = Tpm::start();
+    let d = tpm.dir.path();
+    make_key(&tpm, ca);
+    let out = ukey(&tpm, &hsm, &["list", "--json"], "");
+    let list: Value = serde_json::from_slice(&out.stdout).unwrap();
+    let id = list["tokens"][0]["id"].as_str().unwrap().to_owned();
+    std::fs::write(d.join("bid.txt"), b"bid 2026").unwrap();
+    let renew = |failpoint: Option<&str>| {
+        let mut cmd = Command::new(UKEY);
+        cmd.arg("--module")
+            .arg(&tpm.module)
+            .args(["renew", "--portal", &portal.server.url, "--trust"])
+            .arg(&ca.root_cert_path)
+            .args(["--token", &id, "--pin-stdin", "--yes", "--json"])
+            .env_remove("UKEY_PKCS11_MODULE")
+            .env_remove("UKEY_FAILPOINT")
+            .env("UKEY_CONFIG", hsm.dir().join("no-config.toml"))
+            .env(
+                "UKEY_SYSTEM_CONFIG",
+                hsm.dir().join("no-system-config.toml"),
+            )
+            .env("UKEY_DATA_DIR", tpm.path("data"))
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped());
+        if let Some(p) = failpoint {
+            cmd.env("UKEY_FAILPOINT", p);
+        }
+        let mut child = tpm.env(&mut cmd).spawn().unwrap();
+        let _ = writeln!(child.stdin.take().unwrap(), "{PIN}");
+        child.wait_with_output().unwrap()
+    };
+    let mut serial = "5A17".to_owned();
+    let mut years = 0;
+    // The steps and activation sub-steps of a single-certificate key, shared between
+    // the two policies: the portal grants at most ten years, and each renewal must end
+    // later than the last.
+    let runs: [(KeyPolicy, &[&str]); 2] = [
+        (
+            KeyPolicy::Same,
+            &[
+                "write:after",
+                "activate.2:after",
+                "activate:after",
+                "installed:before",
+            ],
+        ),
+        (
+            KeyPolicy::New,
+            &[
+                "key:after",
+                "request:after",
+                "write:after",
+                "self_test:after",
+                "activate.2:after",
+                "activate.3:before",
+            ],
+        ),
+    ];
+    for (policy, points) in runs {
+        for &point in points {
+            years += 1;
+            portal
+                .server
+                .portal
+                .create_order(&CreateOrderRequest {
+                    serial_hex: serial.clone(),
+                    issuer_der: None,
+                    issuer_dn: None,
+                    years,
+                    state: InitialState::Ready,
+                    key_policy: policy,
+                    with_encryption_cert: false,
+                    target_algorithm: KeyAlgorithm::Rsa2048,
+                    old_encryption_serial_hex: None,
+                })
+                .unwrap();
+            let out = renew(Some(point));
+            assert_eq!(
+                std::os::unix::process::ExitStatusExt::signal(&out.status),
+                Some(6),
+                "{policy:?} {point}: {}",
+                text(&out)
+            );
+            let out = renew(None);
+            assert_eq!(
+                out.status.code(),
+                Some(0),
+                "{policy:?} {point}: {}",
+                text(&out)
+            );
+            let v: Value = serde_json::from_slice(&out.stdout).unwrap();
+            assert_eq!(v["resumed"], true, "{policy:?} {point}: {v}");
+            serial = v["new_serial"].as_str().unwrap().to_owned();
+            // The certificate under id 01 is the renewed one, and the TPM's key under
+            // id 01 signs what it verifies.
+            read_cert(&tpm, "now");
+            let now = openssl(d, &["x509", "-in", "now.pem", "-noout", "-serial"]);
+            assert_eq!(now.trim(), format!("serial={serial}"), "{policy:?} {point}");
+            openssl(
+                d,
+                &[
+                    "x509",
+                    "-in",
+                    "now.pem",
+                    "-noout",
+                    "-pubkey",
+                    "-out",
+                    "now-pub.pem",
+                ],
+            );
+            tpm.p11(&[
+                "--login",
+                "--pin",
+                PIN,
+                "--sign",
+                "--id",
+                "01",
+                "-m",
+                "SHA256-RSA-PKCS",
+                "-i",
+                tpm.path("bid.txt").to_str().unwrap(),
+                "-o",
+                tpm.path("now.sig").to_str().unwrap(),
+            ]);
+            let ok = openssl(
+                d,
+                &[
+                    "dgst",
+                    "-sha256",
+                    "-verify",
+                    "now-pub.pem",
+                    "-signature",
+                    "now.sig",
+                    "bid.txt",
+                ],
+            );
+            assert!(ok.contains("Verified OK"), "{policy:?} {point}: {ok}");
+        }
+    }
+    // Nothing of the interrupted runs is left: one certificate, one private key.
+    let objects = tpm.p11(&["--login", "--pin", PIN, "--list-objects"]);
+    assert_eq!(
+        objects.matches("Certificate Object").count(),
+        1,
+        "{objects}"
+    );
+    assert_eq!(
+        objects.matches("Private Key Object").count(),
+        1,
+        "{objects}"
+    );
 }
