@@ -1025,3 +1025,38 @@ fn keys_that_share_a_serial_are_told_apart() {
         "{events:?}"
     );
 }
+
+/// One object whose attributes the module will not give (its C_GetAttributeValue fails):
+/// that object is reported, the token and its other certificate are still listed.
+#[test]
+fn an_unreadable_object_marks_that_object_not_the_token() {
+    let sim = sim(&[TokenSpec::dual("Dual", softhsm_fixtures::KeyAlg::Rsa2048)]);
+    let module = ukey_token::Module::load(&shim_path()).expect("load the shim");
+    let token = module.tokens().expect("slots").remove(0);
+    let whole = module.list_token(&token, None);
+    assert!(whole.errors.is_empty(), "{:?}", whole.errors);
+    assert_eq!(whole.certificates.len(), 2);
+
+    for rv in [
+        "CKR_GENERAL_ERROR",
+        "CKR_FUNCTION_FAILED",
+        "CKR_DEVICE_ERROR",
+    ] {
+        sim.control
+            .add_fault(sim.serial(0), Fault::fail("C_GetAttributeValue", 1, rv))
+            .expect("fault");
+        let listing = module.list_token(&token, None);
+        assert_eq!(listing.errors.len(), 1, "{rv}: {:?}", listing.errors);
+        assert_ne!(listing.errors[0].code(), "token_removed", "{rv}");
+        assert_eq!(listing.certificates.len(), 1, "{rv}: the other certificate");
+        assert!(
+            module
+                .tokens()
+                .expect("slots")
+                .iter()
+                .any(|t| t.serial == token.serial),
+            "{rv}: the token is still listed"
+        );
+        sim.control.clear_faults(sim.serial(0)).expect("clear");
+    }
+}
