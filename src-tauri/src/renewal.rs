@@ -173,7 +173,6 @@ fn find_token(module: &Module, id: &str, lang: Lang) -> IpcResult<TokenSummary> 
     let tokens = module
         .tokens()
         .map_err(|e| IpcError::from_token(&e, lang))?;
-    let serial = id;
     tokens
         .into_iter()
         .find(|t| t.answers_to(id))
@@ -181,8 +180,8 @@ fn find_token(module: &Module, id: &str, lang: Lang) -> IpcResult<TokenSummary> 
             IpcError::new(
                 "token_not_present",
                 lang.pick(
-                    &format!("没有找到 UKey {serial}，请插入后重试"),
-                    &format!("UKey {serial} is not inserted: insert it and try again"),
+                    &format!("没有找到 UKey {id}，请插入后重试"),
+                    &format!("UKey {id} is not inserted: insert it and try again"),
                 ),
             )
         })

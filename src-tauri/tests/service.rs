@@ -139,6 +139,23 @@ fn a_missing_module_is_shown_not_fatal() {
     assert!(snap.keys.is_empty());
 }
 
+/// The service on the ukey-sim module (keys that report hot-plug as USB keys do), with
+/// a recorder for what it emits.
+fn start_on_sim() -> (Service, Arc<Recorder>) {
+    let rec = Arc::new(Recorder::default());
+    let service = Service::start(
+        ServiceConfig {
+            module: Some(ukey_sim::module_path().expect("libukey_sim.so")),
+            portal: None,
+            portal_url: None,
+            data_dir: None,
+            lang: Lang::En,
+        },
+        rec.clone(),
+    );
+    (service, rec)
+}
+
 #[test]
 fn a_renewal_that_hangs_delays_no_insert_and_no_second_renewal_starts() {
     // Keys behind ukey-sim, which reports hot-plug as a USB key does; the second one
@@ -153,17 +170,7 @@ fn a_renewal_that_hangs_delays_no_insert_and_no_second_renewal_starts() {
     hsm.activate();
     let sim = ukey_sim::Control::new(ukey_sim::default_state_dir()).expect("ukey-sim state");
     sim.unplug(&second.serial).expect("unplug");
-    let rec = Arc::new(Recorder::default());
-    let service = Service::start(
-        ServiceConfig {
-            module: Some(ukey_sim::module_path().expect("libukey_sim.so")),
-            portal: None,
-            portal_url: None,
-            data_dir: None,
-            lang: Lang::En,
-        },
-        rec.clone(),
-    );
+    let (service, rec) = start_on_sim();
     wait_for(&rec, "the first token", Duration::from_secs(10), |s| {
         s.keys.len() == 1
     });
@@ -253,17 +260,7 @@ fn two_keys_whose_module_gives_one_serial_are_two_keys() {
         )
         .expect("override");
     }
-    let rec = Arc::new(Recorder::default());
-    let _service = Service::start(
-        ServiceConfig {
-            module: Some(ukey_sim::module_path().expect("libukey_sim.so")),
-            portal: None,
-            portal_url: None,
-            data_dir: None,
-            lang: Lang::En,
-        },
-        rec.clone(),
-    );
+    let (_service, rec) = start_on_sim();
     let snap = wait_for(&rec, "both keys", Duration::from_secs(10), |s| {
         s.keys.len() == 2
     });

@@ -48,6 +48,25 @@ fn free_port_pair() -> u16 {
     panic!("no two free consecutive ports");
 }
 
+/// A private D-Bus session bus: the daemon and its address.
+fn session_bus() -> (Child, String) {
+    let mut bus = Command::new("dbus-daemon")
+        .args(["--session", "--nofork", "--print-address"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("dbus-daemon (apt-get install dbus)");
+    let mut address = String::new();
+    std::io::BufRead::read_line(
+        &mut std::io::BufReader::new(bus.stdout.take().unwrap()),
+        &mut address,
+    )
+    .unwrap();
+    let address = address.trim().to_owned();
+    assert!(!address.is_empty(), "dbus-daemon gave no address");
+    (bus, address)
+}
+
 /// A software TPM for this test, its resource manager (tpm2-abrmd, on a D-Bus session
 /// bus of its own: a TPM holds three loaded objects at a time, and a renewal uses more),
 /// and tpm2-pkcs11's store.
@@ -87,20 +106,7 @@ impl Tpm {
         }
         children.push(swtpm);
         // A session bus for tpm2-abrmd alone.
-        let mut bus = Command::new("dbus-daemon")
-            .args(["--session", "--nofork", "--print-address"])
-            .stdout(Stdio::piped())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("dbus-daemon (apt-get install dbus)");
-        let mut address = String::new();
-        std::io::BufRead::read_line(
-            &mut std::io::BufReader::new(bus.stdout.take().unwrap()),
-            &mut address,
-        )
-        .unwrap();
-        let address = address.trim().to_owned();
-        assert!(!address.is_empty(), "dbus-daemon gave no address");
+        let (bus, address) = session_bus();
         children.push(bus);
         let abrmd = Command::new("tpm2-abrmd")
             .args(["--session", "--allow-root"])
@@ -185,25 +191,32 @@ fn openssl(dir: &Path, args: &[&str]) -> String {
     String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
-/// `ukey` through tpm2-pkcs11, with `stdin` as standard input.
-fn ukey(tpm: &Tpm, hsm: &SoftHsm, args: &[&str], stdin: &str) -> Output {
+/// `ukey` through tpm2-pkcs11, with `stdin` as standard input and `env` added.
+fn ukey_with(tpm: &Tpm, hsm: &SoftHsm, args: &[&str], stdin: &str, env: &[(&str, &str)]) -> Output {
     let mut cmd = Command::new(UKEY);
     cmd.arg("--module")
         .arg(&tpm.module)
         .args(args)
         .env_remove("UKEY_PKCS11_MODULE")
+        .env_remove("UKEY_FAILPOINT")
         .env("UKEY_CONFIG", hsm.dir().join("no-config.toml"))
         .env(
             "UKEY_SYSTEM_CONFIG",
             hsm.dir().join("no-system-config.toml"),
         )
         .env("UKEY_DATA_DIR", tpm.path("data"))
+        .envs(env.iter().copied())
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped());
     let mut child = tpm.env(&mut cmd).spawn().unwrap();
     let _ = child.stdin.take().unwrap().write_all(stdin.as_bytes());
     child.wait_with_output().unwrap()
+}
+
+/// `ukey` through tpm2-pkcs11, with `stdin` as standard input.
+fn ukey(tpm: &Tpm, hsm: &SoftHsm, args: &[&str], stdin: &str) -> Output {
+    ukey_with(tpm, hsm, args, stdin, &[])
 }
 
 /// The certificate with CKA_ID 01 on the TPM, PEM, in `name`.
@@ -230,6 +243,53 @@ fn read_cert(tpm: &Tpm, name: &str) {
             &format!("{name}.pem"),
         ],
     );
+}
+
+/// The serial of the certificate `name`.pem (as `openssl x509 -serial` prints it), and
+/// whether the TPM's private key with CKA_ID 01 signs what that certificate's public key
+/// verifies (pkcs11-tool signs, openssl verifies). Leaves the key in `name`-pub.pem.
+fn tpm_key_signs_for(tpm: &Tpm, name: &str) -> (String, bool) {
+    let d = tpm.dir.path();
+    let (pem, public, sig) = (
+        format!("{name}.pem"),
+        format!("{name}-pub.pem"),
+        format!("{name}.sig"),
+    );
+    let serial = openssl(d, &["x509", "-in", &pem, "-noout", "-serial"]);
+    openssl(
+        d,
+        &["x509", "-in", &pem, "-noout", "-pubkey", "-out", &public],
+    );
+    std::fs::write(d.join("bid.txt"), b"bid 2026").unwrap();
+    tpm.p11(&[
+        "--login",
+        "--pin",
+        PIN,
+        "--sign",
+        "--id",
+        "01",
+        "-m",
+        "SHA256-RSA-PKCS",
+        "-i",
+        tpm.path("bid.txt").to_str().unwrap(),
+        "-o",
+        tpm.path(&sig).to_str().unwrap(),
+    ]);
+    let out = Command::new("openssl")
+        .current_dir(d)
+        .args([
+            "dgst",
+            "-sha256",
+            "-verify",
+            &public,
+            "-signature",
+            &sig,
+            "bid.txt",
+        ])
+        .output()
+        .unwrap();
+    let verified = String::from_utf8_lossy(&out.stdout).contains("Verified OK");
+    (serial.trim().to_owned(), verified)
 }
 
 /// A token on the TPM, an RSA key pair made on it by pkcs11-tool (CKA_ID 01), and a
@@ -407,8 +467,10 @@ fn a_key_on_tpm2_pkcs11_is_listed_renewed_and_diagnosed() {
     // openssl, reading what pkcs11-tool reads back: the new certificate is on the TPM
     // under the key's id, chains to the CA, and carries the TPM's key.
     read_cert(&tpm, "renewed");
-    let serial = openssl(d, &["x509", "-in", "renewed.pem", "-noout", "-serial"]);
-    assert_eq!(serial.trim(), format!("serial={new_serial}"));
+    // The TPM key signs, and the renewed certificate verifies it.
+    let (serial, signs) = tpm_key_signs_for(&tpm, "renewed");
+    assert_eq!(serial, format!("serial={new_serial}"));
+    assert!(signs, "the TPM key signs for the renewed certificate");
     let verify = openssl(
         d,
         &[
@@ -421,43 +483,12 @@ fn a_key_on_tpm2_pkcs11_is_listed_renewed_and_diagnosed() {
         ],
     );
     assert!(verify.contains("renewed.pem: OK"), "{verify}");
-    let key_of = |pem: &str, out: &str| {
-        openssl(d, &["x509", "-in", pem, "-noout", "-pubkey", "-out", out]);
-        std::fs::read_to_string(d.join(out)).unwrap()
-    };
+    let key_of = |name: &str| std::fs::read_to_string(d.join(format!("{name}-pub.pem"))).unwrap();
     assert_eq!(
-        key_of("renewed.pem", "renewed-pub.pem"),
-        std::fs::read_to_string(d.join("pub.pem")).unwrap()
+        key_of("renewed"),
+        std::fs::read_to_string(d.join("pub.pem")).unwrap(),
+        "the same key"
     );
-    // The TPM key signs, and the renewed certificate verifies it.
-    std::fs::write(d.join("bid.txt"), b"bid 2026").unwrap();
-    tpm.p11(&[
-        "--login",
-        "--pin",
-        PIN,
-        "--sign",
-        "--id",
-        "01",
-        "-m",
-        "SHA256-RSA-PKCS",
-        "-i",
-        tpm.path("bid.txt").to_str().unwrap(),
-        "-o",
-        tpm.path("sig").to_str().unwrap(),
-    ]);
-    let v = openssl(
-        d,
-        &[
-            "dgst",
-            "-sha256",
-            "-verify",
-            "renewed-pub.pem",
-            "-signature",
-            "sig",
-            "bid.txt",
-        ],
-    );
-    assert!(v.contains("Verified OK"), "{v}");
 
     // A new-key renewal of the renewed certificate: a new key pair on the TPM.
     // Two years: a certificate must end later than the one it renews.
@@ -467,40 +498,14 @@ fn a_key_on_tpm2_pkcs11_is_listed_renewed_and_diagnosed() {
     let report: Value = serde_json::from_slice(&out.stdout).unwrap();
     let newest = report["new_serial"].as_str().unwrap().to_owned();
     read_cert(&tpm, "newest");
-    let serial = openssl(d, &["x509", "-in", "newest.pem", "-noout", "-serial"]);
-    assert_eq!(serial.trim(), format!("serial={newest}"));
+    let (serial, signs) = tpm_key_signs_for(&tpm, "newest");
+    assert_eq!(serial, format!("serial={newest}"));
+    assert!(signs, "the new TPM key signs for the newest certificate");
     assert_ne!(
-        key_of("newest.pem", "newest-pub.pem"),
+        key_of("newest"),
         std::fs::read_to_string(d.join("pub.pem")).unwrap(),
         "a new key"
     );
-    tpm.p11(&[
-        "--login",
-        "--pin",
-        PIN,
-        "--sign",
-        "--id",
-        "01",
-        "-m",
-        "SHA256-RSA-PKCS",
-        "-i",
-        tpm.path("bid.txt").to_str().unwrap(),
-        "-o",
-        tpm.path("sig2").to_str().unwrap(),
-    ]);
-    let v = openssl(
-        d,
-        &[
-            "dgst",
-            "-sha256",
-            "-verify",
-            "newest-pub.pem",
-            "-signature",
-            "sig2",
-            "bid.txt",
-        ],
-    );
-    assert!(v.contains("Verified OK"), "{v}");
 
     // The diagnosis through the module: the token, its quirk, the certificate.
     let out = ukey(
@@ -545,18 +550,7 @@ fn a_key_on_tpm2_pkcs11_is_listed_renewed_and_diagnosed() {
 #[test]
 fn a_module_whose_service_is_not_running_says_so() {
     let hsm = SoftHsm::new().unwrap();
-    let mut bus = Command::new("dbus-daemon")
-        .args(["--session", "--nofork", "--print-address"])
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("dbus-daemon (apt-get install dbus)");
-    let mut address = String::new();
-    std::io::BufRead::read_line(
-        &mut std::io::BufReader::new(bus.stdout.take().unwrap()),
-        &mut address,
-    )
-    .unwrap();
+    let (mut bus, address) = session_bus();
     let dir = tempfile::tempdir().unwrap();
     let out = Command::new(UKEY)
         .arg("--module")
@@ -569,7 +563,7 @@ fn a_module_whose_service_is_not_running_says_so() {
             hsm.dir().join("no-system-config.toml"),
         )
         .env("TPM2_PKCS11_TCTI", "tabrmd:bus_type=session")
-        .env("DBUS_SESSION_BUS_ADDRESS", address.trim())
+        .env("DBUS_SESSION_BUS_ADDRESS", &address)
         .env("TPM2_PKCS11_STORE", dir.path())
         .output()
         .unwrap();
@@ -592,36 +586,29 @@ fn renewals_killed_at_every_step_on_tpm2_pkcs11_then_finished() {
     let ca = hsm.ca().unwrap();
     let portal = common::start_portal(&hsm);
     let tpm = Tpm::start();
-    let d = tpm.dir.path();
     make_key(&tpm, ca);
     let out = ukey(&tpm, &hsm, &["list", "--json"], "");
     let list: Value = serde_json::from_slice(&out.stdout).unwrap();
     let id = list["tokens"][0]["id"].as_str().unwrap().to_owned();
-    std::fs::write(d.join("bid.txt"), b"bid 2026").unwrap();
     let renew = |failpoint: Option<&str>| {
-        let mut cmd = Command::new(UKEY);
-        cmd.arg("--module")
-            .arg(&tpm.module)
-            .args(["renew", "--portal", &portal.server.url, "--trust"])
-            .arg(&ca.root_cert_path)
-            .args(["--token", &id, "--pin-stdin", "--yes", "--json"])
-            .env_remove("UKEY_PKCS11_MODULE")
-            .env_remove("UKEY_FAILPOINT")
-            .env("UKEY_CONFIG", hsm.dir().join("no-config.toml"))
-            .env(
-                "UKEY_SYSTEM_CONFIG",
-                hsm.dir().join("no-system-config.toml"),
-            )
-            .env("UKEY_DATA_DIR", tpm.path("data"))
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped());
-        if let Some(p) = failpoint {
-            cmd.env("UKEY_FAILPOINT", p);
-        }
-        let mut child = tpm.env(&mut cmd).spawn().unwrap();
-        let _ = writeln!(child.stdin.take().unwrap(), "{PIN}");
-        child.wait_with_output().unwrap()
+        let root = ca.root_cert_path.to_str().unwrap();
+        let args = [
+            "renew",
+            "--portal",
+            &portal.server.url,
+            "--trust",
+            root,
+            "--token",
+            &id,
+            "--pin-stdin",
+            "--yes",
+            "--json",
+        ];
+        let env: Vec<(&str, &str)> = failpoint
+            .map(|p| ("UKEY_FAILPOINT", p))
+            .into_iter()
+            .collect();
+        ukey_with(&tpm, &hsm, &args, &format!("{PIN}\n"), &env)
     };
     let mut serial = "5A17".to_owned();
     let mut years = 0;
@@ -688,47 +675,9 @@ fn renewals_killed_at_every_step_on_tpm2_pkcs11_then_finished() {
             // The certificate under id 01 is the renewed one, and the TPM's key under
             // id 01 signs what it verifies.
             read_cert(&tpm, "now");
-            let now = openssl(d, &["x509", "-in", "now.pem", "-noout", "-serial"]);
-            assert_eq!(now.trim(), format!("serial={serial}"), "{policy:?} {point}");
-            openssl(
-                d,
-                &[
-                    "x509",
-                    "-in",
-                    "now.pem",
-                    "-noout",
-                    "-pubkey",
-                    "-out",
-                    "now-pub.pem",
-                ],
-            );
-            tpm.p11(&[
-                "--login",
-                "--pin",
-                PIN,
-                "--sign",
-                "--id",
-                "01",
-                "-m",
-                "SHA256-RSA-PKCS",
-                "-i",
-                tpm.path("bid.txt").to_str().unwrap(),
-                "-o",
-                tpm.path("now.sig").to_str().unwrap(),
-            ]);
-            let ok = openssl(
-                d,
-                &[
-                    "dgst",
-                    "-sha256",
-                    "-verify",
-                    "now-pub.pem",
-                    "-signature",
-                    "now.sig",
-                    "bid.txt",
-                ],
-            );
-            assert!(ok.contains("Verified OK"), "{policy:?} {point}: {ok}");
+            let (now, signs) = tpm_key_signs_for(&tpm, "now");
+            assert_eq!(now, format!("serial={serial}"), "{policy:?} {point}");
+            assert!(signs, "{policy:?} {point}: the TPM key signs for it");
         }
     }
     // Nothing of the interrupted runs is left: one certificate, one private key.

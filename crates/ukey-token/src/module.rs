@@ -397,11 +397,11 @@ impl Module {
         let serials: Vec<String> = out.iter().map(|t| t.serial.clone()).collect();
         for t in &mut out {
             if !t.serial_is_shared() && serials.iter().filter(|s| **s == t.serial).count() > 1 {
-                t.quirks.push(Quirk {
-                    field: "serialNumber",
-                    kind: quirks::QuirkKind::SerialNotUnique,
-                    raw: hex::encode(t.serial.as_bytes()),
-                });
+                t.quirks.push(Quirk::new(
+                    "serialNumber",
+                    quirks::QuirkKind::SerialNotUnique,
+                    t.serial.as_bytes(),
+                ));
                 t.qualify();
             }
         }

@@ -41,7 +41,7 @@ pub struct Quirk {
 }
 
 impl Quirk {
-    fn new(field: &'static str, kind: QuirkKind, raw: &[u8]) -> Quirk {
+    pub(crate) fn new(field: &'static str, kind: QuirkKind, raw: &[u8]) -> Quirk {
         Quirk {
             field,
             kind,

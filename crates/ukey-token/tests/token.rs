@@ -245,6 +245,17 @@ fn token_deleted_between_calls_is_reported_as_removed() {
     assert_eq!(l.certificates.len(), 1);
 }
 
+/// Another process (softhsm2-util) initialises a free slot's token labelled `label`.
+fn init_token_elsewhere(hsm: &SoftHsm, label: &str) {
+    let out = hsm
+        .command("softhsm2-util")
+        .args(["--init-token", "--free", "--label", label])
+        .args(["--pin", "123456", "--so-pin", "12345678"])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{out:?}");
+}
+
 #[test]
 fn watcher_sees_a_token_appear_and_disappear() {
     let hsm = SoftHsm::new().unwrap();
@@ -261,21 +272,7 @@ fn watcher_sees_a_token_appear_and_disappear() {
     assert!(w.poll().unwrap().is_empty());
 
     // Another process creates a token: SoftHSM2 shows it only after re-initialising.
-    let out = hsm
-        .command("softhsm2-util")
-        .args([
-            "--init-token",
-            "--free",
-            "--label",
-            "新插入",
-            "--pin",
-            "123456",
-            "--so-pin",
-            "12345678",
-        ])
-        .output()
-        .unwrap();
-    assert!(out.status.success(), "{out:?}");
+    init_token_elsewhere(&hsm, "新插入");
     let ev = w
         .wait(Duration::from_millis(50), Duration::from_secs(10))
         .unwrap();
@@ -339,21 +336,7 @@ fn a_session_on_another_thread_survives_the_watchers_polls() {
 
     // Once the other handle is gone, re-scans happen again: a token made by another
     // process appears.
-    let out = hsm
-        .command("softhsm2-util")
-        .args([
-            "--init-token",
-            "--free",
-            "--label",
-            "later",
-            "--pin",
-            "123456",
-            "--so-pin",
-            "12345678",
-        ])
-        .output()
-        .unwrap();
-    assert!(out.status.success(), "{out:?}");
+    init_token_elsewhere(&hsm, "later");
     let ev = w
         .wait(Duration::from_millis(50), Duration::from_secs(10))
         .unwrap();
