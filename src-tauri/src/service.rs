@@ -514,6 +514,10 @@ impl Worker {
         };
         let store = JournalStore::new(dir);
         for key in keys {
+            // A renewal running here has an unfinished journal: it is not interrupted.
+            if self.renewing.contains(&key.id) {
+                continue;
+            }
             // Keys that share a serial: a journal is this key's if a certificate it
             // names (the old one or the issued one) is on this key.
             let here: Vec<&str> = key

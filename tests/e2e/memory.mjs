@@ -1,9 +1,12 @@
-// Memory of the desktop app after start with one key listed: RSS and PSS of the main
-// process plus its WebKit processes (every descendant), from /proc/PID/smaps_rollup.
-// For the benchmark suite; run through `tests/e2e/run.sh --memory` (Xvfb, D-Bus).
+// Memory of the desktop app after start with one key listed, and in the same run of a
+// bare Tauri 2 window (src-tauri/examples/bare_window.rs: same Tauri build, same window
+// size, an empty page) as the yardstick: RSS and PSS of the main process plus its
+// WebKit processes (every descendant), from /proc/PID/smaps_rollup. For the benchmark
+// suite; run through `tests/e2e/run.sh --memory` (Xvfb, D-Bus).
 //
-// Prints one table and, last, one JSON line:
-//   {"app":"ukey-desktop","keys":1,"rss_mib":..., "pss_mib":..., "processes":[...]}
+// Prints a table per program and, last, one JSON line:
+//   {"app":"ukey-desktop","keys":1,"rss_mib":..., "pss_mib":..., "processes":[...],
+//    "bare":{"rss_mib":..., "pss_mib":..., "processes":[...]}, "ratio_pss":...}
 import { spawn, execFileSync } from 'node:child_process';
 import { mkdtempSync, mkdirSync, readFileSync, readdirSync, rmSync } from 'node:fs';
 import { tmpdir } from 'node:os';
@@ -16,6 +19,7 @@ const need = (n) => {
 const BIN = need('UKEY_DESKTOP_BIN');
 const FIXTURES = need('SOFTHSM_FIXTURES_BIN');
 const SIM_MODULE = need('UKEY_SIM_MODULE_PATH');
+const BARE = need('UKEY_BARE_WINDOW_BIN');
 const SETTLE_MS = Number(process.env.MEMORY_SETTLE_MS || 4000);
 
 const work = mkdtempSync(join(process.env.E2E_TMP || tmpdir(), 'ukey-mem-'));
@@ -57,39 +61,53 @@ function usage(pid) {
   return { pid, comm, rss_kib: kib('Rss'), pss_kib: kib('Pss') };
 }
 
-const app = spawn(BIN, [], { env, stdio: ['ignore', 'ignore', 'pipe'] });
-let stderr = '';
-const listed = new Promise((resolve, reject) => {
-  app.stderr.on('data', (d) => {
-    stderr += d;
-    if (stderr.includes('key inserted')) resolve();
-  });
-  app.once('exit', (c) => reject(new Error(`app exited with ${c}:\n${stderr}`)));
-  setTimeout(() => reject(new Error(`no key listed in 30 s:\n${stderr}`)), 30000);
-});
+const mib = (k) => Math.round((k / 1024) * 10) / 10;
+
+// Starts `bin`, waits until `ready` appears on its stderr and then SETTLE_MS, and
+// measures it and its descendants.
+async function measure(bin, ready, label) {
+  const child = spawn(bin, [], { env, stdio: ['ignore', 'ignore', 'pipe'] });
+  let stderr = '';
+  try {
+    await new Promise((resolve, reject) => {
+      child.stderr.on('data', (d) => {
+        stderr += d;
+        if (stderr.includes(ready)) resolve();
+      });
+      child.once('exit', (c) => reject(new Error(`${label} exited with ${c}:\n${stderr}`)));
+      setTimeout(() => reject(new Error(`${label}: no "${ready}" in 30 s:\n${stderr}`)), 30000);
+    });
+    await new Promise((r) => setTimeout(r, SETTLE_MS));
+    const procs = descendants(child.pid).map((p) => {
+      try {
+        return usage(p);
+      } catch {
+        return null;
+      }
+    }).filter(Boolean);
+    console.log(`${label}:`);
+    for (const p of procs) console.log(`${String(p.pid).padStart(8)}  ${p.comm.padEnd(24)} RSS ${mib(p.rss_kib)} MiB  PSS ${mib(p.pss_kib)} MiB`);
+    const rss = procs.reduce((a, p) => a + p.rss_kib, 0);
+    const pss = procs.reduce((a, p) => a + p.pss_kib, 0);
+    console.log(`  total: RSS ${mib(rss)} MiB, PSS ${mib(pss)} MiB over ${procs.length} processes`);
+    return { rss_mib: mib(rss), pss_mib: mib(pss), processes: procs };
+  } finally {
+    child.kill('SIGTERM');
+    await new Promise((r) => setTimeout(r, 500));
+  }
+}
+
 let code = 0;
 try {
-  await listed;
-  await new Promise((r) => setTimeout(r, SETTLE_MS));
-  const procs = descendants(app.pid).map((p) => {
-    try {
-      return usage(p);
-    } catch {
-      return null;
-    }
-  }).filter(Boolean);
-  const mib = (k) => Math.round((k / 1024) * 10) / 10;
-  for (const p of procs) console.log(`${String(p.pid).padStart(8)}  ${p.comm.padEnd(24)} RSS ${mib(p.rss_kib)} MiB  PSS ${mib(p.pss_kib)} MiB`);
-  const rss = procs.reduce((a, p) => a + p.rss_kib, 0);
-  const pss = procs.reduce((a, p) => a + p.pss_kib, 0);
-  console.log(`total: RSS ${mib(rss)} MiB, PSS ${mib(pss)} MiB over ${procs.length} processes (goal: under 150 MB)`);
-  console.log(JSON.stringify({ app: 'ukey-desktop', keys: 1, rss_mib: mib(rss), pss_mib: mib(pss), processes: procs }));
+  const app = await measure(BIN, 'key inserted', 'ukey-desktop, one key listed');
+  const bare = await measure(BARE, 'bare window loaded', 'bare Tauri 2 window');
+  const ratio = Math.round((app.pss_mib / bare.pss_mib) * 1000) / 1000;
+  console.log(`app / bare window: ${ratio} (PSS; goal <= 1.15)`);
+  console.log(JSON.stringify({ app: 'ukey-desktop', keys: 1, ...app, bare, ratio_pss: ratio }));
 } catch (e) {
   console.error('memory:', e.message);
   code = 1;
 } finally {
-  app.kill('SIGTERM');
-  await new Promise((r) => setTimeout(r, 500));
   rmSync(work, { recursive: true, force: true });
 }
 process.exit(code);

@@ -339,6 +339,34 @@ const scenarios = {
     await waitFor(async () => (await ids()).every((i) => !i.includes('@')), 'the keys report their own serials again');
   },
 
+  async 'slow-key'() {
+    // Key K is as slow as a real one (ukey-sim's usb-key profile: about 5 s for an RSA
+    // key pair, 270 ms a signature, tens of ms an object write). While its chip works,
+    // the app still shows a key plugged in and pulled out, and the progress moves.
+    sim('profile', tokens.k.serial, 'usb-key');
+    plugged('k');
+    await waitText('banner', '证书有可用更新');
+    await renewFromButton('banner-renew');
+    await waitFor(() => visible('steps'), 'the progress view');
+    const done = async () => Number(await (await browser.$('[role="progressbar"]')).getAttribute('aria-valuenow'));
+    const first = await done();
+    sim('plug', tokens.l.serial);
+    await waitFor(async () => (await keyCount()) === 2, 'key L listed while key K renews', 10000);
+    if (await visible('result-title')) throw new Error('key K finished before key L was listed: nothing shown about a busy app');
+    // Listing again (for L) finds K's journal unfinished: a renewal running here is
+    // not an interrupted one.
+    const cardK = await (await browser.$(`[data-testid="key"][data-token-serial="${tokens.k.serial}"]`)).getText();
+    if (cardK.includes('完成更新')) throw new Error(`the running renewal is shown as interrupted: ${cardK}`);
+    await shot('16-slow-key-insert-during-renewal');
+    sim('unplug', tokens.l.serial);
+    await waitFor(async () => (await keyCount()) === 1, 'key L gone while key K renews', 10000);
+    if (await visible('result-title')) throw new Error('key K finished before key L was gone');
+    await waitFor(async () => (await visible('result-title')) || (await done()) > first, 'the progress to move on', 30000);
+    await waitText('result-title', '证书已更新', 60000);
+    await click('close');
+    sim('profile', tokens.k.serial, 'none');
+  },
+
   async 'cli-then-app'() {
     // `ukey renew` loses its key while writing; the app finds the unfinished journal
     // when the key comes back and finishes the renewal (the same engine, one journal).
@@ -488,6 +516,8 @@ async function main() {
   tokens.h = createToken('UKey-H', '郑十');
   tokens.i = createToken('UKey-I', '冯十一');
   tokens.j = createToken('UKey-J', '陈十二');
+  tokens.k = createToken('UKey-K', '褚十三');
+  tokens.l = createToken('UKey-L', '卫十四');
   await startPortal(caFiles);
   for (const n of ['a', 'b', 'c', 'e', 'f']) order(tokens[n], 'ready', ['--years', '2']);
   order(tokens.d, 'awaiting-payment');
@@ -495,6 +525,7 @@ async function main() {
   portalCli('order', 'ship', order(tokens.h, 'ready'), '--tracking', 'SF1234567890');
   order(tokens.i, 'ready');
   order(tokens.j, 'ready');
+  order(tokens.k, 'ready');
   caRoot = caFiles.root_cert;
   // Record what the app sends to the notification service.
   notifyMonitor = spawn('dbus-monitor', ['--session', "interface='org.freedesktop.Notifications'"], {

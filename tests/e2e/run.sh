@@ -3,7 +3,8 @@
 # then runs tests/e2e/run.mjs under Xvfb and a private D-Bus session.
 #
 #   tests/e2e/run.sh [scenario ...]      exit 0 only if every scenario passed
-#   tests/e2e/run.sh --memory            print the app's RSS/PSS with one key listed
+#   tests/e2e/run.sh --memory            print the app's RSS/PSS with one key listed, and
+#                                        a bare Tauri 2 window's in the same run
 #
 # UKEY_E2E_PROFILE=release builds and tests the release binaries instead of debug.
 #
@@ -65,6 +66,8 @@ done
 if [ -d /dev/shm ] && [ -w /dev/shm ]; then export E2E_TMP=/dev/shm; fi
 
 if [ "${1:-}" = "--memory" ]; then
+  cargo build "${PROFILE_ARGS[@]}" -p ukey-desktop --example bare_window
+  export UKEY_BARE_WINDOW_BIN="$BIN/examples/bare_window"
   exec xvfb-run -a -s "-screen 0 1280x900x24" dbus-run-session -- node tests/e2e/memory.mjs
 fi
 

@@ -22,12 +22,14 @@
 pub mod mechanisms;
 pub mod module;
 pub mod names;
+pub mod profile;
 pub mod state;
 
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 pub use names::{FUNCTIONS, is_function, rv_from_name, rv_name};
+pub use profile::{PROFILES, Profile};
 pub use state::{
     DEFAULT_PIN_TRIES, Fault, FaultAction, FaultTiming, PinCounter, SimState, StateFile,
     TokenInfoOverride, TokenState,

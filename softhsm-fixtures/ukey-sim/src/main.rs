@@ -67,6 +67,18 @@ enum Command {
         #[arg(long)]
         ms: u64,
     },
+    /// 让令牌像真实 USB Key 芯片一样慢 / Make the token as slow as a real key's chip
+    Profile {
+        /// Token serial (omit with --list)
+        #[arg(required_unless_present = "list")]
+        serial: Option<String>,
+        /// Profile name (usb-key), or `none` to remove it
+        #[arg(required_unless_present = "list")]
+        name: Option<String>,
+        /// Print every built-in profile with its figures and sources
+        #[arg(long)]
+        list: bool,
+    },
     /// 设置 PIN 重试次数 / Set how many wrong PINs lock the token
     PinTries {
         serial: String,
@@ -214,6 +226,20 @@ fn run(cli: Cli) -> Result<()> {
             control()?.set_latency(&serial, &function, Duration::from_millis(ms))?;
             println!("令牌 {serial}: {function} 延迟 / delay {ms} ms");
         }
+        Command::Profile { list: true, .. } => {
+            for p in ukey_sim::PROFILES {
+                print!("{}", p.describe());
+            }
+        }
+        Command::Profile {
+            serial: Some(serial),
+            name: Some(name),
+            ..
+        } => {
+            control()?.set_profile_by_name(&serial, &name)?;
+            println!("令牌 {serial}: 延迟档案 / latency profile {name}");
+        }
+        Command::Profile { .. } => bail!("give SERIAL and a profile name, or --list"),
         Command::PinTries { serial, max } => {
             control()?.set_pin_tries(&serial, max)?;
             println!("令牌 {serial}: PIN 最多重试 {max} 次 / PIN locks after {max} wrong tries");
@@ -334,6 +360,12 @@ fn print_status(dir: &std::path::Path, state: &SimState) {
         }
         for (function, ms) in &token.latency_ms {
             println!("    延迟 latency: {function} {ms} ms");
+        }
+        if let Some(profile) = &token.profile {
+            println!("    芯片耗时 chip times ({profile}):");
+        }
+        for (function, ms) in &token.chip_ms {
+            println!("      {function} {ms} ms");
         }
     }
 }

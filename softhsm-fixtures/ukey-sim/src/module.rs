@@ -31,7 +31,8 @@
 //!   answer "0 tries left"); every later C_Login (and C_SetPIN) of the user returns
 //!   CKR_PIN_LOCKED without reaching SoftHSM2, even with the right PIN. A good login
 //!   resets the counter, so does the SO's C_InitPIN.
-//! - **Faults and latency** as configured per token and function (see [`crate::state`]).
+//! - **Faults and latency** as configured per token and function (see [`crate::state`]),
+//!   and a chip's own time per operation from a latency profile (see [`crate::profile`]).
 //!
 //! Session handles are the shim's own (SoftHSM2's are mapped), so a dead session's
 //! handle is never reused for a new SoftHSM2 session. Object handles pass through.
@@ -580,7 +581,42 @@ impl Shim {
 
     /// Runs `call` on the token `serial` with its faults and latency.
     fn run(&self, name: &'static str, serial: &str, call: impl FnOnce() -> CK_RV) -> CK_RV {
-        let (before, after, latency, events) = {
+        self.run_mechanism(name, None, serial, call)
+    }
+
+    /// [`Shim::run`] for a call the middleware answers without the chip (a length
+    /// query): faults and latency apply, chip time does not.
+    fn run_without_chip(
+        &self,
+        name: &'static str,
+        serial: &str,
+        call: impl FnOnce() -> CK_RV,
+    ) -> CK_RV {
+        self.run_on(name, None, false, serial, call)
+    }
+
+    /// [`Shim::run`] for a call that names its mechanism, whose chip time may depend
+    /// on it (an RSA key pair takes seconds, an EC one a fraction of that).
+    fn run_mechanism(
+        &self,
+        name: &'static str,
+        mechanism: Option<CK_MECHANISM_TYPE>,
+        serial: &str,
+        call: impl FnOnce() -> CK_RV,
+    ) -> CK_RV {
+        self.run_on(name, mechanism, true, serial, call)
+    }
+
+    fn run_on(
+        &self,
+        name: &'static str,
+        mechanism: Option<CK_MECHANISM_TYPE>,
+        on_chip: bool,
+        serial: &str,
+        call: impl FnOnce() -> CK_RV,
+    ) -> CK_RV {
+        let started = Instant::now();
+        let (before, after, latency, chip, events) = {
             let inner = self.lock();
             let events = inner.state.events(serial);
             match inner.state.token(serial) {
@@ -588,9 +624,10 @@ impl Shim {
                     t.has_fault(name, FaultTiming::Before),
                     t.has_fault(name, FaultTiming::After),
                     t.latency(name),
+                    t.chip_time(name, mechanism).filter(|_| on_chip),
                     events,
                 ),
-                None => (false, false, None, events),
+                None => (false, false, None, None, events),
             }
         };
         if before && let Some(rv) = self.fire(name, serial, FaultTiming::Before) {
@@ -602,6 +639,14 @@ impl Shim {
             return rv;
         }
         let rv = call();
+        // The chip's time: SoftHSM2's own work ran inside it. What the call did stays
+        // done if the key is pulled now, as on a card that committed before the reader
+        // lost it.
+        if let Some(chip) = chip
+            && let Err(removed) = self.delay(serial, events, chip.saturating_sub(started.elapsed()))
+        {
+            return removed;
+        }
         if after && let Some(fault) = self.fire(name, serial, FaultTiming::After) {
             return fault;
         }
@@ -1243,7 +1288,6 @@ forward_session_functions! {
     C_DigestKey(hKey: CK_OBJECT_HANDLE);
     C_DigestFinal(pDigest: CK_BYTE_PTR, pulDigestLen: CK_ULONG_PTR);
     C_SignInit(pMechanism: CK_MECHANISM_PTR, hKey: CK_OBJECT_HANDLE);
-    C_Sign(pData: CK_BYTE_PTR, ulDataLen: CK_ULONG, pSignature: CK_BYTE_PTR, pulSignatureLen: CK_ULONG_PTR);
     C_SignUpdate(pPart: CK_BYTE_PTR, ulPartLen: CK_ULONG);
     C_SignFinal(pSignature: CK_BYTE_PTR, pulSignatureLen: CK_ULONG_PTR);
     C_SignRecoverInit(pMechanism: CK_MECHANISM_PTR, hKey: CK_OBJECT_HANDLE);
@@ -1263,15 +1307,6 @@ forward_session_functions! {
         pTemplate: CK_ATTRIBUTE_PTR,
         ulCount: CK_ULONG,
         phKey: CK_OBJECT_HANDLE_PTR,
-    );
-    C_GenerateKeyPair(
-        pMechanism: CK_MECHANISM_PTR,
-        pPublicKeyTemplate: CK_ATTRIBUTE_PTR,
-        ulPublicKeyAttributeCount: CK_ULONG,
-        pPrivateKeyTemplate: CK_ATTRIBUTE_PTR,
-        ulPrivateKeyAttributeCount: CK_ULONG,
-        phPublicKey: CK_OBJECT_HANDLE_PTR,
-        phPrivateKey: CK_OBJECT_HANDLE_PTR,
     );
     C_WrapKey(
         pMechanism: CK_MECHANISM_PTR,
@@ -1300,6 +1335,72 @@ forward_session_functions! {
     C_GenerateRandom(RandomData: CK_BYTE_PTR, ulRandomLen: CK_ULONG);
     C_GetFunctionStatus();
     C_CancelFunction();
+}
+
+/// Forwarded like the others, except that a length query (no output buffer) costs no
+/// chip time: a module answers it without signing (PKCS#11 5.2 "length of output").
+unsafe extern "C" fn C_Sign(
+    hSession: CK_SESSION_HANDLE,
+    pData: CK_BYTE_PTR,
+    ulDataLen: CK_ULONG,
+    pSignature: CK_BYTE_PTR,
+    pulSignatureLen: CK_ULONG_PTR,
+) -> CK_RV {
+    entry("C_Sign", || {
+        let shim = shim()?;
+        let call = shim.session(hSession)?;
+        let forward = || {
+            backend!(
+                shim.backend,
+                C_Sign(call.backend, pData, ulDataLen, pSignature, pulSignatureLen)
+            )
+        };
+        Ok(if pSignature.is_null() {
+            shim.run_without_chip("C_Sign", &call.serial, forward)
+        } else {
+            shim.run("C_Sign", &call.serial, forward)
+        })
+    })
+}
+
+/// Forwarded like the others, with its mechanism known, because a chip's time for it
+/// depends on the mechanism (RSA key pairs take seconds).
+unsafe extern "C" fn C_GenerateKeyPair(
+    hSession: CK_SESSION_HANDLE,
+    pMechanism: CK_MECHANISM_PTR,
+    pPublicKeyTemplate: CK_ATTRIBUTE_PTR,
+    ulPublicKeyAttributeCount: CK_ULONG,
+    pPrivateKeyTemplate: CK_ATTRIBUTE_PTR,
+    ulPrivateKeyAttributeCount: CK_ULONG,
+    phPublicKey: CK_OBJECT_HANDLE_PTR,
+    phPrivateKey: CK_OBJECT_HANDLE_PTR,
+) -> CK_RV {
+    entry("C_GenerateKeyPair", || {
+        let shim = shim()?;
+        let call = shim.session(hSession)?;
+        let mechanism = (!pMechanism.is_null()).then(|| {
+            // SAFETY: non-null, and the caller passes a valid CK_MECHANISM under the
+            // C_GenerateKeyPair contract; only its type is read.
+            unsafe { (*pMechanism).mechanism }
+        });
+        Ok(
+            shim.run_mechanism("C_GenerateKeyPair", mechanism, &call.serial, || {
+                backend!(
+                    shim.backend,
+                    C_GenerateKeyPair(
+                        call.backend,
+                        pMechanism,
+                        pPublicKeyTemplate,
+                        ulPublicKeyAttributeCount,
+                        pPrivateKeyTemplate,
+                        ulPrivateKeyAttributeCount,
+                        phPublicKey,
+                        phPrivateKey,
+                    )
+                )
+            }),
+        )
+    })
 }
 
 // ---------------------------------------------------------------------------------

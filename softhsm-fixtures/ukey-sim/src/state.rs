@@ -89,6 +89,14 @@ pub struct TokenState {
     pub faults: Vec<Fault>,
     /// Delay in milliseconds before forwarding a function, by function name.
     pub latency_ms: BTreeMap<String, u64>,
+    /// How long a call takes on the key's own chip, in milliseconds, by function name
+    /// or `FUNCTION/CKM_VALUE` for one mechanism (`C_GenerateKeyPair/0` is RSA): the
+    /// call returns no sooner than this after it started, SoftHSM2's own work counted
+    /// in it, so that the host's CPU does not add to a chip's time (see
+    /// [`crate::profile`]). Set by a latency profile.
+    pub chip_ms: BTreeMap<String, u64>,
+    /// The latency profile `chip_ms` came from, if any.
+    pub profile: Option<String>,
     /// Fields of C_GetTokenInfo replaced as a vendor's module fills them.
     pub token_info: TokenInfoOverride,
     /// Key sizes C_GetMechanismInfo reports (min, max bits), by CKM_ value (decimal):
@@ -105,6 +113,8 @@ impl Default for TokenState {
             pin: PinCounter::default(),
             faults: Vec::new(),
             latency_ms: BTreeMap::new(),
+            chip_ms: BTreeMap::new(),
+            profile: None,
             token_info: TokenInfoOverride::default(),
             key_sizes: BTreeMap::new(),
         }
@@ -182,6 +192,16 @@ impl TokenState {
             self.set_plugged(false);
         }
         fired
+    }
+
+    /// The chip time of a function (for `mechanism` when one was given and has its
+    /// own figure, else the function's).
+    pub fn chip_time(&self, function: &str, mechanism: Option<u64>) -> Option<std::time::Duration> {
+        mechanism
+            .and_then(|m| self.chip_ms.get(&format!("{function}/{m}")))
+            .or_else(|| self.chip_ms.get(function))
+            .filter(|ms| **ms > 0)
+            .map(|ms| std::time::Duration::from_millis(*ms))
     }
 
     /// The delay configured for a function.

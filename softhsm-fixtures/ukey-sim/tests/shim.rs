@@ -666,6 +666,119 @@ fn pulling_the_key_cuts_a_slow_call_short() {
     puller.join().expect("puller");
 }
 
+#[test]
+fn chip_times_are_per_mechanism_and_count_from_the_call() {
+    use cryptoki::mechanism::Mechanism;
+    let sim = sim(&[TokenSpec::empty("A")]);
+    let serial = sim.serial(0).to_owned();
+    let pkcs11 = sim.load();
+    let session = pkcs11
+        .open_rw_session(slot_of(&pkcs11, &serial))
+        .expect("session");
+    login(&session, USER_PIN).expect("login");
+    // As a profile sets them: RSA key pairs and EC key pairs take different times.
+    sim.control
+        .update(&serial, |t| {
+            t.chip_ms = [
+                ("C_GenerateKeyPair/0".to_owned(), 1200),
+                ("C_GenerateKeyPair/4160".to_owned(), 400),
+            ]
+            .into();
+        })
+        .expect("chip times");
+    let session_key = |extra: Vec<Attribute>| {
+        let mut public = vec![Attribute::Token(false)];
+        public.extend(extra);
+        (public, vec![Attribute::Token(false), Attribute::Sign(true)])
+    };
+    let (public, private) = session_key(vec![
+        Attribute::ModulusBits(1024.into()),
+        Attribute::PublicExponent(vec![1, 0, 1]),
+    ]);
+    let started = Instant::now();
+    session
+        .generate_key_pair(&Mechanism::RsaPkcsKeyPairGen, &public, &private)
+        .expect("RSA key pair");
+    let rsa = started.elapsed();
+    // P-256: 06 08 2a 86 48 ce 3d 03 01 07
+    let (public, private) = session_key(vec![Attribute::EcParams(vec![
+        0x06, 0x08, 0x2a, 0x86, 0x48, 0xce, 0x3d, 0x03, 0x01, 0x07,
+    ])]);
+    let started = Instant::now();
+    session
+        .generate_key_pair(&Mechanism::EccKeyPairGen, &public, &private)
+        .expect("EC key pair");
+    let ec = started.elapsed();
+    assert!(rsa >= Duration::from_millis(1200), "RSA took {rsa:?}");
+    assert!(ec >= Duration::from_millis(400), "EC took {ec:?}");
+}
+
+#[test]
+fn a_key_pulled_while_its_chip_works_answers_removed_with_the_work_done() {
+    let sim = sim(&[TokenSpec::empty("A")]);
+    let serial = sim.serial(0).to_owned();
+    let pkcs11 = sim.load();
+    let slot = slot_of(&pkcs11, &serial);
+    let session = pkcs11.open_rw_session(slot).expect("session");
+    sim.control
+        .update(&serial, |t| {
+            t.chip_ms = [("C_CreateObject".to_owned(), 30_000)].into();
+        })
+        .expect("chip time");
+    let control = sim.control.clone();
+    let pull = serial.clone();
+    let puller = std::thread::spawn(move || {
+        std::thread::sleep(Duration::from_millis(300));
+        control.unplug(&pull).expect("unplug");
+    });
+    let started = Instant::now();
+    assert_eq!(
+        rv(session.create_object(&data_object("written"))),
+        RvError::DeviceRemoved
+    );
+    assert!(started.elapsed() < Duration::from_secs(20));
+    puller.join().expect("puller");
+    // The chip had committed the write before the reader lost it: a client must check
+    // what is on the key after a removal, not assume the call did nothing.
+    sim.control.plug(&serial).expect("plug");
+    let session = pkcs11.open_ro_session(slot).expect("new session");
+    assert_eq!(count_labelled(&session, "written"), 1);
+}
+
+#[test]
+fn cli_sets_lists_and_removes_a_latency_profile() {
+    let sim = sim(&[TokenSpec::empty("A")]);
+    let serial = sim.serial(0);
+    let list = sim.cli(&["profile", "--list"]);
+    assert!(list.status.success(), "{}", text(&list));
+    let listed = String::from_utf8_lossy(&list.stdout);
+    assert!(
+        listed.contains("usb-key") && listed.contains("[1] JCAlgTest"),
+        "{listed}"
+    );
+
+    let bad = sim.cli(&["profile", serial, "floppy"]);
+    assert!(!bad.status.success());
+    assert!(text(&bad).contains("usb-key"), "{}", text(&bad));
+    assert!(sim.control.token(serial).expect("state").chip_ms.is_empty());
+
+    let set = sim.cli(&["profile", serial, "usb-key"]);
+    assert!(set.status.success(), "{}", text(&set));
+    let token = sim.control.token(serial).expect("state");
+    assert_eq!(token.profile.as_deref(), Some("usb-key"));
+    assert_eq!(
+        token.chip_time("C_GenerateKeyPair", Some(0)),
+        ukey_sim::profile::USB_KEY.time("C_GenerateKeyPair", Some(0))
+    );
+    let status = sim.cli(&["status"]);
+    assert!(text(&status).contains("C_Sign 270 ms"), "{}", text(&status));
+
+    let off = sim.cli(&["profile", serial, "none"]);
+    assert!(off.status.success(), "{}", text(&off));
+    let token = sim.control.token(serial).expect("state");
+    assert!(token.chip_ms.is_empty() && token.profile.is_none());
+}
+
 // ----------------------------------------------------------------------------------
 // The CLI
 
