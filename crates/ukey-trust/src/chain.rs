@@ -13,8 +13,8 @@ use x509_parser::prelude::{FromDer, X509Certificate};
 use crate::names;
 
 /// The signature algorithms accepted by [`verify`]: RSA PKCS#1 and PSS with SHA-2,
-/// ECDSA on P-256/P-384 with SHA-2, Ed25519. SHA-1 is not among them. SM2-with-SM3 is
-/// supplied by the caller through [`verify_with`].
+/// ECDSA on P-256/P-384 with SHA-2, Ed25519, and SM2-with-SM3 with the GM ID
+/// ([`crate::gm`]). SHA-1 is not among them.
 pub static DEFAULT_ALGORITHMS: &[&dyn SignatureVerificationAlgorithm] = &[
     webpki::aws_lc_rs::RSA_PKCS1_2048_8192_SHA256,
     webpki::aws_lc_rs::RSA_PKCS1_2048_8192_SHA384,
@@ -30,6 +30,8 @@ pub static DEFAULT_ALGORITHMS: &[&dyn SignatureVerificationAlgorithm] = &[
     webpki::aws_lc_rs::ECDSA_P384_SHA256,
     webpki::aws_lc_rs::ECDSA_P384_SHA384,
     webpki::aws_lc_rs::ED25519,
+    &crate::gm::SM2_SM3_GM,
+    &crate::gm::SM2_SM3_GM_NULL_PARAMS,
 ];
 
 /// A chain that validated: the subjects from the leaf's issuer up to the anchor.
@@ -115,8 +117,7 @@ pub fn verify(
     verify_with(leaf, intermediates, anchors, at, &[])
 }
 
-/// Like [`verify`], also accepting the signature algorithms in `extra` (SM2-with-SM3,
-/// supplied by the 国密 layer).
+/// Like [`verify`], also accepting the signature algorithms in `extra`.
 pub fn verify_with(
     leaf: &[u8],
     intermediates: &[Vec<u8>],

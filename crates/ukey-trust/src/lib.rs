@@ -4,11 +4,13 @@
 //! - [`chain`]: a certificate chain validated by `rustls-webpki` (basicConstraints,
 //!   pathLen, validity of every certificate, signatures with the algorithms given —
 //!   SHA-1 is not among them — plus keyCertSign on every CA in the path);
+//! - [`gm`]: SM2-with-SM3 (with the GM distinguishing ID) for the chain check;
 //! - [`names`]: distinguished names compared as sequences of (attribute type, decoded
 //!   value), never as formatted strings.
 
 pub mod anchors;
 pub mod chain;
+pub mod gm;
 pub mod names;
 
 pub use anchors::{Anchor, AnchorError};
