@@ -566,3 +566,174 @@ fn list_without_module_opens_the_discovered_module_that_has_the_key() {
     );
     assert_eq!(v["tokens"][0]["serial"], fx.serial.as_str(), "{v}");
 }
+
+/// SM2 certificates made by openssl (an SM2 CA signing with the GM ID, and one signing
+/// with OpenSSL's default empty ID), written with pkcs11-tool: listed as SM2, and
+/// `ukey diagnose` checks their chain against the SM2 CA as OpenSSL does.
+#[test]
+fn sm2_certificates_are_listed_and_chain_checked_as_openssl_checks_them() {
+    const GM: &str = "distid:1234567812345678";
+    let hsm = SoftHsm::new().unwrap();
+    let dir = hsm.dir().join("sm2");
+    std::fs::create_dir_all(&dir).unwrap();
+    run(hsm.command("softhsm2-util").args([
+        "--init-token",
+        "--free",
+        "--label",
+        "国密UKey",
+        "--pin",
+        "654321",
+        "--so-pin",
+        "87654321",
+    ]));
+    let openssl = |args: &[&str]| run(Command::new("openssl").current_dir(&dir).args(args));
+    openssl(&["genpkey", "-algorithm", "SM2", "-out", "ca.key"]);
+    openssl(&[
+        "req",
+        "-x509",
+        "-new",
+        "-key",
+        "ca.key",
+        "-sm3",
+        "-sigopt",
+        GM,
+        "-utf8",
+        "-subj",
+        "/C=CN/O=测试国密CA/CN=SM2 Root",
+        "-days",
+        "3650",
+        "-out",
+        "ca.pem",
+        "-addext",
+        "basicConstraints=critical,CA:TRUE",
+        "-addext",
+        "keyUsage=critical,keyCertSign,cRLSign",
+    ]);
+    std::fs::write(
+        dir.join("leaf.ext"),
+        "basicConstraints=CA:FALSE\nkeyUsage=critical,digitalSignature,nonRepudiation\n",
+    )
+    .unwrap();
+    // 01: signed with the GM ID; 02: with the empty ID.
+    for (id, sigopt) in [("01", Some(GM)), ("02", None)] {
+        openssl(&[
+            "genpkey",
+            "-algorithm",
+            "SM2",
+            "-out",
+            &format!("k{id}.pem"),
+        ]);
+        openssl(&[
+            "req",
+            "-new",
+            "-key",
+            &format!("k{id}.pem"),
+            "-sm3",
+            "-sigopt",
+            GM,
+            "-utf8",
+            "-subj",
+            "/C=CN/O=某某建设工程有限公司/CN=张三",
+            "-out",
+            &format!("r{id}.csr"),
+        ]);
+        let mut args = vec![
+            "x509",
+            "-req",
+            "-in",
+            &format!("r{id}.csr"),
+            "-CA",
+            "ca.pem",
+            "-CAkey",
+            "ca.key",
+            "-sm3",
+            "-vfyopt",
+            GM,
+            "-days",
+            "365",
+            "-extfile",
+            "leaf.ext",
+            "-outform",
+            "DER",
+            "-out",
+            &format!("c{id}.der"),
+        ]
+        .into_iter()
+        .map(str::to_owned)
+        .collect::<Vec<_>>();
+        if let Some(opt) = sigopt {
+            args.extend(["-sigopt".to_owned(), opt.to_owned()]);
+        }
+        openssl(&args.iter().map(String::as_str).collect::<Vec<_>>());
+        run(hsm
+            .command("pkcs11-tool")
+            .arg("--module")
+            .arg(hsm.module_path())
+            .args(["--login", "--pin", "654321", "--write-object"])
+            .arg(dir.join(format!("c{id}.der")))
+            .args([
+                "--type",
+                "cert",
+                "--id",
+                id,
+                "--label",
+                &format!("国密-{id}"),
+            ]));
+    }
+    // OpenSSL's own verdicts, which ours must match.
+    openssl(&[
+        "x509", "-inform", "DER", "-in", "c01.der", "-out", "c01.pem",
+    ]);
+    openssl(&[
+        "x509", "-inform", "DER", "-in", "c02.der", "-out", "c02.pem",
+    ]);
+    openssl(&["verify", "-vfyopt", GM, "-CAfile", "ca.pem", "c01.pem"]);
+    let refused = Command::new("openssl")
+        .current_dir(&dir)
+        .args(["verify", "-vfyopt", GM, "-CAfile", "ca.pem", "c02.pem"])
+        .output()
+        .unwrap();
+    assert!(!refused.status.success());
+
+    let doc = list_json(&hsm);
+    let certs = doc["tokens"][0]["certificates"].as_array().unwrap().clone();
+    assert_eq!(certs.len(), 2, "{doc:#}");
+    for c in &certs {
+        assert_eq!(c["key_algorithm"], "SM2", "{c:#}");
+        assert_eq!(
+            c["label"],
+            format!("国密-{}", c["key_id"].as_str().unwrap())
+        );
+    }
+
+    let out = hsm
+        .command(UKEY)
+        .arg("--module")
+        .arg(hsm.module_path())
+        .args(["diagnose", "--json", "--trust"])
+        .arg(dir.join("ca.pem"))
+        .env_remove("UKEY_PKCS11_MODULE")
+        .env("UKEY_CONFIG", hsm.dir().join("no-config.toml"))
+        .env("UKEY_DATA_DIR", hsm.dir().join("data"))
+        .output()
+        .unwrap();
+    let report: serde_json::Value = serde_json::from_slice(&out.stdout)
+        .unwrap_or_else(|e| panic!("{e}: {}", String::from_utf8_lossy(&out.stderr)));
+    let chain = |serial: &str| {
+        report["sections"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|s| s["kind"] == "certificate" && s["id"].as_str().unwrap().ends_with(serial))
+            .unwrap_or_else(|| panic!("no section for {serial}: {report:#}"))["checks"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|c| c["id"] == "certificate.chain")
+            .expect("chain check")["status"]
+            .clone()
+    };
+    let serial = |f: &str| openssl_serial(&dir.join(f));
+    assert_eq!(chain(&serial("c01.pem")), "pass", "{report:#}");
+    assert_eq!(chain(&serial("c02.pem")), "fail", "{report:#}");
+}
