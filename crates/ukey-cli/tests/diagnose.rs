@@ -59,6 +59,15 @@ fn section<'v>(report: &'v Value, kind: &str) -> Vec<&'v Value> {
         .collect()
 }
 
+fn env_check<'v>(report: &'v Value, id: &str) -> &'v Value {
+    section(report, "environment")[0]["checks"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|c| c["id"] == id)
+        .unwrap_or_else(|| panic!("no {id} in {report:#}"))
+}
+
 fn healthy(hsm: &SoftHsm) -> softhsm_fixtures::TokenFixture {
     let spec = TokenSpec {
         certs: vec![CertSpec::signing(KeyAlg::Rsa2048, "张三", 200)],
@@ -104,6 +113,8 @@ fn healthy_token_with_pin_and_trust_anchor_exits_zero() {
     };
     assert_eq!(status("certificate.chain"), "pass");
     assert_eq!(status("certificate.self_test"), "pass");
+    // SoftHSM2 has no SM2 mechanisms: said, not failed.
+    assert_eq!(env_check(&r, "environment.sm2_profile")["status"], "skip");
     // The terminal JSON is the user's own: not redacted.
     assert_eq!(r["redacted"], false);
     assert!(
@@ -226,4 +237,41 @@ fn bad_input_is_a_clear_error() {
     assert_eq!(out.status.code(), Some(8), "{out:?}");
     let r = json(&out);
     assert_eq!(r["overall"], "fail");
+}
+
+#[test]
+fn the_sm2_mechanism_profile_of_the_module_is_named_or_its_error_shown() {
+    let hsm = SoftHsm::new().unwrap();
+    healthy(&hsm);
+    let config = hsm.dir().join("sm2-config.toml");
+    let module = hsm.module_path().display().to_string();
+    let write = |profile: &str| {
+        std::fs::write(
+            &config,
+            format!(
+                "[[modules]]\nname = \"GM\"\npath = \"{module}\"\nsm2_profile = \"{profile}\"\n"
+            ),
+        )
+        .unwrap();
+    };
+    let diagnose = || {
+        let out = command(&hsm, &["diagnose", "--json"])
+            .env("UKEY_CONFIG", &config)
+            .output()
+            .unwrap();
+        json(&out)
+    };
+    write("tass");
+    let r = diagnose();
+    let check = env_check(&r, "environment.sm2_profile");
+    assert_eq!(check["status"], "pass", "{check:#}");
+    assert_eq!(check["facts"]["profile"], "tass");
+    assert_eq!(check["facts"]["key_pair_gen"], "0x80008001");
+    assert_eq!(check["facts"]["tried_on_hardware"], false);
+
+    write("no-such-vendor");
+    let r = diagnose();
+    let check = env_check(&r, "environment.sm2_profile");
+    assert_eq!(check["status"], "fail", "{check:#}");
+    assert!(check.to_string().contains("no-such-vendor"), "{check:#}");
 }

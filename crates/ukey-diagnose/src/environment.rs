@@ -157,6 +157,54 @@ pub(crate) fn module_loaded(module: &Module) -> Check {
     )
 }
 
+/// Which SM2 mechanism profile the module is used through ([`ukey_token::gm`]): from
+/// the configuration, else a built-in one matched by file name or manufacturer.
+pub(crate) fn sm2_profile_check(module: &Module, config: &Config) -> Check {
+    let maker = &module.library_info().manufacturer;
+    match ukey_token::gm::profile_for(config, module.path(), maker) {
+        Ok(Some(p)) => {
+            let (tried_zh, tried_en) = if p.tried_on_hardware {
+                ("已在硬件上验证", "tried on hardware")
+            } else {
+                ("尚未在硬件上验证", "not yet tried on hardware")
+            };
+            let name = &p.name;
+            Check::new(
+                "environment.sm2_profile",
+                Status::Pass,
+                text!(
+                    "国密 SM2 通过厂商机制配置 {name} 使用（{tried_zh}）",
+                    "SM2 is used through the vendor mechanism profile {name} ({tried_en})"
+                ),
+            )
+            .facts(
+                Facts::new()
+                    .with("profile", p.name.clone())
+                    .with("key_pair_gen", format!("0x{:08X}", p.key_pair_gen))
+                    .with("host_computes_digest", p.host_computes_digest())
+                    .with("tried_on_hardware", p.tried_on_hardware),
+            )
+        }
+        Ok(None) => Check::new(
+            "environment.sm2_profile",
+            Status::Skip,
+            text!(
+                "此模块没有已知的国密 SM2 机制配置：RSA 与 ECC 证书照常更新，SM2 密钥无法通过它生成",
+                "This module has no known SM2 mechanism profile: RSA and ECC certificates renew as usual, SM2 keys cannot be made through it"
+            ),
+        )
+        .action(Text::new(
+            "如厂商提供 SM2 机制常量，可在 config.toml 的 [[modules]] 中加入 sm2_profile 或 [modules.sm2]。",
+            "If the vendor documents its SM2 mechanism constants, add sm2_profile or [modules.sm2] to its [[modules]] entry in config.toml.",
+        )),
+        Err(reason) => Check::new(
+            "environment.sm2_profile",
+            Status::Fail,
+            text!("国密机制配置有误：{reason}", "The SM2 mechanism profile is wrong: {reason}"),
+        ),
+    }
+}
+
 /// Modules that are software tokens: they never compete for a card reader.
 fn is_software(name: &str, path: &Path) -> bool {
     let file = path
@@ -390,10 +438,7 @@ mod tests {
         for (name, file) in modules {
             let path = dir.join(file);
             std::fs::write(&path, b"not loaded").unwrap();
-            config.modules.push(ModuleEntry {
-                name: (*name).to_owned(),
-                path,
-            });
+            config.modules.push(ModuleEntry::new(*name, path));
         }
         config
     }

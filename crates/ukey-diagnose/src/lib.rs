@@ -171,6 +171,8 @@ pub fn diagnose_with(module: &Module, options: &Options) -> Report {
     env.checks
         .push(environment::config_sources_check(&options.config));
     env.checks.push(environment::module_loaded(module));
+    env.checks
+        .push(environment::sm2_profile_check(module, &options.config));
     env.checks.push(environment::other_modules_check(
         Some(module.path()),
         &options.config,

@@ -40,13 +40,33 @@ pub const SYSTEM_CONFIG_ENV: &str = "UKEY_SYSTEM_CONFIG";
 /// The system-wide configuration file a CA's installer writes.
 pub const SYSTEM_CONFIG_PATH: &str = "/etc/ukey/config.toml";
 
-/// A known module: a human name and a path.
+/// A known module: a human name and a path, and how it speaks SM2 if it does.
 #[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct ModuleEntry {
     /// Name shown to the user, e.g. `Longmai mToken GM3000`.
     pub name: String,
     /// Absolute path of the PKCS#11 library.
     pub path: PathBuf,
+    /// `sm2_profile = "tass"`: the module speaks SM2 as this built-in profile says
+    /// ([`crate::gm`]).
+    #[serde(default)]
+    pub sm2_profile: Option<String>,
+    /// `[modules.sm2]`: the module's own SM2 constants ([`crate::gm::MechanismProfile`]).
+    #[serde(default)]
+    pub sm2: Option<crate::gm::MechanismProfile>,
+}
+
+impl ModuleEntry {
+    /// A module with a name and a path, nothing said about SM2.
+    pub fn new(name: impl Into<String>, path: impl Into<PathBuf>) -> ModuleEntry {
+        ModuleEntry {
+            name: name.into(),
+            path: path.into(),
+            sm2_profile: None,
+            sm2: None,
+        }
+    }
 }
 
 /// The configuration file's content.

@@ -20,6 +20,7 @@ pub mod certificate;
 pub mod config;
 pub mod der;
 pub mod error;
+pub mod gm;
 pub mod keys;
 pub mod listing;
 pub mod module;

@@ -442,10 +442,7 @@ fn opensc_module() -> std::path::PathBuf {
 fn opensc_then_softhsm(hsm: &SoftHsm) -> ukey_token::Config {
     let bogus = hsm.dir().join("libnot-a-module.so");
     std::fs::write(&bogus, b"not a shared object").unwrap();
-    let entry = |name: &str, path: &Path| ukey_token::ModuleEntry {
-        name: name.to_owned(),
-        path: path.to_owned(),
-    };
+    let entry = |name: &str, path: &Path| ukey_token::ModuleEntry::new(name, path);
     ukey_token::Config {
         modules: vec![
             entry("Broken driver", &bogus),
