@@ -12,6 +12,7 @@ pub mod envelope;
 pub mod http;
 pub mod names;
 pub mod portal;
+pub mod sm2ca;
 pub mod store;
 
 pub use http::{RunningServer, TlsFiles, router, start};
