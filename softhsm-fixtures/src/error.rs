@@ -80,6 +80,15 @@ pub enum FixtureError {
     #[error("random generator failed: {0}")]
     Random(String),
 
+    /// An `openssl` command of the SM2 fixtures failed.
+    #[error("openssl {args} failed: {stderr} / openssl 命令失败")]
+    OpenSsl {
+        /// The arguments.
+        args: String,
+        /// What it printed on stderr.
+        stderr: String,
+    },
+
     /// No token with this serial in the SoftHsm directory.
     #[error("no token with serial {serial} in {dir} / 找不到该序列号的令牌")]
     TokenNotFound {

@@ -21,6 +21,8 @@ mod module;
 mod spec;
 mod token;
 
+pub mod openssl_sm2;
+
 pub use ca::{CA_ORG, ISSUING_CN, IssuedCert, ROOT_CN, SubjectPublicKey, TestCa};
 pub use error::FixtureError;
 pub use hsm::{SOFTHSM2_CONF, SoftHsm, fixtures_cli};

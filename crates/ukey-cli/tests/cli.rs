@@ -572,7 +572,7 @@ fn list_without_module_opens_the_discovered_module_that_has_the_key() {
 /// `ukey diagnose` checks their chain against the SM2 CA as OpenSSL does.
 #[test]
 fn sm2_certificates_are_listed_and_chain_checked_as_openssl_checks_them() {
-    const GM: &str = "distid:1234567812345678";
+    use softhsm_fixtures::openssl_sm2::{OpenSslSm2, SignedId};
     let hsm = SoftHsm::new().unwrap();
     let dir = hsm.dir().join("sm2");
     std::fs::create_dir_all(&dir).unwrap();
@@ -586,91 +586,19 @@ fn sm2_certificates_are_listed_and_chain_checked_as_openssl_checks_them() {
         "--so-pin",
         "87654321",
     ]));
-    let openssl = |args: &[&str]| run(Command::new("openssl").current_dir(&dir).args(args));
-    openssl(&["genpkey", "-algorithm", "SM2", "-out", "ca.key"]);
-    openssl(&[
-        "req",
-        "-x509",
-        "-new",
-        "-key",
-        "ca.key",
-        "-sm3",
-        "-sigopt",
-        GM,
-        "-utf8",
-        "-subj",
-        "/C=CN/O=测试国密CA/CN=SM2 Root",
-        "-days",
-        "3650",
-        "-out",
-        "ca.pem",
-        "-addext",
-        "basicConstraints=critical,CA:TRUE",
-        "-addext",
-        "keyUsage=critical,keyCertSign,cRLSign",
-    ]);
-    std::fs::write(
-        dir.join("leaf.ext"),
-        "basicConstraints=CA:FALSE\nkeyUsage=critical,digitalSignature,nonRepudiation\n",
-    )
-    .unwrap();
-    // 01: signed with the GM ID; 02: with the empty ID.
-    for (id, sigopt) in [("01", Some(GM)), ("02", None)] {
-        openssl(&[
-            "genpkey",
-            "-algorithm",
-            "SM2",
-            "-out",
-            &format!("k{id}.pem"),
-        ]);
-        openssl(&[
-            "req",
-            "-new",
-            "-key",
-            &format!("k{id}.pem"),
-            "-sm3",
-            "-sigopt",
-            GM,
-            "-utf8",
-            "-subj",
-            "/C=CN/O=某某建设工程有限公司/CN=张三",
-            "-out",
-            &format!("r{id}.csr"),
-        ]);
-        let mut args = vec![
-            "x509",
-            "-req",
-            "-in",
-            &format!("r{id}.csr"),
-            "-CA",
-            "ca.pem",
-            "-CAkey",
-            "ca.key",
-            "-sm3",
-            "-vfyopt",
-            GM,
-            "-days",
-            "365",
-            "-extfile",
-            "leaf.ext",
-            "-outform",
-            "DER",
-            "-out",
-            &format!("c{id}.der"),
-        ]
-        .into_iter()
-        .map(str::to_owned)
-        .collect::<Vec<_>>();
-        if let Some(opt) = sigopt {
-            args.extend(["-sigopt".to_owned(), opt.to_owned()]);
-        }
-        openssl(&args.iter().map(String::as_str).collect::<Vec<_>>());
+    let o = OpenSslSm2::new(&dir);
+    o.ca("ca", "/C=CN/O=测试国密CA/CN=SM2 Root").unwrap();
+    // c01: signed with the GM ID; c02: with the empty ID.
+    for (id, signed) in [("01", SignedId::Gm), ("02", SignedId::Empty)] {
+        let name = format!("c{id}");
+        o.leaf("ca", &name, "/C=CN/O=某某建设工程有限公司/CN=张三", signed)
+            .unwrap();
         run(hsm
             .command("pkcs11-tool")
             .arg("--module")
             .arg(hsm.module_path())
             .args(["--login", "--pin", "654321", "--write-object"])
-            .arg(dir.join(format!("c{id}.der")))
+            .arg(dir.join(format!("{name}.der")))
             .args([
                 "--type",
                 "cert",
@@ -681,19 +609,8 @@ fn sm2_certificates_are_listed_and_chain_checked_as_openssl_checks_them() {
             ]));
     }
     // OpenSSL's own verdicts, which ours must match.
-    openssl(&[
-        "x509", "-inform", "DER", "-in", "c01.der", "-out", "c01.pem",
-    ]);
-    openssl(&[
-        "x509", "-inform", "DER", "-in", "c02.der", "-out", "c02.pem",
-    ]);
-    openssl(&["verify", "-vfyopt", GM, "-CAfile", "ca.pem", "c01.pem"]);
-    let refused = Command::new("openssl")
-        .current_dir(&dir)
-        .args(["verify", "-vfyopt", GM, "-CAfile", "ca.pem", "c02.pem"])
-        .output()
-        .unwrap();
-    assert!(!refused.status.success());
+    assert!(o.verifies_with_gm_id("ca", "c01.pem"));
+    assert!(!o.verifies_with_gm_id("ca", "c02.pem"));
 
     let doc = list_json(&hsm);
     let certs = doc["tokens"][0]["certificates"].as_array().unwrap().clone();

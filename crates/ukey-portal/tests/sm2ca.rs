@@ -3,32 +3,22 @@
 //! by OpenSSL, including for the subject of an RSA certificate (the algorithm upgrade).
 
 use std::path::Path;
-use std::process::{Command, Output};
+use std::process::Output;
 
+use softhsm_fixtures::openssl_sm2::{GM_DISTID_OPT as GM, OpenSslSm2};
 use time::OffsetDateTime;
 use ukey_portal::ca::Usage;
 use ukey_portal::sm2ca::Sm2Ca;
 use x509_parser::prelude::{FromDer as _, X509Certificate};
 
-const GM: &str = "distid:1234567812345678";
-
 fn openssl(dir: &Path, args: &[&str]) -> Output {
-    Command::new("openssl")
-        .args(args)
-        .current_dir(dir)
-        .output()
-        .expect("openssl")
+    OpenSslSm2::new(dir).output(args)
 }
 
 fn ok(dir: &Path, args: &[&str]) -> String {
-    let out = openssl(dir, args);
-    assert!(
-        out.status.success(),
-        "openssl {args:?}: {}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout).into_owned()
+    OpenSslSm2::new(dir)
+        .run(args)
+        .unwrap_or_else(|e| panic!("{e}"))
 }
 
 fn pem(label: &str, der: &[u8]) -> String {
@@ -37,30 +27,7 @@ fn pem(label: &str, der: &[u8]) -> String {
 
 /// An SM2 key made by OpenSSL: its SubjectPublicKeyInfo, DER.
 fn openssl_sm2_spki(dir: &Path, name: &str) -> Vec<u8> {
-    ok(
-        dir,
-        &[
-            "genpkey",
-            "-algorithm",
-            "SM2",
-            "-out",
-            &format!("{name}.key"),
-        ],
-    );
-    ok(
-        dir,
-        &[
-            "pkey",
-            "-in",
-            &format!("{name}.key"),
-            "-pubout",
-            "-outform",
-            "DER",
-            "-out",
-            &format!("{name}.spki"),
-        ],
-    );
-    std::fs::read(dir.join(format!("{name}.spki"))).unwrap()
+    OpenSslSm2::new(dir).key(name).unwrap()
 }
 
 /// The subject (DER) of an RSA certificate made by OpenSSL: the one being upgraded.
@@ -199,30 +166,9 @@ fn an_openssl_made_sm2_ca_is_loaded_and_bad_input_refused() {
     let dir = tempfile::tempdir().unwrap();
     let d = dir.path();
     let now = OffsetDateTime::now_utc();
-    ok(d, &["genpkey", "-algorithm", "SM2", "-out", "ca.key"]);
-    ok(
-        d,
-        &[
-            "req",
-            "-x509",
-            "-new",
-            "-key",
-            "ca.key",
-            "-sm3",
-            "-sigopt",
-            GM,
-            "-subj",
-            "/C=CN/O=OpenSSL SM2 CA/CN=Root",
-            "-days",
-            "3650",
-            "-out",
-            "ca.pem",
-            "-addext",
-            "basicConstraints=critical,CA:TRUE",
-            "-addext",
-            "keyUsage=critical,keyCertSign,cRLSign",
-        ],
-    );
+    OpenSslSm2::new(d)
+        .ca("ca", "/C=CN/O=OpenSSL SM2 CA/CN=Root")
+        .unwrap();
     let cert_pem = std::fs::read_to_string(d.join("ca.pem")).unwrap();
     let key_pem = std::fs::read_to_string(d.join("ca.key")).unwrap();
     let ca = Sm2Ca::from_pem(&cert_pem, &key_pem).unwrap();

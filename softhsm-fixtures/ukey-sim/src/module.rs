@@ -123,6 +123,18 @@ fn load_backend() -> Result<&'static Backend, String> {
         .map_err(Clone::clone)
 }
 
+/// Which chip time a call takes (see [`crate::profile`]).
+#[derive(Debug, Clone, Copy)]
+enum Chip {
+    /// The function's.
+    Function,
+    /// The mechanism's for this function, else the function's (RSA key pairs take
+    /// seconds, EC ones a fraction of that).
+    Mechanism(CK_MECHANISM_TYPE),
+    /// None: the middleware answers without the chip (a length query).
+    NotUsed,
+}
+
 /// Every call into SoftHSM2 holds this shared; re-initialising SoftHSM2 to see a new
 /// token holds it exclusively (and only tries: a call delayed by simulated latency
 /// postpones the re-scan instead of blocking the discovery call).
@@ -579,44 +591,21 @@ impl Shim {
         })
     }
 
-    /// Runs `call` on the token `serial` with its faults and latency.
+    /// Runs `call` on the token `serial` with its faults, latency and chip time.
     fn run(&self, name: &'static str, serial: &str, call: impl FnOnce() -> CK_RV) -> CK_RV {
-        self.run_mechanism(name, None, serial, call)
+        self.run_with(name, Chip::Function, serial, call)
     }
 
-    /// [`Shim::run`] for a call the middleware answers without the chip (a length
-    /// query): faults and latency apply, chip time does not.
-    fn run_without_chip(
+    /// [`Shim::run`], with the chip time chosen by `chip`.
+    fn run_with(
         &self,
         name: &'static str,
-        serial: &str,
-        call: impl FnOnce() -> CK_RV,
-    ) -> CK_RV {
-        self.run_on(name, None, false, serial, call)
-    }
-
-    /// [`Shim::run`] for a call that names its mechanism, whose chip time may depend
-    /// on it (an RSA key pair takes seconds, an EC one a fraction of that).
-    fn run_mechanism(
-        &self,
-        name: &'static str,
-        mechanism: Option<CK_MECHANISM_TYPE>,
-        serial: &str,
-        call: impl FnOnce() -> CK_RV,
-    ) -> CK_RV {
-        self.run_on(name, mechanism, true, serial, call)
-    }
-
-    fn run_on(
-        &self,
-        name: &'static str,
-        mechanism: Option<CK_MECHANISM_TYPE>,
-        on_chip: bool,
+        chip: Chip,
         serial: &str,
         call: impl FnOnce() -> CK_RV,
     ) -> CK_RV {
         let started = Instant::now();
-        let (before, after, latency, chip, events) = {
+        let (before, after, latency, chip_time, events) = {
             let inner = self.lock();
             let events = inner.state.events(serial);
             match inner.state.token(serial) {
@@ -624,7 +613,11 @@ impl Shim {
                     t.has_fault(name, FaultTiming::Before),
                     t.has_fault(name, FaultTiming::After),
                     t.latency(name),
-                    t.chip_time(name, mechanism).filter(|_| on_chip),
+                    match chip {
+                        Chip::Function => t.chip_time(name, None),
+                        Chip::Mechanism(m) => t.chip_time(name, Some(m)),
+                        Chip::NotUsed => None,
+                    },
                     events,
                 ),
                 None => (false, false, None, None, events),
@@ -642,7 +635,7 @@ impl Shim {
         // The chip's time: SoftHSM2's own work ran inside it. What the call did stays
         // done if the key is pulled now, as on a card that committed before the reader
         // lost it.
-        if let Some(chip) = chip
+        if let Some(chip) = chip_time
             && let Err(removed) = self.delay(serial, events, chip.saturating_sub(started.elapsed()))
         {
             return removed;
@@ -1356,7 +1349,7 @@ unsafe extern "C" fn C_Sign(
             )
         };
         Ok(if pSignature.is_null() {
-            shim.run_without_chip("C_Sign", &call.serial, forward)
+            shim.run_with("C_Sign", Chip::NotUsed, &call.serial, forward)
         } else {
             shim.run("C_Sign", &call.serial, forward)
         })
@@ -1383,8 +1376,11 @@ unsafe extern "C" fn C_GenerateKeyPair(
             // C_GenerateKeyPair contract; only its type is read.
             unsafe { (*pMechanism).mechanism }
         });
-        Ok(
-            shim.run_mechanism("C_GenerateKeyPair", mechanism, &call.serial, || {
+        Ok(shim.run_with(
+            "C_GenerateKeyPair",
+            mechanism.map_or(Chip::Function, Chip::Mechanism),
+            &call.serial,
+            || {
                 backend!(
                     shim.backend,
                     C_GenerateKeyPair(
@@ -1398,8 +1394,8 @@ unsafe extern "C" fn C_GenerateKeyPair(
                         phPrivateKey,
                     )
                 )
-            }),
-        )
+            },
+        ))
     })
 }
 
