@@ -19,6 +19,7 @@
 // from C callers. Every unsafe block states why it holds.
 #![allow(unsafe_code)]
 
+pub mod gm;
 pub mod mechanisms;
 pub mod module;
 pub mod names;
@@ -235,6 +236,25 @@ impl Control {
             }
         })
         .map(drop)
+    }
+
+    /// Makes the token a GM key speaking the vendor profile `name` (see
+    /// [`gm::PROFILES`]), or a plain key again with `None`. SM2 keys already on it stay.
+    pub fn set_gm(&self, serial: &str, name: Option<&str>) -> Result<(), SimError> {
+        if let Some(name) = name
+            && gm::profile(name).is_none()
+        {
+            return Err(SimError::InvalidArgument(format!(
+                "unknown GM profile {name:?} (known: {})",
+                gm::PROFILES
+                    .iter()
+                    .map(|p| p.name)
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            )));
+        }
+        self.update(serial, |t| t.gm = name.map(str::to_owned))
+            .map(drop)
     }
 
     /// Disarms every fault of the token.

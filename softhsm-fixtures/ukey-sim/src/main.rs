@@ -79,6 +79,18 @@ enum Command {
         #[arg(long)]
         list: bool,
     },
+    /// 让令牌成为国密 Key（厂商 SM2 机制）/ Make the token a GM key speaking a vendor's SM2 mechanisms
+    Gm {
+        /// Token serial (omit with --list)
+        #[arg(required_unless_present = "list")]
+        serial: Option<String>,
+        /// Vendor profile (tass, luna), or `none` for a plain key
+        #[arg(required_unless_present = "list")]
+        name: Option<String>,
+        /// Print every vendor profile with its constants
+        #[arg(long)]
+        list: bool,
+    },
     /// 设置 PIN 重试次数 / Set how many wrong PINs lock the token
     PinTries {
         serial: String,
@@ -240,6 +252,21 @@ fn run(cli: Cli) -> Result<()> {
             println!("令牌 {serial}: 延迟档案 / latency profile {name}");
         }
         Command::Profile { .. } => bail!("give SERIAL and a profile name, or --list"),
+        Command::Gm { list: true, .. } => {
+            for p in ukey_sim::gm::PROFILES {
+                print!("{}", p.describe());
+            }
+        }
+        Command::Gm {
+            serial: Some(serial),
+            name: Some(name),
+            ..
+        } => {
+            let gm = (name != "none").then_some(name.as_str());
+            control()?.set_gm(&serial, gm)?;
+            println!("令牌 {serial}: 国密档案 / GM profile {name}");
+        }
+        Command::Gm { .. } => bail!("give SERIAL and a GM profile name, or --list"),
         Command::PinTries { serial, max } => {
             control()?.set_pin_tries(&serial, max)?;
             println!("令牌 {serial}: PIN 最多重试 {max} 次 / PIN locks after {max} wrong tries");
@@ -366,6 +393,9 @@ fn print_status(dir: &std::path::Path, state: &SimState) {
         }
         for (function, ms) in &token.chip_ms {
             println!("      {function} {ms} ms");
+        }
+        if let Some(gm) = &token.gm {
+            println!("    国密 GM key: {gm}");
         }
     }
 }

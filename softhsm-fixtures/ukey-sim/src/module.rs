@@ -77,6 +77,8 @@ macro_rules! backend {
     };
 }
 
+mod sm2;
+
 /// SoftHSM2, loaded once for the life of the process.
 struct Backend {
     list: CK_FUNCTION_LIST,
@@ -222,6 +224,8 @@ struct SessionEntry {
     events_at_open: u64,
     /// Calls running on it now; its SoftHSM2 session is closed only when idle.
     in_flight: u32,
+    /// Its GM operation and SM4 keys (a GM key's session state).
+    gm: sm2::GmSession,
 }
 
 fn session_dead(state: &SimState, session: &SessionEntry) -> bool {
@@ -421,6 +425,7 @@ struct SessionCall<'a> {
     shim: &'a Shim,
     handle: CK_SESSION_HANDLE,
     backend: CK_SESSION_HANDLE,
+    slot: CK_SLOT_ID,
     serial: String,
 }
 
@@ -587,6 +592,7 @@ impl Shim {
             shim: self,
             handle,
             backend,
+            slot: session.slot,
             serial: session.serial.clone(),
         })
     }
@@ -954,6 +960,10 @@ unsafe extern "C" fn C_GetTokenInfo(slotID: CK_SLOT_ID, pInfo: CK_TOKEN_INFO_PTR
         // SoftHSM2 sets COUNT_LOW on its own; the simulated counter decides instead.
         info.flags &= !(CKF_USER_PIN_COUNT_LOW | CKF_USER_PIN_FINAL_TRY | CKF_USER_PIN_LOCKED);
         info.flags |= pin_flags;
+        // A GM key's module names its vendor (an override still wins).
+        if let Some(p) = shim.gm_profile(&serial) {
+            pad(&mut info.manufacturerID, p.manufacturer);
+        }
         apply_token_info(info, &odd);
         Ok(CKR_OK)
     })
@@ -968,7 +978,8 @@ unsafe extern "C" fn C_GetMechanismList(
         let shim = shim()?;
         let (serial, _) = shim.plugged_slot(slotID)?;
         let hidden = crate::mechanisms::hidden_for(shim.file.dir(), &serial);
-        if hidden.is_empty() {
+        let gm = shim.gm_profile(&serial);
+        if hidden.is_empty() && gm.is_none() {
             return Ok(shim.run("C_GetMechanismList", &serial, || {
                 backend!(
                     shim.backend,
@@ -979,8 +990,8 @@ unsafe extern "C" fn C_GetMechanismList(
         if pulCount.is_null() {
             return Err(CKR_ARGUMENTS_BAD);
         }
-        // Some mechanisms are hidden (see crate::mechanisms): fetch the whole list,
-        // then hand out the rest.
+        // Some mechanisms are hidden (see crate::mechanisms) or added (a GM key's):
+        // fetch the whole list, then hand out the rest.
         Ok(shim.run("C_GetMechanismList", &serial, || {
             let mut n: CK_ULONG = 0;
             let rv = backend!(
@@ -999,6 +1010,8 @@ unsafe extern "C" fn C_GetMechanismList(
                 return rv;
             }
             all.truncate(n as usize);
+            // A GM key adds its vendor's mechanisms.
+            all.extend(gm.map(sm2::mechanism_list).unwrap_or_default());
             // SAFETY: pulCount is non-null; pMechanismList is null or holds *pulCount
             // items, per C_GetMechanismList's contract with our caller.
             unsafe { crate::mechanisms::write_filtered(&all, &hidden, pMechanismList, pulCount) }
@@ -1016,6 +1029,19 @@ unsafe extern "C" fn C_GetMechanismInfo(
         let (serial, _) = shim.plugged_slot(slotID)?;
         if crate::mechanisms::hidden_for(shim.file.dir(), &serial).contains(&type_) {
             return Err(CKR_MECHANISM_INVALID);
+        }
+        if let Some(info) = shim
+            .gm_profile(&serial)
+            .and_then(|p| sm2::mechanism_info(p, type_))
+        {
+            if pInfo.is_null() {
+                return Err(CKR_ARGUMENTS_BAD);
+            }
+            return Ok(shim.run("C_GetMechanismInfo", &serial, || {
+                // SAFETY: pInfo is non-null and valid for one CK_MECHANISM_INFO.
+                unsafe { *pInfo = info };
+                CKR_OK
+            }));
         }
         let rv = shim.run("C_GetMechanismInfo", &serial, || {
             backend!(shim.backend, C_GetMechanismInfo(slotID, type_, pInfo))
@@ -1156,6 +1182,7 @@ unsafe extern "C" fn C_OpenSession(
                 // Taken before the call: a pull during it leaves the session dead.
                 events_at_open: events,
                 in_flight: 0,
+                gm: sm2::GmSession::default(),
             },
         );
         // SAFETY: phSession is non-null and valid for writing one handle.
@@ -1253,26 +1280,12 @@ forward_session_functions! {
         hAuthenticationKey: CK_OBJECT_HANDLE,
     );
     C_Logout();
-    C_CreateObject(pTemplate: CK_ATTRIBUTE_PTR, ulCount: CK_ULONG, phObject: CK_OBJECT_HANDLE_PTR);
-    C_CopyObject(
-        hObject: CK_OBJECT_HANDLE,
-        pTemplate: CK_ATTRIBUTE_PTR,
-        ulCount: CK_ULONG,
-        phNewObject: CK_OBJECT_HANDLE_PTR,
-    );
-    C_DestroyObject(hObject: CK_OBJECT_HANDLE);
     C_GetObjectSize(hObject: CK_OBJECT_HANDLE, pulSize: CK_ULONG_PTR);
-    C_GetAttributeValue(hObject: CK_OBJECT_HANDLE, pTemplate: CK_ATTRIBUTE_PTR, ulCount: CK_ULONG);
-    C_SetAttributeValue(hObject: CK_OBJECT_HANDLE, pTemplate: CK_ATTRIBUTE_PTR, ulCount: CK_ULONG);
-    C_FindObjectsInit(pTemplate: CK_ATTRIBUTE_PTR, ulCount: CK_ULONG);
-    C_FindObjects(phObject: CK_OBJECT_HANDLE_PTR, ulMaxObjectCount: CK_ULONG, pulObjectCount: CK_ULONG_PTR);
     C_FindObjectsFinal();
     C_EncryptInit(pMechanism: CK_MECHANISM_PTR, hKey: CK_OBJECT_HANDLE);
     C_Encrypt(pData: CK_BYTE_PTR, ulDataLen: CK_ULONG, pEncryptedData: CK_BYTE_PTR, pulEncryptedDataLen: CK_ULONG_PTR);
     C_EncryptUpdate(pPart: CK_BYTE_PTR, ulPartLen: CK_ULONG, pEncryptedPart: CK_BYTE_PTR, pulEncryptedPartLen: CK_ULONG_PTR);
     C_EncryptFinal(pLastEncryptedPart: CK_BYTE_PTR, pulLastEncryptedPartLen: CK_ULONG_PTR);
-    C_DecryptInit(pMechanism: CK_MECHANISM_PTR, hKey: CK_OBJECT_HANDLE);
-    C_Decrypt(pEncryptedData: CK_BYTE_PTR, ulEncryptedDataLen: CK_ULONG, pData: CK_BYTE_PTR, pulDataLen: CK_ULONG_PTR);
     C_DecryptUpdate(pEncryptedPart: CK_BYTE_PTR, ulEncryptedPartLen: CK_ULONG, pPart: CK_BYTE_PTR, pulPartLen: CK_ULONG_PTR);
     C_DecryptFinal(pLastPart: CK_BYTE_PTR, pulLastPartLen: CK_ULONG_PTR);
     C_DigestInit(pMechanism: CK_MECHANISM_PTR);
@@ -1280,7 +1293,6 @@ forward_session_functions! {
     C_DigestUpdate(pPart: CK_BYTE_PTR, ulPartLen: CK_ULONG);
     C_DigestKey(hKey: CK_OBJECT_HANDLE);
     C_DigestFinal(pDigest: CK_BYTE_PTR, pulDigestLen: CK_ULONG_PTR);
-    C_SignInit(pMechanism: CK_MECHANISM_PTR, hKey: CK_OBJECT_HANDLE);
     C_SignUpdate(pPart: CK_BYTE_PTR, ulPartLen: CK_ULONG);
     C_SignFinal(pSignature: CK_BYTE_PTR, pulSignatureLen: CK_ULONG_PTR);
     C_SignRecoverInit(pMechanism: CK_MECHANISM_PTR, hKey: CK_OBJECT_HANDLE);
@@ -1301,33 +1313,400 @@ forward_session_functions! {
         ulCount: CK_ULONG,
         phKey: CK_OBJECT_HANDLE_PTR,
     );
-    C_WrapKey(
-        pMechanism: CK_MECHANISM_PTR,
-        hWrappingKey: CK_OBJECT_HANDLE,
-        hKey: CK_OBJECT_HANDLE,
-        pWrappedKey: CK_BYTE_PTR,
-        pulWrappedKeyLen: CK_ULONG_PTR,
-    );
-    C_UnwrapKey(
-        pMechanism: CK_MECHANISM_PTR,
-        hUnwrappingKey: CK_OBJECT_HANDLE,
-        pWrappedKey: CK_BYTE_PTR,
-        ulWrappedKeyLen: CK_ULONG,
-        pTemplate: CK_ATTRIBUTE_PTR,
-        ulAttributeCount: CK_ULONG,
-        phKey: CK_OBJECT_HANDLE_PTR,
-    );
-    C_DeriveKey(
-        pMechanism: CK_MECHANISM_PTR,
-        hBaseKey: CK_OBJECT_HANDLE,
-        pTemplate: CK_ATTRIBUTE_PTR,
-        ulAttributeCount: CK_ULONG,
-        phKey: CK_OBJECT_HANDLE_PTR,
-    );
     C_SeedRandom(pSeed: CK_BYTE_PTR, ulSeedLen: CK_ULONG);
     C_GenerateRandom(RandomData: CK_BYTE_PTR, ulRandomLen: CK_ULONG);
     C_GetFunctionStatus();
     C_CancelFunction();
+}
+
+// ---------------------------------------------------------------------------------
+// Object and key calls: forwarded, except on a GM key (see `sm2`), whose SM2 keys are
+// stored by SoftHSM2 in another form than the application sees, and whose SM4 keys
+// live in the shim.
+
+/// The mechanism type of a CK_MECHANISM the caller passed, if any.
+///
+/// # Safety
+/// `mechanism` is null or points to a valid CK_MECHANISM.
+unsafe fn mechanism_type(mechanism: CK_MECHANISM_PTR) -> Option<CK_MECHANISM_TYPE> {
+    // SAFETY: per this function's contract; only the type is read.
+    (!mechanism.is_null()).then(|| unsafe { (*mechanism).mechanism })
+}
+
+unsafe extern "C" fn C_CreateObject(
+    hSession: CK_SESSION_HANDLE,
+    pTemplate: CK_ATTRIBUTE_PTR,
+    ulCount: CK_ULONG,
+    phObject: CK_OBJECT_HANDLE_PTR,
+) -> CK_RV {
+    entry("C_CreateObject", || {
+        let shim = shim()?;
+        let call = shim.session(hSession)?;
+        let gm = shim.gm_profile(&call.serial);
+        Ok(shim.run("C_CreateObject", &call.serial, || {
+            // SAFETY: our caller's arguments, under the same C_CreateObject contract.
+            gm.and_then(|p| unsafe { sm2::create_object(&call, p, pTemplate, ulCount, phObject) })
+                .unwrap_or_else(|| {
+                    backend!(
+                        shim.backend,
+                        C_CreateObject(call.backend, pTemplate, ulCount, phObject)
+                    )
+                })
+        }))
+    })
+}
+
+unsafe extern "C" fn C_CopyObject(
+    hSession: CK_SESSION_HANDLE,
+    hObject: CK_OBJECT_HANDLE,
+    pTemplate: CK_ATTRIBUTE_PTR,
+    ulCount: CK_ULONG,
+    phNewObject: CK_OBJECT_HANDLE_PTR,
+) -> CK_RV {
+    entry("C_CopyObject", || {
+        let shim = shim()?;
+        let call = shim.session(hSession)?;
+        let gm = shim.gm_profile(&call.serial);
+        Ok(shim.run("C_CopyObject", &call.serial, || {
+            // SAFETY: our caller's template, under the same contract.
+            gm.and_then(|_| unsafe { sm2::refuse_fixed(&call, hObject, pTemplate, ulCount) })
+                .unwrap_or_else(|| {
+                    backend!(
+                        shim.backend,
+                        C_CopyObject(call.backend, hObject, pTemplate, ulCount, phNewObject)
+                    )
+                })
+        }))
+    })
+}
+
+unsafe extern "C" fn C_DestroyObject(
+    hSession: CK_SESSION_HANDLE,
+    hObject: CK_OBJECT_HANDLE,
+) -> CK_RV {
+    entry("C_DestroyObject", || {
+        let shim = shim()?;
+        let call = shim.session(hSession)?;
+        let gm = shim.gm_profile(&call.serial);
+        Ok(shim.run("C_DestroyObject", &call.serial, || {
+            gm.and_then(|_| sm2::destroy_object(&call, hObject))
+                .unwrap_or_else(|| backend!(shim.backend, C_DestroyObject(call.backend, hObject)))
+        }))
+    })
+}
+
+unsafe extern "C" fn C_GetAttributeValue(
+    hSession: CK_SESSION_HANDLE,
+    hObject: CK_OBJECT_HANDLE,
+    pTemplate: CK_ATTRIBUTE_PTR,
+    ulCount: CK_ULONG,
+) -> CK_RV {
+    entry("C_GetAttributeValue", || {
+        let shim = shim()?;
+        let call = shim.session(hSession)?;
+        let gm = shim.gm_profile(&call.serial);
+        Ok(shim.run("C_GetAttributeValue", &call.serial, || match gm {
+            // SAFETY: our caller's arguments, under the same contract.
+            Some(p) => unsafe { sm2::get_attribute_value(&call, p, hObject, pTemplate, ulCount) },
+            None => backend!(
+                shim.backend,
+                C_GetAttributeValue(call.backend, hObject, pTemplate, ulCount)
+            ),
+        }))
+    })
+}
+
+unsafe extern "C" fn C_SetAttributeValue(
+    hSession: CK_SESSION_HANDLE,
+    hObject: CK_OBJECT_HANDLE,
+    pTemplate: CK_ATTRIBUTE_PTR,
+    ulCount: CK_ULONG,
+) -> CK_RV {
+    entry("C_SetAttributeValue", || {
+        let shim = shim()?;
+        let call = shim.session(hSession)?;
+        let gm = shim.gm_profile(&call.serial);
+        Ok(shim.run("C_SetAttributeValue", &call.serial, || {
+            // SAFETY: our caller's template, under the same contract.
+            gm.and_then(|_| unsafe { sm2::refuse_fixed(&call, hObject, pTemplate, ulCount) })
+                .unwrap_or_else(|| {
+                    backend!(
+                        shim.backend,
+                        C_SetAttributeValue(call.backend, hObject, pTemplate, ulCount)
+                    )
+                })
+        }))
+    })
+}
+
+unsafe extern "C" fn C_FindObjectsInit(
+    hSession: CK_SESSION_HANDLE,
+    pTemplate: CK_ATTRIBUTE_PTR,
+    ulCount: CK_ULONG,
+) -> CK_RV {
+    entry("C_FindObjectsInit", || {
+        let shim = shim()?;
+        let call = shim.session(hSession)?;
+        let translated = match shim.gm_profile(&call.serial) {
+            // SAFETY: our caller's template, under the same contract.
+            Some(p) => unsafe { sm2::find_template(p, pTemplate, ulCount) }?,
+            None => None,
+        };
+        Ok(
+            shim.run("C_FindObjectsInit", &call.serial, || match translated {
+                Some(mut t) => {
+                    let mut c = sm2::to_c(&mut t);
+                    backend!(
+                        shim.backend,
+                        C_FindObjectsInit(call.backend, c.as_mut_ptr(), c.len() as CK_ULONG)
+                    )
+                }
+                None => backend!(
+                    shim.backend,
+                    C_FindObjectsInit(call.backend, pTemplate, ulCount)
+                ),
+            }),
+        )
+    })
+}
+
+unsafe extern "C" fn C_FindObjects(
+    hSession: CK_SESSION_HANDLE,
+    phObject: CK_OBJECT_HANDLE_PTR,
+    ulMaxObjectCount: CK_ULONG,
+    pulObjectCount: CK_ULONG_PTR,
+) -> CK_RV {
+    entry("C_FindObjects", || {
+        let shim = shim()?;
+        let call = shim.session(hSession)?;
+        let gm = shim.gm_profile(&call.serial);
+        Ok(shim.run("C_FindObjects", &call.serial, || {
+            loop {
+                let rv = backend!(
+                    shim.backend,
+                    C_FindObjects(call.backend, phObject, ulMaxObjectCount, pulObjectCount)
+                );
+                if rv != CKR_OK || gm.is_none() || phObject.is_null() || pulObjectCount.is_null() {
+                    return rv;
+                }
+                // SAFETY: SoftHSM2 wrote *pulObjectCount ≤ ulMaxObjectCount handles
+                // into the caller's buffer of ulMaxObjectCount.
+                let found =
+                    unsafe { std::slice::from_raw_parts_mut(phObject, *pulObjectCount as usize) };
+                let n = found.len();
+                let kept = sm2::hide_master(&call, found);
+                // SAFETY: non-null, checked above.
+                unsafe { *pulObjectCount = kept as CK_ULONG };
+                // A page that held only the hidden key is not the end of the search.
+                if kept > 0 || n == 0 {
+                    return rv;
+                }
+            }
+        }))
+    })
+}
+
+unsafe extern "C" fn C_SignInit(
+    hSession: CK_SESSION_HANDLE,
+    pMechanism: CK_MECHANISM_PTR,
+    hKey: CK_OBJECT_HANDLE,
+) -> CK_RV {
+    entry("C_SignInit", || {
+        let shim = shim()?;
+        let call = shim.session(hSession)?;
+        let gm = shim.gm_profile(&call.serial);
+        // SAFETY: our caller's mechanism pointer, under the C_SignInit contract.
+        let mechanism = unsafe { mechanism_type(pMechanism) };
+        Ok(shim.run("C_SignInit", &call.serial, || {
+            gm.zip(mechanism)
+                .and_then(|(p, m)| sm2::operation_init(&call, p, m, hKey, true))
+                .unwrap_or_else(|| {
+                    backend!(shim.backend, C_SignInit(call.backend, pMechanism, hKey))
+                })
+        }))
+    })
+}
+
+unsafe extern "C" fn C_DecryptInit(
+    hSession: CK_SESSION_HANDLE,
+    pMechanism: CK_MECHANISM_PTR,
+    hKey: CK_OBJECT_HANDLE,
+) -> CK_RV {
+    entry("C_DecryptInit", || {
+        let shim = shim()?;
+        let call = shim.session(hSession)?;
+        let gm = shim.gm_profile(&call.serial);
+        // SAFETY: our caller's mechanism pointer, under the C_DecryptInit contract.
+        let mechanism = unsafe { mechanism_type(pMechanism) };
+        Ok(shim.run("C_DecryptInit", &call.serial, || {
+            gm.zip(mechanism)
+                .and_then(|(p, m)| sm2::operation_init(&call, p, m, hKey, false))
+                .unwrap_or_else(|| {
+                    backend!(shim.backend, C_DecryptInit(call.backend, pMechanism, hKey))
+                })
+        }))
+    })
+}
+
+unsafe extern "C" fn C_Decrypt(
+    hSession: CK_SESSION_HANDLE,
+    pEncryptedData: CK_BYTE_PTR,
+    ulEncryptedDataLen: CK_ULONG,
+    pData: CK_BYTE_PTR,
+    pulDataLen: CK_ULONG_PTR,
+) -> CK_RV {
+    entry("C_Decrypt", || {
+        let shim = shim()?;
+        let call = shim.session(hSession)?;
+        if sm2::has_operation(&call, false) {
+            return Ok(shim.run("C_Decrypt", &call.serial, || {
+                // SAFETY: our caller's buffers, under the C_Decrypt contract.
+                unsafe {
+                    sm2::finish_operation(
+                        &call,
+                        pEncryptedData,
+                        ulEncryptedDataLen,
+                        pData,
+                        pulDataLen,
+                    )
+                }
+            }));
+        }
+        Ok(shim.run("C_Decrypt", &call.serial, || {
+            backend!(
+                shim.backend,
+                C_Decrypt(
+                    call.backend,
+                    pEncryptedData,
+                    ulEncryptedDataLen,
+                    pData,
+                    pulDataLen
+                )
+            )
+        }))
+    })
+}
+
+unsafe extern "C" fn C_WrapKey(
+    hSession: CK_SESSION_HANDLE,
+    pMechanism: CK_MECHANISM_PTR,
+    hWrappingKey: CK_OBJECT_HANDLE,
+    hKey: CK_OBJECT_HANDLE,
+    pWrappedKey: CK_BYTE_PTR,
+    pulWrappedKeyLen: CK_ULONG_PTR,
+) -> CK_RV {
+    entry("C_WrapKey", || {
+        let shim = shim()?;
+        let call = shim.session(hSession)?;
+        let gm = shim.gm_profile(&call.serial);
+        Ok(shim.run("C_WrapKey", &call.serial, || {
+            if gm.is_some() && sm2::unextractable(&call, hKey) {
+                return CKR_KEY_UNEXTRACTABLE;
+            }
+            backend!(
+                shim.backend,
+                C_WrapKey(
+                    call.backend,
+                    pMechanism,
+                    hWrappingKey,
+                    hKey,
+                    pWrappedKey,
+                    pulWrappedKeyLen
+                )
+            )
+        }))
+    })
+}
+
+unsafe extern "C" fn C_UnwrapKey(
+    hSession: CK_SESSION_HANDLE,
+    pMechanism: CK_MECHANISM_PTR,
+    hUnwrappingKey: CK_OBJECT_HANDLE,
+    pWrappedKey: CK_BYTE_PTR,
+    ulWrappedKeyLen: CK_ULONG,
+    pTemplate: CK_ATTRIBUTE_PTR,
+    ulAttributeCount: CK_ULONG,
+    phKey: CK_OBJECT_HANDLE_PTR,
+) -> CK_RV {
+    entry("C_UnwrapKey", || {
+        let shim = shim()?;
+        let call = shim.session(hSession)?;
+        let gm = shim.gm_profile(&call.serial);
+        // SAFETY: our caller's mechanism pointer, under the C_UnwrapKey contract.
+        let mechanism = unsafe { mechanism_type(pMechanism) };
+        Ok(shim.run("C_UnwrapKey", &call.serial, || {
+            let gm_call = gm.zip(mechanism).and_then(|(p, m)| {
+                let wrapped = if ulWrappedKeyLen == 0 || pWrappedKey.is_null() {
+                    Vec::new()
+                } else {
+                    // SAFETY: pWrappedKey holds ulWrappedKeyLen bytes, per the contract.
+                    unsafe { std::slice::from_raw_parts(pWrappedKey, ulWrappedKeyLen as usize) }
+                        .to_vec()
+                };
+                // SAFETY: our caller's template and out-pointer, under the same contract.
+                unsafe {
+                    sm2::unwrap_key(
+                        &call,
+                        p,
+                        m,
+                        hUnwrappingKey,
+                        &wrapped,
+                        pTemplate,
+                        ulAttributeCount,
+                        phKey,
+                    )
+                }
+            });
+            gm_call.unwrap_or_else(|| {
+                backend!(
+                    shim.backend,
+                    C_UnwrapKey(
+                        call.backend,
+                        pMechanism,
+                        hUnwrappingKey,
+                        pWrappedKey,
+                        ulWrappedKeyLen,
+                        pTemplate,
+                        ulAttributeCount,
+                        phKey,
+                    )
+                )
+            })
+        }))
+    })
+}
+
+unsafe extern "C" fn C_DeriveKey(
+    hSession: CK_SESSION_HANDLE,
+    pMechanism: CK_MECHANISM_PTR,
+    hBaseKey: CK_OBJECT_HANDLE,
+    pTemplate: CK_ATTRIBUTE_PTR,
+    ulAttributeCount: CK_ULONG,
+    phKey: CK_OBJECT_HANDLE_PTR,
+) -> CK_RV {
+    entry("C_DeriveKey", || {
+        let shim = shim()?;
+        let call = shim.session(hSession)?;
+        let gm = shim.gm_profile(&call.serial);
+        Ok(shim.run("C_DeriveKey", &call.serial, || {
+            // SM2 key agreement is not offered; SoftHSM2 would treat the sealed value
+            // as a scalar.
+            if gm.is_some() && sm2::unextractable(&call, hBaseKey) {
+                return CKR_KEY_TYPE_INCONSISTENT;
+            }
+            backend!(
+                shim.backend,
+                C_DeriveKey(
+                    call.backend,
+                    pMechanism,
+                    hBaseKey,
+                    pTemplate,
+                    ulAttributeCount,
+                    phKey
+                )
+            )
+        }))
+    })
 }
 
 /// Forwarded like the others, except that a length query (no output buffer) costs no
@@ -1342,6 +1721,19 @@ unsafe extern "C" fn C_Sign(
     entry("C_Sign", || {
         let shim = shim()?;
         let call = shim.session(hSession)?;
+        if sm2::has_operation(&call, true) {
+            let chip = if pSignature.is_null() {
+                Chip::NotUsed
+            } else {
+                Chip::Function
+            };
+            return Ok(shim.run_with("C_Sign", chip, &call.serial, || {
+                // SAFETY: our caller's buffers, under the C_Sign contract.
+                unsafe {
+                    sm2::finish_operation(&call, pData, ulDataLen, pSignature, pulSignatureLen)
+                }
+            }));
+        }
         let forward = || {
             backend!(
                 shim.backend,
@@ -1376,6 +1768,29 @@ unsafe extern "C" fn C_GenerateKeyPair(
             // C_GenerateKeyPair contract; only its type is read.
             unsafe { (*pMechanism).mechanism }
         });
+        if let Some(p) = shim.gm_profile(&call.serial)
+            && mechanism == Some(p.key_pair_gen)
+        {
+            // An SM2 key pair takes a chip what an EC one does.
+            return Ok(shim.run_with(
+                "C_GenerateKeyPair",
+                Chip::Mechanism(CKM_EC_KEY_PAIR_GEN),
+                &call.serial,
+                || {
+                    // SAFETY: our caller's templates and out-pointers, under the
+                    // C_GenerateKeyPair contract.
+                    unsafe {
+                        sm2::generate_key_pair(
+                            &call,
+                            p,
+                            (pPublicKeyTemplate, ulPublicKeyAttributeCount),
+                            (pPrivateKeyTemplate, ulPrivateKeyAttributeCount),
+                            (phPublicKey, phPrivateKey),
+                        )
+                    }
+                },
+            ));
+        }
         Ok(shim.run_with(
             "C_GenerateKeyPair",
             mechanism.map_or(Chip::Function, Chip::Mechanism),

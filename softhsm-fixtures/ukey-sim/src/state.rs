@@ -102,6 +102,9 @@ pub struct TokenState {
     /// Key sizes C_GetMechanismInfo reports (min, max bits), by CKM_ value (decimal):
     /// a chip that generates only some sizes.
     pub key_sizes: BTreeMap<String, (u64, u64)>,
+    /// The 国密 vendor profile the token speaks (see [`crate::gm`]): its SM2/SM4
+    /// mechanisms and key types, and its manufacturerID. `None`: a plain key.
+    pub gm: Option<String>,
 }
 
 impl Default for TokenState {
@@ -117,6 +120,7 @@ impl Default for TokenState {
             profile: None,
             token_info: TokenInfoOverride::default(),
             key_sizes: BTreeMap::new(),
+            gm: None,
         }
     }
 }

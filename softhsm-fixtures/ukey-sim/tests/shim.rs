@@ -19,6 +19,9 @@ use cryptoki::types::AuthPin;
 use softhsm_fixtures::{SoftHsm, TokenFixture, TokenSpec};
 use ukey_sim::{Control, Fault};
 
+#[path = "shim/gm.rs"]
+mod gm;
+
 const USER_PIN: &str = "123456";
 const SO_PIN: &str = "12345678";
 
