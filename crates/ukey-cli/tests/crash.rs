@@ -187,7 +187,7 @@ fn look(fx: &TokenFixture) -> Seen {
         if d.usage == ukey_token::Usage::Encryption {
             continue;
         }
-        let alg = ukey_token::KeyAlg::parse(&d.key_algorithm).unwrap();
+        let public = ukey_token::PublicKey::from_certificate(&der).unwrap();
         let keys = s
             .find_objects(&[
                 Attribute::Class(ObjectClass::PRIVATE_KEY),
@@ -196,7 +196,7 @@ fn look(fx: &TokenFixture) -> Seen {
             .unwrap();
         for k in keys {
             let data = b"still works?";
-            if let Ok(sig) = s.sign_data(alg, k, data) {
+            if let Ok(sig) = s.sign_data(&public, k, data) {
                 if ukey_renewal::checks::verify_with_certificate(&der, data, &sig).is_ok() {
                     working.push(d.serial.clone());
                 }

@@ -212,6 +212,10 @@ pub enum KeyAlgorithm {
     /// ECDSA/ECDH on NIST P-256 (secp256r1).
     #[serde(rename = "EC-P256")]
     EcP256,
+    /// SM2 (GM/T 0003): id-ecPublicKey on the curve 1.2.156.10197.1.301. Certificates
+    /// from an SM2 CA, signed SM2-with-SM3 with the GM ID `1234567812345678`.
+    #[serde(rename = "SM2")]
+    Sm2,
 }
 
 impl KeyAlgorithm {
@@ -220,6 +224,7 @@ impl KeyAlgorithm {
         match self {
             KeyAlgorithm::Rsa2048 => "RSA-2048",
             KeyAlgorithm::EcP256 => "EC-P256",
+            KeyAlgorithm::Sm2 => "SM2",
         }
     }
     /// Parses a wire name (case-insensitive; `rsa2048`, `p256` accepted too).
@@ -227,6 +232,7 @@ impl KeyAlgorithm {
         match s.to_ascii_uppercase().replace(['-', '_'], "").as_str() {
             "RSA2048" => Some(KeyAlgorithm::Rsa2048),
             "ECP256" | "P256" | "SECP256R1" | "PRIME256V1" => Some(KeyAlgorithm::EcP256),
+            "SM2" => Some(KeyAlgorithm::Sm2),
             _ => None,
         }
     }
@@ -270,6 +276,9 @@ pub enum SignatureAlgorithm {
     /// `CKM_ECDSA`). Signature: DER `ECDSA-Sig-Value ::= SEQUENCE { r INTEGER, s INTEGER }`,
     /// NOT the raw `r || s` PKCS#11 returns.
     EcdsaP256Sha256,
+    /// SM2 with SM3 (GM/T 0003.2): e = SM3(Z ‖ data), Z with the GM ID
+    /// `1234567812345678`. Signature: DER `SEQUENCE { r INTEGER, s INTEGER }`.
+    Sm2Sm3,
 }
 
 /// The renewal terms the holder paid for.

@@ -98,13 +98,31 @@ pub struct Revoked {
     pub revoked_at: OffsetDateTime,
 }
 
+/// The kind of key a new CA gets (`--ca-alg`); an imported CA is what its key is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum CaAlg {
+    /// EC P-256 (signs RSA and P-256 certificates with ECDSA; rcgen).
+    #[default]
+    EcP256,
+    /// SM2 (signs SM2 certificates with SM2-with-SM3 and the GM ID).
+    Sm2,
+}
+
+/// What signs for the CA.
+enum Signer {
+    /// RSA or EC key (rcgen).
+    Rcgen(Box<Issuer<'static, KeyPair>>),
+    /// SM2 key (x509-cert + sm2).
+    Sm2(Box<crate::sm2ca::Sm2Ca>),
+}
+
 /// The portal's issuing CA.
 pub struct Ca {
     cert_der: Vec<u8>,
     chain_der: Vec<Vec<u8>>,
     name_key: NameKey,
     display_name: String,
-    issuer: Issuer<'static, KeyPair>,
+    signer: Signer,
     trusted: Vec<TrustedIssuer>,
 }
 
@@ -123,8 +141,12 @@ const ACCEPTED_FILE: &str = "accepted-issuers.pem";
 impl Ca {
     /// Opens the CA of `data_dir`. With `import = Some((cert, key))` those PEM files are
     /// checked and copied into the data directory first (replacing any CA there);
-    /// without, an existing CA is used, or a new EC P-256 CA is created.
-    pub fn open(data_dir: &Path, import: Option<(&Path, &Path)>) -> Result<Ca, CaError> {
+    /// without, an existing CA is used, or a new CA with a key of `alg` is created.
+    pub fn open(
+        data_dir: &Path,
+        import: Option<(&Path, &Path)>,
+        alg: CaAlg,
+    ) -> Result<Ca, CaError> {
         let cert_path = data_dir.join(CERT_FILE);
         let key_path = data_dir.join(KEY_FILE);
         if let Some((cert_src, key_src)) = import {
@@ -135,7 +157,10 @@ impl Ca {
             std::fs::write(&cert_path, &cert_pem).map_err(io_err(&cert_path))?;
             write_private(&key_path, key_pem.as_bytes())?;
         } else if !cert_path.exists() {
-            let (cert_pem, key_pem) = create_ca()?;
+            let (cert_pem, key_pem) = match alg {
+                CaAlg::EcP256 => create_ca()?,
+                CaAlg::Sm2 => create_sm2_ca()?,
+            };
             std::fs::write(&cert_path, cert_pem).map_err(io_err(&cert_path))?;
             write_private(&key_path, key_pem.as_bytes())?;
         }
@@ -171,21 +196,31 @@ impl Ca {
         Ok(certs.len())
     }
 
-    /// Builds a CA from a PEM bundle (issuing CA first) and its key.
+    /// Builds a CA from a PEM bundle (issuing CA first) and its key: RSA or EC (PKCS#8,
+    /// SEC1 or PKCS#1), or SM2 (PKCS#8, as `openssl genpkey -algorithm SM2` writes it).
     pub fn from_pem(cert_pem: &str, key_pem: &str, accepted: Vec<Vec<u8>>) -> Result<Ca, CaError> {
+        use sm2::pkcs8::DecodePrivateKey as _;
         let chain_der = parse_cert_bundle(cert_pem)?;
         let cert_der = chain_der[0].clone();
-        let key = load_key(key_pem)?;
         let (_, cert) = X509Certificate::from_der(&cert_der)
             .map_err(|e| CaError::BadPem(format!("CA certificate: {e}")))?;
-        if cert.public_key().subject_public_key.as_ref() != key.public_key_raw() {
-            return Err(CaError::BadKey(
-                "the CA key does not belong to the CA certificate".into(),
-            ));
-        }
+        let signer = if sm2::SecretKey::from_pkcs8_pem(key_pem).is_ok() {
+            let first = pem::encode(&pem::Pem::new("CERTIFICATE", cert_der.clone()));
+            Signer::Sm2(Box::new(crate::sm2ca::Sm2Ca::from_pem(&first, key_pem)?))
+        } else {
+            let key = load_key(key_pem)?;
+            if cert.public_key().subject_public_key.as_ref() != key.public_key_raw() {
+                return Err(CaError::BadKey(
+                    "the CA key does not belong to the CA certificate".into(),
+                ));
+            }
+            Signer::Rcgen(Box::new(Issuer::from_ca_cert_der(
+                &cert_der.as_slice().into(),
+                key,
+            )?))
+        };
         let name_key = key_of_name(cert.subject());
         let display = display_name(cert.subject());
-        let issuer = Issuer::from_ca_cert_der(&cert_der.as_slice().into(), key)?;
         let mut trusted = vec![TrustedIssuer {
             name_key: name_key.clone(),
             cert_der: cert_der.clone(),
@@ -203,9 +238,23 @@ impl Ca {
             chain_der,
             name_key,
             display_name: display,
-            issuer,
+            signer,
             trusted,
         })
+    }
+
+    /// The kind of key the CA signs with.
+    pub fn alg(&self) -> CaAlg {
+        match self.signer {
+            Signer::Rcgen(_) => CaAlg::EcP256,
+            Signer::Sm2(_) => CaAlg::Sm2,
+        }
+    }
+
+    /// Whether this CA issues certificates for keys of `alg`: an SM2 CA issues SM2
+    /// certificates, an RSA or EC CA the others.
+    pub fn issues(&self, alg: ukey_portal_api::KeyAlgorithm) -> bool {
+        (alg == ukey_portal_api::KeyAlgorithm::Sm2) == (self.alg() == CaAlg::Sm2)
     }
 
     /// The issuing CA certificate, DER.
@@ -234,7 +283,7 @@ impl Ca {
             .any(|t| {
                 X509Certificate::from_der(&t.cert_der)
                     .ok()
-                    .is_some_and(|(_, ca)| cert.verify_signature(Some(ca.public_key())).is_ok())
+                    .is_some_and(|(_, ca)| signed_by(cert, &ca))
             })
     }
 
@@ -248,6 +297,19 @@ impl Ca {
         crl_url: Option<&str>,
         now: OffsetDateTime,
     ) -> Result<IssuedCert, CaError> {
+        let issuer = match &self.signer {
+            Signer::Rcgen(issuer) => issuer,
+            Signer::Sm2(ca) => {
+                return ca.issue(
+                    subject.as_raw(),
+                    public_key_spki,
+                    usage,
+                    years,
+                    crl_url,
+                    now,
+                );
+            }
+        };
         let mut params = CertificateParams::default();
         params.distinguished_name = dn_from_name(subject)?;
         params.not_before = now - Duration::minutes(5);
@@ -277,7 +339,7 @@ impl Ca {
             }];
         }
         let spki = RcgenSpki::from_der(public_key_spki)?;
-        let cert = params.signed_by(&spki, &self.issuer)?;
+        let cert = params.signed_by(&spki, issuer.as_ref())?;
         Ok(IssuedCert {
             der: cert.der().to_vec(),
             serial_hex: ukey_portal_api::serial_hex_from_bytes(&serial),
@@ -292,6 +354,10 @@ impl Ca {
         crl_number: u64,
         now: OffsetDateTime,
     ) -> Result<Vec<u8>, CaError> {
+        let issuer = match &self.signer {
+            Signer::Rcgen(issuer) => issuer,
+            Signer::Sm2(ca) => return ca.crl(revoked, crl_number, now),
+        };
         let mut entries = Vec::with_capacity(revoked.len());
         for r in revoked {
             let bytes = hex::decode(&r.serial_hex).map_err(|_| {
@@ -312,7 +378,7 @@ impl Ca {
             revoked_certs: entries,
             key_identifier_method: rcgen::KeyIdMethod::Sha256,
         };
-        Ok(params.signed_by(&self.issuer)?.der().to_vec())
+        Ok(params.signed_by(issuer.as_ref())?.der().to_vec())
     }
 }
 
@@ -464,6 +530,31 @@ fn create_ca() -> Result<(String, String), CaError> {
     params.serial_number = Some(SerialNumber::from_slice(&serial));
     let cert = params.self_signed(&key)?;
     Ok((cert.pem(), key.serialize_pem()))
+}
+
+/// Whether `cert` is signed by `ca`'s key: SM2-with-SM3 with the GM ID (which
+/// x509-parser does not verify), else x509-parser's check.
+fn signed_by(cert: &X509Certificate<'_>, ca: &X509Certificate<'_>) -> bool {
+    if cert.signature_algorithm.algorithm.to_id_string() == crate::crypto::OID_SM2_WITH_SM3 {
+        return ukey_trust::gm::verify(
+            ukey_trust::gm::GM_DISTID,
+            &ca.public_key().subject_public_key.data,
+            cert.tbs_certificate.as_ref(),
+            &cert.signature_value.data,
+        );
+    }
+    cert.verify_signature(Some(ca.public_key())).is_ok()
+}
+
+/// A new SM2 root, as [`create_ca`] makes an EC one.
+fn create_sm2_ca() -> Result<(String, String), CaError> {
+    let ca = crate::sm2ca::Sm2Ca::generate(
+        "UKey Renew Reference SM2 CA",
+        "UKey Renew Reference Portal",
+        OffsetDateTime::now_utc(),
+    )?;
+    let cert = pem::encode(&pem::Pem::new("CERTIFICATE", ca.cert_der().to_vec()));
+    Ok((cert, ca.key_pem()?.to_string()))
 }
 
 fn write_private(path: &Path, bytes: &[u8]) -> Result<(), CaError> {

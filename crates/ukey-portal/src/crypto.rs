@@ -8,6 +8,9 @@ use x509_parser::public_key::PublicKey;
 use x509_parser::x509::SubjectPublicKeyInfo;
 
 const OID_P256: &str = "1.2.840.10045.3.1.7";
+const OID_SM2: &str = "1.2.156.10197.1.301";
+/// SM2-with-SM3 (1.2.156.10197.1.501).
+pub const OID_SM2_WITH_SM3: &str = "1.2.156.10197.1.501";
 
 /// What kind of public key a SubjectPublicKeyInfo holds.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -19,6 +22,8 @@ pub enum KeyKind {
     },
     /// EC on P-256.
     EcP256,
+    /// SM2 (id-ecPublicKey on the SM2 curve).
+    Sm2,
     /// Anything else (named for messages).
     Other(String),
 }
@@ -39,6 +44,8 @@ impl KeyKind {
                     .map(|o| o.to_id_string());
                 if curve.as_deref() == Some(OID_P256) {
                     KeyKind::EcP256
+                } else if curve.as_deref() == Some(OID_SM2) {
+                    KeyKind::Sm2
                 } else {
                     KeyKind::Other(format!(
                         "EC on curve {}",
@@ -55,6 +62,7 @@ impl KeyKind {
         match self {
             KeyKind::Rsa { bits: 2048 } => Some(KeyAlgorithm::Rsa2048),
             KeyKind::EcP256 => Some(KeyAlgorithm::EcP256),
+            KeyKind::Sm2 => Some(KeyAlgorithm::Sm2),
             _ => None,
         }
     }
@@ -64,6 +72,7 @@ impl KeyKind {
         match self {
             KeyKind::Rsa { bits } => format!("RSA-{bits}"),
             KeyKind::EcP256 => "EC-P256".into(),
+            KeyKind::Sm2 => "SM2".into(),
             KeyKind::Other(s) => s.clone(),
         }
     }
@@ -91,8 +100,29 @@ pub fn verify(
                 .verify(data, sig)
                 .is_ok()
         }
+        (SignatureAlgorithm::Sm2Sm3, KeyKind::Sm2) => {
+            ukey_trust::gm::verify(ukey_trust::gm::GM_DISTID, key_bytes, data, sig)
+        }
         _ => false,
     }
+}
+
+/// Whether a CSR's self-signature verifies: x509-parser's check, or SM2-with-SM3 with
+/// the GM ID (which x509-parser does not know) for an SM2 key.
+pub fn csr_signature_ok(
+    csr: &x509_parser::certification_request::X509CertificationRequest<'_>,
+) -> bool {
+    if csr.signature_algorithm.algorithm.to_id_string() != OID_SM2_WITH_SM3 {
+        return csr.verify_signature().is_ok();
+    }
+    let info = &csr.certification_request_info;
+    KeyKind::of(&info.subject_pki) == KeyKind::Sm2
+        && ukey_trust::gm::verify(
+            ukey_trust::gm::GM_DISTID,
+            &info.subject_pki.subject_public_key.data,
+            info.raw,
+            &csr.signature_value.data,
+        )
 }
 
 /// SHA-256.

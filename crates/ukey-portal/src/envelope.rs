@@ -70,6 +70,26 @@ pub fn generate_escrow_key(alg: KeyAlgorithm) -> Result<EscrowKey, EnvelopeError
                 spki: spki.as_ref().to_vec(),
             })
         }
+        KeyAlgorithm::Sm2 => {
+            use sm2::pkcs8::{EncodePrivateKey as _, EncodePublicKey as _};
+            let secret = (0..8)
+                .find_map(|_| {
+                    let d = Zeroizing::new(random_bytes(32).ok()?);
+                    sm2::SecretKey::from_slice(&d).ok()
+                })
+                .ok_or(EnvelopeError::Crypto("SM2 key generation"))?;
+            let pkcs8 = secret
+                .to_pkcs8_der()
+                .map_err(|_| EnvelopeError::Crypto("PKCS#8 encoding"))?;
+            let spki = secret
+                .public_key()
+                .to_public_key_der()
+                .map_err(|_| EnvelopeError::Crypto("SPKI encoding"))?;
+            Ok(EscrowKey {
+                pkcs8: pkcs8.as_bytes().to_vec(),
+                spki: spki.as_bytes().to_vec(),
+            })
+        }
     }
 }
 

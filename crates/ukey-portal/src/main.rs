@@ -39,9 +39,14 @@ enum Command {
         /// Issuing CA certificate (PEM; parents may follow) to import into the data dir.
         #[arg(long, requires = "ca_key")]
         ca_cert: Option<PathBuf>,
-        /// Private key of --ca-cert (PEM: PKCS#8, SEC1 or PKCS#1).
+        /// Private key of --ca-cert (PEM: PKCS#8, SEC1 or PKCS#1; an SM2 key as
+        /// `openssl genpkey -algorithm SM2` writes it makes an SM2 CA).
         #[arg(long, requires = "ca_cert")]
         ca_key: Option<PathBuf>,
+        /// The key of the CA the portal makes when none is imported or in the data dir
+        /// yet: ec (P-256; issues RSA-2048 and EC-P256) or sm2 (issues SM2, 国密).
+        #[arg(long, value_enum, default_value = "ec", conflicts_with = "ca_cert")]
+        ca_alg: CaAlgArg,
         /// TLS certificate chain (PEM) for HTTPS.
         #[arg(long, requires = "tls_key")]
         tls_cert: Option<PathBuf>,
@@ -89,7 +94,7 @@ enum OrderCommand {
         /// Include an escrowed encryption certificate.
         #[arg(long)]
         encryption_cert: bool,
-        /// Target key algorithm: RSA-2048 or EC-P256.
+        /// Target key algorithm: RSA-2048, EC-P256 (an EC CA) or SM2 (an SM2 CA).
         #[arg(long, default_value = "RSA-2048", value_parser = parse_alg)]
         algorithm: KeyAlgorithm,
         /// The holder's current encryption certificate serial, revoked on completion.
@@ -141,6 +146,12 @@ enum StateArg {
 }
 
 #[derive(ValueEnum, Clone, Copy, Debug)]
+enum CaAlgArg {
+    Ec,
+    Sm2,
+}
+
+#[derive(ValueEnum, Clone, Copy, Debug)]
 enum PolicyArg {
     New,
     Same,
@@ -148,7 +159,7 @@ enum PolicyArg {
 
 fn parse_alg(s: &str) -> Result<KeyAlgorithm, String> {
     KeyAlgorithm::parse(s)
-        .ok_or_else(|| format!("unknown algorithm {s:?}: use RSA-2048 or EC-P256"))
+        .ok_or_else(|| format!("unknown algorithm {s:?}: use RSA-2048, EC-P256 or SM2"))
 }
 
 fn main() -> Result<()> {
@@ -165,6 +176,7 @@ fn main() -> Result<()> {
             listen,
             ca_cert,
             ca_key,
+            ca_alg,
             tls_cert,
             tls_key,
             public_url,
@@ -172,6 +184,10 @@ fn main() -> Result<()> {
         } => {
             let mut config = PortalConfig::new(&cli.data);
             config.ca_import = ca_cert.zip(ca_key);
+            config.ca_alg = match ca_alg {
+                CaAlgArg::Ec => ukey_portal::ca::CaAlg::EcP256,
+                CaAlgArg::Sm2 => ukey_portal::ca::CaAlg::Sm2,
+            };
             config.challenge_ttl = time::Duration::seconds(i64::from(challenge_ttl_secs));
             let tls = tls_cert
                 .zip(tls_key)

@@ -33,6 +33,8 @@ pub struct PortalConfig {
     pub ca_import: Option<(PathBuf, PathBuf)>,
     /// Lifetime of a challenge.
     pub challenge_ttl: Duration,
+    /// The key of a CA the portal makes (no CA imported and none in the data dir yet).
+    pub ca_alg: crate::ca::CaAlg,
 }
 
 impl PortalConfig {
@@ -42,6 +44,7 @@ impl PortalConfig {
             data_dir: data_dir.into(),
             ca_import: None,
             challenge_ttl: Duration::minutes(5),
+            ca_alg: crate::ca::CaAlg::default(),
         }
     }
 }
@@ -80,7 +83,7 @@ impl Portal {
             .ca_import
             .as_ref()
             .map(|(c, k)| (c.as_path(), k.as_path()));
-        let ca = Ca::open(dir, import)?;
+        let ca = Ca::open(dir, import, config.ca_alg)?;
         let store = Store::open(&dir.join(DB_FILE))?;
         let admin_token = load_or_create_token(dir)?;
         Ok(Portal {
@@ -315,7 +318,7 @@ impl Portal {
 
         let csr = parse_csr(&req.csr_der)?;
         let info = &csr.certification_request_info;
-        if csr.verify_signature().is_err() {
+        if !crypto::csr_signature_ok(&csr) {
             return Err(api(
                 ErrorCode::CsrSignatureInvalid,
                 "the CSR's signature does not verify",
@@ -588,6 +591,16 @@ impl Portal {
             return Err(api(
                 ErrorCode::InvalidArgument,
                 format!("years must be 1 to 10, not {}", req.years),
+            ));
+        }
+        if !self.ca.issues(req.target_algorithm) {
+            return Err(api(
+                ErrorCode::UnsupportedAlgorithm,
+                format!(
+                    "this portal's CA ({}) cannot issue {} certificates: SM2 needs an SM2 CA (--ca-alg sm2 or an SM2 --ca-key), RSA-2048 and EC-P256 an RSA or EC CA",
+                    self.ca.display_name(),
+                    req.target_algorithm
+                ),
             ));
         }
         let serial = normalize_serial_hex(&req.serial_hex)

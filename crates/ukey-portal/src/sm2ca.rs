@@ -4,9 +4,9 @@
 //! `1234567812345678`, as the Chinese PKI expects and `openssl verify -vfyopt
 //! distid:1234567812345678` checks.
 //!
-//! rcgen cannot sign with SM2, so certificates are assembled with RustCrypto's
-//! `x509-cert` builder and signed by `sm2`'s `SigningKey`. Not yet wired into orders: the
-//! portal's issuing path still uses [`crate::ca::Ca`].
+//! rcgen cannot sign with SM2, so certificates and CRLs are assembled with RustCrypto's
+//! `x509-cert` types and signed by `sm2`'s `SigningKey`. The portal's [`crate::ca::Ca`]
+//! issues through it when its CA key is an SM2 key.
 
 use std::str::FromStr as _;
 use std::time::{Duration as StdDuration, UNIX_EPOCH};
@@ -32,7 +32,7 @@ use x509_cert::spki::{EncodePublicKey as _, SubjectPublicKeyInfoRef};
 use x509_cert::time::{Time, Validity};
 use zeroize::Zeroizing;
 
-use crate::ca::{CaError, IssuedCert, Usage};
+use crate::ca::{CaError, IssuedCert, Revoked, Usage};
 
 /// The GM/T 0009 default distinguishing ID.
 pub const GM_DISTID: &str = "1234567812345678";
@@ -286,6 +286,85 @@ impl Sm2Ca {
             serial_hex: ukey_portal_api::serial_hex_from_bytes(&serial_bytes),
             subject: subject.to_string(),
         })
+    }
+}
+
+impl Sm2Ca {
+    /// A CRL listing `revoked` (reason superseded), valid 7 days, signed SM2-with-SM3
+    /// with the GM ID (`openssl crl -verify` checks it given the ID).
+    pub fn crl(
+        &self,
+        revoked: &[Revoked],
+        crl_number: u64,
+        now: OffsetDateTime,
+    ) -> Result<Vec<u8>, CaError> {
+        use x509_cert::crl::{CertificateList, RevokedCert, TbsCertList};
+        use x509_cert::der::referenced::OwnedToRef as _;
+        use x509_cert::ext::pkix::{CrlNumber, CrlReason};
+        let enc = |e: x509_cert::der::Error| bad("CRL")(e.to_string());
+        let no_ext: &[Extension] = &[];
+        let mut entries: Vec<RevokedCert> = Vec::with_capacity(revoked.len());
+        for r in revoked {
+            let bytes = hex::decode(&r.serial_hex).map_err(|_| {
+                CaError::BadPem(format!("stored serial {} is not hex", r.serial_hex))
+            })?;
+            entries.push(RevokedCert {
+                serial_number: SerialNumber::new(&bytes).map_err(enc)?,
+                revocation_date: x509_time(r.revoked_at)?,
+                crl_entry_extensions: Some(vec![
+                    CrlReason::Superseded
+                        .to_extension(&self.subject, no_ext)
+                        .map_err(enc)?,
+                ]),
+            });
+        }
+        let issuer_spki = SubjectPublicKeyInfo::from_key(self.key.verifying_key())
+            .map_err(|e| bad("public key")(e.to_string()))?;
+        let aki = SubjectKeyIdentifier::try_from(issuer_spki.owned_to_ref())
+            .map_err(|e| bad("key identifier")(e.to_string()))?;
+        let algorithm =
+            x509_cert::spki::DynSignatureAlgorithmIdentifier::signature_algorithm_identifier(
+                &DerSigner(&self.key),
+            )
+            .map_err(|e| bad("algorithm")(e.to_string()))?;
+        let tbs = TbsCertList {
+            version: x509_cert::Version::V2,
+            signature: algorithm.clone(),
+            issuer: self.subject.clone(),
+            this_update: x509_time(now - Duration::minutes(5))?,
+            next_update: Some(x509_time(now + Duration::days(7))?),
+            revoked_certificates: (!entries.is_empty()).then_some(entries),
+            crl_extensions: Some(vec![
+                CrlNumber::try_from(crl_number)
+                    .map_err(enc)?
+                    .to_extension(&self.subject, no_ext)
+                    .map_err(enc)?,
+                AuthorityKeyIdentifier {
+                    key_identifier: Some(aki.0),
+                    ..Default::default()
+                }
+                .to_extension(&self.subject, no_ext)
+                .map_err(enc)?,
+            ]),
+        };
+        let tbs_der = tbs.to_der().map_err(enc)?;
+        let signature: DerSignature = signature::Signer::try_sign(&DerSigner(&self.key), &tbs_der)
+            .map_err(|e| bad("CRL signature")(e.to_string()))?;
+        CertificateList {
+            tbs_cert_list: tbs,
+            signature_algorithm: algorithm,
+            signature: x509_cert::der::asn1::BitString::from_bytes(&signature.to_bytes())
+                .map_err(enc)?,
+        }
+        .to_der()
+        .map_err(enc)
+    }
+
+    /// The CA's subject, DER.
+    pub fn subject_der(&self) -> Result<Vec<u8>, CaError> {
+        self.subject
+            .to_der()
+            .map_err(|e| bad("subject")(e.to_string()))
     }
 }
 

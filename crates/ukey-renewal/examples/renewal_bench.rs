@@ -33,7 +33,7 @@ use ukey_portal_api::{
 use ukey_portal_client::PortalClient;
 use ukey_renewal::{JournalStore, Options, preflight, renew, status_request};
 use ukey_token::cryptoki::object::{Attribute, AttributeType, ObjectClass};
-use ukey_token::{KeyAlg, Module, TokenSigner};
+use ukey_token::{KeyAlg, Module, PublicKey, TokenSigner};
 
 fn pem_to_der(pem: &str) -> Vec<u8> {
     use base64::Engine as _;
@@ -323,12 +323,11 @@ fn main() {
         let mut params = rcgen::CertificateParams::default();
         params.distinguished_name = ukey_renewal::checks::subject_of(&old.der).unwrap();
         let csr = t.time(|| {
-            params
-                .serialize_request(&TokenSigner::new(&s, pair.private, public.clone()))
+            TokenSigner::new(&s, pair.private, public.clone())
+                .csr(&params)
                 .unwrap()
-                .der()
-                .to_vec()
         });
+        let old_public = PublicKey::from_certificate(&old.der).unwrap();
         let ch = t.time(|| client.challenge(&order_id).unwrap().value);
         let old_key = t.time(|| {
             s.find_objects(&[
@@ -339,7 +338,7 @@ fn main() {
         });
         let sig = t.time(|| {
             s.sign_data(
-                alg,
+                &old_public,
                 old_key,
                 &challenge_signed_data(&order_id, &ch.nonce, &csr, None),
             )
@@ -348,6 +347,7 @@ fn main() {
         let sig_alg = match alg {
             KeyAlg::Rsa2048 => SignatureAlgorithm::RsaPkcs1Sha256,
             KeyAlg::EcP256 => SignatureAlgorithm::EcdsaP256Sha256,
+            KeyAlg::Sm2 => SignatureAlgorithm::Sm2Sm3,
         };
         let issued = t.time(|| {
             client
@@ -369,7 +369,7 @@ fn main() {
             s.write_certificate(&issued.certificate_der, &new_id, "new")
                 .unwrap()
         });
-        t.time(|| s.sign_data(alg, pair.private, b"self-test").unwrap());
+        t.time(|| s.sign_data(&public, pair.private, b"self-test").unwrap());
         for h in s
             .find_objects(&[Attribute::Id(old.key_id.clone())])
             .unwrap()
@@ -381,7 +381,7 @@ fn main() {
         }
         let inst = t.time(|| {
             s.sign_data(
-                alg,
+                &public,
                 pair.private,
                 &installed_signed_data(&order_id, &issued.certificate_serial_hex),
             )

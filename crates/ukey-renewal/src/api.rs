@@ -210,7 +210,7 @@ impl<'m> SessionToken<'m> {
                     what: "no random numbers for a key proof".into(),
                 }
             })?;
-            match self.session.sign_data(key.public.alg(), obj.handle, &data) {
+            match self.session.sign_data(&key.public, obj.handle, &data) {
                 Ok(sig) => return Ok(crate::checks::verify_with_public(&key.public, &data, &sig)),
                 Err(e) if is_token_gone(&e) => return Err(e),
                 // Not allowed to sign, or another key type: try agreement.
@@ -263,7 +263,7 @@ impl<'m> SessionToken<'m> {
         let allowed = |o: &KeyObject| match usage {
             KeyUse::Sign => o.sign != Some(false),
             KeyUse::Decrypt => match key.public {
-                PublicKey::Rsa { .. } => o.decrypt != Some(false),
+                PublicKey::Rsa { .. } | PublicKey::Sm2 { .. } => o.decrypt != Some(false),
                 PublicKey::EcP256 { .. } => o.derive != Some(false),
             },
         };
@@ -350,24 +350,14 @@ impl<'m> SessionToken<'m> {
     /// Signs with the private key of `key`.
     pub fn sign(&self, key: &KeyRef, data: &[u8]) -> TokenResult<Vec<u8>> {
         let h = self.private_key(key, KeyUse::Sign)?;
-        self.session.sign_data(key.public.alg(), h, data)
+        self.session.sign_data(&key.public, h, data)
     }
 
     /// A PKCS#10 CSR with `params`, signed by the private key of `key`. A token error
     /// while signing (a pulled key, CKR_DEVICE_ERROR) comes back as itself.
     pub fn csr(&self, key: &KeyRef, params: &rcgen::CertificateParams) -> TokenResult<Vec<u8>> {
         let h = self.private_key(key, KeyUse::Sign)?;
-        let signer = TokenSigner::new(&self.session, h, key.public.clone());
-        match params.serialize_request(&signer) {
-            Ok(csr) => Ok(csr.der().to_vec()),
-            Err(e) => {
-                Err(signer
-                    .take_error()
-                    .unwrap_or_else(|| ukey_token::Error::ObjectInvalid {
-                        what: format!("CSR signing on the token failed: {e}"),
-                    }))
-            }
-        }
+        TokenSigner::new(&self.session, h, key.public.clone()).csr(params)
     }
 
     /// Unwraps an escrowed key with the private key of `recipient`.

@@ -61,7 +61,12 @@ pub fn same_key(cert_key: &X509Certificate<'_>, token_key: &PublicKey) -> bool {
         (Ok(X509Key::RSA(rsa)), PublicKey::Rsa { modulus, exponent }) => {
             strip(rsa.modulus) == strip(modulus) && strip(rsa.exponent) == strip(exponent)
         }
-        (Ok(X509Key::EC(point)), PublicKey::EcP256 { point: p }) => point.data() == p.as_slice(),
+        // An EC key is its curve and point: the whole SubjectPublicKeyInfo (named curve,
+        // uncompressed point) must be the token key's, so a P-256 and an SM2 key with
+        // the same coordinates differ.
+        (Ok(X509Key::EC(_)), PublicKey::EcP256 { .. } | PublicKey::Sm2 { .. }) => {
+            cert_key.public_key().raw == token_key.spki().as_slice()
+        }
         _ => false,
     }
 }
@@ -146,28 +151,17 @@ pub fn verify_with_certificate(
     data: &[u8],
     signature: &[u8],
 ) -> Result<(), String> {
-    use aws_lc_rs::signature::{
-        ECDSA_P256_SHA256_ASN1, RSA_PKCS1_2048_8192_SHA256, UnparsedPublicKey,
-    };
-    let cert = parse(cert_der).map_err(|e| e.to_string())?;
-    let key = cert.public_key();
-    let bits = key.subject_public_key.data.as_ref();
-    let result = match key.parsed() {
-        Ok(X509Key::RSA(_)) => {
-            UnparsedPublicKey::new(&RSA_PKCS1_2048_8192_SHA256, bits).verify(data, signature)
-        }
-        Ok(X509Key::EC(_)) => {
-            UnparsedPublicKey::new(&ECDSA_P256_SHA256_ASN1, bits).verify(data, signature)
-        }
-        _ => return Err("unsupported key type".to_owned()),
-    };
-    result.map_err(|_| {
-        "the signature made on the token does not verify with the new certificate".to_owned()
-    })
+    let public = PublicKey::from_certificate(cert_der).map_err(|e| e.to_string())?;
+    if verify_with_public(&public, data, signature) {
+        Ok(())
+    } else {
+        Err("the signature made on the token does not verify with the new certificate".to_owned())
+    }
 }
 
 /// Whether `signature` over `data` verifies with `public` (RSASSA-PKCS1-v1_5 SHA-256,
-/// or ECDSA P-256 SHA-256 in DER): proves which token key holds a public key.
+/// ECDSA P-256 SHA-256 in DER, or SM2 with SM3 and the GM ID in DER): proves which
+/// token key holds a public key.
 pub fn verify_with_public(public: &PublicKey, data: &[u8], signature: &[u8]) -> bool {
     use aws_lc_rs::signature::{
         ECDSA_P256_SHA256_ASN1, RSA_PKCS1_2048_8192_SHA256, UnparsedPublicKey,
@@ -180,6 +174,9 @@ pub fn verify_with_public(public: &PublicKey, data: &[u8], signature: &[u8]) -> 
         PublicKey::EcP256 { .. } => UnparsedPublicKey::new(&ECDSA_P256_SHA256_ASN1, &raw)
             .verify(data, signature)
             .is_ok(),
+        PublicKey::Sm2 { point } => {
+            ukey_trust::gm::verify(ukey_trust::gm::GM_DISTID, point, data, signature)
+        }
     }
 }
 

@@ -241,6 +241,7 @@ fn key_alg(a: KeyAlgorithm) -> KeyAlg {
     match a {
         KeyAlgorithm::Rsa2048 => KeyAlg::Rsa2048,
         KeyAlgorithm::EcP256 => KeyAlg::EcP256,
+        KeyAlgorithm::Sm2 => KeyAlg::Sm2,
     }
 }
 
@@ -610,19 +611,31 @@ fn check_mechanisms(
 ) -> Result<(), RenewalError> {
     let session = module.open_session(token)?;
     let have = session.mechanisms()?;
-    let mut need = vec![old_alg.sign_mechanism(), new_alg.sign_mechanism()];
+    let sm2 = session.sm2_profile();
+    // SM2 goes through a vendor profile; without one the module's SM2 is unknown.
+    let mechanism = |m: Option<MechanismType>| {
+        m.ok_or_else(|| RenewalError::MechanismMissing {
+            token: token.serial.clone(),
+            mechanism: "SM2 (no mechanism profile for this module: see README, 国密)".into(),
+        })
+    };
+    let mut need = vec![
+        mechanism(old_alg.sign_mechanism(sm2.as_ref()))?,
+        mechanism(new_alg.sign_mechanism(sm2.as_ref()))?,
+    ];
+    let keygen = mechanism(new_alg.keygen_mechanism(sm2.as_ref()))?;
     if terms.key_policy == KeyPolicy::New {
-        need.push(new_alg.keygen_mechanism());
+        need.push(keygen);
     }
     let generates = terms.key_policy == KeyPolicy::New || terms.with_encryption_cert;
-    if generates && have.contains(&new_alg.keygen_mechanism()) {
+    if generates && have.contains(&keygen) {
         // Chips generate keys of a few sizes only: 2048-bit RSA (or a 256-bit curve)
         // must be among them, else say which sizes the key offers.
         let bits = match new_alg {
             KeyAlg::Rsa2048 => 2048,
-            KeyAlg::EcP256 => 256,
+            KeyAlg::EcP256 | KeyAlg::Sm2 => 256,
         };
-        if let Some((min, max)) = session.key_sizes(new_alg.keygen_mechanism())? {
+        if let Some((min, max)) = session.key_sizes(keygen)? {
             let max = if max == 0 { usize::MAX } else { max };
             if !(min..=max).contains(&bits) {
                 return Err(RenewalError::KeySizeUnsupported {
@@ -636,11 +649,22 @@ fn check_mechanisms(
         }
     }
     if terms.with_encryption_cert {
-        need.push(MechanismType::AES_KEY_WRAP_PAD);
-        need.push(match new_alg {
-            KeyAlg::Rsa2048 => MechanismType::RSA_PKCS_OAEP,
-            KeyAlg::EcP256 => MechanismType::ECDH1_DERIVE,
-        });
+        match new_alg {
+            KeyAlg::Rsa2048 => need.extend([
+                MechanismType::AES_KEY_WRAP_PAD,
+                MechanismType::RSA_PKCS_OAEP,
+            ]),
+            KeyAlg::EcP256 => {
+                need.extend([MechanismType::AES_KEY_WRAP_PAD, MechanismType::ECDH1_DERIVE])
+            }
+            // A GM/T 0009 envelope: SM2 decryption of the SM4 key, SM4-ECB of the
+            // private key.
+            KeyAlg::Sm2 => {
+                let p = sm2.as_ref().filter(|p| p.can_import_envelope());
+                need.push(mechanism(p.and_then(|p| p.sm2_decrypt).and_then(vendor))?);
+                need.push(mechanism(p.and_then(|p| p.sm4_ecb).and_then(vendor))?);
+            }
+        }
     }
     for m in need {
         if !have.contains(&m) {
@@ -1686,10 +1710,16 @@ fn check_envelope(
     }
 }
 
+/// A vendor-defined mechanism type.
+fn vendor(value: u64) -> Option<MechanismType> {
+    MechanismType::new_vendor_defined(value).ok()
+}
+
 fn sig_alg(a: KeyAlg) -> SignatureAlgorithm {
     match a {
         KeyAlg::Rsa2048 => SignatureAlgorithm::RsaPkcs1Sha256,
         KeyAlg::EcP256 => SignatureAlgorithm::EcdsaP256Sha256,
+        KeyAlg::Sm2 => SignatureAlgorithm::Sm2Sm3,
     }
 }
 
@@ -1705,7 +1735,7 @@ fn sha1_id(pk: &PublicKey) -> Vec<u8> {
             let i = modulus.iter().position(|b| *b != 0).unwrap_or(0);
             modulus[i..].to_vec()
         }
-        PublicKey::EcP256 { point } => point.clone(),
+        PublicKey::EcP256 { point } | PublicKey::Sm2 { point } => point.clone(),
     };
     aws_lc_rs::digest::digest(&aws_lc_rs::digest::SHA1_FOR_LEGACY_USE_ONLY, &material)
         .as_ref()

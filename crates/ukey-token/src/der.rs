@@ -12,6 +12,11 @@ pub(crate) const RSA_ENCRYPTION: ObjectIdentifier =
 /// id-ecPublicKey.
 pub(crate) const EC_PUBLIC_KEY: ObjectIdentifier =
     ObjectIdentifier::new_unwrap("1.2.840.10045.2.1");
+/// The SM2 curve (1.2.156.10197.1.301).
+pub(crate) const SM2_CURVE: ObjectIdentifier = ObjectIdentifier::new_unwrap("1.2.156.10197.1.301");
+/// SM2-with-SM3 (1.2.156.10197.1.501).
+pub(crate) const SM2_WITH_SM3: ObjectIdentifier =
+    ObjectIdentifier::new_unwrap("1.2.156.10197.1.501");
 /// prime256v1 (NIST P-256).
 pub(crate) const PRIME256V1: ObjectIdentifier = ObjectIdentifier::new_unwrap("1.2.840.10045.3.1.7");
 
@@ -55,19 +60,19 @@ pub(crate) fn rsa_public_key(modulus: &[u8], exponent: &[u8]) -> Vec<u8> {
     })
 }
 
-/// SubjectPublicKeyInfo: an RSA key (`raw` is its PKCS#1 DER, parameters NULL) or a
-/// P-256 key (`raw` is the SEC1 point).
-pub(crate) fn spki(ec: bool, raw: &[u8]) -> Vec<u8> {
-    let curve = encode(&PRIME256V1);
-    let parameters = if ec {
-        AnyRef::from_der(&curve).ok()
-    } else {
-        Some(AnyRef::NULL)
+/// SubjectPublicKeyInfo: an RSA key (`raw` is its PKCS#1 DER, parameters NULL), or a
+/// P-256 or SM2 key (`raw` is the SEC1 point; id-ecPublicKey with the named curve).
+pub(crate) fn spki(alg: crate::KeyAlg, raw: &[u8]) -> Vec<u8> {
+    let (oid, parameters) = match alg {
+        crate::KeyAlg::Rsa2048 => (RSA_ENCRYPTION, AnyRef::NULL.to_der()),
+        crate::KeyAlg::EcP256 => (EC_PUBLIC_KEY, PRIME256V1.to_der()),
+        crate::KeyAlg::Sm2 => (EC_PUBLIC_KEY, SM2_CURVE.to_der()),
     };
+    let parameters = parameters.expect("an OID or NULL always encodes");
     let info = SubjectPublicKeyInfo {
         algorithm: AlgorithmIdentifier {
-            oid: if ec { EC_PUBLIC_KEY } else { RSA_ENCRYPTION },
-            parameters,
+            oid,
+            parameters: AnyRef::from_der(&parameters).ok(),
         },
         subject_public_key: BitStringRef::from_bytes(raw)
             .expect("a key-sized bit string always encodes"),
@@ -89,6 +94,54 @@ pub fn ecdsa_signature(raw: &[u8]) -> Vec<u8> {
         r: uint(r),
         s: uint(s),
     })
+}
+
+/// A PKCS#10 `CertificationRequest`, its parts left encoded.
+#[derive(Sequence)]
+struct CertificationRequest<'a> {
+    info: AnyRef<'a>,
+    signature_algorithm: AnyRef<'a>,
+    signature: BitStringRef<'a>,
+}
+
+/// `CertificationRequestInfo`, its parts left encoded (the attributes are `[0]`).
+#[derive(Sequence)]
+struct CertificationRequestInfo<'a> {
+    version: AnyRef<'a>,
+    subject: AnyRef<'a>,
+    subject_pk_info: AnyRef<'a>,
+    attributes: AnyRef<'a>,
+}
+
+/// The `CertificationRequestInfo` of `csr` with its SubjectPublicKeyInfo replaced by
+/// `spki`: the to-be-signed part of a CSR for another key with the same subject and
+/// attributes.
+pub(crate) fn csr_info_with_key(csr: &[u8], spki: &[u8]) -> Result<Vec<u8>, der::Error> {
+    let outer = CertificationRequest::from_der(csr)?;
+    let info_der = outer.info.to_der()?;
+    let info = CertificationRequestInfo::from_der(&info_der)?;
+    CertificationRequestInfo {
+        subject_pk_info: AnyRef::from_der(spki)?,
+        ..info
+    }
+    .to_der()
+}
+
+/// A `CertificationRequest` from its signed info, signed with SM2-with-SM3 (`signature`
+/// is the DER `SEQUENCE { r, s }`; the algorithm without parameters, as GM/T 0015 and
+/// OpenSSL write it).
+pub(crate) fn sm2_csr(info: &[u8], signature: &[u8]) -> Result<Vec<u8>, der::Error> {
+    let algorithm = AlgorithmIdentifier::<AnyRef<'_>> {
+        oid: SM2_WITH_SM3,
+        parameters: None,
+    }
+    .to_der()?;
+    CertificationRequest {
+        info: AnyRef::from_der(info)?,
+        signature_algorithm: AnyRef::from_der(&algorithm)?,
+        signature: BitStringRef::from_bytes(signature)?,
+    }
+    .to_der()
 }
 
 #[cfg(test)]
@@ -129,7 +182,7 @@ mod tests {
         use aws_lc_rs::signature::KeyPair as _;
         let theirs = key.public_key().as_der().unwrap();
         let point = key.public_key().as_ref();
-        assert_eq!(spki(true, point), theirs.as_ref());
+        assert_eq!(spki(crate::KeyAlg::EcP256, point), theirs.as_ref());
     }
 
     #[test]
@@ -142,7 +195,7 @@ mod tests {
         let modulus = public.modulus().big_endian_without_leading_zero();
         let exponent = public.exponent().big_endian_without_leading_zero();
         assert_eq!(
-            spki(false, &rsa_public_key(modulus, exponent)),
+            spki(crate::KeyAlg::Rsa2048, &rsa_public_key(modulus, exponent)),
             theirs.as_ref()
         );
     }

@@ -184,39 +184,54 @@ pub fn profile_for(
     library: &Path,
     manufacturer: &str,
 ) -> Result<Option<MechanismProfile>, String> {
-    if let Some(entry) = config.modules.iter().find(|m| m.path == library) {
-        if let Some(p) = &entry.sm2 {
-            return Ok(Some(p.clone()));
-        }
-        if let Some(name) = &entry.sm2_profile {
-            return built_in_named(name).map(Some).ok_or_else(|| {
-                format!(
-                    "[[modules]] {}: unknown sm2_profile {name:?} (built in: {})",
-                    entry.name,
-                    built_ins()
-                        .iter()
-                        .map(|p| p.name.as_str())
-                        .collect::<Vec<_>>()
-                        .join(", ")
-                )
-            });
-        }
+    Ok(configured_for(config, library)?.or_else(|| built_in_for(library, manufacturer)))
+}
+
+/// The profile the configuration gives `library`, if it gives one.
+pub fn configured_for(
+    config: &crate::Config,
+    library: &Path,
+) -> Result<Option<MechanismProfile>, String> {
+    let Some(entry) = config.modules.iter().find(|m| m.path == library) else {
+        return Ok(None);
+    };
+    if let Some(p) = &entry.sm2 {
+        return Ok(Some(p.clone()));
     }
+    let Some(name) = &entry.sm2_profile else {
+        return Ok(None);
+    };
+    built_in_named(name).map(Some).ok_or_else(|| {
+        format!(
+            "[[modules]] {}: unknown sm2_profile {name:?} (built in: {})",
+            entry.name,
+            built_ins()
+                .iter()
+                .map(|p| p.name.as_str())
+                .collect::<Vec<_>>()
+                .join(", ")
+        )
+    })
+}
+
+/// The built-in profile claiming the library's file name, else the token's
+/// manufacturer.
+pub fn built_in_for(library: &Path, manufacturer: &str) -> Option<MechanismProfile> {
     let file = library
         .file_name()
         .map(|f| f.to_string_lossy().into_owned())
         .unwrap_or_default();
     let all = built_ins();
     if let Some(p) = all.iter().find(|p| p.libraries.contains(&file)) {
-        return Ok(Some(p.clone()));
+        return Some(p.clone());
     }
     let manufacturer = manufacturer.trim();
-    Ok(all.into_iter().find(|p| {
+    all.into_iter().find(|p| {
         !manufacturer.is_empty()
             && p.manufacturers
                 .iter()
                 .any(|m| manufacturer.starts_with(m.as_str()))
-    }))
+    })
 }
 
 #[cfg(test)]

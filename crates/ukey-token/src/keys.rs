@@ -10,6 +10,8 @@ use cryptoki::mechanism::{Mechanism, MechanismType};
 use cryptoki::object::{Attribute, AttributeType, KeyType, ObjectClass, ObjectHandle};
 use serde::{Deserialize, Serialize};
 
+use crate::gm::MechanismProfile;
+
 use crate::der;
 use crate::error::{Error, Result};
 use crate::session::Session;
@@ -26,6 +28,9 @@ pub enum KeyAlg {
     /// ECDSA/ECDH on NIST P-256.
     #[serde(rename = "EC-P256")]
     EcP256,
+    /// SM2 (GM/T 0003), through the module's vendor mechanisms ([`crate::gm`]).
+    #[serde(rename = "SM2")]
+    Sm2,
 }
 
 impl KeyAlg {
@@ -34,6 +39,7 @@ impl KeyAlg {
         match self {
             KeyAlg::Rsa2048 => "RSA-2048",
             KeyAlg::EcP256 => "EC-P256",
+            KeyAlg::Sm2 => "SM2",
         }
     }
 
@@ -42,24 +48,52 @@ impl KeyAlg {
         match s {
             "RSA-2048" => Some(KeyAlg::Rsa2048),
             "EC-P256" => Some(KeyAlg::EcP256),
+            "SM2" => Some(KeyAlg::Sm2),
             _ => None,
         }
     }
 
-    /// The key-generation mechanism.
-    pub fn keygen_mechanism(self) -> MechanismType {
+    /// The key-generation mechanism; for SM2 the profile's (`None` without one).
+    pub fn keygen_mechanism(self, sm2: Option<&MechanismProfile>) -> Option<MechanismType> {
         match self {
-            KeyAlg::Rsa2048 => MechanismType::RSA_PKCS_KEY_PAIR_GEN,
-            KeyAlg::EcP256 => MechanismType::ECC_KEY_PAIR_GEN,
+            KeyAlg::Rsa2048 => Some(MechanismType::RSA_PKCS_KEY_PAIR_GEN),
+            KeyAlg::EcP256 => Some(MechanismType::ECC_KEY_PAIR_GEN),
+            KeyAlg::Sm2 => sm2.and_then(|p| vendor(p.key_pair_gen)),
         }
     }
 
-    /// The signing mechanism [`Session::sign_data`] uses.
-    pub fn sign_mechanism(self) -> MechanismType {
+    /// The signing mechanism [`Session::sign_data`] uses; for SM2 the profile's
+    /// prehashed one if it has it, else its with-SM3 one.
+    pub fn sign_mechanism(self, sm2: Option<&MechanismProfile>) -> Option<MechanismType> {
         match self {
-            KeyAlg::Rsa2048 => MechanismType::SHA256_RSA_PKCS,
-            KeyAlg::EcP256 => MechanismType::ECDSA,
+            KeyAlg::Rsa2048 => Some(MechanismType::SHA256_RSA_PKCS),
+            KeyAlg::EcP256 => Some(MechanismType::ECDSA),
+            KeyAlg::Sm2 => sm2
+                .and_then(|p| p.sign_prehashed.or(p.sign_with_sm3))
+                .and_then(vendor),
         }
+    }
+}
+
+/// A vendor-defined mechanism type (`None` below CKM_VENDOR_DEFINED).
+pub(crate) fn vendor(value: u64) -> Option<MechanismType> {
+    MechanismType::new_vendor_defined(value).ok()
+}
+
+/// A vendor-defined mechanism without parameters.
+pub(crate) fn vendor_mechanism(value: u64) -> Result<Mechanism<'static>> {
+    let m = vendor(value).ok_or_else(|| Error::ObjectInvalid {
+        what: format!("{value:#x} is not a vendor-defined mechanism"),
+    })?;
+    Ok(Mechanism::VendorDefined(
+        cryptoki::mechanism::vendor_defined::VendorDefinedMechanism::new::<()>(m, None),
+    ))
+}
+
+impl KeyAlg {
+    /// Whether keys of this algorithm are EC points (P-256 or SM2).
+    pub fn is_ec(self) -> bool {
+        matches!(self, KeyAlg::EcP256 | KeyAlg::Sm2)
     }
 }
 
@@ -78,6 +112,11 @@ pub enum PublicKey {
         /// The point.
         point: Vec<u8>,
     },
+    /// Uncompressed point on the SM2 curve (`04 || X || Y`).
+    Sm2 {
+        /// The point.
+        point: Vec<u8>,
+    },
 }
 
 impl PublicKey {
@@ -86,6 +125,7 @@ impl PublicKey {
         match self {
             PublicKey::Rsa { .. } => KeyAlg::Rsa2048,
             PublicKey::EcP256 { .. } => KeyAlg::EcP256,
+            PublicKey::Sm2 { .. } => KeyAlg::Sm2,
         }
     }
 
@@ -93,13 +133,13 @@ impl PublicKey {
     pub fn raw(&self) -> Vec<u8> {
         match self {
             PublicKey::Rsa { modulus, exponent } => der::rsa_public_key(modulus, exponent),
-            PublicKey::EcP256 { point } => point.clone(),
+            PublicKey::EcP256 { point } | PublicKey::Sm2 { point } => point.clone(),
         }
     }
 
     /// The SubjectPublicKeyInfo DER, as in a certificate issued for this key.
     pub fn spki(&self) -> Vec<u8> {
-        der::spki(matches!(self, PublicKey::EcP256 { .. }), &self.raw())
+        der::spki(self.alg(), &self.raw())
     }
 }
 
@@ -116,6 +156,7 @@ impl Session<'_> {
     /// C_GenerateKeyPair: a token key pair of `alg` whose two objects carry `id` and
     /// `label`. Needs a read-write session and login.
     pub fn generate_key_pair(&self, alg: KeyAlg, id: &[u8], label: &str) -> Result<KeyPairHandles> {
+        let sm2 = self.sm2_profile();
         let common = |private: bool| {
             vec![
                 Attribute::Token(true),
@@ -151,6 +192,23 @@ impl Session<'_> {
                     Attribute::Unwrap(false),
                 ]);
                 Mechanism::EccKeyPairGen
+            }
+            KeyAlg::Sm2 => {
+                // A GM key's signing key also opens the escrow envelope addressed to it
+                // (GM/T 0092 encrypts it to the new signing key): it may unwrap, and
+                // never decrypts data or derives.
+                let p = sm2.as_ref().ok_or_else(|| no_sm2_profile(self))?;
+                let key_type = KeyType::new_vendor_defined(p.ckk_sm2).unwrap_or(KeyType::EC);
+                for t in [&mut public, &mut private] {
+                    t.push(Attribute::KeyType(key_type));
+                }
+                public.push(Attribute::EcParams(crate::gm::SM2_EC_PARAMS.to_vec()));
+                private.extend([
+                    Attribute::Derive(false),
+                    Attribute::Decrypt(false),
+                    Attribute::Unwrap(p.can_import_envelope()),
+                ]);
+                vendor_mechanism(p.key_pair_gen)?
             }
         };
         let (public, private) = self
@@ -200,6 +258,13 @@ impl Session<'_> {
                 private.extend([Attribute::Derive(true), Attribute::Unwrap(false)]);
                 Mechanism::EccKeyPairGen
             }
+            // An SM2 envelope goes to the new signing key (GM/T 0092), not to a
+            // transport key.
+            KeyAlg::Sm2 => {
+                return Err(Error::ObjectInvalid {
+                    what: "SM2 keys take their escrowed key through the signing key, not a transport key".into(),
+                });
+            }
         };
         let (public, private) = self
             .cryptoki()
@@ -226,18 +291,40 @@ impl Session<'_> {
                 AttributeType::Modulus,
                 AttributeType::PublicExponent,
                 AttributeType::EcPoint,
+                AttributeType::EcParams,
             ],
         )?;
         let mut key_type = None;
-        let (mut n, mut e, mut point) = (None, None, None);
+        let (mut n, mut e, mut point, mut params) = (None, None, None, None);
         for a in attrs {
             match a {
                 Attribute::KeyType(k) => key_type = Some(k),
                 Attribute::Modulus(v) => n = Some(v),
                 Attribute::PublicExponent(v) => e = Some(v),
                 Attribute::EcPoint(v) => point = Some(v),
+                Attribute::EcParams(v) => params = Some(v),
                 _ => {}
             }
+        }
+        // An SM2 key: the SM2 curve, or the profile's key type (whatever CKK_EC or
+        // vendor type the module shows).
+        let sm2_type = self
+            .sm2_profile()
+            .and_then(|p| KeyType::new_vendor_defined(p.ckk_sm2).ok());
+        if let Some(p) = &point
+            && (params.as_deref() == Some(crate::gm::SM2_EC_PARAMS)
+                || (key_type.is_some() && key_type == sm2_type))
+        {
+            let point = der::unwrap_octet_string(p).unwrap_or_else(|| p.clone());
+            if point.len() != 65 || point[0] != 0x04 {
+                return Err(Error::ObjectInvalid {
+                    what: format!(
+                        "SM2 public key is not an uncompressed point ({} bytes)",
+                        point.len()
+                    ),
+                });
+            }
+            return Ok(PublicKey::Sm2 { point });
         }
         match (key_type, n, e, point) {
             (Some(KeyType::RSA), Some(modulus), Some(exponent), _) => {
@@ -345,6 +432,16 @@ impl PublicKey {
                     .parameters
                     .as_ref()
                     .map(|a| a.to_der_vec().unwrap_or_default());
+                if curve.as_deref() == Some(crate::gm::SM2_EC_PARAMS) {
+                    if p.data().len() != 65 || p.data()[0] != 0x04 {
+                        return Err(bad(
+                            "SM2 certificate key is not an uncompressed point".into()
+                        ));
+                    }
+                    return Ok(PublicKey::Sm2 {
+                        point: p.data().to_vec(),
+                    });
+                }
                 if curve.as_deref() != Some(P256_EC_PARAMS) || p.data().len() != 65 {
                     return Err(bad(
                         "EC certificate key is not an uncompressed P-256 point".into()
@@ -377,8 +474,12 @@ impl PublicKey {
                     None => KeyMatch::Unknown,
                 }
             }
-            PublicKey::EcP256 { point } => {
-                if obj.key_type.is_some_and(|t| t != KeyType::EC) {
+            PublicKey::EcP256 { point } | PublicKey::Sm2 { point } => {
+                // An SM2 key's type is CKK_EC or a vendor's CKK_SM2.
+                let sm2 = matches!(self, PublicKey::Sm2 { .. });
+                if obj.key_type.is_some_and(|t| {
+                    t != KeyType::EC && !(sm2 && *t >= cryptoki_sys::CKK_VENDOR_DEFINED)
+                }) {
                     return KeyMatch::Different;
                 }
                 match &obj.ec_point {
@@ -462,5 +563,15 @@ impl Session<'_> {
                 Attribute::Modifiable(b) => Some(b),
                 _ => None,
             }))
+    }
+}
+
+/// The error for an SM2 operation on a module without an SM2 mechanism profile.
+pub(crate) fn no_sm2_profile(session: &Session<'_>) -> Error {
+    Error::ObjectInvalid {
+        what: format!(
+            "token {} has no SM2 mechanism profile: its module's vendor constants are unknown (add sm2_profile or [modules.sm2] to its [[modules]] entry in config.toml)",
+            session.token().name()
+        ),
     }
 }

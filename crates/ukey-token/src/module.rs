@@ -245,6 +245,9 @@ pub struct Module {
     /// Whether our C_Initialize started the library: only then does drop call
     /// C_Finalize (a library someone else in the process initialised stays theirs).
     owns_init: bool,
+    /// The SM2 mechanism profile the configuration gives this library, if any (see
+    /// [`Module::use_config`]); else built-ins are matched per token.
+    sm2_configured: Option<crate::gm::MechanismProfile>,
 }
 
 impl Module {
@@ -336,7 +339,34 @@ impl Module {
             path: path.to_owned(),
             info,
             owns_init,
+            sm2_configured: None,
         })
+    }
+
+    /// Takes the configuration's SM2 profile for this library (a `[[modules]]` entry
+    /// with its path and an `sm2_profile` or `[modules.sm2]`). Fails on a profile name
+    /// that no built-in has.
+    pub fn use_config(&mut self, config: &crate::Config) -> std::result::Result<(), String> {
+        self.sm2_configured = crate::gm::configured_for(config, &self.path)?;
+        Ok(())
+    }
+
+    /// The SM2 mechanism profile `token` is used through: the configured one, else a
+    /// built-in claiming the library's file name or the token's manufacturer.
+    pub fn sm2_profile(&self, token: &TokenSummary) -> Option<crate::gm::MechanismProfile> {
+        self.sm2_configured
+            .clone()
+            .or_else(|| crate::gm::built_in_for(&self.path, &token.manufacturer))
+    }
+
+    /// C_GetMechanismList of a token's slot with vendor-defined mechanisms kept.
+    pub(crate) fn mechanism_list(&self, token: &TokenSummary) -> cryptoki::error::Result<Vec<u64>> {
+        match self.raw.mechanism_list(token.slot.0.into()) {
+            Ok(list) => Ok(list),
+            Err(rv) => cryptoki::error::Rv::from(rv)
+                .into_result(cryptoki::context::Function::GetMechanismList)
+                .map(|()| Vec::new()),
+        }
     }
 
     /// The library's path.

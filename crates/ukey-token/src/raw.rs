@@ -1,4 +1,5 @@
-//! C_GetSlotInfo and C_GetTokenInfo as the module fills them, byte for byte.
+//! C_GetSlotInfo and C_GetTokenInfo as the module fills them, byte for byte, and
+//! C_GetMechanismList with vendor-defined mechanisms (cryptoki drops those).
 //!
 //! `cryptoki` parses these structures whole: one field it cannot read (a clock that is
 //! not 16 digits, seen on a real module) fails the call, and a label in GBK becomes
@@ -14,8 +15,8 @@
 use std::path::Path;
 
 use cryptoki_sys::{
-    CK_C_GetFunctionList, CK_FUNCTION_LIST_PTR, CK_RV, CK_SLOT_ID, CK_SLOT_INFO, CK_TOKEN_INFO,
-    CKR_OK,
+    CK_C_GetFunctionList, CK_FUNCTION_LIST_PTR, CK_MECHANISM_TYPE, CK_RV, CK_SLOT_ID, CK_SLOT_INFO,
+    CK_TOKEN_INFO, CK_ULONG, CKR_OK,
 };
 
 /// C_GetSlotInfo and C_GetTokenInfo of a loaded library.
@@ -24,6 +25,8 @@ pub(crate) struct RawInfo {
     _library: libloading::Library,
     get_slot_info: unsafe extern "C" fn(CK_SLOT_ID, *mut CK_SLOT_INFO) -> CK_RV,
     get_token_info: unsafe extern "C" fn(CK_SLOT_ID, *mut CK_TOKEN_INFO) -> CK_RV,
+    get_mechanism_list:
+        unsafe extern "C" fn(CK_SLOT_ID, *mut CK_MECHANISM_TYPE, *mut CK_ULONG) -> CK_RV,
 }
 
 impl std::fmt::Debug for RawInfo {
@@ -57,10 +60,12 @@ impl RawInfo {
         let table = unsafe { &*list };
         let get_slot_info = table.C_GetSlotInfo.ok_or("no C_GetSlotInfo")?;
         let get_token_info = table.C_GetTokenInfo.ok_or("no C_GetTokenInfo")?;
+        let get_mechanism_list = table.C_GetMechanismList.ok_or("no C_GetMechanismList")?;
         Ok(RawInfo {
             _library: library,
             get_slot_info,
             get_token_info,
+            get_mechanism_list,
         })
     }
 
@@ -81,5 +86,24 @@ impl RawInfo {
         // and initialised library.
         let rv = unsafe { (self.get_token_info)(slot, &mut info) };
         if rv == CKR_OK { Ok(info) } else { Err(rv) }
+    }
+
+    /// C_GetMechanismList, every value (vendor-defined ones too), or the CKR_ value.
+    pub(crate) fn mechanism_list(&self, slot: CK_SLOT_ID) -> Result<Vec<CK_MECHANISM_TYPE>, CK_RV> {
+        let mut count: CK_ULONG = 0;
+        // SAFETY: a length query: null list, valid count out-pointer; a function of the
+        // loaded and initialised library.
+        let rv = unsafe { (self.get_mechanism_list)(slot, std::ptr::null_mut(), &mut count) };
+        if rv != CKR_OK {
+            return Err(rv);
+        }
+        let mut list: Vec<CK_MECHANISM_TYPE> = vec![0; count as usize];
+        // SAFETY: `list` holds `count` entries, as the module asked for.
+        let rv = unsafe { (self.get_mechanism_list)(slot, list.as_mut_ptr(), &mut count) };
+        if rv != CKR_OK {
+            return Err(rv);
+        }
+        list.truncate(count as usize);
+        Ok(list)
     }
 }

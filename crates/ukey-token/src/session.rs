@@ -133,12 +133,27 @@ impl<'m> Session<'m> {
             .next())
     }
 
-    /// C_GetMechanismList for the token's slot.
+    /// C_GetMechanismList for the token's slot, vendor-defined mechanisms included
+    /// (cryptoki's own list drops them, and 国密 lives there).
     pub fn mechanisms(&self) -> Result<Vec<MechanismType>> {
-        self.module
-            .pkcs11()
-            .get_mechanism_list(self.token.slot.0)
-            .map_err(|e| self.err(e))
+        let list = self
+            .module
+            .mechanism_list(&self.token)
+            .map_err(|e| self.err(e))?;
+        Ok(list
+            .into_iter()
+            .filter_map(|m| {
+                MechanismType::try_from(m)
+                    .or_else(|_| MechanismType::new_vendor_defined(m))
+                    .ok()
+            })
+            .collect())
+    }
+
+    /// The SM2 mechanism profile this token is used through, if any (see
+    /// [`Module::sm2_profile`]).
+    pub fn sm2_profile(&self) -> Option<crate::gm::MechanismProfile> {
+        self.module.sm2_profile(&self.token)
     }
 
     /// The key sizes C_GetMechanismInfo gives for `mechanism` (bits), as (min, max);

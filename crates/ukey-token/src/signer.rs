@@ -4,26 +4,59 @@
 //! RSA signs with CKM_SHA256_RSA_PKCS. SoftHSM2 (and many UKeys) have no
 //! CKM_ECDSA_SHA256, so for EC the data is hashed here with SHA-256, signed with
 //! CKM_ECDSA, and PKCS#11's raw `r || s` is DER-encoded as X.509 expects.
+//!
+//! SM2 signs through the module's mechanism profile ([`crate::gm`]) with the GM ID: the
+//! host computes e = SM3(Z ‖ M) when the module signs prehashed digests, else the module
+//! does. rcgen cannot sign SM2, so an SM2 CSR is rcgen's request info (subject,
+//! extensions) with the SM2 key put in, signed here ([`TokenSigner::csr`]).
 
 use cryptoki::mechanism::Mechanism;
 use cryptoki::object::ObjectHandle;
 
 use crate::der;
-use crate::error::Result;
-use crate::keys::{KeyAlg, PublicKey};
+use crate::error::{Error, Result};
+use crate::gm::SignatureFormat;
+use crate::keys::{KeyAlg, PublicKey, no_sm2_profile, vendor_mechanism};
 use crate::session::Session;
 
 impl Session<'_> {
-    /// Signs `data` with the private key `key` of algorithm `alg`: RSASSA-PKCS1-v1_5
-    /// with SHA-256, or ECDSA P-256 with SHA-256 as a DER `ECDSA-Sig-Value`.
-    pub fn sign_data(&self, alg: KeyAlg, key: ObjectHandle, data: &[u8]) -> Result<Vec<u8>> {
-        match alg {
-            KeyAlg::Rsa2048 => self.sign(&Mechanism::Sha256RsaPkcs, key, data),
-            KeyAlg::EcP256 => {
+    /// Signs `data` with the private key `key` whose public key is `public`:
+    /// RSASSA-PKCS1-v1_5 with SHA-256, ECDSA P-256 with SHA-256, or SM2 with SM3 and the
+    /// GM ID; EC signatures as DER `SEQUENCE { r, s }`.
+    pub fn sign_data(&self, public: &PublicKey, key: ObjectHandle, data: &[u8]) -> Result<Vec<u8>> {
+        match public {
+            PublicKey::Rsa { .. } => self.sign(&Mechanism::Sha256RsaPkcs, key, data),
+            PublicKey::EcP256 { .. } => {
                 let digest = aws_lc_rs::digest::digest(&aws_lc_rs::digest::SHA256, data);
                 let raw = self.sign(&Mechanism::Ecdsa, key, digest.as_ref())?;
                 Ok(der::ecdsa_signature(&raw))
             }
+            PublicKey::Sm2 { point } => self.sign_sm2(point, key, data),
+        }
+    }
+
+    fn sign_sm2(&self, point: &[u8], key: ObjectHandle, data: &[u8]) -> Result<Vec<u8>> {
+        let p = self.sm2_profile().ok_or_else(|| no_sm2_profile(self))?;
+        let out = match (p.sign_prehashed, p.sign_with_sm3) {
+            (Some(m), _) => {
+                let e = ukey_trust::gm::message_digest(ukey_trust::gm::GM_DISTID, point, data)
+                    .ok_or_else(|| Error::ObjectInvalid {
+                        what: "SM2 public key is not an uncompressed point".into(),
+                    })?;
+                self.sign(&vendor_mechanism(m)?, key, &e)?
+            }
+            (None, Some(m)) => self.sign(&vendor_mechanism(m)?, key, data)?,
+            (None, None) => return Err(no_sm2_profile(self)),
+        };
+        match p.signature {
+            SignatureFormat::Raw if out.len() == 64 => Ok(der::ecdsa_signature(&out)),
+            SignatureFormat::Der => Ok(out),
+            SignatureFormat::Raw => Err(Error::ObjectInvalid {
+                what: format!(
+                    "the module returned a {}-byte SM2 signature, not r ‖ s (64 bytes): is its profile's signature format right?",
+                    out.len()
+                ),
+            }),
         }
     }
 }
@@ -73,7 +106,54 @@ impl<'s, 'm> TokenSigner<'s, 'm> {
 
     /// Signs `data` on the token (see [`Session::sign_data`]).
     pub fn sign_data(&self, data: &[u8]) -> Result<Vec<u8>> {
-        self.session.sign_data(self.public.alg(), self.key, data)
+        self.session.sign_data(&self.public, self.key, data)
+    }
+
+    /// A PKCS#10 CSR with `params`, signed on the token: by rcgen for RSA and P-256;
+    /// for SM2, rcgen's request info with the SM2 key put in, signed with SM2-with-SM3
+    /// and the GM ID.
+    pub fn csr(&self, params: &rcgen::CertificateParams) -> Result<Vec<u8>> {
+        let failed = |e: String| Error::ObjectInvalid {
+            what: format!("CSR signing on the token failed: {e}"),
+        };
+        let PublicKey::Sm2 { point } = &self.public else {
+            return match params.serialize_request(self) {
+                Ok(csr) => Ok(csr.der().to_vec()),
+                Err(e) => Err(self.take_error().unwrap_or_else(|| failed(e.to_string()))),
+            };
+        };
+        let placeholder = Sm2Placeholder {
+            point: point.clone(),
+        };
+        let draft = params
+            .serialize_request(&placeholder)
+            .map_err(|e| failed(e.to_string()))?;
+        let info = der::csr_info_with_key(draft.der(), &self.public.spki())
+            .map_err(|e| failed(e.to_string()))?;
+        let signature = self.sign_data(&info)?;
+        der::sm2_csr(&info, &signature).map_err(|e| failed(e.to_string()))
+    }
+}
+
+/// What rcgen writes an SM2 request's info with: the point under a P-256 label, no
+/// signature. [`TokenSigner::csr`] replaces the key and signs; nothing of it is kept.
+struct Sm2Placeholder {
+    point: Vec<u8>,
+}
+
+impl rcgen::PublicKeyData for Sm2Placeholder {
+    fn der_bytes(&self) -> &[u8] {
+        &self.point
+    }
+
+    fn algorithm(&self) -> &'static rcgen::SignatureAlgorithm {
+        &rcgen::PKCS_ECDSA_P256_SHA256
+    }
+}
+
+impl rcgen::SigningKey for Sm2Placeholder {
+    fn sign(&self, _msg: &[u8]) -> std::result::Result<Vec<u8>, rcgen::Error> {
+        Ok(Vec::new())
     }
 }
 
@@ -85,13 +165,19 @@ impl rcgen::PublicKeyData for TokenSigner<'_, '_> {
     fn algorithm(&self) -> &'static rcgen::SignatureAlgorithm {
         match self.public.alg() {
             KeyAlg::Rsa2048 => &rcgen::PKCS_RSA_SHA256,
-            KeyAlg::EcP256 => &rcgen::PKCS_ECDSA_P256_SHA256,
+            // rcgen has no SM2: an SM2 signer refuses to sign for rcgen (below), and
+            // its CSRs go through `TokenSigner::csr`.
+            KeyAlg::EcP256 | KeyAlg::Sm2 => &rcgen::PKCS_ECDSA_P256_SHA256,
         }
     }
 }
 
 impl rcgen::SigningKey for TokenSigner<'_, '_> {
     fn sign(&self, msg: &[u8]) -> std::result::Result<Vec<u8>, rcgen::Error> {
+        if self.public.alg() == KeyAlg::Sm2 {
+            // rcgen would label an SM2 signature ECDSA.
+            return Err(rcgen::Error::RemoteKeyError);
+        }
         // rcgen's error type carries no source; the token error is kept for
         // `take_error` (and logged: never a PIN, signing takes none).
         self.sign_data(msg).map_err(|e| {

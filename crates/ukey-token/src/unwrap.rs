@@ -56,6 +56,11 @@ impl Session<'_> {
         id: &[u8],
         label: &str,
     ) -> Result<ObjectHandle> {
+        if alg == KeyAlg::Sm2 {
+            return Err(Error::ObjectInvalid {
+                what: "an SM2 escrowed key comes in a GM/T 0009 envelope, not AES key wrap".into(),
+            });
+        }
         let aes_template = [
             Attribute::Class(ObjectClass::SECRET_KEY),
             Attribute::KeyType(KeyType::AES),
@@ -101,6 +106,7 @@ impl Session<'_> {
                 Attribute::Derive(true),
                 Attribute::Sign(false),
             ]),
+            KeyAlg::Sm2 => {} // refused above
         }
         let result = self
             .cryptoki()

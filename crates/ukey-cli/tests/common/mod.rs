@@ -20,9 +20,22 @@ pub struct LoopbackPortal {
 /// Starts the reference portal on 127.0.0.1:0 with `hsm`'s test CA as its issuing CA.
 pub fn start_portal(hsm: &SoftHsm) -> LoopbackPortal {
     let ca = hsm.ca().unwrap();
+    start_portal_with_ca(&ca.issuing_cert_path, &ca.issuing_key_path, None)
+}
+
+/// Starts the reference portal with the CA `cert`/`key` (PEM files; an SM2 key makes
+/// an SM2 CA), also accepting for renewal certificates of the CA `accepted` (PEM).
+pub fn start_portal_with_ca(
+    cert: &std::path::Path,
+    key: &std::path::Path,
+    accepted: Option<&str>,
+) -> LoopbackPortal {
     let dir = tempfile::tempdir().unwrap();
     let mut config = PortalConfig::new(dir.path().join("data"));
-    config.ca_import = Some((ca.issuing_cert_path.clone(), ca.issuing_key_path.clone()));
+    if let Some(pem) = accepted {
+        ukey_portal::ca::Ca::add_accepted_issuers(&config.data_dir, pem).unwrap();
+    }
+    config.ca_import = Some((cert.to_owned(), key.to_owned()));
     let portal = Arc::new(Portal::open(&config).unwrap());
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(1)
