@@ -321,9 +321,12 @@ impl Worker {
     fn load_module(&mut self) {
         self.watcher = None;
         let lang = self.config.lang;
-        let loaded = Config::load_default()
-            .and_then(|cfg| ukey_token::resolve_module_path(self.config.module.as_deref(), &cfg))
-            .and_then(|path| Module::load(&path));
+        let loaded = Config::load_default().and_then(|cfg| {
+            let path = ukey_token::resolve_module_path(self.config.module.as_deref(), &cfg)?;
+            let mut module = Module::load(&path)?;
+            module.use_config(&cfg)?;
+            Ok(module)
+        });
         let module_view = match loaded {
             Ok(module) => {
                 let info = module.library_info();

@@ -167,7 +167,9 @@ fn load_module(cli: &Cli) -> anyhow::Result<Module> {
     let config = Config::load_default()?;
     let path = ukey_token::resolve_module_path(cli.module.as_deref(), &config)?;
     tracing::info!(module = %path.display(), "loading PKCS#11 module");
-    Ok(Module::load(&path)?)
+    let mut module = Module::load(&path)?;
+    module.use_config(&config)?;
+    Ok(module)
 }
 
 fn run(cli: &Cli, lang: Lang) -> anyhow::Result<u8> {

@@ -118,10 +118,11 @@ impl Options {
 pub fn diagnose(options: &Options) -> Report {
     let started = Instant::now();
     let path = ukey_token::resolve_module_path(options.module.as_deref(), &options.config);
-    let loaded = path
-        .as_ref()
-        .map_err(Clone::clone)
-        .and_then(|p| Module::load(p));
+    let loaded = path.as_ref().map_err(Clone::clone).and_then(|p| {
+        let mut module = Module::load(p)?;
+        module.use_config(&options.config)?;
+        Ok(module)
+    });
     match loaded {
         Ok(module) => {
             let mut r = diagnose_with(&module, options);

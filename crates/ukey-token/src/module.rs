@@ -346,8 +346,17 @@ impl Module {
     /// Takes the configuration's SM2 profile for this library (a `[[modules]]` entry
     /// with its path and an `sm2_profile` or `[modules.sm2]`). Fails on a profile name
     /// that no built-in has.
-    pub fn use_config(&mut self, config: &crate::Config) -> std::result::Result<(), String> {
-        self.sm2_configured = crate::gm::configured_for(config, &self.path)?;
+    pub fn use_config(&mut self, config: &crate::Config) -> Result<()> {
+        self.sm2_configured =
+            crate::gm::configured_for(config, &self.path).map_err(|reason| Error::Config {
+                path: config
+                    .sources
+                    .iter()
+                    .find(|(setting, _)| setting.starts_with("modules"))
+                    .map(|(_, p)| p.clone())
+                    .unwrap_or_else(|| PathBuf::from("config.toml")),
+                reason,
+            })?;
         Ok(())
     }
 
