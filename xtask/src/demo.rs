@@ -1,5 +1,7 @@
-//! `cargo xtask demo [--cli]`: the main job, on a SoftHSM2 key behind ukey-sim and the
-//! reference portal on loopback, all in a temp dir that is removed at the end.
+//! `cargo xtask demo [--cli] [--sm2]`: the main job, on a SoftHSM2 key behind ukey-sim and
+//! the reference portal on loopback, all in a temp dir that is removed at the end. With
+//! `--sm2`, the 国密 upgrade: the key is a GM key (ukey-sim's TASS profile), the portal
+//! runs an SM2 CA, and the paid order turns the RSA certificate into an SM2 one.
 //!
 //! 1. A key (SoftHSM2 token) whose signing certificate expires in 10 days, made by the
 //!    fixtures CLI, seen through the ukey-sim module and unplugged to start with.
@@ -57,11 +59,12 @@ impl World {
 }
 
 pub fn demo(args: &[String]) -> Result<()> {
-    let mut cli = false;
+    let (mut cli, mut sm2) = (false, false);
     for a in args {
         match a.as_str() {
             "--cli" => cli = true,
-            other => bail!("unknown demo option `{other}` (--cli)"),
+            "--sm2" => sm2 = true,
+            other => bail!("unknown demo option `{other}` (--cli, --sm2)"),
         }
     }
     let gui = !cli && util::have_display();
@@ -72,14 +75,22 @@ pub fn demo(args: &[String]) -> Result<()> {
     }
     build_binaries(false)?;
 
-    let world = make_world("debug", "Demo UKey", "张三", 10)?;
+    let world = make_world_with("debug", "Demo UKey", "张三", 10, sm2)?;
     let key = &world.token_serial;
     println!(
-        "demo: key {key} (\"Demo UKey\"), certificate {} expires in 10 days; PIN {DEMO_PIN}",
+        "demo: key {key} (\"Demo UKey\"), RSA-2048 certificate {} expires in 10 days; PIN {DEMO_PIN}",
         world.cert_serial
     );
     run(world.cmd("ukey-sim").args(["unplug", key]))?;
-    order_ready(&world, &world.cert_serial)?;
+    if sm2 {
+        run(world.cmd("ukey-sim").args(["gm", key, "tass"]))?;
+        order(&world, &world.cert_serial, &["--algorithm", "SM2"])?;
+        println!(
+            "demo: 国密 upgrade: the key speaks TASS's SM2 mechanisms (ukey-sim gm), the portal runs an SM2 CA, the order is 续期+算法升级 RSA → SM2"
+        );
+    } else {
+        order_ready(&world, &world.cert_serial)?;
+    }
     let (_portal, url) = start_portal(&world)?;
     println!("demo: reference portal at {url}, with a paid renewal order for the certificate");
 
@@ -117,6 +128,17 @@ pub fn build_binaries(release: bool) -> Result<()> {
 
 /// A fresh temp dir with one key (RSA-2048) whose certificate expires in `days`.
 pub fn make_world(profile: &'static str, label: &str, cn: &str, days: i64) -> Result<World> {
+    make_world_with(profile, label, cn, days, false)
+}
+
+/// [`make_world`], the portal's CA an SM2 one when `sm2`.
+pub fn make_world_with(
+    profile: &'static str,
+    label: &str,
+    cn: &str,
+    days: i64,
+    sm2: bool,
+) -> Result<World> {
     let dir = TempDir::new("ukey-demo")?;
     let hsm = dir.path().join("hsm");
     let mut env = BTreeMap::new();
@@ -163,7 +185,11 @@ pub fn make_world(profile: &'static str, label: &str, cn: &str, days: i64) -> Re
     world.cert_serial = cert;
     // The portal (its own CA) also renews certificates of the fixtures' CA. `ca show`
     // first: it creates the data dir and CA, which `accept-issuer` does not (yet).
-    output(world.cmd("ukey-portal").args(["ca", "show"]))?;
+    output(
+        world
+            .cmd("ukey-portal")
+            .args(["ca", "show", "--alg", if sm2 { "sm2" } else { "ec" }]),
+    )?;
     output(
         world
             .cmd("ukey-portal")

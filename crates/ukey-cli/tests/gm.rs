@@ -368,3 +368,217 @@ fn read_certificate(k: &GmKey, serial_hex: &str) -> Vec<u8> {
     }
     panic!("no certificate with serial {serial_hex} on the key: {all}");
 }
+
+/// PyKCS11 (a PKCS#11 client none of us wrote) decrypts `ciphertext` on the key with
+/// every private key of type `key_type` (hex CKK value) that `mechanism` allows:
+/// `sm2:<CKM hex>` (the vendor's SM2 decryption) or `oaep` (RSA-OAEP SHA-1). Prints
+/// the plaintexts of those that decrypt, hex, one per line.
+const PYKCS11_DECRYPT: &str = r#"
+import sys, PyKCS11 as P
+module, serial, pin, kind, path = sys.argv[1:6]
+lib = P.PyKCS11Lib(); lib.load(module)
+slot = [s for s in lib.getSlotList(tokenPresent=True) if lib.getTokenInfo(s).serialNumber.strip() == serial][0]
+s = lib.openSession(slot); s.login(pin)
+ct = open(path, "rb").read()
+if kind == "oaep":
+    mech = P.RSAOAEPMechanism(P.CKM_SHA_1, P.CKG_MGF1_SHA1)
+else:
+    mech = P.Mechanism(int(kind.split(":")[1], 16), None)
+for k in s.findObjects([(P.CKA_CLASS, P.CKO_PRIVATE_KEY)]):
+    try:
+        print(bytes(s.decrypt(k, ct, mech)).hex())
+    except P.PyKCS11Error:
+        pass
+"#;
+
+fn decrypted_on_key(k: &GmKey, kind: &str, file: &str) -> Vec<Vec<u8>> {
+    let out = k
+        .hsm
+        .command("/usr/bin/python3")
+        .arg("-c")
+        .arg(PYKCS11_DECRYPT)
+        .arg(&k.shim)
+        .args([&k.token.serial, &k.token.user_pin, kind])
+        .arg(k.path(file))
+        .env(ukey_sim::STATE_ENV, &k.state)
+        .env(ukey_sim::BACKEND_ENV, softhsm_module().unwrap())
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", text(&out));
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .map(|l| hex::decode(l.trim()).unwrap())
+        .collect()
+}
+
+/// ukey-sim's TASS profile with its SM4 numbers, as a user configures a vendor's
+/// unpublished constants: `[[modules]]` with a `[modules.sm2]` table.
+fn configure_tass_with_sm4(k: &GmKey) {
+    let tass = ukey_sim::gm::profile("tass").unwrap();
+    let toml = format!(
+        "[[modules]]\nname = \"GM key (ukey-sim)\"\npath = \"{}\"\n\n[modules.sm2]\nname = \"tass-sm4\"\n\
+         ckk_sm2 = {:#x}\nkey_pair_gen = {:#x}\nsign_prehashed = {:#x}\nsign_with_sm3 = {:#x}\n\
+         sm2_decrypt = {:#x}\nckk_sm4 = {:#x}\nsm4_ecb = {:#x}\n",
+        k.shim.display(),
+        tass.ckk_sm2,
+        tass.key_pair_gen,
+        tass.sign_prehashed,
+        tass.sign_with_sm3,
+        tass.sm2_decrypt.unwrap(),
+        tass.ckk_sm4.unwrap(),
+        tass.sm4_ecb.unwrap(),
+    );
+    std::fs::write(k.hsm.dir().join("config.toml"), toml).unwrap();
+}
+
+#[test]
+fn ukey_renew_upgrades_a_dual_rsa_key_to_dual_sm2_with_the_escrowed_key_on_the_key() {
+    let k = gm_key(
+        TokenSpec::dual("GM dual", softhsm_fixtures::KeyAlg::Rsa2048),
+        "tass",
+    );
+    configure_tass_with_sm4(&k);
+    k.ssl
+        .ca("sm2ca", "/C=CN/O=某某数字认证/CN=某某 SM2 CA")
+        .unwrap();
+    let rsa_ca = k.hsm.ca().unwrap();
+    let portal = common::start_portal_with_ca(
+        &k.path("sm2ca.pem"),
+        &k.path("sm2ca.key"),
+        Some(&rsa_ca.issuing_cert_pem),
+    );
+    portal
+        .server
+        .portal
+        .create_order(&CreateOrderRequest {
+            serial_hex: k.token.certs[0].serial_hex.clone(),
+            issuer_der: ukey_renewal::status_request(&k.token.certs[0].der)
+                .unwrap()
+                .issuer_der,
+            issuer_dn: None,
+            years: 1,
+            state: InitialState::Ready,
+            key_policy: KeyPolicy::New,
+            with_encryption_cert: true,
+            target_algorithm: KeyAlgorithm::Sm2,
+            old_encryption_serial_hex: Some(k.token.certs[1].serial_hex.clone()),
+        })
+        .unwrap();
+    // The old RSA encryption certificate, to encrypt a sealed bid to before and after.
+    k.write("old-enc.der", &k.token.certs[1].der);
+    k.ssl
+        .run(&[
+            "x509",
+            "-inform",
+            "DER",
+            "-in",
+            "old-enc.der",
+            "-out",
+            "old-enc.pem",
+        ])
+        .unwrap();
+    k.write("old-bid.txt", "旧的投标文件 sealed with RSA".as_bytes());
+    k.ssl
+        .run(&[
+            "pkeyutl",
+            "-encrypt",
+            "-certin",
+            "-inkey",
+            "old-enc.pem",
+            "-pkeyopt",
+            "rsa_padding_mode:oaep",
+            "-in",
+            "old-bid.txt",
+            "-out",
+            "old-bid.enc",
+        ])
+        .unwrap();
+
+    let rsa_root = rsa_ca.root_cert_path.clone();
+    let out = k.ukey(
+        &[
+            "renew",
+            "--portal",
+            &portal.server.url,
+            "--pin-stdin",
+            "--yes",
+            "--json",
+            "--trust",
+            k.path("sm2ca.pem").to_str().unwrap(),
+            "--trust",
+            rsa_root.to_str().unwrap(),
+        ],
+        &format!("{}\n", k.token.user_pin),
+    );
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out));
+
+    // Two new SM2 certificates on the key, both verified by OpenSSL with the GM ID.
+    let listed = list(&k);
+    let certs = listed["tokens"][0]["certificates"]
+        .as_array()
+        .unwrap()
+        .clone();
+    let sm2: Vec<&Value> = certs
+        .iter()
+        .filter(|c| c["key_algorithm"] == "SM2")
+        .collect();
+    assert_eq!(sm2.len(), 2, "{listed:#}");
+    for (i, c) in sm2.iter().enumerate() {
+        let der = read_certificate(&k, c["serial"].as_str().unwrap());
+        let name = format!("new{i}");
+        k.write(&format!("{name}.der"), &der);
+        k.ssl
+            .run(&[
+                "x509",
+                "-inform",
+                "DER",
+                "-in",
+                &format!("{name}.der"),
+                "-out",
+                &format!("{name}.pem"),
+            ])
+            .unwrap();
+        assert!(
+            k.ssl.verifies_with_gm_id("sm2ca", &format!("{name}.pem")),
+            "{c:#}"
+        );
+    }
+    let enc = sm2
+        .iter()
+        .position(|c| c["usage"] == "encryption")
+        .unwrap_or_else(|| panic!("no SM2 encryption certificate: {listed:#}"));
+
+    // OpenSSL encrypts to the new SM2 encryption certificate: the key decrypts it with
+    // the escrowed key, now on it.
+    k.write("bid.txt", "新的投标文件 sealed with SM2".as_bytes());
+    k.ssl
+        .run(&[
+            "pkeyutl",
+            "-encrypt",
+            "-certin",
+            "-inkey",
+            &format!("new{enc}.pem"),
+            "-in",
+            "bid.txt",
+            "-out",
+            "bid.enc",
+        ])
+        .unwrap();
+    let tass = ukey_sim::gm::profile("tass").unwrap();
+    let got = decrypted_on_key(
+        &k,
+        &format!("sm2:{:x}", tass.sm2_decrypt.unwrap()),
+        "bid.enc",
+    );
+    assert_eq!(
+        got,
+        vec!["新的投标文件 sealed with SM2".as_bytes().to_vec()]
+    );
+
+    // The old RSA encryption key is kept: bids sealed to it still open.
+    let got = decrypted_on_key(&k, "oaep", "old-bid.enc");
+    assert_eq!(
+        got,
+        vec!["旧的投标文件 sealed with RSA".as_bytes().to_vec()]
+    );
+}

@@ -120,7 +120,11 @@ pub fn diagnose(options: &Options) -> Report {
     let path = ukey_token::resolve_module_path(options.module.as_deref(), &options.config);
     let loaded = path.as_ref().map_err(Clone::clone).and_then(|p| {
         let mut module = Module::load(p)?;
-        module.use_config(&options.config)?;
+        // A bad SM2 profile in the configuration is a finding of the environment check
+        // (`sm2_profile`), not a reason to diagnose nothing.
+        if let Err(e) = module.use_config(&options.config) {
+            tracing::debug!("SM2 profile from the configuration: {e}");
+        }
         Ok(module)
     });
     match loaded {

@@ -46,6 +46,8 @@
 use serde::{Deserialize, Serialize};
 use time::OffsetDateTime;
 
+pub mod gm;
+
 /// The OpenAPI 3.1 document describing this protocol (normative).
 pub const OPENAPI_YAML: &str = include_str!("../openapi.yaml");
 
@@ -465,8 +467,14 @@ pub struct EncryptionIssue {
     /// The encryption certificate, DER.
     #[serde(with = "b64")]
     pub certificate_der: Vec<u8>,
-    /// The encryption private key, sealed.
-    pub envelope: KeyEnvelope,
+    /// The encryption private key sealed to the request's transport key (RSA-2048 and
+    /// EC-P256 orders).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub envelope: Option<KeyEnvelope>,
+    /// The encryption private key as a GM/T 0009 `SM2EnvelopedKey` DER, encrypted to the
+    /// new signing key (SM2 orders; see [`gm`]), base64.
+    #[serde(default, skip_serializing_if = "Option::is_none", with = "b64_opt")]
+    pub gm_enveloped_key: Option<Vec<u8>>,
 }
 
 /// Envelope version 1: a PKCS#8 private key that only the token can open.

@@ -93,6 +93,46 @@ pub fn generate_escrow_key(alg: KeyAlgorithm) -> Result<EscrowKey, EnvelopeError
     }
 }
 
+/// The GM/T 0009 `SM2EnvelopedKey` of the SM2 key `pkcs8`, its SM4 key encrypted to the
+/// SM2 key in `recipient_spki` (the new signing key, as GM/T 0092 answers a CSR).
+pub fn seal_gm(recipient_spki: &[u8], pkcs8: &[u8]) -> Result<Vec<u8>, EnvelopeError> {
+    use sm2::elliptic_curve::sec1::ToSec1Point as _;
+    use sm2::pkcs8::DecodePrivateKey as _;
+    use sm4::cipher::{Array, BlockCipherEncrypt as _, KeyInit as _};
+    let (_, spki) = SubjectPublicKeyInfo::from_der(recipient_spki)
+        .map_err(|_| EnvelopeError::UnsupportedRecipient("unparsable".into()))?;
+    if KeyKind::of(&spki) != KeyKind::Sm2 {
+        return Err(EnvelopeError::UnsupportedRecipient(
+            KeyKind::of(&spki).describe(),
+        ));
+    }
+    let recipient = sm2::pke::EncryptingKey::from_sec1_bytes(&spki.subject_public_key.data)
+        .map_err(|_| EnvelopeError::UnsupportedRecipient("SM2 (not a curve point)".into()))?;
+    let secret = sm2::SecretKey::from_pkcs8_der(pkcs8)
+        .map_err(|_| EnvelopeError::Crypto("the escrowed SM2 key"))?;
+    let d = Zeroizing::new(secret.to_bytes());
+    let sm4_key = Zeroizing::new(random_bytes(16).map_err(|_| EnvelopeError::Crypto("random"))?);
+    let sym_encrypted_key = recipient
+        .encrypt_der(&mut getrandom::SysRng, &sm4_key)
+        .map_err(|_| EnvelopeError::Crypto("SM2 encryption"))?;
+    let cipher =
+        sm4::Sm4::new_from_slice(&sm4_key).map_err(|_| EnvelopeError::Crypto("SM4 key"))?;
+    let mut encrypted_private_key = Vec::with_capacity(32);
+    for chunk in d.chunks(16) {
+        let mut block = Array::try_from(chunk).map_err(|_| EnvelopeError::Crypto("SM4 block"))?;
+        cipher.encrypt_block(&mut block);
+        encrypted_private_key.extend_from_slice(&block);
+    }
+    ukey_portal_api::gm::Sm2EnvelopedKey {
+        sym_alg: ukey_portal_api::gm::SM4_ECB,
+        sym_encrypted_key,
+        public_key: secret.public_key().to_sec1_point(false).as_bytes().to_vec(),
+        encrypted_private_key,
+    }
+    .to_der()
+    .map_err(|_| EnvelopeError::Crypto("SM2EnvelopedKey encoding"))
+}
+
 /// Seals `pkcs8` (of `key_alg`) for the key in `recipient_spki` (DER).
 pub fn seal(
     recipient_spki: &[u8],

@@ -133,8 +133,12 @@ enum OrderCommand {
 
 #[derive(Subcommand, Debug)]
 enum CaCommand {
-    /// Print the CA's subject and certificate file.
-    Show,
+    /// Print the CA's subject, key and certificate file (making the CA if there is none).
+    Show {
+        /// The key of a CA made now: ec or sm2 (an existing CA stays what it is).
+        #[arg(long, value_enum, default_value = "ec")]
+        alg: CaAlgArg,
+    },
     /// Also renew certificates issued by these CA certificates (PEM bundle).
     AcceptIssuer { pem: PathBuf },
 }
@@ -149,6 +153,15 @@ enum StateArg {
 enum CaAlgArg {
     Ec,
     Sm2,
+}
+
+impl From<CaAlgArg> for ukey_portal::ca::CaAlg {
+    fn from(a: CaAlgArg) -> Self {
+        match a {
+            CaAlgArg::Ec => ukey_portal::ca::CaAlg::EcP256,
+            CaAlgArg::Sm2 => ukey_portal::ca::CaAlg::Sm2,
+        }
+    }
 }
 
 #[derive(ValueEnum, Clone, Copy, Debug)]
@@ -184,10 +197,7 @@ fn main() -> Result<()> {
         } => {
             let mut config = PortalConfig::new(&cli.data);
             config.ca_import = ca_cert.zip(ca_key);
-            config.ca_alg = match ca_alg {
-                CaAlgArg::Ec => ukey_portal::ca::CaAlg::EcP256,
-                CaAlgArg::Sm2 => ukey_portal::ca::CaAlg::Sm2,
-            };
+            config.ca_alg = ca_alg.into();
             config.challenge_ttl = time::Duration::seconds(i64::from(challenge_ttl_secs));
             let tls = tls_cert
                 .zip(tls_key)
@@ -352,9 +362,19 @@ fn print_view(v: &OrderView, json: bool) -> Result<()> {
 
 fn ca(data: &std::path::Path, cmd: CaCommand) -> Result<()> {
     match cmd {
-        CaCommand::Show => {
-            let portal = open(data)?;
+        CaCommand::Show { alg } => {
+            let mut config = PortalConfig::new(data);
+            config.ca_alg = alg.into();
+            let portal =
+                Portal::open(&config).with_context(|| format!("opening {}", data.display()))?;
             println!("subject: {}", portal.ca().display_name());
+            println!(
+                "key: {}",
+                match portal.ca().alg() {
+                    ukey_portal::ca::CaAlg::EcP256 => "EC P-256 (issues RSA-2048 and EC-P256)",
+                    ukey_portal::ca::CaAlg::Sm2 => "SM2 (issues SM2, 国密)",
+                }
+            );
             println!("certificate: {}", data.join("ca-cert.pem").display());
         }
         CaCommand::AcceptIssuer { pem } => {

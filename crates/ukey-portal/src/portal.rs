@@ -366,11 +366,24 @@ impl Portal {
         }
         let csr_spki = info.subject_pki.raw;
         let spki_hash = sha256(csr_spki);
-        // The escrowed key goes to a key made for that purpose, never to a signing key.
-        let transport = if order.terms.with_encryption_cert {
-            Some(transport_key(req, csr_spki, old.public_key().raw)?)
-        } else {
-            None
+        // The escrowed key goes to a key made for that purpose, never to a signing key;
+        // except an SM2 one, which GM/T 0092 envelopes to the new signing key (the CSR's,
+        // covered by the challenge signature through the CSR's hash).
+        let transport = match (
+            order.terms.with_encryption_cert,
+            order.terms.target_algorithm,
+        ) {
+            (false, _) => None,
+            (true, KeyAlgorithm::Sm2) => {
+                if req.transport_key_spki.is_some() {
+                    return Err(api(
+                        ErrorCode::TransportKeyInvalid,
+                        "an SM2 order's escrowed key is enveloped to the new signing key (GM/T 0092): the request must carry no transport key",
+                    ));
+                }
+                Some(csr_spki)
+            }
+            (true, _) => Some(transport_key(req, csr_spki, old.public_key().raw)?),
         };
 
         if order.state == OrderState::Issued
@@ -499,11 +512,15 @@ impl Portal {
                         enc.serial_hex
                     ))
                 })?;
-                let envelope = envelope::seal(recipient_spki, pkcs8, order.terms.target_algorithm)?;
+                let (envelope, gm_enveloped_key) = match order.terms.target_algorithm {
+                    KeyAlgorithm::Sm2 => (None, Some(envelope::seal_gm(recipient_spki, pkcs8)?)),
+                    alg => (Some(envelope::seal(recipient_spki, pkcs8, alg)?), None),
+                };
                 Some(EncryptionIssue {
                     certificate_serial_hex: enc.serial_hex.clone(),
                     certificate_der: enc.der.clone(),
                     envelope,
+                    gm_enveloped_key,
                 })
             }
         };

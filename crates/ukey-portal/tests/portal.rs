@@ -1100,7 +1100,7 @@ async fn the_escrowed_key_goes_only_to_a_transport_key_the_old_key_signed_for() 
     let issued: ukey_portal_api::IssueResponse = h.post_ok(&issue_path, &req).await;
     let enc = issued.encryption.expect("an encryption certificate");
     assert_eq!(
-        enc.envelope.recipient_spki_sha256,
+        enc.envelope.as_ref().unwrap().recipient_spki_sha256,
         aws_lc_rs::digest::digest(
             &aws_lc_rs::digest::SHA256,
             &transport.subject_public_key_info()
@@ -1108,7 +1108,7 @@ async fn the_escrowed_key_goes_only_to_a_transport_key_the_old_key_signed_for() 
         .as_ref()
     );
     assert!(matches!(
-        enc.envelope.key_transport,
+        enc.envelope.as_ref().unwrap().key_transport,
         ukey_portal_api::KeyTransport::RsaOaepSha1 { .. }
     ));
 }
@@ -1134,7 +1134,10 @@ async fn completion_also_revokes_the_named_old_encryption_certificate() {
         .unwrap();
     let issued = h.issue(&order.order_id, &holder, &holder.key).await;
     let enc = issued.encryption.as_ref().unwrap();
-    assert_eq!(enc.envelope.private_key_algorithm, KeyAlgorithm::Rsa2048);
+    assert_eq!(
+        enc.envelope.as_ref().unwrap().private_key_algorithm,
+        KeyAlgorithm::Rsa2048
+    );
     let (ok, text) = openssl_verify(
         &h.data_dir().join("ca-cert.pem"),
         None,

@@ -318,10 +318,11 @@ async fn rsa_envelope_unwraps_on_softhsm_into_a_key_that_decrypts() {
     let (transport, transport_spki) = transport_key(&session, false);
     let issued = issue_on_token(&s, &order_id, &key, &transport_spki).await;
     let enc = issued.encryption.expect("an encryption certificate");
-    let KeyTransport::RsaOaepSha1 { wrapped_key } = &enc.envelope.key_transport else {
+    let KeyTransport::RsaOaepSha1 { wrapped_key } = &enc.envelope.as_ref().unwrap().key_transport
+    else {
         panic!(
             "RSA recipient expects RSA-OAEP: {:?}",
-            enc.envelope.key_transport
+            enc.envelope.as_ref().unwrap().key_transport
         )
     };
 
@@ -344,7 +345,7 @@ async fn rsa_envelope_unwraps_on_softhsm_into_a_key_that_decrypts() {
         .unwrap_key(
             &Mechanism::AesKeyWrapPad,
             aes,
-            &enc.envelope.wrapped_private_key,
+            &enc.envelope.as_ref().unwrap().wrapped_private_key,
             &[
                 Attribute::Class(ObjectClass::PRIVATE_KEY),
                 Attribute::KeyType(KeyType::RSA),
@@ -384,7 +385,7 @@ async fn rsa_envelope_unwraps_on_softhsm_into_a_key_that_decrypts() {
     assert_eq!(plain, secret);
 
     // and a tampered envelope is refused by the token
-    let mut bad = enc.envelope.wrapped_private_key.clone();
+    let mut bad = enc.envelope.as_ref().unwrap().wrapped_private_key.clone();
     bad[10] ^= 1;
     let oaep = PkcsOaepParams::new(
         MechanismType::SHA1,
@@ -433,11 +434,11 @@ async fn ec_envelope_derives_and_unwraps_on_softhsm() {
     let enc = issued.encryption.expect("an encryption certificate");
     let KeyTransport::EcdhP256 {
         ephemeral_public_key,
-    } = &enc.envelope.key_transport
+    } = &enc.envelope.as_ref().unwrap().key_transport
     else {
         panic!(
             "EC recipient expects ECDH: {:?}",
-            enc.envelope.key_transport
+            enc.envelope.as_ref().unwrap().key_transport
         )
     };
 
@@ -451,7 +452,7 @@ async fn ec_envelope_derives_and_unwraps_on_softhsm() {
         .unwrap_key(
             &Mechanism::AesKeyWrapPad,
             aes,
-            &enc.envelope.wrapped_private_key,
+            &enc.envelope.as_ref().unwrap().wrapped_private_key,
             &[
                 Attribute::Class(ObjectClass::PRIVATE_KEY),
                 Attribute::KeyType(KeyType::EC),

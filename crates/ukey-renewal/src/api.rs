@@ -217,6 +217,17 @@ impl<'m> SessionToken<'m> {
                 Err(_) => {}
             }
         }
+        if obj.decrypt != Some(false) {
+            if let PublicKey::Sm2 { point } = &key.public {
+                if let Ok((ciphertext, plaintext)) = crate::checks::sm2_decrypt_test(point) {
+                    match self.session.decrypt_sm2(obj.handle, &ciphertext) {
+                        Ok(got) => return Ok(got == plaintext),
+                        Err(e) if is_token_gone(&e) => return Err(e),
+                        Err(_) => {}
+                    }
+                }
+            }
+        }
         if obj.derive != Some(false) {
             if let PublicKey::EcP256 { point } = &key.public {
                 if let Ok((peer, shared)) = crate::checks::ecdh_test(point) {
@@ -380,6 +391,33 @@ impl<'m> SessionToken<'m> {
                 label,
             )
             .map(|_| ())
+    }
+
+    /// Opens a GM/T 0009 envelope on the token with the private key of `recipient` (the
+    /// new SM2 signing key), leaving the escrowed key under `id` and `label`.
+    pub fn unwrap_sm2_envelope(
+        &self,
+        recipient: &KeyRef,
+        envelope: &ukey_portal_api::gm::Sm2EnvelopedKey,
+        id: &PendingId,
+        label: &str,
+    ) -> TokenResult<()> {
+        let h = self.private_key(recipient, KeyUse::Sign)?;
+        self.session
+            .unwrap_sm2_envelope(
+                h,
+                &envelope.sym_encrypted_key,
+                &envelope.encrypted_private_key,
+                id.as_bytes(),
+                label,
+            )
+            .map(|_| ())
+    }
+
+    /// SM2 decryption with the private key of `key`.
+    pub fn decrypt_sm2(&self, key: &KeyRef, ciphertext: &[u8]) -> TokenResult<Vec<u8>> {
+        let h = self.private_key(key, KeyUse::Decrypt)?;
+        self.session.decrypt_sm2(h, ciphertext)
     }
 
     /// A transport key for this renewal run (see [`TransportKey`]).

@@ -222,11 +222,38 @@ pub enum DecryptTest {
         /// Expected shared secret.
         shared: Vec<u8>,
     },
+    /// SM2: decrypt `ciphertext` (an `SM2Cipher`), expect `plaintext`.
+    Sm2 {
+        /// Ciphertext.
+        ciphertext: Vec<u8>,
+        /// Expected.
+        plaintext: Vec<u8>,
+    },
+}
+
+/// A random 32-byte message SM2-encrypted to `point`: what the key of `point` must
+/// decrypt.
+pub fn sm2_decrypt_test(point: &[u8]) -> Result<(Vec<u8>, Vec<u8>), String> {
+    use aws_lc_rs::rand::{SecureRandom, SystemRandom};
+    let mut plaintext = vec![0u8; 32];
+    SystemRandom::new()
+        .fill(&mut plaintext)
+        .map_err(|e| e.to_string())?;
+    let ciphertext = ukey_trust::gm::encrypt(point, &plaintext)
+        .ok_or("SM2 encryption to the certificate's key failed")?;
+    Ok((ciphertext, plaintext))
 }
 
 /// Makes a [`DecryptTest`] for the encryption certificate.
 pub fn decrypt_test(cert_der: &[u8]) -> Result<DecryptTest, String> {
     use aws_lc_rs::rand::{SecureRandom, SystemRandom};
+    if let Ok(PublicKey::Sm2 { point }) = PublicKey::from_certificate(cert_der) {
+        let (ciphertext, plaintext) = sm2_decrypt_test(&point)?;
+        return Ok(DecryptTest::Sm2 {
+            ciphertext,
+            plaintext,
+        });
+    }
     let cert = parse(cert_der).map_err(|e| e.to_string())?;
     let rng = SystemRandom::new();
     match cert.public_key().parsed() {

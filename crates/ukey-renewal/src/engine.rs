@@ -1172,10 +1172,13 @@ impl Run<'_> {
             checks::subject_of(&old_der).map_err(RenewalError::Inconsistent)?;
         let csr_der = self.token.csr(&new_key, &params)?;
         // The escrowed encryption key goes to a key made for it in this run, never to
-        // the signing key (which only signs).
+        // the signing key (which only signs); except an SM2 one, which GM/T 0092
+        // envelopes to the new signing key (which may unwrap, never decrypt data).
         let transport = match self.j.encryption {
-            Some(_) => Some(self.token.generate_transport_key(self.j.new_alg)?),
-            None => None,
+            Some(_) if self.j.new_alg != KeyAlg::Sm2 => {
+                Some(self.token.generate_transport_key(self.j.new_alg)?)
+            }
+            _ => None,
         };
         let transport_spki = transport.as_ref().map(|t| t.public.spki());
         let challenge = self.portal.challenge(&self.j.order_id)?.value;
@@ -1231,35 +1234,49 @@ impl Run<'_> {
                     ..x
                 };
                 checks::check_issued(&enc.certificate_der, &x).map_err(RenewalError::Refused)?;
-                let Some(transport) = transport else {
-                    return Err(RenewalError::Inconsistent(
-                        "an encryption certificate came without a transport key asked for".into(),
-                    ));
-                };
-                let spki_hash =
-                    aws_lc_rs::digest::digest(&aws_lc_rs::digest::SHA256, &transport.public.spki());
-                if enc.envelope.recipient_spki_sha256 != spki_hash.as_ref() {
-                    return Err(RenewalError::Refused(Refusal::Encryption(
-                        "the key envelope is addressed to another key".into(),
-                    )));
-                }
                 let enc_public =
                     PublicKey::from_certificate(&enc.certificate_der).map_err(|e| {
                         RenewalError::Refused(Refusal::Encryption(format!(
                             "the encryption certificate's key: {e}"
                         )))
                     })?;
-                let want_alg = matches!(
-                    (&enc.envelope.private_key_algorithm, &enc_public),
-                    (KeyAlgorithm::Rsa2048, PublicKey::Rsa { .. })
-                        | (KeyAlgorithm::EcP256, PublicKey::EcP256 { .. })
-                );
-                if !want_alg {
-                    return Err(RenewalError::Refused(Refusal::Encryption(
-                        "the escrowed key's algorithm does not match its certificate".into(),
-                    )));
-                }
-                check_envelope(&enc.envelope, &transport.public)?;
+                let transport = if let PublicKey::Sm2 { point } = &enc_public {
+                    check_gm_envelope(enc.gm_enveloped_key.as_deref(), point)?;
+                    None
+                } else {
+                    let Some(transport) = transport else {
+                        return Err(RenewalError::Inconsistent(
+                            "an encryption certificate came without a transport key asked for"
+                                .into(),
+                        ));
+                    };
+                    let envelope = enc.envelope.as_ref().ok_or_else(|| {
+                        RenewalError::Refused(Refusal::Encryption(
+                            "the encryption certificate came without its key envelope".into(),
+                        ))
+                    })?;
+                    let spki_hash = aws_lc_rs::digest::digest(
+                        &aws_lc_rs::digest::SHA256,
+                        &transport.public.spki(),
+                    );
+                    if envelope.recipient_spki_sha256 != spki_hash.as_ref() {
+                        return Err(RenewalError::Refused(Refusal::Encryption(
+                            "the key envelope is addressed to another key".into(),
+                        )));
+                    }
+                    let want_alg = matches!(
+                        (&envelope.private_key_algorithm, &enc_public),
+                        (KeyAlgorithm::Rsa2048, PublicKey::Rsa { .. })
+                            | (KeyAlgorithm::EcP256, PublicKey::EcP256 { .. })
+                    );
+                    if !want_alg {
+                        return Err(RenewalError::Refused(Refusal::Encryption(
+                            "the escrowed key's algorithm does not match its certificate".into(),
+                        )));
+                    }
+                    check_envelope(envelope, &transport.public)?;
+                    Some(transport)
+                };
                 enc_serial = Some(serial_of(&enc.certificate_der)?);
                 enc_der = Some(hex::encode(&enc.certificate_der));
                 encryption = Some((
@@ -1267,7 +1284,7 @@ impl Run<'_> {
                         id: names.pending_id.as_bytes().to_vec(),
                         public: enc_public,
                     },
-                    Some(transport),
+                    transport,
                 ));
             }
             (None, Some(_)) => {
@@ -1327,8 +1344,25 @@ impl Run<'_> {
                     "a pending encryption key on the token is not the escrowed key".into(),
                 ));
             }
-            if !has_key {
-                let transport = match &enc.envelope.key_transport {
+            if !has_key && matches!(enc_key.public, PublicKey::Sm2 { .. }) {
+                let der = enc
+                    .gm_enveloped_key
+                    .as_deref()
+                    .ok_or_else(|| RenewalError::Inconsistent("the SM2 envelope is gone".into()))?;
+                let envelope = ukey_portal_api::gm::Sm2EnvelopedKey::from_der(der)
+                    .map_err(|e| RenewalError::Inconsistent(format!("the SM2 envelope: {e}")))?;
+                self.token.unwrap_sm2_envelope(
+                    &v.key,
+                    &envelope,
+                    &names.pending_id,
+                    &names.pending_label,
+                )?;
+            } else if !has_key {
+                let envelope = enc
+                    .envelope
+                    .as_ref()
+                    .ok_or_else(|| RenewalError::Inconsistent("the key envelope is gone".into()))?;
+                let transport = match &envelope.key_transport {
                     WireTransport::RsaOaepSha1 { wrapped_key } => {
                         KeyTransport::RsaOaepSha1 { wrapped_key }
                     }
@@ -1344,8 +1378,8 @@ impl Run<'_> {
                 self.token.unwrap_escrowed_key(
                     recipient,
                     &transport,
-                    &enc.envelope.wrapped_private_key,
-                    key_alg(enc.envelope.private_key_algorithm),
+                    &envelope.wrapped_private_key,
+                    key_alg(envelope.private_key_algorithm),
                     &names.pending_id,
                     &names.pending_label,
                 )?;
@@ -1383,6 +1417,17 @@ impl Run<'_> {
                     if got != plaintext {
                         return Err(RenewalError::SelfTest(
                             "the new encryption key does not decrypt what is encrypted to its certificate".into(),
+                        ));
+                    }
+                }
+                DecryptTest::Sm2 {
+                    ciphertext,
+                    plaintext,
+                } => {
+                    let got = self.token.decrypt_sm2(enc_key, &ciphertext)?;
+                    if got != plaintext {
+                        return Err(RenewalError::SelfTest(
+                            "the new SM2 encryption key does not decrypt what is encrypted to its certificate".into(),
                         ));
                     }
                 }
@@ -1713,6 +1758,40 @@ fn check_envelope(
 /// A vendor-defined mechanism type.
 fn vendor(value: u64) -> Option<MechanismType> {
     MechanismType::new_vendor_defined(value).ok()
+}
+
+/// An SM2 encryption certificate's GM/T 0009 envelope, checked before anything is
+/// written: present, well-formed, SM4-ECB, holding the certificate's key, with an
+/// `SM2Cipher` and a 32- or 64-byte encrypted private key. (Whom it is encrypted to
+/// shows only on the token: a wrong recipient fails the unwrap, nothing written.)
+fn check_gm_envelope(der: Option<&[u8]>, cert_point: &[u8]) -> Result<(), RenewalError> {
+    let refuse = |m: String| RenewalError::Refused(Refusal::Encryption(m));
+    let der = der.ok_or_else(|| {
+        refuse("the SM2 encryption certificate came without its GM/T 0009 envelope".into())
+    })?;
+    let e = ukey_portal_api::gm::Sm2EnvelopedKey::from_der(der).map_err(|e| {
+        refuse(format!(
+            "the SM2 envelope is not a GM/T 0009 SM2EnvelopedKey: {e}"
+        ))
+    })?;
+    if e.sym_alg != ukey_portal_api::gm::SM4_ECB {
+        return Err(refuse(format!(
+            "the SM2 envelope uses {}, not SM4-ECB",
+            e.sym_alg
+        )));
+    }
+    if e.public_key != cert_point {
+        return Err(refuse(
+            "the SM2 envelope holds another key than the encryption certificate's".into(),
+        ));
+    }
+    if !matches!(e.encrypted_private_key.len(), 32 | 64) {
+        return Err(refuse(format!(
+            "the SM2 envelope's private key is {} bytes, not 32 or 64",
+            e.encrypted_private_key.len()
+        )));
+    }
+    Ok(())
 }
 
 fn sig_alg(a: KeyAlg) -> SignatureAlgorithm {

@@ -15,7 +15,7 @@ use cryptoki::mechanism::{Mechanism, MechanismType};
 use cryptoki::object::{Attribute, AttributeType, KeyType, ObjectClass, ObjectHandle};
 
 use crate::error::{Error, Result};
-use crate::keys::KeyAlg;
+use crate::keys::{KeyAlg, no_sm2_profile, vendor_mechanism};
 use crate::session::Session;
 
 /// How the envelope's AES-256 key reaches the token.
@@ -128,6 +128,89 @@ impl Session<'_> {
             "escrowed key unwrapped onto the token"
         );
         Ok(key)
+    }
+
+    /// Opens a GM/T 0009 envelope on the token: the SM4 key `sym_encrypted_key` (an
+    /// `SM2Cipher`) is unwrapped with the SM2 private key `recipient` (the new signing
+    /// key, whose CKA_UNWRAP allows it; it never decrypts data), then the SM2 private key
+    /// `encrypted_private_key` (SM4-ECB) with it, onto the token under `id` and `label`:
+    /// sensitive, never extractable, decrypt only. The SM4 key is a session object,
+    /// destroyed at once. Both mechanisms come from the token's profile.
+    pub fn unwrap_sm2_envelope(
+        &self,
+        recipient: ObjectHandle,
+        sym_encrypted_key: &[u8],
+        encrypted_private_key: &[u8],
+        id: &[u8],
+        label: &str,
+    ) -> Result<ObjectHandle> {
+        let p = self
+            .sm2_profile()
+            .filter(|p| p.can_import_envelope())
+            .ok_or_else(|| no_sm2_profile(self))?;
+        let (Some(sm2_decrypt), Some(sm4_ecb), Some(ckk_sm4)) =
+            (p.sm2_decrypt, p.sm4_ecb, p.ckk_sm4)
+        else {
+            return Err(no_sm2_profile(self));
+        };
+        let key_type = |v: u64| KeyType::new_vendor_defined(v).unwrap_or(KeyType::GENERIC_SECRET);
+        let sm4 = self
+            .cryptoki()
+            .unwrap_key(
+                &vendor_mechanism(sm2_decrypt)?,
+                recipient,
+                sym_encrypted_key,
+                &[
+                    Attribute::Class(ObjectClass::SECRET_KEY),
+                    Attribute::KeyType(key_type(ckk_sm4)),
+                    Attribute::Token(false),
+                    Attribute::Unwrap(true),
+                    Attribute::Sensitive(true),
+                    Attribute::Extractable(false),
+                ],
+            )
+            .map_err(|e| self.map_error(e))?;
+        let result = self
+            .cryptoki()
+            .unwrap_key(
+                &vendor_mechanism(sm4_ecb)?,
+                sm4,
+                encrypted_private_key,
+                &[
+                    Attribute::Class(ObjectClass::PRIVATE_KEY),
+                    Attribute::KeyType(key_type(p.ckk_sm2)),
+                    Attribute::EcParams(crate::gm::SM2_EC_PARAMS.to_vec()),
+                    Attribute::Token(true),
+                    Attribute::Private(true),
+                    Attribute::Sensitive(true),
+                    Attribute::Extractable(false),
+                    Attribute::Id(id.to_vec()),
+                    Attribute::Label(label.as_bytes().to_vec()),
+                    Attribute::Decrypt(true),
+                    Attribute::Sign(false),
+                    Attribute::Unwrap(false),
+                    Attribute::Derive(false),
+                ],
+            )
+            .map_err(|e| self.map_error(e));
+        if let Err(e) = self.cryptoki().destroy_object(sm4) {
+            tracing::debug!("destroying the envelope's SM4 key: {e}");
+        }
+        let key = result?;
+        tracing::debug!(label, "escrowed SM2 key unwrapped onto the token");
+        Ok(key)
+    }
+
+    /// SM2 decryption (a GM/T 0009 `SM2Cipher`) with a private key on the token, through
+    /// the token's profile.
+    pub fn decrypt_sm2(&self, key: ObjectHandle, ciphertext: &[u8]) -> Result<Vec<u8>> {
+        let m = self
+            .sm2_profile()
+            .and_then(|p| p.sm2_decrypt)
+            .ok_or_else(|| no_sm2_profile(self))?;
+        self.cryptoki()
+            .decrypt(&vendor_mechanism(m)?, key, ciphertext)
+            .map_err(|e| self.map_error(e))
     }
 
     /// RSA-OAEP (SHA-1) decryption with a private key on the token.

@@ -117,6 +117,16 @@ pub fn message_digest(distid: &str, public_key: &[u8], message: &[u8]) -> Option
     Some(e.finalize().into())
 }
 
+/// SM2 encryption of `message` to the uncompressed point `public_key`: a GM/T 0009
+/// `SM2Cipher` DER (C1 C3 C2), as `openssl pkeyutl -encrypt` writes it. `None`: not a
+/// point on the curve, or no randomness.
+pub fn encrypt(public_key: &[u8], message: &[u8]) -> Option<Vec<u8>> {
+    sm2::pke::EncryptingKey::from_sec1_bytes(public_key)
+        .ok()?
+        .encrypt_der(&mut getrandom::SysRng, message)
+        .ok()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

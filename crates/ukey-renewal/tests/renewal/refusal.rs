@@ -299,7 +299,8 @@ async fn issue(
                     let enc = encryption_certificate(&fake);
                     Some(ukey_portal_api::EncryptionIssue {
                         certificate_serial_hex: "5A0E".into(),
-                        envelope: envelope(&fake, &req, &enc),
+                        envelope: Some(envelope(&fake, &req, &enc)),
+                        gm_enveloped_key: None,
                         certificate_der: enc,
                     })
                 }
