@@ -443,7 +443,7 @@ type RatioRun = (
 fn raw_ops_ratio(quick: bool) -> Vec<Row> {
     let rounds = if quick { "12" } else { "30" };
     let sim_rounds = if quick { "2" } else { "5" };
-    let runs: [RatioRun; 3] = [
+    let runs: [RatioRun; 4] = [
         (
             "renewal engine vs sum of raw operations, RSA-2048 new key, SoftHSM2, key generation left out",
             rounds,
@@ -466,6 +466,14 @@ fn raw_ops_ratio(quick: bool) -> Vec<Row> {
             vec!["rsa", "every-step", "--sim", SIM_PROFILE],
             "ratio <= 1.05",
             1.05,
+            false,
+        ),
+        (
+            "国密 renewal engine vs sum of raw operations, RSA-2048 → SM2 on a GM key (ukey-sim TASS, usb-key latency), SM2 portal CA",
+            sim_rounds,
+            vec!["sm2", "every-step", "--sim", SIM_PROFILE],
+            "ratio <= 1.25",
+            1.25,
             false,
         ),
     ];
@@ -882,28 +890,36 @@ fn diagnose(opts: &Opts) -> Result<Vec<Row>> {
 
 fn portal(opts: &Opts) -> Result<Vec<Row>> {
     let issues = if opts.quick { "1000" } else { "3000" };
-    let out = output(
-        cargo()
-            .args(["bench", "-p", "ukey-portal", "--bench", "issue"])
-            .env("UKEY_BENCH_ISSUES", issues),
-    )?;
-    print!("{out}");
-    let (rate, p50, p99) = parse_portal(&out)
-        .with_context(|| format!("unexpected output of the portal benchmark:\n{out}"))?;
-    let header = out
-        .lines()
-        .find(|l| l.starts_with("issue benchmark:"))
-        .unwrap_or("")
-        .trim_start_matches("issue benchmark: ")
-        .to_owned();
-    Ok(vec![Row::measured(
-        "portal issuances/s",
-        rate,
-        "/s",
-        format!("p50 {p50:.1} ms, p99 {p99:.1} ms; {header}"),
-        ">= 500/s",
-        Some(rate >= 500.0),
-    )])
+    let mut rows = Vec::new();
+    for (name, alg) in [
+        ("portal issuances/s", "EC-P256"),
+        ("portal SM2 issuances/s (SM2 CA, SM2 CSRs)", "SM2"),
+    ] {
+        let out = output(
+            cargo()
+                .args(["bench", "-p", "ukey-portal", "--bench", "issue"])
+                .env("UKEY_BENCH_ISSUES", issues)
+                .env("UKEY_BENCH_ALG", alg),
+        )?;
+        print!("{out}");
+        let (rate, p50, p99) = parse_portal(&out)
+            .with_context(|| format!("unexpected output of the portal benchmark:\n{out}"))?;
+        let header = out
+            .lines()
+            .find(|l| l.starts_with("issue benchmark:"))
+            .unwrap_or("")
+            .trim_start_matches("issue benchmark: ")
+            .to_owned();
+        rows.push(Row::measured(
+            name,
+            rate,
+            "/s",
+            format!("p50 {p50:.1} ms, p99 {p99:.1} ms; {header}"),
+            ">= 500/s",
+            Some(rate >= 500.0),
+        ));
+    }
+    Ok(rows)
 }
 
 /// From "  1221 issuances/s over 2.46s; latency p50 12.34ms, p99 30.01ms, max ...":

@@ -29,6 +29,18 @@ struct Lab {
     portal: common::LoopbackPortal,
     data: tempfile::TempDir,
     shim: PathBuf,
+    /// The 国密 lab: an SM2 portal CA; tokens are GM keys upgraded RSA → SM2.
+    sm2: Option<Sm2Lab>,
+}
+
+/// What the 国密 lab adds: the OpenSSL-made SM2 CA the portal issues with, and a
+/// configuration giving ukey-sim's TASS profile its SM4 numbers.
+struct Sm2Lab {
+    ca_cert: PathBuf,
+    config: PathBuf,
+    /// The issuer Name (DER) of the fixtures' certificates, which orders name.
+    issuer_der: Vec<u8>,
+    _dir: tempfile::TempDir,
 }
 
 impl Lab {
@@ -46,19 +58,88 @@ impl Lab {
             portal,
             data: tempfile::tempdir().unwrap(),
             shim,
+            sm2: None,
         }
     }
 
-    /// A dual-certificate RSA token with a ready new-key order (every sub-step runs).
+    /// The 国密 lab: the portal's CA is an OpenSSL-made SM2 CA that also accepts the
+    /// fixtures' RSA CA; [`Lab::token`] makes GM keys with an RSA → SM2 dual order.
+    fn sm2() -> Lab {
+        let hsm = SoftHsm::new().unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        let ssl = softhsm_fixtures::openssl_sm2::OpenSslSm2::new(dir.path());
+        ssl.ca("sm2ca", "/C=CN/O=某某数字认证/CN=某某 SM2 CA")
+            .unwrap();
+        let portal = common::start_portal_with_ca(
+            &dir.path().join("sm2ca.pem"),
+            &dir.path().join("sm2ca.key"),
+            Some(&hsm.ca().unwrap().issuing_cert_pem),
+        );
+        let control = Control::new(hsm.dir().join("ukey-sim-state")).unwrap();
+        let shim = hsm.dir().join(ukey_sim::module_file_name());
+        std::fs::copy(common::shim_module(), &shim).unwrap();
+        // `look` loads the shim in this process.
+        #[allow(unsafe_code)]
+        // SAFETY: one test per process (nextest), set before any thread or module.
+        unsafe {
+            std::env::set_var(ukey_sim::STATE_ENV, control.dir());
+        }
+        // Any fixture certificate names the fixtures' issuing CA.
+        let probe = hsm.create_token(&TokenSpec::ukey("Issuer probe")).unwrap();
+        let issuer_der = ukey_renewal::status_request(&probe.certs[0].der)
+            .unwrap()
+            .issuer_der
+            .unwrap();
+        let config = hsm.dir().join("gm-config.toml");
+        let tass = ukey_sim::gm::profile("tass").unwrap();
+        std::fs::write(
+            &config,
+            format!(
+                "[[modules]]\nname = \"GM key\"\npath = \"{}\"\n[modules.sm2]\nname = \"tass-sm4\"\n\
+                 ckk_sm2 = {:#x}\nkey_pair_gen = {:#x}\nsign_prehashed = {:#x}\nsm2_decrypt = {:#x}\n\
+                 ckk_sm4 = {:#x}\nsm4_ecb = {:#x}\n",
+                shim.display(),
+                tass.ckk_sm2,
+                tass.key_pair_gen,
+                tass.sign_prehashed,
+                tass.sm2_decrypt.unwrap(),
+                tass.ckk_sm4.unwrap(),
+                tass.sm4_ecb.unwrap(),
+            ),
+        )
+        .unwrap();
+        Lab {
+            hsm,
+            control,
+            portal,
+            data: tempfile::tempdir().unwrap(),
+            shim,
+            sm2: Some(Sm2Lab {
+                ca_cert: dir.path().join("sm2ca.pem"),
+                config,
+                issuer_der,
+                _dir: dir,
+            }),
+        }
+    }
+
+    /// A dual-certificate RSA token with a ready new-key order (every sub-step runs);
+    /// in the 国密 lab a GM key with an RSA → SM2 order.
     fn token(&self, label: &str) -> TokenFixture {
         let fx = self
             .hsm
             .create_token(&TokenSpec::dual(label, KeyAlg::Rsa2048))
             .unwrap();
+        let target = if self.sm2.is_some() {
+            self.control.set_gm(&fx.serial, Some("tass")).unwrap();
+            KeyAlgorithm::Sm2
+        } else {
+            KeyAlgorithm::Rsa2048
+        };
         self.order(
             &fx.certs[0].serial_hex,
             KeyPolicy::New,
-            KeyAlgorithm::Rsa2048,
+            target,
             Some(&fx.certs[1].serial_hex),
         );
         fx
@@ -78,7 +159,9 @@ impl Lab {
             .portal
             .create_order(&CreateOrderRequest {
                 serial_hex: serial.to_owned(),
-                issuer_der: None,
+                // In the 国密 lab the old certificates are the fixtures' CA's, not the
+                // portal's own: any fixture certificate names it as its issuer.
+                issuer_der: self.sm2.as_ref().map(|l| l.issuer_der.clone()),
                 issuer_dn: None,
                 years: 1,
                 state: InitialState::Ready,
@@ -114,7 +197,14 @@ impl Lab {
         extra: &[&str],
         data: &std::path::Path,
     ) -> Output {
-        let root = self.hsm.ca().unwrap().root_cert_path.clone();
+        let root = match &self.sm2 {
+            Some(l) => l.ca_cert.clone(),
+            None => self.hsm.ca().unwrap().root_cert_path.clone(),
+        };
+        let config = match &self.sm2 {
+            Some(l) => l.config.clone(),
+            None => self.hsm.dir().join("no-config.toml"),
+        };
         let mut cmd = self.hsm.command(UKEY);
         cmd.arg("--module")
             .arg(&self.shim)
@@ -130,7 +220,7 @@ impl Lab {
             .args(extra)
             .env_remove("UKEY_PKCS11_MODULE")
             .env_remove("UKEY_FAILPOINT")
-            .env("UKEY_CONFIG", self.hsm.dir().join("no-config.toml"))
+            .env("UKEY_CONFIG", config)
             .env("UKEY_DATA_DIR", data)
             .env(ukey_sim::STATE_ENV, self.control.dir())
             .env(ukey_sim::BACKEND_ENV, softhsm_module().unwrap())
@@ -164,8 +254,13 @@ struct Seen {
     working: Vec<String>,
 }
 
-fn look(fx: &TokenFixture) -> Seen {
-    let module = Module::load(&softhsm_module().unwrap()).unwrap();
+fn look(lab: &Lab, fx: &TokenFixture) -> Seen {
+    // A GM key's SM2 keys sign only through ukey-sim (SoftHSM2 holds them sealed).
+    let module = if lab.sm2.is_some() {
+        Module::load(&lab.shim).unwrap()
+    } else {
+        Module::load(&softhsm_module().unwrap()).unwrap()
+    };
     let token = module
         .tokens()
         .unwrap()
@@ -219,7 +314,7 @@ fn leftovers(seen: &Seen) -> Vec<&ObjectInfo> {
         .collect()
 }
 
-fn assert_finished(fx: &TokenFixture, out: &Output, point: &str) -> Value {
+fn assert_finished(lab: &Lab, fx: &TokenFixture, out: &Output, point: &str) -> Value {
     assert_eq!(
         out.status.code(),
         Some(0),
@@ -229,7 +324,7 @@ fn assert_finished(fx: &TokenFixture, out: &Output, point: &str) -> Value {
     let v: Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(v["status"], "renewed", "{point}: {v}");
     let new_serial = v["new_serial"].as_str().unwrap().to_owned();
-    let seen = look(fx);
+    let seen = look(lab, fx);
     assert_eq!(
         seen.working,
         vec![new_serial.clone()],
@@ -249,6 +344,22 @@ fn assert_finished(fx: &TokenFixture, out: &Output, point: &str) -> Value {
         !certs.contains(&fx.certs[0].serial_hex),
         "{point}: old signing certificate left: {certs:?}"
     );
+    if lab.sm2.is_some() {
+        // The 国密 upgrade: both new certificates are SM2.
+        let sm2 = seen
+            .objects
+            .iter()
+            .filter(|o| o.kind == ukey_token::ObjectKind::Certificate)
+            .filter_map(|o| {
+                ukey_token::CertificateDetails::from_der(&hex::decode(&o.value_hex).unwrap()).ok()
+            })
+            .filter(|d| d.key_algorithm == "SM2")
+            .count();
+        assert_eq!(
+            sm2, 2,
+            "{point}: new SM2 signing and encryption certificates"
+        );
+    }
     assert!(
         certs.contains(&fx.certs[1].serial_hex),
         "{point}: archived encryption certificate lost"
@@ -309,7 +420,17 @@ fn crash_points() -> Vec<String> {
 
 #[test]
 fn killed_at_every_step_boundary_then_resumed() {
-    let lab = Lab::new();
+    killed_at_every_step_boundary_in(Lab::new());
+}
+
+/// The 国密 upgrade (RSA dual → SM2 dual, the escrowed key in a GM/T 0009 envelope
+/// opened on the key) killed at every step boundary, then resumed.
+#[test]
+fn sm2_upgrade_killed_at_every_step_boundary_then_resumed() {
+    killed_at_every_step_boundary_in(Lab::sm2());
+}
+
+fn killed_at_every_step_boundary_in(lab: Lab) {
     let points = crash_points();
     let mut covered = 0;
     for (i, point) in points.iter().enumerate() {
@@ -321,7 +442,7 @@ fn killed_at_every_step_boundary_then_resumed() {
             "{point}: expected an abort: {}",
             text(&out)
         );
-        let seen = look(&fx);
+        let seen = look(&lab, &fx);
         assert!(
             !seen.working.is_empty(),
             "{point}: neither certificate works: {:?}",
@@ -338,13 +459,13 @@ fn killed_at_every_step_boundary_then_resumed() {
                 text(&out)
             );
             assert!(
-                !look(&fx).working.is_empty(),
+                !look(&lab, &fx).working.is_empty(),
                 "{point} + login: neither works"
             );
             covered += 1;
         }
         let out = lab.renew(&fx, None);
-        let v = assert_finished(&fx, &out, point);
+        let v = assert_finished(&lab, &fx, &out, point);
         assert_eq!(v["resumed"], true, "{point}: {v}");
         covered += 1;
     }
@@ -357,9 +478,12 @@ fn killed_at_every_step_boundary_then_resumed() {
 }
 
 fn with_fault(fault: Fault, expect_code: &str, unplug: bool) {
-    let lab = Lab::new();
+    with_fault_in(Lab::new(), fault, expect_code, unplug);
+}
+
+fn with_fault_in(lab: Lab, fault: Fault, expect_code: &str, unplug: bool) {
     let fx = lab.token("Fault");
-    let before = look(&fx).objects;
+    let before = look(&lab, &fx).objects;
     lab.control.add_fault(&fx.serial, fault.clone()).unwrap();
     let out = lab.renew(&fx, None);
     assert_eq!(out.status.code(), Some(7), "{fault:?}: {}", text(&out));
@@ -368,7 +492,7 @@ fn with_fault(fault: Fault, expect_code: &str, unplug: bool) {
     if unplug {
         lab.control.plug(&fx.serial).unwrap();
     }
-    let seen = look(&fx);
+    let seen = look(&lab, &fx);
     assert!(
         !seen.working.is_empty(),
         "{fault:?}: neither certificate works"
@@ -382,7 +506,7 @@ fn with_fault(fault: Fault, expect_code: &str, unplug: bool) {
     }
     lab.control.clear_faults(&fx.serial).unwrap();
     let out = lab.renew(&fx, None);
-    assert_finished(&fx, &out, &format!("{fault:?}"));
+    assert_finished(&lab, &fx, &out, &format!("{fault:?}"));
     println!("crash point covered: {fault:?}");
 }
 
@@ -407,6 +531,44 @@ fn key_pulled_out_as_the_certificate_is_written_then_resumed() {
 #[test]
 fn key_pulled_out_while_unwrapping_the_escrowed_key_then_resumed() {
     with_fault(Fault::unplug("C_UnwrapKey", 2), "token_removed", true);
+}
+
+#[test]
+fn sm2_key_pulled_out_as_the_certificate_is_written_then_resumed() {
+    with_fault_in(
+        Lab::sm2(),
+        Fault::unplug("C_CreateObject", 1).after_call(),
+        "token_removed",
+        true,
+    );
+}
+
+/// The first C_UnwrapKey of an SM2 upgrade opens the SM4 key with the signing key, the
+/// second the escrowed private key with the SM4 key: pulled out inside each.
+#[test]
+fn sm2_key_pulled_out_while_opening_the_gm_envelope_then_resumed() {
+    with_fault_in(
+        Lab::sm2(),
+        Fault::unplug("C_UnwrapKey", 1),
+        "token_removed",
+        true,
+    );
+    with_fault_in(
+        Lab::sm2(),
+        Fault::unplug("C_UnwrapKey", 2).after_call(),
+        "token_removed",
+        true,
+    );
+}
+
+#[test]
+fn sm2_key_pulled_out_while_generating_the_new_key_then_resumed() {
+    with_fault_in(
+        Lab::sm2(),
+        Fault::unplug("C_GenerateKeyPair", 1),
+        "token_removed",
+        true,
+    );
 }
 
 #[test]
@@ -451,7 +613,7 @@ fn final_try_needs_explicit_confirmation_and_locked_stops() {
     let lab = Lab::new();
     let fx = lab.token("Final try");
     lab.control.set_pin_tries(&fx.serial, 1).unwrap();
-    let before = look(&fx).objects;
+    let before = look(&lab, &fx).objects;
     // look() logged in with the right PIN: the counter is still clean.
     let out = lab.renew(&fx, None);
     assert_eq!(out.status.code(), Some(6), "{}", text(&out));
@@ -462,9 +624,9 @@ fn final_try_needs_explicit_confirmation_and_locked_stops() {
         0,
         "no PIN was tried"
     );
-    assert_eq!(look(&fx).objects, before);
+    assert_eq!(look(&lab, &fx).objects, before);
     let out = lab.renew_with(&fx, None, &fx.user_pin, &["--confirm-final-try"]);
-    assert_finished(&fx, &out, "final try confirmed");
+    assert_finished(&lab, &fx, &out, "final try confirmed");
 
     let fx = lab.token("Locked");
     lab.control.set_pin_tries(&fx.serial, 1).unwrap();
@@ -505,7 +667,7 @@ fn missing_mechanism_is_user_action_and_says_to_contact_the_ca() {
     );
     // CKM_EC_KEY_PAIR_GEN.
     lab.control.hide_mechanism(&fx.serial, 0x1040).unwrap();
-    let before = look(&fx).objects;
+    let before = look(&lab, &fx).objects;
     for (lang, contact) in [("en", "Contact your CA"), ("zh-CN", "请联系发证机构")] {
         let out = lab.renew_with(&fx, None, &fx.user_pin, &["--lang", lang]);
         assert_eq!(out.status.code(), Some(6), "{}", text(&out));
@@ -526,7 +688,7 @@ fn missing_mechanism_is_user_action_and_says_to_contact_the_ca() {
         0,
         "no PIN was tried"
     );
-    assert_eq!(look(&fx).objects, before, "the token is unchanged");
+    assert_eq!(look(&lab, &fx).objects, before, "the token is unchanged");
 
     lab.control.show_all_mechanisms(&fx.serial).unwrap();
     let out = lab.renew(&fx, None);
@@ -550,7 +712,7 @@ fn a_key_that_cannot_make_2048_bit_rsa_is_refused_before_the_pin() {
     lab.control
         .set_key_sizes(&fx.serial, 0x0000, Some((512, 1024)))
         .unwrap();
-    let before = look(&fx).objects;
+    let before = look(&lab, &fx).objects;
     let out = lab.renew_with(&fx, None, &fx.user_pin, &["--lang", "en"]);
     assert_eq!(out.status.code(), Some(6), "{}", text(&out));
     let v: Value = serde_json::from_slice(&out.stdout).unwrap();
@@ -561,7 +723,7 @@ fn a_key_that_cannot_make_2048_bit_rsa_is_refused_before_the_pin() {
         "{message}"
     );
     assert_eq!(lab.control.token(&fx.serial).unwrap().pin.failures, 0);
-    assert_eq!(look(&fx).objects, before, "the token is unchanged");
+    assert_eq!(look(&lab, &fx).objects, before, "the token is unchanged");
 
     lab.control
         .set_key_sizes(&fx.serial, 0x0000, Some((1024, 4096)))
@@ -603,7 +765,7 @@ fn another_user_renewing_another_certificate_keeps_a_stopped_activation() {
     let (a, b) = (&fx.certs[0].serial_hex, &fx.certs[1].serial_hex);
     let out = lab.renew_with(&fx, Some("activate.3:before"), &fx.user_pin, &["--cert", a]);
     assert_eq!(out.status.signal(), Some(6), "{}", text(&out));
-    let stopped = look(&fx);
+    let stopped = look(&lab, &fx);
     assert!(!stopped.working.contains(a), "old key of A already removed");
     assert_eq!(
         stopped.working.len(),
@@ -623,7 +785,7 @@ fn another_user_renewing_another_certificate_keeps_a_stopped_activation() {
     assert_eq!(out.status.code(), Some(0), "{}", text(&out));
     let v: Value = serde_json::from_slice(&out.stdout).unwrap();
     let b_new = v["new_serial"].as_str().unwrap().to_owned();
-    let seen = look(&fx);
+    let seen = look(&lab, &fx);
     assert_eq!(seen.working.len(), 2, "{:?}", seen.objects);
     assert!(seen.working.contains(&b_new));
     let pending_before: Vec<&ObjectInfo> = stopped
@@ -641,7 +803,7 @@ fn another_user_renewing_another_certificate_keeps_a_stopped_activation() {
     assert_eq!(out.status.code(), Some(0), "{}", text(&out));
     let v: Value = serde_json::from_slice(&out.stdout).unwrap();
     let a_new = v["new_serial"].as_str().unwrap().to_owned();
-    let done = look(&fx);
+    let done = look(&lab, &fx);
     let mut working = done.working.clone();
     working.sort();
     let mut want = vec![a_new, b_new];
@@ -688,7 +850,7 @@ fn single_certificate_key_killed_then_resumed_new_key_and_same_key() {
                 text(&out)
             );
             assert!(
-                !look(&fx).working.is_empty(),
+                !look(&lab, &fx).working.is_empty(),
                 "{policy:?} {point}: neither certificate works"
             );
             let out = lab.renew(&fx, None);
@@ -700,7 +862,7 @@ fn single_certificate_key_killed_then_resumed_new_key_and_same_key() {
             );
             let v: Value = serde_json::from_slice(&out.stdout).unwrap();
             let new_serial = v["new_serial"].as_str().unwrap().to_owned();
-            let seen = look(&fx);
+            let seen = look(&lab, &fx);
             assert_eq!(seen.working, vec![new_serial], "{policy:?} {point}");
             let at_old_id = seen
                 .objects
@@ -724,15 +886,19 @@ fn single_certificate_key_killed_then_resumed_new_key_and_same_key() {
 fn abandon_before_activation_restores_the_key_and_refuses_after() {
     let lab = Lab::new();
     let fx = lab.token("Abandon");
-    let before = look(&fx).objects;
+    let before = look(&lab, &fx).objects;
     let out = lab.renew(&fx, Some("self_test:after"));
     assert_eq!(out.status.signal(), Some(6), "{}", text(&out));
-    assert_ne!(look(&fx).objects, before, "pending objects were written");
+    assert_ne!(
+        look(&lab, &fx).objects,
+        before,
+        "pending objects were written"
+    );
     let out = lab.renew_with(&fx, None, &fx.user_pin, &["--abandon"]);
     assert_eq!(out.status.code(), Some(0), "{}", text(&out));
     let v: Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(v["status"], "abandoned", "{v}");
-    assert_eq!(look(&fx).objects, before, "the key is as before");
+    assert_eq!(look(&lab, &fx).objects, before, "the key is as before");
     // Nothing left to abandon.
     let out = lab.renew_with(&fx, None, &fx.user_pin, &["--abandon"]);
     assert_eq!(out.status.code(), Some(6), "{}", text(&out));
@@ -742,7 +908,7 @@ fn abandon_before_activation_restores_the_key_and_refuses_after() {
     let out = lab.renew_with(&fx, None, &fx.user_pin, &["--abandon"]);
     assert_eq!(out.status.code(), Some(6), "{}", text(&out));
     let out = lab.renew(&fx, None);
-    assert_finished(&fx, &out, "after a refused abandon");
+    assert_finished(&lab, &fx, &out, "after a refused abandon");
 }
 
 /// A module that numbers every key `0000000000000000` (ukey-sim reports it for two
@@ -807,7 +973,7 @@ fn two_keys_with_one_serial_are_told_apart() {
     );
 
     // A's renewal is killed after the new certificate is written.
-    let before_b = look(&b);
+    let before_b = look(&lab, &b);
     let out = lab.renew_as(
         &id_a,
         Some("write:after"),
@@ -822,7 +988,7 @@ fn two_keys_with_one_serial_are_told_apart() {
     let v: Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(v["status"], "renewed", "{v}");
     assert_eq!(v["resumed"], false, "{v}");
-    let after_b = look(&b);
+    let after_b = look(&lab, &b);
     assert_ne!(
         after_b.working, before_b.working,
         "B's certificate was renewed"

@@ -5,7 +5,12 @@
 //!
 //! `cargo bench -p ukey-portal --bench issue`
 //! Knobs: UKEY_BENCH_CLIENTS (default 16), UKEY_BENCH_ISSUES (default 3000),
-//! UKEY_BENCH_ALG (EC-P256 or RSA-2048 for the renewed keys, default EC-P256).
+//! UKEY_BENCH_ALG (EC-P256, RSA-2048 or SM2 for the renewed keys, default EC-P256).
+//!
+//! With SM2 the portal runs an SM2 CA (SM2-with-SM3 certificates, GM ID), the old
+//! certificates come from an EC CA it accepts (an RSA → SM2 style upgrade), and the
+//! SM2 CSR is OpenSSL's (`openssl req -new -sm3 -sigopt distid:…`): the portal checks its
+//! SM2 signature on every issuance.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -45,11 +50,38 @@ fn key(alg: KeyAlgorithm) -> KeyPair {
                 .expect("RSA key");
             KeyPair::try_from(kp.as_der().expect("PKCS#8").as_ref()).expect("rcgen key")
         }
-        KeyAlgorithm::Sm2 => {
-            eprintln!("issue bench: SM2 issuance is not benchmarked here yet (issue 13)");
-            std::process::exit(2)
-        }
+        KeyAlgorithm::Sm2 => unreachable!("SM2 CSRs come from OpenSSL (sm2_csr)"),
     }
+}
+
+/// An SM2 CSR for `O=某某建设工程有限公司, CN=张三` made by OpenSSL with the GM ID.
+fn sm2_csr(dir: &std::path::Path) -> Vec<u8> {
+    let openssl = |args: &[&str]| {
+        let out = std::process::Command::new("openssl")
+            .args(args)
+            .current_dir(dir)
+            .output()
+            .expect("openssl");
+        assert!(out.status.success(), "openssl {args:?}: {out:?}");
+    };
+    openssl(&["genpkey", "-algorithm", "SM2", "-out", "sm2.key"]);
+    openssl(&[
+        "req",
+        "-new",
+        "-key",
+        "sm2.key",
+        "-sm3",
+        "-sigopt",
+        "distid:1234567812345678",
+        "-utf8",
+        "-subj",
+        "/O=某某建设工程有限公司/CN=张三",
+        "-outform",
+        "DER",
+        "-out",
+        "sm2.csr",
+    ]);
+    std::fs::read(dir.join("sm2.csr")).expect("CSR")
 }
 
 fn main() {
@@ -60,27 +92,60 @@ fn main() {
         .and_then(|a| KeyAlgorithm::parse(&a))
         .unwrap_or(KeyAlgorithm::EcP256);
     let dir = tempfile::tempdir().expect("temp dir");
-    let portal =
-        Arc::new(Portal::open(&PortalConfig::new(dir.path().join("data"))).expect("portal"));
-
-    // Holders with certificates from the portal's (EC P-256) CA, each with a paid order
-    // and a CSR ready: not timed.
     let data = dir.path().join("data");
-    let ca_key = ukey_portal::ca::load_key(
-        &std::fs::read_to_string(data.join("ca-key.pem")).expect("ca key"),
-    )
-    .expect("ca key");
+    let mut config = PortalConfig::new(&data);
+    let sm2 = alg == KeyAlgorithm::Sm2;
+    // Holders with certificates from the portal's (EC P-256) CA, or with SM2 from an EC
+    // CA the SM2 portal accepts, each with a paid order and a CSR ready: not timed.
+    let (ca_cert_pem, ca_key_pem) = if sm2 {
+        let key = KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).expect("CA key");
+        let mut p = CertificateParams::default();
+        p.distinguished_name
+            .push(DnType::CommonName, "Old RSA-era CA");
+        p.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+        let cert = p.self_signed(&key).expect("old CA");
+        config.ca_alg = ukey_portal::ca::CaAlg::Sm2;
+        ukey_portal::ca::Ca::add_accepted_issuers(&data, &cert.pem()).expect("accept");
+        (cert.pem(), key.serialize_pem())
+    } else {
+        (String::new(), String::new())
+    };
+    let portal = Arc::new(Portal::open(&config).expect("portal"));
+    let (ca_cert_pem, ca_key_pem) = if sm2 {
+        (ca_cert_pem, ca_key_pem)
+    } else {
+        (
+            std::fs::read_to_string(data.join("ca-cert.pem")).expect("ca"),
+            std::fs::read_to_string(data.join("ca-key.pem")).expect("ca key"),
+        )
+    };
     let ca = Issuer::from_ca_cert_pem(
-        &std::fs::read_to_string(data.join("ca-cert.pem")).expect("ca"),
-        ca_key,
+        &ca_cert_pem,
+        ukey_portal::ca::load_key(&ca_key_pem).expect("ca key"),
     )
     .expect("issuer");
+    let issuer_der = sm2.then(|| {
+        use x509_parser::prelude::FromDer as _;
+        let der = ukey_portal::ca::parse_cert_bundle(&ca_cert_pem).expect("PEM")[0].clone();
+        let (_, c) = x509_parser::prelude::X509Certificate::from_der(&der).expect("CA");
+        c.subject().as_raw().to_vec()
+    });
     let prep = Instant::now();
     let mut dn = DistinguishedName::new();
     dn.push(DnType::OrganizationName, "某某建设工程有限公司");
     dn.push(DnType::CommonName, "张三");
     let old_key = KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).expect("key");
-    let new_key = key(alg);
+    let new_csr = if sm2 {
+        sm2_csr(dir.path())
+    } else {
+        let mut csr_params = CertificateParams::default();
+        csr_params.distinguished_name = dn.clone();
+        csr_params
+            .serialize_request(&key(alg))
+            .expect("csr")
+            .der()
+            .to_vec()
+    };
     let mut jobs = Vec::with_capacity(issues);
     for i in 0..issues {
         let mut params = CertificateParams::default();
@@ -95,7 +160,7 @@ fn main() {
         let order = portal
             .create_order(&CreateOrderRequest {
                 serial_hex: hex::encode(serial),
-                issuer_der: None,
+                issuer_der: issuer_der.clone(),
                 issuer_dn: None,
                 years: 1,
                 state: InitialState::Ready,
@@ -105,13 +170,7 @@ fn main() {
                 old_encryption_serial_hex: None,
             })
             .expect("order");
-        let mut csr_params = CertificateParams::default();
-        csr_params.distinguished_name = dn.clone();
-        let csr = csr_params
-            .serialize_request(&new_key)
-            .expect("csr")
-            .der()
-            .to_vec();
+        let csr = new_csr.clone();
         jobs.push(Job {
             order_id: order.order_id,
             old_key: KeyPair::try_from(old_key.serialize_der()).expect("key copy"),
@@ -126,17 +185,30 @@ fn main() {
         .build()
         .expect("runtime");
     runtime.block_on(async move {
-        let server = ukey_portal::start(Arc::clone(&portal), "127.0.0.1:0".parse().expect("addr"), None, None)
-            .await
-            .expect("server");
+        let server = ukey_portal::start(
+            Arc::clone(&portal),
+            "127.0.0.1:0".parse().expect("addr"),
+            None,
+            None,
+        )
+        .await
+        .expect("server");
         let base = server.url.clone();
-        let http = reqwest::Client::builder().pool_max_idle_per_host(clients).build().expect("client");
+        let http = reqwest::Client::builder()
+            .pool_max_idle_per_host(clients)
+            .build()
+            .expect("client");
         let jobs = Arc::new(jobs);
         let next = Arc::new(AtomicUsize::new(0));
         let started = Instant::now();
         let mut tasks = Vec::new();
         for _ in 0..clients {
-            let (http, base, jobs, next) = (http.clone(), base.clone(), Arc::clone(&jobs), Arc::clone(&next));
+            let (http, base, jobs, next) = (
+                http.clone(),
+                base.clone(),
+                Arc::clone(&jobs),
+                Arc::clone(&next),
+            );
             tasks.push(tokio::spawn(async move {
                 let mut latencies = Vec::new();
                 let mut failures = 0usize;
@@ -173,11 +245,14 @@ fn main() {
                 .unwrap_or_default()
         };
         println!(
-            "issue benchmark: {} renewals ({} failed), {clients} clients, {} keys, EC P-256 CA, {} cores",
+            "issue benchmark: {} renewals ({} failed), {clients} clients, {} keys, {} CA, {} cores",
             latencies.len(),
             failures,
             alg,
-            std::thread::available_parallelism().map(|n| n.get()).unwrap_or(0)
+            if sm2 { "SM2" } else { "EC P-256" },
+            std::thread::available_parallelism()
+                .map(|n| n.get())
+                .unwrap_or(0)
         );
         println!(
             "  {:.0} issuances/s over {:.2?}; latency p50 {:.2?}, p99 {:.2?}, max {:.2?}",

@@ -225,3 +225,83 @@ fn an_openssl_made_sm2_ca_is_loaded_and_bad_input_refused() {
         .to_string();
     assert!(e.contains("not an SM2 key"), "{e}");
 }
+
+/// The SM2 CA's CRL: OpenSSL reads its entries and number, and its signature verifies
+/// with the GM ID (pkeyutl on the raw TBSCertList, as `openssl crl -verify` has no
+/// -vfyopt in 3.0) and not with another ID.
+#[test]
+fn the_sm2_crl_lists_the_revoked_and_verifies_with_the_gm_id() {
+    use x509_parser::revocation_list::CertificateRevocationList;
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let now = OffsetDateTime::now_utc();
+    let ca = Sm2Ca::generate("UKey Test SM2 Root", "测试证书认证中心", now).unwrap();
+    std::fs::write(d.join("root.pem"), pem("CERTIFICATE", ca.cert_der())).unwrap();
+    let revoked = [
+        ukey_portal::ca::Revoked {
+            serial_hex: "5A0102".into(),
+            revoked_at: now - time::Duration::hours(1),
+        },
+        ukey_portal::ca::Revoked {
+            serial_hex: "7F33AA".into(),
+            revoked_at: now,
+        },
+    ];
+    let crl = ca.crl(&revoked, 7, now).unwrap();
+    std::fs::write(d.join("ca.crl"), &crl).unwrap();
+    let text = ok(
+        d,
+        &["crl", "-inform", "DER", "-in", "ca.crl", "-noout", "-text"],
+    );
+    for want in [
+        "5A0102",
+        "7F33AA",
+        "Superseded",
+        "SM2-with-SM3",
+        "X509v3 CRL Number",
+    ] {
+        assert!(text.contains(want), "{want} missing: {text}");
+    }
+    let (_, parsed) = CertificateRevocationList::from_der(&crl).unwrap();
+    assert_eq!(parsed.crl_number().map(|n| n.to_string()), Some("7".into()));
+    std::fs::write(d.join("crl.tbs"), parsed.tbs_cert_list.as_ref()).unwrap();
+    std::fs::write(d.join("crl.sig"), parsed.signature_value.data.as_ref()).unwrap();
+    ok(
+        d,
+        &[
+            "x509", "-in", "root.pem", "-noout", "-pubkey", "-out", "root.pub",
+        ],
+    );
+    let pkeyutl = |distid: &str| {
+        openssl(
+            d,
+            &[
+                "pkeyutl", "-verify", "-rawin", "-digest", "sm3", "-pubin", "-inkey", "root.pub",
+                "-in", "crl.tbs", "-sigfile", "crl.sig", "-pkeyopt", distid,
+            ],
+        )
+    };
+    let good = pkeyutl(GM);
+    assert!(
+        good.status.success(),
+        "{}",
+        String::from_utf8_lossy(&good.stderr)
+    );
+    assert!(!pkeyutl("distid:0000000000000000").status.success());
+    // An empty CRL is well-formed too.
+    let empty = ca.crl(&[], 8, now).unwrap();
+    std::fs::write(d.join("empty.crl"), &empty).unwrap();
+    let text = ok(
+        d,
+        &[
+            "crl",
+            "-inform",
+            "DER",
+            "-in",
+            "empty.crl",
+            "-noout",
+            "-text",
+        ],
+    );
+    assert!(text.contains("No Revoked Certificates"), "{text}");
+}

@@ -2,7 +2,10 @@
 //! against, in the same run, the sum of the raw PKCS#11 and portal operations a
 //! renewal needs, done directly without the engine, and their ratio (goal <= 1.25).
 //!
-//! `cargo run -p ukey-renewal --example renewal_bench [-- ROUNDS [rsa|p256] [every-step|checkpoints] [--sim PROFILE] [--parallel N]]`
+//! `cargo run -p ukey-renewal --example renewal_bench [-- ROUNDS [rsa|p256|sm2] [every-step|checkpoints] [--sim PROFILE] [--parallel N]]`
+//!
+//! `sm2`: the 国密 upgrade, an RSA-2048 certificate renewed to SM2 on a GM key (ukey-sim's
+//! TASS profile, so always through ukey-sim) against a portal with an SM2 CA.
 //!
 //! SoftHSM2 in a private temp dir (tmpfs when available) + the reference portal on
 //! loopback; the journal goes to a temp dir. Rounds alternate engine and raw runs on
@@ -89,6 +92,7 @@ fn args() -> Args {
     }
     let (fx_alg, alg, wire_alg) = match positional.get(1).map(String::as_str) {
         Some("p256") => (FxAlg::EcP256, KeyAlg::EcP256, KeyAlgorithm::EcP256),
+        Some("sm2") => (FxAlg::Rsa2048, KeyAlg::Sm2, KeyAlgorithm::Sm2),
         _ => (FxAlg::Rsa2048, KeyAlg::Rsa2048, KeyAlgorithm::Rsa2048),
     };
     Args {
@@ -130,8 +134,16 @@ fn main() {
     let ca = hsm.ca().unwrap();
     let portal_dir = tempfile::tempdir().unwrap();
     let mut config = PortalConfig::new(portal_dir.path().join("data"));
-    config.ca_import = Some((ca.issuing_cert_path.clone(), ca.issuing_key_path.clone()));
+    let sm2 = alg == KeyAlg::Sm2;
+    if sm2 {
+        // An SM2 CA of the portal's own, which also renews the fixtures' certificates.
+        config.ca_alg = ukey_portal::ca::CaAlg::Sm2;
+        ukey_portal::ca::Ca::add_accepted_issuers(&config.data_dir, &ca.issuing_cert_pem).unwrap();
+    } else {
+        config.ca_import = Some((ca.issuing_cert_path.clone(), ca.issuing_key_path.clone()));
+    }
     let portal = Arc::new(Portal::open(&config).unwrap());
+    let portal_ca = portal.ca().cert_der().to_vec();
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(1)
         .enable_all()
@@ -150,7 +162,7 @@ fn main() {
             .portal
             .create_order(&CreateOrderRequest {
                 serial_hex: fx.certs[0].serial_hex.clone(),
-                issuer_der: None,
+                issuer_der: status_request(&fx.certs[0].der).unwrap().issuer_der,
                 issuer_dn: None,
                 years: 1,
                 state: InitialState::Ready,
@@ -163,26 +175,35 @@ fn main() {
     }
     hsm.activate();
     let data = tempfile::tempdir().unwrap();
-    let mut opts = Options::new(
-        JournalStore::new(data.path()),
-        vec![pem_to_der(&ca.root_cert_pem)],
-    );
+    let anchor = if sm2 {
+        portal_ca
+    } else {
+        pem_to_der(&ca.root_cert_pem)
+    };
+    let mut opts = Options::new(JournalStore::new(data.path()), vec![anchor]);
     opts.journal_sync = sync;
     let client = PortalClient::new(&server.url).unwrap();
-    let module = match sim {
-        Some(profile) => {
+    let module = match (sim, sm2) {
+        (None, false) => Module::load(&softhsm_module().unwrap()).unwrap(),
+        (sim, _) => {
             // The module's state directory by default: next to SOFTHSM2_CONF.
             let control = ukey_sim::Control::new(hsm.dir().join("ukey-sim-state")).unwrap();
             for fx in &tokens {
-                control.set_profile(&fx.serial, Some(profile)).unwrap();
+                if let Some(profile) = sim {
+                    control.set_profile(&fx.serial, Some(profile)).unwrap();
+                }
+                if sm2 {
+                    control.set_gm(&fx.serial, Some("tass")).unwrap();
+                }
             }
-            println!("latency profile (ukey-sim):\n{}", profile.describe());
+            if let Some(profile) = sim {
+                println!("latency profile (ukey-sim):\n{}", profile.describe());
+            }
             Module::load(
                 &ukey_sim::module_path().expect("libukey_sim.so (cargo build -p ukey-sim)"),
             )
             .unwrap()
         }
-        None => Module::load(&softhsm_module().unwrap()).unwrap(),
     };
     let find = |serial: &str| {
         module
@@ -344,7 +365,7 @@ fn main() {
             )
             .unwrap()
         });
-        let sig_alg = match alg {
+        let sig_alg = |a: KeyAlg| match a {
             KeyAlg::Rsa2048 => SignatureAlgorithm::RsaPkcs1Sha256,
             KeyAlg::EcP256 => SignatureAlgorithm::EcdsaP256Sha256,
             KeyAlg::Sm2 => SignatureAlgorithm::Sm2Sm3,
@@ -356,7 +377,7 @@ fn main() {
                     &IssueRequest {
                         challenge_id: ch.challenge_id.clone(),
                         challenge_signature: sig,
-                        signature_algorithm: sig_alg,
+                        signature_algorithm: sig_alg(old_public.alg()),
                         old_certificate_der: old.der.clone(),
                         csr_der: csr.clone(),
                         transport_key_spki: None,
@@ -394,7 +415,7 @@ fn main() {
                     &InstalledRequest {
                         certificate_serial_hex: issued.certificate_serial_hex.clone(),
                         signature: inst,
-                        signature_algorithm: sig_alg,
+                        signature_algorithm: sig_alg(alg),
                     },
                 )
                 .unwrap()

@@ -129,6 +129,11 @@ pub const ACTIVATION_MARKER_PREFIX: &str = "ukey-renew activating ";
 #[derive(Debug)]
 pub struct SessionToken<'m> {
     session: Session<'m>,
+    /// Private key objects (by handle) an operation has proven to hold a public key:
+    /// a key whose attributes show no material (EC and SM2 private keys) is proven once
+    /// per session, not at every lookup (each proof is a signature: 270 ms on a USB
+    /// key's chip). Forgotten when the object is destroyed through this session.
+    proven: std::cell::RefCell<Vec<(ObjectHandle, PublicKey)>>,
 }
 
 impl<'m> SessionToken<'m> {
@@ -137,6 +142,7 @@ impl<'m> SessionToken<'m> {
     pub fn open(module: &'m Module, token: &TokenSummary) -> TokenResult<SessionToken<'m>> {
         Ok(SessionToken {
             session: module.open_rw_session(token)?,
+            proven: std::cell::RefCell::new(Vec::new()),
         })
     }
 
@@ -162,18 +168,21 @@ impl<'m> SessionToken<'m> {
         self.session.public_key_by_id(id.as_bytes())
     }
 
-    /// Generates the pending key pair.
+    /// Generates the pending key pair. Its private key needs no proof in this session:
+    /// the module made the pair, and its public key is read from the pair's own object.
     pub fn generate_key_pair(&self, alg: KeyAlg, id: &PendingId, label: &str) -> TokenResult<()> {
-        self.session
-            .generate_key_pair(alg, id.as_bytes(), label)
-            .map(|_| ())
+        let pair = self.session.generate_key_pair(alg, id.as_bytes(), label)?;
+        if let Ok(public) = self.session.public_key(pair.public) {
+            self.proven.borrow_mut().push((pair.private, public));
+        }
+        Ok(())
     }
 
     /// Destroys every object of `kind` with the pending id; returns how many.
     pub fn destroy_pending(&self, kind: ObjectKind, id: &PendingId) -> TokenResult<usize> {
         let handles = self.session.find_kind_by_id(kind, id.as_bytes())?;
         for h in &handles {
-            self.session.destroy(*h)?;
+            self.destroy(*h)?;
         }
         Ok(handles.len())
     }
@@ -195,6 +204,12 @@ impl<'m> SessionToken<'m> {
 
     // --- Keys, by identity. ---
 
+    /// Destroys an object, forgetting any proof about it.
+    fn destroy(&self, handle: ObjectHandle) -> TokenResult<()> {
+        self.proven.borrow_mut().retain(|(h, _)| *h != handle);
+        self.session.destroy(handle)
+    }
+
     /// Whether the private key object `obj` is proven to be `key`'s.
     fn proven(&self, obj: &KeyObject, key: &KeyRef) -> TokenResult<bool> {
         match key.public.compare(obj) {
@@ -202,6 +217,26 @@ impl<'m> SessionToken<'m> {
             KeyMatch::Different => return Ok(false),
             KeyMatch::Unknown => {}
         }
+        let known = self
+            .proven
+            .borrow()
+            .iter()
+            .any(|(h, p)| *h == obj.handle && *p == key.public);
+        if known {
+            return Ok(true);
+        }
+        let proven = self.prove(obj, key)?;
+        if proven {
+            self.proven
+                .borrow_mut()
+                .push((obj.handle, key.public.clone()));
+        }
+        Ok(proven)
+    }
+
+    /// Proves by an operation whether `obj` holds `key`: a signature it makes verifies,
+    /// or it decrypts (SM2) or agrees (ECDH) as the public key says.
+    fn prove(&self, obj: &KeyObject, key: &KeyRef) -> TokenResult<bool> {
         let rng = aws_lc_rs::rand::SystemRandom::new();
         if obj.sign != Some(false) {
             let mut data = vec![0u8; 32];
@@ -311,7 +346,7 @@ impl<'m> SessionToken<'m> {
             .chain(self.public_keys(key)?)
             .collect();
         for o in &objects {
-            self.session.destroy(o.handle)?;
+            self.destroy(o.handle)?;
         }
         Ok(objects.len())
     }
@@ -428,7 +463,7 @@ impl<'m> SessionToken<'m> {
 
     /// Destroys the transport key now rather than at the end of the session.
     pub fn destroy_transport_key(&self, key: TransportKey) -> TokenResult<()> {
-        self.session.destroy(key.handle)
+        self.destroy(key.handle)
     }
 
     /// RSA-OAEP (SHA-1) decryption with the private key of `key`.
@@ -486,7 +521,7 @@ impl<'m> SessionToken<'m> {
                     continue;
                 }
             }
-            self.session.destroy(h)?;
+            self.destroy(h)?;
             n += 1;
         }
         Ok(n)
@@ -514,7 +549,7 @@ impl<'m> SessionToken<'m> {
         let want = format!("{ACTIVATION_MARKER_PREFIX}{renewal_id}");
         for (h, label) in self.session.data_objects(MARKER_APPLICATION)? {
             if label == want {
-                self.session.destroy(h)?;
+                self.destroy(h)?;
             }
         }
         Ok(())
