@@ -75,25 +75,43 @@ let portalUrl;
 function portalCli(...args) {
   return run(PORTAL, ['--data', portalData, ...args]).trim();
 }
-async function startPortal(caFiles) {
-  portal = spawn(PORTAL, ['--data', portalData, 'serve', '--listen', '127.0.0.1:0', '--ca-cert', caFiles.issuing_cert, '--ca-key', caFiles.issuing_key], {
-    stdio: ['ignore', 'pipe', 'inherit'],
-  });
-  const rl = createInterface({ input: portal.stdout });
-  portalUrl = await new Promise((resolve, reject) => {
+/** Starts `ukey-portal serve` with `args`; resolves to [process, URL]. */
+async function servePortal(args) {
+  const p = spawn(PORTAL, args, { stdio: ['ignore', 'pipe', 'inherit'] });
+  const rl = createInterface({ input: p.stdout });
+  const url = await new Promise((resolve, reject) => {
     rl.once('line', (l) => resolve(l.trim()));
-    portal.once('exit', (c) => reject(new Error(`portal exited ${c}`)));
+    p.once('exit', (c) => reject(new Error(`portal exited ${c}`)));
     setTimeout(() => reject(new Error('portal did not print its URL')), 20000);
   });
   rl.on('line', () => {});
+  return [p, url];
+}
+async function startPortal(caFiles) {
+  [portal, portalUrl] = await servePortal(['--data', portalData, 'serve', '--listen', '127.0.0.1:0', '--ca-cert', caFiles.issuing_cert, '--ca-key', caFiles.issuing_key]);
   log('portal at', portalUrl);
 }
+let sm2Portal;
 const order = (token, state, extra = []) =>
   portalCli('order', 'create', '--serial', token.certSerial, '--state', state, ...extra);
 
 // ---- the app, through tauri-driver ----------------------------------------------
 
 let driver;
+/** Ends the app's WebDriver session and tauri-driver, then starts both with `env`. */
+async function restartApp(env) {
+  await browser?.deleteSession().catch(() => {});
+  driver?.kill('SIGTERM');
+  await new Promise((r) => (driver ? driver.once('exit', r) : r()));
+  await startDriver(env);
+  browser = await remote({
+    hostname: '127.0.0.1',
+    port: 4444,
+    logLevel: 'warn',
+    capabilities: { 'tauri:options': { application: BIN } },
+  });
+  await browser.setWindowSize?.(1000, 760).catch(() => {});
+}
 async function startDriver(env) {
   driver = spawn(DRIVER, ['--port', '4444', '--native-port', '4445'], { env, stdio: ['ignore', 'inherit', 'inherit'] });
   for (let i = 0; i < 100; i++) {
@@ -495,7 +513,37 @@ const scenarios = {
     await waitText('nav-keys', '证书');
     await click('nav-keys');
   },
+
+  async 'sm2-upgrade'() {
+    // 国密: a CA whose portal runs an SM2 CA; a GM key (ukey-sim speaking TASS's SM2
+    // mechanisms) holding an RSA certificate; a paid 续期+算法升级 order. The app, started
+    // against that portal, says the algorithm becomes SM2 before the PIN, and leaves an
+    // SM2 certificate on the same key. (Last: the app is restarted for it.)
+    const t = tokens.m;
+    sim('gm', t.serial, 'tass');
+    const data = join(work, 'portal-sm2');
+    run(PORTAL, ['--data', data, 'ca', 'show', '--alg', 'sm2']);
+    run(PORTAL, ['--data', data, 'ca', 'accept-issuer', caFilesForSm2.issuing_cert]);
+    run(PORTAL, ['--data', data, 'order', 'create', '--serial', t.certSerial, '--state', 'ready', '--algorithm', 'SM2', '--issuer-cert', caFilesForSm2.issuing_cert]);
+    let url;
+    [sm2Portal, url] = await servePortal(['--data', data, 'serve', '--listen', '127.0.0.1:0']);
+    await restartApp({ ...appEnvForSecond, UKEY_PORTAL_URL: url, UKEY_TRUST: join(data, 'ca-cert.pem') });
+    plugged('m');
+    await waitText('banner', '证书有可用更新', 15000);
+    await click('banner-renew');
+    await waitText('consequences', '升级为 SM2');
+    const said = await textOf('consequences');
+    if (!said.includes('RSA')) throw new Error(`the upgrade notice does not name RSA: ${said}`);
+    await shot('17-sm2-upgrade-notice');
+    await click('continue');
+    await enterPinAndSubmit(PIN);
+    await waitText('result-title', '证书已更新', 60000);
+    await shot('18-sm2-renewed');
+    await click('close');
+    await waitFor(async () => (await textOf('cert')).includes('SM2'), 'the key listed with its SM2 certificate');
+  },
 };
+let caFilesForSm2;
 
 // ---- main -----------------------------------------------------------------------
 
@@ -518,6 +566,8 @@ async function main() {
   tokens.j = createToken('UKey-J', '陈十二');
   tokens.k = createToken('UKey-K', '褚十三');
   tokens.l = createToken('UKey-L', '卫十四');
+  tokens.m = createToken('UKey-M', '蒋十五');
+  caFilesForSm2 = caFiles;
   await startPortal(caFiles);
   for (const n of ['a', 'b', 'c', 'e', 'f']) order(tokens[n], 'ready', ['--years', '2']);
   order(tokens.d, 'awaiting-payment');
@@ -599,6 +649,7 @@ try {
   // SIGTERM: tauri-driver then stops WebKitWebDriver; after SIGKILL it would live on.
   driver?.kill('SIGTERM');
   portal?.kill('SIGTERM');
+  sm2Portal?.kill('SIGTERM');
   notifyMonitor?.kill('SIGTERM');
   await sleep(500);
   if (!process.env.E2E_KEEP) rmSync(work, { recursive: true, force: true });
