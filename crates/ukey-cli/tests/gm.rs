@@ -303,6 +303,42 @@ fn ukey_renew_upgrades_an_rsa_certificate_to_sm2_on_the_same_key() {
         ])
         .unwrap();
     assert!(subject.contains("张三"), "{subject}");
+
+    // `ukey diagnose` on the GM key: the SM2 certificate chains to the SM2 CA, its key
+    // signs on the key (self-test), through the profile it names.
+    let out = k.ukey(
+        &[
+            "diagnose",
+            "--json",
+            "--pin-stdin",
+            "--trust",
+            k.path("sm2ca.pem").to_str().unwrap(),
+        ],
+        &format!("{}\n", k.token.user_pin),
+    );
+    let r: Value =
+        serde_json::from_slice(&out.stdout).unwrap_or_else(|e| panic!("{e}: {}", text(&out)));
+    let sections = r["sections"].as_array().unwrap();
+    let of = |kind: &str| sections.iter().find(|s| s["kind"] == kind).unwrap();
+    let check = |section: &Value, id: &str| {
+        section["checks"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|c| c["id"] == id)
+            .unwrap_or_else(|| panic!("no {id} in {section:#}"))["status"]
+            .clone()
+    };
+    let cert = of("certificate");
+    assert_eq!(cert["verdict"], "ok", "{cert:#}");
+    assert_eq!(check(cert, "certificate.chain"), "pass", "{cert:#}");
+    assert_eq!(check(cert, "certificate.self_test"), "pass", "{cert:#}");
+    assert_eq!(of("token")["verdict"], "ok", "{r:#}");
+    assert_eq!(
+        check(of("environment"), "environment.sm2_profile"),
+        "pass",
+        "{r:#}"
+    );
 }
 
 /// A certificate's DER, as OpenSC's pkcs11-tool reads it from the key (through the
@@ -369,10 +405,10 @@ fn read_certificate(k: &GmKey, serial_hex: &str) -> Vec<u8> {
     panic!("no certificate with serial {serial_hex} on the key: {all}");
 }
 
-/// PyKCS11 (a PKCS#11 client none of us wrote) decrypts `ciphertext` on the key with
-/// every private key of type `key_type` (hex CKK value) that `mechanism` allows:
-/// `sm2:<CKM hex>` (the vendor's SM2 decryption) or `oaep` (RSA-OAEP SHA-1). Prints
-/// the plaintexts of those that decrypt, hex, one per line.
+/// PyKCS11 (a PKCS#11 client none of us wrote) decrypts a file on the key with every
+/// private key that can: `sm2:<CKM hex>` (the vendor's SM2 decryption) or `oaep`
+/// (RSA-OAEP SHA-1); or signs it with `sign:<CKM hex>`. Prints what each key that
+/// succeeds gives, hex, one line each.
 const PYKCS11_DECRYPT: &str = r#"
 import sys, PyKCS11 as P
 module, serial, pin, kind, path = sys.argv[1:6]
@@ -386,7 +422,10 @@ else:
     mech = P.Mechanism(int(kind.split(":")[1], 16), None)
 for k in s.findObjects([(P.CKA_CLASS, P.CKO_PRIVATE_KEY)]):
     try:
-        print(bytes(s.decrypt(k, ct, mech)).hex())
+        if kind.startswith("sign:"):
+            print(bytes(s.sign(k, ct, mech)).hex())
+        else:
+            print(bytes(s.decrypt(k, ct, mech)).hex())
     except P.PyKCS11Error:
         pass
 "#;
@@ -411,6 +450,146 @@ fn decrypted_on_key(k: &GmKey, kind: &str, file: &str) -> Vec<Vec<u8>> {
         .collect()
 }
 
+/// The key's RSA certificates before the upgrade.
+struct OldRsa {
+    sig_serial: String,
+    sig_der: Vec<u8>,
+    enc_serial: String,
+    enc_der: Vec<u8>,
+}
+
+/// The key as a CA's driver left it before 国密, made by tools none of us wrote: an RSA
+/// CA, a signing and an encryption RSA pair with their certificates made by OpenSSL,
+/// written onto the key by OpenSC's pkcs11-tool (through SoftHSM2).
+fn openssl_rsa_dual(k: &GmKey) -> OldRsa {
+    let ssl = &k.ssl;
+    ssl.run(&[
+        "req",
+        "-x509",
+        "-newkey",
+        "rsa:2048",
+        "-nodes",
+        "-keyout",
+        "rsaca.key",
+        "-out",
+        "rsaca.pem",
+        "-days",
+        "3650",
+        "-utf8",
+        "-subj",
+        "/C=CN/O=某某数字认证/CN=某某 RSA CA",
+        "-addext",
+        "basicConstraints=critical,CA:TRUE",
+        "-addext",
+        "keyUsage=critical,keyCertSign,cRLSign",
+    ])
+    .unwrap();
+    let mut made = Vec::new();
+    for (name, usage, serial, id, label, flag) in [
+        (
+            "sig",
+            "digitalSignature,nonRepudiation",
+            "5201",
+            "01",
+            "张三 签名",
+            "--usage-sign",
+        ),
+        (
+            "enc",
+            "keyEncipherment,dataEncipherment",
+            "5202",
+            "02",
+            "张三 加密",
+            "--usage-decrypt",
+        ),
+    ] {
+        k.write(
+            &format!("{name}.ext"),
+            format!("basicConstraints=CA:FALSE\nkeyUsage=critical,{usage}\n").as_bytes(),
+        );
+        let (key, csr, der, public) = (
+            format!("{name}.key"),
+            format!("{name}.csr"),
+            format!("{name}.der"),
+            format!("{name}.pub.der"),
+        );
+        ssl.run(&[
+            "req",
+            "-new",
+            "-newkey",
+            "rsa:2048",
+            "-nodes",
+            "-keyout",
+            &key,
+            "-utf8",
+            "-subj",
+            "/C=CN/O=某某建设工程有限公司/CN=张三",
+            "-out",
+            &csr,
+        ])
+        .unwrap();
+        ssl.run(&[
+            "x509",
+            "-req",
+            "-in",
+            &csr,
+            "-CA",
+            "rsaca.pem",
+            "-CAkey",
+            "rsaca.key",
+            "-set_serial",
+            &format!("0x{serial}"),
+            "-days",
+            "10",
+            "-extfile",
+            &format!("{name}.ext"),
+            "-outform",
+            "DER",
+            "-out",
+            &der,
+        ])
+        .unwrap();
+        ssl.run(&[
+            "pkey", "-in", &key, "-pubout", "-outform", "DER", "-out", &public,
+        ])
+        .unwrap();
+        for (file, kind) in [(&key, "privkey"), (&public, "pubkey"), (&der, "cert")] {
+            let out = k
+                .hsm
+                .command("pkcs11-tool")
+                .arg("--module")
+                .arg(softhsm_module().unwrap())
+                .args([
+                    "--token-label",
+                    &k.token.label,
+                    "--login",
+                    "--pin",
+                    &k.token.user_pin,
+                ])
+                .arg("--write-object")
+                .arg(k.path(file))
+                .args(["--type", kind, "--id", id, "--label", label])
+                .args(if kind == "privkey" {
+                    vec![flag]
+                } else {
+                    vec![]
+                })
+                .output()
+                .unwrap();
+            assert!(out.status.success(), "pkcs11-tool {file}: {}", text(&out));
+        }
+        made.push((serial.to_owned(), ssl.read(&der).unwrap()));
+    }
+    let (enc_serial, enc_der) = made.pop().unwrap();
+    let (sig_serial, sig_der) = made.pop().unwrap();
+    OldRsa {
+        sig_serial,
+        sig_der,
+        enc_serial,
+        enc_der,
+    }
+}
+
 /// ukey-sim's TASS profile with its SM4 numbers, as a user configures a vendor's
 /// unpublished constants: `[[modules]]` with a `[modules.sm2]` table.
 fn configure_tass_with_sm4(k: &GmKey) {
@@ -433,26 +612,23 @@ fn configure_tass_with_sm4(k: &GmKey) {
 
 #[test]
 fn ukey_renew_upgrades_a_dual_rsa_key_to_dual_sm2_with_the_escrowed_key_on_the_key() {
-    let k = gm_key(
-        TokenSpec::dual("GM dual", softhsm_fixtures::KeyAlg::Rsa2048),
-        "tass",
-    );
+    let k = gm_key(TokenSpec::empty("GM dual"), "tass");
     configure_tass_with_sm4(&k);
     k.ssl
         .ca("sm2ca", "/C=CN/O=某某数字认证/CN=某某 SM2 CA")
         .unwrap();
-    let rsa_ca = k.hsm.ca().unwrap();
+    let old = openssl_rsa_dual(&k);
     let portal = common::start_portal_with_ca(
         &k.path("sm2ca.pem"),
         &k.path("sm2ca.key"),
-        Some(&rsa_ca.issuing_cert_pem),
+        Some(&std::fs::read_to_string(k.path("rsaca.pem")).unwrap()),
     );
     portal
         .server
         .portal
         .create_order(&CreateOrderRequest {
-            serial_hex: k.token.certs[0].serial_hex.clone(),
-            issuer_der: ukey_renewal::status_request(&k.token.certs[0].der)
+            serial_hex: old.sig_serial.clone(),
+            issuer_der: ukey_renewal::status_request(&old.sig_der)
                 .unwrap()
                 .issuer_der,
             issuer_dn: None,
@@ -461,11 +637,11 @@ fn ukey_renew_upgrades_a_dual_rsa_key_to_dual_sm2_with_the_escrowed_key_on_the_k
             key_policy: KeyPolicy::New,
             with_encryption_cert: true,
             target_algorithm: KeyAlgorithm::Sm2,
-            old_encryption_serial_hex: Some(k.token.certs[1].serial_hex.clone()),
+            old_encryption_serial_hex: Some(old.enc_serial.clone()),
         })
         .unwrap();
     // The old RSA encryption certificate, to encrypt a sealed bid to before and after.
-    k.write("old-enc.der", &k.token.certs[1].der);
+    k.write("old-enc.der", &old.enc_der);
     k.ssl
         .run(&[
             "x509",
@@ -494,7 +670,7 @@ fn ukey_renew_upgrades_a_dual_rsa_key_to_dual_sm2_with_the_escrowed_key_on_the_k
         ])
         .unwrap();
 
-    let rsa_root = rsa_ca.root_cert_path.clone();
+    let rsa_root = k.path("rsaca.pem");
     let out = k.ukey(
         &[
             "renew",
@@ -581,4 +757,48 @@ fn ukey_renew_upgrades_a_dual_rsa_key_to_dual_sm2_with_the_escrowed_key_on_the_k
         got,
         vec!["旧的投标文件 sealed with RSA".as_bytes().to_vec()]
     );
+
+    // One key signs with the vendor's SM2-with-SM3 (the new signing key; the escrowed
+    // key may only decrypt): OpenSSL verifies it with the signing certificate and the
+    // GM ID.
+    k.write("tender.txt", "投标承诺书".as_bytes());
+    let sigs = decrypted_on_key(&k, &format!("sign:{:x}", tass.sign_with_sm3), "tender.txt");
+    assert_eq!(sigs.len(), 1, "one signing key");
+    let signing = 1 - enc;
+    k.ssl
+        .run(&[
+            "x509",
+            "-in",
+            &format!("new{signing}.pem"),
+            "-noout",
+            "-pubkey",
+            "-out",
+            "sign.pub",
+        ])
+        .unwrap();
+    let sig = &sigs[0];
+    let int = |v: &[u8]| {
+        let v = &v[v.iter().position(|b| *b != 0).unwrap_or(v.len() - 1)..];
+        let pad = usize::from(v[0] & 0x80 != 0);
+        [vec![0x02, (v.len() + pad) as u8], vec![0; pad], v.to_vec()].concat()
+    };
+    let body = [int(&sig[..32]), int(&sig[32..])].concat();
+    k.write("tender.sig", &[vec![0x30, body.len() as u8], body].concat());
+    let verify = k.ssl.output(&[
+        "pkeyutl",
+        "-verify",
+        "-pubin",
+        "-inkey",
+        "sign.pub",
+        "-rawin",
+        "-digest",
+        "sm3",
+        "-pkeyopt",
+        GM_DISTID_OPT,
+        "-in",
+        "tender.txt",
+        "-sigfile",
+        "tender.sig",
+    ]);
+    assert!(verify.status.success(), "{}", text(&verify));
 }

@@ -161,7 +161,22 @@ pub(crate) fn module_loaded(module: &Module) -> Check {
 /// the configuration, else a built-in one matched by file name or manufacturer.
 pub(crate) fn sm2_profile_check(module: &Module, config: &Config) -> Check {
     let maker = &module.library_info().manufacturer;
-    match ukey_token::gm::profile_for(config, module.path(), maker) {
+    // A built-in may also be claimed by a key's manufacturerID (one module, keys of
+    // several makers): the first key that has one names it.
+    let by_key = || {
+        module.tokens().ok().and_then(|tokens| {
+            tokens.iter().find_map(|t| {
+                ukey_token::gm::profile_for(config, module.path(), &t.manufacturer)
+                    .ok()
+                    .flatten()
+            })
+        })
+    };
+    let found = match ukey_token::gm::profile_for(config, module.path(), maker) {
+        Ok(None) => Ok(by_key()),
+        other => other,
+    };
+    match found {
         Ok(Some(p)) => {
             let (tried_zh, tried_en) = if p.tried_on_hardware {
                 ("已在硬件上验证", "tried on hardware")

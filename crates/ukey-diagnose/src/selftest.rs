@@ -299,6 +299,77 @@ fn login_failed(module: &Module, token: &TokenSummary, e: Error) -> TokenTest {
     }
 }
 
+/// The verdict of a self-test signature.
+fn verdict(id: &'static str, verified: bool, facts: Facts) -> Check {
+    if verified {
+        Check::new(
+            id,
+            Status::Pass,
+            Text::new(
+                "私钥签名、证书公钥验证成功：密钥对完好。",
+                "The private key signed and the certificate's public key verified it: the pair works.",
+            ),
+        )
+        .facts(facts)
+    } else {
+        Check::new(
+            id,
+            Status::Fail,
+            Text::new(
+                "签名无法用证书的公钥验证：UKey 上的私钥与证书不匹配。",
+                "The signature does not verify with the certificate's public key: the key on the token does not match the certificate.",
+            ),
+        )
+        .action(Text::new(
+            "请联系发证机构（CA）：证书需要为 UKey 上的密钥重新签发。",
+            "Contact the CA: the certificate must be issued again for the key on the token.",
+        ))
+        .facts(facts)
+    }
+}
+
+/// The self-test of an SM2 key: a signature made through the module's SM2 profile
+/// (SM2-with-SM3, GM ID), verified with the certificate's key.
+fn sm2_sign_and_verify(
+    session: &ukey_token::Session<'_>,
+    key: ukey_token::cryptoki::object::ObjectHandle,
+    der: &[u8],
+    challenge: &[u8],
+) -> Check {
+    let id = "certificate.self_test";
+    let Ok(public) = ukey_token::PublicKey::from_certificate(der) else {
+        return Check::new(
+            id,
+            Status::Skip,
+            Text::new(
+                "证书的 SM2 公钥无法读取。",
+                "The certificate's SM2 key cannot be read.",
+            ),
+        );
+    };
+    let profile = session
+        .sm2_profile()
+        .map(|p| p.name)
+        .unwrap_or_else(|| "none".into());
+    let facts = Facts::new()
+        .with(
+            "mechanism",
+            format!("SM2-with-SM3, GM ID (profile {profile})"),
+        )
+        .with("challenge_bytes", challenge.len());
+    let sig = match session.sign_data(&public, key, challenge) {
+        Ok(s) => s,
+        Err(e) => {
+            let mut c = error_check(&e);
+            c.facts = facts.with("error_code", e.code());
+            return c;
+        }
+    };
+    let point = public.raw();
+    let verified = ukey_trust::gm::verify(ukey_trust::gm::GM_DISTID, &point, challenge, &sig);
+    verdict(id, verified, facts.with("signature_bytes", sig.len()))
+}
+
 /// Signs a fresh random challenge with `key` on the token and verifies it with the
 /// public key of the certificate `der`.
 fn sign_and_verify(
@@ -326,6 +397,9 @@ fn sign_and_verify(
         );
     };
     let public_key = cert.public_key().subject_public_key.data.to_vec();
+    if algorithm == "SM2" {
+        return sm2_sign_and_verify(session, key, der, &challenge);
+    }
     let (mechanism, data, verify_alg, name): (
         Mechanism<'_>,
         Vec<u8>,
@@ -368,28 +442,8 @@ fn sign_and_verify(
             return c;
         }
     };
-    match UnparsedPublicKey::new(verify_alg, &public_key).verify(&challenge, &sig) {
-        Ok(()) => Check::new(
-            id,
-            Status::Pass,
-            Text::new(
-                "私钥签名、证书公钥验证成功：密钥对完好。",
-                "The private key signed and the certificate's public key verified it: the pair works.",
-            ),
-        )
-        .facts(facts.with("signature_bytes", sig.len())),
-        Err(_) => Check::new(
-            id,
-            Status::Fail,
-            Text::new(
-                "签名无法用证书的公钥验证：UKey 上的私钥与证书不匹配。",
-                "The signature does not verify with the certificate's public key: the key on the token does not match the certificate.",
-            ),
-        )
-        .action(Text::new(
-            "请联系发证机构（CA）：证书需要为 UKey 上的密钥重新签发。",
-            "Contact the CA: the certificate must be issued again for the key on the token.",
-        ))
-        .facts(facts.with("signature_bytes", sig.len())),
-    }
+    let verified = UnparsedPublicKey::new(verify_alg, &public_key)
+        .verify(&challenge, &sig)
+        .is_ok();
+    verdict(id, verified, facts.with("signature_bytes", sig.len()))
 }
