@@ -117,8 +117,12 @@ pub fn seal_gm(recipient_spki: &[u8], pkcs8: &[u8]) -> Result<Vec<u8>, EnvelopeE
         .map_err(|_| EnvelopeError::Crypto("SM2 encryption"))?;
     let cipher =
         sm4::Sm4::new_from_slice(&sm4_key).map_err(|_| EnvelopeError::Crypto("SM4 key"))?;
-    let mut encrypted_private_key = Vec::with_capacity(32);
-    for chunk in d.chunks(16) {
+    // The 64-byte form of GM/T 0016's ENVELOPEDKEYBLOB (the 256-bit key right-aligned),
+    // which an SKF key's SKF_ImportECCKeyPair takes as it is.
+    let mut padded = Zeroizing::new([0u8; 64]);
+    padded[32..].copy_from_slice(&d[..]);
+    let mut encrypted_private_key = Vec::with_capacity(64);
+    for chunk in padded.chunks(16) {
         let mut block = Array::try_from(chunk).map_err(|_| EnvelopeError::Crypto("SM4 block"))?;
         cipher.encrypt_block(&mut block);
         encrypted_private_key.extend_from_slice(&block);
