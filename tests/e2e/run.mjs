@@ -98,7 +98,7 @@ const order = (token, state, extra = []) =>
 // ---- the app, through tauri-driver ----------------------------------------------
 
 let driver;
-/** Ends the app's WebDriver session and tauri-driver, then starts both with `env`. */
+/** Ends the app's WebDriver session and tauri-driver (if any), then starts both with `env`. */
 async function restartApp(env) {
   await browser?.deleteSession().catch(() => {});
   driver?.kill('SIGTERM');
@@ -611,14 +611,7 @@ async function main() {
     UKEY_LOG: process.env.UKEY_LOG || 'info,cryptoki=off',
   };
   appEnvForSecond = appEnv;
-  await startDriver(appEnv);
-  browser = await remote({
-    hostname: '127.0.0.1',
-    port: 4444,
-    logLevel: 'warn',
-    capabilities: { 'tauri:options': { application: BIN } },
-  });
-  await browser.setWindowSize?.(1000, 760).catch(() => {});
+  await restartApp(appEnv);
 
   let passed = 0;
   let failed = 0;
