@@ -97,28 +97,27 @@ fn main() {
     let sm2 = alg == KeyAlgorithm::Sm2;
     // Holders with certificates from the portal's (EC P-256) CA, or with SM2 from an EC
     // CA the SM2 portal accepts, each with a paid order and a CSR ready: not timed.
-    let (ca_cert_pem, ca_key_pem) = if sm2 {
+    let old_ca = sm2.then(|| {
         let key = KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).expect("CA key");
         let mut p = CertificateParams::default();
         p.distinguished_name
             .push(DnType::CommonName, "Old RSA-era CA");
         p.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
         let cert = p.self_signed(&key).expect("old CA");
-        config.ca_alg = ukey_portal::ca::CaAlg::Sm2;
         ukey_portal::ca::Ca::add_accepted_issuers(&data, &cert.pem()).expect("accept");
         (cert.pem(), key.serialize_pem())
-    } else {
-        (String::new(), String::new())
-    };
+    });
+    if sm2 {
+        config.ca_alg = ukey_portal::ca::CaAlg::Sm2;
+    }
     let portal = Arc::new(Portal::open(&config).expect("portal"));
-    let (ca_cert_pem, ca_key_pem) = if sm2 {
-        (ca_cert_pem, ca_key_pem)
-    } else {
+    // The CA of the old certificates: that EC CA, or the portal's own.
+    let (ca_cert_pem, ca_key_pem) = old_ca.unwrap_or_else(|| {
         (
             std::fs::read_to_string(data.join("ca-cert.pem")).expect("ca"),
             std::fs::read_to_string(data.join("ca-key.pem")).expect("ca key"),
         )
-    };
+    });
     let ca = Issuer::from_ca_cert_pem(
         &ca_cert_pem,
         ukey_portal::ca::load_key(&ca_key_pem).expect("ca key"),

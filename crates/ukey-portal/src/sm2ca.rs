@@ -34,8 +34,8 @@ use zeroize::Zeroizing;
 
 use crate::ca::{CaError, IssuedCert, Revoked, Usage};
 
-/// The GM/T 0009 default distinguishing ID.
-pub const GM_DISTID: &str = "1234567812345678";
+/// The GM/T 0009 default distinguishing ID (the client's own constant).
+pub use ukey_trust::gm::GM_DISTID;
 
 /// An SM2 CA: its certificate and signing key.
 pub struct Sm2Ca {

@@ -25,6 +25,19 @@ fn pem(label: &str, der: &[u8]) -> String {
     pem::encode(&pem::Pem::new(label, der.to_vec()))
 }
 
+/// Whether OpenSSL verifies `sig` (a file) over the raw `tbs` (a file) with the public
+/// key `key` and `distid`: how a GM-ID self-signature or CRL is judged, as OpenSSL 3.0's
+/// `verify -check_ss_sig` and `crl -verify` take no -vfyopt.
+fn pkeyutl_verifies(dir: &Path, key: &str, tbs: &str, sig: &str, distid: &str) -> Output {
+    openssl(
+        dir,
+        &[
+            "pkeyutl", "-verify", "-rawin", "-digest", "sm3", "-pubin", "-inkey", key, "-in", tbs,
+            "-sigfile", sig, "-pkeyopt", distid,
+        ],
+    )
+}
+
 /// An SM2 key made by OpenSSL: its SubjectPublicKeyInfo, DER.
 fn openssl_sm2_spki(dir: &Path, name: &str) -> Vec<u8> {
     OpenSslSm2::new(dir).key(name).unwrap()
@@ -79,15 +92,7 @@ fn a_generated_sm2_ca_issues_what_openssl_verifies_with_the_gm_id_only() {
             "x509", "-in", "root.pem", "-noout", "-pubkey", "-out", "root.pub",
         ],
     );
-    let pkeyutl = |distid: &str| {
-        openssl(
-            d,
-            &[
-                "pkeyutl", "-verify", "-rawin", "-digest", "sm3", "-pubin", "-inkey", "root.pub",
-                "-in", "root.tbs", "-sigfile", "root.sig", "-pkeyopt", distid,
-            ],
-        )
-    };
+    let pkeyutl = |distid: &str| pkeyutl_verifies(d, "root.pub", "root.tbs", "root.sig", distid);
     let good = pkeyutl(GM);
     assert!(
         good.status.success(),
@@ -272,15 +277,7 @@ fn the_sm2_crl_lists_the_revoked_and_verifies_with_the_gm_id() {
             "x509", "-in", "root.pem", "-noout", "-pubkey", "-out", "root.pub",
         ],
     );
-    let pkeyutl = |distid: &str| {
-        openssl(
-            d,
-            &[
-                "pkeyutl", "-verify", "-rawin", "-digest", "sm3", "-pubin", "-inkey", "root.pub",
-                "-in", "crl.tbs", "-sigfile", "crl.sig", "-pkeyopt", distid,
-            ],
-        )
-    };
+    let pkeyutl = |distid: &str| pkeyutl_verifies(d, "root.pub", "crl.tbs", "crl.sig", distid);
     let good = pkeyutl(GM);
     assert!(
         good.status.success(),

@@ -661,8 +661,13 @@ fn check_mechanisms(
             // private key.
             KeyAlg::Sm2 => {
                 let p = sm2.as_ref().filter(|p| p.can_import_envelope());
-                need.push(mechanism(p.and_then(|p| p.sm2_decrypt).and_then(vendor))?);
-                need.push(mechanism(p.and_then(|p| p.sm4_ecb).and_then(vendor))?);
+                need.push(mechanism(
+                    p.and_then(|p| p.sm2_decrypt)
+                        .and_then(ukey_token::keys::vendor),
+                )?);
+                need.push(mechanism(
+                    p.and_then(|p| p.sm4_ecb).and_then(ukey_token::keys::vendor),
+                )?);
             }
         }
     }
@@ -1753,11 +1758,6 @@ fn check_envelope(
             }
         )),
     }
-}
-
-/// A vendor-defined mechanism type.
-fn vendor(value: u64) -> Option<MechanismType> {
-    MechanismType::new_vendor_defined(value).ok()
 }
 
 /// An SM2 encryption certificate's GM/T 0009 envelope, checked before anything is

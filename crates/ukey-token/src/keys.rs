@@ -76,7 +76,7 @@ impl KeyAlg {
 }
 
 /// A vendor-defined mechanism type (`None` below CKM_VENDOR_DEFINED).
-pub(crate) fn vendor(value: u64) -> Option<MechanismType> {
+pub fn vendor(value: u64) -> Option<MechanismType> {
     MechanismType::new_vendor_defined(value).ok()
 }
 
