@@ -64,34 +64,80 @@ impl Sar {
     pub const APPLICATION_NOT_EXISTS: Sar = Sar(0x0A00_002E);
     /// No room on the device.
     pub const NO_ROOM: Sar = Sar(0x0A00_0030);
+    /// A name is too long.
+    pub const NAME_LEN: Sar = Sar(0x0A00_0009);
+    /// Not initialised.
+    pub const NOT_INITIALIZED: Sar = Sar(0x0A00_000C);
+    /// Out of memory.
+    pub const MEMORY: Sar = Sar(0x0A00_000E);
+    /// Timed out.
+    pub const TIMEOUT: Sar = Sar(0x0A00_000F);
+    /// The user is already logged in.
+    pub const USER_ALREADY_LOGGED_IN: Sar = Sar(0x0A00_0028);
+    /// The PIN type is neither admin nor user.
+    pub const USER_TYPE_INVALID: Sar = Sar(0x0A00_002A);
+    /// The application exists already.
+    pub const APPLICATION_EXISTS: Sar = Sar(0x0A00_002C);
+    /// The file (or container) exists already.
+    pub const FILE_ALREADY_EXIST: Sar = Sar(0x0A00_002F);
+    /// No such file (the sim also answers this for a container that does not exist).
+    pub const FILE_NOT_EXIST: Sar = Sar(0x0A00_0031);
+    /// The device holds as many containers as it can.
+    pub const REACH_MAX_CONTAINER_COUNT: Sar = Sar(0x0A00_0032);
+
+    /// Every code this crate names, with the standard's name.
+    pub const KNOWN: &'static [(Sar, &'static str)] = &[
+        (Sar::OK, "SAR_OK"),
+        (Sar::FAIL, "SAR_FAIL"),
+        (Sar::UNKNOWN, "SAR_UNKNOWNERR"),
+        (Sar::NOT_SUPPORTED, "SAR_NOTSUPPORTYETERR"),
+        (Sar::INVALID_HANDLE, "SAR_INVALIDHANDLEERR"),
+        (Sar::INVALID_PARAM, "SAR_INVALIDPARAMERR"),
+        (Sar::NAME_LEN, "SAR_NAMELENERR"),
+        (Sar::KEY_USAGE, "SAR_KEYUSAGEERR"),
+        (Sar::NOT_INITIALIZED, "SAR_NOTINITIALIZEERR"),
+        (Sar::MEMORY, "SAR_MEMORYERR"),
+        (Sar::TIMEOUT, "SAR_TIMEOUTERR"),
+        (Sar::IN_DATA_LEN, "SAR_INDATALENERR"),
+        (Sar::IN_DATA, "SAR_INDATAERR"),
+        (Sar::KEY_NOT_FOUND, "SAR_KEYNOTFOUNTERR"),
+        (Sar::CERT_NOT_FOUND, "SAR_CERTNOTFOUNTERR"),
+        (Sar::NOT_EXPORTABLE, "SAR_NOTEXPORTERR"),
+        (Sar::BUFFER_TOO_SMALL, "SAR_BUFFER_TOO_SMALL"),
+        (Sar::NO_EVENT, "SAR_NOT_EVENTERR"),
+        (Sar::DEVICE_REMOVED, "SAR_DEVICE_REMOVED"),
+        (Sar::PIN_INCORRECT, "SAR_PIN_INCORRECT"),
+        (Sar::PIN_LOCKED, "SAR_PIN_LOCKED"),
+        (Sar::PIN_INVALID, "SAR_PIN_INVALID"),
+        (Sar::PIN_LEN_RANGE, "SAR_PIN_LEN_RANGE"),
+        (Sar::USER_ALREADY_LOGGED_IN, "SAR_USER_ALREADY_LOGGED_IN"),
+        (Sar::USER_TYPE_INVALID, "SAR_USER_TYPE_INVALID"),
+        (Sar::APPLICATION_EXISTS, "SAR_APPLICATION_EXISTS"),
+        (Sar::USER_NOT_LOGGED_IN, "SAR_USER_NOT_LOGGED_IN"),
+        (Sar::APPLICATION_NOT_EXISTS, "SAR_APPLICATION_NOT_EXISTS"),
+        (Sar::FILE_ALREADY_EXIST, "SAR_FILE_ALREADY_EXIST"),
+        (Sar::NO_ROOM, "SAR_NO_ROOM"),
+        (Sar::FILE_NOT_EXIST, "SAR_FILE_NOT_EXIST"),
+        (
+            Sar::REACH_MAX_CONTAINER_COUNT,
+            "SAR_REACH_MAX_CONTAINER_COUNT",
+        ),
+    ];
+
+    /// The code of a standard name (`SAR_PIN_INCORRECT`) or a number (`0x0A000024`).
+    pub fn from_name(name: &str) -> Option<Sar> {
+        if let Some((s, _)) = Sar::KNOWN.iter().find(|(_, n)| *n == name) {
+            return Some(*s);
+        }
+        let hex = name
+            .strip_prefix("0x")
+            .or_else(|| name.strip_prefix("0X"))?;
+        u32::from_str_radix(hex, 16).ok().map(Sar)
+    }
 
     /// The standard's name of the code (`SAR_PIN_INCORRECT`), or its hex value.
     pub fn name(self) -> String {
-        let known = [
-            (Sar::OK, "SAR_OK"),
-            (Sar::FAIL, "SAR_FAIL"),
-            (Sar::UNKNOWN, "SAR_UNKNOWNERR"),
-            (Sar::NOT_SUPPORTED, "SAR_NOTSUPPORTYETERR"),
-            (Sar::INVALID_HANDLE, "SAR_INVALIDHANDLEERR"),
-            (Sar::INVALID_PARAM, "SAR_INVALIDPARAMERR"),
-            (Sar::KEY_USAGE, "SAR_KEYUSAGEERR"),
-            (Sar::IN_DATA_LEN, "SAR_INDATALENERR"),
-            (Sar::IN_DATA, "SAR_INDATAERR"),
-            (Sar::KEY_NOT_FOUND, "SAR_KEYNOTFOUNTERR"),
-            (Sar::CERT_NOT_FOUND, "SAR_CERTNOTFOUNTERR"),
-            (Sar::NOT_EXPORTABLE, "SAR_NOTEXPORTERR"),
-            (Sar::BUFFER_TOO_SMALL, "SAR_BUFFER_TOO_SMALL"),
-            (Sar::NO_EVENT, "SAR_NOT_EVENTERR"),
-            (Sar::DEVICE_REMOVED, "SAR_DEVICE_REMOVED"),
-            (Sar::PIN_INCORRECT, "SAR_PIN_INCORRECT"),
-            (Sar::PIN_LOCKED, "SAR_PIN_LOCKED"),
-            (Sar::PIN_INVALID, "SAR_PIN_INVALID"),
-            (Sar::PIN_LEN_RANGE, "SAR_PIN_LEN_RANGE"),
-            (Sar::USER_NOT_LOGGED_IN, "SAR_USER_NOT_LOGGED_IN"),
-            (Sar::APPLICATION_NOT_EXISTS, "SAR_APPLICATION_NOT_EXISTS"),
-            (Sar::NO_ROOM, "SAR_NO_ROOM"),
-        ];
-        known
+        Sar::KNOWN
             .iter()
             .find(|(s, _)| *s == self)
             .map(|(_, n)| (*n).to_owned())
@@ -111,6 +157,8 @@ pub const SGD_SM2_1: u32 = 0x0002_0100;
 pub const SGD_SM2_3: u32 = 0x0002_0400;
 /// `SGD_SM3`.
 pub const SGD_SM3: u32 = 0x0000_0001;
+/// `SGD_SMS4_CBC`.
+pub const SGD_SMS4_CBC: u32 = 0x0000_0402;
 /// `SGD_SMS4_ECB` (SM4 in ECB mode).
 pub const SGD_SMS4_ECB: u32 = 0x0000_0401;
 /// `ulPINType` of the administrator (SO) PIN.

@@ -10,10 +10,20 @@
 //!   signatures, GM/T 0009 `SM2Cipher`, and the GM/T 0009 `SM2EnvelopedKey` the portal
 //!   sends (`ukey_portal_api::gm`) as the `ENVELOPEDKEYBLOB` `SKF_ImportECCKeyPair` takes.
 //!
-//! The SKF backend (loading a vendor's library) and the software SKF key for tests
-//! build on it.
+//! - [`library`]: the backend's FFI, a vendor's SKF library loaded at run time behind
+//!   safe types (devices, applications, PINs with tries left, containers, SM2 keys,
+//!   certificates, envelopes, session keys, files).
 
 pub mod abi;
+// The SKF FFI: a vendor's library through `libloading`. Every unsafe block says why
+// it holds (ARCHITECTURE.md lists the places unsafe is allowed).
+#[allow(unsafe_code)]
+pub mod library;
+
+pub use library::{
+    Application, Container, ContainerKind, DevEvent, Device, Half, PinInfo, SessionKey, SkfError,
+    SkfLibrary,
+};
 
 pub use abi::{
     BlobError, DevInfo, EccCipherBlob, EccPublicKeyBlob, EccSignatureBlob, EnvelopedKeyBlob, Sar,

@@ -24,6 +24,7 @@ pub mod mechanisms;
 pub mod module;
 pub mod names;
 pub mod profile;
+pub mod skf;
 pub mod state;
 
 use std::path::{Path, PathBuf};
@@ -71,11 +72,15 @@ pub enum SimError {
         /// Its version.
         version: u32,
     },
-    /// Not a PKCS#11 function name.
-    #[error("unknown PKCS#11 function {0:?} (expected a name like C_CreateObject)")]
+    /// Not a PKCS#11 or SKF function name.
+    #[error(
+        "unknown function {0:?} (expected a PKCS#11 name like C_CreateObject or an SKF name like SKF_ImportCertificate)"
+    )]
     UnknownFunction(String),
-    /// Not a known CKR_ name or number.
-    #[error("unknown PKCS#11 return value {0:?} (expected a name like CKR_DEVICE_REMOVED)")]
+    /// Not a known CKR_ (or, for an SKF function, SAR_) name or number.
+    #[error(
+        "unknown return value {0:?} (expected a name like CKR_DEVICE_REMOVED, or SAR_FAIL for an SKF function)"
+    )]
     UnknownReturnValue(String),
     /// Not a token serial.
     #[error("invalid token serial {0:?} (1 to 16 printable ASCII characters)")]
@@ -163,7 +168,7 @@ impl Control {
 
     /// Arms a fault. Its call count starts at zero now.
     pub fn add_fault(&self, serial: &str, fault: Fault) -> Result<(), SimError> {
-        if !is_function(&fault.function) {
+        if !is_function(&fault.function) && !skf::is_skf_function(&fault.function) {
             return Err(SimError::UnknownFunction(fault.function));
         }
         if fault.nth == 0 {
@@ -172,7 +177,11 @@ impl Control {
             ));
         }
         if let FaultAction::Fail { rv } = &fault.action
-            && rv_from_name(rv).is_none()
+            && (if skf::is_skf_function(&fault.function) {
+                ukey_skf::Sar::from_name(rv).is_none()
+            } else {
+                rv_from_name(rv).is_none()
+            })
         {
             return Err(SimError::UnknownReturnValue(rv.clone()));
         }
@@ -269,7 +278,7 @@ impl Control {
         function: &str,
         delay: Duration,
     ) -> Result<(), SimError> {
-        if !is_function(function) {
+        if !is_function(function) && !skf::is_skf_function(function) {
             return Err(SimError::UnknownFunction(function.to_owned()));
         }
         let ms = u64::try_from(delay.as_millis()).unwrap_or(u64::MAX);

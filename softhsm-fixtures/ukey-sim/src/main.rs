@@ -151,6 +151,40 @@ enum Command {
     },
     /// 打印 ukey-sim 模块路径 / Print the path of the ukey-sim PKCS#11 module
     ModulePath,
+    /// 软件 SKF Key（GM/T 0016）/ Software SKF keys (GM/T 0016), served by the same library
+    #[command(subcommand)]
+    Skf(SkfCommand),
+}
+
+#[derive(Debug, Subcommand)]
+enum SkfCommand {
+    /// 新建一个 SKF 设备（一个应用，无容器）/ Create an SKF device (one application, no container)
+    Create {
+        /// Device serial (also its name in `ukey-sim unplug/fault/pin-tries …`)
+        serial: String,
+        /// DEVINFO label
+        #[arg(long, default_value = "UKEY")]
+        label: String,
+        /// Application name
+        #[arg(long, default_value = ukey_sim::skf::DEFAULT_APP)]
+        app: String,
+        /// The simulated device's initial user PIN (a test PIN: it is visible to `ps`)
+        #[arg(long, default_value = "12345678")]
+        pin: String,
+        /// Its admin (SO) PIN
+        #[arg(long, default_value = "admin123")]
+        admin_pin: String,
+    },
+    /// 列出 SKF 设备 / List the SKF devices with their containers
+    List {
+        /// JSON output (without private keys)
+        #[arg(long)]
+        json: bool,
+    },
+    /// 删除 SKF 设备 / Delete an SKF device
+    Delete { serial: String },
+    /// 打印 SKF 库路径 / Print the path of the SKF library (the same file as the PKCS#11 module)
+    LibraryPath,
 }
 
 fn parse_mechanism(s: &str) -> Result<u64> {
@@ -184,6 +218,107 @@ fn main() -> ExitCode {
     }
 }
 
+fn run_skf(dir: &std::path::Path, cmd: SkfCommand) -> Result<()> {
+    use ukey_sim::skf::{SkfDevice, SkfStore};
+    let store = SkfStore::new(dir);
+    match cmd {
+        SkfCommand::Create {
+            serial,
+            label,
+            app,
+            pin,
+            admin_pin,
+        } => {
+            if serial.is_empty()
+                || serial.len() > 31
+                || !serial
+                    .bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b == b'-')
+            {
+                bail!("serial: 1 to 31 letters, digits or '-'");
+            }
+            store.create(&SkfDevice::new(&serial, &label, &app, &pin, &admin_pin)?)?;
+            println!("SKF 设备 {serial} 已创建 / SKF device {serial} created");
+        }
+        SkfCommand::List { json } => {
+            let state = Control::new(dir)?.status()?;
+            let mut out = Vec::new();
+            for serial in store.serials()? {
+                let Some(d) = store.get(&serial)? else {
+                    continue;
+                };
+                let t = state.token(&serial).cloned().unwrap_or_default();
+                let apps: Vec<serde_json::Value> = d
+                    .apps
+                    .iter()
+                    .map(|a| {
+                        serde_json::json!({
+                            "name": a.name,
+                            "containers": a.containers.iter().map(|c| serde_json::json!({
+                                "name": c.name,
+                                "type": c.container_type(),
+                                "sign_key": c.sign.public.is_some(),
+                                "sign_cert": c.sign.cert.is_some(),
+                                "enc_key": c.enc.public.is_some(),
+                                "enc_cert": c.enc.cert.is_some(),
+                            })).collect::<Vec<_>>(),
+                            "files": a.files.keys().collect::<Vec<_>>(),
+                        })
+                    })
+                    .collect();
+                out.push(serde_json::json!({
+                    "serial": d.serial,
+                    "name": d.name,
+                    "label": d.label,
+                    "plugged": t.plugged,
+                    "pin_tries_left": t.pin.remaining(),
+                    "pin_max_tries": t.pin.max_tries,
+                    "apps": apps,
+                }));
+            }
+            if json {
+                println!("{}", serde_json::to_string_pretty(&out)?);
+            } else if out.is_empty() {
+                println!("无 SKF 设备 / no SKF device in {}", dir.display());
+            } else {
+                for d in &out {
+                    println!(
+                        "{} {} {} PIN {}/{}",
+                        d["serial"].as_str().unwrap_or(""),
+                        d["label"].as_str().unwrap_or(""),
+                        if d["plugged"].as_bool() == Some(true) {
+                            "plugged"
+                        } else {
+                            "unplugged"
+                        },
+                        d["pin_tries_left"],
+                        d["pin_max_tries"],
+                    );
+                    for a in d["apps"].as_array().into_iter().flatten() {
+                        for c in a["containers"].as_array().into_iter().flatten() {
+                            println!(
+                                "  {}/{} {}",
+                                a["name"].as_str().unwrap_or(""),
+                                c["name"].as_str().unwrap_or(""),
+                                c
+                            );
+                        }
+                    }
+                }
+            }
+        }
+        SkfCommand::Delete { serial } => {
+            if store.delete(&serial)? {
+                println!("SKF 设备 {serial} 已删除 / SKF device {serial} deleted");
+            } else {
+                bail!("no SKF device {serial}");
+            }
+        }
+        SkfCommand::LibraryPath => println!("{}", ukey_sim::module_path()?.display()),
+    }
+    Ok(())
+}
+
 fn run(cli: Cli) -> Result<()> {
     let dir = cli.state.unwrap_or_else(ukey_sim::default_state_dir);
     let control = || Control::new(&dir).context("opening the state directory");
@@ -196,6 +331,7 @@ fn run(cli: Cli) -> Result<()> {
                 print_status(&dir, &state);
             }
         }
+        Command::Skf(cmd) => run_skf(&dir, cmd)?,
         Command::Unplug { serial } => {
             control()?.unplug(&serial)?;
             println!("令牌 {serial} 已拔出 / token {serial} unplugged");

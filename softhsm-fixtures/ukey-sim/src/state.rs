@@ -405,9 +405,9 @@ impl StateFile {
         self.parse(&self.read_bytes()?)
     }
 
-    /// Locked read-modify-write. The file is written (generation bumped) only when
-    /// `change` altered the state. Returns what `change` returned.
-    pub fn update<R>(&self, change: impl FnOnce(&mut SimState) -> R) -> Result<R, SimError> {
+    /// Runs `f` holding the state directory's exclusive lock (`state.lock`), which every
+    /// writer of `state.json` and of the SKF devices' files holds.
+    pub fn locked<R>(&self, f: impl FnOnce() -> Result<R, SimError>) -> Result<R, SimError> {
         fs::create_dir_all(&self.dir).map_err(|source| SimError::Io {
             path: self.dir.clone(),
             source,
@@ -427,16 +427,25 @@ impl StateFile {
             source,
         })?;
         // The lock is released when `lock` is dropped (also on the error paths).
-        let before = self.read()?;
-        let mut state = before.clone();
-        let result = change(&mut state);
-        if state != before {
-            state.generation = before.generation + 1;
-            state.version = FORMAT_VERSION;
-            self.write(&state)?;
-        }
+        let result = f();
         drop(lock);
-        Ok(result)
+        result
+    }
+
+    /// Locked read-modify-write. The file is written (generation bumped) only when
+    /// `change` altered the state. Returns what `change` returned.
+    pub fn update<R>(&self, change: impl FnOnce(&mut SimState) -> R) -> Result<R, SimError> {
+        self.locked(|| {
+            let before = self.read()?;
+            let mut state = before.clone();
+            let result = change(&mut state);
+            if state != before {
+                state.generation = before.generation + 1;
+                state.version = FORMAT_VERSION;
+                self.write(&state)?;
+            }
+            Ok(result)
+        })
     }
 
     fn write(&self, state: &SimState) -> Result<(), SimError> {
