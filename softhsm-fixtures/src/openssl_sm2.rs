@@ -110,9 +110,33 @@ impl OpenSslSm2 {
         subject: &str,
         id: SignedId,
     ) -> Result<(), FixtureError> {
+        self.leaf_with_usage(ca, name, subject, id, "digitalSignature,nonRepudiation")
+    }
+
+    /// An encryption certificate (keyEncipherment, dataEncipherment), otherwise as
+    /// [`OpenSslSm2::leaf`].
+    pub fn encryption_leaf(&self, ca: &str, name: &str, subject: &str) -> Result<(), FixtureError> {
+        self.leaf_with_usage(
+            ca,
+            name,
+            subject,
+            SignedId::Gm,
+            "keyEncipherment,dataEncipherment",
+        )
+    }
+
+    /// [`OpenSslSm2::leaf`] with this keyUsage (critical).
+    pub fn leaf_with_usage(
+        &self,
+        ca: &str,
+        name: &str,
+        subject: &str,
+        id: SignedId,
+        usage: &str,
+    ) -> Result<(), FixtureError> {
         std::fs::write(
             self.dir.join("leaf.ext"),
-            "basicConstraints=CA:FALSE\nkeyUsage=critical,digitalSignature,nonRepudiation\n",
+            format!("basicConstraints=CA:FALSE\nkeyUsage=critical,{usage}\n"),
         )
         .map_err(|source| FixtureError::Io {
             action: "write",
@@ -173,6 +197,46 @@ impl OpenSslSm2 {
             &format!("{name}.der"),
         ])?;
         Ok(())
+    }
+
+    /// The private scalar (32 bytes) and uncompressed public point (65 bytes) of the
+    /// SM2 key `{name}.key`, as `openssl pkey -text` prints them: what a CA's
+    /// personalisation writes into a key.
+    pub fn scalar_and_point(&self, name: &str) -> Result<(Vec<u8>, Vec<u8>), FixtureError> {
+        let text = self.run(&["pkey", "-in", &format!("{name}.key"), "-noout", "-text"])?;
+        let block = |label: &str| -> Vec<u8> {
+            let mut hex = String::new();
+            let mut inside = false;
+            for line in text.lines() {
+                let t = line.trim();
+                if t.starts_with(label) {
+                    inside = true;
+                    continue;
+                }
+                if inside {
+                    if t.contains(':') && t.chars().all(|c| c.is_ascii_hexdigit() || c == ':') {
+                        hex.extend(t.chars().filter(|c| *c != ':'));
+                    } else {
+                        break;
+                    }
+                }
+            }
+            hex::decode(hex).unwrap_or_default()
+        };
+        let (mut d, point) = (block("priv:"), block("pub:"));
+        // OpenSSL prints the scalar as an integer: a leading 00 byte, or fewer than 32.
+        while d.len() > 32 && d[0] == 0 {
+            d.remove(0);
+        }
+        let mut scalar = vec![0u8; 32usize.saturating_sub(d.len())];
+        scalar.extend(d);
+        if scalar.len() != 32 || point.len() != 65 {
+            return Err(FixtureError::OpenSsl {
+                args: format!("pkey -in {name}.key -noout -text"),
+                stderr: "no 32-byte priv: and 65-byte pub: in its output".into(),
+            });
+        }
+        Ok((scalar, point))
     }
 
     /// The DER inside PEM file `file`.

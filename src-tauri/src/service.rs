@@ -322,8 +322,8 @@ impl Worker {
         self.watcher = None;
         let lang = self.config.lang;
         let loaded = Config::load_default().and_then(|cfg| {
-            let path = ukey_token::resolve_module_path(self.config.module.as_deref(), &cfg)?;
-            let mut module = Module::load(&path)?;
+            let found = ukey_token::resolve_module(self.config.module.as_deref(), &cfg)?;
+            let mut module = Module::load_found(&found)?;
             module.use_config(&cfg)?;
             Ok(module)
         });

@@ -165,9 +165,9 @@ fn init_tracing(verbose: u8) {
 
 fn load_module(cli: &Cli) -> anyhow::Result<Module> {
     let config = Config::load_default()?;
-    let path = ukey_token::resolve_module_path(cli.module.as_deref(), &config)?;
-    tracing::info!(module = %path.display(), "loading PKCS#11 module");
-    let mut module = Module::load(&path)?;
+    let found = ukey_token::resolve_module(cli.module.as_deref(), &config)?;
+    tracing::info!(module = %found.path.display(), kind = ?found.kind, "loading the key's library");
+    let mut module = Module::load_found(&found)?;
     module.use_config(&config)?;
     Ok(module)
 }

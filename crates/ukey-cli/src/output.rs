@@ -7,7 +7,10 @@
 //! `firmware_version` (`unknown` when the module's is out of range), `clock` (the
 //! token's UTC clock, or `null`), `quirks` (fields the module filled in its own way,
 //! each {`field`, `kind`, `raw` (hex)}: see `ukey_token::quirks`), `pin` {`initialized`,
-//! `count_low`, `final_try`, `locked`, `protected_authentication_path`},
+//! `count_low`, `final_try`, `locked`, `protected_authentication_path`, `tries_left` and
+//! `max_tries` (numbers for SKF keys, which report them; `null` for PKCS#11)},
+//! `interface` (`pkcs11` or `skf`: how the key is used), `application` (the SKF
+//! application, else `null`),
 //! `certificates`, and two extra fields:
 //! * `orphan_keys`: key objects whose CKA_ID matches no certificate, each
 //!   {`class` (`private`/`public`), `key_id`, `label`, `key_type`};
@@ -40,6 +43,7 @@ pub struct ListDoc {
 #[derive(Debug, Serialize)]
 struct ModuleDoc {
     path: String,
+    interface: ukey_token::Interface,
     manufacturer: String,
     description: String,
     version: String,
@@ -57,6 +61,8 @@ struct TokenDoc {
     firmware_version: String,
     clock: Option<String>,
     quirks: Vec<ukey_token::Quirk>,
+    interface: ukey_token::Interface,
+    application: Option<String>,
     pin: PinDoc,
     certificates: Vec<CertDoc>,
     orphan_keys: Vec<KeyEntry>,
@@ -70,6 +76,8 @@ struct PinDoc {
     final_try: bool,
     locked: bool,
     protected_authentication_path: bool,
+    tries_left: Option<u32>,
+    max_tries: Option<u32>,
 }
 
 impl From<PinState> for PinDoc {
@@ -80,6 +88,8 @@ impl From<PinState> for PinDoc {
             final_try: p.final_try,
             locked: p.locked,
             protected_authentication_path: p.protected_authentication_path,
+            tries_left: p.tries_left,
+            max_tries: p.max_tries,
         }
     }
 }
@@ -152,6 +162,7 @@ pub fn list_json(module: &Module, listings: &[TokenListing], now: OffsetDateTime
     ListDoc {
         module: ModuleDoc {
             path: module.path().display().to_string(),
+            interface: module.interface(),
             manufacturer: info.manufacturer.clone(),
             description: info.description.clone(),
             version: info.version.clone(),
@@ -169,6 +180,8 @@ pub fn list_json(module: &Module, listings: &[TokenListing], now: OffsetDateTime
                 firmware_version: l.token.firmware_version.clone(),
                 clock: l.token.clock.clone(),
                 quirks: l.token.quirks.clone(),
+                interface: l.token.interface,
+                application: l.token.application.clone(),
                 pin: l.token.pin.into(),
                 certificates: l.certificates.iter().map(|c| cert_doc(c, now)).collect(),
                 orphan_keys: l.orphan_keys.clone(),
@@ -206,6 +219,16 @@ fn usage_text(u: Usage, lang: Lang) -> &'static str {
 }
 
 fn pin_text(p: PinState, lang: Lang) -> String {
+    // SKF says how many tries are left: say it, whatever the state.
+    if let (Some(left), false) = (p.tries_left, p.locked) {
+        return match lang {
+            Lang::ZhCn => format!("PIN 剩余 {left} 次尝试"),
+            Lang::En => format!(
+                "PIN: {left} {} left",
+                if left == 1 { "try" } else { "tries" }
+            ),
+        };
+    }
     let mut parts = vec![];
     if !p.initialized {
         parts.push(lang.pick("PIN 未设置", "PIN not set"));
@@ -252,11 +275,13 @@ pub fn list_text(
             writeln!(out)?;
         }
         let t = &l.token;
+        let place = match t.interface {
+            ukey_token::Interface::Pkcs11 => format!("{} {}", lang.pick("槽位", "Slot"), t.slot_id),
+            ukey_token::Interface::Skf => format!("SKF {}", t.slot_description),
+        };
         writeln!(
             out,
-            "{} {} \"{}\"  {} {}  {} {}  [{}]",
-            lang.pick("槽位", "Slot"),
-            t.slot_id,
+            "{place} \"{}\"  {} {}  {} {}  [{}]",
             t.label,
             lang.pick("序列号", "serial"),
             t.id,

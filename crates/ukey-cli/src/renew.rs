@@ -115,10 +115,13 @@ fn status_word(e: &RenewalError) -> &'static str {
 
 fn fail(e: &RenewalError, json: bool, lang: Lang) -> u8 {
     if json {
-        let v = serde_json::json!({
+        let mut v = serde_json::json!({
             "status": status_word(e),
             "error": {"code": e.code(), "message": e.user_message(lang)},
         });
+        if let Some(n) = e.pin_tries_left() {
+            v["error"]["tries_left"] = n.into();
+        }
         println!("{v}");
     }
     eprintln!("ukey: {}", e.user_message(lang));

@@ -117,9 +117,9 @@ impl Options {
 /// [`Module`] (the desktop app's watcher) calls [`diagnose_with`] instead.
 pub fn diagnose(options: &Options) -> Report {
     let started = Instant::now();
-    let path = ukey_token::resolve_module_path(options.module.as_deref(), &options.config);
-    let loaded = path.as_ref().map_err(Clone::clone).and_then(|p| {
-        let mut module = Module::load(p)?;
+    let found = ukey_token::resolve_module(options.module.as_deref(), &options.config);
+    let loaded = found.as_ref().map_err(Clone::clone).and_then(|f| {
+        let mut module = Module::load_found(f)?;
         // A bad SM2 profile in the configuration is a finding of the environment check
         // (`sm2_profile`), not a reason to diagnose nothing.
         if let Err(e) = module.use_config(&options.config) {
@@ -134,6 +134,7 @@ pub fn diagnose(options: &Options) -> Report {
             r
         }
         Err(e) => {
+            let path = found.as_ref().map(|f| f.path.clone());
             let mut report = Report::new(&options.app_version);
             let mut env = environment::section();
             env.checks.push(environment::os_check(&options.app_version));

@@ -566,6 +566,109 @@ impl<'m> SessionToken<'m> {
     }
 }
 
+/// How a token's new objects take the old ones' place (see ARCHITECTURE.md).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Activation {
+    /// PKCS#11: objects are moved by CKA_ID and label (the four
+    /// [`crate::engine::ActivationStep`]s).
+    Objects,
+    /// SKF: the new key pairs live in their own container, complete since the write
+    /// step; activation retires the old container unless it holds an encryption key
+    /// that must be kept.
+    Containers,
+}
+
+macro_rules! token_side {
+    ($( $(#[$doc:meta])* fn $name:ident(&self $(, $arg:ident : $ty:ty)*) -> $ret:ty; )*) => {
+        /// The token side of a renewal, as the engine uses it: [`SessionToken`] over a
+        /// PKCS#11 session, [`crate::skf::SkfToken`] over an SKF application. Keys are
+        /// named by [`KeyRef`] (id + public key), certificates by value, a pending
+        /// renewal's objects by [`PendingId`].
+        pub trait TokenSide {
+            /// How activation works on this token.
+            fn activation(&self) -> Activation {
+                Activation::Objects
+            }
+            /// Does the token's SM2 key decrypt what is encrypted to its public key?
+            fn sm2_decrypts(&self, key: &KeyRef) -> TokenResult<bool>;
+            /// [`Activation::Containers`]: retires the old key's container (deletes it
+            /// unless it holds an encryption key, which is kept for sealed bids);
+            /// returns how many containers went.
+            fn retire_old(&self, _old: &KeyRef) -> TokenResult<usize> {
+                Ok(0)
+            }
+            $( $(#[$doc])* fn $name(&self $(, $arg: $ty)*) -> $ret; )*
+        }
+
+        impl TokenSide for SessionToken<'_> {
+            fn sm2_decrypts(&self, key: &KeyRef) -> TokenResult<bool> {
+                let PublicKey::Sm2 { point } = &key.public else {
+                    return Ok(false);
+                };
+                let (ciphertext, plaintext) = crate::checks::sm2_decrypt_test(point)
+                    .map_err(|what| ukey_token::Error::ObjectInvalid { what })?;
+                Ok(SessionToken::decrypt_sm2(self, key, &ciphertext)? == plaintext)
+            }
+            $( fn $name(&self $(, $arg: $ty)*) -> $ret { SessionToken::$name(self $(, $arg)*) } )*
+        }
+    };
+}
+
+token_side! {
+    /// Verifies the PIN once; never retried.
+    fn login(&self, pin: &SecretString) -> TokenResult<()>;
+    /// Every object visible (pending ones are found among them).
+    fn objects(&self) -> TokenResult<Vec<ObjectInfo>>;
+    /// How many objects of `kind` carry the pending id.
+    fn pending_count(&self, kind: ObjectKind, id: &PendingId) -> TokenResult<usize>;
+    /// The pending key pair's public key.
+    fn pending_public_key(&self, id: &PendingId) -> TokenResult<Option<PublicKey>>;
+    /// Generates the pending signing key pair.
+    fn generate_key_pair(&self, alg: KeyAlg, id: &PendingId, label: &str) -> TokenResult<()>;
+    /// Destroys the pending objects of `kind`; returns how many.
+    fn destroy_pending(&self, kind: ObjectKind, id: &PendingId) -> TokenResult<usize>;
+    /// Moves the pending objects of `kind` to `to` / `label`.
+    fn relabel_pending(&self, kind: ObjectKind, id: &PendingId, to: &[u8], label: &str) -> TokenResult<usize>;
+    /// Whether `key`'s private key is on the token.
+    fn has_private_key(&self, key: &KeyRef) -> TokenResult<bool>;
+    /// Destroys `key`'s objects.
+    fn destroy_key_pair(&self, key: &KeyRef) -> TokenResult<usize>;
+    /// Moves `key`'s objects to `to` / `label`.
+    fn relabel_key_pair(&self, key: &KeyRef, to: &[u8], label: &str) -> TokenResult<usize>;
+    /// Which of these objects cannot be changed.
+    fn unmodifiable(&self, keys: &[&KeyRef], certs: &[&[u8]]) -> TokenResult<Vec<String>>;
+    /// Signs with `key`.
+    fn sign(&self, key: &KeyRef, data: &[u8]) -> TokenResult<Vec<u8>>;
+    /// A CSR signed by `key`.
+    fn csr(&self, key: &KeyRef, params: &rcgen::CertificateParams) -> TokenResult<Vec<u8>>;
+    /// Unwraps an escrowed key with a transport key.
+    fn unwrap_escrowed_key(&self, recipient: &TransportKey, transport: &KeyTransport<'_>, wrapped_private_key: &[u8], alg: KeyAlg, id: &PendingId, label: &str) -> TokenResult<()>;
+    /// Imports a GM/T 0009 envelope addressed to `recipient`.
+    fn unwrap_sm2_envelope(&self, recipient: &KeyRef, envelope: &ukey_portal_api::gm::Sm2EnvelopedKey, id: &PendingId, label: &str) -> TokenResult<()>;
+    /// A transport key for this run.
+    fn generate_transport_key(&self, alg: KeyAlg) -> TokenResult<TransportKey>;
+    /// Destroys the transport key.
+    fn destroy_transport_key(&self, key: TransportKey) -> TokenResult<()>;
+    /// RSA-OAEP decryption with `key`.
+    fn decrypt_rsa_oaep(&self, key: &KeyRef, ciphertext: &[u8]) -> TokenResult<Vec<u8>>;
+    /// ECDH with `key`.
+    fn ecdh(&self, key: &KeyRef, peer_point: &[u8]) -> TokenResult<Vec<u8>>;
+    /// Whether the certificate is on the token (under `id`, when given).
+    fn has_certificate(&self, der: &[u8], id: Option<&[u8]>) -> TokenResult<bool>;
+    /// Writes a certificate under `id`.
+    fn write_certificate(&self, der: &[u8], id: &[u8], label: &str) -> TokenResult<()>;
+    /// Moves a certificate to `to` / `label`.
+    fn relabel_certificate(&self, der: &[u8], to: &[u8], label: &str) -> TokenResult<usize>;
+    /// Destroys a certificate (under `id`, when given).
+    fn destroy_certificate(&self, der: &[u8], id: Option<&[u8]>) -> TokenResult<usize>;
+    /// Marks on the token that a renewal's activation has begun.
+    fn mark_activation(&self, renewal_id: &str) -> TokenResult<()>;
+    /// Removes that mark.
+    fn unmark_activation(&self, renewal_id: &str) -> TokenResult<()>;
+    /// The renewals whose activation has begun on this token.
+    fn activations(&self) -> TokenResult<Vec<String>>;
+}
+
 fn is_token_gone(e: &ukey_token::Error) -> bool {
     matches!(
         e,

@@ -29,7 +29,7 @@ use ukey_token::{
 };
 use x509_parser::prelude::{FromDer, X509Certificate};
 
-use crate::api::{KeyRef, PortalApi, SessionToken, TransportKey};
+use crate::api::{Activation, KeyRef, PortalApi, SessionToken, TokenSide, TransportKey};
 use crate::checks::{self, DecryptTest, Expectations, Role};
 use crate::error::{Refusal, RenewalError};
 use crate::events::{Event, Step};
@@ -558,7 +558,11 @@ fn plan(
         KeyPolicy::Same => old_alg,
         KeyPolicy::New => key_alg(terms.target_algorithm),
     };
-    check_mechanisms(module, &token, old_alg, new_alg, terms)?;
+    if token.is_skf() {
+        check_skf(module, &token, old_alg, new_alg, terms)?;
+    } else {
+        check_mechanisms(module, &token, old_alg, new_alg, terms)?;
+    }
 
     let old_enc = if terms.with_encryption_cert {
         // The holder's current encryption certificate: same subject, encryption usage.
@@ -600,6 +604,76 @@ fn plan(
         notices,
         clock_skew_seconds: None,
     })
+}
+
+/// What an SKF key can renew: SM2 to SM2, with a new key pair in a new container (an
+/// SKF container cannot take a new certificate for its key without a window in which
+/// the old certificate is gone and the new one not yet tested, nor an escrowed key
+/// without overwriting the old one), and an escrowed key only where the library
+/// imports envelopes.
+fn check_skf(
+    module: &Module,
+    token: &TokenSummary,
+    old_alg: KeyAlg,
+    new_alg: KeyAlg,
+    terms: &OrderTerms,
+) -> Result<(), RenewalError> {
+    let refuse = |what: &str, what_zh: &str| RenewalError::InterfaceUnsupported {
+        token: token.serial.clone(),
+        what: what.to_owned(),
+        what_zh: what_zh.to_owned(),
+    };
+    if old_alg != KeyAlg::Sm2 {
+        return Err(refuse(
+            &format!(
+                "its {} certificate's key is not used through SKF here (SM2 only)",
+                old_alg.as_str()
+            ),
+            &format!(
+                "该证书为 {}，本程序只通过 SKF 使用 SM2 密钥",
+                old_alg.as_str()
+            ),
+        ));
+    }
+    if new_alg != KeyAlg::Sm2 {
+        return Err(refuse(
+            &format!(
+                "the order asks for an {} key; SKF keys are renewed with SM2",
+                new_alg.as_str()
+            ),
+            &format!("订单要求 {} 密钥，SKF 接口只支持 SM2", new_alg.as_str()),
+        ));
+    }
+    if terms.key_policy == KeyPolicy::Same {
+        return Err(refuse(
+            "the order keeps the key pair; an SKF key is renewed with a new key pair in a new container",
+            "订单要求保留原密钥对，SKF 接口的续期须在新容器中生成新密钥对",
+        ));
+    }
+    let lib = module.skf().map(|b| b.library());
+    let mut need = vec![
+        "SKF_CreateContainer",
+        "SKF_DeleteContainer",
+        "SKF_GenECCKeyPair",
+        "SKF_ECCSignData",
+        "SKF_ExportPublicKey",
+        "SKF_ImportCertificate",
+    ];
+    if terms.with_encryption_cert {
+        need.extend([
+            "SKF_ImportECCKeyPair",
+            "SKF_ImportSessionKey",
+            "SKF_DecryptInit",
+            "SKF_Decrypt",
+        ]);
+    }
+    if let Some(missing) = need.iter().find(|f| !lib.is_some_and(|l| l.has(f))) {
+        return Err(RenewalError::MechanismMissing {
+            token: token.serial.clone(),
+            mechanism: (*missing).to_owned(),
+        });
+    }
+    Ok(())
 }
 
 fn check_mechanisms(
@@ -735,25 +809,37 @@ fn new_journal(
             encryption,
         } => (signing.clone(), encryption.clone()),
     };
+    // SKF: the new pairs' container is final from the start (containers cannot be
+    // renamed); the old one is retired at activation.
+    let skf_container = token
+        .is_skf()
+        .then(|| KeyId::new(crate::skf::container_name(&rid).into_bytes()))
+        .flatten();
     let signing = ObjectNames {
         pending_id: PendingId::new(&rid, "sig"),
         pending_label: format!("{PENDING_LABEL_PREFIX}{rid} sig"),
         // Filled in at verify for the SHA-1 scheme.
-        final_id: old.id.clone(),
+        final_id: skf_container.clone().unwrap_or_else(|| old.id.clone()),
         final_label: sig_label,
     };
     let encryption = terms.with_encryption_cert.then(|| ObjectNames {
         pending_id: PendingId::new(&rid, "enc"),
         pending_label: format!("{PENDING_LABEL_PREFIX}{rid} enc"),
-        final_id: match &old_encryption {
-            Some(e) => e.id.clone(),
-            None => KeyId::new([cand.key_id.as_slice(), b"-enc"].concat())
+        final_id: match (&skf_container, &old_encryption) {
+            (Some(c), _) => c.clone(),
+            (None, Some(e)) => e.id.clone(),
+            (None, None) => KeyId::new([cand.key_id.as_slice(), b"-enc"].concat())
                 .unwrap_or_else(|| old.id.clone()),
         },
         final_label: enc_label,
     });
     let today = OffsetDateTime::now_utc().date();
     let archive = match (&encryption, &old_encryption) {
+        // SKF: the old container, which holds the old encryption pair, is the archive.
+        (Some(_), Some(e)) if token.is_skf() => Some(ArchiveNames {
+            id: e.id.clone(),
+            label: format!("archived {} {today}", e.serial),
+        }),
         (Some(_), Some(e)) => {
             KeyId::new(format!("archived {}", e.serial).into_bytes()).map(|id| ArchiveNames {
                 id,
@@ -804,13 +890,17 @@ pub fn renew(
     opts: &Options,
     on_event: &mut dyn FnMut(Event),
 ) -> Result<Report, RenewalError> {
+    if let Some(skf) = module.skf() {
+        let token = crate::skf::SkfToken::open(skf, &plan.token)?;
+        return run(&token, plan, pin, portal, opts, on_event);
+    }
     let token = SessionToken::open(module, &plan.token)?;
     run(&token, plan, pin, portal, opts, on_event)
 }
 
 /// Runs a planned renewal on an open session.
 pub fn run(
-    token: &SessionToken<'_>,
+    token: &dyn TokenSide,
     plan: Plan,
     pin: &SecretString,
     portal: &dyn PortalApi,
@@ -944,7 +1034,7 @@ struct Issued {
 }
 
 struct Run<'a> {
-    token: &'a SessionToken<'a>,
+    token: &'a dyn TokenSide,
     portal: &'a dyn PortalApi,
     opts: &'a Options,
     j: Journal,
@@ -1299,7 +1389,9 @@ impl Run<'_> {
             }
             (_, None) => {}
         }
-        if self.opts.key_ids == KeyIdScheme::Sha1OfPublicKey {
+        if self.opts.key_ids == KeyIdScheme::Sha1OfPublicKey
+            && self.token.activation() == Activation::Objects
+        {
             if let Some(id) = KeyId::new(sha1_id(&public)) {
                 self.j.signing.final_id = id;
             }
@@ -1425,12 +1517,10 @@ impl Run<'_> {
                         ));
                     }
                 }
-                DecryptTest::Sm2 {
-                    ciphertext,
-                    plaintext,
-                } => {
-                    let got = self.token.decrypt_sm2(enc_key, &ciphertext)?;
-                    if got != plaintext {
+                // The token side proves it: PKCS#11 decrypts a test message, an SKF
+                // key (which decrypts only session keys) imports one.
+                DecryptTest::Sm2 { .. } => {
+                    if !self.token.sm2_decrypts(enc_key)? {
                         return Err(RenewalError::SelfTest(
                             "the new SM2 encryption key does not decrypt what is encrypted to its certificate".into(),
                         ));
@@ -1509,11 +1599,26 @@ impl Run<'_> {
             }
             let point = format!("activate.{}", a.number());
             failpoint(&point, "before");
-            match a {
-                ActivationStep::ArchiveOldEncryption => self.archive_old_encryption()?,
-                ActivationStep::RemoveOldSigning => self.remove_old_signing()?,
-                ActivationStep::ActivateNewSigning => self.activate_new_signing(issued)?,
-                ActivationStep::ActivateNewEncryption => self.activate_new_encryption()?,
+            match (self.token.activation(), a) {
+                (Activation::Objects, ActivationStep::ArchiveOldEncryption) => {
+                    self.archive_old_encryption()?
+                }
+                (Activation::Objects, ActivationStep::RemoveOldSigning) => {
+                    self.remove_old_signing()?
+                }
+                (Activation::Objects, ActivationStep::ActivateNewSigning) => {
+                    self.activate_new_signing(issued)?
+                }
+                (Activation::Objects, ActivationStep::ActivateNewEncryption) => {
+                    self.activate_new_encryption()?
+                }
+                // SKF: the new container is complete since `write`; the old one goes
+                // unless it keeps the old encryption key (it is then the archive).
+                (Activation::Containers, ActivationStep::RemoveOldSigning) => {
+                    let old = self.old_key()?;
+                    self.token.retire_old(&old)?;
+                }
+                (Activation::Containers, _) => {}
             }
             failpoint(&point, "after");
             self.j.activate_done = a.number();
@@ -1660,11 +1765,22 @@ pub fn abandon(
             "activation has begun; the renewal can only be finished".into(),
         ));
     }
-    let t = SessionToken::open(module, token)?;
+    let skf;
+    let p11;
+    let t: &dyn TokenSide = match module.skf() {
+        Some(b) => {
+            skf = crate::skf::SkfToken::open(b, token)?;
+            &skf
+        }
+        None => {
+            p11 = SessionToken::open(module, token)?;
+            &p11
+        }
+    };
     t.login(pin)?;
     let mut noop = |_e: Event| {};
     let mut r = Run {
-        token: &t,
+        token: t,
         portal: &NoPortal,
         opts,
         j: journal,

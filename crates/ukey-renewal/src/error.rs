@@ -136,6 +136,18 @@ pub enum RenewalError {
         /// The mechanism.
         mechanism: String,
     },
+    /// The key is used through an interface that cannot do what the order asks (an
+    /// SKF key: SM2 only, a new key pair for every renewal): user action, as for a
+    /// missing mechanism.
+    #[error("token {token} (SKF) cannot do this renewal: {what}")]
+    InterfaceUnsupported {
+        /// Token serial.
+        token: String,
+        /// What it cannot do, in English.
+        what: String,
+        /// The same, in Chinese.
+        what_zh: String,
+    },
     /// The token generates keys of the needed algorithm, but not of the needed size
     /// (its C_GetMechanismInfo range leaves it out): user action, like a missing
     /// mechanism.
@@ -202,6 +214,7 @@ impl RenewalError {
             | RenewalError::FinalTryNeedsConfirmation { .. }
             | RenewalError::Selection(_)
             | RenewalError::MechanismMissing { .. }
+            | RenewalError::InterfaceUnsupported { .. }
             | RenewalError::KeySizeUnsupported { .. }
             | RenewalError::ClockSkew { .. }
             | RenewalError::NoTrustAnchor
@@ -212,6 +225,15 @@ impl RenewalError {
     }
 
     /// A stable code.
+    /// Tries left on the PIN after a wrong one, when the key says (SKF keys do).
+    pub fn pin_tries_left(&self) -> Option<u32> {
+        match self {
+            RenewalError::Token(ukey_token::Error::PinIncorrect { tries_left, .. }) => *tries_left,
+            RenewalError::Token(ukey_token::Error::PinLocked { .. }) => Some(0),
+            _ => None,
+        }
+    }
+
     pub fn code(&self) -> &'static str {
         match self {
             RenewalError::Token(e) => e.code(),
@@ -227,6 +249,7 @@ impl RenewalError {
             RenewalError::PinLocked { .. } => "pin_locked",
             RenewalError::FinalTryNeedsConfirmation { .. } => "pin_final_try",
             RenewalError::MechanismMissing { .. } => "mechanism_missing",
+            RenewalError::InterfaceUnsupported { .. } => "interface_unsupported",
             RenewalError::KeySizeUnsupported { .. } => "key_size_unsupported",
             RenewalError::ClockSkew { .. } => "clock_skew",
             RenewalError::Selection(_) => "selection",
@@ -350,6 +373,21 @@ impl RenewalError {
                 } else {
                     format!(
                         "Token {token} cannot do what this renewal order asks (it lacks {mechanism}); nothing was changed. Contact your CA: they can mail you a new key."
+                    )
+                }
+            }
+            RenewalError::InterfaceUnsupported {
+                token,
+                what,
+                what_zh,
+            } => {
+                if zh {
+                    format!(
+                        "UKey {token} 通过 SKF（GM/T 0016）接口使用，无法完成此续期：{what_zh}。未做任何改动。请联系发证机构（CA）。"
+                    )
+                } else {
+                    format!(
+                        "Token {token} is used through SKF (GM/T 0016) and cannot do this renewal: {what}. Nothing was changed. Contact your CA."
                     )
                 }
             }

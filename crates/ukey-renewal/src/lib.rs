@@ -17,8 +17,9 @@ pub mod engine;
 pub mod error;
 pub mod events;
 pub mod journal;
+pub mod skf;
 
-pub use api::{KeyRef, KeyUse, PortalApi, SessionToken};
+pub use api::{Activation, KeyRef, KeyUse, PortalApi, SessionToken, TokenSide};
 pub use engine::{
     ActivationStep, FAILPOINT_ENV, JournalSync, KeyIdScheme, LabelScheme, Notice, Options,
     PENDING_LABEL_PREFIX, Plan, Report, StepTiming, abandon, preflight, renew, run, status_request,

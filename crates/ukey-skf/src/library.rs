@@ -415,9 +415,11 @@ impl SkfLibrary {
         // `c` is NUL-terminated, `h` writable.
         call!(self, connect_dev, "SKF_ConnectDev", c.as_ptr(), &mut h)?;
         Ok(Device {
-            lib: Arc::clone(self),
-            h: Handle(h as usize),
-            name: name.to_owned(),
+            inner: Arc::new(DevInner {
+                lib: Arc::clone(self),
+                h: Handle(h as usize),
+                name: name.to_owned(),
+            }),
         })
     }
 
@@ -464,15 +466,29 @@ impl SkfLibrary {
     }
 }
 
-/// A connected device; disconnected on drop.
-#[derive(Debug)]
+/// A connected device; disconnected when it and everything opened through it are
+/// dropped.
+#[derive(Debug, Clone)]
 pub struct Device {
+    inner: Arc<DevInner>,
+}
+
+/// What a [`Device`] shares with the applications opened through it.
+#[derive(Debug)]
+pub struct DevInner {
     lib: Arc<SkfLibrary>,
     h: Handle,
     name: String,
 }
 
-impl Drop for Device {
+impl std::ops::Deref for Device {
+    type Target = DevInner;
+    fn deref(&self) -> &DevInner {
+        &self.inner
+    }
+}
+
+impl Drop for DevInner {
     fn drop(&mut self) {
         // A pulled device's handle may fail to close; nothing to do about it.
         let _ = (|| call!(self.lib, disconnect_dev, "SKF_DisConnectDev", self.h.ptr()))();
@@ -517,7 +533,7 @@ impl Device {
     }
 
     /// Opens an application.
-    pub fn open_application(&self, name: &str) -> Result<Application<'_>> {
+    pub fn open_application(&self, name: &str) -> Result<Application> {
         let c = c_string(name)?;
         let mut h: H = std::ptr::null_mut();
         call!(
@@ -529,22 +545,37 @@ impl Device {
             &mut h
         )?;
         Ok(Application {
-            dev: self,
-            h: Handle(h as usize),
-            name: name.to_owned(),
+            inner: Arc::new(AppInner {
+                dev: self.clone(),
+                h: Handle(h as usize),
+                name: name.to_owned(),
+            }),
         })
     }
 }
 
-/// An open application; closed on drop.
+/// An open application; closed when it and its containers are dropped.
+#[derive(Debug, Clone)]
+pub struct Application {
+    inner: Arc<AppInner>,
+}
+
+/// What an [`Application`] shares with the containers opened through it.
 #[derive(Debug)]
-pub struct Application<'d> {
-    dev: &'d Device,
+pub struct AppInner {
+    dev: Device,
     h: Handle,
     name: String,
 }
 
-impl Drop for Application<'_> {
+impl std::ops::Deref for Application {
+    type Target = AppInner;
+    fn deref(&self) -> &AppInner {
+        &self.inner
+    }
+}
+
+impl Drop for AppInner {
     fn drop(&mut self) {
         let _ = (|| {
             call!(
@@ -557,7 +588,7 @@ impl Drop for Application<'_> {
     }
 }
 
-impl Application<'_> {
+impl Application {
     fn lib(&self) -> &SkfLibrary {
         &self.dev.lib
     }
@@ -660,7 +691,7 @@ impl Application<'_> {
     }
 
     /// Opens a container.
-    pub fn open_container(&self, name: &str) -> Result<Container<'_>> {
+    pub fn open_container(&self, name: &str) -> Result<Container> {
         let c = c_string(name)?;
         let mut h: H = std::ptr::null_mut();
         call!(
@@ -672,14 +703,14 @@ impl Application<'_> {
             &mut h
         )?;
         Ok(Container {
-            app: self,
+            app: self.clone(),
             h: Handle(h as usize),
             name: name.to_owned(),
         })
     }
 
     /// Creates an empty container (user PIN verified).
-    pub fn create_container(&self, name: &str) -> Result<Container<'_>> {
+    pub fn create_container(&self, name: &str) -> Result<Container> {
         let c = c_string(name)?;
         let mut h: H = std::ptr::null_mut();
         call!(
@@ -691,7 +722,7 @@ impl Application<'_> {
             &mut h
         )?;
         Ok(Container {
-            app: self,
+            app: self.clone(),
             h: Handle(h as usize),
             name: name.to_owned(),
         })
@@ -785,13 +816,13 @@ impl Application<'_> {
 
 /// An open container; closed on drop.
 #[derive(Debug)]
-pub struct Container<'a> {
-    app: &'a Application<'a>,
+pub struct Container {
+    app: Application,
     h: Handle,
     name: String,
 }
 
-impl Drop for Container<'_> {
+impl Drop for Container {
     fn drop(&mut self) {
         let _ = (|| {
             call!(
@@ -832,7 +863,7 @@ pub enum ContainerKind {
     Other(u32),
 }
 
-impl Container<'_> {
+impl Container {
     fn lib(&self) -> &SkfLibrary {
         self.app.lib()
     }

@@ -55,6 +55,11 @@ pub struct ModuleEntry {
     /// `[modules.sm2]`: the module's own SM2 constants ([`crate::gm::MechanismProfile`]).
     #[serde(default)]
     pub sm2: Option<crate::gm::MechanismProfile>,
+    /// `kind = "skf"`: the library is an SKF (GM/T 0016) library; `"pkcs11"`: a
+    /// PKCS#11 module. Unset: told by what it exports (PKCS#11 first, for a library
+    /// that exports both).
+    #[serde(default)]
+    pub kind: Option<Interface>,
 }
 
 impl ModuleEntry {
@@ -65,6 +70,27 @@ impl ModuleEntry {
             path: path.into(),
             sm2_profile: None,
             sm2: None,
+            kind: None,
+        }
+    }
+}
+
+/// The interface a key is used through.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Deserialize, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Interface {
+    /// PKCS#11 (Cryptoki).
+    Pkcs11,
+    /// SKF, GM/T 0016.
+    Skf,
+}
+
+impl Interface {
+    /// `PKCS#11` or `SKF`, as shown to users.
+    pub fn display_name(self) -> &'static str {
+        match self {
+            Interface::Pkcs11 => "PKCS#11",
+            Interface::Skf => "SKF (GM/T 0016)",
         }
     }
 }
@@ -432,6 +458,36 @@ pub const VENDOR_MODULES: &[(&str, &[&str])] = &[
     ("SoftHSM2", &["libsofthsm2.so"]),
 ];
 
+/// Best-effort table of UKey vendor SKF libraries (GM/T 0016), in discovery order after
+/// the PKCS#11 ones: (vendor, file names), looked up as [`VENDOR_MODULES`]' are. None of
+/// them has been tried on hardware here; the names come from public integrations.
+pub const VENDOR_SKF_LIBRARIES: &[(&str, &[&str])] = &[
+    (
+        "Feitian ePass3000GM (飞天诚信) SKF",
+        &[
+            "libes_3000gm.so",
+            "libes_3000gm.so.1.0.0",
+            "/opt/ftsafe/lib/libes_3000gm.so",
+        ],
+    ),
+    (
+        "Longmai mToken GM3000 (龙脉) SKF",
+        &[
+            "libgm3000.1.0.so",
+            "libgm3000.so",
+            "/opt/LongmaiSoft/lib/libgm3000.1.0.so",
+        ],
+    ),
+    (
+        "Haitai (海泰方圆) SKF",
+        &["libhtskf.so", "/opt/haitai/lib/libhtskf.so"],
+    ),
+    (
+        "Watchdata (握奇) SKF",
+        &["libwdskf.so", "/opt/watchdata/lib/libwdskf.so"],
+    ),
+];
+
 /// A module found on disk by discovery.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct FoundModule {
@@ -439,6 +495,9 @@ pub struct FoundModule {
     pub name: String,
     /// Path of the library.
     pub path: PathBuf,
+    /// Its interface, when the configuration or the discovery table says; `None`: told
+    /// by what the library exports.
+    pub kind: Option<Interface>,
 }
 
 /// Every candidate path discovery tries, in order: the configuration's `[[modules]]`,
@@ -450,26 +509,42 @@ pub fn candidates(config: &Config) -> Vec<FoundModule> {
         .map(|m| FoundModule {
             name: m.name.clone(),
             path: m.path.clone(),
+            kind: m.kind,
         })
         .collect();
-    for (vendor, files) in VENDOR_MODULES {
-        for file in *files {
-            if file.starts_with('/') {
-                out.push(FoundModule {
+    let tables = [
+        (VENDOR_MODULES, Interface::Pkcs11),
+        (VENDOR_SKF_LIBRARIES, Interface::Skf),
+    ];
+    for (table, kind) in tables {
+        for (vendor, files) in table {
+            for file in *files {
+                let paths: Vec<PathBuf> = if file.starts_with('/') {
+                    vec![PathBuf::from(file)]
+                } else {
+                    LIB_DIRS
+                        .iter()
+                        .map(|dir| Path::new(dir).join(file))
+                        .collect()
+                };
+                out.extend(paths.into_iter().map(|path| FoundModule {
                     name: (*vendor).to_owned(),
-                    path: PathBuf::from(file),
-                });
-            } else {
-                for dir in LIB_DIRS {
-                    out.push(FoundModule {
-                        name: (*vendor).to_owned(),
-                        path: Path::new(dir).join(file),
-                    });
-                }
+                    path,
+                    kind: Some(kind),
+                }));
             }
         }
     }
     out
+}
+
+/// The interface the configuration gives the library at `path`, if any.
+pub fn configured_kind(config: &Config, path: &Path) -> Option<Interface> {
+    config
+        .modules
+        .iter()
+        .find(|m| m.path == path)
+        .and_then(|m| m.kind)
 }
 
 /// The candidates that exist on this machine, in discovery order.
@@ -502,8 +577,18 @@ pub fn discover_all(config: &Config) -> Vec<FoundModule> {
 /// only one alive; a candidate that fails to load is skipped (debug log). A library some
 /// other code of this process already initialised is only looked at, never finalised.
 pub fn resolve_module_path(explicit: Option<&Path>, config: &Config) -> Result<PathBuf> {
+    resolve_module(explicit, config).map(|m| m.path)
+}
+
+/// Like [`resolve_module_path`], with the library's interface as far as the
+/// configuration or the discovery table says.
+pub fn resolve_module(explicit: Option<&Path>, config: &Config) -> Result<FoundModule> {
     if let Some(p) = explicit.or(config.pkcs11_module.as_deref()) {
-        return Ok(p.to_owned());
+        return Ok(FoundModule {
+            name: p.display().to_string(),
+            path: p.to_owned(),
+            kind: configured_kind(config, p),
+        });
     }
     let found = discover_all(config);
     let Some(first) = found.first() else {
@@ -515,14 +600,14 @@ pub fn resolve_module_path(explicit: Option<&Path>, config: &Config) -> Result<P
     let mut first_loadable: Option<&FoundModule> = None;
     if found.len() > 1 {
         for m in &found {
-            let probe = has_token(&m.path);
+            let probe = has_token(m);
             if probe.is_ok() && first_loadable.is_none() {
                 first_loadable = Some(m);
             }
             match probe {
                 Ok(true) => {
                     tracing::debug!(module = %m.path.display(), name = %m.name, "discovered module with a token");
-                    return Ok(m.path.clone());
+                    return Ok(m.clone());
                 }
                 Ok(false) => {
                     tracing::debug!(module = %m.path.display(), name = %m.name, "discovered module has no token");
@@ -536,12 +621,12 @@ pub fn resolve_module_path(explicit: Option<&Path>, config: &Config) -> Result<P
     // The first that loads; if none does, the first, whose load error the caller shows.
     let chosen = first_loadable.unwrap_or(first);
     tracing::debug!(module = %chosen.path.display(), "no discovered module has a token; using the first that loads");
-    Ok(chosen.path.clone())
+    Ok(chosen.clone())
 }
 
-/// Loads `path`, looks for a token, and finalises it again (on drop) before returning.
-fn has_token(path: &Path) -> Result<bool> {
-    let module = crate::module::Module::load(path)?;
+/// Loads the module, looks for a token, and finalises it again (on drop) before returning.
+fn has_token(m: &FoundModule) -> Result<bool> {
+    let module = crate::module::Module::load_as(&m.path, m.kind)?;
     let present = !module.tokens()?.is_empty();
     drop(module);
     Ok(present)

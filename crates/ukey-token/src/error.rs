@@ -65,6 +65,16 @@ impl Pkcs11Call {
         }
     }
 
+    /// A failure returned by an SKF function (`SKF_VerifyPIN`, `SAR_PIN_INCORRECT`).
+    pub fn skf(function: &str, code: u32, name: String) -> Pkcs11Call {
+        Pkcs11Call {
+            function: function.to_owned(),
+            rv_name: name,
+            rv: Some(u64::from(code)),
+            rv_error: None,
+        }
+    }
+
     /// A failure in cryptoki itself (not a `CKR_` value), e.g. a missing function pointer.
     fn library(function: &str, what: String) -> Pkcs11Call {
         Pkcs11Call {
@@ -156,12 +166,14 @@ pub enum Error {
         reason: String,
     },
     /// The PIN was wrong; the token may allow fewer tries now.
-    #[error("wrong PIN{}: {call}", on_token(.token))]
+    #[error("wrong PIN{}{}: {call}", on_token(.token), tries_left_text(*.tries_left))]
     PinIncorrect {
         /// The token.
         token: Option<Box<TokenName>>,
         /// The failed call.
         call: Pkcs11Call,
+        /// Tries left, when the token says (SKF does; PKCS#11 only has flags).
+        tries_left: Option<u32>,
     },
     /// The PIN is locked after too many wrong tries.
     #[error("PIN locked{}: {call}", on_token(.token))]
@@ -238,6 +250,25 @@ pub enum Error {
         /// The failed call.
         call: Pkcs11Call,
     },
+    /// Any other SKF (GM/T 0016) failure.
+    #[error("SKF call failed{}: {call}", on_token(.token))]
+    Skf {
+        /// The token, when the call concerned one.
+        token: Option<Box<TokenName>>,
+        /// The failed call (an `SKF_` function and its `SAR_` code).
+        call: Pkcs11Call,
+    },
+    /// The operation is not available through this key's interface (e.g. an RSA key
+    /// pair on an SKF key, whose interface the backend uses for SM2 only).
+    #[error("not supported: {what}")]
+    NotSupported {
+        /// What was asked.
+        what: String,
+    },
+}
+
+fn tries_left_text(n: Option<u32>) -> String {
+    n.map(|n| format!(", {n} tries left")).unwrap_or_default()
 }
 
 fn path_or_searched(path: &Option<PathBuf>, searched: &[PathBuf]) -> String {
@@ -265,7 +296,11 @@ impl Error {
             CkError::Pkcs11(rv, function) => {
                 let call = Pkcs11Call::new(function, rv);
                 match rv {
-                    RvError::PinIncorrect => Error::PinIncorrect { token, call },
+                    RvError::PinIncorrect => Error::PinIncorrect {
+                        token,
+                        call,
+                        tries_left: None,
+                    },
                     RvError::PinLocked => Error::PinLocked { token, call },
                     RvError::PinLenRange => Error::PinLenRange { token, call },
                     RvError::DeviceRemoved => Error::TokenRemoved { token, call },
@@ -317,7 +352,8 @@ impl Error {
             | Error::TokenNotPresent { call, .. }
             | Error::DeviceMemory { call, .. }
             | Error::DeviceError { call, .. }
-            | Error::Pkcs11 { call, .. } => Some(call),
+            | Error::Pkcs11 { call, .. }
+            | Error::Skf { call, .. } => Some(call),
             _ => None,
         }
     }
@@ -332,7 +368,8 @@ impl Error {
             | Error::TokenNotPresent { token, .. }
             | Error::DeviceMemory { token, .. }
             | Error::DeviceError { token, .. }
-            | Error::Pkcs11 { token, .. } => token.as_deref(),
+            | Error::Pkcs11 { token, .. }
+            | Error::Skf { token, .. } => token.as_deref(),
             _ => None,
         }
     }
@@ -355,6 +392,8 @@ impl Error {
             Error::CertificateMalformed { .. } => "certificate_malformed",
             Error::ObjectInvalid { .. } => "object_invalid",
             Error::Pkcs11 { .. } => "pkcs11_error",
+            Error::Skf { .. } => "skf_error",
+            Error::NotSupported { .. } => "not_supported",
         }
     }
 
@@ -409,6 +448,10 @@ impl Error {
                 Lang::ZhCn => format!("配置文件 {} 有误：{reason}", path.display()),
                 Lang::En => format!("The configuration file {} is invalid: {reason}", path.display()),
             },
+            Error::PinIncorrect { token: t, tries_left: Some(n), .. } => match lang {
+                Lang::ZhCn => format!("{} 的 PIN 码不正确，还可尝试 {n} 次。次数用完 UKey 将被锁定。", token(t)),
+                Lang::En => format!("Wrong PIN for {}: {n} {} left. When none is left the token locks.", token(t), if *n == 1 { "try" } else { "tries" }),
+            },
             Error::PinIncorrect { token: t, .. } => match lang {
                 Lang::ZhCn => format!("{} 的 PIN 码不正确。请注意剩余的尝试次数，多次输错会锁定 UKey。", token(t)),
                 Lang::En => format!("Wrong PIN for {}. Mind the remaining tries: too many wrong PINs lock the token.", token(t)),
@@ -445,9 +488,13 @@ impl Error {
                 Lang::ZhCn => format!("UKey 上的对象不符合要求：{what}"),
                 Lang::En => format!("An object on the token is not as expected: {what}"),
             },
-            Error::Pkcs11 { token: t, .. } => match lang {
+            Error::Pkcs11 { token: t, .. } | Error::Skf { token: t, .. } => match lang {
                 Lang::ZhCn => format!("访问 {} 时出错。", token(t)),
                 Lang::En => format!("An error occurred while using {}.", token(t)),
+            },
+            Error::NotSupported { what } => match lang {
+                Lang::ZhCn => format!("此 UKey 的接口不支持该操作：{what}"),
+                Lang::En => format!("This key's interface does not support it: {what}"),
             },
         };
         format!("{text}{detail}")

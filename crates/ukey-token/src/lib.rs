@@ -1,5 +1,5 @@
-//! The only crate that touches PKCS#11 (through `cryptoki`): finding and loading a
-//! module, the tokens in its slots and their PIN state, the certificates and keys on a
+//! The only crate that touches PKCS#11 (through `cryptoki`) and SKF (through
+//! `ukey-skf`): finding and loading a module, the tokens in its slots and their PIN state, the certificates and keys on a
 //! token, a watcher for insertion and removal, and sessions for login and signing.
 //!
 //! ```no_run
@@ -29,13 +29,14 @@ pub mod quirks;
 mod raw;
 pub mod session;
 pub mod signer;
+pub mod skf;
 pub mod unwrap;
 pub mod watcher;
 
 pub use certificate::{CertificateDetails, Usage};
 pub use config::{
-    Config, FoundModule, ModuleEntry, RenewalConfig, UserSettings, discover_all,
-    resolve_module_path,
+    Config, FoundModule, Interface, ModuleEntry, RenewalConfig, UserSettings, discover_all,
+    resolve_module, resolve_module_path,
 };
 pub use error::{Error, Lang, Pkcs11Call, Result, TokenName};
 pub use keys::{KeyAlg, KeyMatch, KeyObject, KeyPairHandles, PublicKey};

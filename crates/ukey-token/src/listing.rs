@@ -126,6 +126,9 @@ impl Module {
     /// [`KeyEvidence`] is definite; a login failure (wrong PIN...) is returned as an
     /// error, not retried.
     pub fn list_token(&self, token: &TokenSummary, pin: Option<&SecretString>) -> TokenListing {
+        if let Some(skf) = self.skf() {
+            return skf.list_token(token, pin);
+        }
         let mut listing = TokenListing {
             token: token.clone(),
             certificates: vec![],

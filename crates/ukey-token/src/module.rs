@@ -49,6 +49,13 @@ pub struct PinState {
     pub to_be_changed: bool,
     /// CKF_PROTECTED_AUTHENTICATION_PATH: the PIN is entered on the device (PIN pad).
     pub protected_authentication_path: bool,
+    /// Tries left before the PIN locks, when the interface says (SKF's
+    /// `SKF_GetPINInfo`; PKCS#11 has only the flags above).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub tries_left: Option<u32>,
+    /// Wrong PINs in a row that lock it, when the interface says.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub max_tries: Option<u32>,
 }
 
 /// Token flags other than the PIN state.
@@ -100,8 +107,14 @@ pub struct TokenSummary {
     pub pin: PinState,
     /// Fields the module filled in its own way (each shown decoded or as unknown).
     pub quirks: Vec<Quirk>,
+    /// The interface the key is used through.
+    pub interface: crate::config::Interface,
+    /// The SKF application this token is (an SKF device holds one or more, each with
+    /// its own PIN and containers); `None` for PKCS#11.
+    pub application: Option<String>,
+    /// The PKCS#11 slot (`None` for an SKF key).
     #[serde(skip)]
-    pub(crate) slot: SlotHandle,
+    pub(crate) slot: Option<SlotHandle>,
 }
 
 /// cryptoki's `Slot` cannot be built outside cryptoki, and is not `Eq`; keep it here.
@@ -116,6 +129,13 @@ impl PartialEq for SlotHandle {
 impl Eq for SlotHandle {}
 
 impl TokenSummary {
+    /// The PKCS#11 slot, or an error for a key used through another interface.
+    pub(crate) fn slot(&self) -> Result<Slot> {
+        self.slot.map(|s| s.0).ok_or_else(|| Error::NotSupported {
+            what: format!("{} is an SKF key, not a PKCS#11 token", self.id),
+        })
+    }
+
     /// The name used in messages and events.
     pub fn name(&self) -> TokenName {
         TokenName {
@@ -221,9 +241,13 @@ impl TokenSummary {
                 locked: has(ck::CKF_USER_PIN_LOCKED),
                 to_be_changed: has(ck::CKF_USER_PIN_TO_BE_CHANGED),
                 protected_authentication_path: has(ck::CKF_PROTECTED_AUTHENTICATION_PATH),
+                tries_left: None,
+                max_tries: None,
             },
             quirks: q,
-            slot: SlotHandle(slot),
+            interface: crate::config::Interface::Pkcs11,
+            application: None,
+            slot: Some(SlotHandle(slot)),
         };
         if shared {
             token.qualify();
@@ -235,19 +259,32 @@ impl TokenSummary {
 /// A loaded and initialised PKCS#11 module. Load one per library per process: PKCS#11
 /// allows a library to be initialised once, and C_Finalize (on drop) ends it for every
 /// user in the process.
+///
+/// A module may also be an SKF (GM/T 0016) library ([`Module::load_as`]): then its
+/// tokens are the SKF devices' applications ([`crate::skf`]), listed, watched and
+/// refreshed through the same methods; PKCS#11 sessions are not available on them
+/// ([`Module::skf`] gives the SKF side).
 #[derive(Debug)]
 pub struct Module {
-    pkcs11: Pkcs11,
-    /// C_GetSlotInfo / C_GetTokenInfo read field by field (see [`crate::raw`]).
-    raw: RawInfo,
+    backend: Backend,
     path: PathBuf,
     info: LibraryInfo,
-    /// Whether our C_Initialize started the library: only then does drop call
-    /// C_Finalize (a library someone else in the process initialised stays theirs).
-    owns_init: bool,
     /// The SM2 mechanism profile the configuration gives this library, if any (see
     /// [`Module::use_config`]); else built-ins are matched per token.
     sm2_configured: Option<crate::gm::MechanismProfile>,
+}
+
+#[derive(Debug)]
+enum Backend {
+    Pkcs11 {
+        pkcs11: Pkcs11,
+        /// C_GetSlotInfo / C_GetTokenInfo read field by field (see [`crate::raw`]).
+        raw: RawInfo,
+        /// Whether our C_Initialize started the library: only then does drop call
+        /// C_Finalize (a library someone else in the process initialised stays theirs).
+        owns_init: bool,
+    },
+    Skf(crate::skf::SkfBackend),
 }
 
 impl Module {
@@ -260,6 +297,66 @@ impl Module {
     /// CKR_FUNCTION_FAILED (its service is not running) gives
     /// [`Error::ModuleServiceDown`].
     pub fn load(path: &Path) -> Result<Module> {
+        Module::load_as(path, None)
+    }
+
+    /// Loads the library at `path` as a PKCS#11 module or an SKF library. `None`: as
+    /// what it exports (`C_GetFunctionList`: PKCS#11, checked first; else
+    /// `SKF_EnumDev`: SKF).
+    pub fn load_as(path: &Path, kind: Option<crate::config::Interface>) -> Result<Module> {
+        use crate::config::Interface;
+        let kind = match kind {
+            Some(k) => k,
+            None => detect_interface(path),
+        };
+        match kind {
+            Interface::Pkcs11 => Module::load_pkcs11(path),
+            Interface::Skf => {
+                let backend = crate::skf::SkfBackend::load(path)?;
+                Ok(Module {
+                    info: backend.library_info(),
+                    backend: Backend::Skf(backend),
+                    path: path.to_owned(),
+                    sm2_configured: None,
+                })
+            }
+        }
+    }
+
+    /// Loads a module as discovery or the configuration found it.
+    pub fn load_found(found: &crate::config::FoundModule) -> Result<Module> {
+        Module::load_as(&found.path, found.kind)
+    }
+
+    /// The interface the library speaks.
+    pub fn interface(&self) -> crate::config::Interface {
+        match self.backend {
+            Backend::Pkcs11 { .. } => crate::config::Interface::Pkcs11,
+            Backend::Skf(_) => crate::config::Interface::Skf,
+        }
+    }
+
+    /// The SKF side, when the library is an SKF library.
+    pub fn skf(&self) -> Option<&crate::skf::SkfBackend> {
+        match &self.backend {
+            Backend::Skf(b) => Some(b),
+            Backend::Pkcs11 { .. } => None,
+        }
+    }
+
+    fn p11(&self) -> Result<(&Pkcs11, &RawInfo)> {
+        match &self.backend {
+            Backend::Pkcs11 { pkcs11, raw, .. } => Ok((pkcs11, raw)),
+            Backend::Skf(_) => Err(Error::NotSupported {
+                what: format!(
+                    "{} is an SKF library, not a PKCS#11 module",
+                    self.path.display()
+                ),
+            }),
+        }
+    }
+
+    fn load_pkcs11(path: &Path) -> Result<Module> {
         if !path.exists() {
             return Err(Error::ModuleNotFound {
                 path: Some(path.to_owned()),
@@ -334,11 +431,13 @@ impl Module {
         };
         tracing::debug!(module = %path.display(), ?info, "PKCS#11 module loaded");
         Ok(Module {
-            pkcs11,
-            raw,
+            backend: Backend::Pkcs11 {
+                pkcs11,
+                raw,
+                owns_init,
+            },
             path: path.to_owned(),
             info,
-            owns_init,
             sm2_configured: None,
         })
     }
@@ -370,7 +469,16 @@ impl Module {
 
     /// C_GetMechanismList of a token's slot with vendor-defined mechanisms kept.
     pub(crate) fn mechanism_list(&self, token: &TokenSummary) -> cryptoki::error::Result<Vec<u64>> {
-        match self.raw.mechanism_list(token.slot.0.into()) {
+        let slot = token.slot().map_err(|_| {
+            CkError::Pkcs11(
+                RvError::SlotIdInvalid,
+                cryptoki::context::Function::GetMechanismList,
+            )
+        })?;
+        let Ok((_, raw)) = self.p11() else {
+            return Ok(Vec::new());
+        };
+        match raw.mechanism_list(slot.into()) {
             Ok(list) => Ok(list),
             Err(rv) => cryptoki::error::Rv::from(rv)
                 .into_result(cryptoki::context::Function::GetMechanismList)
@@ -389,8 +497,8 @@ impl Module {
     }
 
     /// The cryptoki context, for this crate's sessions (mechanism lists).
-    pub(crate) fn pkcs11(&self) -> &Pkcs11 {
-        &self.pkcs11
+    pub(crate) fn pkcs11(&self) -> Result<&Pkcs11> {
+        self.p11().map(|(p, _)| p)
     }
 
     /// C_Finalize then C_Initialize: SoftHSM2 (and some vendor modules) only see tokens
@@ -401,15 +509,22 @@ impl Module {
     /// under it: then this is a no-op, and tokens made by other processes appear only
     /// if the module reports them by itself.
     pub fn reinitialize(&mut self) -> Result<()> {
-        if !self.owns_init {
+        let Backend::Pkcs11 {
+            pkcs11, owns_init, ..
+        } = &self.backend
+        else {
+            // An SKF library lists devices as they come and go.
+            return Ok(());
+        };
+        if !owns_init {
             tracing::debug!("module shared with another user in this process: not re-initialised");
             return Ok(());
         }
-        // finalize() consumes a handle; the library stays loaded through `self.pkcs11`.
-        if let Err(e) = self.pkcs11.clone().finalize() {
+        // finalize() consumes a handle; the library stays loaded through `pkcs11`.
+        if let Err(e) = pkcs11.clone().finalize() {
             tracing::debug!("C_Finalize before re-initialise: {e}");
         }
-        self.pkcs11
+        pkcs11
             .initialize(CInitializeArgs::new(CInitializeFlags::OS_LOCKING_OK))
             .map_err(|e| Error::from_cryptoki(e, None))?;
         Ok(())
@@ -419,8 +534,11 @@ impl Module {
     /// skipped with a warning (it is usually being removed); uninitialised tokens (blank
     /// cards, SoftHSM2's spare slot) are left out.
     pub fn tokens(&self) -> Result<Vec<TokenSummary>> {
-        let slots = self
-            .pkcs11
+        let pkcs11 = match &self.backend {
+            Backend::Skf(b) => return b.tokens(),
+            Backend::Pkcs11 { pkcs11, .. } => pkcs11,
+        };
+        let slots = pkcs11
             .get_slots_with_token()
             .map_err(|e| Error::from_cryptoki(e, None))?;
         let mut out: Vec<TokenSummary> = Vec::new();
@@ -460,12 +578,11 @@ impl Module {
                 .unwrap_or(CkError::Pkcs11(RvError::GeneralError, function));
             Error::from_cryptoki(e, Some(slot_name()))
         };
-        let slot_info = self
-            .raw
+        let (_, raw) = self.p11()?;
+        let slot_info = raw
             .slot_info(slot.id())
             .map_err(|rv| failed(cryptoki::context::Function::GetSlotInfo, rv))?;
-        let info = self
-            .raw
+        let info = raw
             .token_info(slot.id())
             .map_err(|rv| failed(cryptoki::context::Function::GetTokenInfo, rv))?;
         let token = TokenSummary::from_raw(slot, &slot_info, &info);
@@ -478,8 +595,11 @@ impl Module {
     /// Reads `token`'s info again (e.g. the PIN flags after a failed login). Fails with
     /// [`Error::TokenRemoved`] if another token, or none, is in its slot now.
     pub fn refresh(&self, token: &TokenSummary) -> Result<TokenSummary> {
+        if let Backend::Skf(b) = &self.backend {
+            return b.refresh(token);
+        }
         let mut now = self
-            .token_in(token.slot.0)
+            .token_in(token.slot()?)
             .map_err(|e| removed_if_gone(e, token))?;
         if token.serial_is_shared() && !now.serial_is_shared() {
             // Seen alone, its serial looks unique; it is still the key of that slot.
@@ -501,8 +621,8 @@ impl Module {
     /// Opens a read-only session with `token`.
     pub fn open_session(&self, token: &TokenSummary) -> Result<Session<'_>> {
         let s = self
-            .pkcs11
-            .open_ro_session(token.slot.0)
+            .pkcs11()?
+            .open_ro_session(token.slot()?)
             .map_err(|e| Error::from_cryptoki_on_token(e, token.name()))?;
         Ok(Session::new(self, s, token.clone()))
     }
@@ -510,8 +630,8 @@ impl Module {
     /// Opens a read-write session with `token` (for writing certificates and keys).
     pub fn open_rw_session(&self, token: &TokenSummary) -> Result<Session<'_>> {
         let s = self
-            .pkcs11
-            .open_rw_session(token.slot.0)
+            .pkcs11()?
+            .open_rw_session(token.slot()?)
             .map_err(|e| Error::from_cryptoki_on_token(e, token.name()))?;
         Ok(Session::new(self, s, token.clone()))
     }
@@ -527,12 +647,38 @@ fn removed_if_gone(e: Error, token: &TokenSummary) -> Error {
     }
 }
 
+/// What the library at `path` exports: PKCS#11 when it has `C_GetFunctionList` (or
+/// cannot be opened: loading it as PKCS#11 reports why), else SKF when it has
+/// `SKF_EnumDev`.
+#[allow(unsafe_code)]
+fn detect_interface(path: &Path) -> crate::config::Interface {
+    use crate::config::Interface;
+    // SAFETY: opening the library the caller names, to be loaded anyway; only symbol
+    // addresses are looked up, nothing is called.
+    let Ok(lib) = (unsafe { libloading::Library::new(path) }) else {
+        return Interface::Pkcs11;
+    };
+    // SAFETY: looking symbols up by name; the pointers are not used.
+    let has = |name: &[u8]| unsafe { lib.get::<*const ()>(name) }.is_ok();
+    if !has(b"C_GetFunctionList\0") && has(b"SKF_EnumDev\0") {
+        Interface::Skf
+    } else {
+        Interface::Pkcs11
+    }
+}
+
 impl Drop for Module {
     fn drop(&mut self) {
-        if !self.owns_init {
+        let Backend::Pkcs11 {
+            pkcs11, owns_init, ..
+        } = &self.backend
+        else {
+            return;
+        };
+        if !owns_init {
             return;
         }
-        if let Err(e) = self.pkcs11.clone().finalize() {
+        if let Err(e) = pkcs11.clone().finalize() {
             tracing::debug!("C_Finalize on drop: {e}");
         }
     }

@@ -161,8 +161,8 @@ impl<'m> Session<'m> {
     pub fn key_sizes(&self, mechanism: MechanismType) -> Result<Option<(usize, usize)>> {
         let info = self
             .module
-            .pkcs11()
-            .get_mechanism_info(self.token.slot.0, mechanism)
+            .pkcs11()?
+            .get_mechanism_info(self.token.slot()?, mechanism)
             .map_err(|e| self.err(e))?;
         let (min, max) = (info.min_key_size(), info.max_key_size());
         Ok((min != 0 || max != 0).then_some((min, max)))

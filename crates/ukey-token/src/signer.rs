@@ -122,17 +122,35 @@ impl<'s, 'm> TokenSigner<'s, 'm> {
                 Err(e) => Err(self.take_error().unwrap_or_else(|| failed(e.to_string()))),
             };
         };
-        let placeholder = Sm2Placeholder {
-            point: point.clone(),
-        };
-        let draft = params
-            .serialize_request(&placeholder)
-            .map_err(|e| failed(e.to_string()))?;
-        let info = der::csr_info_with_key(draft.der(), &self.public.spki())
-            .map_err(|e| failed(e.to_string()))?;
-        let signature = self.sign_data(&info)?;
-        der::sm2_csr(&info, &signature).map_err(|e| failed(e.to_string()))
+        sm2_csr(point, params, |info| self.sign_data(info))
     }
+}
+
+/// An SM2 PKCS#10 CSR with `params` for the key at `point`: rcgen writes the request
+/// info (rcgen has no SM2, so under a placeholder), the SM2 key is put in, and `sign`
+/// (a key on a token: PKCS#11 or SKF) signs the info with SM2-with-SM3 and the GM ID,
+/// giving a DER signature.
+pub fn sm2_csr(
+    point: &[u8],
+    params: &rcgen::CertificateParams,
+    sign: impl FnOnce(&[u8]) -> Result<Vec<u8>>,
+) -> Result<Vec<u8>> {
+    let failed = |e: String| Error::ObjectInvalid {
+        what: format!("CSR signing on the token failed: {e}"),
+    };
+    let placeholder = Sm2Placeholder {
+        point: point.to_vec(),
+    };
+    let draft = params
+        .serialize_request(&placeholder)
+        .map_err(|e| failed(e.to_string()))?;
+    let spki = PublicKey::Sm2 {
+        point: point.to_vec(),
+    }
+    .spki();
+    let info = der::csr_info_with_key(draft.der(), &spki).map_err(|e| failed(e.to_string()))?;
+    let signature = sign(&info)?;
+    der::sm2_csr(&info, &signature).map_err(|e| failed(e.to_string()))
 }
 
 /// What rcgen writes an SM2 request's info with: the point under a P-256 label, no

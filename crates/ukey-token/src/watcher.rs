@@ -176,9 +176,13 @@ impl Watcher {
     }
 
     fn drain_slot_events(&mut self) -> Result<()> {
+        // An SKF library's devices are listed as they come and go; nothing to drain.
+        let Ok(pkcs11) = self.module.pkcs11() else {
+            return Ok(());
+        };
         // Bounded: a module that always reports an event must not hang us.
         for _ in 0..64 {
-            match self.module.pkcs11().get_slot_event() {
+            match pkcs11.get_slot_event() {
                 Ok(Some(slot)) => tracing::debug!(slot = slot.id(), "slot event"),
                 Ok(None) => return Ok(()),
                 Err(CkError::Pkcs11(RvError::FunctionNotSupported, _)) => {
@@ -213,7 +217,11 @@ fn auto_mode(module: &Module) -> WatchMode {
     if module.library_info().manufacturer.contains("SoftHSM") {
         return WatchMode::Reinitialize;
     }
-    match module.pkcs11().get_slot_event() {
+    // An SKF library lists present devices without re-initialising.
+    let Ok(pkcs11) = module.pkcs11() else {
+        return WatchMode::SlotEvents;
+    };
+    match pkcs11.get_slot_event() {
         Err(CkError::Pkcs11(RvError::FunctionNotSupported, _)) => WatchMode::Reinitialize,
         _ => WatchMode::SlotEvents,
     }

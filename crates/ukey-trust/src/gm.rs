@@ -127,6 +127,16 @@ pub fn encrypt(public_key: &[u8], message: &[u8]) -> Option<Vec<u8>> {
         .ok()
 }
 
+/// SM4-ECB encryption of one 16-byte block (the self-test of a session key an SKF key
+/// imported: the host encrypts, the key decrypts). `None`: not a 16-byte key or block.
+pub fn sm4_encrypt_block(key: &[u8], block: &[u8]) -> Option<[u8; 16]> {
+    use sm4::cipher::{Array, BlockCipherEncrypt, KeyInit};
+    let cipher = sm4::Sm4::new_from_slice(key).ok()?;
+    let mut b = Array::try_from(block).ok()?;
+    cipher.encrypt_block(&mut b);
+    Some(b.into())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
