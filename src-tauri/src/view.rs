@@ -51,6 +51,8 @@ pub struct KeyView {
     pub manufacturer: String,
     /// Token model.
     pub model: String,
+    /// The interface the key is used through: `pkcs11` or `skf`.
+    pub interface: ukey_token::Interface,
     /// PIN state from the token flags.
     pub pin: PinView,
     /// Certificates on the key.
@@ -71,9 +73,11 @@ pub struct PinView {
     pub locked: bool,
     /// The PIN is entered on the device (PIN pad): no PIN dialog.
     pub pin_pad: bool,
-    /// Wrong PINs entered in this app since it started (the token does not say how
-    /// many tries are left; this is what we saw).
+    /// Wrong PINs entered in this app since it started (a PKCS#11 token does not say
+    /// how many tries are left; this is what we saw).
     pub wrong_entries: u32,
+    /// Tries left before the PIN locks, when the key says (SKF keys do).
+    pub tries_left: Option<u32>,
 }
 
 /// One certificate on a key.
@@ -315,12 +319,14 @@ pub fn key_view(
         label: t.label.clone(),
         manufacturer: t.manufacturer.clone(),
         model: t.model.clone(),
+        interface: t.interface,
         pin: PinView {
             count_low: t.pin.count_low,
             final_try: t.pin.final_try,
             locked: t.pin.locked,
             pin_pad: t.pin.protected_authentication_path,
             wrong_entries,
+            tries_left: t.pin.tries_left,
         },
         certificates,
         errors: listing

@@ -542,8 +542,59 @@ const scenarios = {
     await click('close');
     await waitFor(async () => (await textOf('cert')).includes('SM2'), 'the key listed with its SM2 certificate');
   },
+
+  async 'skf-tries-left'() {
+    // SKF (GM/T 0016): a software SKF key (libukey_sim.so's SKF face) holding an SM2
+    // certificate from an SM2 portal's CA, 5 PIN tries. The app, restarted with the
+    // library configured as SKF, says "PIN 剩余 5 次尝试" on the key; a wrong PIN in the
+    // renewal dialog says 4 remain; the right one renews it. (Last: the app is restarted
+    // for it, and sees only SKF keys.)
+    const dir = join(work, 'skf');
+    mkdirSync(dir, { recursive: true });
+    const data = join(work, 'portal-skf');
+    run(PORTAL, ['--data', data, 'ca', 'show', '--alg', 'sm2']);
+    const ssl = (...args) => run('openssl', args, {}).trim();
+    const f = (n) => join(dir, n);
+    ssl('genpkey', '-algorithm', 'SM2', '-out', f('sig.key'));
+    ssl('req', '-new', '-key', f('sig.key'), '-sm3', '-sigopt', 'distid:1234567812345678', '-utf8', '-subj', '/C=CN/O=某某建设工程有限公司/CN=钱十六', '-out', f('sig.csr'));
+    writeFileSync(f('leaf.ext'), 'basicConstraints=CA:FALSE\nkeyUsage=critical,digitalSignature,nonRepudiation\n');
+    ssl('x509', '-req', '-in', f('sig.csr'), '-CA', join(data, 'ca-cert.pem'), '-CAkey', join(data, 'ca-key.pem'), '-sm3', '-sigopt', 'distid:1234567812345678', '-vfyopt', 'distid:1234567812345678', '-days', '20', '-extfile', f('leaf.ext'), '-out', f('sig.pem'));
+    const serial = ssl('x509', '-in', f('sig.pem'), '-noout', '-serial').replace('serial=', '');
+    run(PORTAL, ['--data', data, 'order', 'create', '--serial', serial, '--state', 'ready', '--algorithm', 'SM2', '--years', '2']);
+    const key = 'SKFE2E01';
+    sim('skf', 'create', key, '--label', '钱十六的UKey', '--pin', PIN);
+    sim('skf', 'provision', key, '--sign-key', f('sig.key'), '--sign-cert', f('sig.pem'));
+    sim('pin-tries', key, '--max', '5');
+    // The user's config names the library as SKF (it also exports PKCS#11).
+    const config = join(work, 'ukey-config.toml');
+    const before = existsSync(config) ? readFileSync(config, 'utf8') : '';
+    writeFileSync(config, `${before}\n[[modules]]\nname = "ukey-sim SKF"\npath = "${SIM_MODULE}"\nkind = "skf"\n`);
+    let url;
+    [skfPortal, url] = await servePortal(['--data', data, 'serve', '--listen', '127.0.0.1:0']);
+    await restartApp({ ...appEnvForSecond, UKEY_PORTAL_URL: url, UKEY_TRUST: join(data, 'ca-cert.pem') });
+    await waitText('key-pin-tries', 'PIN 剩余 5 次尝试', 15000);
+    if (!(await textOf('key')).includes('SKF')) throw new Error('the key does not say it is used through SKF');
+    await waitText('banner', '证书有可用更新', 15000);
+    await click('banner-renew');
+    await waitText('consequences', '吊销');
+    await click('continue');
+    await waitText('pin-tries-left', 'PIN 剩余 5 次尝试');
+    await enterPinAndSubmit('000000');
+    await waitText('pin-error', 'PIN');
+    await waitText('pin-tries-left', 'PIN 剩余 4 次尝试');
+    await shot('19-skf-wrong-pin-tries-left');
+    const counted = JSON.parse(sim('status', '--json')).tokens[key].pin.failures;
+    if (counted !== 1) throw new Error(`the key counted ${counted} wrong PINs, not 1: a PIN was retried`);
+    await enterPinAndSubmit(PIN);
+    await waitText('result-title', '证书已更新', 60000);
+    await shot('20-skf-renewed');
+    await click('close');
+    await waitText('key-pin-tries', 'PIN 剩余 5 次尝试');
+    await waitFor(async () => (await textOf('cert')).includes('SM2'), 'the SKF key listed with its new SM2 certificate');
+  },
 };
 let caFilesForSm2;
+let skfPortal;
 
 // ---- main -----------------------------------------------------------------------
 
@@ -643,6 +694,7 @@ try {
   driver?.kill('SIGTERM');
   portal?.kill('SIGTERM');
   sm2Portal?.kill('SIGTERM');
+  skfPortal?.kill('SIGTERM');
   notifyMonitor?.kill('SIGTERM');
   await sleep(500);
   if (!process.env.E2E_KEEP) rmSync(work, { recursive: true, force: true });

@@ -227,7 +227,7 @@ describe('main window', () => {
     let snap = snapshot([key('S1', [cert('0A', READY)])]);
     const calls = backend(snap, async () => {
       snap = snapshot([key('S1', [cert('0A', READY)], {
-        pin: { countLow: true, finalTry: true, locked: false, pinPad: false, wrongEntries: 1 },
+        pin: { countLow: true, finalTry: true, locked: false, pinPad: false, wrongEntries: 1, triesLeft: null },
       })]);
       await emit('snapshot', snap);
       throw { code: 'pin_incorrect', message: 'wrong PIN' };
@@ -252,9 +252,35 @@ describe('main window', () => {
     expect(calls.filter((c) => c.cmd === 'renew')[1].args.confirmFinalTry).toBe(true);
   });
 
+  it('an SKF key shows its tries left on the key and in the PIN dialog, counting down', async () => {
+    const skf = (left: number) =>
+      snapshot([key('S1', [cert('0A', READY)], {
+        interface: 'skf',
+        pin: { countLow: left < 6, finalTry: left === 1, locked: false, pinPad: false, wrongEntries: 0, triesLeft: left },
+      })]);
+    let snap = skf(6);
+    backend(snap, async () => {
+      snap = skf(5);
+      await emit('snapshot', snap);
+      throw { code: 'pin_incorrect', message: 'UKey 的 PIN 码不正确，还可尝试 5 次。' };
+    });
+    render(App);
+    expect((await screen.findByTestId('key-pin-tries')).textContent).toBe('PIN 剩余 6 次尝试');
+    expect(screen.getByTestId('key').textContent).toContain('SKF 接口');
+    await fireEvent.click(await screen.findByTestId('renew'));
+    await fireEvent.click(await screen.findByTestId('continue'));
+    expect((await screen.findByTestId('pin-tries-left')).textContent).toBe('PIN 剩余 6 次尝试');
+    const input = (await screen.findByTestId('pin-input')) as HTMLInputElement;
+    await fireEvent.input(input, { target: { value: '000000' } });
+    await fireEvent.submit(input.form as HTMLFormElement);
+    await waitFor(() => expect(screen.getByTestId('pin-tries-left').textContent).toBe('PIN 剩余 5 次尝试'));
+    // The count the key gives replaces the app's own tally.
+    expect(screen.queryByTestId('pin-wrong-count')).toBeNull();
+  });
+
   it('a locked PIN says who to call and offers no renewal', async () => {
     backend(
-      snapshot([key('S1', [cert('0A', READY), cert('0B', READY)], { pin: { countLow: true, finalTry: false, locked: true, pinPad: false, wrongEntries: 0 } })]),
+      snapshot([key('S1', [cert('0A', READY), cert('0B', READY)], { pin: { countLow: true, finalTry: false, locked: true, pinPad: false, wrongEntries: 0, triesLeft: null } })]),
       undefined,
       { supportContact: '400-800-0000' },
     );

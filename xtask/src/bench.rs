@@ -663,6 +663,101 @@ fn slow_keys_at_once(quick: bool) -> Row {
 
 // ---------------------------------------------------------------- watcher
 
+/// Plugs the key in and out `rounds` times each, at varying points of the watcher's
+/// 200 ms interval, and times each change until `ukey watch` reports it: (inserts,
+/// removals), ms.
+fn plug_rounds(
+    world: &demo::World,
+    lines: &Lines,
+    key: &str,
+    rounds: usize,
+) -> Result<(Vec<f64>, Vec<f64>)> {
+    let mut plug_ms = Vec::new();
+    let mut unplug_ms = Vec::new();
+    for round in 0..rounds * 2 {
+        check_interrupted()?;
+        std::thread::sleep(Duration::from_millis(150 + (round as u64 * 37) % 200));
+        let plug = round % 2 == 0;
+        let changed = Instant::now();
+        run_quiet(
+            world
+                .cmd("ukey-sim")
+                .args([if plug { "plug" } else { "unplug" }, key]),
+        )?;
+        let (seen, line) = lines.next(Duration::from_secs(5)).with_context(|| {
+            format!(
+                "`ukey watch` did not report the key {} within 5 s",
+                if plug { "inserted" } else { "removed" }
+            )
+        })?;
+        let ms = seen.duration_since(changed).as_secs_f64() * 1e3;
+        if plug {
+            if !line.contains(key) {
+                bail!("unexpected watch line: {line}");
+            }
+            plug_ms.push(ms);
+        } else {
+            unplug_ms.push(ms);
+        }
+    }
+    Ok((plug_ms, unplug_ms))
+}
+
+/// The same for an SKF key: the software SKF key (the ukey-sim library's SKF face,
+/// configured `kind = "skf"`), watched by `ukey watch` as the app watches it.
+fn skf_insert_latency(world: &demo::World, rounds: usize) -> Row {
+    let name = "insert to notification (SKF key, ukey-sim)";
+    let goal = "p95 <= 500 ms";
+    let measured = (|| -> Result<(Vec<f64>, Vec<f64>)> {
+        let key = "BENCHSKF01";
+        run_quiet(world.cmd("ukey-sim").args(["skf", "create", key]))?;
+        run_quiet(world.cmd("ukey-sim").args(["unplug", key]))?;
+        let module = world
+            .env
+            .get("UKEY_PKCS11_MODULE")
+            .context("the demo world names no module")?;
+        let config = world.dir.path().join("skf-config.toml");
+        std::fs::write(
+            &config,
+            format!(
+                "[[modules]]\nname = \"ukey-sim SKF\"\npath = \"{}\"\nkind = \"skf\"\n",
+                std::path::Path::new(module).display()
+            ),
+        )?;
+        let mut watch = ChildGuard::spawn(
+            "ukey watch (SKF)",
+            world
+                .cmd("ukey")
+                .env("UKEY_CONFIG", &config)
+                .args(["watch", "--json", "--interval-ms", "200"])
+                .stdout(Stdio::piped()),
+        )?;
+        let lines = Lines::new(watch.take_stdout().context("watch stdout")?);
+        std::thread::sleep(Duration::from_millis(800));
+        plug_rounds(world, &lines, key, rounds)
+    })();
+    match measured {
+        Ok((plug_ms, unplug_ms)) => {
+            let p95 = percentile(&plug_ms, 0.95);
+            Row::measured(
+                name,
+                p95,
+                "ms p95",
+                format!(
+                    "{} inserts: median {:.0} ms, max {:.0} ms; removals p95 {:.0} ms; SKF devices listed every 200 ms",
+                    plug_ms.len(),
+                    median(&plug_ms),
+                    percentile(&plug_ms, 1.0),
+                    percentile(&unplug_ms, 0.95)
+                ),
+                goal,
+                Some(p95 <= 500.0),
+            )
+        }
+        Err(e) => Row::missing(name, goal, format!("not measured: {e:#}")),
+    }
+}
+
 /// Insert-to-notification latency and idle CPU of one `ukey watch` process on the
 /// ukey-sim module, polling every 200 ms like the desktop app.
 fn latency_and_idle(opts: &Opts, latency: bool, idle: bool) -> Result<Vec<Row>> {
@@ -682,35 +777,7 @@ fn latency_and_idle(opts: &Opts, latency: bool, idle: bool) -> Result<Vec<Row>> 
     std::thread::sleep(Duration::from_millis(800));
     let mut rows = Vec::new();
     if latency {
-        let mut plug_ms = Vec::new();
-        let mut unplug_ms = Vec::new();
-        for round in 0..rounds * 2 {
-            check_interrupted()?;
-            // Change the key at a varying point of the watcher's 200 ms interval.
-            std::thread::sleep(Duration::from_millis(150 + (round as u64 * 37) % 200));
-            let plug = round % 2 == 0;
-            let changed = Instant::now();
-            run_quiet(
-                world
-                    .cmd("ukey-sim")
-                    .args([if plug { "plug" } else { "unplug" }, &key]),
-            )?;
-            let (seen, line) = lines.next(Duration::from_secs(5)).with_context(|| {
-                format!(
-                    "`ukey watch` did not report the key {} within 5 s",
-                    if plug { "inserted" } else { "removed" }
-                )
-            })?;
-            let ms = seen.duration_since(changed).as_secs_f64() * 1e3;
-            if plug {
-                if !line.contains(&key) {
-                    bail!("unexpected watch line: {line}");
-                }
-                plug_ms.push(ms);
-            } else {
-                unplug_ms.push(ms);
-            }
-        }
+        let (plug_ms, unplug_ms) = plug_rounds(&world, &lines, &key, rounds)?;
         let p95 = percentile(&plug_ms, 0.95);
         rows.push(Row::measured(
             "insert to notification (ukey-sim)",
@@ -726,6 +793,7 @@ fn latency_and_idle(opts: &Opts, latency: bool, idle: bool) -> Result<Vec<Row>> 
             "p95 <= 500 ms",
             Some(p95 <= 500.0),
         ));
+        rows.push(skf_insert_latency(&world, rounds));
     }
     // The rounds end unplugged: plug the key in for the idle measurement, a user's
     // normal state.

@@ -17,22 +17,30 @@ use ukey_sim::skf::{ProvisionHalf, SkfDevice, SkfStore, provision};
 const UKEY: &str = env!("CARGO_BIN_EXE_ukey");
 const PIN: &str = "12345678";
 const SERIAL: &str = "SKF2026A01";
-const DEVICE: &str = "ukey-sim SKF SKF2026A01";
 const SUBJECT: &str = "/C=CN/O=某某建设工程有限公司/CN=张三";
 
-/// A software SKF key holding an SM2 dual-certificate container ("SM2_CONTAINER"), the
-/// CA that issued it (OpenSSL), and the files `ukey` runs with.
-struct SkfKey {
+/// Software SKF keys, the CA that issued their certificates (OpenSSL), the portal of that
+/// CA, and the files `ukey` runs with.
+struct SkfLab {
     dir: tempfile::TempDir,
     state: PathBuf,
     lib: PathBuf,
     ssl: OpenSslSm2,
+    store: SkfStore,
+    portal: common::LoopbackPortal,
+}
+
+/// One software SKF key holding an SM2 dual-certificate container ("SM2_CONTAINER")
+/// and a paid dual-certificate order for it.
+struct SkfKey {
+    serial: String,
+    device: String,
     old_sign_serial: String,
     old_enc_serial: String,
 }
 
 #[allow(unsafe_code)]
-fn skf_key() -> SkfKey {
+fn lab() -> SkfLab {
     let dir = tempfile::tempdir().unwrap();
     let state = dir.path().join("state");
     // SAFETY: nextest runs each test in its own process, and this runs before the test
@@ -44,36 +52,6 @@ fn skf_key() -> SkfKey {
     let ssl = OpenSslSm2::new(&ssl_dir);
     ssl.ca("sm2ca", "/C=CN/O=某某数字认证/CN=某某 SM2 CA")
         .unwrap();
-    ssl.leaf(
-        "sm2ca",
-        "oldsig",
-        SUBJECT,
-        softhsm_fixtures::openssl_sm2::SignedId::Gm,
-    )
-    .unwrap();
-    ssl.encryption_leaf("sm2ca", "oldenc", SUBJECT).unwrap();
-    let store = SkfStore::new(&state);
-    store
-        .create(&SkfDevice::new(SERIAL, "张三的UKey", "ukey-sim", PIN, "admin123").unwrap())
-        .unwrap();
-    let half = |name: &str| {
-        let (d, point) = ssl.scalar_and_point(name).unwrap();
-        ProvisionHalf {
-            scalar: Some(d),
-            public: Some(point),
-            cert: Some(ssl.read(&format!("{name}.der")).unwrap()),
-        }
-    };
-    provision(
-        &store,
-        SERIAL,
-        "ukey-sim",
-        "SM2_CONTAINER",
-        false,
-        half("oldsig"),
-        half("oldenc"),
-    )
-    .unwrap();
     let lib = dir.path().join(ukey_sim::module_file_name());
     std::fs::copy(common::shim_module(), &lib).unwrap();
     std::fs::write(
@@ -84,31 +62,103 @@ fn skf_key() -> SkfKey {
         ),
     )
     .unwrap();
-    let serial = |name: &str| {
-        ssl.run(&["x509", "-in", &format!("{name}.pem"), "-noout", "-serial"])
-            .unwrap()
-            .trim()
-            .trim_start_matches("serial=")
-            .to_owned()
-    };
-    SkfKey {
-        old_sign_serial: serial("oldsig"),
-        old_enc_serial: serial("oldenc"),
+    let portal =
+        common::start_portal_with_ca(&ssl_dir.join("sm2ca.pem"), &ssl_dir.join("sm2ca.key"), None);
+    SkfLab {
+        store: SkfStore::new(&state),
         dir,
         state,
         lib,
         ssl,
+        portal,
     }
 }
 
-impl SkfKey {
-    fn ukey(&self, args: &[&str], stdin: &str) -> Output {
+/// A lab with the one key [`SERIAL`].
+fn skf_key() -> (SkfLab, SkfKey) {
+    let lab = lab();
+    let key = lab.key(SERIAL);
+    (lab, key)
+}
+
+impl SkfLab {
+    /// A new SKF key `serial`: the CA's personalisation of an SM2 signing and encryption
+    /// pair with their certificates, and a paid order to renew them.
+    fn key(&self, serial: &str) -> SkfKey {
+        let (sig, enc) = (format!("{serial}-sig"), format!("{serial}-enc"));
+        self.ssl
+            .leaf(
+                "sm2ca",
+                &sig,
+                SUBJECT,
+                softhsm_fixtures::openssl_sm2::SignedId::Gm,
+            )
+            .unwrap();
+        self.ssl.encryption_leaf("sm2ca", &enc, SUBJECT).unwrap();
+        self.store
+            .create(&SkfDevice::new(serial, "张三的UKey", "ukey-sim", PIN, "admin123").unwrap())
+            .unwrap();
+        let half = |name: &str| {
+            let (d, point) = self.ssl.scalar_and_point(name).unwrap();
+            ProvisionHalf {
+                scalar: Some(d),
+                public: Some(point),
+                cert: Some(self.ssl.read(&format!("{name}.der")).unwrap()),
+            }
+        };
+        provision(
+            &self.store,
+            serial,
+            "ukey-sim",
+            "SM2_CONTAINER",
+            false,
+            half(&sig),
+            half(&enc),
+        )
+        .unwrap();
+        let serial_of = |name: &str| {
+            self.ssl
+                .run(&["x509", "-in", &format!("{name}.pem"), "-noout", "-serial"])
+                .unwrap()
+                .trim()
+                .trim_start_matches("serial=")
+                .to_owned()
+        };
+        let key = SkfKey {
+            serial: serial.to_owned(),
+            device: format!("ukey-sim SKF {serial}"),
+            old_sign_serial: serial_of(&sig),
+            old_enc_serial: serial_of(&enc),
+        };
+        let der = self.ssl.read(&format!("{sig}.der")).unwrap();
+        self.portal
+            .server
+            .portal
+            .create_order(&CreateOrderRequest {
+                serial_hex: key.old_sign_serial.clone(),
+                issuer_der: ukey_renewal::status_request(&der).unwrap().issuer_der,
+                issuer_dn: None,
+                // OpenSSL issued the old certificates for a year from today; the
+                // renewal must end later.
+                years: 2,
+                state: InitialState::Ready,
+                key_policy: KeyPolicy::New,
+                with_encryption_cert: true,
+                target_algorithm: KeyAlgorithm::Sm2,
+                old_encryption_serial_hex: Some(key.old_enc_serial.clone()),
+            })
+            .unwrap();
+        key
+    }
+
+    fn ukey_with(&self, args: &[&str], stdin: &str, failpoint: Option<&str>) -> Output {
         use std::io::Write as _;
-        let mut child = std::process::Command::new(UKEY)
-            .arg("--module")
+        let mut cmd = std::process::Command::new(UKEY);
+        cmd.arg("--module")
             .arg(&self.lib)
             .args(args)
             .env_remove("UKEY_PKCS11_MODULE")
+            .env_remove("UKEY_FAILPOINT")
             .env("UKEY_CONFIG", self.dir.path().join("config.toml"))
             .env("UKEY_SYSTEM_CONFIG", self.dir.path().join("no-system.toml"))
             .env("UKEY_DATA_DIR", self.dir.path().join("data"))
@@ -116,16 +166,18 @@ impl SkfKey {
             .env(ukey_sim::STATE_ENV, &self.state)
             .stdin(std::process::Stdio::piped())
             .stdout(std::process::Stdio::piped())
-            .stderr(std::process::Stdio::piped())
-            .spawn()
-            .unwrap();
-        child
-            .stdin
-            .take()
-            .unwrap()
-            .write_all(stdin.as_bytes())
-            .unwrap();
+            .stderr(std::process::Stdio::piped());
+        if let Some(p) = failpoint {
+            cmd.env("UKEY_FAILPOINT", p);
+        }
+        let mut child = cmd.spawn().unwrap();
+        // The process may exit before reading the PIN (its output says why).
+        let _ = child.stdin.take().unwrap().write_all(stdin.as_bytes());
         child.wait_with_output().unwrap()
+    }
+
+    fn ukey(&self, args: &[&str], stdin: &str) -> Output {
+        self.ukey_with(args, stdin, None)
     }
 
     fn path(&self, file: &str) -> PathBuf {
@@ -138,37 +190,15 @@ impl SkfKey {
         serde_json::from_slice(&out.stdout).unwrap()
     }
 
-    /// The SM2 portal with a paid dual-certificate order for the old signing certificate.
-    fn portal(&self) -> common::LoopbackPortal {
-        let portal =
-            common::start_portal_with_ca(&self.path("sm2ca.pem"), &self.path("sm2ca.key"), None);
-        let der = self.ssl.read("oldsig.der").unwrap();
-        portal
-            .server
-            .portal
-            .create_order(&CreateOrderRequest {
-                serial_hex: self.old_sign_serial.clone(),
-                issuer_der: ukey_renewal::status_request(&der).unwrap().issuer_der,
-                issuer_dn: None,
-                // OpenSSL issued the old certificates for a year from today; the
-                // renewal must end later.
-                years: 2,
-                state: InitialState::Ready,
-                key_policy: KeyPolicy::New,
-                with_encryption_cert: true,
-                target_algorithm: KeyAlgorithm::Sm2,
-                old_encryption_serial_hex: Some(self.old_enc_serial.clone()),
-            })
-            .unwrap();
-        portal
-    }
-
-    fn renew(&self, portal: &common::LoopbackPortal, pin: &str, extra: &[&str]) -> Output {
+    /// `ukey renew --token` the key, `UKEY_FAILPOINT` set when given.
+    fn renew_at(&self, key: &SkfKey, pin: &str, extra: &[&str], failpoint: Option<&str>) -> Output {
         let trust = self.path("sm2ca.pem");
         let mut args = vec![
             "renew",
             "--portal",
-            &portal.server.url,
+            &self.portal.server.url,
+            "--token",
+            &key.serial,
             "--pin-stdin",
             "--yes",
             "--json",
@@ -176,7 +206,15 @@ impl SkfKey {
             trust.to_str().unwrap(),
         ];
         args.extend_from_slice(extra);
-        self.ukey(&args, &format!("{pin}\n"))
+        self.ukey_with(&args, &format!("{pin}\n"), failpoint)
+    }
+
+    fn renew(&self, key: &SkfKey, pin: &str, extra: &[&str]) -> Output {
+        self.renew_at(key, pin, extra, None)
+    }
+
+    fn control(&self) -> ukey_sim::Control {
+        ukey_sim::Control::new(&self.state).unwrap()
     }
 }
 
@@ -212,15 +250,16 @@ impl CAbi {
         unsafe { *self.lib.get::<T>(name.as_bytes()).unwrap() }
     }
 
-    /// Connects, opens the application and verifies the PIN: the application handle.
-    fn login(&self, pin: &str) -> H {
+    /// Connects to `device`, opens the application and verifies the PIN: the
+    /// application handle.
+    fn login(&self, device: &str, pin: &str) -> H {
         let connect: unsafe extern "C" fn(*const c_char, *mut H) -> u32 = self.f("SKF_ConnectDev");
         let open: unsafe extern "C" fn(H, *const c_char, *mut H) -> u32 =
             self.f("SKF_OpenApplication");
         let verify: unsafe extern "C" fn(H, u32, *const c_char, *mut u32) -> u32 =
             self.f("SKF_VerifyPIN");
         let (name, app, pin) = (
-            CString::new(DEVICE).unwrap(),
+            CString::new(device).unwrap(),
             CString::new("ukey-sim").unwrap(),
             CString::new(pin).unwrap(),
         );
@@ -266,6 +305,30 @@ impl CAbi {
         // SAFETY: `buf` holds `len` bytes.
         let rv = unsafe { export(con, u32::from(sign), buf.as_mut_ptr(), &mut len) };
         (rv == 0).then(|| buf[..len as usize].to_vec())
+    }
+
+    /// `SKF_ECCSignData` over e, `None` when it fails.
+    fn try_sign(&self, con: H, e: &[u8; 32]) -> Option<Vec<u8>> {
+        let sign: unsafe extern "C" fn(H, *const u8, u32, *mut u8) -> u32 =
+            self.f("SKF_ECCSignData");
+        let mut blob = [0u8; 128];
+        // SAFETY: 32 bytes in, a whole ECCSIGNATUREBLOB out.
+        let rv = unsafe { sign(con, e.as_ptr(), 32, blob.as_mut_ptr()) };
+        (rv == 0).then(|| [&blob[32..64], &blob[96..128]].concat())
+    }
+
+    /// The application's file names.
+    fn files(&self, app: H) -> Vec<String> {
+        let enum_f: unsafe extern "C" fn(H, *mut c_char, *mut u32) -> u32 = self.f("SKF_EnumFiles");
+        let mut buf = vec![0u8; 4096];
+        let mut len = buf.len() as u32;
+        // SAFETY: `buf` holds `len` bytes.
+        assert_eq!(unsafe { enum_f(app, buf.as_mut_ptr().cast(), &mut len) }, 0);
+        buf[..len as usize]
+            .split(|b| *b == 0)
+            .take_while(|n| !n.is_empty())
+            .map(|n| String::from_utf8(n.to_vec()).unwrap())
+            .collect()
     }
 
     /// `SKF_ECCSignData` over e, as r ‖ s from the ECCSIGNATUREBLOB's 64-byte fields.
@@ -365,8 +428,8 @@ fn seal_bid(ssl: &OpenSslSm2, cert_pem: &str, tag: &str) -> (Vec<u8>, Vec<u8>, V
 
 #[test]
 fn ukey_lists_an_skf_key_with_its_interface_and_tries_left() {
-    let k = skf_key();
-    let v = k.list();
+    let (lab, key) = skf_key();
+    let v = lab.list();
     assert_eq!(v["module"]["interface"], "skf", "{v:#}");
     let t = &v["tokens"][0];
     assert_eq!(t["interface"], "skf");
@@ -381,32 +444,31 @@ fn ukey_lists_an_skf_key_with_its_interface_and_tries_left() {
         assert_eq!(c["has_private_key"], true);
         assert_eq!(c["key_id"], hex::encode("SM2_CONTAINER"));
     }
-    let out = k.ukey(&["list"], "");
+    let out = lab.ukey(&["list"], "");
     let s = String::from_utf8_lossy(&out.stdout);
-    assert!(s.contains("PIN: 6 tries left") && s.contains(DEVICE), "{s}");
+    assert!(
+        s.contains("PIN: 6 tries left") && s.contains(&key.device),
+        "{s}"
+    );
 }
 
 #[test]
 fn ukey_renew_on_an_skf_key_writes_dual_sm2_certificates_openssl_accepts() {
-    let k = skf_key();
-    let portal = k.portal();
-    let before = CAbi::load(&k.lib);
-    let app = before.login(PIN);
+    let (lab, key) = skf_key();
     // A bid sealed to the old encryption certificate before the renewal.
-    let (old_bid, old_key, old_enc) = seal_bid(&k.ssl, "oldenc.pem", "old");
-    let _ = app;
-    drop(before);
+    let old_enc_pem = format!("{SERIAL}-enc.pem");
+    let (old_bid, old_key, old_enc) = seal_bid(&lab.ssl, &old_enc_pem, "old");
 
-    let out = k.renew(&portal, PIN, &[]);
+    let out = lab.renew(&key, PIN, &[]);
     assert_eq!(out.status.code(), Some(0), "{}", text(&out));
     let v: Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(v["status"], "renewed", "{v:#}");
-    assert_eq!(v["archived_serial"], k.old_enc_serial.as_str(), "{v:#}");
+    assert_eq!(v["archived_serial"], key.old_enc_serial.as_str(), "{v:#}");
 
     // Through the C ABI: the old container (kept: it holds the old decryption key) and
     // the new one with both certificates.
-    let c = CAbi::load(&k.lib);
-    let app = c.login(PIN);
+    let c = CAbi::load(&lab.lib);
+    let app = c.login(&key.device, PIN);
     let names = c.containers(app);
     assert_eq!(names.len(), 2, "{names:?}");
     assert!(names.contains(&"SM2_CONTAINER".to_owned()));
@@ -415,8 +477,8 @@ fn ukey_renew_on_an_skf_key_writes_dual_sm2_certificates_openssl_accepts() {
     let sign_der = c.certificate(con, true).expect("signing certificate");
     let enc_der = c.certificate(con, false).expect("encryption certificate");
     for (der, file) in [(&sign_der, "newsig"), (&enc_der, "newenc")] {
-        std::fs::write(k.path(&format!("{file}.der")), der).unwrap();
-        k.ssl
+        std::fs::write(lab.path(&format!("{file}.der")), der).unwrap();
+        lab.ssl
             .run(&[
                 "x509",
                 "-inform",
@@ -428,17 +490,17 @@ fn ukey_renew_on_an_skf_key_writes_dual_sm2_certificates_openssl_accepts() {
             ])
             .unwrap();
         assert!(
-            k.ssl.verifies_with_gm_id("sm2ca", &format!("{file}.pem")),
+            lab.ssl.verifies_with_gm_id("sm2ca", &format!("{file}.pem")),
             "{file}"
         );
-        let empty_id = k
+        let empty_id = lab
             .ssl
             .output(&["verify", "-CAfile", "sm2ca.pem", &format!("{file}.pem")]);
         assert!(
             !empty_id.status.success(),
             "{file} must not verify with the empty ID"
         );
-        let subject = k
+        let subject = lab
             .ssl
             .run(&[
                 "x509",
@@ -454,7 +516,7 @@ fn ukey_renew_on_an_skf_key_writes_dual_sm2_certificates_openssl_accepts() {
     }
 
     // A signature made through the library verifies with OpenSSL and the GM ID.
-    k.ssl
+    lab.ssl
         .run(&[
             "x509",
             "-in",
@@ -465,17 +527,10 @@ fn ukey_renew_on_an_skf_key_writes_dual_sm2_certificates_openssl_accepts() {
             "newsig.pub",
         ])
         .unwrap();
-    let spki = k
-        .ssl
-        .run(&["pkey", "-pubin", "-in", "newsig.pub", "-text", "-noout"])
-        .unwrap();
-    assert!(spki.contains("SM2") || spki.contains("pub:"), "{spki}");
-    let point = {
-        let cert = ukey_token::PublicKey::from_certificate(&sign_der).unwrap();
-        match cert {
-            ukey_token::PublicKey::Sm2 { point } => point,
-            other => panic!("not SM2: {other:?}"),
-        }
+    let ukey_token::PublicKey::Sm2 { point } =
+        ukey_token::PublicKey::from_certificate(&sign_der).unwrap()
+    else {
+        panic!("not an SM2 certificate");
     };
     let msg = "投标文件 sealed bid".as_bytes();
     let e = ukey_trust::gm::message_digest(ukey_trust::gm::GM_DISTID, &point, msg).unwrap();
@@ -486,9 +541,9 @@ fn ukey_renew_on_an_skf_key_writes_dual_sm2_certificates_openssl_accepts() {
     .unwrap()
     .to_der()
     .unwrap();
-    std::fs::write(k.path("m.txt"), msg).unwrap();
-    std::fs::write(k.path("m.sig"), &der).unwrap();
-    let out = k.ssl.output(&[
+    std::fs::write(lab.path("m.txt"), msg).unwrap();
+    std::fs::write(lab.path("m.sig"), &der).unwrap();
+    let out = lab.ssl.output(&[
         "pkeyutl",
         "-verify",
         "-pubin",
@@ -508,45 +563,35 @@ fn ukey_renew_on_an_skf_key_writes_dual_sm2_certificates_openssl_accepts() {
 
     // A bid OpenSSL seals to the new encryption certificate opens through the library;
     // the bid sealed to the old one still opens in the kept container.
-    let (bid, key, enc) = seal_bid(&k.ssl, "newenc.pem", "new");
-    assert_eq!(c.open_envelope(con, &key, &enc).unwrap(), bid);
+    let (bid, wrapped, enc) = seal_bid(&lab.ssl, "newenc.pem", "new");
+    assert_eq!(c.open_envelope(con, &wrapped, &enc).unwrap(), bid);
     let old = c.container(app, "SM2_CONTAINER");
     assert_eq!(c.open_envelope(old, &old_key, &old_enc).unwrap(), old_bid);
     // Not the other way round.
     assert!(c.open_envelope(con, &old_key, &old_enc).is_err());
 
-    // `ukey list` now names the new certificates with the new container.
-    let v = k.list();
+    // `ukey list` names the new certificates with the new container.
+    let v = lab.list();
     let certs = v["tokens"][0]["certificates"].as_array().unwrap();
-    let new_serial = |der: &[u8]| {
-        certs
-            .iter()
-            .find(|c| {
-                c["key_id"] == hex::encode(new_name) && c["has_private_key"] == true && {
-                    let s = c["serial"].as_str().unwrap();
-                    ukey_renewal::status_request(der)
-                        .unwrap()
-                        .serial_hex
-                        .eq_ignore_ascii_case(s)
-                }
-            })
-            .is_some()
-    };
-    assert!(new_serial(&sign_der) && new_serial(&enc_der), "{v:#}");
+    for der in [&sign_der, &enc_der] {
+        let serial = ukey_renewal::status_request(der).unwrap().serial_hex;
+        assert!(
+            certs.iter().any(|c| c["key_id"] == hex::encode(new_name)
+                && c["has_private_key"] == true
+                && c["serial"].as_str().unwrap().eq_ignore_ascii_case(&serial)),
+            "{v:#}"
+        );
+    }
 }
 
 #[test]
 fn a_wrong_pin_says_how_many_tries_are_left_and_the_last_needs_confirmation() {
-    let k = skf_key();
-    let portal = k.portal();
-    ukey_sim::Control::new(&k.state)
-        .unwrap()
-        .set_pin_tries(SERIAL, 3)
-        .unwrap();
-    let out = k.renew(&portal, "000000", &[]);
-    assert_ne!(out.status.code(), Some(0), "{}", text(&out));
-    let v: Value =
-        serde_json::from_slice(&out.stdout).unwrap_or_else(|e| panic!("{e}: {}", text(&out)));
+    let (lab, key) = skf_key();
+    lab.control().set_pin_tries(SERIAL, 3).unwrap();
+    let json = |out: &Output| -> Value {
+        serde_json::from_slice(&out.stdout).unwrap_or_else(|e| panic!("{e}: {}", text(out)))
+    };
+    let v = json(&lab.renew(&key, "000000", &[]));
     assert_eq!(v["error"]["code"], "pin_incorrect", "{v:#}");
     assert_eq!(v["error"]["tries_left"], 2, "{v:#}");
     assert!(
@@ -556,38 +601,361 @@ fn a_wrong_pin_says_how_many_tries_are_left_and_the_last_needs_confirmation() {
             .contains("2 tries left"),
         "{v:#}"
     );
-    assert_eq!(k.list()["tokens"][0]["pin"]["tries_left"], 2);
+    assert_eq!(lab.list()["tokens"][0]["pin"]["tries_left"], 2);
 
-    let out = k.renew(&portal, "000000", &[]);
-    let v: Value = serde_json::from_slice(&out.stdout).unwrap();
+    let v = json(&lab.renew(&key, "000000", &[]));
     assert_eq!(v["error"]["tries_left"], 1, "{v:#}");
     // One try left: not without the user's confirmation, and nothing is tried.
-    let out = k.renew(&portal, PIN, &[]);
-    let v: Value = serde_json::from_slice(&out.stdout).unwrap();
+    let v = json(&lab.renew(&key, PIN, &[]));
     assert_eq!(v["error"]["code"], "pin_final_try", "{v:#}");
-    assert_eq!(k.list()["tokens"][0]["pin"]["tries_left"], 1);
+    assert_eq!(lab.list()["tokens"][0]["pin"]["tries_left"], 1);
     // A wrong last try locks it: the message says who to call.
-    let out = k.renew(&portal, "000000", &["--confirm-final-try"]);
-    let v: Value = serde_json::from_slice(&out.stdout).unwrap();
+    let v = json(&lab.renew(&key, "000000", &["--confirm-final-try"]));
     assert_eq!(v["error"]["code"], "pin_locked", "{v:#}");
     assert!(
         v["error"]["message"].as_str().unwrap().contains("CA"),
         "{v:#}"
     );
-    let t = &k.list()["tokens"][0];
+    let t = &lab.list()["tokens"][0];
     assert_eq!(t["pin"]["tries_left"], 0);
     assert_eq!(t["pin"]["locked"], true);
     // Locked: refused before any PIN is sent.
-    let out = k.renew(&portal, PIN, &["--confirm-final-try"]);
-    let v: Value = serde_json::from_slice(&out.stdout).unwrap();
+    let v = json(&lab.renew(&key, PIN, &["--confirm-final-try"]));
     assert_eq!(v["error"]["code"], "pin_locked", "{v:#}");
+    assert_eq!(lab.control().token(SERIAL).unwrap().pin.failures, 3);
+}
+
+/// What is on an SKF key now, read through the library's C ABI: each container's
+/// certificates, and the serials of signing certificates whose container's signing key
+/// signs what the certificate's key verifies; the application's files.
+#[derive(Debug)]
+struct Seen {
+    containers: Vec<(String, Option<String>, Option<String>)>,
+    working: Vec<String>,
+    files: Vec<String>,
+}
+
+fn serial_of(der: &[u8]) -> String {
+    ukey_renewal::status_request(der).unwrap().serial_hex
+}
+
+fn look(lab: &SkfLab, key: &SkfKey) -> Seen {
+    let c = CAbi::load(&lab.lib);
+    let app = c.login(&key.device, PIN);
+    let mut seen = Seen {
+        containers: Vec::new(),
+        working: Vec::new(),
+        files: c.files(app),
+    };
+    for name in c.containers(app) {
+        let con = c.container(app, &name);
+        let sign = c.certificate(con, true);
+        let enc = c.certificate(con, false);
+        if let Some(der) = &sign {
+            if let Ok(ukey_token::PublicKey::Sm2 { point }) =
+                ukey_token::PublicKey::from_certificate(der)
+            {
+                let msg = b"still works?";
+                let e =
+                    ukey_trust::gm::message_digest(ukey_trust::gm::GM_DISTID, &point, msg).unwrap();
+                if let Some(rs) = c.try_sign(con, &e) {
+                    let sig = ukey_skf::EccSignatureBlob::from_bytes(
+                        &[&[0u8; 32][..], &rs[..32], &[0u8; 32], &rs[32..]].concat(),
+                    )
+                    .unwrap()
+                    .to_der()
+                    .unwrap();
+                    if ukey_trust::gm::verify(ukey_trust::gm::GM_DISTID, &point, msg, &sig) {
+                        seen.working.push(serial_of(der));
+                    }
+                }
+            }
+        }
+        seen.containers.push((
+            name,
+            sign.as_deref().map(serial_of),
+            enc.as_deref().map(serial_of),
+        ));
+    }
+    seen
+}
+
+/// A finished renewal leaves the old container (it keeps the old encryption pair) and
+/// one complete new one, working; no other container and no marker.
+fn assert_finished(lab: &SkfLab, key: &SkfKey, out: &Output, point: &str) -> Value {
     assert_eq!(
-        ukey_sim::Control::new(&k.state)
+        out.status.code(),
+        Some(0),
+        "resume after {point}: {}",
+        text(out)
+    );
+    let v: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(v["status"], "renewed", "{point}: {v}");
+    let new_sign = v["new_serial"].as_str().unwrap();
+    let new_enc = v["encryption_serial"].as_str().unwrap();
+    let seen = look(lab, key);
+    assert!(
+        seen.working.iter().any(|s| s == new_sign),
+        "{point}: the new certificate works: {seen:?}"
+    );
+    assert_eq!(seen.containers.len(), 2, "{point}: {seen:?}");
+    assert!(
+        seen.containers.contains(&(
+            "SM2_CONTAINER".to_owned(),
+            Some(key.old_sign_serial.clone()),
+            Some(key.old_enc_serial.clone())
+        )),
+        "{point}: the old container (the archive) is gone or changed: {seen:?}"
+    );
+    assert!(
+        seen.containers
+            .iter()
+            .any(|(n, s, e)| n.starts_with("ukey-renew-")
+                && s.as_deref() == Some(new_sign)
+                && e.as_deref() == Some(new_enc)),
+        "{point}: no complete new container: {seen:?}"
+    );
+    assert!(seen.files.is_empty(), "{point}: markers left: {seen:?}");
+    v
+}
+
+fn crash_points() -> Vec<String> {
+    let mut points = Vec::new();
+    for step in [
+        "login",
+        "key",
+        "request",
+        "verify",
+        "write",
+        "self_test",
+        "activate",
+        "installed",
+    ] {
+        for when in ["before", "after"] {
+            points.push(format!("{step}:{when}"));
+        }
+    }
+    for n in 1..=4 {
+        for when in ["before", "after"] {
+            points.push(format!("activate.{n}:{when}"));
+        }
+    }
+    points.push("write.cert:after".to_owned());
+    points.push("write.unwrap:after".to_owned());
+    points
+}
+
+/// An SKF renewal killed at every step boundary, then resumed: at every moment a
+/// certificate works, and the resumed run finishes.
+#[test]
+fn skf_renewal_killed_at_every_step_boundary_then_resumed() {
+    let lab = lab();
+    let points = crash_points();
+    for (i, point) in points.iter().enumerate() {
+        let key = lab.key(&format!("SKFCRASH{i:02}"));
+        let out = lab.renew_at(&key, PIN, &[], Some(point));
+        use std::os::unix::process::ExitStatusExt as _;
+        assert_eq!(
+            out.status.signal(),
+            Some(6),
+            "{point}: expected an abort: {}",
+            text(&out)
+        );
+        let seen = look(&lab, &key);
+        assert!(
+            !seen.working.is_empty(),
+            "{point}: no certificate works: {seen:?}"
+        );
+        let out = lab.renew(&key, PIN, &[]);
+        let v = assert_finished(&lab, &key, &out, point);
+        assert_eq!(v["resumed"], true, "{point}: {v}");
+    }
+    println!("SKF crash points covered: {}", points.len());
+}
+
+/// A fault on the key during a renewal: the renewal stops, a certificate works, and the
+/// next run finishes (a full key rolls back and leaves the key as it was first).
+fn with_fault(function: &str, nth: u64, rv: Option<&str>, after: bool, expect: &str) {
+    let lab = lab();
+    let key = lab.key("SKFFAULT1");
+    let before = look(&lab, &key);
+    let mut fault = match rv {
+        Some(rv) => ukey_sim::Fault::fail(function, nth, rv),
+        None => ukey_sim::Fault::unplug(function, nth),
+    };
+    if after {
+        fault = fault.after_call();
+    }
+    lab.control().add_fault(&key.serial, fault).unwrap();
+    let out = lab.renew(&key, PIN, &[]);
+    let v: Value =
+        serde_json::from_slice(&out.stdout).unwrap_or_else(|e| panic!("{e}: {}", text(&out)));
+    assert_eq!(v["error"]["code"], expect, "{function}: {v}");
+    lab.control().plug(&key.serial).unwrap();
+    lab.control().clear_faults(&key.serial).unwrap();
+    let seen = look(&lab, &key);
+    assert!(
+        !seen.working.is_empty(),
+        "{function}: no certificate works: {seen:?}"
+    );
+    if rv.is_some() {
+        assert_eq!(
+            seen.containers, before.containers,
+            "{function}: not rolled back"
+        );
+    }
+    let out = lab.renew(&key, PIN, &[]);
+    assert_finished(&lab, &key, &out, function);
+}
+
+#[test]
+fn skf_key_full_while_writing_the_certificate_rolls_back_then_renews() {
+    with_fault(
+        "SKF_ImportCertificate",
+        1,
+        Some("SAR_NO_ROOM"),
+        false,
+        "device_memory",
+    );
+}
+
+#[test]
+fn skf_key_pulled_out_as_the_certificate_is_written_then_resumed() {
+    with_fault("SKF_ImportCertificate", 1, None, true, "token_removed");
+}
+
+#[test]
+fn skf_key_pulled_out_as_the_second_certificate_is_written_then_resumed() {
+    with_fault("SKF_ImportCertificate", 2, None, false, "token_removed");
+}
+
+#[test]
+fn skf_key_pulled_out_while_importing_the_escrowed_key_then_resumed() {
+    with_fault("SKF_ImportECCKeyPair", 1, None, true, "token_removed");
+}
+
+#[test]
+fn skf_key_pulled_out_while_generating_the_new_key_then_resumed() {
+    with_fault("SKF_GenECCKeyPair", 1, None, true, "token_removed");
+}
+
+#[test]
+fn skf_key_pulled_out_while_creating_the_new_container_then_resumed() {
+    with_fault("SKF_CreateContainer", 1, None, true, "token_removed");
+}
+
+#[test]
+fn skf_key_pulled_out_while_signing_the_request_then_resumed() {
+    with_fault("SKF_ECCSignData", 1, None, false, "token_removed");
+}
+
+#[test]
+fn skf_key_pulled_out_while_retiring_the_old_container_then_resumed() {
+    // A single-certificate key has no encryption pair to keep: its old container goes
+    // at activation, which is where it is pulled out (after the delete took effect).
+    let lab = lab();
+    let key = lab.key("SKFRETIRE1");
+    let (d, point) = lab.ssl.scalar_and_point("SKFRETIRE1-sig").unwrap();
+    provision(
+        &lab.store,
+        "SKFRETIRE1",
+        "ukey-sim",
+        "SM2_CONTAINER",
+        false,
+        ProvisionHalf {
+            scalar: Some(d),
+            public: Some(point),
+            cert: Some(lab.ssl.read("SKFRETIRE1-sig.der").unwrap()),
+        },
+        ProvisionHalf::default(),
+    )
+    .unwrap();
+    // (Its order still brings a new encryption certificate: the new container gets one.)
+    lab.control()
+        .add_fault(
+            &key.serial,
+            ukey_sim::Fault::unplug("SKF_DeleteContainer", 1).after_call(),
+        )
+        .unwrap();
+    let out = lab.renew(&key, PIN, &[]);
+    let v: Value =
+        serde_json::from_slice(&out.stdout).unwrap_or_else(|e| panic!("{e}: {}", text(&out)));
+    assert_eq!(v["error"]["code"], "token_removed", "{v}");
+    lab.control().plug(&key.serial).unwrap();
+    lab.control().clear_faults(&key.serial).unwrap();
+    let seen = look(&lab, &key);
+    assert!(!seen.working.is_empty(), "no certificate works: {seen:?}");
+    let out = lab.renew(&key, PIN, &[]);
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out));
+    let seen = look(&lab, &key);
+    assert_eq!(seen.containers.len(), 1, "the old container went: {seen:?}");
+    assert!(seen.containers[0].0.starts_with("ukey-renew-"), "{seen:?}");
+}
+
+/// `ukey diagnose` on an SKF key: the PIN's tries left, the interface and the library's
+/// functions, each certificate chained to the CA, and with the PIN each key proving
+/// itself (the signing key signs, the encryption key opens a session key); a wrong PIN
+/// says how many tries are left and is not retried.
+#[test]
+fn ukey_diagnose_on_an_skf_key_says_tries_left_and_self_tests_both_keys() {
+    let (lab, _key) = skf_key();
+    let trust = lab.path("sm2ca.pem");
+    let diagnose = |pin: &str| -> Value {
+        let out = lab.ukey(
+            &[
+                "diagnose",
+                "--json",
+                "--pin-stdin",
+                "--trust",
+                trust.to_str().unwrap(),
+            ],
+            &format!("{pin}\n"),
+        );
+        serde_json::from_slice(&out.stdout).unwrap_or_else(|e| panic!("{e}: {}", text(&out)))
+    };
+    let checks = |r: &Value, id: &str| -> Vec<Value> {
+        r["sections"]
+            .as_array()
             .unwrap()
-            .token(SERIAL)
+            .iter()
+            .flat_map(|s| s["checks"].as_array().unwrap().clone())
+            .filter(|c| c["id"] == id)
+            .collect()
+    };
+    let r = diagnose(PIN);
+    let pin = &checks(&r, "token.pin")[0];
+    assert_eq!(pin["status"], "pass", "{pin:#}");
+    assert_eq!(pin["facts"]["tries_remaining"], 6, "{pin:#}");
+    assert!(
+        pin["reason"]["en"]
+            .as_str()
             .unwrap()
-            .pin
-            .failures,
-        3
+            .contains("PIN: 6 tries left"),
+        "{pin:#}"
+    );
+    let mech = &checks(&r, "token.mechanisms")[0];
+    assert_eq!(mech["status"], "pass", "{mech:#}");
+    assert_eq!(mech["facts"]["interface"], "skf", "{mech:#}");
+    let tests = checks(&r, "certificate.self_test");
+    assert_eq!(tests.len(), 2, "{r:#}");
+    for t in &tests {
+        assert_eq!(t["status"], "pass", "{t:#}");
+    }
+    for c in checks(&r, "certificate.chain") {
+        assert_eq!(c["status"], "pass", "{c:#}");
+    }
+
+    let r = diagnose("000000");
+    let t = &checks(&r, "token.self_test")[0];
+    assert_eq!(t["status"], "fail", "{t:#}");
+    assert!(
+        t["reason"]["en"].as_str().unwrap().contains("5 tries left"),
+        "{t:#}"
+    );
+    assert_eq!(t["facts"]["pin_tries_left"], 5, "{t:#}");
+    assert_eq!(
+        lab.control().token(SERIAL).unwrap().pin.failures,
+        1,
+        "tried once"
     );
 }

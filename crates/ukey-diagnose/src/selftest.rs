@@ -95,6 +95,9 @@ pub(crate) fn run(
             None,
         );
     }
+    if let Some(skf) = module.skf() {
+        return run_skf(module, skf, &token, certs, pin);
+    }
     let session = match module.open_session(&token) {
         Ok(s) => s,
         Err(e) => return failed_on(e, "C_OpenSession"),
@@ -204,6 +207,146 @@ pub(crate) fn run(
     out
 }
 
+/// The self-test on an SKF key: the PIN verified once, then each certificate's key in
+/// its container proves itself: a signing key signs a challenge (e computed by the host,
+/// verified with the certificate's key and the GM ID), an encryption key imports a
+/// session key sealed to its certificate and decrypts with it.
+fn run_skf(
+    module: &Module,
+    skf: &ukey_token::skf::SkfBackend,
+    token: &TokenSummary,
+    certs: &[CertificateEntry],
+    pin: &SecretString,
+) -> TokenTest {
+    let session = match skf.open(token) {
+        Ok(s) => s,
+        Err(e) => return failed_on(e, "SKF_ConnectDev"),
+    };
+    if let Err(e) = session.login(pin) {
+        drop(session);
+        return login_failed(module, token, e);
+    }
+    let mut out = TokenTest {
+        check: Check::new(
+            "token.self_test",
+            Status::Pass,
+            Text::new("PIN 码正确，已登录。", "The PIN is right; logged in."),
+        ),
+        keys: Vec::with_capacity(certs.len()),
+        private_key_ids: vec![],
+        removed: false,
+    };
+    let (mut tested, mut failed) = (0, 0);
+    for cert in certs {
+        if cert.details.is_err() || crate::certificate::is_ca(&cert.der) {
+            out.keys.push(None);
+            continue;
+        }
+        let name = String::from_utf8_lossy(&cert.key_id).into_owned();
+        let Ok(ukey_token::PublicKey::Sm2 { point }) =
+            ukey_token::PublicKey::from_certificate(&cert.der)
+        else {
+            out.keys.push(Some(KeyTest {
+                key_present: true,
+                check: Check::new(
+                    "certificate.self_test",
+                    Status::Skip,
+                    Text::new(
+                        "SKF 接口只自检 SM2 密钥。",
+                        "Through SKF only SM2 keys are self-tested.",
+                    ),
+                ),
+            }));
+            continue;
+        };
+        let container = match session.container(&name) {
+            Ok(c) => c,
+            Err(e) => {
+                out.removed |= matches!(e, Error::TokenRemoved { .. });
+                out.keys.push(Some(KeyTest {
+                    key_present: false,
+                    check: error_check(&e),
+                }));
+                failed += 1;
+                continue;
+            }
+        };
+        let facts = Facts::new().with("container", name.clone());
+        let result = if container.sign_key.as_deref() == Some(point.as_slice()) {
+            let challenge = format!("ukey diagnose {}", hex::encode(rand16())).into_bytes();
+            session.sign_sm2(&name, &point, &challenge).map(|sig| {
+                ukey_trust::gm::verify(ukey_trust::gm::GM_DISTID, &point, &challenge, &sig)
+            })
+        } else if container.enc_key.as_deref() == Some(point.as_slice()) {
+            session.sm2_decrypts(&name, &point)
+        } else {
+            out.keys.push(Some(KeyTest {
+                key_present: false,
+                check: Check::new(
+                    "certificate.self_test",
+                    Status::Fail,
+                    Text::new(
+                        "证书所在容器中没有与它匹配的密钥，无法自检。",
+                        "The certificate's container holds no key matching it: nothing to test.",
+                    ),
+                )
+                .facts(facts),
+            }));
+            failed += 1;
+            continue;
+        };
+        tested += 1;
+        let check = match result {
+            Ok(ok) => verdict(
+                "certificate.self_test",
+                ok,
+                facts.with("mechanism", "SKF, SM2 (GM ID)"),
+            ),
+            Err(e) => {
+                out.removed |= matches!(e, Error::TokenRemoved { .. });
+                error_check(&e)
+            }
+        };
+        if check.status == Status::Fail {
+            failed += 1;
+        }
+        out.keys.push(Some(KeyTest {
+            key_present: true,
+            check,
+        }));
+    }
+    let _ = session.application().logout();
+    out.check = if failed > 0 {
+        Check::new(
+            "token.self_test",
+            Status::Fail,
+            text!(
+                "PIN 码正确；{failed} 个密钥自检失败（共 {tested} 个完成自检）。",
+                "The PIN is right; {failed} key(s) failed the self-test ({tested} tested)."
+            ),
+        )
+    } else {
+        Check::new(
+            "token.self_test",
+            Status::Pass,
+            text!(
+                "PIN 码正确；{tested} 个密钥自检成功。",
+                "The PIN is right; {tested} key(s) passed the self-test."
+            ),
+        )
+    };
+    out.check.facts = Facts::new()
+        .with("keys_tested", tested)
+        .with("keys_failed", failed);
+    out
+}
+
+fn rand16() -> [u8; 16] {
+    let mut b = [0u8; 16];
+    let _ = aws_lc_rs::rand::SecureRandom::fill(&aws_lc_rs::rand::SystemRandom::new(), &mut b);
+    b
+}
+
 fn error_check(e: &Error) -> Check {
     Check::new(
         "certificate.self_test",
@@ -238,7 +381,8 @@ fn login_failed(module: &Module, token: &TokenSummary, e: Error) -> TokenTest {
         .with("error_code", e.code())
         .with("pin_count_low", pin.count_low)
         .with("pin_final_try", pin.final_try)
-        .with("pin_locked", pin.locked);
+        .with("pin_locked", pin.locked)
+        .with("pin_tries_left", serde_json::json!(pin.tries_left));
     let (reason, action) = match &e {
         Error::PinIncorrect { .. } if pin.locked => (
             Text::new(
@@ -258,6 +402,19 @@ fn login_failed(module: &Module, token: &TokenSummary, e: Error) -> TokenTest {
             Text::new(
                 "不确定 PIN 码时不要再试，请联系发证机构（CA）。",
                 "Do not try again unless sure of the PIN; contact the CA.",
+            ),
+        ),
+        Error::PinIncorrect {
+            tries_left: Some(n),
+            ..
+        } => (
+            text!(
+                "PIN 码不正确，还可尝试 {n} 次。诊断没有重试。",
+                "Wrong PIN: {n} tries left. The diagnosis did not retry."
+            ),
+            Text::new(
+                "请确认 PIN 码后再试；次数用完 UKey 将被锁定。",
+                "Check the PIN before trying again; when no try is left the key locks.",
             ),
         ),
         Error::PinIncorrect { .. } => (

@@ -44,6 +44,7 @@ fn info_check(t: &TokenSummary) -> Check {
         .with("firmware_version", t.firmware_version.clone())
         .with("slot_id", t.slot_id)
         .with("slot_description", t.slot_description.clone())
+        .with("interface", json!(t.interface))
         .with("flags", json!(t.flags));
     let (maker, model, fw) = (&t.manufacturer, &t.model, &t.firmware_version);
     if t.flags.write_protected {
@@ -122,8 +123,11 @@ fn pin_check(t: &TokenSummary) -> (Check, Option<Verdict>) {
             "protected_authentication_path",
             p.protected_authentication_path,
         )
-        .with("tries_remaining", serde_json::Value::Null);
+        .with("tries_remaining", json!(p.tries_left))
+        .with("max_tries", json!(p.max_tries));
     let id = "token.pin";
+    // An SKF key says how many tries are left.
+    let left = p.tries_left.filter(|_| !p.locked);
     let (check, verdict) = if p.locked {
         (
             Check::new(
@@ -158,10 +162,16 @@ fn pin_check(t: &TokenSummary) -> (Check, Option<Verdict>) {
             Check::new(
                 id,
                 Status::Warn,
-                Text::new(
-                    "上次正确登录后输错过 PIN 码，剩余尝试次数已减少（UKey 未报告具体次数）。",
-                    "A wrong PIN was entered since the last correct one; fewer tries remain (the key does not say how many).",
-                ),
+                match left {
+                    Some(n) => text!(
+                        "上次正确登录后输错过 PIN 码：还剩 {n} 次尝试。",
+                        "A wrong PIN was entered since the last correct one: PIN: {n} tries left."
+                    ),
+                    None => Text::new(
+                        "上次正确登录后输错过 PIN 码，剩余尝试次数已减少（UKey 未报告具体次数）。",
+                        "A wrong PIN was entered since the last correct one; fewer tries remain (the key does not say how many).",
+                    ),
+                },
             )
             .action(Text::new(
                 "下次输入 PIN 码时请仔细核对；输对一次后计数会恢复。",
@@ -203,7 +213,13 @@ fn pin_check(t: &TokenSummary) -> (Check, Option<Verdict>) {
             Check::new(
                 id,
                 Status::Pass,
-                Text::new("PIN 码状态正常。", "The PIN is in good standing."),
+                match left {
+                    Some(n) => text!(
+                        "PIN 码状态正常：剩余 {n} 次尝试。",
+                        "The PIN is in good standing: PIN: {n} tries left."
+                    ),
+                    None => Text::new("PIN 码状态正常。", "The PIN is in good standing."),
+                },
             ),
             None,
         )
@@ -293,6 +309,84 @@ fn satisfied(have: &[MechanismType], need: MechanismType) -> bool {
     have.contains(&need)
         || (need == MechanismType::SHA256_RSA_PKCS && have.contains(&MechanismType::RSA_PKCS))
         || (need == MechanismType::ECDSA && have.contains(&MechanismType::ECDSA_SHA256))
+}
+
+/// An SKF key: the interface, and the library functions a renewal needs (SM2 only).
+fn skf_functions_check(skf: &ukey_token::skf::SkfBackend, certs: &[CertificateEntry]) -> Check {
+    let lib = skf.library();
+    let mut need = vec![
+        "SKF_CreateContainer",
+        "SKF_DeleteContainer",
+        "SKF_GenECCKeyPair",
+        "SKF_ECCSignData",
+        "SKF_ExportPublicKey",
+        "SKF_ImportCertificate",
+    ];
+    let has_encryption = certs.iter().any(|c| {
+        c.details
+            .as_ref()
+            .is_ok_and(|d| d.usage == ukey_token::Usage::Encryption)
+    });
+    if has_encryption {
+        need.extend([
+            "SKF_ImportECCKeyPair",
+            "SKF_ImportSessionKey",
+            "SKF_DecryptInit",
+            "SKF_Decrypt",
+        ]);
+    }
+    let missing: Vec<&str> = need.iter().copied().filter(|f| !lib.has(f)).collect();
+    let rsa = certs.iter().any(|c| {
+        c.details
+            .as_ref()
+            .is_ok_and(|d| d.key_algorithm.starts_with("RSA"))
+    });
+    let facts = Facts::new()
+        .with("interface", "skf")
+        .with("library", lib.path().display().to_string())
+        .with("missing_functions", json!(missing))
+        .with("device_events", lib.has_events());
+    let path = lib.path().display().to_string();
+    if !missing.is_empty() {
+        let list = missing.join(", ");
+        return Check::new(
+            "token.mechanisms",
+            Status::Fail,
+            text!(
+                "通过 SKF（GM/T 0016）接口使用（{path}）；驱动缺少续期所需的函数：{list}。",
+                "Used through SKF (GM/T 0016) ({path}); the library lacks what a renewal needs: {list}."
+            ),
+        )
+        .action(Text::new(
+            "请安装 UKey 厂商最新的 SKF 驱动，或联系发证机构（CA）。",
+            "Install the vendor's latest SKF library, or contact the CA.",
+        ))
+        .facts(facts);
+    }
+    if rsa {
+        return Check::new(
+            "token.mechanisms",
+            Status::Warn,
+            text!(
+                "通过 SKF（GM/T 0016）接口使用（{path}）；RSA 容器只能列出，续期只支持 SM2。",
+                "Used through SKF (GM/T 0016) ({path}); RSA containers are listed only: renewals are SM2."
+            ),
+        )
+        .action(Text::new(
+            "RSA 证书的续期请联系发证机构（CA），或使用 UKey 的 PKCS#11 驱动。",
+            "For an RSA certificate, contact the CA, or use the key's PKCS#11 module.",
+        ))
+        .facts(facts);
+    }
+    Check::new(
+        "token.mechanisms",
+        Status::Pass,
+        text!(
+            "通过 SKF（GM/T 0016）接口使用（{path}）；SM2 续期所需的函数齐全。",
+            "Used through SKF (GM/T 0016) ({path}); it has what an SM2 renewal needs."
+        ),
+    )
+    .facts(facts)
 }
 
 fn mechanism_check(have: &[MechanismType], certs: &[CertificateEntry]) -> Check {
@@ -491,7 +585,11 @@ pub(crate) fn diagnose(
     let mut extra_errors = Vec::new();
     let mut removed = listing.errors.iter().any(is_removal);
 
-    if !removed {
+    if let Some(skf) = module.skf() {
+        section
+            .checks
+            .push(skf_functions_check(skf, &listing.certificates));
+    } else if !removed {
         let mechs = module
             .open_session(&listing.token)
             .and_then(|s| s.mechanisms());

@@ -25,7 +25,7 @@
 //! The activation marker is a file in the application (`ukey-renew-act-<renewal id>`).
 
 use secrecy::SecretString;
-use ukey_skf::abi::{EccCipherBlob, EnvelopedKeyBlob, Sar};
+use ukey_skf::abi::{EnvelopedKeyBlob, Sar};
 use ukey_skf::{Half, SkfError};
 use ukey_token::skf::{ContainerInfo, SkfBackend, SkfSession};
 use ukey_token::{KeyAlg, KeyTransport, ObjectInfo, ObjectKind, PublicKey, TokenSummary};
@@ -292,42 +292,11 @@ impl TokenSide for SkfToken {
         c.import_enveloped_key(&blob).map_err(|e| self.s.err(e))
     }
 
-    /// SKF decrypts with an encryption key only by importing a session key: the host
-    /// SM2-encrypts a random SM4 key to the certificate's key, the key imports it
-    /// (`SKF_ImportSessionKey`) and decrypts a block the host encrypted under it.
+    /// SKF decrypts with an encryption key only by importing a session key (see
+    /// `SkfSession::sm2_decrypts`).
     fn sm2_decrypts(&self, key: &KeyRef) -> TokenResult<bool> {
         let point = sm2_point(key)?;
-        let random = |n: usize| -> TokenResult<Vec<u8>> {
-            let mut b = vec![0u8; n];
-            aws_lc_rs::rand::SecureRandom::fill(&aws_lc_rs::rand::SystemRandom::new(), &mut b)
-                .map_err(|_| ukey_token::Error::ObjectInvalid {
-                    what: "no random numbers for the self-test".into(),
-                })?;
-            Ok(b)
-        };
-        let (session_key, block) = (random(16)?, random(16)?);
-        let bad = |what: &str| ukey_token::Error::ObjectInvalid { what: what.into() };
-        let sealed = ukey_trust::gm::encrypt(point, &session_key)
-            .ok_or_else(|| bad("SM2 encryption to the certificate's key failed"))?;
-        let wrapped = EccCipherBlob::from_der(&sealed).map_err(|e| bad(&e.to_string()))?;
-        let expected = ukey_trust::gm::sm4_encrypt_block(&session_key, &block)
-            .ok_or_else(|| bad("SM4 encryption failed"))?;
-        let name = Self::container_of(&key.id);
-        let c = self
-            .s
-            .application()
-            .open_container(&name)
-            .map_err(|e| self.s.err(e))?;
-        let k = match c.import_session_key(&wrapped) {
-            Ok(k) => k,
-            Err(e @ SkfError::Call { .. }) if !e.is_removed() => {
-                tracing::warn!("the encryption key did not import a session key: {e}");
-                return Ok(false);
-            }
-            Err(e) => return Err(self.s.err(e)),
-        };
-        let got = k.decrypt_ecb(&expected).map_err(|e| self.s.err(e))?;
-        Ok(got == block)
+        self.s.sm2_decrypts(&Self::container_of(&key.id), point)
     }
 
     fn generate_transport_key(&self, _: KeyAlg) -> TokenResult<TransportKey> {

@@ -407,6 +407,42 @@ impl SkfSession {
         })
     }
 
+    /// Does the encryption key of container `name` (whose certificate's point is
+    /// `point`) decrypt what is encrypted to it? SKF decrypts with an encryption key only
+    /// by importing a session key: the host SM2-encrypts a random SM4 key to `point`, the
+    /// key imports it (`SKF_ImportSessionKey`) and decrypts a block the host encrypted
+    /// under it. `Ok(false)`: the key refused or decrypted wrongly.
+    pub fn sm2_decrypts(&self, name: &str, point: &[u8]) -> Result<bool> {
+        use ukey_skf::abi::EccCipherBlob;
+        let bad = |what: String| Error::ObjectInvalid { what };
+        let random = || -> Result<[u8; 16]> {
+            let mut b = [0u8; 16];
+            aws_lc_rs::rand::SecureRandom::fill(&aws_lc_rs::rand::SystemRandom::new(), &mut b)
+                .map_err(|_| bad("no random numbers for the self-test".into()))?;
+            Ok(b)
+        };
+        let (session_key, block) = (random()?, random()?);
+        let sealed = ukey_trust::gm::encrypt(point, &session_key)
+            .ok_or_else(|| bad("SM2 encryption to the certificate's key failed".into()))?;
+        let wrapped = EccCipherBlob::from_der(&sealed).map_err(|e| bad(e.to_string()))?;
+        let expected = ukey_trust::gm::sm4_encrypt_block(&session_key, &block)
+            .ok_or_else(|| bad("SM4 encryption failed".into()))?;
+        let c = self.app.open_container(name).map_err(|e| self.err(e))?;
+        let k = match c.import_session_key(&wrapped) {
+            Ok(k) => k,
+            Err(e @ SkfError::Call { .. }) if !e.is_removed() => {
+                tracing::warn!(
+                    container = name,
+                    "the encryption key did not import a session key: {e}"
+                );
+                return Ok(false);
+            }
+            Err(e) => return Err(self.err(e)),
+        };
+        let got = k.decrypt_ecb(&expected).map_err(|e| self.err(e))?;
+        Ok(got == block)
+    }
+
     /// Signs `message` with the SM2 signing key of container `name`: the host computes
     /// e = SM3(Z ‖ M) with the GM ID and the key's point, the device signs e. Returns a
     /// DER signature.

@@ -183,6 +183,28 @@ enum SkfCommand {
     },
     /// 删除 SKF 设备 / Delete an SKF device
     Delete { serial: String },
+    /// 写入容器（如 CA 发卡）/ Write a container as a CA's personalisation does
+    Provision {
+        serial: String,
+        /// Container name
+        #[arg(long, default_value = "SM2_CONTAINER")]
+        container: String,
+        /// Application name
+        #[arg(long, default_value = ukey_sim::skf::DEFAULT_APP)]
+        app: String,
+        /// Signing key: SM2 PKCS#8 PEM (`openssl genpkey -algorithm SM2`)
+        #[arg(long, value_name = "FILE")]
+        sign_key: PathBuf,
+        /// Signing certificate (PEM or DER)
+        #[arg(long, value_name = "FILE")]
+        sign_cert: PathBuf,
+        /// Encryption key (SM2 PKCS#8 PEM)
+        #[arg(long, value_name = "FILE", requires = "enc_cert")]
+        enc_key: Option<PathBuf>,
+        /// Encryption certificate (PEM or DER)
+        #[arg(long, value_name = "FILE", requires = "enc_key")]
+        enc_cert: Option<PathBuf>,
+    },
     /// 打印 SKF 库路径 / Print the path of the SKF library (the same file as the PKCS#11 module)
     LibraryPath,
 }
@@ -315,6 +337,42 @@ fn run_skf(dir: &std::path::Path, cmd: SkfCommand) -> Result<()> {
             }
         }
         SkfCommand::LibraryPath => println!("{}", ukey_sim::module_path()?.display()),
+        SkfCommand::Provision {
+            serial,
+            container,
+            app,
+            sign_key,
+            sign_cert,
+            enc_key,
+            enc_cert,
+        } => {
+            let half = |key: &std::path::Path,
+                        cert: &std::path::Path|
+             -> Result<ukey_sim::skf::ProvisionHalf> {
+                let (scalar, point) = ukey_sim::skf::read_sm2_key(
+                    &std::fs::read_to_string(key)
+                        .with_context(|| format!("reading {}", key.display()))?,
+                )?;
+                let cert =
+                    std::fs::read(cert).with_context(|| format!("reading {}", cert.display()))?;
+                let cert = match pem::parse(&cert) {
+                    Ok(p) => p.into_contents(),
+                    Err(_) => cert,
+                };
+                Ok(ukey_sim::skf::ProvisionHalf {
+                    scalar: Some(scalar),
+                    public: Some(point),
+                    cert: Some(cert),
+                })
+            };
+            let sign = half(&sign_key, &sign_cert)?;
+            let enc = match (enc_key, enc_cert) {
+                (Some(k), Some(c)) => half(&k, &c)?,
+                _ => ukey_sim::skf::ProvisionHalf::default(),
+            };
+            ukey_sim::skf::provision(&store, &serial, &app, &container, false, sign, enc)?;
+            println!("SKF 设备 {serial}: 容器 {container} 已写入 / container {container} written");
+        }
     }
     Ok(())
 }

@@ -46,6 +46,8 @@ export interface PinView {
   locked: boolean;
   pinPad: boolean;
   wrongEntries: number;
+  /** Tries left before the PIN locks, when the key says (SKF keys); else null. */
+  triesLeft: number | null;
 }
 
 export interface Key {
@@ -55,6 +57,8 @@ export interface Key {
   label: string;
   manufacturer: string;
   model: string;
+  /** How the key is used: PKCS#11 or SKF (GM/T 0016). */
+  interface: 'pkcs11' | 'skf';
   pin: PinView;
   certificates: Cert[];
   errors: IpcError[];

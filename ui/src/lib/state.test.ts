@@ -36,7 +36,7 @@ describe('certificate states', () => {
 
   it('a locked PIN blocks renewing', () => {
     const k = key('S1', [cert('0A', READY)], {
-      pin: { countLow: true, finalTry: false, locked: true, pinPad: false, wrongEntries: 3 },
+      pin: { countLow: true, finalTry: false, locked: true, pinPad: false, wrongEntries: 3, triesLeft: null },
     });
     const s = snapshot([k]);
     expect(certState(s, k, k.certificates[0])).toBe('pin_locked');

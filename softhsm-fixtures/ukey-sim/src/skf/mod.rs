@@ -96,6 +96,18 @@ impl From<ProvisionHalf> for KeyHalf {
     }
 }
 
+/// The scalar (32 bytes) and uncompressed point of an SM2 private key in PKCS#8 PEM, as
+/// `openssl genpkey -algorithm SM2` writes it.
+pub fn read_sm2_key(pem_text: &str) -> Result<(Vec<u8>, Vec<u8>), SimError> {
+    use sm2::pkcs8::DecodePrivateKey;
+    let bad = |what: String| SimError::InvalidArgument(format!("not an SM2 private key: {what}"));
+    let p = pem::parse(pem_text).map_err(|e| bad(e.to_string()))?;
+    let key = sm2::SecretKey::from_pkcs8_der(p.contents()).map_err(|e| bad(e.to_string()))?;
+    let scalar = key.to_bytes().to_vec();
+    let point = crate::gm::public_point(&scalar).map_err(|_| bad("its scalar".into()))?;
+    Ok((scalar, point))
+}
+
 /// Writes a container directly into a device's file (the CA's personalisation, for
 /// tests and the demo; an application uses the C ABI). An SM2 scalar must match its
 /// point. Replaces a container of the same name.
