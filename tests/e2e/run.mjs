@@ -103,6 +103,12 @@ async function restartApp(env) {
   await browser?.deleteSession().catch(() => {});
   driver?.kill('SIGTERM');
   await new Promise((r) => (driver ? driver.once('exit', r) : r()));
+  // An app whose page crashed outlives its session; being single-instance, it would
+  // take the next start's place. None of ours may be left.
+  try {
+    execFileSync('pkill', ['-TERM', '-f', `^${BIN}( |$)`]);
+    await sleep(500);
+  } catch {}
   await startDriver(env);
   browser = await remote({
     hostname: '127.0.0.1',

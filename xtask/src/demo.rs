@@ -59,12 +59,13 @@ impl World {
 }
 
 pub fn demo(args: &[String]) -> Result<()> {
-    let (mut cli, mut sm2) = (false, false);
+    let (mut cli, mut sm2, mut skf) = (false, false, false);
     for a in args {
         match a.as_str() {
             "--cli" => cli = true,
             "--sm2" => sm2 = true,
-            other => bail!("unknown demo option `{other}` (--cli, --sm2)"),
+            "--skf" => skf = true,
+            other => bail!("unknown demo option `{other}` (--cli, --sm2, --skf)"),
         }
     }
     let gui = !cli && util::have_display();
@@ -75,14 +76,26 @@ pub fn demo(args: &[String]) -> Result<()> {
     }
     build_binaries(false)?;
 
-    let world = make_world_with("debug", "Demo UKey", "张三", 10, sm2)?;
+    let mut world = make_world_with("debug", "Demo UKey", "张三", 10, sm2 || skf)?;
+    if skf {
+        skf_key(&mut world)?;
+        println!(
+            "demo: SKF key {} (\"张三的 UKey\", the software SKF key), SM2 signing and encryption certificates; {} expires in 10 days; PIN {DEMO_PIN}",
+            world.token_serial, world.cert_serial
+        );
+    } else {
+        println!(
+            "demo: key {} (\"Demo UKey\"), RSA-2048 certificate {} expires in 10 days; PIN {DEMO_PIN}",
+            world.token_serial, world.cert_serial
+        );
+    }
     let key = &world.token_serial;
-    println!(
-        "demo: key {key} (\"Demo UKey\"), RSA-2048 certificate {} expires in 10 days; PIN {DEMO_PIN}",
-        world.cert_serial
-    );
     run(world.cmd("ukey-sim").args(["unplug", key]))?;
-    if sm2 {
+    if skf {
+        println!(
+            "demo: the ukey-sim library is used through SKF (GM/T 0016): [[modules]] kind = \"skf\"; the portal runs an SM2 CA; the order renews both certificates with the escrowed encryption key"
+        );
+    } else if sm2 {
         run(world.cmd("ukey-sim").args(["gm", key, "tass"]))?;
         order(&world, &world.cert_serial, &["--algorithm", "SM2"])?;
         println!(
@@ -197,6 +210,133 @@ pub fn make_world_with(
             .arg(&world.fixtures_ca),
     )?;
     Ok(world)
+}
+
+/// Replaces the world's key with a software SKF key (ukey-sim's SKF face) holding an SM2
+/// signing and encryption pair whose certificates the portal's SM2 CA issued (OpenSSL,
+/// with the GM ID), the library configured as SKF, and a paid dual-certificate order.
+fn skf_key(world: &mut World) -> Result<()> {
+    let dir = world.dir.path().join("skf");
+    std::fs::create_dir_all(&dir)?;
+    let portal = world.dir.path().join("portal");
+    let (ca_cert, ca_key) = (portal.join("ca-cert.pem"), portal.join("ca-key.pem"));
+    std::fs::write(
+        dir.join("sig.ext"),
+        "basicConstraints=CA:FALSE\nkeyUsage=critical,digitalSignature,nonRepudiation\n",
+    )?;
+    std::fs::write(
+        dir.join("enc.ext"),
+        "basicConstraints=CA:FALSE\nkeyUsage=critical,keyEncipherment,dataEncipherment\n",
+    )?;
+    let openssl = |args: &[&str]| -> Result<String> {
+        output(Command::new("openssl").args(args).current_dir(&dir))
+    };
+    for half in ["sig", "enc"] {
+        openssl(&[
+            "genpkey",
+            "-algorithm",
+            "SM2",
+            "-out",
+            &format!("{half}.key"),
+        ])?;
+        openssl(&[
+            "req",
+            "-new",
+            "-key",
+            &format!("{half}.key"),
+            "-sm3",
+            "-sigopt",
+            "distid:1234567812345678",
+            "-utf8",
+            "-subj",
+            "/C=CN/O=某某建设工程有限公司/CN=张三",
+            "-out",
+            &format!("{half}.csr"),
+        ])?;
+        openssl(&[
+            "x509",
+            "-req",
+            "-in",
+            &format!("{half}.csr"),
+            "-CA",
+            &ca_cert.display().to_string(),
+            "-CAkey",
+            &ca_key.display().to_string(),
+            "-sm3",
+            "-sigopt",
+            "distid:1234567812345678",
+            "-vfyopt",
+            "distid:1234567812345678",
+            "-days",
+            "10",
+            "-extfile",
+            &format!("{half}.ext"),
+            "-out",
+            &format!("{half}.pem"),
+        ])?;
+    }
+    let serial = |half: &str| -> Result<String> {
+        Ok(
+            openssl(&["x509", "-in", &format!("{half}.pem"), "-noout", "-serial"])?
+                .trim()
+                .trim_start_matches("serial=")
+                .to_owned(),
+        )
+    };
+    let key = "SKFDEMO01";
+    output(world.cmd("ukey-sim").args([
+        "skf",
+        "create",
+        key,
+        "--label",
+        "张三的 UKey",
+        "--pin",
+        DEMO_PIN,
+    ]))?;
+    output(
+        world
+            .cmd("ukey-sim")
+            .args(["skf", "provision", key, "--sign-key"])
+            .arg(dir.join("sig.key"))
+            .arg("--sign-cert")
+            .arg(dir.join("sig.pem"))
+            .arg("--enc-key")
+            .arg(dir.join("enc.key"))
+            .arg("--enc-cert")
+            .arg(dir.join("enc.pem")),
+    )?;
+    let module = world
+        .env
+        .get("UKEY_PKCS11_MODULE")
+        .context("the demo world names no module")?;
+    let config = world
+        .env
+        .get("UKEY_CONFIG")
+        .context("the demo world has no config file")?;
+    std::fs::write(
+        config,
+        format!(
+            "[[modules]]\nname = \"ukey-sim SKF (demo)\"\npath = \"{}\"\nkind = \"skf\"\n",
+            Path::new(module).display()
+        ),
+    )?;
+    let (sig, enc) = (serial("sig")?, serial("enc")?);
+    output(world.cmd("ukey-portal").args([
+        "order",
+        "create",
+        "--serial",
+        &sig,
+        "--state",
+        "ready",
+        "--algorithm",
+        "SM2",
+        "--encryption-cert",
+        "--old-encryption-serial",
+        &enc,
+    ]))?;
+    world.token_serial = key.to_owned();
+    world.cert_serial = sig;
+    Ok(())
 }
 
 /// Creates one more key in the world; returns (token serial, certificate serial).

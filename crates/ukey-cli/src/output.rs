@@ -387,6 +387,7 @@ pub fn event_json(ev: &TokenEvent, now: OffsetDateTime) -> serde_json::Value {
             "time": event_time(now),
             "id": token.id,
             "slot_id": token.slot_id,
+            "interface": token.interface,
             "label": token.label,
             "serial": token.serial,
             "manufacturer": token.manufacturer,
@@ -412,10 +413,13 @@ pub fn event_text(ev: &TokenEvent, lang: Lang, now: OffsetDateTime) -> String {
     let when = event_time(now);
     match ev {
         TokenEvent::Inserted { token } => format!(
-            "{when}  {}  {} {}  \"{}\"  {} {}",
+            "{when}  {}  {}  \"{}\"  {} {}",
             lang.pick("插入", "inserted"),
-            lang.pick("槽位", "slot"),
-            token.slot_id,
+            match token.interface {
+                ukey_token::Interface::Pkcs11 =>
+                    format!("{} {}", lang.pick("槽位", "slot"), token.slot_id),
+                ukey_token::Interface::Skf => format!("SKF {}", token.slot_description),
+            },
             token.label,
             lang.pick("序列号", "serial"),
             token.id

@@ -959,3 +959,161 @@ fn ukey_diagnose_on_an_skf_key_says_tries_left_and_self_tests_both_keys() {
         "tried once"
     );
 }
+
+/// What an SKF key cannot do is refused before the PIN, the key untouched: an order that
+/// keeps the key pair (SKF cannot replace a container's certificate with a tested one in
+/// one step).
+#[test]
+fn a_same_key_order_on_an_skf_key_is_refused_before_the_pin() {
+    let lab = lab();
+    let key = lab.key("SKFSAME01");
+    // A second key, whose order keeps the key pair.
+    let other = "SKFSAME02";
+    let (sig, enc) = (format!("{other}-sig"), format!("{other}-enc"));
+    lab.ssl
+        .leaf(
+            "sm2ca",
+            &sig,
+            SUBJECT,
+            softhsm_fixtures::openssl_sm2::SignedId::Gm,
+        )
+        .unwrap();
+    lab.ssl.encryption_leaf("sm2ca", &enc, SUBJECT).unwrap();
+    lab.store
+        .create(&SkfDevice::new(other, "张三的UKey", "ukey-sim", PIN, "admin123").unwrap())
+        .unwrap();
+    let (d, point) = lab.ssl.scalar_and_point(&sig).unwrap();
+    provision(
+        &lab.store,
+        other,
+        "ukey-sim",
+        "SM2_CONTAINER",
+        false,
+        ProvisionHalf {
+            scalar: Some(d),
+            public: Some(point),
+            cert: Some(lab.ssl.read(&format!("{sig}.der")).unwrap()),
+        },
+        ProvisionHalf::default(),
+    )
+    .unwrap();
+    let der = lab.ssl.read(&format!("{sig}.der")).unwrap();
+    let req = ukey_renewal::status_request(&der).unwrap();
+    lab.portal
+        .server
+        .portal
+        .create_order(&CreateOrderRequest {
+            serial_hex: req.serial_hex.clone(),
+            issuer_der: req.issuer_der,
+            issuer_dn: None,
+            years: 2,
+            state: InitialState::Ready,
+            key_policy: KeyPolicy::Same,
+            with_encryption_cert: false,
+            target_algorithm: KeyAlgorithm::Sm2,
+            old_encryption_serial_hex: None,
+        })
+        .unwrap();
+    let same = SkfKey {
+        serial: other.to_owned(),
+        device: format!("ukey-sim SKF {other}"),
+        old_sign_serial: req.serial_hex,
+        old_enc_serial: String::new(),
+    };
+    let before = look(&lab, &same);
+    let out = lab.renew(&same, "000000", &[]);
+    let v: Value =
+        serde_json::from_slice(&out.stdout).unwrap_or_else(|e| panic!("{e}: {}", text(&out)));
+    assert_eq!(v["error"]["code"], "interface_unsupported", "{v:#}");
+    assert!(
+        v["error"]["message"].as_str().unwrap().contains("SKF"),
+        "{v:#}"
+    );
+    // Refused before the PIN: the wrong PIN given was never tried.
+    assert_eq!(lab.control().token(other).unwrap().pin.failures, 0);
+    assert_eq!(look(&lab, &same).containers, before.containers);
+    // The other key, with a new-key order, is unaffected.
+    let out = lab.renew(&key, PIN, &[]);
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out));
+}
+
+/// An RSA container (an old CA's RSA certificate on a GM key) is listed with its
+/// certificate and diagnosed: the backend uses SM2 only, and says so.
+#[test]
+fn an_rsa_container_is_listed_and_diagnosed() {
+    let lab = lab();
+    let _key = lab.key("SKFRSA01");
+    lab.ssl
+        .run(&[
+            "req",
+            "-x509",
+            "-newkey",
+            "rsa:2048",
+            "-nodes",
+            "-keyout",
+            "rsa.key",
+            "-subj",
+            "/C=CN/O=某某建设工程有限公司/CN=张三",
+            "-utf8",
+            "-days",
+            "30",
+            "-outform",
+            "DER",
+            "-out",
+            "rsa.der",
+        ])
+        .unwrap();
+    lab.ssl
+        .run(&[
+            "pkey", "-in", "rsa.key", "-pubout", "-outform", "DER", "-out", "rsa.spki",
+        ])
+        .unwrap();
+    provision(
+        &lab.store,
+        "SKFRSA01",
+        "ukey-sim",
+        "RSA_CONTAINER",
+        true,
+        ProvisionHalf {
+            scalar: None,
+            public: Some(lab.ssl.read("rsa.spki").unwrap()),
+            cert: Some(lab.ssl.read("rsa.der").unwrap()),
+        },
+        ProvisionHalf::default(),
+    )
+    .unwrap();
+    let v = lab.list();
+    let certs = v["tokens"][0]["certificates"].as_array().unwrap();
+    let rsa = certs
+        .iter()
+        .find(|c| c["key_id"] == hex::encode("RSA_CONTAINER"))
+        .unwrap_or_else(|| panic!("{v:#}"));
+    assert!(
+        rsa["key_algorithm"].as_str().unwrap().starts_with("RSA"),
+        "{rsa:#}"
+    );
+    assert_eq!(rsa["key_evidence"], "unknown", "{rsa:#}");
+    assert_eq!(certs.len(), 3, "{v:#}");
+    let trust = lab.path("sm2ca.pem");
+    let out = lab.ukey(
+        &["diagnose", "--json", "--trust", trust.to_str().unwrap()],
+        "",
+    );
+    let r: Value =
+        serde_json::from_slice(&out.stdout).unwrap_or_else(|e| panic!("{e}: {}", text(&out)));
+    let mech = r["sections"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .flat_map(|s| s["checks"].as_array().unwrap().clone())
+        .find(|c| c["id"] == "token.mechanisms")
+        .unwrap();
+    assert_eq!(mech["status"], "warn", "{mech:#}");
+    assert!(
+        mech["reason"]["en"]
+            .as_str()
+            .unwrap()
+            .contains("RSA containers are listed only"),
+        "{mech:#}"
+    );
+}
