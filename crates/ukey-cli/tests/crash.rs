@@ -392,32 +392,6 @@ fn assert_finished(lab: &Lab, fx: &TokenFixture, out: &Output, point: &str) -> V
     v
 }
 
-fn crash_points() -> Vec<String> {
-    let mut points = Vec::new();
-    for step in [
-        "login",
-        "key",
-        "request",
-        "verify",
-        "write",
-        "self_test",
-        "activate",
-        "installed",
-    ] {
-        for when in ["before", "after"] {
-            points.push(format!("{step}:{when}"));
-        }
-    }
-    for n in 1..=4 {
-        for when in ["before", "after"] {
-            points.push(format!("activate.{n}:{when}"));
-        }
-    }
-    points.push("write.cert:after".to_owned());
-    points.push("write.unwrap:after".to_owned());
-    points
-}
-
 #[test]
 fn killed_at_every_step_boundary_then_resumed() {
     killed_at_every_step_boundary_in(Lab::new());
@@ -431,7 +405,7 @@ fn sm2_upgrade_killed_at_every_step_boundary_then_resumed() {
 }
 
 fn killed_at_every_step_boundary_in(lab: Lab) {
-    let points = crash_points();
+    let points = common::crash_points();
     let mut covered = 0;
     for (i, point) in points.iter().enumerate() {
         let fx = lab.token(&format!("Crash {i}"));

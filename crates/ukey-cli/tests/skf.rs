@@ -719,38 +719,12 @@ fn assert_finished(lab: &SkfLab, key: &SkfKey, out: &Output, point: &str) -> Val
     v
 }
 
-fn crash_points() -> Vec<String> {
-    let mut points = Vec::new();
-    for step in [
-        "login",
-        "key",
-        "request",
-        "verify",
-        "write",
-        "self_test",
-        "activate",
-        "installed",
-    ] {
-        for when in ["before", "after"] {
-            points.push(format!("{step}:{when}"));
-        }
-    }
-    for n in 1..=4 {
-        for when in ["before", "after"] {
-            points.push(format!("activate.{n}:{when}"));
-        }
-    }
-    points.push("write.cert:after".to_owned());
-    points.push("write.unwrap:after".to_owned());
-    points
-}
-
 /// An SKF renewal killed at every step boundary, then resumed: at every moment a
 /// certificate works, and the resumed run finishes.
 #[test]
 fn skf_renewal_killed_at_every_step_boundary_then_resumed() {
     let lab = lab();
-    let points = crash_points();
+    let points = common::crash_points();
     for (i, point) in points.iter().enumerate() {
         let key = lab.key(&format!("SKFCRASH{i:02}"));
         let out = lab.renew_at(&key, PIN, &[], Some(point));

@@ -182,29 +182,36 @@ pub(crate) fn run(
         }
     }
     let _ = session.logout();
-    if failed > 0 {
-        out.check = Check::new(
+    out.check = summary(tested, failed);
+    out
+}
+
+/// `token.self_test` after the keys: how many were tested, how many failed.
+fn summary(tested: usize, failed: usize) -> Check {
+    let check = if failed > 0 {
+        Check::new(
             "token.self_test",
             Status::Fail,
             text!(
-                "PIN 码正确；{failed} 个密钥自检失败（共 {tested} 个完成签名）。",
-                "The PIN is right; {failed} key(s) failed the self-test ({tested} signed)."
+                "PIN 码正确；{failed} 个密钥自检失败（共 {tested} 个完成自检）。",
+                "The PIN is right; {failed} key(s) failed the self-test ({tested} tested)."
             ),
-        );
+        )
     } else {
-        out.check = Check::new(
+        Check::new(
             "token.self_test",
             Status::Pass,
             text!(
-                "PIN 码正确；{tested} 个密钥签名并验证成功。",
-                "The PIN is right; {tested} key(s) signed and verified."
+                "PIN 码正确；{tested} 个密钥自检成功。",
+                "The PIN is right; {tested} key(s) passed the self-test."
             ),
-        );
-    }
-    out.check.facts = Facts::new()
-        .with("keys_tested", tested)
-        .with("keys_failed", failed);
-    out
+        )
+    };
+    check.facts(
+        Facts::new()
+            .with("keys_tested", tested)
+            .with("keys_failed", failed),
+    )
 }
 
 /// The self-test on an SKF key: the PIN verified once, then each certificate's key in
@@ -316,28 +323,7 @@ fn run_skf(
         }));
     }
     let _ = session.application().logout();
-    out.check = if failed > 0 {
-        Check::new(
-            "token.self_test",
-            Status::Fail,
-            text!(
-                "PIN 码正确；{failed} 个密钥自检失败（共 {tested} 个完成自检）。",
-                "The PIN is right; {failed} key(s) failed the self-test ({tested} tested)."
-            ),
-        )
-    } else {
-        Check::new(
-            "token.self_test",
-            Status::Pass,
-            text!(
-                "PIN 码正确；{tested} 个密钥自检成功。",
-                "The PIN is right; {tested} key(s) passed the self-test."
-            ),
-        )
-    };
-    out.check.facts = Facts::new()
-        .with("keys_tested", tested)
-        .with("keys_failed", failed);
+    out.check = summary(tested, failed);
     out
 }
 

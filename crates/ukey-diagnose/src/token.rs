@@ -314,28 +314,12 @@ fn satisfied(have: &[MechanismType], need: MechanismType) -> bool {
 /// An SKF key: the interface, and the library functions a renewal needs (SM2 only).
 fn skf_functions_check(skf: &ukey_token::skf::SkfBackend, certs: &[CertificateEntry]) -> Check {
     let lib = skf.library();
-    let mut need = vec![
-        "SKF_CreateContainer",
-        "SKF_DeleteContainer",
-        "SKF_GenECCKeyPair",
-        "SKF_ECCSignData",
-        "SKF_ExportPublicKey",
-        "SKF_ImportCertificate",
-    ];
     let has_encryption = certs.iter().any(|c| {
         c.details
             .as_ref()
             .is_ok_and(|d| d.usage == ukey_token::Usage::Encryption)
     });
-    if has_encryption {
-        need.extend([
-            "SKF_ImportECCKeyPair",
-            "SKF_ImportSessionKey",
-            "SKF_DecryptInit",
-            "SKF_Decrypt",
-        ]);
-    }
-    let missing: Vec<&str> = need.iter().copied().filter(|f| !lib.has(f)).collect();
+    let missing = skf.missing_for_renewal(has_encryption);
     let rsa = certs.iter().any(|c| {
         c.details
             .as_ref()

@@ -650,24 +650,11 @@ fn check_skf(
             "订单要求保留原密钥对，SKF 接口的续期须在新容器中生成新密钥对",
         ));
     }
-    let lib = module.skf().map(|b| b.library());
-    let mut need = vec![
-        "SKF_CreateContainer",
-        "SKF_DeleteContainer",
-        "SKF_GenECCKeyPair",
-        "SKF_ECCSignData",
-        "SKF_ExportPublicKey",
-        "SKF_ImportCertificate",
-    ];
-    if terms.with_encryption_cert {
-        need.extend([
-            "SKF_ImportECCKeyPair",
-            "SKF_ImportSessionKey",
-            "SKF_DecryptInit",
-            "SKF_Decrypt",
-        ]);
-    }
-    if let Some(missing) = need.iter().find(|f| !lib.is_some_and(|l| l.has(f))) {
+    let missing = module
+        .skf()
+        .map(|b| b.missing_for_renewal(terms.with_encryption_cert))
+        .unwrap_or_default();
+    if let Some(missing) = missing.first() {
         return Err(RenewalError::MechanismMissing {
             token: token.serial.clone(),
             mechanism: (*missing).to_owned(),

@@ -111,6 +111,32 @@ impl SkfBackend {
         &self.lib
     }
 
+    /// The functions an SM2 renewal needs that the library lacks (with an escrowed
+    /// encryption key: its import and the session-key self-test too).
+    pub fn missing_for_renewal(&self, with_encryption: bool) -> Vec<&'static str> {
+        const SIGNING: &[&str] = &[
+            "SKF_CreateContainer",
+            "SKF_DeleteContainer",
+            "SKF_GenECCKeyPair",
+            "SKF_ECCSignData",
+            "SKF_ExportPublicKey",
+            "SKF_ImportCertificate",
+        ];
+        const ENCRYPTION: &[&str] = &[
+            "SKF_ImportECCKeyPair",
+            "SKF_ImportSessionKey",
+            "SKF_DecryptInit",
+            "SKF_Decrypt",
+        ];
+        let extra: &[&str] = if with_encryption { ENCRYPTION } else { &[] };
+        SIGNING
+            .iter()
+            .chain(extra)
+            .copied()
+            .filter(|f| !self.lib.has(f))
+            .collect()
+    }
+
     /// Every application of every present device. A device that cannot be read is
     /// skipped with a warning (it is usually being pulled out).
     pub(crate) fn tokens(&self) -> Result<Vec<TokenSummary>> {

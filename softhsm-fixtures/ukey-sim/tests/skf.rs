@@ -374,3 +374,35 @@ fn insertions_and_removals_are_reported() {
     lab.lib.cancel_wait().expect("cancel");
     assert_eq!(waiter.join().expect("waiter"), None);
 }
+
+#[test]
+fn latency_delays_a_call_and_a_pull_during_it_does_nothing() {
+    let lab = lab(&["SKFLAT1"]);
+    let dev = lab.lib.connect("ukey-sim SKF SKFLAT1").expect("connect");
+    let app = dev.open_application("ukey-sim").expect("app");
+    app.verify_user_pin(&pin(PIN)).expect("PIN");
+    lab.control
+        .set_latency("SKFLAT1", "SKF_CreateContainer", Duration::from_millis(300))
+        .expect("latency");
+    let t0 = Instant::now();
+    app.create_container("slow").expect("create");
+    assert!(
+        t0.elapsed() >= Duration::from_millis(300),
+        "{:?}",
+        t0.elapsed()
+    );
+    // Pulled while the call waits: it fails and nothing is created.
+    let control = lab.control.clone();
+    let puller = std::thread::spawn(move || {
+        std::thread::sleep(Duration::from_millis(100));
+        control.unplug("SKFLAT1").expect("unplug");
+    });
+    let err = app.create_container("never").expect_err("pulled");
+    puller.join().expect("puller");
+    assert!(err.is_removed(), "{err:?}");
+    lab.control.plug("SKFLAT1").expect("plug");
+    lab.control.clear_latency("SKFLAT1").expect("no latency");
+    let dev = lab.lib.connect("ukey-sim SKF SKFLAT1").expect("reconnect");
+    let app = dev.open_application("ukey-sim").expect("app");
+    assert_eq!(app.containers().expect("list"), ["slow"]);
+}

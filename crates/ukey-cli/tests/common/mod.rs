@@ -80,3 +80,31 @@ pub fn shim_module() -> std::path::PathBuf {
     assert!(p.is_file(), "{}", p.display());
     p
 }
+
+/// Every engine fail point (`UKEY_FAILPOINT`): each step's boundaries, each activation
+/// sub-step's, and inside `write`.
+pub fn crash_points() -> Vec<String> {
+    let mut points = Vec::new();
+    for step in [
+        "login",
+        "key",
+        "request",
+        "verify",
+        "write",
+        "self_test",
+        "activate",
+        "installed",
+    ] {
+        for when in ["before", "after"] {
+            points.push(format!("{step}:{when}"));
+        }
+    }
+    for n in 1..=4 {
+        for when in ["before", "after"] {
+            points.push(format!("activate.{n}:{when}"));
+        }
+    }
+    points.push("write.cert:after".to_owned());
+    points.push("write.unwrap:after".to_owned());
+    points
+}
