@@ -392,6 +392,32 @@ impl PortalClient {
         })
     }
 
+    /// One CMP exchange over HTTP (RFC 6712): POSTs a DER `PKIMessage` to `path` as
+    /// `application/pkixcmp` and returns the answer's DER (any HTTP status: a CMP
+    /// server answers errors with an error message). The body is capped as any
+    /// answer is; `ukey-cmp` checks what it holds.
+    pub fn cmp(&self, path: &str, message: &[u8]) -> Result<Answer<Vec<u8>>, ClientError> {
+        let url = self.url(path);
+        let request = self
+            .http
+            .post(&url)
+            .header(reqwest::header::CONTENT_TYPE, "application/pkixcmp")
+            .body(message.to_vec());
+        let (status, server_date, bytes) = self.send(request, &url)?;
+        if bytes.is_empty() {
+            check_status(status, &bytes)?;
+            return Err(ClientError::Garbage {
+                url,
+                status,
+                reason: "an empty CMP answer".into(),
+            });
+        }
+        Ok(Answer {
+            value: bytes,
+            server_date,
+        })
+    }
+
     fn post<B: Serialize, T: DeserializeOwned>(
         &self,
         path: &str,

@@ -1,0 +1,466 @@
+//! CMP (RFC 4210, as profiled by RFC 9483 "lightweight CMP") for renewing a certificate
+//! (issue 15), first part: the client's messages. A key update request (`kur`, or a
+//! `cr` for CAs without KUR) protected by the old key, with the new key's proof of
+//! possession; the checks of every answer (transactionID, recipNonce, the signature
+//! protection by a certificate the caller trusts, the PKIStatus); and the `certConf`
+//! that follows a written and tested certificate, with the `pkiConf` that ends it.
+//!
+//! The ASN.1 types are RustCrypto's `cmpv2` and `crmf`; protection, the checks and the
+//! state are ours. Keys sign through [`CmpSigner`], so a token's key (PKCS#11, SKF) can
+//! protect a message without leaving the token.
+
+use std::time::SystemTime;
+
+use cmpv2::body::PkiBody;
+use cmpv2::header::{PkiHeader, Pvno};
+use cmpv2::message::{PkiMessage, ProtectedPart};
+use cmpv2::status::{CertStatus, PkiStatus};
+use crmf::controls::CertId;
+use crmf::pop::{PopoSigningKey, ProofOfPossession};
+use crmf::request::{CertReqMsg, CertRequest, CertTemplate};
+use der::asn1::{Any, BitString, GeneralizedTime, Int, OctetString};
+use der::{Decode, Encode, Sequence};
+use spki::{AlgorithmIdentifierOwned, ObjectIdentifier, SubjectPublicKeyInfoOwned};
+use x509_cert_02::Certificate;
+use x509_cert_02::attr::AttributeTypeAndValue;
+use x509_cert_02::ext::pkix::name::GeneralName;
+
+/// `ecdsa-with-SHA256`.
+pub const ECDSA_WITH_SHA256: ObjectIdentifier = ObjectIdentifier::new_unwrap("1.2.840.10045.4.3.2");
+/// `sha256WithRSAEncryption`.
+pub const SHA256_WITH_RSA: ObjectIdentifier = ObjectIdentifier::new_unwrap("1.2.840.113549.1.1.11");
+/// `id-ecPublicKey`.
+const EC_PUBLIC_KEY: ObjectIdentifier = ObjectIdentifier::new_unwrap("1.2.840.10045.2.1");
+/// `rsaEncryption`.
+const RSA_ENCRYPTION: ObjectIdentifier = ObjectIdentifier::new_unwrap("1.2.840.113549.1.1.1");
+/// `id-regCtrl-oldCertID` (RFC 4211 §6.5): the certificate a KUR updates.
+pub const OLD_CERT_ID: ObjectIdentifier = ObjectIdentifier::new_unwrap("1.3.6.1.5.5.7.5.1.5");
+
+/// What goes wrong with a CMP exchange.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum CmpError {
+    /// A message or certificate is not the DER it must be.
+    #[error("malformed CMP data: {0}")]
+    Malformed(String),
+    /// The answer belongs to another transaction.
+    #[error("the answer's transactionID is not this transaction's")]
+    WrongTransaction,
+    /// The answer does not answer our message.
+    #[error("the answer's recipNonce is not the nonce we sent")]
+    WrongNonce,
+    /// The answer is unprotected, or its protection does not verify.
+    #[error("the answer's protection is missing or does not verify: {0}")]
+    Protection(String),
+    /// The protecting certificate is not trusted.
+    #[error("the answer is protected by a certificate we do not trust: {0}")]
+    Untrusted(String),
+    /// A key could not sign.
+    #[error("signing failed: {0}")]
+    Signing(String),
+    /// The answer is of a kind not expected here.
+    #[error("unexpected CMP answer: {0}")]
+    Unexpected(String),
+}
+
+/// Result of this crate.
+pub type Result<T, E = CmpError> = std::result::Result<T, E>;
+
+fn malformed(e: impl std::fmt::Display) -> CmpError {
+    CmpError::Malformed(e.to_string())
+}
+
+/// A key that signs CMP data (message protection, proof of possession): on a token or
+/// in software.
+pub trait CmpSigner {
+    /// The signature algorithm (with its parameters) the key signs with.
+    fn algorithm(&self) -> AlgorithmIdentifierOwned;
+    /// Signs `data`; returns the signature as X.509 carries it (DER for ECDSA).
+    fn sign(&self, data: &[u8]) -> Result<Vec<u8>>;
+}
+
+/// The signature algorithm for a key, from its SubjectPublicKeyInfo: ECDSA with SHA-256
+/// for an EC key, RSA PKCS#1 v1.5 with SHA-256 for an RSA key.
+pub fn signature_algorithm(spki_der: &[u8]) -> Result<AlgorithmIdentifierOwned> {
+    let spki = SubjectPublicKeyInfoOwned::from_der(spki_der).map_err(malformed)?;
+    match spki.algorithm.oid {
+        EC_PUBLIC_KEY => Ok(AlgorithmIdentifierOwned {
+            oid: ECDSA_WITH_SHA256,
+            parameters: None,
+        }),
+        RSA_ENCRYPTION => Ok(AlgorithmIdentifierOwned {
+            oid: SHA256_WITH_RSA,
+            parameters: Some(Any::from(der::asn1::Null)),
+        }),
+        other => Err(CmpError::Unexpected(format!("key algorithm {other}"))),
+    }
+}
+
+/// Verifies `signature` over `data` with the key `spki_der` and the algorithm `alg`.
+pub fn verify(
+    spki_der: &[u8],
+    alg: &AlgorithmIdentifierOwned,
+    data: &[u8],
+    signature: &[u8],
+) -> bool {
+    use aws_lc_rs::signature::{
+        ECDSA_P256_SHA256_ASN1, RSA_PKCS1_2048_8192_SHA256, UnparsedPublicKey,
+    };
+    let Ok(spki) = SubjectPublicKeyInfoOwned::from_der(spki_der) else {
+        return false;
+    };
+    let key = spki.subject_public_key.raw_bytes();
+    match alg.oid {
+        ECDSA_WITH_SHA256 => UnparsedPublicKey::new(&ECDSA_P256_SHA256_ASN1, key)
+            .verify(data, signature)
+            .is_ok(),
+        SHA256_WITH_RSA => UnparsedPublicKey::new(&RSA_PKCS1_2048_8192_SHA256, key)
+            .verify(data, signature)
+            .is_ok(),
+        _ => false,
+    }
+}
+
+/// The identifiers that tie a CMP transaction together: ours, checked on every answer.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Transaction {
+    /// `transactionID`, fresh per transaction (16 random bytes).
+    pub id: Vec<u8>,
+    /// Our `senderNonce` in the last message we sent.
+    pub sender_nonce: Vec<u8>,
+    /// The server's `senderNonce` in its last answer: our next `recipNonce`.
+    pub recip_nonce: Option<Vec<u8>>,
+}
+
+fn random16() -> Result<Vec<u8>> {
+    let mut b = vec![0u8; 16];
+    aws_lc_rs::rand::SecureRandom::fill(&aws_lc_rs::rand::SystemRandom::new(), &mut b)
+        .map_err(|_| CmpError::Signing("no random numbers".into()))?;
+    Ok(b)
+}
+
+impl Transaction {
+    /// A new transaction: a fresh transactionID and nonce.
+    pub fn new() -> Result<Transaction> {
+        Ok(Transaction {
+            id: random16()?,
+            sender_nonce: random16()?,
+            recip_nonce: None,
+        })
+    }
+}
+
+/// Which request.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RequestKind {
+    /// `kur`: key update, naming the old certificate (RFC 9483 §4.1.3).
+    KeyUpdate,
+    /// `cr`: a certificate request protected by the old certificate (RFC 9483 §4.1.2),
+    /// for CAs without KUR.
+    Certification,
+}
+
+fn header(
+    old: &Certificate,
+    protect: &dyn CmpSigner,
+    tx: &Transaction,
+) -> Result<PkiHeader<'static>> {
+    let since = SystemTime::now()
+        .duration_since(SystemTime::UNIX_EPOCH)
+        .map_err(malformed)?;
+    // Whole seconds: DER GeneralizedTime here carries no fraction.
+    let now = GeneralizedTime::from_unix_duration(std::time::Duration::from_secs(since.as_secs()))
+        .map_err(malformed)?;
+    Ok(PkiHeader {
+        pvno: Pvno::Cmp2000,
+        sender: GeneralName::DirectoryName(old.tbs_certificate.subject.clone()),
+        recipient: GeneralName::DirectoryName(old.tbs_certificate.issuer.clone()),
+        message_time: Some(now),
+        protection_alg: Some(protect.algorithm()),
+        sender_kid: None,
+        recip_kid: None,
+        trans_id: Some(OctetString::new(tx.id.clone()).map_err(malformed)?),
+        sender_nonce: Some(OctetString::new(tx.sender_nonce.clone()).map_err(malformed)?),
+        recip_nonce: tx
+            .recip_nonce
+            .clone()
+            .map(OctetString::new)
+            .transpose()
+            .map_err(malformed)?,
+        free_text: None,
+        general_info: None,
+    })
+}
+
+/// Signs header + body and assembles the message with the old certificate in
+/// `extraCerts` (the server checks the protection with it).
+fn protected(
+    header: PkiHeader<'_>,
+    body: PkiBody<'_>,
+    protect: &dyn CmpSigner,
+    old: &Certificate,
+) -> Result<Vec<u8>> {
+    let part = ProtectedPart { header, body };
+    let signature = protect.sign(&part.to_der().map_err(malformed)?)?;
+    PkiMessage {
+        header: part.header,
+        body: part.body,
+        protection: Some(BitString::from_bytes(&signature).map_err(malformed)?),
+        extra_certs: Some(vec![old.clone()]),
+    }
+    .to_der()
+    .map_err(malformed)
+}
+
+/// A key update (or certification) request for the key `new_spki_der`, renewing the
+/// certificate `old_cert_der`: protected by `protect` (the old key), with the proof of
+/// possession signed by `pop` (the new key; the old one for a same-key renewal).
+pub fn request(
+    kind: RequestKind,
+    old_cert_der: &[u8],
+    new_spki_der: &[u8],
+    protect: &dyn CmpSigner,
+    pop: &dyn CmpSigner,
+    tx: &Transaction,
+) -> Result<Vec<u8>> {
+    let old = Certificate::from_der(old_cert_der).map_err(malformed)?;
+    let controls = match kind {
+        RequestKind::KeyUpdate => {
+            let id = CertId {
+                issuer: GeneralName::DirectoryName(old.tbs_certificate.issuer.clone()),
+                serial_number: old.tbs_certificate.serial_number.clone(),
+            };
+            Some(vec![AttributeTypeAndValue {
+                oid: OLD_CERT_ID,
+                value: Any::encode_from(&id).map_err(malformed)?,
+            }])
+        }
+        RequestKind::Certification => None,
+    };
+    let cert_req = CertRequest {
+        cert_req_id: Int::new(&[0]).map_err(malformed)?,
+        cert_template: CertTemplate {
+            version: None,
+            serial_number: None,
+            signature: None,
+            issuer: None,
+            validity: None,
+            subject: Some(old.tbs_certificate.subject.clone()),
+            subject_public_key_info: Some(
+                SubjectPublicKeyInfoOwned::from_der(new_spki_der).map_err(malformed)?,
+            ),
+            issuer_unique_id: None,
+            subject_unique_id: None,
+            extensions: None,
+        },
+        controls,
+    };
+    let pop_signature = pop.sign(&cert_req.to_der().map_err(malformed)?)?;
+    let msg = CertReqMsg {
+        cert_req,
+        popo: Some(ProofOfPossession::Signature(Box::new(PopoSigningKey {
+            poposk_input: None,
+            alg_id: pop.algorithm(),
+            signature: BitString::from_bytes(&pop_signature).map_err(malformed)?,
+        }))),
+        reg_info: None,
+    };
+    let body = match kind {
+        RequestKind::KeyUpdate => PkiBody::KUr(vec![msg]),
+        RequestKind::Certification => PkiBody::Cr(vec![msg]),
+    };
+    protected(header(&old, protect, tx)?, body, protect, &old)
+}
+
+/// What a CA answered a request with.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Answer {
+    /// A certificate (accepted or granted with modifications).
+    Issued {
+        /// The certificate, DER.
+        cert_der: Vec<u8>,
+        /// Its request id, for `certConf`.
+        cert_req_id: Vec<u8>,
+        /// CA certificates the answer carried (`caPubs`), DER.
+        ca_certs: Vec<Vec<u8>>,
+    },
+    /// Not decided yet (a review): poll later.
+    Waiting {
+        /// The CA's text.
+        text: String,
+    },
+    /// Refused, with the CA's reason.
+    Rejected {
+        /// The CA's text (`statusString`).
+        text: String,
+    },
+}
+
+/// `ErrorMsgContent`, read here because `cmpv2` 0.2 keeps its fields private.
+#[derive(Sequence)]
+struct ErrorMsg<'a> {
+    status: cmpv2::status::PkiStatusInfo<'a>,
+    error_code: Option<u64>,
+    error_details: Option<cmpv2::header::PkiFreeText<'a>>,
+}
+
+fn free_text(t: &Option<cmpv2::header::PkiFreeText<'_>>) -> String {
+    t.as_ref()
+        .map(|v| v.iter().map(|s| s.as_str()).collect::<Vec<_>>().join("; "))
+        .unwrap_or_default()
+}
+
+/// Decides whether a protecting certificate is trusted: given it and the answer's other
+/// extra certificates (DER), `Ok` when it chains to the caller's trust anchors.
+pub type TrustCheck<'a> = &'a dyn Fn(&[u8], &[Vec<u8>]) -> Result<()>;
+
+/// Checks an answer to `tx` and reads it: the transactionID and recipNonce are ours,
+/// the protection is a signature by `extraCerts[0]`, which `trust` accepts (given the
+/// certificate and the other extra certificates, DER). Records the server's nonce in
+/// `tx` for the next message.
+pub fn check_answer<'a>(
+    der: &'a [u8],
+    tx: &mut Transaction,
+    trust: TrustCheck<'_>,
+) -> Result<PkiMessage<'a>> {
+    let msg = PkiMessage::from_der(der).map_err(malformed)?;
+    let h = &msg.header;
+    if h.trans_id.as_ref().map(|o| o.as_bytes()) != Some(tx.id.as_slice()) {
+        return Err(CmpError::WrongTransaction);
+    }
+    if h.recip_nonce.as_ref().map(|o| o.as_bytes()) != Some(tx.sender_nonce.as_slice()) {
+        return Err(CmpError::WrongNonce);
+    }
+    let (Some(protection), Some(alg)) = (&msg.protection, &h.protection_alg) else {
+        return Err(CmpError::Protection("the answer is not protected".into()));
+    };
+    let extra: Vec<Vec<u8>> = msg
+        .extra_certs
+        .iter()
+        .flatten()
+        .map(|c| c.to_der().map_err(malformed))
+        .collect::<Result<_>>()?;
+    let Some(signer) = extra.first() else {
+        return Err(CmpError::Protection(
+            "no certificate in extraCerts to check the protection with".into(),
+        ));
+    };
+    let signer_cert = Certificate::from_der(signer).map_err(malformed)?;
+    let spki = signer_cert
+        .tbs_certificate
+        .subject_public_key_info
+        .to_der()
+        .map_err(malformed)?;
+    let part = ProtectedPart {
+        header: msg.header.clone(),
+        body: msg.body.clone(),
+    }
+    .to_der()
+    .map_err(malformed)?;
+    if !verify(&spki, alg, &part, protection.raw_bytes()) {
+        return Err(CmpError::Protection("the signature does not verify".into()));
+    }
+    trust(signer, &extra[1..]).map_err(|e| CmpError::Untrusted(e.to_string()))?;
+    tx.recip_nonce = h.sender_nonce.as_ref().map(|o| o.as_bytes().to_vec());
+    Ok(msg)
+}
+
+/// Reads the answer to a request (after [`check_answer`]).
+pub fn answer(msg: &PkiMessage<'_>) -> Result<Answer> {
+    let rep = match &msg.body {
+        PkiBody::Kup(r) | PkiBody::Cp(r) | PkiBody::Ip(r) => r,
+        PkiBody::Error(e) => {
+            let bytes = e.to_der().map_err(malformed)?;
+            let e = ErrorMsg::from_der(&bytes).map_err(malformed)?;
+            let mut text = free_text(&e.status.status_string);
+            let details = free_text(&e.error_details);
+            if !details.is_empty() {
+                text = format!("{text} ({details})");
+            }
+            if let Some(code) = e.error_code {
+                text = format!("{text} [error code {code}]");
+            }
+            return Ok(Answer::Rejected { text });
+        }
+        other => {
+            return Err(CmpError::Unexpected(format!(
+                "a {} body where a certificate response was expected",
+                body_name(other)
+            )));
+        }
+    };
+    let Some(r) = rep.response.first() else {
+        return Err(CmpError::Unexpected(
+            "a response with no certificate response".into(),
+        ));
+    };
+    let text = free_text(&r.status.status_string);
+    match r.status.status {
+        PkiStatus::Accepted | PkiStatus::GrantedWithMods => {
+            let Some(pair) = &r.certified_key_pair else {
+                return Err(CmpError::Unexpected(
+                    "accepted without a certificate".into(),
+                ));
+            };
+            let cmpv2::certified_key_pair::CertOrEncCert::Certificate(cert) =
+                &pair.cert_or_enc_cert
+            else {
+                return Err(CmpError::Unexpected("an encrypted certificate".into()));
+            };
+            Ok(Answer::Issued {
+                cert_der: cert.to_der().map_err(malformed)?,
+                cert_req_id: r.cert_req_id.as_bytes().to_vec(),
+                ca_certs: rep
+                    .ca_pubs
+                    .iter()
+                    .flatten()
+                    .map(|c| c.to_der().map_err(malformed))
+                    .collect::<Result<_>>()?,
+            })
+        }
+        PkiStatus::Waiting => Ok(Answer::Waiting { text }),
+        PkiStatus::Rejection => Ok(Answer::Rejected { text }),
+        other => Err(CmpError::Unexpected(format!("PKIStatus {other:?}"))),
+    }
+}
+
+fn body_name(b: &PkiBody<'_>) -> &'static str {
+    match b {
+        PkiBody::PkiConf(_) => "pkiConf",
+        PkiBody::PollRep(_) => "pollRep",
+        PkiBody::CertConf(_) => "certConf",
+        PkiBody::Error(_) => "error",
+        _ => "other",
+    }
+}
+
+/// The `certConf` for a certificate written and self-tested: its SHA-256 hash (the
+/// hash of the signature algorithms this crate uses), protected by `protect`, with a
+/// fresh nonce and the server's as recipNonce.
+pub fn cert_conf(
+    old_cert_der: &[u8],
+    cert_der: &[u8],
+    cert_req_id: &[u8],
+    protect: &dyn CmpSigner,
+    tx: &mut Transaction,
+) -> Result<Vec<u8>> {
+    let old = Certificate::from_der(old_cert_der).map_err(malformed)?;
+    tx.sender_nonce = random16()?;
+    let hash = aws_lc_rs::digest::digest(&aws_lc_rs::digest::SHA256, cert_der);
+    let status = CertStatus {
+        cert_hash: OctetString::new(hash.as_ref()).map_err(malformed)?,
+        cert_req_id: Int::new(cert_req_id).map_err(malformed)?,
+        status_info: None,
+    };
+    protected(
+        header(&old, protect, tx)?,
+        PkiBody::CertConf(vec![status]),
+        protect,
+        &old,
+    )
+}
+
+/// Checks the `pkiConf` that ends a transaction (after [`check_answer`]).
+pub fn is_pki_conf(msg: &PkiMessage<'_>) -> bool {
+    matches!(msg.body, PkiBody::PkiConf(_))
+}
