@@ -450,6 +450,20 @@ fn ukey_lists_an_skf_key_with_its_interface_and_tries_left() {
         s.contains("PIN: 6 tries left") && s.contains(&key.device),
         "{s}"
     );
+    // `ukey status` asks the portal about the SKF key's signing certificate.
+    let out = lab.ukey(
+        &["status", "--portal", &lab.portal.server.url, "--json"],
+        "",
+    );
+    let v: Value =
+        serde_json::from_slice(&out.stdout).unwrap_or_else(|e| panic!("{e}: {}", text(&out)));
+    let rows = v["certificates"].as_array().unwrap();
+    let signing = rows
+        .iter()
+        .find(|r| r["serial"] == key.old_sign_serial.as_str())
+        .unwrap_or_else(|| panic!("{v:#}"));
+    assert_eq!(signing["state"], "ready", "{v:#}");
+    assert_eq!(signing["token_serial"], SERIAL);
 }
 
 #[test]
