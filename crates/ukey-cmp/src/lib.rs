@@ -13,13 +13,13 @@ use std::time::SystemTime;
 
 use cmpv2::body::PkiBody;
 use cmpv2::header::{PkiHeader, Pvno};
-use cmpv2::message::{PkiMessage, ProtectedPart};
+use cmpv2::response::CertRepMessage;
 use cmpv2::status::{CertStatus, PkiStatus};
 use crmf::controls::CertId;
 use crmf::pop::{PopoSigningKey, ProofOfPossession};
 use crmf::request::{CertReqMsg, CertRequest, CertTemplate};
-use der::asn1::{Any, BitString, GeneralizedTime, Int, OctetString};
-use der::{Decode, Encode, Sequence};
+use der::asn1::{Any, AnyRef, BitString, GeneralizedTime, Int, OctetString};
+use der::{Decode, Encode, Sequence, Tag, TagNumber, Tagged};
 use spki::{AlgorithmIdentifierOwned, ObjectIdentifier, SubjectPublicKeyInfoOwned};
 use x509_cert_02::Certificate;
 use x509_cert_02::attr::AttributeTypeAndValue;
@@ -192,24 +192,103 @@ fn header(
     })
 }
 
-/// Signs header + body and assembles the message with the old certificate in
-/// `extraCerts` (the server checks the protection with it).
+/// `PKIMessage` with its body kept as the CHOICE's bytes: `cmpv2` 0.2 types `pollReq`
+/// and `pollRep` as one structure where RFC 4210 has a SEQUENCE OF, so bodies are
+/// encoded and read here by their tag.
+#[derive(Sequence)]
+struct RawMessage<'a> {
+    header: PkiHeader<'a>,
+    body: AnyRef<'a>,
+    #[asn1(context_specific = "0", tag_mode = "EXPLICIT", optional = "true")]
+    protection: Option<BitString>,
+    #[asn1(context_specific = "1", tag_mode = "EXPLICIT", optional = "true")]
+    extra_certs: Option<Vec<Certificate>>,
+}
+
+/// `ProtectedPart`: what the protection signs.
+#[derive(Sequence)]
+struct RawProtectedPart<'a> {
+    header: PkiHeader<'a>,
+    body: AnyRef<'a>,
+}
+
+/// Body tags (RFC 4210 §5.1.2).
+mod body_tag {
+    pub const IP: u8 = 1;
+    pub const CP: u8 = 3;
+    pub const KUP: u8 = 8;
+    pub const PKI_CONF: u8 = 19;
+    pub const ERROR: u8 = 23;
+    pub const POLL_REQ: u8 = 25;
+    pub const POLL_REP: u8 = 26;
+}
+
+fn body_tag_number(body: &AnyRef<'_>) -> Option<u8> {
+    match body.tag() {
+        Tag::ContextSpecific { number, .. } => Some(number.value()),
+        _ => None,
+    }
+}
+
+/// `pollReq` / `pollRep` items as RFC 4210 §5.3.22 has them.
+#[derive(Sequence)]
+struct PollReqItem {
+    cert_req_id: Int,
+}
+
+#[derive(Sequence)]
+struct PollRepItem<'a> {
+    cert_req_id: Int,
+    check_after: u64,
+    reason: Option<cmpv2::header::PkiFreeText<'a>>,
+}
+
+/// Signs header + body (the body's DER, a tagged CHOICE) and assembles the message with
+/// the old certificate in `extraCerts` (the server checks the protection with it).
 fn protected(
     header: PkiHeader<'_>,
-    body: PkiBody<'_>,
+    body_der: &[u8],
     protect: &dyn CmpSigner,
     old: &Certificate,
 ) -> Result<Vec<u8>> {
-    let part = ProtectedPart { header, body };
+    let body = AnyRef::from_der(body_der).map_err(malformed)?;
+    let part = RawProtectedPart {
+        header: header.clone(),
+        body,
+    };
     let signature = protect.sign(&part.to_der().map_err(malformed)?)?;
-    PkiMessage {
-        header: part.header,
-        body: part.body,
+    RawMessage {
+        header,
+        body,
         protection: Some(BitString::from_bytes(&signature).map_err(malformed)?),
         extra_certs: Some(vec![old.clone()]),
     }
     .to_der()
     .map_err(malformed)
+}
+
+/// A `pollReq` for the request `cert_req_id`, while the CA says "waiting".
+pub fn poll_req(
+    old_cert_der: &[u8],
+    cert_req_id: &[u8],
+    protect: &dyn CmpSigner,
+    tx: &mut Transaction,
+) -> Result<Vec<u8>> {
+    let old = Certificate::from_der(old_cert_der).map_err(malformed)?;
+    tx.sender_nonce = random16()?;
+    let items = vec![PollReqItem {
+        cert_req_id: Int::new(cert_req_id).map_err(malformed)?,
+    }];
+    let inner = items.to_der().map_err(malformed)?;
+    let tag = Tag::ContextSpecific {
+        constructed: true,
+        number: TagNumber::new(body_tag::POLL_REQ),
+    };
+    let body = Any::new(tag, inner)
+        .map_err(malformed)?
+        .to_der()
+        .map_err(malformed)?;
+    protected(header(&old, protect, tx)?, &body, protect, &old)
 }
 
 /// A key update (or certification) request for the key `new_spki_der`, renewing the
@@ -269,7 +348,12 @@ pub fn request(
         RequestKind::KeyUpdate => PkiBody::KUr(vec![msg]),
         RequestKind::Certification => PkiBody::Cr(vec![msg]),
     };
-    protected(header(&old, protect, tx)?, body, protect, &old)
+    protected(
+        header(&old, protect, tx)?,
+        &body.to_der().map_err(malformed)?,
+        protect,
+        &old,
+    )
 }
 
 /// What a CA answered a request with.
@@ -284,8 +368,11 @@ pub enum Answer {
         /// CA certificates the answer carried (`caPubs`), DER.
         ca_certs: Vec<Vec<u8>>,
     },
-    /// Not decided yet (a review): poll later.
+    /// Not decided yet (a review): poll again after `check_after` seconds (when the CA
+    /// says) with [`poll_req`].
     Waiting {
+        /// Seconds to wait, from a `pollRep`.
+        check_after: Option<u64>,
         /// The CA's text.
         text: String,
     },
@@ -314,6 +401,12 @@ fn free_text(t: &Option<cmpv2::header::PkiFreeText<'_>>) -> String {
 /// extra certificates (DER), `Ok` when it chains to the caller's trust anchors.
 pub type TrustCheck<'a> = &'a dyn Fn(&[u8], &[Vec<u8>]) -> Result<()>;
 
+/// An answer whose transaction, nonce and protection [`check_answer`] checked.
+#[derive(Debug)]
+pub struct Checked<'a> {
+    body: AnyRef<'a>,
+}
+
 /// Checks an answer to `tx` and reads it: the transactionID and recipNonce are ours,
 /// the protection is a signature by `extraCerts[0]`, which `trust` accepts (given the
 /// certificate and the other extra certificates, DER). Records the server's nonce in
@@ -322,8 +415,8 @@ pub fn check_answer<'a>(
     der: &'a [u8],
     tx: &mut Transaction,
     trust: TrustCheck<'_>,
-) -> Result<PkiMessage<'a>> {
-    let msg = PkiMessage::from_der(der).map_err(malformed)?;
+) -> Result<Checked<'a>> {
+    let msg = RawMessage::from_der(der).map_err(malformed)?;
     let h = &msg.header;
     if h.trans_id.as_ref().map(|o| o.as_bytes()) != Some(tx.id.as_slice()) {
         return Err(CmpError::WrongTransaction);
@@ -351,9 +444,9 @@ pub fn check_answer<'a>(
         .subject_public_key_info
         .to_der()
         .map_err(malformed)?;
-    let part = ProtectedPart {
+    let part = RawProtectedPart {
         header: msg.header.clone(),
-        body: msg.body.clone(),
+        body: msg.body,
     }
     .to_der()
     .map_err(malformed)?;
@@ -362,16 +455,18 @@ pub fn check_answer<'a>(
     }
     trust(signer, &extra[1..]).map_err(|e| CmpError::Untrusted(e.to_string()))?;
     tx.recip_nonce = h.sender_nonce.as_ref().map(|o| o.as_bytes().to_vec());
-    Ok(msg)
+    Ok(Checked { body: msg.body })
 }
 
-/// Reads the answer to a request (after [`check_answer`]).
-pub fn answer(msg: &PkiMessage<'_>) -> Result<Answer> {
-    let rep = match &msg.body {
-        PkiBody::Kup(r) | PkiBody::Cp(r) | PkiBody::Ip(r) => r,
-        PkiBody::Error(e) => {
-            let bytes = e.to_der().map_err(malformed)?;
-            let e = ErrorMsg::from_der(&bytes).map_err(malformed)?;
+/// Reads the answer to a request or a `pollReq` (after [`check_answer`]).
+pub fn answer(msg: &Checked<'_>) -> Result<Answer> {
+    let inner = msg.body.value();
+    let rep = match body_tag_number(&msg.body) {
+        Some(body_tag::IP | body_tag::CP | body_tag::KUP) => {
+            CertRepMessage::from_der(inner).map_err(malformed)?
+        }
+        Some(body_tag::ERROR) => {
+            let e = ErrorMsg::from_der(inner).map_err(malformed)?;
             let mut text = free_text(&e.status.status_string);
             let details = free_text(&e.error_details);
             if !details.is_empty() {
@@ -382,10 +477,20 @@ pub fn answer(msg: &PkiMessage<'_>) -> Result<Answer> {
             }
             return Ok(Answer::Rejected { text });
         }
+        Some(body_tag::POLL_REP) => {
+            let items = Vec::<PollRepItem<'_>>::from_der(inner).map_err(malformed)?;
+            let first = items
+                .first()
+                .ok_or_else(|| CmpError::Unexpected("an empty pollRep".into()))?;
+            return Ok(Answer::Waiting {
+                check_after: Some(first.check_after),
+                text: free_text(&first.reason),
+            });
+        }
         other => {
             return Err(CmpError::Unexpected(format!(
-                "a {} body where a certificate response was expected",
-                body_name(other)
+                "a body [{}] where a certificate response was expected",
+                other.map_or("?".to_owned(), |n| n.to_string())
             )));
         }
     };
@@ -418,19 +523,12 @@ pub fn answer(msg: &PkiMessage<'_>) -> Result<Answer> {
                     .collect::<Result<_>>()?,
             })
         }
-        PkiStatus::Waiting => Ok(Answer::Waiting { text }),
+        PkiStatus::Waiting => Ok(Answer::Waiting {
+            check_after: None,
+            text,
+        }),
         PkiStatus::Rejection => Ok(Answer::Rejected { text }),
         other => Err(CmpError::Unexpected(format!("PKIStatus {other:?}"))),
-    }
-}
-
-fn body_name(b: &PkiBody<'_>) -> &'static str {
-    match b {
-        PkiBody::PkiConf(_) => "pkiConf",
-        PkiBody::PollRep(_) => "pollRep",
-        PkiBody::CertConf(_) => "certConf",
-        PkiBody::Error(_) => "error",
-        _ => "other",
     }
 }
 
@@ -454,13 +552,15 @@ pub fn cert_conf(
     };
     protected(
         header(&old, protect, tx)?,
-        PkiBody::CertConf(vec![status]),
+        &PkiBody::CertConf(vec![status])
+            .to_der()
+            .map_err(malformed)?,
         protect,
         &old,
     )
 }
 
-/// Checks the `pkiConf` that ends a transaction (after [`check_answer`]).
-pub fn is_pki_conf(msg: &PkiMessage<'_>) -> bool {
-    matches!(msg.body, PkiBody::PkiConf(_))
+/// Is the answer the `pkiConf` that ends a transaction (after [`check_answer`])?
+pub fn is_pki_conf(msg: &Checked<'_>) -> bool {
+    body_tag_number(&msg.body) == Some(body_tag::PKI_CONF)
 }

@@ -420,3 +420,59 @@ fn answers_that_are_not_ours_or_not_trusted_are_refused() {
         ukey_cmp::answer(&msg)
     );
 }
+
+/// A CA that answers "waiting" (a review): the client polls (`pollReq`), told how long
+/// to wait (`pollRep` checkAfter), until the certificate comes; then confirms it.
+#[test]
+fn a_waiting_answer_is_polled_until_the_certificate_comes() {
+    let d = pki();
+    let m = mock(
+        &d,
+        "reissue.pem",
+        &["-poll_count", "2", "-check_after", "1"],
+    );
+    let key = SoftKey::load(&d.read("old.p8"));
+    let old = d.read("old.der");
+    let trust = trust_in(&d, "ca.der");
+    let mut tx = Transaction::new().expect("tx");
+    let req = ukey_cmp::request(
+        RequestKind::KeyUpdate,
+        &old,
+        &d.read("old.spki"),
+        &key,
+        &key,
+        &tx,
+    )
+    .expect("kur");
+    let rsp = exchange(&m, &req);
+    let first = ukey_cmp::answer(&ukey_cmp::check_answer(&rsp, &mut tx, &trust).expect("checked"))
+        .expect("answer");
+    assert!(matches!(first, Answer::Waiting { .. }), "{first:?}");
+    let mut polls = 0;
+    let (cert_der, cert_req_id) = loop {
+        polls += 1;
+        assert!(polls <= 5, "still waiting after {polls} polls");
+        let poll = ukey_cmp::poll_req(&old, &[0], &key, &mut tx).expect("pollReq");
+        let rsp = exchange(&m, &poll);
+        match ukey_cmp::answer(&ukey_cmp::check_answer(&rsp, &mut tx, &trust).expect("checked"))
+            .expect("answer")
+        {
+            Answer::Waiting { check_after, .. } => {
+                assert_eq!(check_after, Some(1), "the CA's checkAfter");
+            }
+            Answer::Issued {
+                cert_der,
+                cert_req_id,
+                ..
+            } => break (cert_der, cert_req_id),
+            other => panic!("{other:?}"),
+        }
+    };
+    assert_eq!(cert_der, d.read("reissue.der"));
+    assert!(polls >= 2, "the CA made the client poll ({polls})");
+    let conf = ukey_cmp::cert_conf(&old, &cert_der, &cert_req_id, &key, &mut tx).expect("certConf");
+    let rsp = exchange(&m, &conf);
+    assert!(ukey_cmp::is_pki_conf(
+        &ukey_cmp::check_answer(&rsp, &mut tx, &trust).expect("checked")
+    ));
+}
