@@ -1105,3 +1105,24 @@ fn an_rsa_container_is_listed_and_diagnosed() {
         "{mech:#}"
     );
 }
+
+/// A vendor's SKF library writes DEVINFO.Label in GBK: listed decoded ("张三的UKey"), the
+/// raw bytes kept as a quirk, as PKCS#11 token info is.
+#[test]
+fn a_gbk_label_is_listed_decoded_with_its_quirk() {
+    let lab = lab();
+    let device = SkfDevice {
+        label_hex: Some("d5c5c8fdb5c4554b6579".into()),
+        ..SkfDevice::new("SKFGBK01", "unused", "ukey-sim", PIN, "admin123").unwrap()
+    };
+    lab.store.create(&device).unwrap();
+    let v = lab.list();
+    let t = &v["tokens"][0];
+    assert_eq!(t["label"], "张三的UKey", "{v:#}");
+    let q = t["quirks"].as_array().unwrap();
+    assert!(
+        q.iter()
+            .any(|q| q["field"] == "Label" && q["raw"] == "d5c5c8fdb5c4554b6579"),
+        "{v:#}"
+    );
+}

@@ -552,6 +552,11 @@ pub struct DevInfo {
     pub total_space: u32,
     /// `FreeSpace`.
     pub free_space: u32,
+    /// `Label`'s bytes up to its NUL, as the device gave them (Chinese keys often write
+    /// GBK); when set, [`DevInfo::to_bytes`] writes these instead of `label`.
+    pub label_raw: Vec<u8>,
+    /// `Manufacturer`'s bytes up to its NUL, likewise.
+    pub manufacturer_raw: Vec<u8>,
 }
 
 /// Size of `DEVINFO`: `VERSION Version(2); CHAR Manufacturer[64]; CHAR Issuer[64]; CHAR
@@ -564,6 +569,20 @@ pub const DEV_INFO_LEN: usize = 2 + 64 + 64 + 32 + 32 + 2 + 2 + 4 * 8 + 64;
 fn text(field: &[u8]) -> String {
     let end = field.iter().position(|b| *b == 0).unwrap_or(field.len());
     String::from_utf8_lossy(&field[..end]).trim_end().to_owned()
+}
+
+fn up_to_nul(field: &[u8]) -> Vec<u8> {
+    let end = field.iter().position(|b| *b == 0).unwrap_or(field.len());
+    field[..end].to_vec()
+}
+
+fn put_raw(out: &mut [u8], raw: &[u8], s: &str) {
+    if raw.is_empty() {
+        put_text(out, s);
+    } else {
+        let n = raw.len().min(out.len().saturating_sub(1));
+        out[..n].copy_from_slice(&raw[..n]);
+    }
 }
 
 fn put_text(out: &mut [u8], s: &str) {
@@ -582,6 +601,8 @@ impl DevInfo {
             serial: text(&b[162..194]),
             total_space: u32_at(b, 198 + 16),
             free_space: u32_at(b, 198 + 20),
+            label_raw: up_to_nul(&b[130..162]),
+            manufacturer_raw: up_to_nul(&b[2..66]),
         })
     }
 
@@ -589,9 +610,9 @@ impl DevInfo {
     pub fn to_bytes(&self) -> Vec<u8> {
         let mut b = vec![0u8; DEV_INFO_LEN];
         b[0] = 1;
-        put_text(&mut b[2..66], &self.manufacturer);
+        put_raw(&mut b[2..66], &self.manufacturer_raw, &self.manufacturer);
         put_text(&mut b[66..130], &self.issuer);
-        put_text(&mut b[130..162], &self.label);
+        put_raw(&mut b[130..162], &self.label_raw, &self.label);
         put_text(&mut b[162..194], &self.serial);
         let caps = [SGD_SMS4_ECB, SGD_SM2_1 | SGD_SM2_3, SGD_SM3, SGD_SMS4_ECB];
         for (i, c) in caps.iter().enumerate() {
@@ -688,10 +709,25 @@ mod tests {
             serial: "0123456789ABCDEF".into(),
             total_space: 65536,
             free_space: 1024,
+            label_raw: Vec::new(),
+            manufacturer_raw: Vec::new(),
         };
         let bytes = info.to_bytes();
-        assert_eq!(DevInfo::from_bytes(&bytes).unwrap(), info);
+        let back = DevInfo::from_bytes(&bytes).unwrap();
+        assert_eq!(back.label, info.label);
+        assert_eq!(back.issuer, info.issuer);
+        assert_eq!(back.serial, info.serial);
+        assert_eq!(back.label_raw, "张三的UKey".as_bytes());
         assert!(DevInfo::from_bytes(&bytes[1..]).is_err());
+        // Raw bytes (GBK "张三") are written as they are and read back before the NUL.
+        let gbk = DevInfo {
+            label_raw: vec![0xd5, 0xc5, 0xc8, 0xfd],
+            ..info
+        };
+        assert_eq!(
+            DevInfo::from_bytes(&gbk.to_bytes()).unwrap().label_raw,
+            [0xd5, 0xc5, 0xc8, 0xfd]
+        );
     }
 
     #[test]

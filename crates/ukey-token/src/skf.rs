@@ -154,6 +154,24 @@ impl SkfBackend {
     fn device_tokens(&self, index: usize, name: &str) -> Result<Vec<TokenSummary>> {
         let dev = self.lib.connect(name).map_err(|e| map_error(e, None))?;
         let info = dev.info().map_err(|e| map_error(e, None))?;
+        // Chinese keys' libraries often write DEVINFO text in GBK: decoded as PKCS#11
+        // token info is (`quirks::text`), each oddity kept as a quirk. NUL-terminated is
+        // SKF's normal form, not a quirk: only the bytes before the NUL are read.
+        let mut quirks = Vec::new();
+        let decoded = |field: &'static str, raw: &[u8], lossy: &str, q: &mut Vec<crate::Quirk>| {
+            if raw.is_empty() {
+                lossy.to_owned()
+            } else {
+                crate::quirks::text(field, raw, q)
+            }
+        };
+        let device_label = decoded("Label", &info.label_raw, &info.label, &mut quirks);
+        let manufacturer = decoded(
+            "Manufacturer",
+            &info.manufacturer_raw,
+            &info.manufacturer,
+            &mut quirks,
+        );
         let apps = dev.applications().map_err(|e| map_error(e, None))?;
         let several = apps.len() > 1;
         let mut out = Vec::new();
@@ -165,10 +183,10 @@ impl SkfBackend {
             let (id, label) = if several {
                 (
                     format!("{}/{app_name}", info.serial),
-                    format!("{} {app_name}", info.label),
+                    format!("{device_label} {app_name}"),
                 )
             } else {
-                (info.serial.clone(), info.label.clone())
+                (info.serial.clone(), device_label.clone())
             };
             out.push(TokenSummary {
                 id,
@@ -176,7 +194,7 @@ impl SkfBackend {
                 slot_description: name.to_owned(),
                 label,
                 serial: info.serial.clone(),
-                manufacturer: info.manufacturer.clone(),
+                manufacturer: manufacturer.clone(),
                 model: "SKF".to_owned(),
                 hardware_version: "unknown".to_owned(),
                 firmware_version: "unknown".to_owned(),
@@ -199,7 +217,7 @@ impl SkfBackend {
                     tries_left: Some(pin.remaining),
                     max_tries: Some(pin.max_retries),
                 },
-                quirks: Vec::new(),
+                quirks: quirks.clone(),
                 interface: Interface::Skf,
                 application: Some(app_name),
                 slot: None,

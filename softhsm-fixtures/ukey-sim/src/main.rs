@@ -165,6 +165,9 @@ enum SkfCommand {
         /// DEVINFO label
         #[arg(long, default_value = "UKEY")]
         label: String,
+        /// DEVINFO label as raw bytes, hex (e.g. GBK text, as vendors' libraries write it)
+        #[arg(long, value_name = "HEX")]
+        label_hex: Option<String>,
         /// Application name
         #[arg(long, default_value = ukey_sim::skf::DEFAULT_APP)]
         app: String,
@@ -247,6 +250,7 @@ fn run_skf(dir: &std::path::Path, cmd: SkfCommand) -> Result<()> {
         SkfCommand::Create {
             serial,
             label,
+            label_hex,
             app,
             pin,
             admin_pin,
@@ -259,7 +263,18 @@ fn run_skf(dir: &std::path::Path, cmd: SkfCommand) -> Result<()> {
             {
                 bail!("serial: 1 to 31 letters, digits or '-'");
             }
-            store.create(&SkfDevice::new(&serial, &label, &app, &pin, &admin_pin)?)?;
+            let mut device = SkfDevice::new(&serial, &label, &app, &pin, &admin_pin)?;
+            if let Some(h) = label_hex {
+                let bytes = hex::decode(&h).context("--label-hex: not hex")?;
+                if bytes.len() > 31 {
+                    bail!(
+                        "--label-hex: {} bytes, DEVINFO.Label holds 31 and a NUL",
+                        bytes.len()
+                    );
+                }
+                device.label_hex = Some(h);
+            }
+            store.create(&device)?;
             println!("SKF 设备 {serial} 已创建 / SKF device {serial} created");
         }
         SkfCommand::List { json } => {

@@ -507,6 +507,12 @@ pub unsafe extern "C" fn SKF_GetDevInfo(hDev: Handle, pDevInfo: *mut u8) -> u32 
                 serial: d.serial,
                 total_space: 64 * 1024,
                 free_space: 48 * 1024,
+                label_raw: d
+                    .label_hex
+                    .as_deref()
+                    .and_then(|h| hex::decode(h).ok())
+                    .unwrap_or_default(),
+                manufacturer_raw: Vec::new(),
             })
         })?;
         // SAFETY: per this function's contract.

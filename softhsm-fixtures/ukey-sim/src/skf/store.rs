@@ -33,6 +33,10 @@ pub struct SkfDevice {
     pub manufacturer: String,
     /// `DEVINFO.Issuer`.
     pub issuer: String,
+    /// `DEVINFO.Label` as raw bytes (hex), as a vendor's library fills it (GBK text);
+    /// `None`: `label` in UTF-8.
+    #[serde(default)]
+    pub label_hex: Option<String>,
     /// Applications.
     pub apps: Vec<SkfApp>,
 }
@@ -175,6 +179,7 @@ impl SkfDevice {
             label: label.to_owned(),
             manufacturer: "ukey-sim".to_owned(),
             issuer: "ukey-sim".to_owned(),
+            label_hex: None,
             apps: vec![SkfApp {
                 name: app.to_owned(),
                 user_pin: PinRecord::new(user_pin)?,
