@@ -98,24 +98,7 @@ impl SkfLab {
         self.store
             .create(&SkfDevice::new(serial, "张三的UKey", "ukey-sim", PIN, "admin123").unwrap())
             .unwrap();
-        let half = |name: &str| {
-            let (d, point) = self.ssl.scalar_and_point(name).unwrap();
-            ProvisionHalf {
-                scalar: Some(d),
-                public: Some(point),
-                cert: Some(self.ssl.read(&format!("{name}.der")).unwrap()),
-            }
-        };
-        provision(
-            &self.store,
-            serial,
-            "ukey-sim",
-            "SM2_CONTAINER",
-            false,
-            half(&sig),
-            half(&enc),
-        )
-        .unwrap();
+        self.container(serial, self.half(&sig), self.half(&enc));
         let serial_of = |name: &str| {
             self.ssl
                 .run(&["x509", "-in", &format!("{name}.pem"), "-noout", "-serial"])
@@ -149,6 +132,30 @@ impl SkfLab {
             })
             .unwrap();
         key
+    }
+
+    /// What the CA's personalisation writes for the OpenSSL key and certificate `name`.
+    fn half(&self, name: &str) -> ProvisionHalf {
+        let (d, point) = self.ssl.scalar_and_point(name).unwrap();
+        ProvisionHalf {
+            scalar: Some(d),
+            public: Some(point),
+            cert: Some(self.ssl.read(&format!("{name}.der")).unwrap()),
+        }
+    }
+
+    /// Writes (or rewrites) the key's "SM2_CONTAINER".
+    fn container(&self, serial: &str, sign: ProvisionHalf, enc: ProvisionHalf) {
+        provision(
+            &self.store,
+            serial,
+            "ukey-sim",
+            "SM2_CONTAINER",
+            false,
+            sign,
+            enc,
+        )
+        .unwrap();
     }
 
     fn ukey_with(&self, args: &[&str], stdin: &str, failpoint: Option<&str>) -> Output {
@@ -843,21 +850,11 @@ fn skf_key_pulled_out_while_retiring_the_old_container_then_resumed() {
     // at activation, which is where it is pulled out (after the delete took effect).
     let lab = lab();
     let key = lab.key("SKFRETIRE1");
-    let (d, point) = lab.ssl.scalar_and_point("SKFRETIRE1-sig").unwrap();
-    provision(
-        &lab.store,
+    lab.container(
         "SKFRETIRE1",
-        "ukey-sim",
-        "SM2_CONTAINER",
-        false,
-        ProvisionHalf {
-            scalar: Some(d),
-            public: Some(point),
-            cert: Some(lab.ssl.read("SKFRETIRE1-sig.der").unwrap()),
-        },
+        lab.half("SKFRETIRE1-sig"),
         ProvisionHalf::default(),
-    )
-    .unwrap();
+    );
     // (Its order still brings a new encryption certificate: the new container gets one.)
     lab.control()
         .add_fault(
@@ -970,21 +967,7 @@ fn a_same_key_order_on_an_skf_key_is_refused_before_the_pin() {
     lab.store
         .create(&SkfDevice::new(other, "张三的UKey", "ukey-sim", PIN, "admin123").unwrap())
         .unwrap();
-    let (d, point) = lab.ssl.scalar_and_point(&sig).unwrap();
-    provision(
-        &lab.store,
-        other,
-        "ukey-sim",
-        "SM2_CONTAINER",
-        false,
-        ProvisionHalf {
-            scalar: Some(d),
-            public: Some(point),
-            cert: Some(lab.ssl.read(&format!("{sig}.der")).unwrap()),
-        },
-        ProvisionHalf::default(),
-    )
-    .unwrap();
+    lab.container(other, lab.half(&sig), ProvisionHalf::default());
     let der = lab.ssl.read(&format!("{sig}.der")).unwrap();
     let req = ukey_renewal::status_request(&der).unwrap();
     lab.portal

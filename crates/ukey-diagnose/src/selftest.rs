@@ -107,16 +107,7 @@ pub(crate) fn run(
         drop(session);
         return login_failed(module, &token, e);
     }
-    let mut out = TokenTest {
-        check: Check::new(
-            "token.self_test",
-            Status::Pass,
-            Text::new("PIN 码正确，已登录。", "The PIN is right; logged in."),
-        ),
-        keys: Vec::with_capacity(certs.len()),
-        private_key_ids: vec![],
-        removed: false,
-    };
+    let mut out = logged_in(certs.len());
     let mut tested = 0;
     let mut failed = 0;
     for cert in certs {
@@ -186,6 +177,20 @@ pub(crate) fn run(
     out
 }
 
+/// The outcome once the PIN was right, before any key is tested.
+fn logged_in(certs: usize) -> TokenTest {
+    TokenTest {
+        check: Check::new(
+            "token.self_test",
+            Status::Pass,
+            Text::new("PIN 码正确，已登录。", "The PIN is right; logged in."),
+        ),
+        keys: Vec::with_capacity(certs),
+        private_key_ids: vec![],
+        removed: false,
+    }
+}
+
 /// `token.self_test` after the keys: how many were tested, how many failed.
 fn summary(tested: usize, failed: usize) -> Check {
     let check = if failed > 0 {
@@ -233,16 +238,7 @@ fn run_skf(
         drop(session);
         return login_failed(module, token, e);
     }
-    let mut out = TokenTest {
-        check: Check::new(
-            "token.self_test",
-            Status::Pass,
-            Text::new("PIN 码正确，已登录。", "The PIN is right; logged in."),
-        ),
-        keys: Vec::with_capacity(certs.len()),
-        private_key_ids: vec![],
-        removed: false,
-    };
+    let mut out = logged_in(certs.len());
     let (mut tested, mut failed) = (0, 0);
     for cert in certs {
         if cert.details.is_err() || crate::certificate::is_ca(&cert.der) {

@@ -690,6 +690,15 @@ impl Application {
         })
     }
 
+    /// A container handle the library gave for `name`.
+    fn container(&self, h: H, name: &str) -> Container {
+        Container {
+            app: self.clone(),
+            h: Handle(h as usize),
+            name: name.to_owned(),
+        }
+    }
+
     /// Opens a container.
     pub fn open_container(&self, name: &str) -> Result<Container> {
         let c = c_string(name)?;
@@ -702,11 +711,7 @@ impl Application {
             c.as_ptr(),
             &mut h
         )?;
-        Ok(Container {
-            app: self.clone(),
-            h: Handle(h as usize),
-            name: name.to_owned(),
-        })
+        Ok(self.container(h, name))
     }
 
     /// Creates an empty container (user PIN verified).
@@ -721,11 +726,7 @@ impl Application {
             c.as_ptr(),
             &mut h
         )?;
-        Ok(Container {
-            app: self.clone(),
-            h: Handle(h as usize),
-            name: name.to_owned(),
-        })
+        Ok(self.container(h, name))
     }
 
     /// Deletes a container with its keys and certificates (user PIN verified).
