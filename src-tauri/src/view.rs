@@ -180,6 +180,12 @@ pub enum StatusView {
         #[serde(rename = "trackingNumber")]
         tracking_number: String,
     },
+    /// Held for a reviewer's decision.
+    UnderReview {
+        /// Order.
+        #[serde(rename = "orderId")]
+        order_id: String,
+    },
     /// Rejected by the reviewer.
     Rejected {
         /// Order.
@@ -232,6 +238,7 @@ impl From<RenewalStatus> for StatusView {
                 order_id,
                 tracking_number,
             },
+            RenewalStatus::UnderReview { order_id, .. } => StatusView::UnderReview { order_id },
             RenewalStatus::Rejected { order_id, reason } => {
                 StatusView::Rejected { order_id, reason }
             }

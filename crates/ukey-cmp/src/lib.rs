@@ -13,7 +13,6 @@ use std::time::SystemTime;
 
 use cmpv2::body::PkiBody;
 use cmpv2::header::{PkiHeader, Pvno};
-use cmpv2::response::CertRepMessage;
 use cmpv2::status::{CertStatus, PkiStatus};
 use crmf::controls::CertId;
 use crmf::pop::{PopoSigningKey, ProofOfPossession};
@@ -24,6 +23,11 @@ use spki::{AlgorithmIdentifierOwned, ObjectIdentifier, SubjectPublicKeyInfoOwned
 use x509_cert_02::Certificate;
 use x509_cert_02::attr::AttributeTypeAndValue;
 use x509_cert_02::ext::pkix::name::GeneralName;
+
+pub mod server;
+
+/// The `der` and `spki` versions of this crate's types (for [`CmpSigner`] implementors).
+pub use {der, spki};
 
 /// `ecdsa-with-SHA256`.
 pub const ECDSA_WITH_SHA256: ObjectIdentifier = ObjectIdentifier::new_unwrap("1.2.840.10045.4.3.2");
@@ -66,7 +70,7 @@ pub enum CmpError {
 /// Result of this crate.
 pub type Result<T, E = CmpError> = std::result::Result<T, E>;
 
-fn malformed(e: impl std::fmt::Display) -> CmpError {
+pub(crate) fn malformed(e: impl std::fmt::Display) -> CmpError {
     CmpError::Malformed(e.to_string())
 }
 
@@ -130,9 +134,12 @@ pub struct Transaction {
     pub sender_nonce: Vec<u8>,
     /// The server's `senderNonce` in its last answer: our next `recipNonce`.
     pub recip_nonce: Option<Vec<u8>>,
+    /// Seconds added to this computer's clock for messageTime (0, unless the clock's
+    /// offset from the CA's is known).
+    pub clock_offset_secs: i64,
 }
 
-fn random16() -> Result<Vec<u8>> {
+pub(crate) fn random16() -> Result<Vec<u8>> {
     let mut b = vec![0u8; 16];
     aws_lc_rs::rand::SecureRandom::fill(&aws_lc_rs::rand::SystemRandom::new(), &mut b)
         .map_err(|_| CmpError::Signing("no random numbers".into()))?;
@@ -146,6 +153,7 @@ impl Transaction {
             id: random16()?,
             sender_nonce: random16()?,
             recip_nonce: None,
+            clock_offset_secs: 0,
         })
     }
 }
@@ -169,7 +177,8 @@ fn header(
         .duration_since(SystemTime::UNIX_EPOCH)
         .map_err(malformed)?;
     // Whole seconds: DER GeneralizedTime here carries no fraction.
-    let now = GeneralizedTime::from_unix_duration(std::time::Duration::from_secs(since.as_secs()))
+    let secs = since.as_secs().saturating_add_signed(tx.clock_offset_secs);
+    let now = GeneralizedTime::from_unix_duration(std::time::Duration::from_secs(secs))
         .map_err(malformed)?;
     Ok(PkiHeader {
         pvno: Pvno::Cmp2000,
@@ -196,34 +205,38 @@ fn header(
 /// and `pollRep` as one structure where RFC 4210 has a SEQUENCE OF, so bodies are
 /// encoded and read here by their tag.
 #[derive(Sequence)]
-struct RawMessage<'a> {
-    header: PkiHeader<'a>,
-    body: AnyRef<'a>,
+pub(crate) struct RawMessage<'a> {
+    pub(crate) header: PkiHeader<'a>,
+    pub(crate) body: AnyRef<'a>,
     #[asn1(context_specific = "0", tag_mode = "EXPLICIT", optional = "true")]
-    protection: Option<BitString>,
+    pub(crate) protection: Option<BitString>,
     #[asn1(context_specific = "1", tag_mode = "EXPLICIT", optional = "true")]
-    extra_certs: Option<Vec<Certificate>>,
+    pub(crate) extra_certs: Option<Vec<Certificate>>,
 }
 
 /// `ProtectedPart`: what the protection signs.
 #[derive(Sequence)]
-struct RawProtectedPart<'a> {
-    header: PkiHeader<'a>,
-    body: AnyRef<'a>,
+pub(crate) struct RawProtectedPart<'a> {
+    pub(crate) header: PkiHeader<'a>,
+    pub(crate) body: AnyRef<'a>,
 }
 
 /// Body tags (RFC 4210 §5.1.2).
-mod body_tag {
+pub(crate) mod body_tag {
+    pub const IR: u8 = 0;
     pub const IP: u8 = 1;
+    pub const CR: u8 = 2;
     pub const CP: u8 = 3;
+    pub const KUR: u8 = 7;
     pub const KUP: u8 = 8;
     pub const PKI_CONF: u8 = 19;
     pub const ERROR: u8 = 23;
+    pub const CERT_CONF: u8 = 24;
     pub const POLL_REQ: u8 = 25;
     pub const POLL_REP: u8 = 26;
 }
 
-fn body_tag_number(body: &AnyRef<'_>) -> Option<u8> {
+pub(crate) fn body_tag_number(body: &AnyRef<'_>) -> Option<u8> {
     match body.tag() {
         Tag::ContextSpecific { number, .. } => Some(number.value()),
         _ => None,
@@ -232,15 +245,58 @@ fn body_tag_number(body: &AnyRef<'_>) -> Option<u8> {
 
 /// `pollReq` / `pollRep` items as RFC 4210 §5.3.22 has them.
 #[derive(Sequence)]
-struct PollReqItem {
-    cert_req_id: Int,
+pub(crate) struct PollReqItem {
+    pub(crate) cert_req_id: Int,
 }
 
 #[derive(Sequence)]
-struct PollRepItem<'a> {
-    cert_req_id: Int,
-    check_after: u64,
-    reason: Option<cmpv2::header::PkiFreeText<'a>>,
+pub(crate) struct PollRepItem<'a> {
+    pub(crate) cert_req_id: Int,
+    pub(crate) check_after: u64,
+    pub(crate) reason: Option<cmpv2::header::PkiFreeText<'a>>,
+}
+
+/// `PKIStatusInfo` with the failure bits kept as a BIT STRING: `cmpv2` 0.2 types
+/// `failInfo` as a 16-bit flag set whose values are not the RFC's bit numbers.
+#[derive(Sequence)]
+pub(crate) struct StatusInfo<'a> {
+    pub(crate) status: PkiStatus,
+    pub(crate) status_string: Option<cmpv2::header::PkiFreeText<'a>>,
+    pub(crate) fail_info: Option<BitString>,
+}
+
+/// `CertResponse` (RFC 4210 §5.3.4) over [`StatusInfo`].
+#[derive(Sequence)]
+pub(crate) struct CertResp<'a> {
+    pub(crate) cert_req_id: Int,
+    pub(crate) status: StatusInfo<'a>,
+    pub(crate) certified_key_pair: Option<cmpv2::certified_key_pair::CertifiedKeyPair>,
+    pub(crate) rsp_info: Option<OctetString>,
+}
+
+/// `CertRepMessage` (ip, cp, kup) over [`CertResp`].
+#[derive(Sequence)]
+pub(crate) struct CertRep<'a> {
+    #[asn1(
+        context_specific = "1",
+        tag_mode = "EXPLICIT",
+        constructed = "true",
+        optional = "true"
+    )]
+    pub(crate) ca_pubs: Option<Vec<Certificate>>,
+    pub(crate) response: Vec<CertResp<'a>>,
+}
+
+/// Wraps a body's content in its CHOICE tag (`[n]`, explicit).
+pub(crate) fn tagged_body(tag: u8, inner: Vec<u8>) -> Result<Vec<u8>> {
+    let tag = Tag::ContextSpecific {
+        constructed: true,
+        number: TagNumber::new(tag),
+    };
+    Any::new(tag, inner)
+        .map_err(malformed)?
+        .to_der()
+        .map_err(malformed)
 }
 
 /// Signs header + body (the body's DER, a tagged CHOICE) and assembles the message with
@@ -279,15 +335,7 @@ pub fn poll_req(
     let items = vec![PollReqItem {
         cert_req_id: Int::new(cert_req_id).map_err(malformed)?,
     }];
-    let inner = items.to_der().map_err(malformed)?;
-    let tag = Tag::ContextSpecific {
-        constructed: true,
-        number: TagNumber::new(body_tag::POLL_REQ),
-    };
-    let body = Any::new(tag, inner)
-        .map_err(malformed)?
-        .to_der()
-        .map_err(malformed)?;
+    let body = tagged_body(body_tag::POLL_REQ, items.to_der().map_err(malformed)?)?;
     protected(header(&old, protect, tx)?, &body, protect, &old)
 }
 
@@ -385,13 +433,13 @@ pub enum Answer {
 
 /// `ErrorMsgContent`, read here because `cmpv2` 0.2 keeps its fields private.
 #[derive(Sequence)]
-struct ErrorMsg<'a> {
-    status: cmpv2::status::PkiStatusInfo<'a>,
-    error_code: Option<u64>,
-    error_details: Option<cmpv2::header::PkiFreeText<'a>>,
+pub(crate) struct ErrorMsg<'a> {
+    pub(crate) status: StatusInfo<'a>,
+    pub(crate) error_code: Option<u64>,
+    pub(crate) error_details: Option<cmpv2::header::PkiFreeText<'a>>,
 }
 
-fn free_text(t: &Option<cmpv2::header::PkiFreeText<'_>>) -> String {
+pub(crate) fn free_text(t: &Option<cmpv2::header::PkiFreeText<'_>>) -> String {
     t.as_ref()
         .map(|v| v.iter().map(|s| s.as_str()).collect::<Vec<_>>().join("; "))
         .unwrap_or_default()
@@ -405,6 +453,14 @@ pub type TrustCheck<'a> = &'a dyn Fn(&[u8], &[Vec<u8>]) -> Result<()>;
 #[derive(Debug)]
 pub struct Checked<'a> {
     body: AnyRef<'a>,
+    implicit_confirm: bool,
+}
+
+impl Checked<'_> {
+    /// Whether the CA granted implicit confirmation (no certConf is to be sent).
+    pub fn implicit_confirm(&self) -> bool {
+        self.implicit_confirm
+    }
 }
 
 /// Checks an answer to `tx` and reads it: the transactionID and recipNonce are ours,
@@ -455,7 +511,15 @@ pub fn check_answer<'a>(
     }
     trust(signer, &extra[1..]).map_err(|e| CmpError::Untrusted(e.to_string()))?;
     tx.recip_nonce = h.sender_nonce.as_ref().map(|o| o.as_bytes().to_vec());
-    Ok(Checked { body: msg.body })
+    let implicit_confirm = h
+        .general_info
+        .iter()
+        .flatten()
+        .any(|i| i.oid == server::IMPLICIT_CONFIRM);
+    Ok(Checked {
+        body: msg.body,
+        implicit_confirm,
+    })
 }
 
 /// Reads the answer to a request or a `pollReq` (after [`check_answer`]).
@@ -463,7 +527,7 @@ pub fn answer(msg: &Checked<'_>) -> Result<Answer> {
     let inner = msg.body.value();
     let rep = match body_tag_number(&msg.body) {
         Some(body_tag::IP | body_tag::CP | body_tag::KUP) => {
-            CertRepMessage::from_der(inner).map_err(malformed)?
+            CertRep::from_der(inner).map_err(malformed)?
         }
         Some(body_tag::ERROR) => {
             let e = ErrorMsg::from_der(inner).map_err(malformed)?;
@@ -544,9 +608,8 @@ pub fn cert_conf(
 ) -> Result<Vec<u8>> {
     let old = Certificate::from_der(old_cert_der).map_err(malformed)?;
     tx.sender_nonce = random16()?;
-    let hash = aws_lc_rs::digest::digest(&aws_lc_rs::digest::SHA256, cert_der);
     let status = CertStatus {
-        cert_hash: OctetString::new(hash.as_ref()).map_err(malformed)?,
+        cert_hash: OctetString::new(server::cert_hash(cert_der)).map_err(malformed)?,
         cert_req_id: Int::new(cert_req_id).map_err(malformed)?,
         status_info: None,
     };

@@ -390,6 +390,17 @@ fn status_check(portal: &PortalClient, token_serial: &str, der: &[u8]) -> Check 
                 "Insert the key and run ukey renew to finish.",
             )),
         ),
+        RenewalStatus::UnderReview { .. } => (
+            Status::Warn,
+            text!(
+                "证书 {serial}：更新申请正在审核中，尚未签发。",
+                "Certificate {serial}: the renewal is under review; nothing is issued yet."
+            ),
+            Some(Text::new(
+                "等待审核结果；审核通过后运行 ukey renew。",
+                "Wait for the review; once approved, run ukey renew.",
+            )),
+        ),
         RenewalStatus::Completed { .. } => (
             Status::Pass,
             text!(

@@ -82,6 +82,15 @@ pub mod paths {
     pub const ADMIN_REJECT: &str = "/admin/v1/orders/{order_id}/reject";
     /// Admin: `POST` [`ShipRequest`](super::ShipRequest) (a new key is mailed).
     pub const ADMIN_SHIP: &str = "/admin/v1/orders/{order_id}/ship";
+    /// Admin: `POST` hold for review (awaiting_payment | ready → under_review).
+    pub const ADMIN_REVIEW: &str = "/admin/v1/orders/{order_id}/review";
+    /// Admin: `POST` approve after review (under_review → ready).
+    pub const ADMIN_APPROVE: &str = "/admin/v1/orders/{order_id}/approve";
+    /// CMP over HTTP (RFC 6712, RFC 9483 §6): `POST` a DER `PKIMessage`
+    /// (`application/pkixcmp`) → the DER answer. Not JSON, so not in the OpenAPI document.
+    pub const CMP: &str = "/.well-known/cmp";
+    /// The same for a named certificate profile (RFC 9483 §3.3 `p/<name>`).
+    pub const CMP_PROFILE: &str = "/.well-known/cmp/p/{name}";
 
     /// Every route a conforming server mounts.
     pub const ALL: &[&str] = &[
@@ -98,6 +107,8 @@ pub mod paths {
         ADMIN_PAY,
         ADMIN_REJECT,
         ADMIN_SHIP,
+        ADMIN_REVIEW,
+        ADMIN_APPROVE,
     ];
 
     /// `/api/v1/orders/{order_id}/challenge` for a concrete order.
@@ -362,6 +373,14 @@ pub enum RenewalStatus {
         /// Parcel tracking number of the new token.
         tracking_number: String,
     },
+    /// Paid, and held for a reviewer's decision (an algorithm upgrade is reviewed
+    /// before anything is issued): nothing to do but wait.
+    UnderReview {
+        /// Opaque order id.
+        order_id: String,
+        /// What was paid for.
+        terms: OrderTerms,
+    },
     /// The reviewer rejected the application.
     Rejected {
         /// Opaque order id.
@@ -381,6 +400,7 @@ impl RenewalStatus {
             | RenewalStatus::Issued { order_id, .. }
             | RenewalStatus::Completed { order_id, .. }
             | RenewalStatus::RequiresNewKey { order_id, .. }
+            | RenewalStatus::UnderReview { order_id, .. }
             | RenewalStatus::Rejected { order_id, .. } => Some(order_id),
         }
     }
@@ -393,6 +413,7 @@ impl RenewalStatus {
             RenewalStatus::Issued { .. } => "issued",
             RenewalStatus::Completed { .. } => "completed",
             RenewalStatus::RequiresNewKey { .. } => "requires_new_key",
+            RenewalStatus::UnderReview { .. } => "under_review",
             RenewalStatus::Rejected { .. } => "rejected",
         }
     }

@@ -347,6 +347,15 @@ impl Ca {
         })
     }
 
+    /// The CA key as CMP answers are protected with: RSA or EC (`None` for an SM2 CA,
+    /// whose CMP protection is not offered).
+    pub fn cmp_signer(&self) -> Option<CaCmpSigner<'_>> {
+        match &self.signer {
+            Signer::Rcgen(issuer) => Some(CaCmpSigner(issuer.key())),
+            Signer::Sm2(_) => None,
+        }
+    }
+
     /// Signs a CRL listing `revoked` (reason superseded), valid for 7 days.
     pub fn crl(
         &self,
@@ -379,6 +388,37 @@ impl Ca {
             key_identifier_method: rcgen::KeyIdMethod::Sha256,
         };
         Ok(params.signed_by(issuer.as_ref())?.der().to_vec())
+    }
+}
+
+/// The CA's RSA or EC key signing CMP messages.
+#[derive(Debug)]
+pub struct CaCmpSigner<'a>(&'a KeyPair);
+
+impl ukey_cmp::CmpSigner for CaCmpSigner<'_> {
+    fn algorithm(&self) -> ukey_cmp::spki::AlgorithmIdentifierOwned {
+        let alg = self.0.algorithm();
+        let (oid, null) = if alg == &rcgen::PKCS_RSA_SHA256 {
+            (ukey_cmp::SHA256_WITH_RSA, true)
+        } else if alg == &rcgen::PKCS_ECDSA_P384_SHA384 {
+            // ecdsa-with-SHA384
+            (
+                ukey_cmp::spki::ObjectIdentifier::new_unwrap("1.2.840.10045.4.3.3"),
+                false,
+            )
+        } else {
+            (ukey_cmp::ECDSA_WITH_SHA256, false)
+        };
+        use ukey_cmp::der::asn1::{Any, Null};
+        ukey_cmp::spki::AlgorithmIdentifierOwned {
+            oid,
+            parameters: null.then(|| Any::from(Null)),
+        }
+    }
+
+    fn sign(&self, data: &[u8]) -> ukey_cmp::Result<Vec<u8>> {
+        rcgen::SigningKey::sign(self.0, data)
+            .map_err(|e| ukey_cmp::CmpError::Signing(e.to_string()))
     }
 }
 

@@ -131,6 +131,8 @@ pub fn router(portal: Arc<Portal>) -> Router {
         .route(paths::ADMIN_PAY, post(admin_pay))
         .route(paths::ADMIN_REJECT, post(admin_reject))
         .route(paths::ADMIN_SHIP, post(admin_ship))
+        .route(paths::ADMIN_REVIEW, post(admin_review))
+        .route(paths::ADMIN_APPROVE, post(admin_approve))
         .route_layer(axum::middleware::from_fn_with_state(
             Arc::clone(&portal),
             admin_guard,
@@ -144,6 +146,8 @@ pub fn router(portal: Arc<Portal>) -> Router {
         .route(paths::CA_CERT, get(ca_cert))
         .route(paths::OPENAPI, get(openapi))
         .route(paths::PAY_PAGE, get(pay_page))
+        .route(paths::CMP, post(cmp))
+        .route(paths::CMP_PROFILE, post(cmp_profile))
         .merge(admin)
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
@@ -195,6 +199,59 @@ async fn installed(
     blocking(&p, move |p| p.installed(&order_id, &req))
         .await
         .map(axum::Json)
+}
+
+/// RFC 6712: a DER PKIMessage as `application/pkixcmp`, answered the same way (also
+/// refusals: they are protected CMP error messages, with HTTP 200).
+async fn cmp(State(p): State<AppState>, headers: HeaderMap, body: axum::body::Bytes) -> Response {
+    const CMP_TYPE: &str = "application/pkixcmp";
+    let media = headers
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .map(|v| {
+            v.split(';')
+                .next()
+                .unwrap_or("")
+                .trim()
+                .to_ascii_lowercase()
+        });
+    if media.as_deref() != Some(CMP_TYPE) {
+        return err(
+            ErrorCode::UnsupportedMediaType,
+            "a CMP request is a DER PKIMessage sent as application/pkixcmp (RFC 6712)",
+        )
+        .into_response();
+    }
+    if body.len() > MAX_BODY_BYTES {
+        return err(ErrorCode::BodyTooLarge, "the CMP message is too large").into_response();
+    }
+    match blocking(&p, move |p| p.cmp_message(&body)).await {
+        Ok(der) => (
+            [(header::CONTENT_TYPE, HeaderValue::from_static(CMP_TYPE))],
+            der,
+        )
+            .into_response(),
+        Err(e) => e.into_response(),
+    }
+}
+
+async fn cmp_profile(
+    state: State<AppState>,
+    Path(name): Path<String>,
+    headers: HeaderMap,
+    body: axum::body::Bytes,
+) -> Response {
+    if !crate::cmp::PROFILES.contains(&name.as_str()) {
+        return err(
+            ErrorCode::NotFound,
+            format!(
+                "no CMP profile {name:?} (profiles: {})",
+                crate::cmp::PROFILES.join(", ")
+            ),
+        )
+        .into_response();
+    }
+    cmp(state, headers, body).await
 }
 
 async fn crl(State(p): State<AppState>) -> Result<Response, HttpError> {
@@ -334,6 +391,20 @@ async fn admin_pay(
     Path(id): Path<String>,
 ) -> ApiResult<ukey_portal_api::OrderView> {
     blocking(&p, move |p| p.pay(&id)).await.map(axum::Json)
+}
+
+async fn admin_review(
+    State(p): State<AppState>,
+    Path(id): Path<String>,
+) -> ApiResult<ukey_portal_api::OrderView> {
+    blocking(&p, move |p| p.review(&id)).await.map(axum::Json)
+}
+
+async fn admin_approve(
+    State(p): State<AppState>,
+    Path(id): Path<String>,
+) -> ApiResult<ukey_portal_api::OrderView> {
+    blocking(&p, move |p| p.approve(&id)).await.map(axum::Json)
 }
 
 async fn admin_reject(

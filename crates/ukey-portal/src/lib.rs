@@ -7,6 +7,7 @@
 //! (escrow envelope) / [`names`] (issuer matching) / [`crypto`] (signatures).
 
 pub mod ca;
+pub mod cmp;
 pub mod crypto;
 pub mod envelope;
 pub mod http;
@@ -35,6 +36,10 @@ pub enum Error {
     /// Escrow key generation or sealing.
     #[error(transparent)]
     Envelope(#[from] envelope::EnvelopeError),
+    /// A CMP message refused (a replayed nonce or transactionID, a wrong recipNonce)
+    /// where the store records it.
+    #[error("CMP: {}", .0.text)]
+    Cmp(ukey_cmp::server::Refusal),
     /// Data directory, configuration, or an inconsistency found in stored data.
     #[error("{0}")]
     Setup(String),

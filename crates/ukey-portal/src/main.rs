@@ -60,6 +60,16 @@ enum Command {
         /// Lifetime of a challenge, in seconds.
         #[arg(long, default_value_t = 300)]
         challenge_ttl_secs: u32,
+        /// CMP: largest difference between a request's messageTime and this clock,
+        /// seconds.
+        #[arg(long, default_value_t = 300)]
+        cmp_message_window_secs: u32,
+        /// CMP: how long after issuance a certConf is accepted, seconds (7 days).
+        #[arg(long, default_value_t = 604_800)]
+        cmp_confirm_window_secs: u32,
+        /// CMP: the checkAfter of a pollRep while an order waits, seconds.
+        #[arg(long, default_value_t = 60)]
+        cmp_check_after_secs: u32,
     },
     /// Business side: renewal orders.
     #[command(subcommand)]
@@ -106,6 +116,11 @@ enum OrderCommand {
     },
     /// Mark an order paid (awaiting payment → ready).
     Pay { id: String },
+    /// Hold a paid order for review (ready → under review): nothing is issued until
+    /// it is approved or rejected; CMP clients are answered "waiting".
+    Review { id: String },
+    /// Approve a reviewed order (under review → ready).
+    Approve { id: String },
     /// Reject an order with the reviewer's reason.
     Reject {
         id: String,
@@ -194,11 +209,19 @@ fn main() -> Result<()> {
             tls_key,
             public_url,
             challenge_ttl_secs,
+            cmp_message_window_secs,
+            cmp_confirm_window_secs,
+            cmp_check_after_secs,
         } => {
             let mut config = PortalConfig::new(&cli.data);
             config.ca_import = ca_cert.zip(ca_key);
             config.ca_alg = ca_alg.into();
             config.challenge_ttl = time::Duration::seconds(i64::from(challenge_ttl_secs));
+            config.cmp = ukey_portal::portal::CmpSettings {
+                cmp_message_window: time::Duration::seconds(i64::from(cmp_message_window_secs)),
+                cmp_confirm_window: time::Duration::seconds(i64::from(cmp_confirm_window_secs)),
+                cmp_check_after: u64::from(cmp_check_after_secs),
+            };
             let tls = tls_cert
                 .zip(tls_key)
                 .map(|(cert, key)| TlsFiles { cert, key });
@@ -289,6 +312,8 @@ fn order(data: &std::path::Path, cmd: OrderCommand) -> Result<()> {
             }
         }
         OrderCommand::Pay { id } => print_view(&portal.pay(&id)?, false)?,
+        OrderCommand::Review { id } => print_view(&portal.review(&id)?, false)?,
+        OrderCommand::Approve { id } => print_view(&portal.approve(&id)?, false)?,
         OrderCommand::Reject { id, reason } => print_view(&portal.reject(&id, &reason)?, false)?,
         OrderCommand::Ship { id, tracking } => print_view(&portal.ship(&id, &tracking)?, false)?,
         OrderCommand::Show { id, json } => print_view(&portal.show_order(&id)?, json)?,

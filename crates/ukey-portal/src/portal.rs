@@ -22,7 +22,9 @@ use crate::ca::{Ca, Revoked, Usage};
 use crate::crypto::{self, KeyKind, sha256};
 use crate::envelope;
 use crate::names::{self, NameKey};
-use crate::store::{IssueCommit, NewIssuance, NewOrder, Order, OrderState, Store, StoredCert};
+use crate::store::{
+    Freshness, IssueCommit, NewIssuance, NewOrder, Order, OrderState, Store, StoredCert,
+};
 
 /// How to open a portal.
 #[derive(Debug, Clone)]
@@ -35,6 +37,30 @@ pub struct PortalConfig {
     pub challenge_ttl: Duration,
     /// The key of a CA the portal makes (no CA imported and none in the data dir yet).
     pub ca_alg: crate::ca::CaAlg,
+    /// CMP settings.
+    pub cmp: CmpSettings,
+}
+
+/// How the CMP server judges time.
+#[derive(Debug, Clone, Copy)]
+pub struct CmpSettings {
+    /// Largest difference between a request's messageTime and the portal's clock.
+    pub cmp_message_window: Duration,
+    /// How long after issuance a certConf is accepted (a client may resume late).
+    pub cmp_confirm_window: Duration,
+    /// The checkAfter of a pollRep, seconds.
+    pub cmp_check_after: u64,
+}
+
+impl Default for CmpSettings {
+    /// 5 minutes, 7 days, 60 seconds.
+    fn default() -> CmpSettings {
+        CmpSettings {
+            cmp_message_window: Duration::minutes(5),
+            cmp_confirm_window: Duration::days(7),
+            cmp_check_after: 60,
+        }
+    }
 }
 
 impl PortalConfig {
@@ -45,6 +71,7 @@ impl PortalConfig {
             ca_import: None,
             challenge_ttl: Duration::minutes(5),
             ca_alg: crate::ca::CaAlg::default(),
+            cmp: CmpSettings::default(),
         }
     }
 }
@@ -54,6 +81,31 @@ pub const DB_FILE: &str = "portal.sqlite3";
 /// Name of the admin bearer token file in the data directory.
 pub const ADMIN_TOKEN_FILE: &str = "admin-token";
 
+/// What [`Portal::issue_checked`] is asked: the order, the certificate being renewed
+/// (its key's possession proven by the protocol), the requested subject and key.
+#[derive(Debug)]
+pub(crate) struct IssueAsk<'a> {
+    pub order: &'a Order,
+    pub old: &'a X509Certificate<'a>,
+    /// The requested subject's normal form (`None`: the old certificate's).
+    pub subject: Option<NameKey>,
+    /// The requested key, SubjectPublicKeyInfo DER.
+    pub spki_der: &'a [u8],
+    /// The REST request's transport key.
+    pub transport_key_spki: Option<&'a [u8]>,
+    pub freshness: Freshness,
+    pub t: OffsetDateTime,
+}
+
+/// What [`Portal::issue_checked`] issued (or had issued for the same key).
+#[derive(Debug)]
+pub(crate) struct Issuance<'a> {
+    pub signing: StoredCert,
+    pub encryption: Option<StoredCert>,
+    /// The key the escrowed key is sealed to.
+    pub transport: Option<&'a [u8]>,
+}
+
 /// A reference renewal portal over one data directory.
 #[derive(Debug)]
 pub struct Portal {
@@ -62,6 +114,7 @@ pub struct Portal {
     admin_token: String,
     public_url: RwLock<Option<String>>,
     challenge_ttl: Duration,
+    cmp: CmpSettings,
     crl_cache: Mutex<Option<(u64, i64, Vec<u8>)>>,
 }
 
@@ -92,6 +145,7 @@ impl Portal {
             admin_token,
             public_url: RwLock::new(None),
             challenge_ttl: config.challenge_ttl,
+            cmp: config.cmp,
             crl_cache: Mutex::new(None),
         })
     }
@@ -107,6 +161,11 @@ impl Portal {
             .read()
             .unwrap_or_else(|p| p.into_inner())
             .clone()
+    }
+
+    /// The CMP settings.
+    pub fn cmp_settings(&self) -> &CmpSettings {
+        &self.cmp
     }
 
     /// The CA.
@@ -187,6 +246,7 @@ impl Portal {
                 terms,
                 tracking_number: order.tracking_number.unwrap_or_default(),
             },
+            OrderState::UnderReview => RenewalStatus::UnderReview { order_id, terms },
             OrderState::Rejected => RenewalStatus::Rejected {
                 order_id,
                 reason: order.reject_reason.unwrap_or_default(),
@@ -246,7 +306,9 @@ impl Portal {
         })
     }
 
-    /// `POST /api/v1/orders/{id}/issue`.
+    /// `POST /api/v1/orders/{id}/issue`: the REST protocol's proof (the single-use
+    /// challenge signed by the old key, the CSR's self-signature), then the checks and
+    /// issuance shared with CMP.
     pub fn issue(&self, order_id: &str, req: &IssueRequest) -> Result<IssueResponse, Error> {
         let t = now();
         let order = self.order_or_404(order_id)?;
@@ -276,28 +338,7 @@ impl Portal {
         }
 
         let old = parse_certificate(&req.old_certificate_der)?;
-        let old_serial = ukey_portal_api::serial_hex_from_bytes(old.raw_serial());
-        if names::key_of_name(old.issuer()) != order.issuer_key || old_serial != order.serial_hex {
-            return Err(api(
-                ErrorCode::CertificateMismatch,
-                format!(
-                    "this order renews certificate {} of {}, not {old_serial}",
-                    order.serial_hex, order.issuer_display
-                ),
-            ));
-        }
-        if !self.ca.verifies(&old) {
-            return Err(api(
-                ErrorCode::CertificateNotTrusted,
-                "the certificate was not issued by this portal's CA",
-            ));
-        }
-        if self.store.is_revoked(&order.issuer_key, &old_serial)? {
-            return Err(api(
-                ErrorCode::CertificateRevoked,
-                "the certificate is revoked",
-            ));
-        }
+        self.check_renewed(&order, &old, true)?;
         let signed = challenge_signed_data(
             &order.id,
             &challenge.nonce,
@@ -324,13 +365,83 @@ impl Portal {
                 "the CSR's signature does not verify",
             ));
         }
-        if names::key_of_name(&info.subject) != names::key_of_name(old.subject()) {
+        let issued = self.issue_checked(&IssueAsk {
+            order: &order,
+            old: &old,
+            subject: Some(names::key_of_name(&info.subject)),
+            spki_der: info.subject_pki.raw,
+            transport_key_spki: req.transport_key_spki.as_deref(),
+            freshness: Freshness::Challenge(challenge.id.clone()),
+            t,
+        })?;
+        self.response(
+            &order,
+            &issued.signing,
+            issued.encryption.as_ref(),
+            issued.transport,
+        )
+    }
+
+    /// The certificate being renewed (its holder proved possession of its key): the
+    /// one the order renews, issued by this portal's CA, and (for a new request) not
+    /// revoked.
+    pub(crate) fn check_renewed(
+        &self,
+        order: &Order,
+        old: &X509Certificate<'_>,
+        not_revoked: bool,
+    ) -> Result<(), Error> {
+        let old_serial = ukey_portal_api::serial_hex_from_bytes(old.raw_serial());
+        if names::key_of_name(old.issuer()) != order.issuer_key || old_serial != order.serial_hex {
             return Err(api(
-                ErrorCode::SubjectMismatch,
-                "the CSR's subject differs from the certificate being renewed",
+                ErrorCode::CertificateMismatch,
+                format!(
+                    "this order renews certificate {} of {}, not {old_serial}",
+                    order.serial_hex, order.issuer_display
+                ),
             ));
         }
-        let csr_kind = KeyKind::of(&info.subject_pki);
+        if !self.ca.verifies(old) {
+            return Err(api(
+                ErrorCode::CertificateNotTrusted,
+                "the certificate was not issued by this portal's CA",
+            ));
+        }
+        if not_revoked && self.store.is_revoked(&order.issuer_key, &old_serial)? {
+            return Err(api(
+                ErrorCode::CertificateRevoked,
+                "the certificate is revoked",
+            ));
+        }
+        Ok(())
+    }
+
+    /// The checks every protocol shares, then issuance: subject, algorithm and key
+    /// policy against the order, the escrowed key's recipient, an idempotent repeat
+    /// for the same key, and the commit that consumes the request's freshness. The
+    /// caller has checked the proof of possession of the old key and of the new one.
+    pub(crate) fn issue_checked<'a>(&self, ask: &IssueAsk<'a>) -> Result<Issuance<'a>, Error> {
+        let (order, old, t) = (ask.order, ask.old, ask.t);
+        Self::require_issuable(order)?;
+        if ask
+            .subject
+            .as_ref()
+            .is_some_and(|s| *s != names::key_of_name(old.subject()))
+        {
+            return Err(api(
+                ErrorCode::SubjectMismatch,
+                "the requested subject differs from the certificate being renewed",
+            ));
+        }
+        let (rest, new_spki) = x509_parser::x509::SubjectPublicKeyInfo::from_der(ask.spki_der)
+            .map_err(|e| api(ErrorCode::MalformedCsr, format!("the requested key: {e}")))?;
+        if !rest.is_empty() {
+            return Err(api(
+                ErrorCode::MalformedCsr,
+                "trailing bytes after the requested key",
+            ));
+        }
+        let csr_kind = KeyKind::of(&new_spki);
         let csr_alg = csr_kind.algorithm().ok_or_else(|| {
             api(
                 ErrorCode::UnsupportedAlgorithm,
@@ -341,30 +452,29 @@ impl Portal {
             return Err(api(
                 ErrorCode::AlgorithmMismatch,
                 format!(
-                    "the order is for {}, the CSR carries {csr_alg}",
+                    "the order is for {}, the request carries {csr_alg}",
                     order.terms.target_algorithm
                 ),
             ));
         }
-        let same_key = info.subject_pki.algorithm.algorithm == old.public_key().algorithm.algorithm
-            && info.subject_pki.subject_public_key.as_ref()
-                == old.public_key().subject_public_key.as_ref();
+        let same_key = new_spki.algorithm.algorithm == old.public_key().algorithm.algorithm
+            && new_spki.subject_public_key.as_ref() == old.public_key().subject_public_key.as_ref();
         match (order.terms.key_policy, same_key) {
             (KeyPolicy::New, true) => {
                 return Err(api(
                     ErrorCode::KeyPolicyViolation,
-                    "the order requires a new key; the CSR reuses the old one",
+                    "the order requires a new key; the request reuses the old one",
                 ));
             }
             (KeyPolicy::Same, false) => {
                 return Err(api(
                     ErrorCode::KeyPolicyViolation,
-                    "the order keeps the old key; the CSR carries another one",
+                    "the order keeps the old key; the request carries another one",
                 ));
             }
             _ => {}
         }
-        let csr_spki = info.subject_pki.raw;
+        let csr_spki = ask.spki_der;
         let spki_hash = sha256(csr_spki);
         // The escrowed key goes to a key made for that purpose, never to a signing key;
         // except an SM2 one, which GM/T 0092 envelopes to the new signing key (the CSR's,
@@ -375,7 +485,7 @@ impl Portal {
         ) {
             (false, _) => None,
             (true, KeyAlgorithm::Sm2) => {
-                if req.transport_key_spki.is_some() {
+                if ask.transport_key_spki.is_some() {
                     return Err(api(
                         ErrorCode::TransportKeyInvalid,
                         "an SM2 order's escrowed key is enveloped to the new signing key (GM/T 0092): the request must carry no transport key",
@@ -383,16 +493,28 @@ impl Portal {
                 }
                 Some(csr_spki)
             }
-            (true, _) => Some(transport_key(req, csr_spki, old.public_key().raw)?),
+            (true, _) => Some(transport_key(
+                ask.transport_key_spki,
+                csr_spki,
+                old.public_key().raw,
+            )?),
         };
 
         if order.state == OrderState::Issued
             && order.current_spki_sha256.as_deref() == Some(spki_hash.as_slice())
         {
-            self.store
-                .commit_repeat(&challenge.id, &order.id, &spki_hash, t.unix_timestamp())?;
-            let (signing, encryption) = self.current_certs(&order)?;
-            return self.response(&order, &signing, encryption.as_ref(), transport);
+            let (signing, encryption) = self.current_certs(order)?;
+            self.store.commit_repeat(
+                &ask.freshness.with_serial(&signing.serial_hex),
+                &order.id,
+                &spki_hash,
+                t.unix_timestamp(),
+            )?;
+            return Ok(Issuance {
+                signing,
+                encryption,
+                transport,
+            });
         }
 
         let crl_url = self.public_url().map(|u| format!("{u}{}", paths::CRL));
@@ -451,7 +573,7 @@ impl Portal {
         };
         let new = NewIssuance {
             order_id: order.id.clone(),
-            challenge_id: challenge.id.clone(),
+            freshness: ask.freshness.with_serial(&signing.serial_hex),
             spki_sha256: spki_hash,
             signing,
             encryption,
@@ -460,13 +582,21 @@ impl Portal {
             .store
             .commit_issue(&new, self.ca.name_key(), t.unix_timestamp())?
         {
-            IssueCommit::Issued => {
-                self.response(&order, &new.signing, new.encryption.as_ref(), transport)
-            }
+            IssueCommit::Issued => Ok(Issuance {
+                signing: new.signing,
+                encryption: new.encryption,
+                transport,
+            }),
+            // A concurrent identical request won: its certificates. (Over CMP the
+            // transaction records this request's serial; the other is the same key's.)
             IssueCommit::Existing {
                 signing,
                 encryption,
-            } => self.response(&order, &signing, encryption.as_deref(), transport),
+            } => Ok(Issuance {
+                signing: *signing,
+                encryption: encryption.map(|e| *e),
+                transport,
+            }),
         }
     }
 
@@ -569,9 +699,9 @@ impl Portal {
                 "the signature does not verify with the issued certificate's key",
             ));
         }
-        let revoked = self
-            .store
-            .commit_installed(&order.id, &serial, now().unix_timestamp())?;
+        let revoked =
+            self.store
+                .commit_installed(&order.id, &serial, None, now().unix_timestamp())?;
         Ok(InstalledResponse {
             order_id: order.id,
             revoked_serials_hex: revoked,
@@ -685,7 +815,34 @@ impl Portal {
         self.view(&o)
     }
 
-    /// awaiting_payment | ready | requires_new_key → rejected.
+    /// ready → under_review: a paid order is held for a reviewer (an algorithm upgrade
+    /// is reviewed before anything is issued).
+    pub fn review(&self, order_id: &str) -> Result<OrderView, Error> {
+        let o = self.store.transition(
+            order_id,
+            &[OrderState::Ready],
+            OrderState::UnderReview,
+            None,
+            None,
+            now().unix_timestamp(),
+        )?;
+        self.view(&o)
+    }
+
+    /// under_review → ready: the reviewer approves.
+    pub fn approve(&self, order_id: &str) -> Result<OrderView, Error> {
+        let o = self.store.transition(
+            order_id,
+            &[OrderState::UnderReview],
+            OrderState::Ready,
+            None,
+            None,
+            now().unix_timestamp(),
+        )?;
+        self.view(&o)
+    }
+
+    /// awaiting_payment | ready | under_review | requires_new_key → rejected.
     pub fn reject(&self, order_id: &str, reason: &str) -> Result<OrderView, Error> {
         let reason = reason.trim();
         if reason.is_empty() {
@@ -699,6 +856,7 @@ impl Portal {
             &[
                 OrderState::AwaitingPayment,
                 OrderState::Ready,
+                OrderState::UnderReview,
                 OrderState::RequiresNewKey,
             ],
             OrderState::Rejected,
@@ -709,7 +867,7 @@ impl Portal {
         self.view(&o)
     }
 
-    /// awaiting_payment | ready → requires_new_key.
+    /// awaiting_payment | ready | under_review → requires_new_key.
     pub fn ship(&self, order_id: &str, tracking_number: &str) -> Result<OrderView, Error> {
         let tracking = tracking_number.trim();
         if tracking.is_empty() {
@@ -720,7 +878,11 @@ impl Portal {
         }
         let o = self.store.transition(
             order_id,
-            &[OrderState::AwaitingPayment, OrderState::Ready],
+            &[
+                OrderState::AwaitingPayment,
+                OrderState::Ready,
+                OrderState::UnderReview,
+            ],
             OrderState::RequiresNewKey,
             None,
             Some(tracking),
@@ -772,12 +934,12 @@ fn parse_certificate(der: &[u8]) -> Result<X509Certificate<'_>, Error> {
 /// (RSA-2048 or larger, EC P-256), and neither the CSR's key nor the old certificate's
 /// (a signing key must not become a decryption key).
 fn transport_key<'a>(
-    req: &'a IssueRequest,
+    transport_key_spki: Option<&'a [u8]>,
     csr_spki: &[u8],
     old_spki: &[u8],
 ) -> Result<&'a [u8], Error> {
     let refuse = |why: String| api(ErrorCode::TransportKeyInvalid, why);
-    let der = req.transport_key_spki.as_deref().ok_or_else(|| {
+    let der = transport_key_spki.ok_or_else(|| {
         refuse(
             "the order includes an encryption certificate: the request needs a transport key"
                 .into(),

@@ -66,6 +66,22 @@ const MIGRATIONS: &[&str] = &[
     );
     CREATE TABLE meta (key TEXT PRIMARY KEY, value INTEGER NOT NULL);
     INSERT INTO meta (key, value) VALUES ('crl_number', 1);",
+    // 2: CMP transactions (RFC 9483) and the nonces seen, for freshness
+    "CREATE TABLE cmp_transactions (
+        id BLOB PRIMARY KEY,
+        order_id TEXT NOT NULL REFERENCES orders(id),
+        kind TEXT NOT NULL,
+        cert_req_id BLOB NOT NULL,
+        request_der BLOB NOT NULL,
+        state TEXT NOT NULL CHECK (state IN ('waiting', 'issued', 'confirmed', 'rejected')),
+        certificate_serial TEXT,
+        server_nonce BLOB NOT NULL,
+        created_at INTEGER NOT NULL,
+        updated_at INTEGER NOT NULL
+    );
+    CREATE INDEX cmp_transactions_by_order ON cmp_transactions(order_id);
+    CREATE TABLE cmp_nonces (nonce BLOB PRIMARY KEY, seen_at INTEGER NOT NULL);
+    CREATE INDEX cmp_nonces_by_time ON cmp_nonces(seen_at);",
 ];
 
 /// Lifecycle state of an order.
@@ -75,6 +91,8 @@ pub enum OrderState {
     AwaitingPayment,
     /// Paid.
     Ready,
+    /// Held for a reviewer (an algorithm upgrade): nothing is issued until approved.
+    UnderReview,
     /// Certificate issued, installation not confirmed.
     Issued,
     /// Installation confirmed.
@@ -91,6 +109,7 @@ impl OrderState {
         match self {
             OrderState::AwaitingPayment => "awaiting_payment",
             OrderState::Ready => "ready",
+            OrderState::UnderReview => "under_review",
             OrderState::Issued => "issued",
             OrderState::Completed => "completed",
             OrderState::RequiresNewKey => "requires_new_key",
@@ -101,6 +120,7 @@ impl OrderState {
         [
             OrderState::AwaitingPayment,
             OrderState::Ready,
+            OrderState::UnderReview,
             OrderState::Issued,
             OrderState::Completed,
             OrderState::RequiresNewKey,
@@ -204,14 +224,96 @@ pub struct StoredCert {
 pub struct NewIssuance {
     /// The order.
     pub order_id: String,
-    /// The challenge to consume.
-    pub challenge_id: String,
+    /// What makes the request fresh, consumed with the issuance.
+    pub freshness: Freshness,
     /// SHA-256 of the CSR's SPKI.
     pub spki_sha256: Vec<u8>,
     /// The signing certificate.
     pub signing: StoredCert,
     /// The encryption certificate, if the order has one.
     pub encryption: Option<StoredCert>,
+}
+
+/// What makes an issue request fresh, consumed in the transaction that records its
+/// outcome: the REST protocol's single-use challenge, or a CMP message (its
+/// transactionID and senderNonce, never seen before, or the recipNonce of the
+/// transaction's last answer).
+#[derive(Debug, Clone)]
+pub enum Freshness {
+    /// A challenge id.
+    Challenge(String),
+    /// A CMP message.
+    Cmp(Box<CmpStep>),
+}
+
+impl Freshness {
+    /// The same, recording `serial` as what a CMP transaction issued.
+    pub fn with_serial(&self, serial: &str) -> Freshness {
+        match self {
+            Freshness::Cmp(step) => Freshness::Cmp(Box::new(CmpStep {
+                certificate_serial: Some(serial.to_owned()),
+                ..(**step).clone()
+            })),
+            other => other.clone(),
+        }
+    }
+}
+
+/// A CMP transaction row.
+#[derive(Debug, Clone)]
+pub struct CmpTransaction {
+    /// transactionID.
+    pub id: Vec<u8>,
+    /// The order it renews.
+    pub order_id: String,
+    /// `kur`, `cr` or `ir`.
+    pub kind: String,
+    /// certReqId.
+    pub cert_req_id: Vec<u8>,
+    /// The request, DER, kept to issue when a waiting order becomes ready.
+    pub request_der: Vec<u8>,
+    /// `waiting`, `issued`, `confirmed`, `rejected`.
+    pub state: String,
+    /// The certificate issued in it.
+    pub certificate_serial: Option<String>,
+    /// The portal's senderNonce in its last answer: the client's next recipNonce.
+    pub server_nonce: Vec<u8>,
+    /// Unix seconds.
+    pub created_at: i64,
+    /// Unix seconds.
+    pub updated_at: i64,
+}
+
+/// One CMP message's effect on its transaction, applied with the change it causes.
+#[derive(Debug, Clone)]
+pub struct CmpStep {
+    /// transactionID.
+    pub transaction_id: Vec<u8>,
+    /// The message's senderNonce (recorded; a second use is a replay).
+    pub client_nonce: Vec<u8>,
+    /// A new transaction (a request), or the recipNonce an existing one must answer.
+    pub begins: Option<NewCmpTransaction>,
+    /// The recipNonce of a message in an existing transaction.
+    pub recip_nonce: Option<Vec<u8>>,
+    /// The nonce of the portal's answer.
+    pub server_nonce: Vec<u8>,
+    /// The transaction's state after the message.
+    pub state: &'static str,
+    /// The certificate issued in it, once issued.
+    pub certificate_serial: Option<String>,
+}
+
+/// What a CMP request records when it begins a transaction.
+#[derive(Debug, Clone)]
+pub struct NewCmpTransaction {
+    /// The order.
+    pub order_id: String,
+    /// `kur`, `cr`, `ir`.
+    pub kind: String,
+    /// certReqId.
+    pub cert_req_id: Vec<u8>,
+    /// The request, DER.
+    pub request_der: Vec<u8>,
 }
 
 /// Result of [`Store::commit_issue`].
@@ -530,7 +632,7 @@ impl Store {
     ) -> Result<IssueCommit, Error> {
         let mut conn = self.lock();
         let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
-        consume_challenge(&tx, &new.challenge_id, &new.order_id, now)?;
+        consume(&tx, &new.freshness, &new.order_id, now)?;
         let order = get_order(&tx, &new.order_id)?.ok_or_else(|| {
             api(
                 ErrorCode::OrderNotFound,
@@ -614,17 +716,17 @@ impl Store {
         Ok(IssueCommit::Issued)
     }
 
-    /// Consumes the challenge of an idempotent repeat (same key, same certificates).
+    /// Consumes the freshness of an idempotent repeat (same key, same certificates).
     pub fn commit_repeat(
         &self,
-        challenge_id: &str,
+        freshness: &Freshness,
         order_id: &str,
         spki_sha256: &[u8],
         now: i64,
     ) -> Result<(), Error> {
         let mut conn = self.lock();
         let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
-        consume_challenge(&tx, challenge_id, order_id, now)?;
+        consume(&tx, freshness, order_id, now)?;
         let order = get_order(&tx, order_id)?
             .ok_or_else(|| api(ErrorCode::OrderNotFound, format!("no order {order_id}")))?;
         if order.state != OrderState::Issued
@@ -642,14 +744,19 @@ impl Store {
     /// Completes the order: revokes the certificate it renews (and the old encryption
     /// certificate it names). Returns the serials revoked by this order. Idempotent for
     /// the same certificate.
+    /// Over CMP the certConf `confirm` is recorded with it.
     pub fn commit_installed(
         &self,
         order_id: &str,
         serial_hex: &str,
+        confirm: Option<&CmpStep>,
         now: i64,
     ) -> Result<Vec<String>, Error> {
         let mut conn = self.lock();
         let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+        if let Some(step) = confirm {
+            apply_cmp(&tx, step, now)?;
+        }
         let order = get_order(&tx, order_id)?
             .ok_or_else(|| api(ErrorCode::OrderNotFound, format!("no order {order_id}")))?;
         let is_current = order.current_signing_serial.as_deref() == Some(serial_hex);
@@ -704,6 +811,41 @@ impl Store {
         Ok(revoked)
     }
 
+    /// A CMP transaction.
+    pub fn cmp_transaction(&self, id: &[u8]) -> Result<Option<CmpTransaction>, Error> {
+        Ok(self
+            .lock()
+            .query_row(
+                "SELECT id, order_id, kind, cert_req_id, request_der, state, certificate_serial,
+                   server_nonce, created_at, updated_at FROM cmp_transactions WHERE id = ?1",
+                [id],
+                |r| {
+                    Ok(CmpTransaction {
+                        id: r.get(0)?,
+                        order_id: r.get(1)?,
+                        kind: r.get(2)?,
+                        cert_req_id: r.get(3)?,
+                        request_der: r.get(4)?,
+                        state: r.get(5)?,
+                        certificate_serial: r.get(6)?,
+                        server_nonce: r.get(7)?,
+                        created_at: r.get(8)?,
+                        updated_at: r.get(9)?,
+                    })
+                },
+            )
+            .optional()?)
+    }
+
+    /// Records a CMP message that changes nothing else (waiting, polled, rejected).
+    pub fn cmp_record(&self, step: &CmpStep, now: i64) -> Result<(), Error> {
+        let mut conn = self.lock();
+        let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+        apply_cmp(&tx, step, now)?;
+        tx.commit()?;
+        Ok(())
+    }
+
     /// CRL number and the revocations of certificates issued under `issuer_key`.
     pub fn crl_entries(&self, issuer_key: &NameKey) -> Result<(u64, Vec<(String, i64)>), Error> {
         let conn = self.lock();
@@ -749,6 +891,88 @@ impl Store {
         }
         Ok(out)
     }
+}
+
+fn consume(conn: &Connection, f: &Freshness, order_id: &str, now: i64) -> Result<(), Error> {
+    match f {
+        Freshness::Challenge(id) => consume_challenge(conn, id, order_id, now),
+        Freshness::Cmp(step) => apply_cmp(conn, step, now),
+    }
+}
+
+/// How long a CMP senderNonce is remembered: well beyond the messageTime window, so
+/// that a replay is refused by one check or the other.
+const CMP_NONCE_MEMORY_SECONDS: i64 = 86_400;
+
+/// Records a CMP message: its senderNonce (refused when seen before), and its
+/// transaction: a new one (refused when the transactionID exists) or the next step of
+/// an existing one (refused unless its recipNonce is the portal's last nonce).
+fn apply_cmp(conn: &Connection, step: &CmpStep, now: i64) -> Result<(), Error> {
+    use ukey_cmp::server::{Failure, Refusal};
+    let refuse = |f: Failure, t: &str| Err(Error::Cmp(Refusal::new(f, t)));
+    conn.execute(
+        "DELETE FROM cmp_nonces WHERE seen_at < ?1",
+        [now - CMP_NONCE_MEMORY_SECONDS],
+    )?;
+    let fresh = conn.execute(
+        "INSERT OR IGNORE INTO cmp_nonces (nonce, seen_at) VALUES (?1, ?2)",
+        params![step.client_nonce, now],
+    )?;
+    if fresh == 0 {
+        return refuse(
+            Failure::BadSenderNonce,
+            "this senderNonce was seen before: a replayed message",
+        );
+    }
+    match &step.begins {
+        Some(n) => {
+            let inserted = conn.execute(
+                "INSERT OR IGNORE INTO cmp_transactions (id, order_id, kind, cert_req_id,
+                   request_der, state, certificate_serial, server_nonce, created_at, updated_at)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?9)",
+                params![
+                    step.transaction_id,
+                    n.order_id,
+                    n.kind,
+                    n.cert_req_id,
+                    n.request_der,
+                    step.state,
+                    step.certificate_serial,
+                    step.server_nonce,
+                    now
+                ],
+            )?;
+            if inserted == 0 {
+                return refuse(
+                    Failure::TransactionIdInUse,
+                    "this transactionID was used before: start a new transaction",
+                );
+            }
+        }
+        None => {
+            let updated = conn.execute(
+                "UPDATE cmp_transactions SET state = ?3,
+                   certificate_serial = COALESCE(?4, certificate_serial), server_nonce = ?5,
+                   updated_at = ?6
+                 WHERE id = ?1 AND server_nonce = ?2",
+                params![
+                    step.transaction_id,
+                    step.recip_nonce,
+                    step.state,
+                    step.certificate_serial,
+                    step.server_nonce,
+                    now
+                ],
+            )?;
+            if updated == 0 {
+                return refuse(
+                    Failure::BadRecipientNonce,
+                    "the recipNonce is not the nonce of the portal's last answer in this transaction",
+                );
+            }
+        }
+    }
+    Ok(())
 }
 
 fn consume_challenge(conn: &Connection, id: &str, order_id: &str, now: i64) -> Result<(), Error> {

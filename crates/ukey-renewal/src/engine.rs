@@ -479,6 +479,7 @@ fn ask_portal(
                 tracking_number, ..
             } => RenewalError::NewKeyMailed { tracking_number },
             RenewalStatus::Rejected { reason, .. } => RenewalError::Rejected { reason },
+            RenewalStatus::UnderReview { .. } => RenewalError::UnderReview { serial },
         };
         // A user action outranks "nothing to do".
         let replace = match &out.blocker {

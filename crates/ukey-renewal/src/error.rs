@@ -101,6 +101,12 @@ pub enum RenewalError {
         /// Where to pay.
         payment_url: String,
     },
+    /// A reviewer has not decided yet.
+    #[error("the renewal of certificate {serial} is under review")]
+    UnderReview {
+        /// Certificate serial.
+        serial: String,
+    },
     /// The reviewer rejected it.
     #[error("the renewal was rejected: {reason}")]
     Rejected {
@@ -209,6 +215,7 @@ impl RenewalError {
             | RenewalError::AlreadyRenewed { .. } => ErrorKind::NothingToDo,
             RenewalError::AwaitingPayment { .. }
             | RenewalError::Rejected { .. }
+            | RenewalError::UnderReview { .. }
             | RenewalError::NewKeyMailed { .. }
             | RenewalError::PinLocked { .. }
             | RenewalError::FinalTryNeedsConfirmation { .. }
@@ -224,7 +231,6 @@ impl RenewalError {
         }
     }
 
-    /// A stable code.
     /// Tries left on the PIN after a wrong one, when the key says (SKF keys do).
     pub fn pin_tries_left(&self) -> Option<u32> {
         match self {
@@ -234,6 +240,7 @@ impl RenewalError {
         }
     }
 
+    /// A stable code.
     pub fn code(&self) -> &'static str {
         match self {
             RenewalError::Token(e) => e.code(),
@@ -245,6 +252,7 @@ impl RenewalError {
             RenewalError::AlreadyRenewed { .. } => "already_renewed",
             RenewalError::AwaitingPayment { .. } => "awaiting_payment",
             RenewalError::Rejected { .. } => "rejected",
+            RenewalError::UnderReview { .. } => "under_review",
             RenewalError::NewKeyMailed { .. } => "new_key_mailed",
             RenewalError::PinLocked { .. } => "pin_locked",
             RenewalError::FinalTryNeedsConfirmation { .. } => "pin_final_try",
@@ -323,6 +331,13 @@ impl RenewalError {
                     format!("续期订单尚未付款。请在此付款：{payment_url}")
                 } else {
                     format!("The renewal is not paid yet. Pay here: {payment_url}")
+                }
+            }
+            RenewalError::UnderReview { .. } => {
+                if zh {
+                    "续期申请正在审核中，审核通过后即可更新；请稍后再试".to_owned()
+                } else {
+                    "The renewal is under review; it can be installed once approved. Try again later".to_owned()
                 }
             }
             RenewalError::Rejected { reason } => {

@@ -64,4 +64,12 @@ describe('certificate states', () => {
     expect(k.certificates.map((c) => certState(s, k, c))).toEqual(['rejected', 'requires_new_key', 'completed', 'corrupt']);
     expect(certAction(s, k, k.certificates[0]).kind).toBe('fix');
   });
+
+  it('under review offers nothing to click, even when the key would renew', () => {
+    const k = key('S1', [cert('01', { state: 'under_review', orderId: 'o' })]);
+    const s = snapshot([k]);
+    expect(certState(s, k, k.certificates[0])).toBe('under_review');
+    expect(certAction(s, k, k.certificates[0]).kind).toBe('none');
+    expect(renewable(s)).toEqual([]);
+  });
 });

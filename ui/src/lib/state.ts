@@ -11,6 +11,7 @@ export type CertState =
   | 'ready'
   | 'issued'
   | 'awaiting_payment'
+  | 'under_review'
   | 'rejected'
   | 'requires_new_key'
   | 'completed'
@@ -44,6 +45,7 @@ export function certState(snapshot: Snapshot, key: Key, cert: Cert): CertState {
     case 'ready':
     case 'issued':
     case 'awaiting_payment':
+    case 'under_review':
     case 'rejected':
     case 'requires_new_key':
     case 'completed':
