@@ -6,10 +6,11 @@ use std::io::{BufRead, IsTerminal, Write};
 use std::path::{Path, PathBuf};
 
 use secrecy::SecretString;
+use ukey_portal_api::KeyPolicy;
 use ukey_portal_client::PortalClient;
 use ukey_renewal::{
-    ErrorKind, Event, JournalStore, KeyIdScheme, LabelScheme, Options, Plan, RenewalError, Report,
-    Step, preflight, renew,
+    CmpOptions, ErrorKind, Event, JournalStore, KeyIdScheme, LabelScheme, Options, Plan, Protocol,
+    RenewalError, Report, Step, preflight, renew,
 };
 use ukey_token::{Config, Lang, Module};
 use zeroize::Zeroize;
@@ -26,8 +27,22 @@ pub const EXIT_FAILED: u8 = 7;
 pub struct RenewArgs {
     /// The CA portal, e.g. https://portal.example.cn (default: `portal_url` of the
     /// configuration files).
-    #[arg(long, value_name = "URL")]
+    #[arg(long, value_name = "URL", conflicts_with = "cmp")]
     pub portal: Option<String>,
+    /// Renew over CMP (RFC 9483) at the CA's endpoint, e.g.
+    /// https://ca.example.cn/.well-known/cmp (default: `url` of the config's [cmp]).
+    #[arg(long, value_name = "URL")]
+    pub cmp: Option<String>,
+    /// CMP: the request, `kur` (key update) or `cr` (for CAs without key update).
+    #[arg(long, value_name = "kur|cr")]
+    pub cmp_request: Option<String>,
+    /// CMP: keep the key pair (a reissue) instead of a new one on the token.
+    #[arg(long)]
+    pub same_key: bool,
+    /// CMP: how long to poll a CA that answers "waiting" (a review) before stopping;
+    /// the renewal then waits in its journal and the next run asks again.
+    #[arg(long, value_name = "SECONDS", default_value_t = 30)]
+    pub cmp_wait: u64,
     /// Token serial, or the id `ukey list` shows (`serial@slot`) for keys whose module
     /// gives several keys one serial (needed only when several tokens have a ready
     /// renewal).
@@ -96,6 +111,36 @@ pub fn options(
     Ok(opts)
 }
 
+/// The CMP settings from the command line over the config's [cmp] table.
+fn cmp_protocol(url: &str, args: &RenewArgs, config: &Config) -> Result<Protocol, RenewalError> {
+    let bad = |what: String| RenewalError::Selection(what);
+    let request = match args
+        .cmp_request
+        .as_deref()
+        .or(config.cmp.request.as_deref())
+        .unwrap_or("kur")
+    {
+        "kur" => ukey_cmp::RequestKind::KeyUpdate,
+        "cr" => ukey_cmp::RequestKind::Certification,
+        other => return Err(bad(format!("CMP request {other:?}: expected kur or cr"))),
+    };
+    let key_policy = match (args.same_key, config.cmp.key.as_deref()) {
+        (true, _) | (false, Some("same")) => KeyPolicy::Same,
+        (false, None | Some("new")) => KeyPolicy::New,
+        (false, Some(other)) => {
+            return Err(bad(format!(
+                "[cmp] key = {other:?}: expected \"new\" or \"same\""
+            )));
+        }
+    };
+    Ok(Protocol::Cmp(CmpOptions {
+        url: url.trim_end_matches('/').to_owned(),
+        request,
+        key_policy,
+        wait: std::time::Duration::from_secs(args.cmp_wait),
+    }))
+}
+
 /// Exit code for an engine error.
 pub fn exit_code(e: &RenewalError) -> u8 {
     match e.kind() {
@@ -139,7 +184,23 @@ pub fn run(args: &RenewArgs, module: &Module, config: &Config, lang: Lang) -> an
     if opts.trust_anchors.is_empty() {
         return Ok(fail(&RenewalError::NoTrustAnchor, args.json, lang));
     }
-    let Some(portal) = args.portal.as_deref().or(config.portal_url.as_deref()) else {
+    let cmp_url = match (&args.cmp, &args.portal) {
+        (Some(u), _) => Some(u.clone()),
+        (None, Some(_)) => None,
+        (None, None) => config.cmp.url.clone(),
+    };
+    let mut opts = opts;
+    if let Some(url) = &cmp_url {
+        opts.protocol = match cmp_protocol(url, args, config) {
+            Ok(p) => p,
+            Err(e) => return Ok(fail(&e, args.json, lang)),
+        };
+    }
+    let Some(portal) = cmp_url
+        .as_deref()
+        .or(args.portal.as_deref())
+        .or(config.portal_url.as_deref())
+    else {
         return Ok(fail(&RenewalError::NoPortal, args.json, lang));
     };
     // The trust anchors also verify the portal's TLS certificate (a CA's portal may use

@@ -424,9 +424,15 @@ pub enum Answer {
         /// The CA's text.
         text: String,
     },
-    /// Refused, with the CA's reason.
+    /// The request refused, with the CA's reason (`statusString` of a rejection).
     Rejected {
-        /// The CA's text (`statusString`).
+        /// The CA's text.
+        text: String,
+    },
+    /// An error message: the CA could not process the message (a protocol error, an
+    /// unknown transaction, a failure on its side), with its text.
+    Error {
+        /// The CA's text, details and error code.
         text: String,
     },
 }
@@ -509,7 +515,10 @@ pub fn check_answer<'a>(
     if !verify(&spki, alg, &part, protection.raw_bytes()) {
         return Err(CmpError::Protection("the signature does not verify".into()));
     }
-    trust(signer, &extra[1..]).map_err(|e| CmpError::Untrusted(e.to_string()))?;
+    trust(signer, &extra[1..]).map_err(|e| match e {
+        CmpError::Untrusted(_) => e,
+        other => CmpError::Untrusted(other.to_string()),
+    })?;
     tx.recip_nonce = h.sender_nonce.as_ref().map(|o| o.as_bytes().to_vec());
     let implicit_confirm = h
         .general_info
@@ -539,7 +548,7 @@ pub fn answer(msg: &Checked<'_>) -> Result<Answer> {
             if let Some(code) = e.error_code {
                 text = format!("{text} [error code {code}]");
             }
-            return Ok(Answer::Rejected { text });
+            return Ok(Answer::Error { text });
         }
         Some(body_tag::POLL_REP) => {
             let items = Vec::<PollRepItem<'_>>::from_der(inner).map_err(malformed)?;

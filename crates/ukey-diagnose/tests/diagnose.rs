@@ -507,6 +507,7 @@ fn journal(s: &Setup, step: Step, outcome: Outcome) -> Journal {
             state: StepState::Started,
             at: now,
         }],
+        cmp: None,
     }
 }
 

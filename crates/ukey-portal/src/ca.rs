@@ -137,6 +137,8 @@ impl std::fmt::Debug for Ca {
 const CERT_FILE: &str = "ca-cert.pem";
 const KEY_FILE: &str = "ca-key.pem";
 const ACCEPTED_FILE: &str = "accepted-issuers.pem";
+const CMP_CERT_FILE: &str = "cmp-cert.pem";
+const CMP_KEY_FILE: &str = "cmp-key.pem";
 
 impl Ca {
     /// Opens the CA of `data_dir`. With `import = Some((cert, key))` those PEM files are
@@ -347,13 +349,59 @@ impl Ca {
         })
     }
 
-    /// The CA key as CMP answers are protected with: RSA or EC (`None` for an SM2 CA,
-    /// whose CMP protection is not offered).
-    pub fn cmp_signer(&self) -> Option<CaCmpSigner<'_>> {
-        match &self.signer {
-            Signer::Rcgen(issuer) => Some(CaCmpSigner(issuer.key())),
-            Signer::Sm2(_) => None,
+    /// The key and certificate protecting the portal's CMP answers: an end-entity
+    /// certificate (P-256, digitalSignature) this CA issued for the purpose, kept in
+    /// the data directory, made at first use and again when the CA changed or it nears
+    /// its end. Clients check it as any certificate, up to their trust anchors. `None`
+    /// for an SM2 CA (CMP with SM2 protection is not offered).
+    pub fn cmp_identity(
+        &self,
+        data_dir: &Path,
+        now: OffsetDateTime,
+    ) -> Result<Option<CmpIdentity>, CaError> {
+        let Signer::Rcgen(issuer) = &self.signer else {
+            return Ok(None);
+        };
+        let cert_path = data_dir.join(CMP_CERT_FILE);
+        let key_path = data_dir.join(CMP_KEY_FILE);
+        if cert_path.exists() && key_path.exists() {
+            let cert_pem = std::fs::read_to_string(&cert_path).map_err(io_err(&cert_path))?;
+            let key_pem = std::fs::read_to_string(&key_path).map_err(io_err(&key_path))?;
+            let der = parse_cert_bundle(&cert_pem)?.remove(0);
+            let (_, own) = X509Certificate::from_der(&self.cert_der)
+                .map_err(|e| CaError::BadPem(format!("CA certificate: {e}")))?;
+            let current = X509Certificate::from_der(&der).ok().is_some_and(|(_, c)| {
+                signed_by(&c, &own)
+                    && c.validity().not_after.timestamp()
+                        > (now + Duration::days(30)).unix_timestamp()
+            });
+            if current {
+                return Ok(Some(CmpIdentity {
+                    key: load_key(&key_pem)?,
+                    cert_der: der,
+                }));
+            }
         }
+        let key = KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256)?;
+        let mut params = CertificateParams::default();
+        let mut dn = DistinguishedName::new();
+        dn.push(DnType::CommonName, format!("{} CMP", self.display_name));
+        params.distinguished_name = dn;
+        params.not_before = now - Duration::minutes(5);
+        params.not_after = add_years(now, 2);
+        let mut serial = random_bytes(16).map_err(|_| CaError::Random)?;
+        serial[0] = (serial[0] & 0x7f) | 0x40;
+        params.serial_number = Some(SerialNumber::from_slice(&serial));
+        params.is_ca = IsCa::ExplicitNoCa;
+        params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
+        params.use_authority_key_identifier_extension = true;
+        let cert = params.signed_by(&key, issuer.as_ref())?;
+        std::fs::write(&cert_path, cert.pem()).map_err(io_err(&cert_path))?;
+        write_private(&key_path, key.serialize_pem().as_bytes())?;
+        Ok(Some(CmpIdentity {
+            key,
+            cert_der: cert.der().to_vec(),
+        }))
     }
 
     /// Signs a CRL listing `revoked` (reason superseded), valid for 7 days.
@@ -391,7 +439,31 @@ impl Ca {
     }
 }
 
-/// The CA's RSA or EC key signing CMP messages.
+/// What protects the portal's CMP answers (see [`Ca::cmp_identity`]).
+pub struct CmpIdentity {
+    key: KeyPair,
+    cert_der: Vec<u8>,
+}
+
+impl std::fmt::Debug for CmpIdentity {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("CmpIdentity").finish_non_exhaustive()
+    }
+}
+
+impl CmpIdentity {
+    /// The protection certificate, DER.
+    pub fn cert_der(&self) -> &[u8] {
+        &self.cert_der
+    }
+
+    /// Its key, as the CMP layer signs with it.
+    pub fn signer(&self) -> CaCmpSigner<'_> {
+        CaCmpSigner(&self.key)
+    }
+}
+
+/// An RSA or EC key signing CMP messages.
 #[derive(Debug)]
 pub struct CaCmpSigner<'a>(&'a KeyPair);
 

@@ -87,9 +87,10 @@ impl Portal {
     /// `POST /.well-known/cmp`: one DER PKIMessage in, the protected DER answer out.
     /// `Err` only when no answer can be protected (an SM2 CA).
     pub fn cmp_message(&self, der: &[u8]) -> Result<Vec<u8>, Error> {
-        let signer = self.ca().cmp_signer().ok_or_else(|| {
+        let identity = self.cmp_identity().ok_or_else(|| {
             Error::Setup("CMP needs an RSA or EC CA key; this portal's CA is SM2".into())
         })?;
+        let signer = identity.signer();
         let nonce = crypto::random_bytes(16).map_err(|_| Error::Setup("RNG failure".into()))?;
         let (outcome, to) = match server::read(der) {
             Err((refusal, to)) => (Outcome::Error(refusal), to),
@@ -105,7 +106,7 @@ impl Portal {
         }
         let protection = Protection {
             signer: &signer,
-            cert_der: self.ca().cert_der(),
+            cert_der: identity.cert_der(),
             chain_der: self.ca().chain_der(),
         };
         server::answer(&to, &nonce, &outcome, false, &protection)

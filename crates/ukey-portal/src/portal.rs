@@ -115,6 +115,7 @@ pub struct Portal {
     public_url: RwLock<Option<String>>,
     challenge_ttl: Duration,
     cmp: CmpSettings,
+    cmp_identity: Option<crate::ca::CmpIdentity>,
     crl_cache: Mutex<Option<(u64, i64, Vec<u8>)>>,
 }
 
@@ -139,6 +140,7 @@ impl Portal {
         let ca = Ca::open(dir, import, config.ca_alg)?;
         let store = Store::open(&dir.join(DB_FILE))?;
         let admin_token = load_or_create_token(dir)?;
+        let cmp_identity = ca.cmp_identity(dir, now())?;
         Ok(Portal {
             store,
             ca,
@@ -146,6 +148,7 @@ impl Portal {
             public_url: RwLock::new(None),
             challenge_ttl: config.challenge_ttl,
             cmp: config.cmp,
+            cmp_identity,
             crl_cache: Mutex::new(None),
         })
     }
@@ -166,6 +169,11 @@ impl Portal {
     /// The CMP settings.
     pub fn cmp_settings(&self) -> &CmpSettings {
         &self.cmp
+    }
+
+    /// What protects CMP answers (`None` with an SM2 CA).
+    pub fn cmp_identity(&self) -> Option<&crate::ca::CmpIdentity> {
+        self.cmp_identity.as_ref()
     }
 
     /// The CA.

@@ -267,13 +267,17 @@ async fn post_cmp(h: &Harness, der: Vec<u8>) -> Vec<u8> {
     r.bytes().await.expect("body").to_vec()
 }
 
+/// The client's check: the protecting certificate chains to the portal's CA.
 fn trust(h: &Harness) -> impl Fn(&[u8], &[Vec<u8>]) -> ukey_cmp::Result<()> + '_ {
-    move |cert, _| {
-        if cert == h.portal().ca().cert_der() {
-            Ok(())
-        } else {
-            Err(ukey_cmp::CmpError::Untrusted("not the portal's CA".into()))
-        }
+    move |cert, extra| {
+        ukey_trust::chain::verify(
+            cert,
+            extra,
+            &[h.portal().ca().cert_der().to_vec()],
+            time::OffsetDateTime::now_utc(),
+        )
+        .map(drop)
+        .map_err(|e| ukey_cmp::CmpError::Untrusted(e.explain(false)))
     }
 }
 
@@ -297,7 +301,7 @@ fn kur(holder: &Holder, new: &rcgen::KeyPair, tx: &Transaction) -> Vec<u8> {
 
 fn rejected_text(a: &Answer) -> &str {
     match a {
-        Answer::Rejected { text } => text,
+        Answer::Rejected { text } | Answer::Error { text } => text,
         other => panic!("expected a refusal, got {other:?}"),
     }
 }

@@ -65,6 +65,8 @@ pub trait PortalApi {
         order_id: &str,
         req: &InstalledRequest,
     ) -> Result<Answer<InstalledResponse>, ClientError>;
+    /// One CMP exchange (RFC 6712) with the CA's CMP endpoint.
+    fn cmp(&self, message: &[u8]) -> Result<Answer<Vec<u8>>, ClientError>;
 }
 
 impl PortalApi for PortalClient {
@@ -87,6 +89,10 @@ impl PortalApi for PortalClient {
         req: &InstalledRequest,
     ) -> Result<Answer<InstalledResponse>, ClientError> {
         PortalClient::installed(self, order_id, req)
+    }
+    /// The client's base URL is the CMP endpoint's.
+    fn cmp(&self, message: &[u8]) -> Result<Answer<Vec<u8>>, ClientError> {
+        PortalClient::cmp(self, "", message)
     }
 }
 

@@ -86,6 +86,30 @@ pub enum JournalSync {
     Checkpoints,
 }
 
+/// Which protocol the CA speaks.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub enum Protocol {
+    /// The portal's REST protocol: status, challenge, issue, installed.
+    #[default]
+    Rest,
+    /// CMP (RFC 9483) at a URL, through [`PortalApi::cmp`].
+    Cmp(CmpOptions),
+}
+
+/// A CMP renewal: what to ask the CA for.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CmpOptions {
+    /// The CA's CMP endpoint (recorded in the journal: a renewal resumes there).
+    pub url: String,
+    /// `kur`, or a `cr` for CAs without key update.
+    pub request: ukey_cmp::RequestKind,
+    /// A new key pair on the token, or the same key (a reissue).
+    pub key_policy: KeyPolicy,
+    /// How long one run polls a CA that answers "waiting" before it stops; the
+    /// transaction waits in the journal and the next run asks again.
+    pub wait: StdDuration,
+}
+
 /// Engine settings.
 #[derive(Debug, Clone)]
 pub struct Options {
@@ -103,6 +127,8 @@ pub struct Options {
     pub confirm_final_try: bool,
     /// Where journals live.
     pub journals: JournalStore,
+    /// The CA's protocol.
+    pub protocol: Protocol,
 }
 
 impl Options {
@@ -116,6 +142,7 @@ impl Options {
             max_clock_skew: time::Duration::minutes(5),
             confirm_final_try: false,
             journals,
+            protocol: Protocol::Rest,
         }
     }
 }
@@ -245,7 +272,7 @@ fn key_alg(a: KeyAlgorithm) -> KeyAlg {
     }
 }
 
-fn alg_of(details: &CertificateDetails) -> Option<KeyAlg> {
+pub(crate) fn alg_of(details: &CertificateDetails) -> Option<KeyAlg> {
     KeyAlg::parse(&details.key_algorithm)
 }
 
@@ -276,11 +303,11 @@ fn random_hex(n: usize) -> String {
 
 /// A signing certificate on the token that could be renewed.
 #[derive(Debug, Clone)]
-struct Candidate {
-    der: Vec<u8>,
-    details: CertificateDetails,
-    key_id: Vec<u8>,
-    label: String,
+pub(crate) struct Candidate {
+    pub(crate) der: Vec<u8>,
+    pub(crate) details: CertificateDetails,
+    pub(crate) key_id: Vec<u8>,
+    pub(crate) label: String,
 }
 
 /// Checks everything that can be checked without the PIN and decides what to renew.
@@ -309,6 +336,9 @@ pub fn preflight(
         return Ok(plan);
     }
     let (candidates, encryption) = candidates(module, &token, want.as_deref())?;
+    if let Protocol::Cmp(c) = &opts.protocol {
+        return crate::cmp::plan(module, token, candidates, c, opts);
+    }
     let answers = ask_portal(candidates, portal, opts)?;
     let (cand, order_id, terms) = choose(answers.ready, answers.blocker, &token, opts)?;
     let mut plan = plan(module, token, cand, encryption, &order_id, &terms, opts)?;
@@ -358,6 +388,9 @@ fn unfinished(
                 .is_none_or(|ders| j.names_a_certificate_in(ders))
         })
         .find(|j| want.is_none_or(|w| w == j.old.serial));
+    if let Some(j) = &journal {
+        crate::cmp::same_protocol(j, opts)?;
+    }
     Ok(journal.map(|journal| Plan {
         notices: vec![Notice::Resuming { step: journal.step }],
         token: token.clone(),
@@ -479,7 +512,10 @@ fn ask_portal(
                 tracking_number, ..
             } => RenewalError::NewKeyMailed { tracking_number },
             RenewalStatus::Rejected { reason, .. } => RenewalError::Rejected { reason },
-            RenewalStatus::UnderReview { .. } => RenewalError::UnderReview { serial },
+            RenewalStatus::UnderReview { .. } => RenewalError::UnderReview {
+                serial,
+                reason: String::new(),
+            },
         };
         // A user action outranks "nothing to do".
         let replace = match &out.blocker {
@@ -540,7 +576,7 @@ fn choose(
 
 /// The plan for the chosen certificate: algorithms, the mechanisms the token must
 /// offer, the encryption certificate to archive, the notices, the journal.
-fn plan(
+pub(crate) fn plan(
     module: &Module,
     token: TokenSummary,
     cand: Candidate,
@@ -856,6 +892,7 @@ fn new_journal(
         activate_done: 0,
         outcome: Outcome::Unfinished,
         history: Vec::new(),
+        cmp: None,
     })
 }
 
@@ -944,7 +981,12 @@ pub fn run(
     } else {
         r.skip(Step::Activate);
     }
-    r.step(Step::Installed, |r| r.installed(&issued))?;
+    if r.j.cmp.is_some() {
+        // Confirmed to the CA (certConf) before activation.
+        r.skip(Step::Installed);
+    } else {
+        r.step(Step::Installed, |r| r.installed(&issued))?;
+    }
     r.j.outcome = Outcome::Completed;
     r.opts.journals.save(&r.j)?;
     Ok(Report {
@@ -999,9 +1041,9 @@ impl ActivationStep {
 
 /// The portal's answer to the issue request, with the transport key the request named
 /// (when an encryption certificate comes: its envelope is addressed to that key).
-struct Requested {
-    issued: IssueResponse,
-    transport: Option<TransportKey>,
+pub(crate) struct Requested {
+    pub(crate) issued: IssueResponse,
+    pub(crate) transport: Option<TransportKey>,
 }
 
 /// A certificate the portal issued that passed every check, with the keys it names.
@@ -1021,18 +1063,18 @@ struct Issued {
     public: PublicKey,
 }
 
-struct Run<'a> {
-    token: &'a dyn TokenSide,
-    portal: &'a dyn PortalApi,
-    opts: &'a Options,
-    j: Journal,
-    on_event: &'a mut dyn FnMut(Event),
-    timings: Vec<StepTiming>,
+pub(crate) struct Run<'a> {
+    pub(crate) token: &'a dyn TokenSide,
+    pub(crate) portal: &'a dyn PortalApi,
+    pub(crate) opts: &'a Options,
+    pub(crate) j: Journal,
+    pub(crate) on_event: &'a mut dyn FnMut(Event),
+    pub(crate) timings: Vec<StepTiming>,
 }
 
 /// The DER of a certificate the journal holds as hex. The engine wrote it; a damaged
 /// value is an error, never an empty certificate.
-fn der_of(hex_der: &str) -> Result<Vec<u8>, RenewalError> {
+pub(crate) fn der_of(hex_der: &str) -> Result<Vec<u8>, RenewalError> {
     hex::decode(hex_der)
         .ok()
         .filter(|d| !d.is_empty())
@@ -1040,7 +1082,7 @@ fn der_of(hex_der: &str) -> Result<Vec<u8>, RenewalError> {
 }
 
 impl Run<'_> {
-    fn save(&self) -> Result<(), RenewalError> {
+    pub(crate) fn save(&self) -> Result<(), RenewalError> {
         let j = &self.j;
         let checkpoint = j.outcome != Outcome::Unfinished
             || (j.step == Step::Key && j.state == StepState::Started)
@@ -1183,12 +1225,12 @@ impl Run<'_> {
         Ok(())
     }
 
-    fn old_cert(&self) -> Result<Vec<u8>, RenewalError> {
+    pub(crate) fn old_cert(&self) -> Result<Vec<u8>, RenewalError> {
         der_of(&self.j.old.cert_der_hex)
     }
 
     /// The key of the certificate being renewed.
-    fn old_key(&self) -> Result<KeyRef, RenewalError> {
+    pub(crate) fn old_key(&self) -> Result<KeyRef, RenewalError> {
         Ok(KeyRef::of_certificate(
             self.j.old.id.as_bytes(),
             &self.old_cert()?,
@@ -1196,7 +1238,7 @@ impl Run<'_> {
     }
 
     /// The new signing key before activation: the pending pair, or the old key.
-    fn new_key(&self, public: PublicKey) -> Result<KeyRef, RenewalError> {
+    pub(crate) fn new_key(&self, public: PublicKey) -> Result<KeyRef, RenewalError> {
         Ok(match self.j.key_policy {
             KeyPolicy::New => KeyRef {
                 id: self.j.signing.pending_id.as_bytes().to_vec(),
@@ -1212,7 +1254,13 @@ impl Run<'_> {
         let mut verified = self.step(Step::Verify, |r| r.verify(requested, public))?;
         self.step(Step::Write, |r| r.write(&mut verified))?;
         self.step(Step::SelfTest, |r| r.self_test(&verified))?;
-        self.probe_activation(&verified)
+        self.probe_activation(&verified)?;
+        // CMP: the certificate is confirmed (certConf) once written and tested, and
+        // before activation: protected by the old key, which activation may remove.
+        if self.j.cmp.is_some() {
+            self.confirm_cmp()?;
+        }
+        Ok(())
     }
 
     /// The new signing key's public key: generated on the token (new key) or the old
@@ -1248,6 +1296,9 @@ impl Run<'_> {
     }
 
     fn request(&mut self, public: &PublicKey) -> Result<Requested, RenewalError> {
+        if self.j.cmp.is_some() {
+            return self.request_cmp(public);
+        }
         let old_der = self.old_cert()?;
         let new_key = self.new_key(public.clone())?;
         let mut params = rcgen::CertificateParams::default();
@@ -1812,6 +1863,12 @@ impl PortalApi for NoPortal {
     > {
         Err(no_portal())
     }
+    fn cmp(
+        &self,
+        _: &[u8],
+    ) -> Result<ukey_portal_client::Answer<Vec<u8>>, ukey_portal_client::ClientError> {
+        Err(no_portal())
+    }
 }
 fn no_portal() -> ukey_portal_client::ClientError {
     ukey_portal_client::ClientError::Transport {
@@ -1906,7 +1963,7 @@ fn sig_alg(a: KeyAlg) -> SignatureAlgorithm {
     }
 }
 
-fn serial_of(der: &[u8]) -> Result<String, RenewalError> {
+pub(crate) fn serial_of(der: &[u8]) -> Result<String, RenewalError> {
     let (_, c) = X509Certificate::from_der(der)
         .map_err(|e| RenewalError::Refused(Refusal::Malformed(e.to_string())))?;
     Ok(ukey_portal_api::serial_hex_from_bytes(c.raw_serial()))

@@ -50,6 +50,10 @@ pub enum Refusal {
     /// The encryption part is missing or wrong.
     #[error("the encryption certificate or key is not acceptable: {0}")]
     Encryption(String),
+    /// A CMP answer failed the checks (transactionID, recipNonce, protection by a
+    /// trusted certificate, its form).
+    #[error("the CA's answer is not acceptable: {0}")]
+    Answer(String),
 }
 
 /// Everything the engine can fail with.
@@ -101,11 +105,14 @@ pub enum RenewalError {
         /// Where to pay.
         payment_url: String,
     },
-    /// A reviewer has not decided yet.
-    #[error("the renewal of certificate {serial} is under review")]
+    /// A reviewer has not decided yet. Over CMP the renewal waits in its journal,
+    /// its new key on the token, and the next run asks again.
+    #[error("the renewal of certificate {serial} is under review{}", if .reason.is_empty() { String::new() } else { format!(": {}", .reason) })]
     UnderReview {
         /// Certificate serial.
         serial: String,
+        /// The CA's words, when it gave some.
+        reason: String,
     },
     /// The reviewer rejected it.
     #[error("the renewal was rejected: {reason}")]
@@ -282,6 +289,8 @@ impl RenewalError {
             ),
             RenewalError::Portal(e) => e.is_transient(),
             RenewalError::Journal { .. } => true,
+            // A CMP renewal waiting for the CA's decision keeps its transaction.
+            RenewalError::UnderReview { .. } => true,
             _ => false,
         }
     }
@@ -333,11 +342,18 @@ impl RenewalError {
                     format!("The renewal is not paid yet. Pay here: {payment_url}")
                 }
             }
-            RenewalError::UnderReview { .. } => {
-                if zh {
-                    "续期申请正在审核中，审核通过后即可更新；请稍后再试".to_owned()
+            RenewalError::UnderReview { reason, .. } => {
+                let said = if reason.is_empty() {
+                    String::new()
                 } else {
-                    "The renewal is under review; it can be installed once approved. Try again later".to_owned()
+                    format!(" ({reason})")
+                };
+                if zh {
+                    format!("续期申请正在审核中{said}，审核通过后即可更新；请稍后再试。")
+                } else {
+                    format!(
+                        "The renewal is under review{said}; it can be installed once approved. Try again later."
+                    )
                 }
             }
             RenewalError::Rejected { reason } => {

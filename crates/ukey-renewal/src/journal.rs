@@ -189,6 +189,53 @@ pub struct IssuedCerts {
     pub not_after: OffsetDateTime,
 }
 
+/// Where a CMP renewal's transaction stands (RFC 9483): the identifiers it is checked
+/// by, and what the CA answered. Public data only.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CmpRecord {
+    /// The CA's CMP endpoint.
+    pub url: String,
+    /// `kur` or `cr`.
+    pub request: String,
+    /// The transaction, once a request was sent.
+    pub transaction: Option<CmpTransactionRecord>,
+}
+
+/// A CMP transaction in the journal.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CmpTransactionRecord {
+    /// transactionID, hex.
+    pub id_hex: String,
+    /// Our last senderNonce, hex.
+    pub sender_nonce_hex: String,
+    /// The CA's last senderNonce, hex.
+    pub recip_nonce_hex: Option<String>,
+    /// certReqId, hex.
+    pub cert_req_id_hex: String,
+    /// Where it stands.
+    pub state: CmpState,
+    /// The certificate the CA issued, DER hex (from `issued`).
+    pub cert_der_hex: Option<String>,
+    /// The certificates the answer carried (the CA's chain), DER hex.
+    pub chain_der_hex: Vec<String>,
+}
+
+/// Where a CMP transaction stands.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum CmpState {
+    /// The request is being sent; its answer is not recorded.
+    Sent,
+    /// The CA answered "waiting": poll.
+    Waiting,
+    /// The CA issued the certificate.
+    Issued,
+    /// certConf sent; its answer not recorded (the CA may have it).
+    ConfirmSent,
+    /// certConf sent and pkiConf received (or implicit confirmation granted).
+    Confirmed,
+}
+
 /// Whether a step has started or is done.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
@@ -267,6 +314,9 @@ pub struct Journal {
     pub outcome: Outcome,
     /// Every step transition.
     pub history: Vec<HistoryEntry>,
+    /// A renewal over CMP: its transaction (none for the portal's REST protocol).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cmp: Option<CmpRecord>,
 }
 
 impl Journal {
@@ -538,6 +588,7 @@ mod tests {
             activate_done: 0,
             outcome: Outcome::Unfinished,
             history: vec![],
+            cmp: None,
         }
     }
 

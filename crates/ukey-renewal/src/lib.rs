@@ -13,6 +13,7 @@
 
 pub mod api;
 pub mod checks;
+pub mod cmp;
 pub mod engine;
 pub mod error;
 pub mod events;
@@ -21,8 +22,9 @@ pub mod skf;
 
 pub use api::{Activation, KeyRef, KeyUse, PortalApi, SessionToken, TokenSide};
 pub use engine::{
-    ActivationStep, FAILPOINT_ENV, JournalSync, KeyIdScheme, LabelScheme, Notice, Options,
-    PENDING_LABEL_PREFIX, Plan, Report, StepTiming, abandon, preflight, renew, run, status_request,
+    ActivationStep, CmpOptions, FAILPOINT_ENV, JournalSync, KeyIdScheme, LabelScheme, Notice,
+    Options, PENDING_LABEL_PREFIX, Plan, Protocol, Report, StepTiming, abandon, preflight, renew,
+    run, status_request,
 };
 pub use error::{ErrorKind, Refusal, RenewalError};
 pub use events::{Event, Step};

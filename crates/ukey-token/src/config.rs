@@ -114,6 +114,9 @@ pub struct Config {
     /// `[renewal]`: trust anchors and naming of renewed objects.
     #[serde(default)]
     pub renewal: RenewalConfig,
+    /// `[cmp]`: renew over CMP (RFC 9483) instead of the portal's protocol.
+    #[serde(default)]
+    pub cmp: CmpConfig,
     /// Which file each setting came from (`setting`, file), filled by
     /// [`Config::load_default`]; not part of the file.
     #[serde(skip)]
@@ -144,6 +147,28 @@ pub struct RenewalConfig {
     /// Label of the new encryption objects.
     #[serde(default)]
     pub encryption_label: Option<String>,
+}
+
+/// The `[cmp]` table: a CA that renews over CMP (RFC 9483).
+///
+/// ```toml
+/// [cmp]
+/// url = "https://ca.example.cn/.well-known/cmp/p/renewal"
+/// request = "kur"     # or "cr", for CAs without key update
+/// key = "new"         # or "same": a reissue for the key on the token
+/// ```
+#[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CmpConfig {
+    /// The CA's CMP endpoint.
+    #[serde(default)]
+    pub url: Option<String>,
+    /// `kur` (default) or `cr`.
+    #[serde(default)]
+    pub request: Option<String>,
+    /// `new` (default) or `same`.
+    #[serde(default)]
+    pub key: Option<String>,
 }
 
 impl Config {
@@ -216,6 +241,19 @@ impl Config {
             if let Some(l) = r.encryption_label {
                 from("renewal.encryption_label");
                 out.renewal.encryption_label = Some(l);
+            }
+            let c = layer.cmp;
+            if let Some(u) = c.url {
+                from("cmp.url");
+                out.cmp.url = Some(u);
+            }
+            if let Some(r) = c.request {
+                from("cmp.request");
+                out.cmp.request = Some(r);
+            }
+            if let Some(k) = c.key {
+                from("cmp.key");
+                out.cmp.key = Some(k);
             }
         }
         out

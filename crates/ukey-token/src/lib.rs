@@ -35,8 +35,8 @@ pub mod watcher;
 
 pub use certificate::{CertificateDetails, Usage};
 pub use config::{
-    Config, FoundModule, Interface, ModuleEntry, RenewalConfig, UserSettings, discover_all,
-    resolve_module, resolve_module_path,
+    CmpConfig, Config, FoundModule, Interface, ModuleEntry, RenewalConfig, UserSettings,
+    discover_all, resolve_module, resolve_module_path,
 };
 pub use error::{Error, Lang, Pkcs11Call, Result, TokenName};
 pub use keys::{KeyAlg, KeyMatch, KeyObject, KeyPairHandles, PublicKey};

@@ -441,6 +441,12 @@ impl ukey_renewal::PortalApi for Counting<'_> {
     > {
         self.inner.installed(order_id, req)
     }
+    fn cmp(
+        &self,
+        message: &[u8],
+    ) -> Result<ukey_portal_client::Answer<Vec<u8>>, ukey_portal_client::ClientError> {
+        self.inner.cmp(message)
+    }
 }
 
 #[test]

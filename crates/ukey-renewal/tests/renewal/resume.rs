@@ -69,6 +69,10 @@ impl PortalApi for Flaky<'_> {
         self.maybe("installed")?;
         self.inner.installed(order_id, req)
     }
+    fn cmp(&self, message: &[u8]) -> Result<Answer<Vec<u8>>, ClientError> {
+        self.maybe("cmp")?;
+        self.inner.cmp(message)
+    }
 }
 
 fn interrupted_then_resumed(fail_at: &'static str, stopped_at: Step) {
