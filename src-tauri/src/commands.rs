@@ -185,6 +185,9 @@ pub fn save_settings(
 
 /// The portal client for these settings, if a portal is configured.
 pub fn status_source(settings: &Settings) -> Option<Arc<dyn StatusSource>> {
+    if crate::renewal::cmp_options().is_some() {
+        return Some(Arc::new(crate::renewal::CmpStatus));
+    }
     PortalStatus::for_url(settings.portal_url.as_deref())
 }
 
@@ -192,6 +195,7 @@ fn engine_config(state: &AppState) -> EngineConfig {
     let s = state.effective();
     EngineConfig {
         portal_url: s.portal_url.clone(),
+        cmp: crate::renewal::cmp_options(),
         trust_anchors: s.trust_anchors.clone(),
         data_dir: state.data_dir.clone(),
         lang: settings::lang(&s),

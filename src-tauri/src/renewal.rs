@@ -15,12 +15,15 @@ use ukey_token::{Lang, Module, TokenSummary};
 
 use crate::error::{IpcError, IpcResult};
 use crate::service::StatusSource;
+use crate::view::StatusView;
 
 /// What the engine needs from the settings.
 #[derive(Debug, Clone)]
 pub struct EngineConfig {
     /// Portal base URL.
     pub portal_url: Option<String>,
+    /// A CA reached over CMP instead (see [`cmp_options`]).
+    pub cmp: Option<ukey_renewal::CmpOptions>,
     /// PEM files of the CA certificates an issued certificate must chain to.
     pub trust_anchors: Vec<PathBuf>,
     /// Data directory; journals are in its `journal/` (shared with `ukey renew`).
@@ -120,7 +123,8 @@ pub fn ipc_error(e: &RenewalError, lang: Lang) -> IpcError {
 }
 
 fn portal(cfg: &EngineConfig) -> IpcResult<PortalClient> {
-    let Some(url) = &cfg.portal_url else {
+    let url = cfg.cmp.as_ref().map(|c| &c.url).or(cfg.portal_url.as_ref());
+    let Some(url) = url else {
         return Err(IpcError::new(
             "portal_not_configured",
             cfg.lang.pick(
@@ -166,6 +170,9 @@ fn options(cfg: &EngineConfig, confirm_final_try: bool) -> IpcResult<ukey_renewa
         anchors.into_iter().map(|a| a.der).collect(),
     );
     o.confirm_final_try = confirm_final_try;
+    if let Some(c) = &cfg.cmp {
+        o.protocol = ukey_renewal::Protocol::Cmp(c.clone());
+    }
     Ok(o)
 }
 
@@ -266,14 +273,57 @@ impl PortalStatus {
 }
 
 impl StatusSource for PortalStatus {
-    fn status(&self, cert_der: &[u8]) -> IpcResult<ukey_portal_api::RenewalStatus> {
+    fn status(&self, cert_der: &[u8]) -> IpcResult<StatusView> {
         let req = ukey_renewal::status_request(cert_der)
             .map_err(|e| IpcError::new(e.code(), e.to_string()))?;
         self.0
             .status(&req)
-            .map(|a| a.value)
+            .map(|a| StatusView::from(a.value))
             .map_err(|e| IpcError::new(e.code(), e.to_string()))
     }
+}
+
+/// The statuses where the CA speaks CMP: a signing certificate can be renewed through
+/// it (the CA's answer says whether it issues, waits or refuses); an encryption
+/// certificate is renewed with its signing one, over the portal's protocol.
+#[derive(Debug)]
+pub struct CmpStatus;
+
+impl StatusSource for CmpStatus {
+    fn status(&self, cert_der: &[u8]) -> IpcResult<StatusView> {
+        let d = ukey_token::CertificateDetails::from_der(cert_der)
+            .map_err(|e| IpcError::new("certificate_malformed", e))?;
+        Ok(match d.usage {
+            ukey_token::Usage::Encryption => StatusView::None,
+            _ => StatusView::Cmp,
+        })
+    }
+}
+
+/// A CA reached over CMP: `UKEY_CMP_URL`, else `[cmp]` of the configuration files (a
+/// CA's installer writes it to /etc/ukey/config.toml). Renewals through the app wait
+/// 20 s for a CA that answers "waiting"; the journal keeps the transaction after that.
+pub fn cmp_options() -> Option<ukey_renewal::CmpOptions> {
+    let config = ukey_token::Config::load_default().unwrap_or_else(|e| {
+        tracing::warn!("configuration file: {e}");
+        ukey_token::Config::default()
+    });
+    let url = std::env::var("UKEY_CMP_URL")
+        .ok()
+        .filter(|v| !v.is_empty())
+        .or(config.cmp.url)?;
+    Some(ukey_renewal::CmpOptions {
+        url,
+        request: match config.cmp.request.as_deref() {
+            Some("cr") => ukey_cmp::RequestKind::Certification,
+            _ => ukey_cmp::RequestKind::KeyUpdate,
+        },
+        key_policy: match config.cmp.key.as_deref() {
+            Some("same") => ukey_portal_api::KeyPolicy::Same,
+            _ => ukey_portal_api::KeyPolicy::New,
+        },
+        wait: std::time::Duration::from_secs(20),
+    })
 }
 
 /// The diagnosis page's content.
@@ -363,6 +413,7 @@ mod tests {
     fn no_portal_or_no_trust_anchor_is_a_clear_error() {
         let cfg = EngineConfig {
             portal_url: None,
+            cmp: None,
             trust_anchors: vec![],
             data_dir: std::env::temp_dir(),
             lang: Lang::En,

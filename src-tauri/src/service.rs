@@ -40,7 +40,7 @@ pub trait Emitter: Send + Sync + 'static {
 /// Asks a portal for a certificate's renewal status.
 pub trait StatusSource: Send + Sync + 'static {
     /// Status of the certificate with this DER.
-    fn status(&self, cert_der: &[u8]) -> IpcResult<ukey_portal_api::RenewalStatus>;
+    fn status(&self, cert_der: &[u8]) -> IpcResult<StatusView>;
 }
 
 /// What the service needs to know from the settings.
@@ -250,7 +250,7 @@ fn portal_thread(
         let status = match &source {
             None => StatusView::Unknown,
             Some(s) => match s.status(&job.der) {
-                Ok(st) => StatusView::from(st),
+                Ok(st) => st,
                 Err(error) => StatusView::Unavailable { error },
             },
         };

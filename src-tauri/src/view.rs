@@ -180,6 +180,9 @@ pub enum StatusView {
         #[serde(rename = "trackingNumber")]
         tracking_number: String,
     },
+    /// The CA is reached over CMP (RFC 9483), which has no status to ask: the CA says
+    /// what it does when the renewal is requested.
+    Cmp,
     /// Held for a reviewer's decision.
     UnderReview {
         /// Order.

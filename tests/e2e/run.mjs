@@ -549,6 +549,28 @@ const scenarios = {
     await waitFor(async () => (await textOf('cert')).includes('SM2'), 'the key listed with its SM2 certificate');
   },
 
+  async cmp() {
+    // A CA that speaks CMP (RFC 9483): the app, restarted with the portal's CMP endpoint
+    // (UKEY_CMP_URL, as [cmp] url in the CA's config), offers to renew the signing
+    // certificate (CMP has no order status to ask), sends a key update request signed
+    // on the key, and confirms it (certConf): the portal's order ends completed.
+    const orderId = JSON.parse(portalCli('order', 'list', '--json')).find((o) => o.serial_hex === tokens.n.certSerial).order_id;
+    await restartApp({ ...appEnvForSecond, UKEY_CMP_URL: `${portalUrl}/.well-known/cmp` });
+    plugged('n');
+    await waitFor(async () => (await keyCount()) === 1 && (await textOf('status-text')).includes('CMP'), 'the CMP state on the certificate');
+    if (await visible('banner')) throw new Error('a banner for a CMP certificate: there is no order to announce');
+    await shot('21-cmp-offered');
+    await click('renew');
+    await waitText('consequences', '吊销');
+    await click('continue');
+    await enterPinAndSubmit(PIN);
+    await waitText('result-title', '证书已更新', 60000);
+    await shot('22-cmp-renewed');
+    await click('close');
+    const state = JSON.parse(portalCli('order', 'show', orderId, '--json')).state;
+    if (state !== 'completed') throw new Error(`the order is ${state}: no certConf reached the portal`);
+  },
+
   async 'skf-tries-left'() {
     // SKF (GM/T 0016): a software SKF key (libukey_sim.so's SKF face) holding an SM2
     // certificate from an SM2 portal's CA, 5 PIN tries. The app, restarted with the
@@ -624,6 +646,7 @@ async function main() {
   tokens.k = createToken('UKey-K', '褚十三');
   tokens.l = createToken('UKey-L', '卫十四');
   tokens.m = createToken('UKey-M', '蒋十五');
+  tokens.n = createToken('UKey-N', '沈十七');
   caFilesForSm2 = caFiles;
   await startPortal(caFiles);
   for (const n of ['a', 'b', 'c', 'e', 'f']) order(tokens[n], 'ready', ['--years', '2']);
@@ -633,6 +656,7 @@ async function main() {
   order(tokens.i, 'ready');
   order(tokens.j, 'ready');
   order(tokens.k, 'ready');
+  order(tokens.n, 'ready');
   caRoot = caFiles.root_cert;
   // Record what the app sends to the notification service.
   notifyMonitor = spawn('dbus-monitor', ['--session', "interface='org.freedesktop.Notifications'"], {

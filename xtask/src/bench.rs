@@ -329,7 +329,7 @@ fn renewal(opts: &Opts) -> Result<Vec<Row>> {
             check_interrupted()?;
             let (token, cert) = demo::add_key(&world, &format!("B{i}"), "张三", 10, s.key_alg)?;
             demo::order(&world, &cert, s.order)?;
-            let took = renew_once(&world, &url, &token)?;
+            let took = renew_once(&world, &["--portal", url.as_str()], &token)?;
             times.push(took.as_secs_f64() * 1e3);
             eprintln!("  {}: run {} {:.0} ms", s.name, i + 1, times[i]);
             // Each key lives in its own token dir; drop it so later runs list one key.
@@ -350,28 +350,75 @@ fn renewal(opts: &Opts) -> Result<Vec<Row>> {
             None,
         ));
     }
+    rows.push(cmp_vs_rest(&world, &url, runs)?);
     rows.extend(raw_ops_ratio(opts.quick));
     Ok(rows)
 }
 
-/// One `ukey renew --json` for a token, timed whole; fails unless it renewed.
-fn renew_once(world: &World, url: &str, token: &str) -> Result<Duration> {
+/// The same renewal (a P-256 key, new key, the same portal) over CMP and over the REST
+/// protocol, interleaved run by run: the ratio of the medians.
+fn cmp_vs_rest(world: &World, url: &str, runs: usize) -> Result<Row> {
+    let cmp_url = format!("{url}/.well-known/cmp");
+    let mut rest = Vec::new();
+    let mut cmp = Vec::new();
+    for i in 0..runs {
+        for (protocol, times) in [("rest", &mut rest), ("cmp", &mut cmp)] {
+            check_interrupted()?;
+            let (token, cert) =
+                demo::add_key(world, &format!("P{i}{protocol}"), "张三", 10, "p256")?;
+            demo::order(
+                world,
+                &cert,
+                &["--key-policy", "new", "--algorithm", "EC-P256"],
+            )?;
+            let how = if protocol == "cmp" {
+                ["--cmp", cmp_url.as_str()]
+            } else {
+                ["--portal", url]
+            };
+            let took = renew_once(world, &how, &token)?;
+            times.push(took.as_secs_f64() * 1e3);
+            eprintln!(
+                "  {protocol} renewal, P-256: run {} {:.0} ms",
+                i + 1,
+                times[i]
+            );
+            delete_key(world, &token)?;
+        }
+    }
+    let ratio = median(&cmp) / median(&rest);
+    Ok(Row::measured(
+        "CMP renewal vs REST renewal, P-256, new key",
+        ratio,
+        "×",
+        format!(
+            "medians of {runs} interleaved `ukey renew` processes each: CMP {:.0} ms, REST {:.0} ms",
+            median(&cmp),
+            median(&rest)
+        ),
+        "≤ 1.1×",
+        Some(ratio <= 1.1),
+    ))
+}
+
+/// One `ukey renew --json` for a token (`how`: `--portal URL` or `--cmp URL`), timed
+/// whole; fails unless it renewed.
+fn renew_once(world: &World, how: &[&str], token: &str) -> Result<Duration> {
     let mut c = world.cmd("ukey");
-    c.args([
-        "renew",
-        "--portal",
-        url,
-        "--token",
-        token,
-        "--pin-stdin",
-        "--yes",
-        "--json",
-        "--trust",
-    ])
-    .arg(&world.portal_ca)
-    .stdin(Stdio::piped())
-    .stdout(Stdio::piped())
-    .stderr(Stdio::piped());
+    c.arg("renew")
+        .args(how)
+        .args([
+            "--token",
+            token,
+            "--pin-stdin",
+            "--yes",
+            "--json",
+            "--trust",
+        ])
+        .arg(&world.portal_ca)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
     let started = Instant::now();
     let mut child = c.spawn().context("starting ukey renew")?;
     if let Some(mut stdin) = child.stdin.take() {
@@ -545,7 +592,7 @@ fn parallel(opts: &Opts) -> Result<Vec<Row>> {
     for i in 0..singles {
         let (token, cert) = demo::add_key(&world, &format!("ONE{i}"), "张三", 10, "rsa2048")?;
         demo::order(&world, &cert, order)?;
-        one.push(renew_once(&world, &url, &token)?.as_secs_f64() * 1e3);
+        one.push(renew_once(&world, &["--portal", url.as_str()], &token)?.as_secs_f64() * 1e3);
         delete_key(&world, &token)?;
     }
     // Eight at once: eight keys with ready orders, eight processes started together.

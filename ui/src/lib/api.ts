@@ -20,6 +20,7 @@ export type Status =
   | { state: 'issued'; orderId: string }
   | { state: 'completed'; orderId: string; newSerial: string }
   | { state: 'requires_new_key'; orderId: string; trackingNumber: string }
+  | { state: 'cmp' }
   | { state: 'under_review'; orderId: string }
   | { state: 'rejected'; orderId: string; reason: string };
 

@@ -65,6 +65,14 @@ describe('certificate states', () => {
     expect(certAction(s, k, k.certificates[0]).kind).toBe('fix');
   });
 
+  it('a CMP CA: renew offered on the signing certificate, no banner', () => {
+    const k = key('S1', [cert('01', { state: 'cmp' })]);
+    const s = snapshot([k]);
+    expect(certState(s, k, k.certificates[0])).toBe('cmp');
+    expect(certAction(s, k, k.certificates[0])).toEqual({ kind: 'renew', resume: false });
+    expect(renewable(s)).toEqual([]);
+  });
+
   it('under review offers nothing to click, even when the key would renew', () => {
     const k = key('S1', [cert('01', { state: 'under_review', orderId: 'o' })]);
     const s = snapshot([k]);

@@ -12,6 +12,7 @@ export type CertState =
   | 'issued'
   | 'awaiting_payment'
   | 'under_review'
+  | 'cmp'
   | 'rejected'
   | 'requires_new_key'
   | 'completed'
@@ -40,12 +41,13 @@ export function certState(snapshot: Snapshot, key: Key, cert: Cert): CertState {
   const interrupted = interruptedFor(snapshot, key);
   if (interrupted && interrupted.certSerial === cert.serial) return 'interrupted';
   const s = cert.status;
-  if ((s.state === 'ready' || s.state === 'issued') && key.pin.locked) return 'pin_locked';
+  if ((s.state === 'ready' || s.state === 'issued' || s.state === 'cmp') && key.pin.locked) return 'pin_locked';
   switch (s.state) {
     case 'ready':
     case 'issued':
     case 'awaiting_payment':
     case 'under_review':
+    case 'cmp':
     case 'rejected':
     case 'requires_new_key':
     case 'completed':
@@ -73,6 +75,7 @@ export function certAction(snapshot: Snapshot, key: Key, cert: Cert): Action {
   switch (state) {
     case 'ready':
     case 'issued':
+    case 'cmp':
       return { kind: 'renew', resume: false };
     case 'interrupted':
       return interruptedFor(snapshot, key)?.keyPresent
@@ -94,13 +97,14 @@ export function certAction(snapshot: Snapshot, key: Key, cert: Cert): Action {
   }
 }
 
-/** Every certificate that can be renewed now (for the banner and "renew all"). */
+/** Every certificate with a renewal waiting now (for the banner and "renew all"): not
+ *  those a CMP CA could renew, which have no order to announce. */
 export function renewable(snapshot: Snapshot): { key: Key; cert: Cert }[] {
   const out: { key: Key; cert: Cert }[] = [];
   for (const key of snapshot.keys) {
     for (const cert of key.certificates) {
       const a = certAction(snapshot, key, cert);
-      if (a.kind === 'renew') out.push({ key, cert });
+      if (a.kind === 'renew' && cert.status.state !== 'cmp') out.push({ key, cert });
     }
   }
   return out;
