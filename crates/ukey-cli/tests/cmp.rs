@@ -698,3 +698,157 @@ fn against_openssls_mock_refused_answers_leave_the_token_byte_for_byte() {
         assert_eq!(after, before, "{what}: the token is unchanged");
     }
 }
+
+/// The mock server's key (P-256) signing a test CA's answers.
+struct PemKey(rcgen::KeyPair);
+
+impl ukey_cmp::CmpSigner for PemKey {
+    fn algorithm(&self) -> ukey_cmp::spki::AlgorithmIdentifierOwned {
+        ukey_cmp::signature_algorithm(&rcgen::PublicKeyData::subject_public_key_info(&self.0))
+            .unwrap()
+    }
+    fn sign(&self, data: &[u8]) -> ukey_cmp::Result<Vec<u8>> {
+        Ok(rcgen::SigningKey::sign(&self.0, data).unwrap())
+    }
+}
+
+/// A CA whose answers the test shapes (OpenSSL's mock cannot answer for another
+/// transaction or nonce): it reads each request and answers what `shape` makes of it,
+/// protected with the mock's certificate (which the client trusts), over plain HTTP/1.1.
+fn shaped_ca(
+    dir: &Path,
+    shape: impl Fn(&ukey_cmp::server::AnswerTo) -> (ukey_cmp::server::AnswerTo, Vec<u8>)
+    + Send
+    + 'static,
+) -> String {
+    use std::io::{BufRead, BufReader, Read};
+    let key = PemKey(
+        rcgen::KeyPair::from_pem(&std::fs::read_to_string(dir.join("srv.key")).unwrap()).unwrap(),
+    );
+    let pem_der = |f: &str| {
+        pem::parse(std::fs::read(dir.join(f)).unwrap())
+            .unwrap()
+            .into_contents()
+    };
+    let cert = pem_der("srv.pem");
+    let chain = vec![pem_der("issuing.pem")];
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let url = format!("http://{}/", listener.local_addr().unwrap());
+    std::thread::spawn(move || {
+        for stream in listener.incoming().flatten() {
+            let mut reader = BufReader::new(stream.try_clone().unwrap());
+            let mut out = stream;
+            loop {
+                let mut len = None;
+                let mut line = String::new();
+                // Request line and headers.
+                loop {
+                    line.clear();
+                    if reader.read_line(&mut line).unwrap_or(0) == 0 {
+                        break;
+                    }
+                    let l = line.trim_end();
+                    if l.is_empty() {
+                        break;
+                    }
+                    if let Some(v) = l.to_ascii_lowercase().strip_prefix("content-length:") {
+                        len = v.trim().parse::<usize>().ok();
+                    }
+                }
+                let Some(len) = len else { break };
+                let mut body = vec![0u8; len];
+                if reader.read_exact(&mut body).is_err() {
+                    break;
+                }
+                let to = match ukey_cmp::server::read(&body) {
+                    Ok((_, to)) | Err((_, to)) => to,
+                };
+                let (to, cert_der) = shape(&to);
+                let nonce = vec![0x5a; 16];
+                let answer = ukey_cmp::server::answer(
+                    &to,
+                    &nonce,
+                    &ukey_cmp::server::Outcome::Issued {
+                        kind: ukey_cmp::server::CertReqKind::KeyUpdate,
+                        cert_req_id: vec![0],
+                        cert_der,
+                    },
+                    false,
+                    &ukey_cmp::server::Protection {
+                        signer: &key,
+                        cert_der: &cert,
+                        chain_der: &chain,
+                    },
+                )
+                .unwrap();
+                let head = format!(
+                    "HTTP/1.1 200 OK\r\nContent-Type: application/pkixcmp\r\nContent-Length: {}\r\n\r\n",
+                    answer.len()
+                );
+                if out.write_all(head.as_bytes()).is_err() || out.write_all(&answer).is_err() {
+                    break;
+                }
+            }
+        }
+    });
+    url
+}
+
+#[test]
+fn answers_for_another_transaction_nonce_or_subject_leave_the_token_byte_for_byte() {
+    let lab = Lab::new();
+    let root = lab.hsm.ca().unwrap().root_cert_path.clone();
+    type Shape = fn(&ukey_cmp::server::AnswerTo, &Path) -> (ukey_cmp::server::AnswerTo, Vec<u8>);
+    let cases: Vec<(&str, Shape, &str)> = vec![
+        (
+            "another transaction",
+            |to, dir| {
+                let mut to = to.clone();
+                to.transaction_id = Some(vec![1; 16]);
+                (to, std::fs::read(dir.join("reissue.der")).unwrap())
+            },
+            "transactionID",
+        ),
+        (
+            "another nonce",
+            |to, dir| {
+                let mut to = to.clone();
+                to.recip_nonce = Some(vec![2; 16]);
+                (to, std::fs::read(dir.join("reissue.der")).unwrap())
+            },
+            "recipNonce",
+        ),
+        (
+            "another subject",
+            |to, dir| (to.clone(), std::fs::read(dir.join("stranger.der")).unwrap()),
+            "another subject",
+        ),
+    ];
+    for (i, (what, shape, said)) in cases.into_iter().enumerate() {
+        let (fx, _) = lab.token(&format!("Shaped {i}"), KeyPolicy::Same);
+        let dir = tempfile::tempdir().unwrap();
+        mock_pki(&lab, &fx, dir.path());
+        // The token's key, certified for someone else by the same CA.
+        let d = dir.path();
+        #[rustfmt::skip]
+        openssl(d, &["req", "-new", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256", "-nodes",
+            "-keyout", "t2.key", "-utf8", "-subj", "/C=CN/O=另一家公司/CN=李四", "-out", "stranger.csr"]);
+        #[rustfmt::skip]
+        openssl(d, &["x509", "-req", "-in", "stranger.csr", "-force_pubkey", "old.pub",
+            "-CA", "issuing.pem", "-CAkey", "issuing.key", "-set_serial", "0x7777", "-days", "400",
+            "-extfile", "leaf.ext", "-outform", "DER", "-out", "stranger.der"]);
+        let owned = d.to_owned();
+        let url = shaped_ca(d, move |to| shape(to, &owned));
+        let (_, before) = look(&fx);
+        let out = lab.renew_at(&fx, &url, &root, &["--same-key"]);
+        assert_eq!(out.status.code(), Some(7), "{what}: {}", text(&out));
+        let v = json(&out);
+        assert_eq!(v["error"]["code"], "certificate_refused", "{what}: {v}");
+        assert!(
+            v["error"]["message"].as_str().unwrap().contains(said),
+            "{what}: {v}"
+        );
+        let (_, after) = look(&fx);
+        assert_eq!(after, before, "{what}: the token is unchanged");
+    }
+}
