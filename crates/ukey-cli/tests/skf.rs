@@ -1109,3 +1109,87 @@ fn a_gbk_label_is_listed_decoded_with_its_quirk() {
         "{v:#}"
     );
 }
+
+/// 国密 over CMP: an SKF key's SM2 signing certificate renewed with `ukey renew --cmp`
+/// against the SM2 portal's `/.well-known/cmp` (messages protected with SM2-with-SM3 and
+/// the GM ID both ways): the certificate read through the library's C ABI verifies with
+/// OpenSSL and the GM ID, and the certConf completed the order.
+#[test]
+fn an_skf_keys_sm2_certificate_is_renewed_over_cmp() {
+    let (lab, key) = skf_key();
+    // CMP renews the signing certificate alone (an escrowed key travels in the REST
+    // protocol's envelope only): the dual order is replaced by a signing one.
+    let portal = &lab.portal.server.portal;
+    let dual = portal
+        .list_orders()
+        .unwrap()
+        .into_iter()
+        .find(|o| o.serial_hex == key.old_sign_serial)
+        .unwrap();
+    portal.reject(&dual.order_id, "replaced").unwrap();
+    let der = lab.ssl.read(&format!("{}-sig.der", key.serial)).unwrap();
+    let order = portal
+        .create_order(&CreateOrderRequest {
+            serial_hex: key.old_sign_serial.clone(),
+            issuer_der: ukey_renewal::status_request(&der).unwrap().issuer_der,
+            issuer_dn: None,
+            years: 2,
+            state: InitialState::Ready,
+            key_policy: KeyPolicy::New,
+            with_encryption_cert: false,
+            target_algorithm: KeyAlgorithm::Sm2,
+            old_encryption_serial_hex: None,
+        })
+        .unwrap()
+        .order_id;
+    let url = format!("{}/.well-known/cmp", lab.portal.server.url);
+    let trust = lab.path("sm2ca.pem");
+    let out = lab.ukey(
+        &[
+            "renew",
+            "--cmp",
+            &url,
+            "--token",
+            &key.serial,
+            "--pin-stdin",
+            "--yes",
+            "--json",
+            "--trust",
+            trust.to_str().unwrap(),
+        ],
+        &format!("{PIN}\n"),
+    );
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out));
+    let v: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(v["status"], "renewed", "{v:#}");
+
+    let c = CAbi::load(&lab.lib);
+    let app = c.login(&key.device, PIN);
+    let names = c.containers(app);
+    let new_name = names
+        .iter()
+        .find(|n| n.starts_with("ukey-renew-"))
+        .unwrap_or_else(|| panic!("no new container: {names:?}"));
+    let sign_der = c
+        .certificate(c.container(app, new_name), true)
+        .expect("signing certificate");
+    assert_eq!(serial_of(&sign_der), v["new_serial"].as_str().unwrap());
+    std::fs::write(lab.path("cmpsig.der"), &sign_der).unwrap();
+    lab.ssl
+        .run(&[
+            "x509",
+            "-inform",
+            "DER",
+            "-in",
+            "cmpsig.der",
+            "-out",
+            "cmpsig.pem",
+        ])
+        .unwrap();
+    assert!(lab.ssl.verifies_with_gm_id("sm2ca", "cmpsig.pem"));
+    assert_eq!(
+        portal.show_order(&order).unwrap().state,
+        "completed",
+        "the certConf reached the portal"
+    );
+}

@@ -33,6 +33,10 @@ pub use {der, spki};
 pub const ECDSA_WITH_SHA256: ObjectIdentifier = ObjectIdentifier::new_unwrap("1.2.840.10045.4.3.2");
 /// `sha256WithRSAEncryption`.
 pub const SHA256_WITH_RSA: ObjectIdentifier = ObjectIdentifier::new_unwrap("1.2.840.113549.1.1.11");
+/// `SM2-with-SM3` (GM/T 0006), signed with the GM/T 0009 default ID.
+pub const SM2_WITH_SM3: ObjectIdentifier = ObjectIdentifier::new_unwrap("1.2.156.10197.1.501");
+/// The SM2 curve (`sm2p256v1`), an EC key's parameters.
+const SM2_CURVE: ObjectIdentifier = ObjectIdentifier::new_unwrap("1.2.156.10197.1.301");
 /// `id-ecPublicKey`.
 const EC_PUBLIC_KEY: ObjectIdentifier = ObjectIdentifier::new_unwrap("1.2.840.10045.2.1");
 /// `rsaEncryption`.
@@ -83,10 +87,30 @@ pub trait CmpSigner {
     fn sign(&self, data: &[u8]) -> Result<Vec<u8>>;
 }
 
-/// The signature algorithm for a key, from its SubjectPublicKeyInfo: ECDSA with SHA-256
-/// for an EC key, RSA PKCS#1 v1.5 with SHA-256 for an RSA key.
+/// Whether a SubjectPublicKeyInfo is an SM2 key (id-ecPublicKey on the SM2 curve, or
+/// the SM2 OID itself as some writers put it).
+fn is_sm2(spki: &SubjectPublicKeyInfoOwned) -> bool {
+    spki.algorithm.oid == SM2_CURVE
+        || (spki.algorithm.oid == EC_PUBLIC_KEY
+            && spki
+                .algorithm
+                .parameters
+                .as_ref()
+                .and_then(|p| p.decode_as::<ObjectIdentifier>().ok())
+                == Some(SM2_CURVE))
+}
+
+/// The signature algorithm for a key, from its SubjectPublicKeyInfo: SM2-with-SM3 for an
+/// SM2 key, ECDSA with SHA-256 for another EC key, RSA PKCS#1 v1.5 with SHA-256 for an
+/// RSA key.
 pub fn signature_algorithm(spki_der: &[u8]) -> Result<AlgorithmIdentifierOwned> {
     let spki = SubjectPublicKeyInfoOwned::from_der(spki_der).map_err(malformed)?;
+    if is_sm2(&spki) {
+        return Ok(AlgorithmIdentifierOwned {
+            oid: SM2_WITH_SM3,
+            parameters: None,
+        });
+    }
     match spki.algorithm.oid {
         EC_PUBLIC_KEY => Ok(AlgorithmIdentifierOwned {
             oid: ECDSA_WITH_SHA256,
@@ -100,7 +124,8 @@ pub fn signature_algorithm(spki_der: &[u8]) -> Result<AlgorithmIdentifierOwned> 
     }
 }
 
-/// Verifies `signature` over `data` with the key `spki_der` and the algorithm `alg`.
+/// Verifies `signature` over `data` with the key `spki_der` and the algorithm `alg`
+/// (SM2-with-SM3: a DER signature with Z for the GM/T 0009 default ID).
 pub fn verify(
     spki_der: &[u8],
     alg: &AlgorithmIdentifierOwned,
@@ -121,6 +146,9 @@ pub fn verify(
         SHA256_WITH_RSA => UnparsedPublicKey::new(&RSA_PKCS1_2048_8192_SHA256, key)
             .verify(data, signature)
             .is_ok(),
+        SM2_WITH_SM3 => {
+            is_sm2(&spki) && ukey_trust::gm::verify(ukey_trust::gm::GM_DISTID, key, data, signature)
+        }
         _ => false,
     }
 }

@@ -350,18 +350,15 @@ impl Ca {
     }
 
     /// The key and certificate protecting the portal's CMP answers: an end-entity
-    /// certificate (P-256, digitalSignature) this CA issued for the purpose, kept in
-    /// the data directory, made at first use and again when the CA changed or it nears
-    /// its end. Clients check it as any certificate, up to their trust anchors. `None`
-    /// for an SM2 CA (CMP with SM2 protection is not offered).
+    /// certificate (digitalSignature; P-256 under an RSA or EC CA, SM2 under an SM2
+    /// CA) this CA issued for the purpose, kept in the data directory, made at first
+    /// use and again when the CA changed or it nears its end. Clients check it as any
+    /// certificate, up to their trust anchors.
     pub fn cmp_identity(
         &self,
         data_dir: &Path,
         now: OffsetDateTime,
-    ) -> Result<Option<CmpIdentity>, CaError> {
-        let Signer::Rcgen(issuer) = &self.signer else {
-            return Ok(None);
-        };
+    ) -> Result<CmpIdentity, CaError> {
         let cert_path = data_dir.join(CMP_CERT_FILE);
         let key_path = data_dir.join(CMP_KEY_FILE);
         if cert_path.exists() && key_path.exists() {
@@ -375,33 +372,47 @@ impl Ca {
                     && c.validity().not_after.timestamp()
                         > (now + Duration::days(30)).unix_timestamp()
             });
-            if current {
-                return Ok(Some(CmpIdentity {
-                    key: load_key(&key_pem)?,
-                    cert_der: der,
-                }));
+            let key = match &self.signer {
+                Signer::Rcgen(_) => load_key(&key_pem).map(CmpKey::Rcgen),
+                Signer::Sm2(_) => crate::sm2ca::Sm2Signer::from_pem(&key_pem).map(CmpKey::Sm2),
+            };
+            if let (true, Ok(key)) = (current, key) {
+                return Ok(CmpIdentity { key, cert_der: der });
             }
         }
-        let key = KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256)?;
-        let mut params = CertificateParams::default();
-        let mut dn = DistinguishedName::new();
-        dn.push(DnType::CommonName, format!("{} CMP", self.display_name));
-        params.distinguished_name = dn;
-        params.not_before = now - Duration::minutes(5);
-        params.not_after = add_years(now, 2);
-        let mut serial = random_bytes(16).map_err(|_| CaError::Random)?;
-        serial[0] = (serial[0] & 0x7f) | 0x40;
-        params.serial_number = Some(SerialNumber::from_slice(&serial));
-        params.is_ca = IsCa::ExplicitNoCa;
-        params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
-        params.use_authority_key_identifier_extension = true;
-        let cert = params.signed_by(&key, issuer.as_ref())?;
-        std::fs::write(&cert_path, cert.pem()).map_err(io_err(&cert_path))?;
-        write_private(&key_path, key.serialize_pem().as_bytes())?;
-        Ok(Some(CmpIdentity {
-            key,
-            cert_der: cert.der().to_vec(),
-        }))
+        let cn = format!(
+            "{} CMP",
+            self.display_name
+                .replace([',', '+', '=', '"', '\\', '<', '>', ';'], " ")
+        );
+        let (key, cert_der, cert_pem, key_pem) = match &self.signer {
+            Signer::Rcgen(issuer) => {
+                let key = KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256)?;
+                let mut params = CertificateParams::default();
+                let mut dn = DistinguishedName::new();
+                dn.push(DnType::CommonName, cn);
+                params.distinguished_name = dn;
+                params.not_before = now - Duration::minutes(5);
+                params.not_after = add_years(now, 2);
+                let mut serial = random_bytes(16).map_err(|_| CaError::Random)?;
+                serial[0] = (serial[0] & 0x7f) | 0x40;
+                params.serial_number = Some(SerialNumber::from_slice(&serial));
+                params.is_ca = IsCa::ExplicitNoCa;
+                params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
+                params.use_authority_key_identifier_extension = true;
+                let cert = params.signed_by(&key, issuer.as_ref())?;
+                let key_pem = zeroize::Zeroizing::new(key.serialize_pem());
+                (CmpKey::Rcgen(key), cert.der().to_vec(), cert.pem(), key_pem)
+            }
+            Signer::Sm2(ca) => {
+                let (key, der, key_pem) = ca.issue_signer(&cn, now)?;
+                let pem = pem::encode(&pem::Pem::new("CERTIFICATE", der.clone()));
+                (CmpKey::Sm2(key), der, pem, key_pem)
+            }
+        };
+        std::fs::write(&cert_path, cert_pem).map_err(io_err(&cert_path))?;
+        write_private(&key_path, key_pem.as_bytes())?;
+        Ok(CmpIdentity { key, cert_der })
     }
 
     /// Signs a CRL listing `revoked` (reason superseded), valid for 7 days.
@@ -441,8 +452,14 @@ impl Ca {
 
 /// What protects the portal's CMP answers (see [`Ca::cmp_identity`]).
 pub struct CmpIdentity {
-    key: KeyPair,
+    key: CmpKey,
     cert_der: Vec<u8>,
+}
+
+/// The key of the CMP protection certificate: RSA or EC (rcgen), or SM2.
+enum CmpKey {
+    Rcgen(KeyPair),
+    Sm2(crate::sm2ca::Sm2Signer),
 }
 
 impl std::fmt::Debug for CmpIdentity {
@@ -463,13 +480,27 @@ impl CmpIdentity {
     }
 }
 
-/// An RSA or EC key signing CMP messages.
-#[derive(Debug)]
-pub struct CaCmpSigner<'a>(&'a KeyPair);
+/// The key signing the portal's CMP messages.
+pub struct CaCmpSigner<'a>(&'a CmpKey);
+
+impl std::fmt::Debug for CaCmpSigner<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("CaCmpSigner").finish_non_exhaustive()
+    }
+}
 
 impl ukey_cmp::CmpSigner for CaCmpSigner<'_> {
     fn algorithm(&self) -> ukey_cmp::spki::AlgorithmIdentifierOwned {
-        let alg = self.0.algorithm();
+        let key = match self.0 {
+            CmpKey::Sm2(_) => {
+                return ukey_cmp::spki::AlgorithmIdentifierOwned {
+                    oid: ukey_cmp::SM2_WITH_SM3,
+                    parameters: None,
+                };
+            }
+            CmpKey::Rcgen(k) => k,
+        };
+        let alg = key.algorithm();
         let (oid, null) = if alg == &rcgen::PKCS_RSA_SHA256 {
             (ukey_cmp::SHA256_WITH_RSA, true)
         } else if alg == &rcgen::PKCS_ECDSA_P384_SHA384 {
@@ -489,8 +520,11 @@ impl ukey_cmp::CmpSigner for CaCmpSigner<'_> {
     }
 
     fn sign(&self, data: &[u8]) -> ukey_cmp::Result<Vec<u8>> {
-        rcgen::SigningKey::sign(self.0, data)
-            .map_err(|e| ukey_cmp::CmpError::Signing(e.to_string()))
+        let signed = match self.0 {
+            CmpKey::Rcgen(k) => rcgen::SigningKey::sign(k, data).map_err(|e| e.to_string()),
+            CmpKey::Sm2(k) => k.sign(data).map_err(|e| e.to_string()),
+        };
+        signed.map_err(ukey_cmp::CmpError::Signing)
     }
 }
 

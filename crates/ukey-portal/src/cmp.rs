@@ -85,11 +85,9 @@ fn parse_cert(der: &[u8]) -> Result<X509Certificate<'_>, Error> {
 
 impl Portal {
     /// `POST /.well-known/cmp`: one DER PKIMessage in, the protected DER answer out.
-    /// `Err` only when no answer can be protected (an SM2 CA).
+    /// `Err` only when the answer cannot be written.
     pub fn cmp_message(&self, der: &[u8]) -> Result<Vec<u8>, Error> {
-        let identity = self.cmp_identity().ok_or_else(|| {
-            Error::Setup("CMP needs an RSA or EC CA key; this portal's CA is SM2".into())
-        })?;
+        let identity = self.cmp_identity();
         let signer = identity.signer();
         let nonce = crypto::random_bytes(16).map_err(|_| Error::Setup("RNG failure".into()))?;
         let (outcome, to) = match server::read(der) {

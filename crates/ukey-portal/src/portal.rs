@@ -115,7 +115,7 @@ pub struct Portal {
     public_url: RwLock<Option<String>>,
     challenge_ttl: Duration,
     cmp: CmpSettings,
-    cmp_identity: Option<crate::ca::CmpIdentity>,
+    cmp_identity: crate::ca::CmpIdentity,
     crl_cache: Mutex<Option<(u64, i64, Vec<u8>)>>,
 }
 
@@ -171,9 +171,9 @@ impl Portal {
         &self.cmp
     }
 
-    /// What protects CMP answers (`None` with an SM2 CA).
-    pub fn cmp_identity(&self) -> Option<&crate::ca::CmpIdentity> {
-        self.cmp_identity.as_ref()
+    /// What protects CMP answers.
+    pub fn cmp_identity(&self) -> &crate::ca::CmpIdentity {
+        &self.cmp_identity
     }
 
     /// The CA.

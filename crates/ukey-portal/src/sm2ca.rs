@@ -37,6 +37,33 @@ use crate::ca::{CaError, IssuedCert, Revoked, Usage};
 /// The GM/T 0009 default distinguishing ID (the client's own constant).
 pub use ukey_trust::gm::GM_DISTID;
 
+/// An SM2 key that signs with the GM ID, DER signatures (the portal's CMP protection).
+pub struct Sm2Signer(SigningKey);
+
+impl std::fmt::Debug for Sm2Signer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Sm2Signer").finish_non_exhaustive()
+    }
+}
+
+impl Sm2Signer {
+    /// From a PKCS#8 PEM key.
+    pub fn from_pem(pem: &str) -> Result<Sm2Signer, CaError> {
+        let secret = sm2::SecretKey::from_pkcs8_pem(pem)
+            .map_err(|e| bad("SM2 key (PKCS#8 PEM)")(e.to_string()))?;
+        SigningKey::new(GM_DISTID, &secret)
+            .map(Sm2Signer)
+            .map_err(|e| bad("SM2 key")(e.to_string()))
+    }
+
+    /// A DER SM2-with-SM3 signature of `data`, Z for the GM ID.
+    pub fn sign(&self, data: &[u8]) -> Result<Vec<u8>, CaError> {
+        signature::Signer::<sm2::dsa::Signature>::try_sign(&self.0, data)
+            .map(|s| s.to_der().to_bytes().to_vec())
+            .map_err(|e| bad("SM2 signature")(e.to_string()))
+    }
+}
+
 /// An SM2 CA: its certificate and signing key.
 pub struct Sm2Ca {
     key: SigningKey,
@@ -230,6 +257,35 @@ impl Sm2Ca {
             cert_der,
             subject,
         })
+    }
+
+    /// A fresh SM2 key and a two-year end-entity certificate for it (digitalSignature)
+    /// named `CN=<cn>`, issued by this CA: what protects the portal's CMP answers. The
+    /// key comes as PKCS#8 PEM too, for the data directory.
+    pub fn issue_signer(
+        &self,
+        cn: &str,
+        now: OffsetDateTime,
+    ) -> Result<(Sm2Signer, Vec<u8>, Zeroizing<String>), CaError> {
+        let key = fresh_key()?;
+        let subject = Name::from_str(&format!("CN={cn}"))
+            .map_err(|e| CaError::UnsupportedSubject(e.to_string()))?;
+        let spki = key
+            .verifying_key()
+            .to_public_key_der()
+            .map_err(|e| bad("public key")(e.to_string()))?;
+        let issued = self.issue(
+            &subject.to_der().map_err(|e| bad("name")(e.to_string()))?,
+            spki.as_bytes(),
+            Usage::Signing,
+            2,
+            None,
+            now,
+        )?;
+        let pem = sm2::SecretKey::from(key.as_nonzero_scalar())
+            .to_pkcs8_pem(LineEnding::LF)
+            .map_err(|e| bad("key")(e.to_string()))?;
+        Ok((Sm2Signer(key), issued.der, pem))
     }
 
     /// The CA certificate, DER.

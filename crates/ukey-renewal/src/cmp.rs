@@ -28,8 +28,8 @@ use crate::journal::{CmpRecord, CmpState, CmpTransactionRecord, Journal};
 pub const CMP_ORDER_ID: &str = "cmp";
 
 /// The plan of a CMP renewal: the one signing certificate (or `--cert`), renewed with
-/// its own algorithm, without an encryption certificate (an escrowed key is the REST
-/// protocol's), RSA or P-256 (the message protection this client signs).
+/// its own algorithm (RSA, P-256 or SM2), without an encryption certificate (an
+/// escrowed key is the REST protocol's).
 pub(crate) fn plan(
     module: &Module,
     token: TokenSummary,
@@ -54,15 +54,16 @@ pub(crate) fn plan(
     let target_algorithm = match alg_of(&cand.details) {
         Some(KeyAlg::Rsa2048) => KeyAlgorithm::Rsa2048,
         Some(KeyAlg::EcP256) => KeyAlgorithm::EcP256,
-        _ => {
+        Some(KeyAlg::Sm2) => KeyAlgorithm::Sm2,
+        None => {
             return Err(RenewalError::InterfaceUnsupported {
                 token: token.serial.clone(),
                 what: format!(
-                    "its {} certificate is not renewed over CMP here (RSA and P-256 keys); use the portal's protocol",
+                    "its {} certificate is not renewed over CMP here (RSA, P-256 and SM2 keys)",
                     cand.details.key_algorithm
                 ),
                 what_zh: format!(
-                    "该证书为 {}，本程序只通过 CMP 更新 RSA 与 P-256 证书；请使用门户协议",
+                    "该证书为 {}，本程序只通过 CMP 更新 RSA、P-256 与 SM2 证书",
                     cand.details.key_algorithm
                 ),
             });
@@ -148,7 +149,12 @@ impl CmpSigner for TokenKey<'_> {
                 oid: ukey_cmp::SHA256_WITH_RSA,
                 parameters: Some(Any::from(Null)),
             },
-            _ => ukey_cmp::spki::AlgorithmIdentifierOwned {
+            // The token signs SM2 with Z for the GM ID, as the CA verifies it.
+            PublicKey::Sm2 { .. } => ukey_cmp::spki::AlgorithmIdentifierOwned {
+                oid: ukey_cmp::SM2_WITH_SM3,
+                parameters: None,
+            },
+            PublicKey::EcP256 { .. } => ukey_cmp::spki::AlgorithmIdentifierOwned {
                 oid: ukey_cmp::ECDSA_WITH_SHA256,
                 parameters: None,
             },
