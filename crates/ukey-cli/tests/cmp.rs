@@ -12,7 +12,6 @@ use std::path::Path;
 use std::process::{Output, Stdio};
 use std::sync::Arc;
 
-use secrecy::SecretString;
 use serde_json::Value;
 use softhsm_fixtures::{SoftHsm, TokenFixture, TokenSpec, softhsm_module};
 use ukey_portal::{Portal, PortalConfig, RunningServer};
@@ -21,10 +20,13 @@ use ukey_token::Module;
 
 const UKEY: &str = env!("CARGO_BIN_EXE_ukey");
 
-/// A SoftHSM2 lab with the reference portal (the fixtures' issuing CA) on loopback,
-/// which can be stopped and started again on the same port (the network goes down).
+/// A SoftHSM2 lab, its keys used through ukey-sim (which can pull one out mid-call),
+/// with the reference portal (the fixtures' issuing CA) on loopback, which can be
+/// stopped and started again on the same port (the network goes down).
 struct Lab {
     hsm: SoftHsm,
+    control: ukey_sim::Control,
+    shim: std::path::PathBuf,
     portal: Arc<Portal>,
     server: Option<RunningServer>,
     addr: std::net::SocketAddr,
@@ -56,8 +58,14 @@ impl Lab {
             ))
             .unwrap();
         let addr = server.addr;
+        let control = ukey_sim::Control::new(hsm.dir().join("ukey-sim-state")).unwrap();
+        // A private copy: the shared target directory's module may be rebuilt meanwhile.
+        let shim = hsm.dir().join(ukey_sim::module_file_name());
+        std::fs::copy(common::shim_module(), &shim).unwrap();
         Lab {
             hsm,
+            control,
+            shim,
             portal,
             server: Some(server),
             addr,
@@ -113,10 +121,8 @@ impl Lab {
 
     fn renew(&self, fx: &TokenFixture, failpoint: Option<&str>, extra: &[&str]) -> Output {
         let root = self.hsm.ca().unwrap().root_cert_path.clone();
-        let mut cmd = self.hsm.command(UKEY);
-        cmd.arg("--module")
-            .arg(self.hsm.module_path())
-            .args(["renew", "--cmp", &self.cmp_url(), "--token", &fx.serial])
+        let mut cmd = self.ukey();
+        cmd.args(["renew", "--cmp", &self.cmp_url(), "--token", &fx.serial])
             .args(["--pin-stdin", "--yes", "--json", "--trust"])
             .arg(&root)
             .args(extra)
@@ -133,6 +139,16 @@ impl Lab {
         let mut child = cmd.spawn().unwrap();
         let _ = writeln!(child.stdin.take().unwrap(), "{}", fx.user_pin);
         child.wait_with_output().unwrap()
+    }
+
+    /// `ukey --module <ukey-sim>`, the keys behind it in SoftHSM2.
+    fn ukey(&self) -> std::process::Command {
+        let mut cmd = self.hsm.command(UKEY);
+        cmd.arg("--module")
+            .arg(&self.shim)
+            .env(ukey_sim::STATE_ENV, self.control.dir())
+            .env(ukey_sim::BACKEND_ENV, softhsm_module().unwrap());
+        cmd
     }
 
     fn state(&self, order: &str) -> String {
@@ -160,42 +176,8 @@ fn json(out: &Output) -> Value {
 type Object = (String, String, String, String);
 
 fn look(fx: &TokenFixture) -> (Vec<String>, Vec<Object>) {
-    use ukey_token::cryptoki::object::{Attribute, ObjectClass};
     let module = Module::load(&softhsm_module().unwrap()).unwrap();
-    let token = module
-        .tokens()
-        .unwrap()
-        .into_iter()
-        .find(|t| t.serial == fx.serial)
-        .expect("token");
-    let s = module.open_session(&token).unwrap();
-    s.login(&SecretString::from(fx.user_pin.clone())).unwrap();
-    let objects = s.snapshot().unwrap();
-    let mut working = Vec::new();
-    for o in objects
-        .iter()
-        .filter(|o| o.kind == ukey_token::ObjectKind::Certificate)
-    {
-        let der = hex::decode(&o.value_hex).unwrap();
-        let Ok(d) = ukey_token::CertificateDetails::from_der(&der) else {
-            continue;
-        };
-        let public = ukey_token::PublicKey::from_certificate(&der).unwrap();
-        for k in s
-            .find_objects(&[
-                Attribute::Class(ObjectClass::PRIVATE_KEY),
-                Attribute::Id(o.id()),
-            ])
-            .unwrap()
-        {
-            let data = b"still works?";
-            if let Ok(sig) = s.sign_data(&public, k, data) {
-                if ukey_renewal::checks::verify_with_certificate(&der, data, &sig).is_ok() {
-                    working.push(d.serial.clone());
-                }
-            }
-        }
-    }
+    let (objects, working) = common::working_signing_certs(&module, &fx.serial, &fx.user_pin);
     let all = objects
         .iter()
         .map(|o| {
@@ -576,10 +558,8 @@ fn mock(dir: &Path, extra: &[&str]) -> Mock {
 impl Lab {
     /// `ukey renew --cmp <url>` (the mock), with `trust` as the anchor.
     fn renew_at(&self, fx: &TokenFixture, url: &str, trust: &Path, extra: &[&str]) -> Output {
-        let mut cmd = self.hsm.command(UKEY);
-        cmd.arg("--module")
-            .arg(self.hsm.module_path())
-            .args(["renew", "--cmp", url, "--token", &fx.serial])
+        let mut cmd = self.ukey();
+        cmd.args(["renew", "--cmp", url, "--token", &fx.serial])
             .args(["--pin-stdin", "--yes", "--json", "--trust"])
             .arg(trust)
             .args(extra)
@@ -850,5 +830,51 @@ fn answers_for_another_transaction_nonce_or_subject_leave_the_token_byte_for_byt
         );
         let (_, after) = look(&fx);
         assert_eq!(after, before, "{what}: the token is unchanged");
+    }
+}
+
+#[test]
+fn the_key_pulled_out_while_it_signs_for_the_cmp_transaction_then_back_finishes_it() {
+    let lab = Lab::new();
+    // The renewal's signatures, in order: the new key's proof of possession, the old
+    // key's protection of the kur, the new key's self-test, the old key's protection of
+    // the certConf. The key is pulled out in each.
+    for (nth, what) in [
+        (1, "proof of possession"),
+        (2, "kur protection"),
+        (3, "self-test"),
+        (4, "certConf protection"),
+    ] {
+        let (fx, order) = lab.token(&format!("CMP pulled {nth}"), KeyPolicy::New);
+        lab.control
+            .add_fault(&fx.serial, ukey_sim::Fault::unplug("C_Sign", nth))
+            .unwrap();
+        let out = lab.renew(&fx, None, &[]);
+        assert_eq!(out.status.code(), Some(7), "{what}: {}", text(&out));
+        let v = json(&out);
+        assert_eq!(v["error"]["code"], "token_removed", "{what}: {v}");
+        lab.control.clear_faults(&fx.serial).unwrap();
+        lab.control.plug(&fx.serial).unwrap();
+        let (working, _) = look(&fx);
+        assert!(
+            working.contains(&fx.certs[0].serial_hex),
+            "{what}: the old certificate works: {working:?}"
+        );
+        let out = lab.renew(&fx, None, &[]);
+        assert_eq!(out.status.code(), Some(0), "{what}: {}", text(&out));
+        let v = json(&out);
+        let (working, objects) = look(&fx);
+        assert_eq!(
+            working,
+            vec![v["new_serial"].as_str().unwrap().to_owned()],
+            "{what}: only the new certificate works"
+        );
+        assert!(
+            !objects
+                .iter()
+                .any(|o| o.2.starts_with(ukey_renewal::PENDING_LABEL_PREFIX)),
+            "{what}: pending objects left"
+        );
+        assert_eq!(lab.state(&order), "completed", "{what}");
     }
 }

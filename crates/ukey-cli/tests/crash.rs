@@ -13,12 +13,10 @@ use std::os::unix::process::ExitStatusExt;
 use std::path::PathBuf;
 use std::process::{Output, Stdio};
 
-use secrecy::SecretString;
 use serde_json::Value;
 use softhsm_fixtures::{KeyAlg, SoftHsm, TokenFixture, TokenSpec, softhsm_module};
 use ukey_portal_api::{CreateOrderRequest, InitialState, KeyAlgorithm, KeyPolicy};
 use ukey_sim::{Control, Fault};
-use ukey_token::cryptoki::object::{Attribute, ObjectClass};
 use ukey_token::{Module, ObjectInfo};
 
 const UKEY: &str = env!("CARGO_BIN_EXE_ukey");
@@ -261,45 +259,7 @@ fn look(lab: &Lab, fx: &TokenFixture) -> Seen {
     } else {
         Module::load(&softhsm_module().unwrap()).unwrap()
     };
-    let token = module
-        .tokens()
-        .unwrap()
-        .into_iter()
-        .find(|t| t.serial == fx.serial)
-        .expect("token");
-    let s = module.open_session(&token).unwrap();
-    s.login(&SecretString::from(fx.user_pin.clone())).unwrap();
-    let objects = s.snapshot().unwrap();
-    let mut working = Vec::new();
-    for o in objects
-        .iter()
-        .filter(|o| o.kind == ukey_token::ObjectKind::Certificate)
-    {
-        let der = hex::decode(&o.value_hex).unwrap();
-        let Ok(d) = ukey_token::CertificateDetails::from_der(&der) else {
-            continue;
-        };
-        if d.usage == ukey_token::Usage::Encryption {
-            continue;
-        }
-        let public = ukey_token::PublicKey::from_certificate(&der).unwrap();
-        let keys = s
-            .find_objects(&[
-                Attribute::Class(ObjectClass::PRIVATE_KEY),
-                Attribute::Id(o.id()),
-            ])
-            .unwrap();
-        for k in keys {
-            let data = b"still works?";
-            if let Ok(sig) = s.sign_data(&public, k, data) {
-                if ukey_renewal::checks::verify_with_certificate(&der, data, &sig).is_ok() {
-                    working.push(d.serial.clone());
-                }
-            }
-        }
-    }
-    drop(s);
-    drop(module);
+    let (objects, working) = common::working_signing_certs(&module, &fx.serial, &fx.user_pin);
     Seen { objects, working }
 }
 

@@ -479,6 +479,56 @@ pub(crate) fn free_text(t: &Option<cmpv2::header::PkiFreeText<'_>>) -> String {
         .unwrap_or_default()
 }
 
+/// The PKIFailureInfo names (RFC 4210 §5.2.3), by bit.
+const FAILURE_NAMES: [&str; 27] = [
+    "badAlg",
+    "badMessageCheck",
+    "badRequest",
+    "badTime",
+    "badCertId",
+    "badDataFormat",
+    "wrongAuthority",
+    "incorrectData",
+    "missingTimeStamp",
+    "badPOP",
+    "certRevoked",
+    "certConfirmed",
+    "wrongIntegrity",
+    "badRecipientNonce",
+    "timeNotAvailable",
+    "unacceptedPolicy",
+    "unacceptedExtension",
+    "addInfoNotAvailable",
+    "badSenderNonce",
+    "badCertTemplate",
+    "signerNotTrusted",
+    "transactionIdInUse",
+    "unsupportedVersion",
+    "notAuthorized",
+    "systemUnavail",
+    "systemFailure",
+    "duplicateCertReq",
+];
+
+/// The CA's text with the failure bits it set, named (support staff read both).
+fn with_failure(text: String, bits: &Option<BitString>) -> String {
+    let Some(bits) = bits else { return text };
+    let names: Vec<&str> = bits
+        .raw_bytes()
+        .iter()
+        .enumerate()
+        .flat_map(|(i, byte)| {
+            (0..8).filter_map(move |b| (byte & (0x80 >> b) != 0).then_some(i * 8 + b))
+        })
+        .map(|n| FAILURE_NAMES.get(n).copied().unwrap_or("unknown"))
+        .collect();
+    if names.is_empty() {
+        text
+    } else {
+        format!("{text} [{}]", names.join(", "))
+    }
+}
+
 /// Decides whether a protecting certificate is trusted: given it and the answer's other
 /// extra certificates (DER), `Ok` when it chains to the caller's trust anchors.
 pub type TrustCheck<'a> = &'a dyn Fn(&[u8], &[Vec<u8>]) -> Result<()>;
@@ -568,7 +618,7 @@ pub fn answer(msg: &Checked<'_>) -> Result<Answer> {
         }
         Some(body_tag::ERROR) => {
             let e = ErrorMsg::from_der(inner).map_err(malformed)?;
-            let mut text = free_text(&e.status.status_string);
+            let mut text = with_failure(free_text(&e.status.status_string), &e.status.fail_info);
             let details = free_text(&e.error_details);
             if !details.is_empty() {
                 text = format!("{text} ({details})");
@@ -628,7 +678,9 @@ pub fn answer(msg: &Checked<'_>) -> Result<Answer> {
             check_after: None,
             text,
         }),
-        PkiStatus::Rejection => Ok(Answer::Rejected { text }),
+        PkiStatus::Rejection => Ok(Answer::Rejected {
+            text: with_failure(text, &r.status.fail_info),
+        }),
         other => Err(CmpError::Unexpected(format!("PKIStatus {other:?}"))),
     }
 }
@@ -663,4 +715,27 @@ pub fn cert_conf(
 /// Is the answer the `pkiConf` that ends a transaction (after [`check_answer`])?
 pub fn is_pki_conf(msg: &Checked<'_>) -> bool {
     body_tag_number(&msg.body) == Some(body_tag::PKI_CONF)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use server::Failure;
+
+    #[test]
+    fn failure_bits_are_named_as_rfc_4210_numbers_them() {
+        for (f, name) in [
+            (Failure::BadAlg, "badAlg"),
+            (Failure::BadTime, "badTime"),
+            (Failure::BadPop, "badPOP"),
+            (Failure::BadRecipientNonce, "badRecipientNonce"),
+            (Failure::TransactionIdInUse, "transactionIdInUse"),
+            (Failure::SystemFailure, "systemFailure"),
+        ] {
+            let bits = f.bits().expect("bits");
+            let text = with_failure("refused".into(), &Some(bits));
+            assert_eq!(text, format!("refused [{name}]"));
+        }
+        assert_eq!(with_failure("t".into(), &None), "t");
+    }
 }

@@ -64,7 +64,7 @@ pub enum Failure {
 
 impl Failure {
     /// The BIT STRING of this one named bit (DER: trailing zero bits dropped).
-    fn bits(self) -> Result<BitString> {
+    pub(crate) fn bits(self) -> Result<BitString> {
         let n = self as usize;
         let mut bytes = vec![0u8; n / 8 + 1];
         bytes[n / 8] = 0x80 >> (n % 8);

@@ -810,48 +810,44 @@ impl Portal {
             .collect()
     }
 
+    /// An operator's change of an order's state (`from` must hold the current one),
+    /// with a rejection's reason or a shipment's tracking number.
+    fn move_order(
+        &self,
+        order_id: &str,
+        from: &[OrderState],
+        to: OrderState,
+        reason: Option<&str>,
+        tracking: Option<&str>,
+    ) -> Result<OrderView, Error> {
+        let o =
+            self.store
+                .transition(order_id, from, to, reason, tracking, now().unix_timestamp())?;
+        self.view(&o)
+    }
+
     /// awaiting_payment → ready.
     pub fn pay(&self, order_id: &str) -> Result<OrderView, Error> {
-        let o = self.store.transition(
-            order_id,
-            &[OrderState::AwaitingPayment],
-            OrderState::Ready,
-            None,
-            None,
-            now().unix_timestamp(),
-        )?;
-        self.view(&o)
+        use OrderState::*;
+        self.move_order(order_id, &[AwaitingPayment], Ready, None, None)
     }
 
     /// ready → under_review: a paid order is held for a reviewer (an algorithm upgrade
     /// is reviewed before anything is issued).
     pub fn review(&self, order_id: &str) -> Result<OrderView, Error> {
-        let o = self.store.transition(
-            order_id,
-            &[OrderState::Ready],
-            OrderState::UnderReview,
-            None,
-            None,
-            now().unix_timestamp(),
-        )?;
-        self.view(&o)
+        use OrderState::*;
+        self.move_order(order_id, &[Ready], UnderReview, None, None)
     }
 
     /// under_review → ready: the reviewer approves.
     pub fn approve(&self, order_id: &str) -> Result<OrderView, Error> {
-        let o = self.store.transition(
-            order_id,
-            &[OrderState::UnderReview],
-            OrderState::Ready,
-            None,
-            None,
-            now().unix_timestamp(),
-        )?;
-        self.view(&o)
+        use OrderState::*;
+        self.move_order(order_id, &[UnderReview], Ready, None, None)
     }
 
     /// awaiting_payment | ready | under_review | requires_new_key → rejected.
     pub fn reject(&self, order_id: &str, reason: &str) -> Result<OrderView, Error> {
+        use OrderState::*;
         let reason = reason.trim();
         if reason.is_empty() {
             return Err(api(
@@ -859,24 +855,13 @@ impl Portal {
                 "a rejection needs a reason",
             ));
         }
-        let o = self.store.transition(
-            order_id,
-            &[
-                OrderState::AwaitingPayment,
-                OrderState::Ready,
-                OrderState::UnderReview,
-                OrderState::RequiresNewKey,
-            ],
-            OrderState::Rejected,
-            Some(reason),
-            None,
-            now().unix_timestamp(),
-        )?;
-        self.view(&o)
+        let from = [AwaitingPayment, Ready, UnderReview, RequiresNewKey];
+        self.move_order(order_id, &from, Rejected, Some(reason), None)
     }
 
     /// awaiting_payment | ready | under_review → requires_new_key.
     pub fn ship(&self, order_id: &str, tracking_number: &str) -> Result<OrderView, Error> {
+        use OrderState::*;
         let tracking = tracking_number.trim();
         if tracking.is_empty() {
             return Err(api(
@@ -884,19 +869,8 @@ impl Portal {
                 "a shipment needs a tracking number",
             ));
         }
-        let o = self.store.transition(
-            order_id,
-            &[
-                OrderState::AwaitingPayment,
-                OrderState::Ready,
-                OrderState::UnderReview,
-            ],
-            OrderState::RequiresNewKey,
-            None,
-            Some(tracking),
-            now().unix_timestamp(),
-        )?;
-        self.view(&o)
+        let from = [AwaitingPayment, Ready, UnderReview];
+        self.move_order(order_id, &from, RequiresNewKey, None, Some(tracking))
     }
 
     fn view(&self, o: &Order) -> Result<OrderView, Error> {

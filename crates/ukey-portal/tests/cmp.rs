@@ -46,9 +46,14 @@ fn files(h: &Harness, holder: &Holder, dir: &Path) {
     assert!(ok, "{out}");
 }
 
-/// `openssl cmp -cmd kur` against the portal, on a blocking thread (the portal serves
-/// on this runtime).
-async fn openssl_kur(h: &Harness, dir: &Path, path: &str, extra: &[&str]) -> (bool, String) {
+/// `openssl cmp -cmd kur` against the portal, started on a blocking thread (the portal
+/// serves on this runtime).
+fn spawn_openssl_kur(
+    h: &Harness,
+    dir: &Path,
+    path: &str,
+    extra: &[&str],
+) -> tokio::task::JoinHandle<(bool, String)> {
     let server = h.server.url.trim_start_matches("http://").to_owned();
     let dir = dir.to_owned();
     let path = path.trim_start_matches('/').to_owned();
@@ -62,8 +67,11 @@ async fn openssl_kur(h: &Harness, dir: &Path, path: &str, extra: &[&str]) -> (bo
             .args(&extra);
         run(&mut cmd)
     })
-    .await
-    .expect("join")
+}
+
+/// [`spawn_openssl_kur`], awaited.
+async fn openssl_kur(h: &Harness, dir: &Path, path: &str, extra: &[&str]) -> (bool, String) {
+    spawn_openssl_kur(h, dir, path, extra).await.expect("join")
 }
 
 fn pubkey_of(args: &[&str], file: &Path) -> String {
@@ -164,32 +172,7 @@ async fn openssl_is_told_unpaid_waits_and_a_review_decides_while_it_polls() {
         h.status(&holder).await,
         RenewalStatus::UnderReview { .. }
     ));
-    let polling = {
-        let dir = dir.path().to_owned();
-        let server = h.server.url.trim_start_matches("http://").to_owned();
-        tokio::task::spawn_blocking(move || {
-            run(std::process::Command::new("openssl")
-                .current_dir(&dir)
-                .args([
-                    "cmp",
-                    "-cmd",
-                    "kur",
-                    "-server",
-                    &server,
-                    "-path",
-                    ".well-known/cmp",
-                ])
-                .args(["-cert", "old.pem", "-key", "old.key", "-newkey", "new.key"])
-                .args([
-                    "-trusted",
-                    "ca.pem",
-                    "-certout",
-                    "out.pem",
-                    "-total_timeout",
-                    "60",
-                ]))
-        })
-    };
+    let polling = spawn_openssl_kur(&h, dir.path(), paths::CMP, &["-total_timeout", "60"]);
     tokio::time::sleep(Duration::from_secs(3)).await;
     assert!(
         !polling.is_finished(),
@@ -216,32 +199,7 @@ async fn openssl_is_told_unpaid_waits_and_a_review_decides_while_it_polls() {
     h.portal().review(&order.order_id).unwrap();
     let dir = tempfile::tempdir().expect("dir");
     files(&h, &rejected, dir.path());
-    let polling = {
-        let dir = dir.path().to_owned();
-        let server = h.server.url.trim_start_matches("http://").to_owned();
-        tokio::task::spawn_blocking(move || {
-            run(std::process::Command::new("openssl")
-                .current_dir(&dir)
-                .args([
-                    "cmp",
-                    "-cmd",
-                    "kur",
-                    "-server",
-                    &server,
-                    "-path",
-                    ".well-known/cmp",
-                ])
-                .args(["-cert", "old.pem", "-key", "old.key", "-newkey", "new.key"])
-                .args([
-                    "-trusted",
-                    "ca.pem",
-                    "-certout",
-                    "out.pem",
-                    "-total_timeout",
-                    "60",
-                ]))
-        })
-    };
+    let polling = spawn_openssl_kur(&h, dir.path(), paths::CMP, &["-total_timeout", "60"]);
     tokio::time::sleep(Duration::from_secs(2)).await;
     h.portal()
         .reject(&order.order_id, "营业执照已过期 business licence expired")

@@ -108,3 +108,53 @@ pub fn crash_points() -> Vec<String> {
     points.push("write.unwrap:after".to_owned());
     points
 }
+
+/// What is on token `serial` now, read logged in through `module`: every object, and
+/// the serials of the signing certificates whose key pair works (a private key with the
+/// certificate's CKA_ID signs, and the certificate verifies the signature).
+pub fn working_signing_certs(
+    module: &ukey_token::Module,
+    serial: &str,
+    pin: &str,
+) -> (Vec<ukey_token::ObjectInfo>, Vec<String>) {
+    use ukey_token::cryptoki::object::{Attribute, ObjectClass};
+    let token = module
+        .tokens()
+        .unwrap()
+        .into_iter()
+        .find(|t| t.serial == serial)
+        .expect("token");
+    let s = module.open_session(&token).unwrap();
+    s.login(&secrecy::SecretString::from(pin.to_owned()))
+        .unwrap();
+    let objects = s.snapshot().unwrap();
+    let mut working = Vec::new();
+    for o in objects
+        .iter()
+        .filter(|o| o.kind == ukey_token::ObjectKind::Certificate)
+    {
+        let der = hex::decode(&o.value_hex).unwrap();
+        let Ok(d) = ukey_token::CertificateDetails::from_der(&der) else {
+            continue;
+        };
+        if d.usage == ukey_token::Usage::Encryption {
+            continue;
+        }
+        let public = ukey_token::PublicKey::from_certificate(&der).unwrap();
+        let keys = s
+            .find_objects(&[
+                Attribute::Class(ObjectClass::PRIVATE_KEY),
+                Attribute::Id(o.id()),
+            ])
+            .unwrap();
+        for k in keys {
+            let data = b"still works?";
+            if let Ok(sig) = s.sign_data(&public, k, data) {
+                if ukey_renewal::checks::verify_with_certificate(&der, data, &sig).is_ok() {
+                    working.push(d.serial.clone());
+                }
+            }
+        }
+    }
+    (objects, working)
+}
