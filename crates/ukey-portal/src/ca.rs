@@ -48,6 +48,9 @@ pub enum CaError {
     /// Randomness failure.
     #[error("random number generator failure")]
     Random,
+    /// The data directory is open to other users (or cannot be made private).
+    #[error("{0}")]
+    DataDir(String),
 }
 
 fn io_err(path: &Path) -> impl FnOnce(std::io::Error) -> CaError + '_ {
@@ -156,14 +159,14 @@ impl Ca {
             let key_pem = std::fs::read_to_string(key_src).map_err(io_err(key_src))?;
             // Validate before copying, so a bad pair never replaces a good one.
             Ca::from_pem(&cert_pem, &key_pem, Vec::new())?;
-            std::fs::write(&cert_path, &cert_pem).map_err(io_err(&cert_path))?;
+            write_private(&cert_path, cert_pem.as_bytes())?;
             write_private(&key_path, key_pem.as_bytes())?;
         } else if !cert_path.exists() {
             let (cert_pem, key_pem) = match alg {
                 CaAlg::EcP256 => create_ca()?,
                 CaAlg::Sm2 => create_sm2_ca()?,
             };
-            std::fs::write(&cert_path, cert_pem).map_err(io_err(&cert_path))?;
+            write_private(&cert_path, cert_pem.as_bytes())?;
             write_private(&key_path, key_pem.as_bytes())?;
         }
         let cert_pem = std::fs::read_to_string(&cert_path).map_err(io_err(&cert_path))?;
@@ -183,7 +186,7 @@ impl Ca {
     /// is created when it does not exist yet (a CA may be accepted before the first serve).
     pub fn add_accepted_issuers(data_dir: &Path, pem: &str) -> Result<usize, CaError> {
         let certs = parse_cert_bundle(pem)?;
-        std::fs::create_dir_all(data_dir).map_err(io_err(data_dir))?;
+        crate::datadir::prepare(data_dir).map_err(CaError::DataDir)?;
         let path = data_dir.join(ACCEPTED_FILE);
         let mut existing = if path.exists() {
             std::fs::read_to_string(&path).map_err(io_err(&path))?
@@ -194,7 +197,7 @@ impl Ca {
         if !existing.ends_with('\n') {
             existing.push('\n');
         }
-        std::fs::write(&path, existing).map_err(io_err(&path))?;
+        write_private(&path, existing.as_bytes())?;
         Ok(certs.len())
     }
 
@@ -410,7 +413,7 @@ impl Ca {
                 (CmpKey::Sm2(key), der, pem, key_pem)
             }
         };
-        std::fs::write(&cert_path, cert_pem).map_err(io_err(&cert_path))?;
+        write_private(&cert_path, cert_pem.as_bytes())?;
         write_private(&key_path, key_pem.as_bytes())?;
         Ok(CmpIdentity { key, cert_der })
     }
@@ -716,7 +719,8 @@ fn write_private(path: &Path, bytes: &[u8]) -> Result<(), CaError> {
     f.write_all(bytes).map_err(io_err(path))
 }
 
-/// Writes a secret file readable only by the owner (used for the admin token too).
+/// Writes a file of the data directory, readable only by the owner (every file there:
+/// keys, the admin token, certificates).
 pub fn write_secret_file(path: &Path, bytes: &[u8]) -> Result<(), CaError> {
     write_private(path, bytes)
 }

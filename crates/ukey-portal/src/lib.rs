@@ -9,6 +9,7 @@
 pub mod ca;
 pub mod cmp;
 pub mod crypto;
+pub mod datadir;
 pub mod envelope;
 pub mod http;
 pub mod names;

@@ -253,6 +253,13 @@ fn serve(
         out.flush()?;
         drop(out);
         tracing::info!(url = %server.url, data = %config.data_dir.display(), "portal listening");
+        // No HSM holds a key-encryption key yet (issue 16): say what protects the escrow.
+        eprintln!(
+            "ukey-portal: 注意：托管的解密密钥仅受数据目录 {} 的文件权限（0700/0600）保护，未使用 HSM /              note: escrowed decryption keys are protected only by the file permissions of {} (0700/0600); no HSM holds them",
+            config.data_dir.display(),
+            config.data_dir.display()
+        );
+        tracing::warn!("escrowed decryption keys are protected only by file permissions (no HSM)");
         tokio::select! {
             r = tokio::signal::ctrl_c() => {
                 r?;

@@ -131,16 +131,18 @@ impl Portal {
     /// Opens (creating if needed) the data directory: database, CA, admin token.
     pub fn open(config: &PortalConfig) -> Result<Portal, Error> {
         let dir = &config.data_dir;
-        std::fs::create_dir_all(dir)
-            .map_err(|e| Error::Setup(format!("{}: {e}", dir.display())))?;
+        crate::datadir::prepare(dir).map_err(Error::Setup)?;
         let import = config
             .ca_import
             .as_ref()
             .map(|(c, k)| (c.as_path(), k.as_path()));
         let ca = Ca::open(dir, import, config.ca_alg)?;
+        crate::datadir::create_private(&dir.join(DB_FILE)).map_err(Error::Setup)?;
         let store = Store::open(&dir.join(DB_FILE))?;
         let admin_token = load_or_create_token(dir)?;
         let cmp_identity = ca.cmp_identity(dir, now())?;
+        // What this start wrote is the owner's alone too.
+        crate::datadir::check(dir).map_err(Error::Setup)?;
         Ok(Portal {
             store,
             ca,

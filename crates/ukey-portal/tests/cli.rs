@@ -486,3 +486,68 @@ fn new_key_transport() -> Vec<u8> {
         .unwrap()
         .subject_public_key_info()
 }
+
+/// Issue 16, secrets at rest: a data directory the portal makes is its owner's alone
+/// (0700, every file 0600, the SQLite journal files included, after it has issued);
+/// one that others can read stops it, with the fix, before anything is read or written.
+#[cfg(unix)]
+#[tokio::test]
+async fn the_data_directory_is_the_owners_alone_and_an_open_one_is_refused() {
+    use std::os::unix::fs::PermissionsExt as _;
+    let h = Harness::start().await;
+    let holder = h.holder(ukey_portal_api::KeyAlgorithm::EcP256);
+    let order = h.order(
+        &holder,
+        ukey_portal_api::InitialState::Ready,
+        ukey_portal_api::KeyPolicy::New,
+        ukey_portal_api::KeyAlgorithm::EcP256,
+        true,
+    );
+    let new = new_key(ukey_portal_api::KeyAlgorithm::EcP256);
+    h.issue(&order.order_id, &holder, &new).await;
+    let mode = |p: &Path| std::fs::metadata(p).unwrap().permissions().mode() & 0o777;
+    let data = h.data_dir();
+    assert_eq!(mode(&data), 0o700);
+    let mut files = Vec::new();
+    for e in std::fs::read_dir(&data).unwrap() {
+        let p = e.unwrap().path();
+        files.push(p.file_name().unwrap().to_string_lossy().into_owned());
+        assert_eq!(mode(&p), 0o600, "{}", p.display());
+    }
+    for want in ["portal.sqlite3", "ca-key.pem", "admin-token", "cmp-key.pem"] {
+        assert!(files.iter().any(|f| f == want), "{want} in {files:?}");
+    }
+
+    // Opened up to others: the binary refuses, says how to fix it, and writes nothing.
+    let tmp = tempfile::tempdir().unwrap();
+    let open = tmp.path().join("data");
+    cli(&open, &["order", "list"]);
+    std::fs::set_permissions(&open, std::fs::Permissions::from_mode(0o755)).unwrap();
+    let before: Vec<_> = std::fs::read_dir(&open)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .collect();
+    let (ok, text) = run(portal_bin()
+        .arg("--data")
+        .arg(&open)
+        .args(["order", "list"]));
+    assert!(!ok, "{text}");
+    assert!(text.contains("chmod 700"), "{text}");
+    std::fs::set_permissions(&open, std::fs::Permissions::from_mode(0o700)).unwrap();
+    std::fs::set_permissions(
+        open.join("admin-token"),
+        std::fs::Permissions::from_mode(0o644),
+    )
+    .unwrap();
+    let (ok, text) = run(portal_bin()
+        .arg("--data")
+        .arg(&open)
+        .args(["order", "list"]));
+    assert!(!ok, "{text}");
+    assert!(text.contains("admin-token (644)"), "{text}");
+    let after: Vec<_> = std::fs::read_dir(&open)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .collect();
+    assert_eq!(after, before);
+}
