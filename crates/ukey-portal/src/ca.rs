@@ -99,6 +99,65 @@ pub struct Revoked {
     pub serial_hex: String,
     /// When it was revoked.
     pub revoked_at: OffsetDateTime,
+    /// Why (the CRL entry's reasonCode).
+    pub reason: Reason,
+}
+
+/// A revocation's reason (RFC 5280 §5.3.1), as an operator gives it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Reason {
+    /// `unspecified`.
+    Unspecified,
+    /// `keyCompromise`: the holder's key is no longer the holder's alone.
+    KeyCompromise,
+    /// `affiliationChanged`.
+    AffiliationChanged,
+    /// `superseded`: renewed (what an installed renewal records).
+    Superseded,
+    /// `cessationOfOperation`: no longer needed (a cancelled order's certificates).
+    CessationOfOperation,
+    /// `privilegeWithdrawn`.
+    PrivilegeWithdrawn,
+}
+
+impl Reason {
+    /// Every reason.
+    pub const ALL: [Reason; 6] = [
+        Reason::Unspecified,
+        Reason::KeyCompromise,
+        Reason::AffiliationChanged,
+        Reason::Superseded,
+        Reason::CessationOfOperation,
+        Reason::PrivilegeWithdrawn,
+    ];
+
+    /// RFC 5280's name, as stored and typed.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Reason::Unspecified => "unspecified",
+            Reason::KeyCompromise => "keyCompromise",
+            Reason::AffiliationChanged => "affiliationChanged",
+            Reason::Superseded => "superseded",
+            Reason::CessationOfOperation => "cessationOfOperation",
+            Reason::PrivilegeWithdrawn => "privilegeWithdrawn",
+        }
+    }
+
+    /// From [`Reason::as_str`].
+    pub fn parse(s: &str) -> Option<Reason> {
+        Reason::ALL.into_iter().find(|r| r.as_str() == s)
+    }
+
+    fn rcgen(self) -> RevocationReason {
+        match self {
+            Reason::Unspecified => RevocationReason::Unspecified,
+            Reason::KeyCompromise => RevocationReason::KeyCompromise,
+            Reason::AffiliationChanged => RevocationReason::AffiliationChanged,
+            Reason::Superseded => RevocationReason::Superseded,
+            Reason::CessationOfOperation => RevocationReason::CessationOfOperation,
+            Reason::PrivilegeWithdrawn => RevocationReason::PrivilegeWithdrawn,
+        }
+    }
 }
 
 /// The kind of key a new CA gets (`--ca-alg`); an imported CA is what its key is.
@@ -418,7 +477,7 @@ impl Ca {
         Ok(CmpIdentity { key, cert_der })
     }
 
-    /// Signs a CRL listing `revoked` (reason superseded), valid for 7 days.
+    /// Signs a CRL listing `revoked` (each with its reason), valid for 7 days.
     pub fn crl(
         &self,
         revoked: &[Revoked],
@@ -437,7 +496,7 @@ impl Ca {
             entries.push(RevokedCertParams {
                 serial_number: SerialNumber::from_slice(&bytes),
                 revocation_time: r.revoked_at,
-                reason_code: Some(RevocationReason::Superseded),
+                reason_code: Some(r.reason.rcgen()),
                 invalidity_date: None,
             });
         }

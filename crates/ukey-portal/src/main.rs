@@ -77,6 +77,16 @@ enum Command {
     /// The portal's CA.
     #[command(subcommand)]
     Ca(CaCommand),
+    /// Revoke a certificate this portal issued; the next CRL lists it with the reason.
+    Revoke {
+        /// Its serial, hex.
+        #[arg(long)]
+        serial: String,
+        /// keyCompromise, affiliationChanged, superseded, cessationOfOperation,
+        /// privilegeWithdrawn or unspecified.
+        #[arg(long, value_parser = parse_reason)]
+        reason: ukey_portal::ca::Reason,
+    },
 }
 
 #[derive(Subcommand, Debug)]
@@ -121,6 +131,13 @@ enum OrderCommand {
     Review { id: String },
     /// Approve a reviewed order (under review → ready).
     Approve { id: String },
+    /// Cancel an open order: it is rejected with the reason, and the certificates it
+    /// issued (never confirmed installed) are revoked (cessationOfOperation).
+    Cancel {
+        id: String,
+        #[arg(long)]
+        reason: String,
+    },
     /// Reject an order with the reviewer's reason.
     Reject {
         id: String,
@@ -185,6 +202,16 @@ enum PolicyArg {
     Same,
 }
 
+fn parse_reason(s: &str) -> Result<ukey_portal::ca::Reason, String> {
+    ukey_portal::ca::Reason::parse(s).ok_or_else(|| {
+        let all: Vec<&str> = ukey_portal::ca::Reason::ALL
+            .iter()
+            .map(|r| r.as_str())
+            .collect();
+        format!("{s:?}: one of {}", all.join(", "))
+    })
+}
+
 fn parse_alg(s: &str) -> Result<KeyAlgorithm, String> {
     KeyAlgorithm::parse(s)
         .ok_or_else(|| format!("unknown algorithm {s:?}: use RSA-2048, EC-P256 or SM2"))
@@ -229,6 +256,13 @@ fn main() -> Result<()> {
         }
         Command::Order(cmd) => order(&cli.data, cmd),
         Command::Ca(cmd) => ca(&cli.data, cmd),
+        Command::Revoke { serial, reason } => {
+            let portal = Portal::open(&PortalConfig::new(&cli.data))
+                .with_context(|| format!("opening {}", cli.data.display()))?;
+            portal.revoke(&serial, reason)?;
+            println!("revoked {serial} ({})", reason.as_str());
+            Ok(())
+        }
     }
 }
 
@@ -320,6 +354,18 @@ fn order(data: &std::path::Path, cmd: OrderCommand) -> Result<()> {
         }
         OrderCommand::Pay { id } => print_view(&portal.pay(&id)?, false)?,
         OrderCommand::Review { id } => print_view(&portal.review(&id)?, false)?,
+        OrderCommand::Cancel { id, reason } => {
+            let (view, revoked) = portal.cancel(&id, &reason)?;
+            print_view(&view, false)?;
+            println!(
+                "吊销 revoked:          {}",
+                if revoked.is_empty() {
+                    "-".to_owned()
+                } else {
+                    revoked.join(", ")
+                }
+            );
+        }
         OrderCommand::Approve { id } => print_view(&portal.approve(&id)?, false)?,
         OrderCommand::Reject { id, reason } => print_view(&portal.reject(&id, &reason)?, false)?,
         OrderCommand::Ship { id, tracking } => print_view(&portal.ship(&id, &tracking)?, false)?,

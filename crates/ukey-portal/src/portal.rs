@@ -730,9 +730,10 @@ impl Portal {
         }
         let revoked: Vec<Revoked> = entries
             .into_iter()
-            .map(|(serial_hex, at)| Revoked {
+            .map(|(serial_hex, at, reason)| Revoked {
                 serial_hex,
                 revoked_at: OffsetDateTime::from_unix_timestamp(at).unwrap_or(t),
+                reason: crate::ca::Reason::parse(&reason).unwrap_or(crate::ca::Reason::Superseded),
             })
             .collect();
         let der = self.ca.crl(&revoked, number, t)?;
@@ -873,6 +874,40 @@ impl Portal {
         }
         let from = [AwaitingPayment, Ready, UnderReview];
         self.move_order(order_id, &from, RequiresNewKey, None, Some(tracking))
+    }
+
+    /// An operator revokes a certificate this portal issued (`--reason keyCompromise`,
+    /// …); the next CRL lists it with that reason.
+    pub fn revoke(&self, serial_hex: &str, reason: crate::ca::Reason) -> Result<(), Error> {
+        let serial = normalize_serial_hex(serial_hex)
+            .map_err(|e| api(ErrorCode::InvalidSerial, e.to_string()))?;
+        self.store.revoke_issued(
+            self.ca.name_key(),
+            &serial,
+            reason.as_str(),
+            now().unix_timestamp(),
+        )
+    }
+
+    /// An operator cancels an open order: rejected with `reason`, and what it issued
+    /// (never confirmed installed) revoked (cessationOfOperation). Returns the order
+    /// and the serials revoked.
+    pub fn cancel(&self, order_id: &str, reason: &str) -> Result<(OrderView, Vec<String>), Error> {
+        let reason = reason.trim();
+        if reason.is_empty() {
+            return Err(api(
+                ErrorCode::InvalidArgument,
+                "a cancellation needs a reason",
+            ));
+        }
+        let (order, revoked) = self.store.cancel_order(
+            order_id,
+            self.ca.name_key(),
+            &format!("已取消 / cancelled: {reason}"),
+            crate::ca::Reason::CessationOfOperation.as_str(),
+            now().unix_timestamp(),
+        )?;
+        Ok((self.view(&order)?, revoked))
     }
 
     fn view(&self, o: &Order) -> Result<OrderView, Error> {

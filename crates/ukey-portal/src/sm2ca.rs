@@ -368,9 +368,16 @@ impl Sm2Ca {
                 serial_number: SerialNumber::new(&bytes).map_err(enc)?,
                 revocation_date: x509_time(r.revoked_at)?,
                 crl_entry_extensions: Some(vec![
-                    CrlReason::Superseded
-                        .to_extension(&self.subject, no_ext)
-                        .map_err(enc)?,
+                    match r.reason {
+                        crate::ca::Reason::Unspecified => CrlReason::Unspecified,
+                        crate::ca::Reason::KeyCompromise => CrlReason::KeyCompromise,
+                        crate::ca::Reason::AffiliationChanged => CrlReason::AffiliationChanged,
+                        crate::ca::Reason::Superseded => CrlReason::Superseded,
+                        crate::ca::Reason::CessationOfOperation => CrlReason::CessationOfOperation,
+                        crate::ca::Reason::PrivilegeWithdrawn => CrlReason::PrivilegeWithdrawn,
+                    }
+                    .to_extension(&self.subject, no_ext)
+                    .map_err(enc)?,
                 ]),
             });
         }

@@ -259,6 +259,9 @@ impl Freshness {
     }
 }
 
+/// A revocation as the CRL lists it: serial, Unix time, RFC 5280 reason name.
+pub type RevocationRow = (String, i64, String);
+
 /// A CMP transaction row.
 #[derive(Debug, Clone)]
 pub struct CmpTransaction {
@@ -811,6 +814,97 @@ impl Store {
         Ok(revoked)
     }
 
+    /// An operator's revocation of a certificate this portal issued, with its reason.
+    /// Refused when it is already revoked (the CRL keeps the first reason).
+    pub fn revoke_issued(
+        &self,
+        issuer_key: &NameKey,
+        serial_hex: &str,
+        reason: &str,
+        now: i64,
+    ) -> Result<(), Error> {
+        let mut conn = self.lock();
+        let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+        let cert = get_cert(&tx, serial_hex)?.ok_or_else(|| {
+            api(
+                ErrorCode::CertificateNotIssued,
+                format!("this portal issued no certificate {serial_hex}"),
+            )
+        })?;
+        let earlier: Option<String> = tx
+            .query_row(
+                "SELECT reason FROM revocations WHERE issuer_key = ?1 AND serial_hex = ?2",
+                params![issuer_key.as_str(), serial_hex],
+                |r| r.get(0),
+            )
+            .optional()?;
+        if let Some(earlier) = earlier {
+            return Err(api(
+                ErrorCode::InvalidTransition,
+                format!("certificate {serial_hex} is already revoked ({earlier})"),
+            ));
+        }
+        tx.execute(
+            "INSERT INTO revocations (issuer_key, serial_hex, revoked_at, reason, order_id)
+             VALUES (?1, ?2, ?3, ?4, ?5)",
+            params![issuer_key.as_str(), serial_hex, now, reason, cert.order_id],
+        )?;
+        bump_crl_number(&tx)?;
+        tx.commit()?;
+        Ok(())
+    }
+
+    /// An operator cancels an order that is not completed: it becomes rejected with the
+    /// operator's reason, and the certificates it issued (never confirmed installed) are
+    /// revoked with `revoke_reason`. Returns the order and the serials revoked.
+    pub fn cancel_order(
+        &self,
+        id: &str,
+        ca_key: &NameKey,
+        reason: &str,
+        revoke_reason: &str,
+        now: i64,
+    ) -> Result<(Order, Vec<String>), Error> {
+        let mut conn = self.lock();
+        let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+        let order = get_order(&tx, id)?
+            .ok_or_else(|| api(ErrorCode::OrderNotFound, format!("no order {id}")))?;
+        if !order.state.is_open() {
+            return Err(api(
+                ErrorCode::InvalidTransition,
+                format!(
+                    "order {id} is {}: a completed renewal is undone by revoking its certificate",
+                    order.state.as_str()
+                ),
+            ));
+        }
+        let mut revoked = Vec::new();
+        let serials: Vec<String> = tx
+            .prepare("SELECT serial_hex FROM certificates WHERE order_id = ?1 ORDER BY serial_hex")?
+            .query_map([id], |r| r.get(0))?
+            .collect::<rusqlite::Result<_>>()?;
+        for serial in serials {
+            let n = tx.execute(
+                "INSERT OR IGNORE INTO revocations (issuer_key, serial_hex, revoked_at, reason, order_id)
+                 VALUES (?1, ?2, ?3, ?4, ?5)",
+                params![ca_key.as_str(), serial, now, revoke_reason, id],
+            )?;
+            if n == 1 {
+                revoked.push(serial);
+            }
+        }
+        if !revoked.is_empty() {
+            bump_crl_number(&tx)?;
+        }
+        tx.execute(
+            "UPDATE orders SET state = 'rejected', reject_reason = ?2, updated_at = ?3 WHERE id = ?1",
+            params![id, reason, now],
+        )?;
+        let order = get_order(&tx, id)?.ok_or_else(|| Error::Setup("order vanished".into()))?;
+        tx.commit()?;
+        Ok((order, revoked))
+    }
+
     /// A CMP transaction.
     pub fn cmp_transaction(&self, id: &[u8]) -> Result<Option<CmpTransaction>, Error> {
         Ok(self
@@ -847,16 +941,21 @@ impl Store {
     }
 
     /// CRL number and the revocations of certificates issued under `issuer_key`.
-    pub fn crl_entries(&self, issuer_key: &NameKey) -> Result<(u64, Vec<(String, i64)>), Error> {
+    pub fn crl_entries(
+        &self,
+        issuer_key: &NameKey,
+    ) -> Result<(u64, Vec<RevocationRow>), Error> {
         let conn = self.lock();
         let number: i64 =
             conn.query_row("SELECT value FROM meta WHERE key = 'crl_number'", [], |r| {
                 r.get(0)
             })?;
         let mut stmt = conn.prepare(
-            "SELECT serial_hex, revoked_at FROM revocations WHERE issuer_key = ?1 ORDER BY revoked_at, serial_hex",
+            "SELECT serial_hex, revoked_at, reason FROM revocations WHERE issuer_key = ?1 ORDER BY revoked_at, serial_hex",
         )?;
-        let rows = stmt.query_map([issuer_key.as_str()], |r| Ok((r.get(0)?, r.get(1)?)))?;
+        let rows = stmt.query_map([issuer_key.as_str()], |r| {
+            Ok((r.get(0)?, r.get(1)?, r.get(2)?))
+        })?;
         Ok((
             u64::try_from(number).unwrap_or(0),
             rows.collect::<rusqlite::Result<Vec<_>>>()?,

@@ -551,3 +551,130 @@ async fn the_data_directory_is_the_owners_alone_and_an_open_one_is_refused() {
         .collect();
     assert_eq!(after, before);
 }
+
+/// The reason `openssl crl -text` gives for `serial`.
+fn crl_reason(text: &str, serial: &str) -> Option<String> {
+    let at = text.find(&format!("Serial Number: {serial}"))?;
+    let rest = &text[at..];
+    let end = rest[1..]
+        .find("Serial Number:")
+        .map_or(rest.len(), |i| i + 1);
+    let block = &rest[..end];
+    let i = block.find("X509v3 CRL Reason Code:")?;
+    block[i..].lines().nth(1).map(|l| l.trim().to_owned())
+}
+
+/// Issue 16, operators can act: `ukey-portal revoke --serial … --reason keyCompromise`,
+/// and `order cancel`, which revokes what the order issued; OpenSSL reads each reason
+/// from the CRL it verifies.
+#[tokio::test]
+async fn an_operator_revokes_with_a_reason_and_a_cancelled_order_revokes_what_it_issued() {
+    use ukey_portal_api::{InitialState, KeyAlgorithm, KeyPolicy};
+    let h = Harness::start().await;
+    let data = h.data_dir();
+    // A completed renewal: its new certificate revoked for key compromise.
+    let holder = h.holder(KeyAlgorithm::EcP256);
+    let order = h.order(
+        &holder,
+        InitialState::Ready,
+        KeyPolicy::New,
+        KeyAlgorithm::EcP256,
+        false,
+    );
+    let new = new_key(KeyAlgorithm::EcP256);
+    let issued = h.issue(&order.order_id, &holder, &new).await;
+    let r = h
+        .installed(&order.order_id, &issued.certificate_serial_hex, &new)
+        .await;
+    assert!(r.status().is_success());
+    cli(
+        &data,
+        &[
+            "revoke",
+            "--serial",
+            &issued.certificate_serial_hex,
+            "--reason",
+            "keyCompromise",
+        ],
+    );
+    // Issued, never installed, then cancelled.
+    let other = h.holder(KeyAlgorithm::EcP256);
+    let order2 = h.order(
+        &other,
+        InitialState::Ready,
+        KeyPolicy::New,
+        KeyAlgorithm::EcP256,
+        false,
+    );
+    let new2 = new_key(KeyAlgorithm::EcP256);
+    let issued2 = h.issue(&order2.order_id, &other, &new2).await;
+    let out = cli(
+        &data,
+        &[
+            "order",
+            "cancel",
+            &order2.order_id,
+            "--reason",
+            "付款已退回 refunded",
+        ],
+    );
+    assert!(out.contains(&issued2.certificate_serial_hex), "{out}");
+    match h.status(&other).await {
+        RenewalStatus::Rejected { reason, .. } => assert!(reason.contains("refunded"), "{reason}"),
+        s => panic!("{s:?}"),
+    }
+
+    let dir = tempfile::tempdir().unwrap();
+    let (ok, text) = openssl_crl(&data.join("ca-cert.pem"), &h.crl_der().await, dir.path());
+    assert!(ok, "{text}");
+    for (serial, reason) in [
+        (issued.certificate_serial_hex.as_str(), "Key Compromise"),
+        (
+            issued2.certificate_serial_hex.as_str(),
+            "Cessation Of Operation",
+        ),
+        (holder.serial_hex.as_str(), "Superseded"),
+    ] {
+        assert_eq!(
+            crl_reason(&text, serial).as_deref(),
+            Some(reason),
+            "{serial} in:\n{text}"
+        );
+    }
+
+    // Refused, with a message: cancelling a completed order, revoking twice, a serial
+    // this portal did not issue, an unknown reason.
+    let refused = |args: &[&str], says: &str| {
+        let (ok, text) = run(portal_bin().arg("--data").arg(&data).args(args));
+        assert!(!ok, "{args:?}: {text}");
+        assert!(text.contains(says), "{args:?}: {text}");
+    };
+    refused(
+        &["order", "cancel", &order.order_id, "--reason", "x"],
+        "revoking its certificate",
+    );
+    refused(
+        &[
+            "revoke",
+            "--serial",
+            &issued.certificate_serial_hex,
+            "--reason",
+            "superseded",
+        ],
+        "already revoked (keyCompromise)",
+    );
+    refused(
+        &["revoke", "--serial", "0A0B", "--reason", "keyCompromise"],
+        "issued no certificate",
+    );
+    refused(
+        &[
+            "revoke",
+            "--serial",
+            &issued2.certificate_serial_hex,
+            "--reason",
+            "lost",
+        ],
+        "keyCompromise",
+    );
+}

@@ -246,10 +246,12 @@ fn the_sm2_crl_lists_the_revoked_and_verifies_with_the_gm_id() {
         ukey_portal::ca::Revoked {
             serial_hex: "5A0102".into(),
             revoked_at: now - time::Duration::hours(1),
+            reason: ukey_portal::ca::Reason::Superseded,
         },
         ukey_portal::ca::Revoked {
             serial_hex: "7F33AA".into(),
             revoked_at: now,
+            reason: ukey_portal::ca::Reason::KeyCompromise,
         },
     ];
     let crl = ca.crl(&revoked, 7, now).unwrap();
@@ -262,6 +264,7 @@ fn the_sm2_crl_lists_the_revoked_and_verifies_with_the_gm_id() {
         "5A0102",
         "7F33AA",
         "Superseded",
+        "Key Compromise",
         "SM2-with-SM3",
         "X509v3 CRL Number",
     ] {
