@@ -941,10 +941,7 @@ impl Store {
     }
 
     /// CRL number and the revocations of certificates issued under `issuer_key`.
-    pub fn crl_entries(
-        &self,
-        issuer_key: &NameKey,
-    ) -> Result<(u64, Vec<RevocationRow>), Error> {
+    pub fn crl_entries(&self, issuer_key: &NameKey) -> Result<(u64, Vec<RevocationRow>), Error> {
         let conn = self.lock();
         let number: i64 =
             conn.query_row("SELECT value FROM meta WHERE key = 'crl_number'", [], |r| {
