@@ -119,12 +119,25 @@ impl Lab {
         (fx, order)
     }
 
+    /// `ukey renew --cmp` at the portal, with the fixtures' root as the anchor.
     fn renew(&self, fx: &TokenFixture, failpoint: Option<&str>, extra: &[&str]) -> Output {
         let root = self.hsm.ca().unwrap().root_cert_path.clone();
+        self.renew_with(fx, &self.cmp_url(), &root, failpoint, extra)
+    }
+
+    /// `ukey renew --cmp <url> --trust <trust>`, `UKEY_FAILPOINT` set when given.
+    fn renew_with(
+        &self,
+        fx: &TokenFixture,
+        url: &str,
+        trust: &Path,
+        failpoint: Option<&str>,
+        extra: &[&str],
+    ) -> Output {
         let mut cmd = self.ukey();
-        cmd.args(["renew", "--cmp", &self.cmp_url(), "--token", &fx.serial])
+        cmd.args(["renew", "--cmp", url, "--token", &fx.serial])
             .args(["--pin-stdin", "--yes", "--json", "--trust"])
-            .arg(&root)
+            .arg(trust)
             .args(extra)
             .env_remove("UKEY_PKCS11_MODULE")
             .env_remove("UKEY_FAILPOINT")
@@ -353,6 +366,27 @@ fn a_review_waits_in_the_journal_and_a_rejection_leaves_the_token_as_it_was() {
     assert_eq!(after, before, "the token is unchanged");
 }
 
+/// A resumed run `out` finished the renewal: renewed, only the new certificate works,
+/// no pending objects, the order completed (certConf reached the portal).
+fn finished(lab: &Lab, fx: &TokenFixture, order: &str, out: &Output, what: &str) {
+    assert_eq!(out.status.code(), Some(0), "{what}: {}", text(out));
+    let v = json(out);
+    assert_eq!(v["status"], "renewed", "{what}: {v}");
+    let (working, objects) = look(fx);
+    assert_eq!(
+        working,
+        vec![v["new_serial"].as_str().unwrap().to_owned()],
+        "{what}: only the new certificate works"
+    );
+    assert!(
+        !objects
+            .iter()
+            .any(|o| o.2.starts_with(ukey_renewal::PENDING_LABEL_PREFIX)),
+        "{what}: pending objects left: {objects:?}"
+    );
+    assert_eq!(lab.state(order), "completed", "{what}");
+}
+
 /// Every fail point a CMP renewal passes (the REST protocol's `installed` step is not
 /// run: certConf is sent before activation), and inside the transaction.
 fn cmp_crash_points() -> Vec<String> {
@@ -378,23 +412,7 @@ fn killed_at_every_step_of_a_cmp_renewal_then_resumed() {
         assert_eq!(out.status.signal(), Some(6), "{point}: {}", text(&out));
         let (working, objects) = look(&fx);
         assert!(!working.is_empty(), "{point}: nothing works: {objects:?}");
-        let out = lab.renew(&fx, None, &[]);
-        assert_eq!(out.status.code(), Some(0), "{point}: {}", text(&out));
-        let v = json(&out);
-        assert_eq!(v["status"], "renewed", "{point}: {v}");
-        let (working, objects) = look(&fx);
-        assert_eq!(
-            working,
-            vec![v["new_serial"].as_str().unwrap().to_owned()],
-            "{point}: only the new certificate works"
-        );
-        assert!(
-            !objects
-                .iter()
-                .any(|o| o.2.starts_with(ukey_renewal::PENDING_LABEL_PREFIX)),
-            "{point}: pending objects left: {objects:?}"
-        );
-        assert_eq!(lab.state(&order), "completed", "{point}");
+        finished(&lab, &fx, &order, &lab.renew(&fx, None, &[]), point);
     }
     println!("CMP crash points covered: {}", points.len());
 }
@@ -555,27 +573,6 @@ fn mock(dir: &Path, extra: &[&str]) -> Mock {
     }
 }
 
-impl Lab {
-    /// `ukey renew --cmp <url>` (the mock), with `trust` as the anchor.
-    fn renew_at(&self, fx: &TokenFixture, url: &str, trust: &Path, extra: &[&str]) -> Output {
-        let mut cmd = self.ukey();
-        cmd.args(["renew", "--cmp", url, "--token", &fx.serial])
-            .args(["--pin-stdin", "--yes", "--json", "--trust"])
-            .arg(trust)
-            .args(extra)
-            .env_remove("UKEY_PKCS11_MODULE")
-            .env_remove("UKEY_FAILPOINT")
-            .env("UKEY_CONFIG", self.hsm.dir().join("no-config.toml"))
-            .env("UKEY_DATA_DIR", self.data.path())
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped());
-        let mut child = cmd.spawn().unwrap();
-        let _ = writeln!(child.stdin.take().unwrap(), "{}", fx.user_pin);
-        child.wait_with_output().unwrap()
-    }
-}
-
 #[test]
 fn against_openssls_mock_a_same_key_kur_and_a_cr_end_with_the_mocks_certificate_on_the_token() {
     let lab = Lab::new();
@@ -585,10 +582,11 @@ fn against_openssls_mock_a_same_key_kur_and_a_cr_end_with_the_mocks_certificate_
         let dir = tempfile::tempdir().unwrap();
         mock_pki(&lab, &fx, dir.path());
         let m = mock(dir.path(), &[]);
-        let out = lab.renew_at(
+        let out = lab.renew_with(
             &fx,
             &m.url,
             &root,
+            None,
             &["--same-key", "--cmp-request", request],
         );
         assert_eq!(
@@ -666,7 +664,7 @@ fn against_openssls_mock_refused_answers_leave_the_token_byte_for_byte() {
         } else {
             stranger.path().join("root.pem")
         };
-        let out = lab.renew_at(&fx, &m.url, &anchor, &args);
+        let out = lab.renew_with(&fx, &m.url, &anchor, None, &args);
         assert_eq!(out.status.code(), Some(7), "{what}: {}", text(&out));
         let v = json(&out);
         assert_eq!(v["error"]["code"], "certificate_refused", "{what}: {v}");
@@ -820,7 +818,7 @@ fn answers_for_another_transaction_nonce_or_subject_leave_the_token_byte_for_byt
         let owned = d.to_owned();
         let url = shaped_ca(d, move |to| shape(to, &owned));
         let (_, before) = look(&fx);
-        let out = lab.renew_at(&fx, &url, &root, &["--same-key"]);
+        let out = lab.renew_with(&fx, &url, &root, None, &["--same-key"]);
         assert_eq!(out.status.code(), Some(7), "{what}: {}", text(&out));
         let v = json(&out);
         assert_eq!(v["error"]["code"], "certificate_refused", "{what}: {v}");
@@ -860,21 +858,6 @@ fn the_key_pulled_out_while_it_signs_for_the_cmp_transaction_then_back_finishes_
             working.contains(&fx.certs[0].serial_hex),
             "{what}: the old certificate works: {working:?}"
         );
-        let out = lab.renew(&fx, None, &[]);
-        assert_eq!(out.status.code(), Some(0), "{what}: {}", text(&out));
-        let v = json(&out);
-        let (working, objects) = look(&fx);
-        assert_eq!(
-            working,
-            vec![v["new_serial"].as_str().unwrap().to_owned()],
-            "{what}: only the new certificate works"
-        );
-        assert!(
-            !objects
-                .iter()
-                .any(|o| o.2.starts_with(ukey_renewal::PENDING_LABEL_PREFIX)),
-            "{what}: pending objects left"
-        );
-        assert_eq!(lab.state(&order), "completed", "{what}");
+        finished(&lab, &fx, &order, &lab.renew(&fx, None, &[]), what);
     }
 }
