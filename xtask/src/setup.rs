@@ -3,7 +3,8 @@
 //! skipping what is present.
 //!
 //! - `rust`: SoftHSM2, OpenSC (`pkcs11-tool`), OpenSSL, PyKCS11, swtpm and tpm2-pkcs11
-//!   (a second real PKCS#11 module); cargo-nextest.
+//!   (a second real PKCS#11 module), the PostgreSQL server (the portal's store on
+//!   PostgreSQL); cargo-nextest.
 //! - `app`: the Tauri build libraries (WebKitGTK 4.1, GTK 3, appindicator, librsvg,
 //!   libssl, libxdo, pkg-config), Node.js + npm, and `npm ci` in ui/.
 //! - `e2e`: Xvfb, WebKitWebDriver, a CJK font, a D-Bus session; tauri-driver; `npm ci`
@@ -51,6 +52,8 @@ impl Part {
                 "libtss2-tcti-tabrmd0",
                 "libtpm2-pkcs11-1",
                 "dbus",
+                // The portal's store on PostgreSQL: tests start a server in a temp dir.
+                "postgresql",
             ],
             Part::App => &[
                 "libwebkit2gtk-4.1-dev",

@@ -1,7 +1,8 @@
 //! `cargo xtask test`: every check the project has, in one run, ending with a summary.
 //!
 //! Formatting, clippy (`-D warnings`), every Rust test under nextest (one process a test:
-//! SoftHSM2 is configured through a process-wide environment variable), doc tests, the
+//! SoftHSM2 is configured through a process-wide environment variable), the portal's
+//! REST and CMP suites once more on PostgreSQL, doc tests, the
 //! frontend tests (Vitest, in ui/), the real-window end-to-end test (tests/e2e/run.sh,
 //! Xvfb) and the package: the .deb is built (release) and checked. A failing step does not
 //! stop the later ones; any failure makes the exit code non-zero.
@@ -81,6 +82,26 @@ pub fn test(args: &[String]) -> Result<()> {
             "--failure-output",
             "final",
         ]))
+        .map(|()| Outcome::Passed)
+    });
+    // The portal's REST and CMP suites again, each test's portal on a PostgreSQL
+    // database of its own (a server per test process, started by the harness).
+    step("portal suites on PostgreSQL", &|| {
+        run(cargo()
+            .args([
+                "nextest",
+                "run",
+                "-p",
+                "ukey-portal",
+                "--test",
+                "portal",
+                "--test",
+                "cmp",
+                "--no-fail-fast",
+                "--failure-output",
+                "final",
+            ])
+            .env("UKEY_TEST_STORE", "postgres"))
         .map(|()| Outcome::Passed)
     });
     step("doc tests", &|| {

@@ -5,7 +5,12 @@
 //!
 //! `cargo bench -p ukey-portal --bench issue`
 //! Knobs: UKEY_BENCH_CLIENTS (default 16), UKEY_BENCH_ISSUES (default 3000),
-//! UKEY_BENCH_ALG (EC-P256, RSA-2048 or SM2 for the renewed keys, default EC-P256).
+//! UKEY_BENCH_ALG (EC-P256, RSA-2048 or SM2 for the renewed keys, default EC-P256),
+//! UKEY_BENCH_STORES (comma-separated sittings, run one after the other in this process:
+//! `sqlite` (default), `postgres` (one instance), `postgres2` (two portal instances, each
+//! with its own HTTP server and connection pool, on one database, the clients
+//! alternating between them); PostgreSQL is a real server from Debian's package started
+//! in a temp dir, with its default durability (fsync, synchronous commit)).
 //!
 //! With SM2 the portal runs an SM2 CA (SM2-with-SM3 certificates, GM ID), the old
 //! certificates come from an EC CA it accepts (an RSA → SM2 style upgrade), and the
@@ -15,6 +20,9 @@
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
+
+#[path = "../tests/common/pg.rs"]
+mod pg;
 
 use rcgen::{
     CertificateParams, DistinguishedName, DnType, Issuer, KeyPair, SerialNumber, SigningKey as _,
@@ -91,9 +99,39 @@ fn main() {
         .ok()
         .and_then(|a| KeyAlgorithm::parse(&a))
         .unwrap_or(KeyAlgorithm::EcP256);
+    let stores = std::env::var("UKEY_BENCH_STORES").unwrap_or_else(|_| "sqlite".into());
+    let mut server: Option<pg::PgServer> = None;
+    for (i, store) in stores.split(',').map(str::trim).enumerate() {
+        let (database, instances) = match store {
+            "sqlite" => (None, 1),
+            "postgres" | "postgres2" => {
+                let pg = server.get_or_insert_with(|| pg::PgServer::start(&[]));
+                let url = pg.create_db(&format!("bench{i}"));
+                let instances = if store == "postgres2" { 2 } else { 1 };
+                (Some(url), instances)
+            }
+            other => {
+                panic!("UKEY_BENCH_STORES: unknown store {other:?} (sqlite, postgres, postgres2)")
+            }
+        };
+        sitting(store, database, instances, clients, issues, alg);
+    }
+}
+
+/// One sitting: a fresh data dir and store, `issues` paid orders, `clients` clients.
+fn sitting(
+    store: &str,
+    database: Option<String>,
+    instances: usize,
+    clients: usize,
+    issues: usize,
+    alg: KeyAlgorithm,
+) {
     let dir = tempfile::tempdir().expect("temp dir");
     let data = dir.path().join("data");
     let mut config = PortalConfig::new(&data);
+    config.database =
+        database.map(|url| ukey_portal::store::Database::Postgres { url, pool: clients });
     let sm2 = alg == KeyAlgorithm::Sm2;
     // Holders with certificates from the portal's (EC P-256) CA, or with SM2 from an EC
     // CA the SM2 portal accepts, each with a paid order and a CSR ready: not timed.
@@ -111,6 +149,10 @@ fn main() {
         config.ca_alg = ukey_portal::ca::CaAlg::Sm2;
     }
     let portal = Arc::new(Portal::open(&config).expect("portal"));
+    // More instances on the same data dir (CA) and database.
+    let portals: Vec<Arc<Portal>> = std::iter::once(Arc::clone(&portal))
+        .chain((1..instances).map(|_| Arc::new(Portal::open(&config).expect("portal"))))
+        .collect();
     // The CA of the old certificates: that EC CA, or the portal's own.
     let (ca_cert_pem, ca_key_pem) = old_ca.unwrap_or_else(|| {
         (
@@ -184,15 +226,15 @@ fn main() {
         .build()
         .expect("runtime");
     runtime.block_on(async move {
-        let server = ukey_portal::start(
-            Arc::clone(&portal),
-            "127.0.0.1:0".parse().expect("addr"),
-            None,
-            None,
-        )
-        .await
-        .expect("server");
-        let base = server.url.clone();
+        let mut servers = Vec::new();
+        for p in &portals {
+            servers.push(
+                ukey_portal::start(Arc::clone(p), "127.0.0.1:0".parse().expect("addr"), None, None)
+                    .await
+                    .expect("server"),
+            );
+        }
+        let bases: Vec<String> = servers.iter().map(|s| s.url.clone()).collect();
         let http = reqwest::Client::builder()
             .pool_max_idle_per_host(clients)
             .build()
@@ -201,10 +243,10 @@ fn main() {
         let next = Arc::new(AtomicUsize::new(0));
         let started = Instant::now();
         let mut tasks = Vec::new();
-        for _ in 0..clients {
+        for c in 0..clients {
             let (http, base, jobs, next) = (
                 http.clone(),
-                base.clone(),
+                bases[c % bases.len()].clone(),
                 Arc::clone(&jobs),
                 Arc::clone(&next),
             );
@@ -244,11 +286,16 @@ fn main() {
                 .unwrap_or_default()
         };
         println!(
-            "issue benchmark: {} renewals ({} failed), {clients} clients, {} keys, {} CA, {} cores",
+            "issue benchmark [{store}]: {} renewals ({} failed), {clients} clients, {} keys, {} CA, {}, {} cores",
             latencies.len(),
             failures,
             alg,
             if sm2 { "SM2" } else { "EC P-256" },
+            match (store, instances) {
+                ("sqlite", _) => "SQLite".to_owned(),
+                (_, 1) => "PostgreSQL (1 instance)".to_owned(),
+                (_, n) => format!("PostgreSQL ({n} instances)"),
+            },
             std::thread::available_parallelism()
                 .map(|n| n.get())
                 .unwrap_or(0)
@@ -261,7 +308,9 @@ fn main() {
             pct(0.99),
             latencies.last().copied().unwrap_or_default()
         );
-        let _ = server.stop().await;
+        for server in servers {
+            let _ = server.stop().await;
+        }
     });
 }
 

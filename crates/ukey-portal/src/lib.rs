@@ -1,15 +1,16 @@
 //! The reference UKey renewal portal: the server side of the protocol defined in
-//! `ukey-portal-api`, with a SQLite order store, a CA that issues with rcgen, and a
+//! `ukey-portal-api`, with an order store on SQLite or PostgreSQL, a CA that issues with rcgen, and a
 //! key-management centre that escrows encryption keys and seals them for the token.
 //!
 //! Layers, top down: [`http`] (axum routes, error mapping) → [`portal`] (behaviour,
-//! synchronous) → [`store`] (SQLite) / [`ca`] (certificates, CRL) / [`envelope`]
+//! synchronous) → [`store`] (orders; [`db`]: SQLite or PostgreSQL) / [`ca`] (certificates, CRL) / [`envelope`]
 //! (escrow envelope) / [`names`] (issuer matching) / [`crypto`] (signatures).
 
 pub mod ca;
 pub mod cmp;
 pub mod crypto;
 pub mod datadir;
+pub mod db;
 pub mod envelope;
 pub mod http;
 pub mod names;
@@ -22,15 +23,24 @@ pub use portal::{Portal, PortalConfig};
 
 use ukey_portal_api::ApiError;
 
+impl db::AsDbError for Error {
+    fn as_db_error(&self) -> Option<&db::DbError> {
+        match self {
+            Error::Db(e) => Some(e),
+            _ => None,
+        }
+    }
+}
+
 /// Everything that can go wrong in the portal.
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
     /// A client or operator error, with its protocol code.
     #[error(transparent)]
     Api(#[from] ApiError),
-    /// SQLite.
+    /// SQLite or PostgreSQL.
     #[error("database: {0}")]
-    Db(#[from] rusqlite::Error),
+    Db(#[from] db::DbError),
     /// CA setup or issuing.
     #[error(transparent)]
     Ca(#[from] ca::CaError),

@@ -25,8 +25,32 @@ struct Cli {
         default_value = "./portal-data"
     )]
     data: PathBuf,
+    /// Where orders are stored: a PostgreSQL URL (`postgres://user@host:port/db`; several
+    /// portal instances may share it); default: `portal.sqlite3` (SQLite) in the data directory.
+    #[arg(
+        long,
+        global = true,
+        env = "UKEY_PORTAL_DATABASE",
+        hide_env_values = true
+    )]
+    database: Option<String>,
+    /// Most PostgreSQL connections this process opens.
+    #[arg(long, global = true, default_value_t = 16)]
+    database_pool: usize,
     #[command(subcommand)]
     command: Command,
+}
+
+impl Cli {
+    /// The data directory and the database, for every command.
+    fn config(&self) -> PortalConfig {
+        let mut config = PortalConfig::new(&self.data);
+        config.database = self
+            .database
+            .as_deref()
+            .map(|d| ukey_portal::store::Database::parse(d, self.database_pool));
+        config
+    }
 }
 
 #[derive(Subcommand, Debug)]
@@ -226,6 +250,7 @@ fn main() -> Result<()> {
         )
         .init();
     let cli = Cli::parse();
+    let base = cli.config();
     match cli.command {
         Command::Serve {
             listen,
@@ -240,7 +265,7 @@ fn main() -> Result<()> {
             cmp_confirm_window_secs,
             cmp_check_after_secs,
         } => {
-            let mut config = PortalConfig::new(&cli.data);
+            let mut config = base;
             config.ca_import = ca_cert.zip(ca_key);
             config.ca_alg = ca_alg.into();
             config.challenge_ttl = time::Duration::seconds(i64::from(challenge_ttl_secs));
@@ -254,11 +279,10 @@ fn main() -> Result<()> {
                 .map(|(cert, key)| TlsFiles { cert, key });
             serve(config, listen, tls, public_url)
         }
-        Command::Order(cmd) => order(&cli.data, cmd),
-        Command::Ca(cmd) => ca(&cli.data, cmd),
+        Command::Order(cmd) => order(&base, cmd),
+        Command::Ca(cmd) => ca(&base, cmd),
         Command::Revoke { serial, reason } => {
-            let portal = Portal::open(&PortalConfig::new(&cli.data))
-                .with_context(|| format!("opening {}", cli.data.display()))?;
+            let portal = open(&base)?;
             portal.revoke(&serial, reason)?;
             println!("revoked {serial} ({})", reason.as_str());
             Ok(())
@@ -305,12 +329,12 @@ fn serve(
     })
 }
 
-fn open(data: &std::path::Path) -> Result<Portal> {
-    Portal::open(&PortalConfig::new(data)).with_context(|| format!("opening {}", data.display()))
+fn open(config: &PortalConfig) -> Result<Portal> {
+    Portal::open(config).with_context(|| format!("opening {}", config.data_dir.display()))
 }
 
-fn order(data: &std::path::Path, cmd: OrderCommand) -> Result<()> {
-    let portal = open(data)?;
+fn order(config: &PortalConfig, cmd: OrderCommand) -> Result<()> {
+    let portal = open(config)?;
     match cmd {
         OrderCommand::Create {
             serial,
@@ -438,13 +462,13 @@ fn print_view(v: &OrderView, json: bool) -> Result<()> {
     Ok(())
 }
 
-fn ca(data: &std::path::Path, cmd: CaCommand) -> Result<()> {
+fn ca(config: &PortalConfig, cmd: CaCommand) -> Result<()> {
+    let data = config.data_dir.as_path();
     match cmd {
         CaCommand::Show { alg } => {
-            let mut config = PortalConfig::new(data);
+            let mut config = config.clone();
             config.ca_alg = alg.into();
-            let portal =
-                Portal::open(&config).with_context(|| format!("opening {}", data.display()))?;
+            let portal = open(&config)?;
             println!("subject: {}", portal.ca().display_name());
             println!(
                 "key: {}",

@@ -39,6 +39,8 @@ pub struct PortalConfig {
     pub ca_alg: crate::ca::CaAlg,
     /// CMP settings.
     pub cmp: CmpSettings,
+    /// Where the store lives; `None`: [`DB_FILE`] (SQLite) in the data directory.
+    pub database: Option<crate::store::Database>,
 }
 
 /// How the CMP server judges time.
@@ -72,6 +74,7 @@ impl PortalConfig {
             challenge_ttl: Duration::minutes(5),
             ca_alg: crate::ca::CaAlg::default(),
             cmp: CmpSettings::default(),
+            database: None,
         }
     }
 }
@@ -137,8 +140,13 @@ impl Portal {
             .as_ref()
             .map(|(c, k)| (c.as_path(), k.as_path()));
         let ca = Ca::open(dir, import, config.ca_alg)?;
-        crate::datadir::create_private(&dir.join(DB_FILE)).map_err(Error::Setup)?;
-        let store = Store::open(&dir.join(DB_FILE))?;
+        let store = match &config.database {
+            Some(database) => Store::connect(database)?,
+            None => {
+                crate::datadir::create_private(&dir.join(DB_FILE)).map_err(Error::Setup)?;
+                Store::open(&dir.join(DB_FILE))?
+            }
+        };
         let admin_token = load_or_create_token(dir)?;
         let cmp_identity = ca.cmp_identity(dir, now())?;
         // What this start wrote is the owner's alone too.

@@ -1,24 +1,28 @@
-//! The portal's SQLite store: orders, challenges, issued certificates (with the escrow
-//! copy of encryption keys) and revocations. WAL journal, numbered migrations kept in
-//! `PRAGMA user_version`, every multi-row change in one `BEGIN IMMEDIATE` transaction.
+//! The portal's store: orders, challenges, issued certificates (with the escrow copy of
+//! encryption keys) and revocations, on SQLite (the default: a file in the data
+//! directory, WAL journal) or PostgreSQL (several portal instances on one database);
+//! [`crate::db`] runs the same SQL and the same numbered migrations on both. Every
+//! multi-row change is one transaction; one that decides on an order locks the order
+//! first ([`crate::db::Tx::lock_order`]).
 //!
 //! **Invariant:** a request that fails changes no row. Checks that can fail run before
 //! the write transaction; conditions that may have changed meanwhile (challenge used,
 //! order state) are checked again inside it, and a failure there rolls back.
 
-use std::path::Path;
-use std::sync::Mutex;
+use std::path::{Path, PathBuf};
 
-use rusqlite::{Connection, OptionalExtension, Row, TransactionBehavior, params};
 use ukey_portal_api::{ApiError, ErrorCode, KeyAlgorithm, KeyPolicy, OrderTerms};
 
 use crate::Error;
+use crate::db::{Db, DbError, Kind, Migration, MigrationError, Row, Tx, params};
 use crate::names::NameKey;
 
-/// Schema migrations; index + 1 is the `user_version` after applying it.
-const MIGRATIONS: &[&str] = &[
+/// Schema migrations; index + 1 is the schema version after applying it (SQLite's
+/// `user_version`, PostgreSQL's `schema_version` table).
+const MIGRATIONS: &[Migration] = &[
     // 1: initial schema
-    "CREATE TABLE orders (
+    Migration {
+        sql: "CREATE TABLE orders (
         id TEXT PRIMARY KEY,
         issuer_key TEXT NOT NULL,
         issuer_display TEXT NOT NULL,
@@ -66,8 +70,12 @@ const MIGRATIONS: &[&str] = &[
     );
     CREATE TABLE meta (key TEXT PRIMARY KEY, value INTEGER NOT NULL);
     INSERT INTO meta (key, value) VALUES ('crl_number', 1);",
+        // SQLite's rowid keeps the insertion order of orders made in one second.
+        postgres: "ALTER TABLE orders ADD COLUMN rowid BIGSERIAL;",
+    },
     // 2: CMP transactions (RFC 9483) and the nonces seen, for freshness
-    "CREATE TABLE cmp_transactions (
+    Migration {
+        sql: "CREATE TABLE cmp_transactions (
         id BLOB PRIMARY KEY,
         order_id TEXT NOT NULL REFERENCES orders(id),
         kind TEXT NOT NULL,
@@ -82,6 +90,16 @@ const MIGRATIONS: &[&str] = &[
     CREATE INDEX cmp_transactions_by_order ON cmp_transactions(order_id);
     CREATE TABLE cmp_nonces (nonce BLOB PRIMARY KEY, seen_at INTEGER NOT NULL);
     CREATE INDEX cmp_nonces_by_time ON cmp_nonces(seen_at);",
+        postgres: "",
+    },
+    // 3: one open order per certificate, held by the database (several instances),
+    // and the lookups that abuse would make slow without an index
+    Migration {
+        sql: "CREATE UNIQUE INDEX orders_one_open ON orders(issuer_key, serial_hex)
+        WHERE state NOT IN ('completed', 'rejected');
+    CREATE INDEX challenges_by_expiry ON challenges(expires_at);",
+        postgres: "",
+    },
 ];
 
 /// Lifecycle state of an order.
@@ -333,28 +351,50 @@ pub enum IssueCommit {
     },
 }
 
-/// The SQLite store. One connection; SQLite serialises writers anyway and every
-/// statement here is short, so a mutex is the simplest correct pool.
+/// The order store, on SQLite or PostgreSQL ([`crate::db`]).
 #[derive(Debug)]
 pub struct Store {
-    conn: Mutex<Connection>,
+    db: Db,
+}
+
+/// Where the store lives.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Database {
+    /// A SQLite file.
+    Sqlite(PathBuf),
+    /// A PostgreSQL connection string (`postgres://…` or `host=… dbname=…`), and the
+    /// most connections this process opens.
+    Postgres {
+        /// The connection string.
+        url: String,
+        /// Pool size.
+        pool: usize,
+    },
+}
+
+impl Database {
+    /// Reads `--database`: a `postgres://` / `postgresql://` URL, or a SQLite file path.
+    pub fn parse(s: &str, pool: usize) -> Database {
+        if s.starts_with("postgres://") || s.starts_with("postgresql://") {
+            Database::Postgres {
+                url: s.to_owned(),
+                pool,
+            }
+        } else {
+            Database::Sqlite(PathBuf::from(s))
+        }
+    }
 }
 
 fn api(code: ErrorCode, message: impl Into<String>) -> Error {
     Error::Api(ApiError::new(code, message))
 }
 
-fn order_from_row(row: &Row<'_>) -> rusqlite::Result<Order> {
+fn order_from_row(row: &Row) -> Result<Order, Error> {
     let key_policy: String = row.get("key_policy")?;
     let alg: String = row.get("target_algorithm")?;
     let state: String = row.get("state")?;
-    let bad = |what: &str, v: &str| {
-        rusqlite::Error::FromSqlConversionFailure(
-            0,
-            rusqlite::types::Type::Text,
-            format!("invalid stored {what} {v:?}").into(),
-        )
-    };
+    let bad = |what: &str, v: &str| Error::Setup(format!("invalid stored {what} {v:?}"));
     Ok(Order {
         id: row.get("id")?,
         issuer_key: NameKey::from_stored(row.get("issuer_key")?),
@@ -382,7 +422,7 @@ fn order_from_row(row: &Row<'_>) -> rusqlite::Result<Order> {
     })
 }
 
-fn cert_from_row(row: &Row<'_>) -> rusqlite::Result<StoredCert> {
+fn cert_from_row(row: &Row) -> Result<StoredCert, Error> {
     Ok(StoredCert {
         serial_hex: row.get("serial_hex")?,
         order_id: row.get("order_id")?,
@@ -394,122 +434,164 @@ fn cert_from_row(row: &Row<'_>) -> rusqlite::Result<StoredCert> {
     })
 }
 
-fn get_order(conn: &Connection, id: &str) -> rusqlite::Result<Option<Order>> {
-    conn.query_row("SELECT * FROM orders WHERE id = ?1", [id], order_from_row)
-        .optional()
+/// `SELECT` of the columns of `orders` (not `*`: PostgreSQL's table has a `rowid` more),
+/// followed by the rest of the statement.
+macro_rules! select_orders {
+    ($rest:literal) => {
+        concat!(
+            "SELECT id, issuer_key, issuer_display, serial_hex, years, key_policy,
+               target_algorithm, with_encryption_cert, old_encryption_serial_hex, state,
+               reject_reason, tracking_number, current_spki_sha256, current_signing_serial,
+               current_encryption_serial, created_at, updated_at FROM orders ",
+            $rest
+        )
+    };
 }
 
-fn get_cert(conn: &Connection, serial: &str) -> rusqlite::Result<Option<StoredCert>> {
-    conn.query_row(
-        "SELECT * FROM certificates WHERE serial_hex = ?1",
-        [serial],
-        cert_from_row,
-    )
-    .optional()
+fn get_order(tx: &mut dyn Tx, id: &str) -> Result<Option<Order>, Error> {
+    tx.query_opt(select_orders!("WHERE id = ?1"), params![id])?
+        .as_ref()
+        .map(order_from_row)
+        .transpose()
 }
 
+/// An order, locked until the transaction ends.
+fn lock_order(tx: &mut dyn Tx, id: &str) -> Result<Order, Error> {
+    tx.lock_order(id)?;
+    get_order(tx, id)?.ok_or_else(|| api(ErrorCode::OrderNotFound, format!("no order {id}")))
+}
+
+fn get_cert(tx: &mut dyn Tx, serial: &str) -> Result<Option<StoredCert>, Error> {
+    tx.query_opt(
+        "SELECT serial_hex, order_id, kind, spki_sha256, der, subject, escrow_pkcs8
+         FROM certificates WHERE serial_hex = ?1",
+        params![serial],
+    )?
+    .as_ref()
+    .map(cert_from_row)
+    .transpose()
+}
+
+/// Records a revocation; false when the certificate was revoked before.
 fn revoke(
-    conn: &Connection,
+    tx: &mut dyn Tx,
     issuer_key: &str,
     serial: &str,
+    reason: &str,
     now: i64,
     order_id: &str,
-) -> rusqlite::Result<bool> {
-    let n = conn.execute(
-        "INSERT OR IGNORE INTO revocations (issuer_key, serial_hex, revoked_at, reason, order_id)
-         VALUES (?1, ?2, ?3, 'superseded', ?4)",
-        params![issuer_key, serial, now, order_id],
+) -> Result<bool, Error> {
+    let n = tx.execute(
+        "INSERT INTO revocations (issuer_key, serial_hex, revoked_at, reason, order_id)
+         VALUES (?1, ?2, ?3, ?4, ?5) ON CONFLICT DO NOTHING",
+        params![issuer_key, serial, now, reason, order_id],
     )?;
     Ok(n == 1)
 }
 
-fn bump_crl_number(conn: &Connection) -> rusqlite::Result<()> {
-    conn.execute(
+fn bump_crl_number(tx: &mut dyn Tx) -> Result<(), Error> {
+    tx.execute(
         "UPDATE meta SET value = value + 1 WHERE key = 'crl_number'",
-        [],
+        &[],
     )?;
     Ok(())
 }
 
 impl Store {
-    /// Opens (creating if needed) the database and applies pending migrations.
+    /// Opens (creating if needed) the SQLite database and applies pending migrations.
     pub fn open(path: &Path) -> Result<Store, Error> {
-        let mut conn = Connection::open(path)?;
-        conn.busy_timeout(std::time::Duration::from_secs(10))?;
-        conn.pragma_update(None, "journal_mode", "WAL")?;
-        conn.pragma_update(None, "synchronous", "NORMAL")?;
-        conn.pragma_update(None, "foreign_keys", "ON")?;
-        let version: i64 = conn.pragma_query_value(None, "user_version", |r| r.get(0))?;
-        let version = usize::try_from(version).unwrap_or(usize::MAX);
-        if version > MIGRATIONS.len() {
-            return Err(Error::Setup(format!(
-                "database schema version {version} is newer than this program ({}); upgrade ukey-portal",
-                MIGRATIONS.len()
-            )));
-        }
-        for (i, sql) in MIGRATIONS.iter().enumerate().skip(version) {
-            let tx = conn.transaction_with_behavior(TransactionBehavior::Exclusive)?;
-            tx.execute_batch(sql)?;
-            tx.pragma_update(None, "user_version", i as i64 + 1)?;
-            tx.commit()?;
-        }
-        Ok(Store {
-            conn: Mutex::new(conn),
-        })
+        Store::connect(&Database::Sqlite(path.to_owned()))
     }
 
-    fn lock(&self) -> std::sync::MutexGuard<'_, Connection> {
-        // A panic while holding the lock cannot leave a half-done transaction behind
-        // (rusqlite rolls back on drop), so a poisoned mutex is still safe to use.
-        self.conn.lock().unwrap_or_else(|p| p.into_inner())
+    /// Opens the database and applies pending migrations.
+    pub fn connect(database: &Database) -> Result<Store, Error> {
+        let db = match database {
+            Database::Sqlite(path) => {
+                Db::sqlite(rusqlite::Connection::open(path).map_err(DbError::from)?)?
+            }
+            Database::Postgres { url, pool } => Db::postgres(url, *pool).map_err(|e| {
+                Error::Setup(format!(
+                    "无法连接 PostgreSQL 数据库 / cannot connect to the PostgreSQL database: {e}"
+                ))
+            })?,
+        };
+        db.migrate(MIGRATIONS).map_err(|e| match e {
+            MigrationError::Db(e) => Error::Db(e),
+            newer => Error::Setup(newer.to_string()),
+        })?;
+        Ok(Store { db })
+    }
+
+    /// Which database.
+    pub fn kind(&self) -> Kind {
+        self.db.kind()
     }
 
     /// Creates an order; refuses if an open order exists for the same certificate.
     pub fn create_order(&self, new: &NewOrder, id: &str, now: i64) -> Result<Order, Error> {
-        let mut conn = self.lock();
-        let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
-        let open: Option<(String, String)> = tx
-            .query_row(
+        let open_elsewhere = |tx: &mut dyn Tx| -> Result<Error, Error> {
+            let open = tx.query_opt(
                 "SELECT id, state FROM orders WHERE issuer_key = ?1 AND serial_hex = ?2
                  AND state NOT IN ('completed', 'rejected') LIMIT 1",
-                params![new.issuer_key.as_str(), new.serial_hex],
-                |r| Ok((r.get(0)?, r.get(1)?)),
-            )
-            .optional()?;
-        if let Some((other, state)) = open {
-            return Err(api(
-                ErrorCode::InvalidTransition,
-                format!("order {other} for this certificate is still open ({state})"),
-            ));
+                params![new.issuer_key.as_str(), &new.serial_hex],
+            )?;
+            Ok(match open {
+                Some(r) => api(
+                    ErrorCode::InvalidTransition,
+                    format!(
+                        "order {} for this certificate is still open ({})",
+                        r.at::<String>(0)?,
+                        r.at::<String>(1)?
+                    ),
+                ),
+                None => Error::Setup("an order for this certificate was created meanwhile".into()),
+            })
+        };
+        let result = self.db.write(|tx| {
+            if tx
+                .query_opt(
+                    "SELECT id FROM orders WHERE issuer_key = ?1 AND serial_hex = ?2
+                     AND state NOT IN ('completed', 'rejected') LIMIT 1",
+                    params![new.issuer_key.as_str(), &new.serial_hex],
+                )?
+                .is_some()
+            {
+                return Err(open_elsewhere(tx)?);
+            }
+            tx.execute(
+                "INSERT INTO orders (id, issuer_key, issuer_display, serial_hex, years, key_policy,
+                   target_algorithm, with_encryption_cert, old_encryption_serial_hex, state,
+                   created_at, updated_at)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?11)",
+                params![
+                    id,
+                    new.issuer_key.as_str(),
+                    &new.issuer_display,
+                    &new.serial_hex,
+                    new.terms.years,
+                    new.terms.key_policy.as_str(),
+                    new.terms.target_algorithm.as_str(),
+                    new.terms.with_encryption_cert,
+                    &new.old_encryption_serial_hex,
+                    new.state.as_str(),
+                    now,
+                ],
+            )?;
+            get_order(tx, id)?.ok_or_else(|| Error::Setup("inserted order vanished".into()))
+        });
+        match result {
+            // Another instance created an open order for the same certificate between
+            // the check and the insert: the unique index refused ours.
+            Err(Error::Db(e)) if e.is_unique_violation() => {
+                Err(self.db.read(|tx| open_elsewhere(tx))?)
+            }
+            other => other,
         }
-        tx.execute(
-            "INSERT INTO orders (id, issuer_key, issuer_display, serial_hex, years, key_policy,
-               target_algorithm, with_encryption_cert, old_encryption_serial_hex, state,
-               created_at, updated_at)
-             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?11)",
-            params![
-                id,
-                new.issuer_key.as_str(),
-                new.issuer_display,
-                new.serial_hex,
-                new.terms.years,
-                new.terms.key_policy.as_str(),
-                new.terms.target_algorithm.as_str(),
-                new.terms.with_encryption_cert,
-                new.old_encryption_serial_hex,
-                new.state.as_str(),
-                now,
-            ],
-        )?;
-        let order =
-            get_order(&tx, id)?.ok_or_else(|| Error::Setup("inserted order vanished".into()))?;
-        tx.commit()?;
-        Ok(order)
     }
 
     /// One order.
     pub fn order(&self, id: &str) -> Result<Option<Order>, Error> {
-        Ok(get_order(&self.lock(), id)?)
+        self.db.read(|tx| get_order(tx, id))
     }
 
     /// The newest order for a certificate.
@@ -518,23 +600,28 @@ impl Store {
         issuer_key: &NameKey,
         serial_hex: &str,
     ) -> Result<Option<Order>, Error> {
-        Ok(self
-            .lock()
-            .query_row(
-                "SELECT * FROM orders WHERE issuer_key = ?1 AND serial_hex = ?2
-                 ORDER BY created_at DESC, rowid DESC LIMIT 1",
+        self.db.read(|tx| {
+            tx.query_opt(
+                select_orders!(
+                    "WHERE issuer_key = ?1 AND serial_hex = ?2
+                     ORDER BY created_at DESC, rowid DESC LIMIT 1"
+                ),
                 params![issuer_key.as_str(), serial_hex],
-                order_from_row,
-            )
-            .optional()?)
+            )?
+            .as_ref()
+            .map(order_from_row)
+            .transpose()
+        })
     }
 
     /// Every order, newest first.
     pub fn list_orders(&self) -> Result<Vec<Order>, Error> {
-        let conn = self.lock();
-        let mut stmt = conn.prepare("SELECT * FROM orders ORDER BY created_at DESC, rowid DESC")?;
-        let rows = stmt.query_map([], order_from_row)?;
-        Ok(rows.collect::<rusqlite::Result<Vec<_>>>()?)
+        self.db.read(|tx| {
+            tx.query(select_orders!("ORDER BY created_at DESC, rowid DESC"), &[])?
+                .iter()
+                .map(order_from_row)
+                .collect()
+        })
     }
 
     /// Admin state change: `from` must contain the current state.
@@ -547,82 +634,77 @@ impl Store {
         tracking_number: Option<&str>,
         now: i64,
     ) -> Result<Order, Error> {
-        let mut conn = self.lock();
-        let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
-        let order = get_order(&tx, id)?
-            .ok_or_else(|| api(ErrorCode::OrderNotFound, format!("no order {id}")))?;
-        if !from.contains(&order.state) {
-            return Err(api(
-                ErrorCode::InvalidTransition,
-                format!(
-                    "order {id} is {}; cannot become {}",
-                    order.state.as_str(),
-                    to.as_str()
-                ),
-            ));
-        }
-        tx.execute(
-            "UPDATE orders SET state = ?2, reject_reason = COALESCE(?3, reject_reason),
-               tracking_number = COALESCE(?4, tracking_number), updated_at = ?5 WHERE id = ?1",
-            params![id, to.as_str(), reject_reason, tracking_number, now],
-        )?;
-        let order = get_order(&tx, id)?.ok_or_else(|| Error::Setup("order vanished".into()))?;
-        tx.commit()?;
-        Ok(order)
+        self.db.write(|tx| {
+            let order = lock_order(tx, id)?;
+            if !from.contains(&order.state) {
+                return Err(api(
+                    ErrorCode::InvalidTransition,
+                    format!(
+                        "order {id} is {}; cannot become {}",
+                        order.state.as_str(),
+                        to.as_str()
+                    ),
+                ));
+            }
+            tx.execute(
+                "UPDATE orders SET state = ?2, reject_reason = COALESCE(?3, reject_reason),
+                   tracking_number = COALESCE(?4, tracking_number), updated_at = ?5 WHERE id = ?1",
+                params![id, to.as_str(), reject_reason, tracking_number, now],
+            )?;
+            get_order(tx, id)?.ok_or_else(|| Error::Setup("order vanished".into()))
+        })
     }
 
     /// Records a new challenge (and forgets challenges expired over a day ago).
     pub fn insert_challenge(&self, ch: &Challenge, now: i64) -> Result<(), Error> {
-        let mut conn = self.lock();
-        let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
-        tx.execute(
-            "DELETE FROM challenges WHERE expires_at < ?1",
-            [now - 86_400],
-        )?;
-        tx.execute(
-            "INSERT INTO challenges (id, order_id, nonce, expires_at) VALUES (?1, ?2, ?3, ?4)",
-            params![ch.id, ch.order_id, ch.nonce, ch.expires_at],
-        )?;
-        tx.commit()?;
-        Ok(())
+        self.db.write(|tx| {
+            tx.execute(
+                "DELETE FROM challenges WHERE expires_at < ?1",
+                params![now - 86_400],
+            )?;
+            tx.execute(
+                "INSERT INTO challenges (id, order_id, nonce, expires_at) VALUES (?1, ?2, ?3, ?4)",
+                params![&ch.id, &ch.order_id, &ch.nonce, ch.expires_at],
+            )?;
+            Ok(())
+        })
     }
 
     /// One challenge.
     pub fn challenge(&self, id: &str) -> Result<Option<Challenge>, Error> {
-        Ok(self
-            .lock()
-            .query_row(
+        self.db.read(|tx| {
+            let Some(r) = tx.query_opt(
                 "SELECT id, order_id, nonce, expires_at, used_at FROM challenges WHERE id = ?1",
-                [id],
-                |r| {
-                    Ok(Challenge {
-                        id: r.get(0)?,
-                        order_id: r.get(1)?,
-                        nonce: r.get(2)?,
-                        expires_at: r.get(3)?,
-                        used_at: r.get(4)?,
-                    })
-                },
-            )
-            .optional()?)
+                params![id],
+            )?
+            else {
+                return Ok(None);
+            };
+            Ok(Some(Challenge {
+                id: r.at(0)?,
+                order_id: r.at(1)?,
+                nonce: r.at(2)?,
+                expires_at: r.at(3)?,
+                used_at: r.at(4)?,
+            }))
+        })
     }
 
     /// Whether a certificate is revoked.
     pub fn is_revoked(&self, issuer_key: &NameKey, serial_hex: &str) -> Result<bool, Error> {
-        Ok(self
-            .lock()
-            .query_row(
-                "SELECT 1 FROM revocations WHERE issuer_key = ?1 AND serial_hex = ?2",
-                params![issuer_key.as_str(), serial_hex],
-                |_| Ok(()),
-            )
-            .optional()?
-            .is_some())
+        self.db.read(|tx| {
+            Ok(tx
+                .query_opt(
+                    "SELECT 1 FROM revocations WHERE issuer_key = ?1 AND serial_hex = ?2",
+                    params![issuer_key.as_str(), serial_hex],
+                )?
+                .is_some())
+        })
     }
 
     /// An issued certificate.
     pub fn certificate(&self, serial_hex: &str) -> Result<Option<StoredCert>, Error> {
-        Ok(get_cert(&self.lock(), serial_hex)?)
+        self.db.read(|tx| get_cert(tx, serial_hex))
     }
 
     /// Consumes the challenge and records the issuance; earlier, never-installed
@@ -633,90 +715,82 @@ impl Store {
         ca_key: &NameKey,
         now: i64,
     ) -> Result<IssueCommit, Error> {
-        let mut conn = self.lock();
-        let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
-        consume(&tx, &new.freshness, &new.order_id, now)?;
-        let order = get_order(&tx, &new.order_id)?.ok_or_else(|| {
-            api(
-                ErrorCode::OrderNotFound,
-                format!("no order {}", new.order_id),
-            )
-        })?;
-        match order.state {
-            OrderState::Ready | OrderState::Issued => {}
-            OrderState::Completed => {
-                return Err(api(
-                    ErrorCode::OrderCompleted,
-                    "the order is already completed",
-                ));
+        self.db.write(|tx| {
+            let order = lock_order(tx, &new.order_id)?;
+            consume(tx, &new.freshness, &new.order_id, now)?;
+            match order.state {
+                OrderState::Ready | OrderState::Issued => {}
+                OrderState::Completed => {
+                    return Err(api(
+                        ErrorCode::OrderCompleted,
+                        "the order is already completed",
+                    ));
+                }
+                other => {
+                    return Err(api(
+                        ErrorCode::OrderNotReady,
+                        format!("the order is {}", other.as_str()),
+                    ));
+                }
             }
-            other => {
-                return Err(api(
-                    ErrorCode::OrderNotReady,
-                    format!("the order is {}", other.as_str()),
-                ));
-            }
-        }
-        if order.current_spki_sha256.as_deref() == Some(new.spki_sha256.as_slice()) {
-            // A concurrent identical request won the race: answer with its result.
-            let signing = order
-                .current_signing_serial
-                .as_deref()
-                .and_then(|s| get_cert(&tx, s).transpose())
-                .transpose()?
+            if order.current_spki_sha256.as_deref() == Some(new.spki_sha256.as_slice()) {
+                // A concurrent identical request won the race: answer with its result.
+                let signing = match order.current_signing_serial.as_deref() {
+                    Some(s) => get_cert(tx, s)?,
+                    None => None,
+                }
                 .ok_or_else(|| Error::Setup("issued order without certificate".into()))?;
-            let encryption = match order.current_encryption_serial.as_deref() {
-                Some(s) => get_cert(&tx, s)?,
-                None => None,
-            };
-            tx.commit()?;
-            return Ok(IssueCommit::Existing {
-                signing: Box::new(signing),
-                encryption: encryption.map(Box::new),
-            });
-        }
-        let mut revoked_any = false;
-        for serial in [
-            &order.current_signing_serial,
-            &order.current_encryption_serial,
-        ]
-        .into_iter()
-        .flatten()
-        {
-            revoked_any |= revoke(&tx, ca_key.as_str(), serial, now, &order.id)?;
-        }
-        if revoked_any {
-            bump_crl_number(&tx)?;
-        }
-        for cert in std::iter::once(&new.signing).chain(new.encryption.as_ref()) {
+                let encryption = match order.current_encryption_serial.as_deref() {
+                    Some(s) => get_cert(tx, s)?,
+                    None => None,
+                };
+                return Ok(IssueCommit::Existing {
+                    signing: Box::new(signing),
+                    encryption: encryption.map(Box::new),
+                });
+            }
+            let mut revoked_any = false;
+            for serial in [
+                &order.current_signing_serial,
+                &order.current_encryption_serial,
+            ]
+            .into_iter()
+            .flatten()
+            {
+                revoked_any |= revoke(tx, ca_key.as_str(), serial, "superseded", now, &order.id)?;
+            }
+            if revoked_any {
+                bump_crl_number(tx)?;
+            }
+            for cert in std::iter::once(&new.signing).chain(new.encryption.as_ref()) {
+                tx.execute(
+                    "INSERT INTO certificates (serial_hex, order_id, kind, spki_sha256, der, subject,
+                       escrow_pkcs8, issued_at) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
+                    params![
+                        &cert.serial_hex,
+                        &cert.order_id,
+                        &cert.kind,
+                        &cert.spki_sha256,
+                        &cert.der,
+                        &cert.subject,
+                        &cert.escrow_pkcs8,
+                        now
+                    ],
+                )?;
+            }
             tx.execute(
-                "INSERT INTO certificates (serial_hex, order_id, kind, spki_sha256, der, subject,
-                   escrow_pkcs8, issued_at) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
+                "UPDATE orders SET state = 'issued', current_spki_sha256 = ?2, current_signing_serial = ?3,
+                   current_encryption_serial = ?4, updated_at = ?5 WHERE id = ?1",
                 params![
-                    cert.serial_hex,
-                    cert.order_id,
-                    cert.kind,
-                    cert.spki_sha256,
-                    cert.der,
-                    cert.subject,
-                    cert.escrow_pkcs8,
+                    &order.id,
+                    &new.spki_sha256,
+                    &new.signing.serial_hex,
+                    new.encryption.as_ref().map(|c| c.serial_hex.as_str()),
                     now
                 ],
             )?;
-        }
-        tx.execute(
-            "UPDATE orders SET state = 'issued', current_spki_sha256 = ?2, current_signing_serial = ?3,
-               current_encryption_serial = ?4, updated_at = ?5 WHERE id = ?1",
-            params![
-                order.id,
-                new.spki_sha256,
-                new.signing.serial_hex,
-                new.encryption.as_ref().map(|c| c.serial_hex.clone()),
-                now
-            ],
-        )?;
-        tx.commit()?;
-        Ok(IssueCommit::Issued)
+            Ok(IssueCommit::Issued)
+        })
     }
 
     /// Consumes the freshness of an idempotent repeat (same key, same certificates).
@@ -727,21 +801,19 @@ impl Store {
         spki_sha256: &[u8],
         now: i64,
     ) -> Result<(), Error> {
-        let mut conn = self.lock();
-        let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
-        consume(&tx, freshness, order_id, now)?;
-        let order = get_order(&tx, order_id)?
-            .ok_or_else(|| api(ErrorCode::OrderNotFound, format!("no order {order_id}")))?;
-        if order.state != OrderState::Issued
-            || order.current_spki_sha256.as_deref() != Some(spki_sha256)
-        {
-            return Err(api(
-                ErrorCode::OrderNotReady,
-                format!("the order changed meanwhile (now {})", order.state.as_str()),
-            ));
-        }
-        tx.commit()?;
-        Ok(())
+        self.db.write(|tx| {
+            let order = lock_order(tx, order_id)?;
+            consume(tx, freshness, order_id, now)?;
+            if order.state != OrderState::Issued
+                || order.current_spki_sha256.as_deref() != Some(spki_sha256)
+            {
+                return Err(api(
+                    ErrorCode::OrderNotReady,
+                    format!("the order changed meanwhile (now {})", order.state.as_str()),
+                ));
+            }
+            Ok(())
+        })
     }
 
     /// Completes the order: revokes the certificate it renews (and the old encryption
@@ -755,63 +827,57 @@ impl Store {
         confirm: Option<&CmpStep>,
         now: i64,
     ) -> Result<Vec<String>, Error> {
-        let mut conn = self.lock();
-        let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
-        if let Some(step) = confirm {
-            apply_cmp(&tx, step, now)?;
-        }
-        let order = get_order(&tx, order_id)?
-            .ok_or_else(|| api(ErrorCode::OrderNotFound, format!("no order {order_id}")))?;
-        let is_current = order.current_signing_serial.as_deref() == Some(serial_hex);
-        match order.state {
-            OrderState::Issued if is_current => {
-                let mut revoked_any = revoke(
-                    &tx,
-                    order.issuer_key.as_str(),
-                    &order.serial_hex,
-                    now,
-                    order_id,
-                )?;
-                if let Some(enc) = &order.old_encryption_serial_hex {
-                    revoked_any |= revoke(&tx, order.issuer_key.as_str(), enc, now, order_id)?;
+        self.db.write(|tx| {
+            let order = lock_order(tx, order_id)?;
+            if let Some(step) = confirm {
+                apply_cmp(tx, step, now)?;
+            }
+            let is_current = order.current_signing_serial.as_deref() == Some(serial_hex);
+            match order.state {
+                OrderState::Issued if is_current => {
+                    let issuer = order.issuer_key.as_str();
+                    let mut revoked_any =
+                        revoke(tx, issuer, &order.serial_hex, "superseded", now, order_id)?;
+                    if let Some(enc) = &order.old_encryption_serial_hex {
+                        revoked_any |= revoke(tx, issuer, enc, "superseded", now, order_id)?;
+                    }
+                    if revoked_any {
+                        bump_crl_number(tx)?;
+                    }
+                    tx.execute(
+                        "UPDATE orders SET state = 'completed', updated_at = ?2 WHERE id = ?1",
+                        params![order_id, now],
+                    )?;
                 }
-                if revoked_any {
-                    bump_crl_number(&tx)?;
+                OrderState::Completed if is_current => {}
+                OrderState::Completed => {
+                    return Err(api(
+                        ErrorCode::AlreadyInstalled,
+                        format!(
+                            "the order was completed with certificate {}",
+                            order.current_signing_serial.as_deref().unwrap_or("?")
+                        ),
+                    ));
                 }
-                tx.execute(
-                    "UPDATE orders SET state = 'completed', updated_at = ?2 WHERE id = ?1",
-                    params![order_id, now],
-                )?;
+                OrderState::Issued => {
+                    return Err(api(
+                        ErrorCode::CertificateNotIssued,
+                        format!("certificate {serial_hex} is not the one this order issued last"),
+                    ));
+                }
+                other => {
+                    return Err(api(
+                        ErrorCode::OrderNotReady,
+                        format!("the order is {}", other.as_str()),
+                    ));
+                }
             }
-            OrderState::Completed if is_current => {}
-            OrderState::Completed => {
-                return Err(api(
-                    ErrorCode::AlreadyInstalled,
-                    format!(
-                        "the order was completed with certificate {}",
-                        order.current_signing_serial.as_deref().unwrap_or("?")
-                    ),
-                ));
+            let mut revoked = vec![order.serial_hex.clone()];
+            if let Some(enc) = &order.old_encryption_serial_hex {
+                revoked.push(enc.clone());
             }
-            OrderState::Issued => {
-                return Err(api(
-                    ErrorCode::CertificateNotIssued,
-                    format!("certificate {serial_hex} is not the one this order issued last"),
-                ));
-            }
-            other => {
-                return Err(api(
-                    ErrorCode::OrderNotReady,
-                    format!("the order is {}", other.as_str()),
-                ));
-            }
-        }
-        let mut revoked = vec![order.serial_hex.clone()];
-        if let Some(enc) = &order.old_encryption_serial_hex {
-            revoked.push(enc.clone());
-        }
-        tx.commit()?;
-        Ok(revoked)
+            Ok(revoked)
+        })
     }
 
     /// An operator's revocation of a certificate this portal issued, with its reason.
@@ -823,35 +889,37 @@ impl Store {
         reason: &str,
         now: i64,
     ) -> Result<(), Error> {
-        let mut conn = self.lock();
-        let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
-        let cert = get_cert(&tx, serial_hex)?.ok_or_else(|| {
-            api(
-                ErrorCode::CertificateNotIssued,
-                format!("this portal issued no certificate {serial_hex}"),
-            )
-        })?;
-        let earlier: Option<String> = tx
-            .query_row(
-                "SELECT reason FROM revocations WHERE issuer_key = ?1 AND serial_hex = ?2",
-                params![issuer_key.as_str(), serial_hex],
-                |r| r.get(0),
-            )
-            .optional()?;
-        if let Some(earlier) = earlier {
-            return Err(api(
-                ErrorCode::InvalidTransition,
-                format!("certificate {serial_hex} is already revoked ({earlier})"),
-            ));
-        }
-        tx.execute(
-            "INSERT INTO revocations (issuer_key, serial_hex, revoked_at, reason, order_id)
-             VALUES (?1, ?2, ?3, ?4, ?5)",
-            params![issuer_key.as_str(), serial_hex, now, reason, cert.order_id],
-        )?;
-        bump_crl_number(&tx)?;
-        tx.commit()?;
-        Ok(())
+        self.db.write(|tx| {
+            let cert = get_cert(tx, serial_hex)?.ok_or_else(|| {
+                api(
+                    ErrorCode::CertificateNotIssued,
+                    format!("this portal issued no certificate {serial_hex}"),
+                )
+            })?;
+            if !revoke(
+                tx,
+                issuer_key.as_str(),
+                serial_hex,
+                reason,
+                now,
+                &cert.order_id,
+            )? {
+                let earlier: String = tx
+                    .query_opt(
+                        "SELECT reason FROM revocations WHERE issuer_key = ?1 AND serial_hex = ?2",
+                        params![issuer_key.as_str(), serial_hex],
+                    )?
+                    .map(|r| r.at(0))
+                    .transpose()?
+                    .unwrap_or_default();
+                return Err(api(
+                    ErrorCode::InvalidTransition,
+                    format!("certificate {serial_hex} is already revoked ({earlier})"),
+                ));
+            }
+            bump_crl_number(tx)?;
+            Ok(())
+        })
     }
 
     /// An operator cancels an order that is not completed: it becomes rejected with the
@@ -865,134 +933,130 @@ impl Store {
         revoke_reason: &str,
         now: i64,
     ) -> Result<(Order, Vec<String>), Error> {
-        let mut conn = self.lock();
-        let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
-        let order = get_order(&tx, id)?
-            .ok_or_else(|| api(ErrorCode::OrderNotFound, format!("no order {id}")))?;
-        if !order.state.is_open() {
-            return Err(api(
-                ErrorCode::InvalidTransition,
-                format!(
-                    "order {id} is {}: a completed renewal is undone by revoking its certificate",
-                    order.state.as_str()
-                ),
-            ));
-        }
-        let mut revoked = Vec::new();
-        let serials: Vec<String> = tx
-            .prepare("SELECT serial_hex FROM certificates WHERE order_id = ?1 ORDER BY serial_hex")?
-            .query_map([id], |r| r.get(0))?
-            .collect::<rusqlite::Result<_>>()?;
-        for serial in serials {
-            let n = tx.execute(
-                "INSERT OR IGNORE INTO revocations (issuer_key, serial_hex, revoked_at, reason, order_id)
-                 VALUES (?1, ?2, ?3, ?4, ?5)",
-                params![ca_key.as_str(), serial, now, revoke_reason, id],
-            )?;
-            if n == 1 {
-                revoked.push(serial);
+        self.db.write(|tx| {
+            let order = lock_order(tx, id)?;
+            if !order.state.is_open() {
+                return Err(api(
+                    ErrorCode::InvalidTransition,
+                    format!(
+                        "order {id} is {}: a completed renewal is undone by revoking its certificate",
+                        order.state.as_str()
+                    ),
+                ));
             }
-        }
-        if !revoked.is_empty() {
-            bump_crl_number(&tx)?;
-        }
-        tx.execute(
-            "UPDATE orders SET state = 'rejected', reject_reason = ?2, updated_at = ?3 WHERE id = ?1",
-            params![id, reason, now],
-        )?;
-        let order = get_order(&tx, id)?.ok_or_else(|| Error::Setup("order vanished".into()))?;
-        tx.commit()?;
-        Ok((order, revoked))
+            let serials = tx
+                .query(
+                    "SELECT serial_hex FROM certificates WHERE order_id = ?1 ORDER BY serial_hex",
+                    params![id],
+                )?
+                .iter()
+                .map(|r| r.at::<String>(0))
+                .collect::<Result<Vec<_>, _>>()?;
+            let mut revoked = Vec::new();
+            for serial in serials {
+                if revoke(tx, ca_key.as_str(), &serial, revoke_reason, now, id)? {
+                    revoked.push(serial);
+                }
+            }
+            if !revoked.is_empty() {
+                bump_crl_number(tx)?;
+            }
+            tx.execute(
+                "UPDATE orders SET state = 'rejected', reject_reason = ?2, updated_at = ?3 WHERE id = ?1",
+                params![id, reason, now],
+            )?;
+            let order = get_order(tx, id)?.ok_or_else(|| Error::Setup("order vanished".into()))?;
+            Ok((order, revoked))
+        })
     }
 
     /// A CMP transaction.
     pub fn cmp_transaction(&self, id: &[u8]) -> Result<Option<CmpTransaction>, Error> {
-        Ok(self
-            .lock()
-            .query_row(
+        self.db.read(|tx| {
+            let Some(r) = tx.query_opt(
                 "SELECT id, order_id, kind, cert_req_id, request_der, state, certificate_serial,
                    server_nonce, created_at, updated_at FROM cmp_transactions WHERE id = ?1",
-                [id],
-                |r| {
-                    Ok(CmpTransaction {
-                        id: r.get(0)?,
-                        order_id: r.get(1)?,
-                        kind: r.get(2)?,
-                        cert_req_id: r.get(3)?,
-                        request_der: r.get(4)?,
-                        state: r.get(5)?,
-                        certificate_serial: r.get(6)?,
-                        server_nonce: r.get(7)?,
-                        created_at: r.get(8)?,
-                        updated_at: r.get(9)?,
-                    })
-                },
-            )
-            .optional()?)
+                params![id],
+            )?
+            else {
+                return Ok(None);
+            };
+            Ok(Some(CmpTransaction {
+                id: r.at(0)?,
+                order_id: r.at(1)?,
+                kind: r.at(2)?,
+                cert_req_id: r.at(3)?,
+                request_der: r.at(4)?,
+                state: r.at(5)?,
+                certificate_serial: r.at(6)?,
+                server_nonce: r.at(7)?,
+                created_at: r.at(8)?,
+                updated_at: r.at(9)?,
+            }))
+        })
     }
 
     /// Records a CMP message that changes nothing else (waiting, polled, rejected).
     pub fn cmp_record(&self, step: &CmpStep, now: i64) -> Result<(), Error> {
-        let mut conn = self.lock();
-        let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
-        apply_cmp(&tx, step, now)?;
-        tx.commit()?;
-        Ok(())
+        self.db.write(|tx| apply_cmp(tx, step, now))
     }
 
     /// CRL number and the revocations of certificates issued under `issuer_key`.
     pub fn crl_entries(&self, issuer_key: &NameKey) -> Result<(u64, Vec<RevocationRow>), Error> {
-        let conn = self.lock();
-        let number: i64 =
-            conn.query_row("SELECT value FROM meta WHERE key = 'crl_number'", [], |r| {
-                r.get(0)
-            })?;
-        let mut stmt = conn.prepare(
-            "SELECT serial_hex, revoked_at, reason FROM revocations WHERE issuer_key = ?1 ORDER BY revoked_at, serial_hex",
-        )?;
-        let rows = stmt.query_map([issuer_key.as_str()], |r| {
-            Ok((r.get(0)?, r.get(1)?, r.get(2)?))
-        })?;
-        Ok((
-            u64::try_from(number).unwrap_or(0),
-            rows.collect::<rusqlite::Result<Vec<_>>>()?,
-        ))
+        self.db.read(|tx| {
+            let number: i64 = tx
+                .query_opt("SELECT value FROM meta WHERE key = 'crl_number'", &[])?
+                .ok_or_else(|| Error::Setup("no CRL number in the database".into()))?
+                .at(0)?;
+            let rows = tx
+                .query(
+                    "SELECT serial_hex, revoked_at, reason FROM revocations WHERE issuer_key = ?1
+                     ORDER BY revoked_at, serial_hex",
+                    params![issuer_key.as_str()],
+                )?
+                .iter()
+                .map(|r| Ok((r.at(0)?, r.at(1)?, r.at(2)?)))
+                .collect::<Result<Vec<_>, Error>>()?;
+            Ok((u64::try_from(number).unwrap_or(0), rows))
+        })
     }
 
     /// Every row of every table as text, for tests that prove a failed request changed
     /// nothing.
     pub fn dump(&self) -> Result<String, Error> {
-        let conn = self.lock();
-        let mut out = String::new();
-        for table in [
-            "orders",
-            "challenges",
-            "certificates",
-            "revocations",
-            "meta",
-        ] {
-            let mut stmt = conn.prepare(&format!("SELECT * FROM {table} ORDER BY rowid"))?;
-            let cols = stmt.column_count();
-            let mut rows = stmt.query([])?;
-            out.push_str(&format!("== {table}\n"));
-            while let Some(row) = rows.next()? {
-                let mut fields = Vec::with_capacity(cols);
-                for i in 0..cols {
-                    let v: rusqlite::types::Value = row.get(i)?;
-                    fields.push(format!("{v:?}"));
+        let order = match self.db.kind() {
+            Kind::Sqlite => "rowid",
+            Kind::Postgres => "1, 2",
+        };
+        self.db.read(|tx| {
+            let mut out = String::new();
+            for table in [
+                "orders",
+                "challenges",
+                "certificates",
+                "revocations",
+                "meta",
+                "cmp_transactions",
+                "cmp_nonces",
+            ] {
+                let order = if table == "orders" { "rowid" } else { order };
+                out.push_str(&format!("== {table}\n"));
+                for row in tx.query(&format!("SELECT * FROM {table} ORDER BY {order}"), &[])? {
+                    let fields: Vec<String> =
+                        row.values().iter().map(|v| format!("{v:?}")).collect();
+                    out.push_str(&fields.join("|"));
+                    out.push('\n');
                 }
-                out.push_str(&fields.join("|"));
-                out.push('\n');
             }
-        }
-        Ok(out)
+            Ok(out)
+        })
     }
 }
 
-fn consume(conn: &Connection, f: &Freshness, order_id: &str, now: i64) -> Result<(), Error> {
+fn consume(tx: &mut dyn Tx, f: &Freshness, order_id: &str, now: i64) -> Result<(), Error> {
     match f {
-        Freshness::Challenge(id) => consume_challenge(conn, id, order_id, now),
-        Freshness::Cmp(step) => apply_cmp(conn, step, now),
+        Freshness::Challenge(id) => consume_challenge(tx, id, order_id, now),
+        Freshness::Cmp(step) => apply_cmp(tx, step, now),
     }
 }
 
@@ -1003,16 +1067,16 @@ const CMP_NONCE_MEMORY_SECONDS: i64 = 86_400;
 /// Records a CMP message: its senderNonce (refused when seen before), and its
 /// transaction: a new one (refused when the transactionID exists) or the next step of
 /// an existing one (refused unless its recipNonce is the portal's last nonce).
-fn apply_cmp(conn: &Connection, step: &CmpStep, now: i64) -> Result<(), Error> {
+fn apply_cmp(tx: &mut dyn Tx, step: &CmpStep, now: i64) -> Result<(), Error> {
     use ukey_cmp::server::{Failure, Refusal};
     let refuse = |f: Failure, t: &str| Err(Error::Cmp(Refusal::new(f, t)));
-    conn.execute(
+    tx.execute(
         "DELETE FROM cmp_nonces WHERE seen_at < ?1",
-        [now - CMP_NONCE_MEMORY_SECONDS],
+        params![now - CMP_NONCE_MEMORY_SECONDS],
     )?;
-    let fresh = conn.execute(
-        "INSERT OR IGNORE INTO cmp_nonces (nonce, seen_at) VALUES (?1, ?2)",
-        params![step.client_nonce, now],
+    let fresh = tx.execute(
+        "INSERT INTO cmp_nonces (nonce, seen_at) VALUES (?1, ?2) ON CONFLICT DO NOTHING",
+        params![&step.client_nonce, now],
     )?;
     if fresh == 0 {
         return refuse(
@@ -1022,19 +1086,19 @@ fn apply_cmp(conn: &Connection, step: &CmpStep, now: i64) -> Result<(), Error> {
     }
     match &step.begins {
         Some(n) => {
-            let inserted = conn.execute(
-                "INSERT OR IGNORE INTO cmp_transactions (id, order_id, kind, cert_req_id,
+            let inserted = tx.execute(
+                "INSERT INTO cmp_transactions (id, order_id, kind, cert_req_id,
                    request_der, state, certificate_serial, server_nonce, created_at, updated_at)
-                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?9)",
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?9) ON CONFLICT DO NOTHING",
                 params![
-                    step.transaction_id,
-                    n.order_id,
-                    n.kind,
-                    n.cert_req_id,
-                    n.request_der,
+                    &step.transaction_id,
+                    &n.order_id,
+                    &n.kind,
+                    &n.cert_req_id,
+                    &n.request_der,
                     step.state,
-                    step.certificate_serial,
-                    step.server_nonce,
+                    &step.certificate_serial,
+                    &step.server_nonce,
                     now
                 ],
             )?;
@@ -1046,17 +1110,17 @@ fn apply_cmp(conn: &Connection, step: &CmpStep, now: i64) -> Result<(), Error> {
             }
         }
         None => {
-            let updated = conn.execute(
+            let updated = tx.execute(
                 "UPDATE cmp_transactions SET state = ?3,
                    certificate_serial = COALESCE(?4, certificate_serial), server_nonce = ?5,
                    updated_at = ?6
                  WHERE id = ?1 AND server_nonce = ?2",
                 params![
-                    step.transaction_id,
-                    step.recip_nonce,
+                    &step.transaction_id,
+                    &step.recip_nonce,
                     step.state,
-                    step.certificate_serial,
-                    step.server_nonce,
+                    &step.certificate_serial,
+                    &step.server_nonce,
                     now
                 ],
             )?;
@@ -1071,36 +1135,39 @@ fn apply_cmp(conn: &Connection, step: &CmpStep, now: i64) -> Result<(), Error> {
     Ok(())
 }
 
-fn consume_challenge(conn: &Connection, id: &str, order_id: &str, now: i64) -> Result<(), Error> {
-    let row: Option<(String, i64, Option<i64>)> = conn
-        .query_row(
-            "SELECT order_id, expires_at, used_at FROM challenges WHERE id = ?1",
-            [id],
-            |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)),
-        )
-        .optional()?;
-    match row {
-        None => Err(api(
+/// Marks the challenge used: refused when it is unknown, another order's, used or
+/// expired. The update is conditional, so two requests racing for one challenge
+/// (two instances) cannot both use it.
+fn consume_challenge(tx: &mut dyn Tx, id: &str, order_id: &str, now: i64) -> Result<(), Error> {
+    let used = tx.execute(
+        "UPDATE challenges SET used_at = ?3
+         WHERE id = ?1 AND order_id = ?2 AND used_at IS NULL AND expires_at > ?3",
+        params![id, order_id, now],
+    )?;
+    if used == 1 {
+        return Ok(());
+    }
+    let row = tx.query_opt(
+        "SELECT order_id, expires_at, used_at FROM challenges WHERE id = ?1",
+        params![id],
+    )?;
+    let Some(row) = row else {
+        return Err(api(
             ErrorCode::ChallengeNotFound,
             format!("no challenge {id}"),
-        )),
-        Some((o, _, _)) if o != order_id => Err(api(
+        ));
+    };
+    let (o, exp, used_at): (String, i64, Option<i64>) = (row.at(0)?, row.at(1)?, row.at(2)?);
+    Err(if o != order_id {
+        api(
             ErrorCode::ChallengeNotFound,
             format!("challenge {id} belongs to another order"),
-        )),
-        Some((_, _, Some(_))) => Err(api(
-            ErrorCode::ChallengeUsed,
-            "the challenge was already used",
-        )),
-        Some((_, exp, None)) if exp <= now => {
-            Err(api(ErrorCode::ChallengeExpired, "the challenge expired"))
-        }
-        Some(_) => {
-            conn.execute(
-                "UPDATE challenges SET used_at = ?2 WHERE id = ?1",
-                params![id, now],
-            )?;
-            Ok(())
-        }
-    }
+        )
+    } else if used_at.is_some() {
+        api(ErrorCode::ChallengeUsed, "the challenge was already used")
+    } else if exp <= now {
+        api(ErrorCode::ChallengeExpired, "the challenge expired")
+    } else {
+        Error::Setup(format!("challenge {id} could not be used"))
+    })
 }

@@ -1,7 +1,10 @@
-//! Test harness: a real portal on loopback (port 0) over a SQLite file in a temp dir,
+//! Test harness: a real portal on loopback (port 0) over a SQLite file in a temp dir
+//! (or, with `UKEY_TEST_STORE=postgres`, a PostgreSQL database: see [`pg`]),
 //! a reqwest client, and software "holders" (key + certificate issued by the portal's
 //! CA) that answer challenges the way a token would.
 #![allow(dead_code)]
+
+pub mod pg;
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -28,6 +31,15 @@ pub struct Harness {
     pub server: RunningServer,
     pub client: reqwest::Client,
     pub ca_issuer: Issuer<'static, KeyPair>,
+    /// The PostgreSQL server the store is on, if started for this test (last: it
+    /// stops after the portal).
+    pub pg: Option<pg::PgServer>,
+}
+
+/// Whether this run puts the harness's store on PostgreSQL (`UKEY_TEST_STORE=postgres`,
+/// set by `cargo xtask test` for a second run of the portal's suites).
+pub fn store_on_postgres() -> bool {
+    std::env::var("UKEY_TEST_STORE").is_ok_and(|v| v == "postgres")
 }
 
 impl Harness {
@@ -38,8 +50,24 @@ impl Harness {
     pub async fn start_with(tweak: impl FnOnce(&mut PortalConfig)) -> Harness {
         let dir = tempfile::tempdir().unwrap();
         let mut config = PortalConfig::new(dir.path().join("data"));
+        let mut pg = None;
+        if store_on_postgres() {
+            config.database = Some(ukey_portal::store::Database::Postgres {
+                url: pg::fresh_database(&mut pg),
+                pool: 4,
+            });
+        }
         tweak(&mut config);
-        let portal = Arc::new(Portal::open(&config).unwrap());
+        // Off the async thread: the store may talk to PostgreSQL while it opens.
+        let portal = Arc::new(
+            tokio::task::spawn_blocking(move || Portal::open(&config))
+                .await
+                .unwrap()
+                .unwrap(),
+        );
+        if store_on_postgres() {
+            assert_eq!(portal.store().kind(), ukey_portal::db::Kind::Postgres);
+        }
         let server = ukey_portal::start(portal, "127.0.0.1:0".parse().unwrap(), None, None)
             .await
             .unwrap();
@@ -60,6 +88,7 @@ impl Harness {
             server,
             client: reqwest::Client::new(),
             ca_issuer,
+            pg,
         }
     }
 
@@ -144,9 +173,14 @@ impl Harness {
     }
 
     pub async fn challenge(&self, order_id: &str) -> ChallengeResponse {
+        self.challenge_at(&self.server.url, order_id).await
+    }
+
+    /// A challenge from the portal instance at `base`.
+    pub async fn challenge_at(&self, base: &str, order_id: &str) -> ChallengeResponse {
         let r = self
             .client
-            .post(self.url(&paths::challenge(order_id)))
+            .post(format!("{base}{}", paths::challenge(order_id)))
             .send()
             .await
             .unwrap();
@@ -182,7 +216,26 @@ impl Harness {
         new_key: &KeyPair,
         transport_key_spki: Option<Vec<u8>>,
     ) -> IssueRequest {
-        let ch = self.challenge(order_id).await;
+        self.issue_request_at(
+            &self.server.url,
+            order_id,
+            holder,
+            new_key,
+            transport_key_spki,
+        )
+        .await
+    }
+
+    /// [`Harness::issue_request_with`] with a challenge from the instance at `base`.
+    pub async fn issue_request_at(
+        &self,
+        base: &str,
+        order_id: &str,
+        holder: &Holder,
+        new_key: &KeyPair,
+        transport_key_spki: Option<Vec<u8>>,
+    ) -> IssueRequest {
+        let ch = self.challenge_at(base, order_id).await;
         let csr_der = csr(new_key, CN, ORG);
         let sig = holder
             .key
