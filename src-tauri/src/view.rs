@@ -219,7 +219,9 @@ impl From<RenewalStatus> for StatusView {
                 order_id,
                 payment_url,
             },
-            RenewalStatus::Ready { order_id, terms } => StatusView::Ready {
+            RenewalStatus::Ready {
+                order_id, terms, ..
+            } => StatusView::Ready {
                 order_id,
                 years: terms.years,
                 with_encryption: terms.with_encryption_cert,
@@ -363,6 +365,7 @@ mod tests {
         let v = StatusView::from(RenewalStatus::Ready {
             order_id: "o1".into(),
             terms: terms.clone(),
+            renewal_code_required: false,
         });
         assert!(v.renewable());
         assert_eq!(

@@ -67,6 +67,15 @@ pub struct RenewArgs {
     /// added to `trust_anchors` of the config file's [renewal] table).
     #[arg(long, value_name = "PEM")]
     pub trust: Vec<PathBuf>,
+    /// The order's renewal code (8 digits, shown on the paid order page of the CA's
+    /// portal), when the CA asks for one; `1234-5678` or `1234 5678` are read too.
+    #[arg(
+        long,
+        value_name = "CODE",
+        env = "UKEY_RENEWAL_CODE",
+        hide_env_values = true
+    )]
+    pub renewal_code: Option<String>,
     /// Give up the unfinished renewal of the token (only while its activation has not
     /// begun): remove what it put on the key and close its journal. Needs the PIN.
     #[arg(long)]
@@ -190,6 +199,20 @@ pub fn run(args: &RenewArgs, module: &Module, config: &Config, lang: Lang) -> an
         (None, None) => config.cmp.url.clone(),
     };
     let mut opts = opts;
+    if let Some(typed) = &args.renewal_code {
+        match ukey_portal_api::canonical_renewal_code(typed) {
+            Some(code) => opts.renewal_code = Some(code),
+            None => {
+                return Ok(fail(
+                    &RenewalError::Selection(
+                        "续期码应为 8 位数字 / a renewal code is 8 digits, e.g. 1234-5678".into(),
+                    ),
+                    args.json,
+                    lang,
+                ));
+            }
+        }
+    }
     if let Some(url) = &cmp_url {
         opts.protocol = match cmp_protocol(url, args, config) {
             Ok(p) => p,

@@ -134,8 +134,28 @@ impl Lab {
         failpoint: Option<&str>,
         extra: &[&str],
     ) -> Output {
+        self.renew_over("--cmp", fx, url, trust, failpoint, extra)
+    }
+
+    /// `ukey renew` over REST (`--portal`) at the portal.
+    fn renew_rest(&self, fx: &TokenFixture, extra: &[&str]) -> Output {
+        let root = self.hsm.ca().unwrap().root_cert_path.clone();
+        let url = format!("http://{}", self.addr);
+        self.renew_over("--portal", fx, &url, &root, None, extra)
+    }
+
+    /// `ukey renew <flag> <url> --trust <trust>`: `flag` is `--cmp` or `--portal`.
+    fn renew_over(
+        &self,
+        flag: &str,
+        fx: &TokenFixture,
+        url: &str,
+        trust: &Path,
+        failpoint: Option<&str>,
+        extra: &[&str],
+    ) -> Output {
         let mut cmd = self.ukey();
-        cmd.args(["renew", "--cmp", url, "--token", &fx.serial])
+        cmd.args(["renew", flag, url, "--token", &fx.serial])
             .args(["--pin-stdin", "--yes", "--json", "--trust"])
             .arg(trust)
             .args(extra)
@@ -860,4 +880,66 @@ fn the_key_pulled_out_while_it_signs_for_the_cmp_transaction_then_back_finishes_
         );
         finished(&lab, &fx, &order, &lab.renew(&fx, None, &[]), what);
     }
+}
+
+/// Issue 16, "a moment of access must not become a year": malware that holds the PIN
+/// and the key for a few seconds runs the renewal without the order's renewal code
+/// (shown only on the holder's paid order page). Over REST and over CMP, `ukey renew`
+/// without the code, or with a wrong one, leaves the token byte for byte and the order
+/// unissued; with the code (as the page shows it) the renewal goes through.
+#[test]
+fn without_the_orders_renewal_code_nothing_is_issued_over_rest_or_cmp() {
+    let lab = Lab::new();
+    lab.portal.set_renewal_code_required(true).unwrap();
+
+    // REST.
+    let (fx, order) = lab.token("Code REST", KeyPolicy::New);
+    let code = lab.portal.show_order(&order).unwrap().renewal_code.unwrap();
+    let (_, before) = look(&fx);
+    let out = lab.renew_rest(&fx, &[]);
+    assert_eq!(out.status.code(), Some(6), "{}", text(&out));
+    let v = json(&out);
+    assert_eq!(v["error"]["code"], "renewal_code_needed", "{v}");
+    assert!(
+        v["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("--renewal-code"),
+        "{v}"
+    );
+    let wrong = if code == "12345678" {
+        "8765-4321"
+    } else {
+        "1234-5678"
+    };
+    let out = lab.renew_rest(&fx, &["--renewal-code", wrong]);
+    assert_eq!(out.status.code(), Some(7), "{}", text(&out));
+    assert!(text(&out).contains("wrong renewal code"), "{}", text(&out));
+    let (_, after) = look(&fx);
+    assert_eq!(after, before, "the token is unchanged");
+    assert_eq!(lab.state(&order), "ready");
+    let typed = format!("{} {}", &code[..4], &code[4..]);
+    let out = lab.renew_rest(&fx, &["--renewal-code", &typed]);
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out));
+    assert_eq!(lab.state(&order), "completed");
+    let (working, _) = look(&fx);
+    assert_eq!(working.len(), 1);
+    assert_ne!(
+        working[0], fx.certs[0].serial_hex,
+        "the new certificate works"
+    );
+
+    // CMP: the code travels in generalInfo.
+    let (fx, order) = lab.token("Code CMP", KeyPolicy::New);
+    let code = lab.portal.show_order(&order).unwrap().renewal_code.unwrap();
+    let (_, before) = look(&fx);
+    let out = lab.renew(&fx, None, &[]);
+    assert_ne!(out.status.code(), Some(0), "{}", text(&out));
+    assert!(text(&out).contains("renewal code"), "{}", text(&out));
+    let (_, after) = look(&fx);
+    assert_eq!(after, before, "the token is unchanged");
+    assert_eq!(lab.state(&order), "ready");
+    let out = lab.renew(&fx, None, &["--renewal-code", &code]);
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out));
+    assert_eq!(lab.state(&order), "completed");
 }

@@ -378,6 +378,20 @@ pub fn request(
     pop: &dyn CmpSigner,
     tx: &Transaction,
 ) -> Result<Vec<u8>> {
+    request_with_code(kind, old_cert_der, new_spki_der, protect, pop, tx, None)
+}
+
+/// [`request`] carrying the order's renewal code in generalInfo
+/// ([`server::RENEWAL_CODE`], an INTEGER).
+pub fn request_with_code(
+    kind: RequestKind,
+    old_cert_der: &[u8],
+    new_spki_der: &[u8],
+    protect: &dyn CmpSigner,
+    pop: &dyn CmpSigner,
+    tx: &Transaction,
+    renewal_code: Option<u64>,
+) -> Result<Vec<u8>> {
     let old = Certificate::from_der(old_cert_der).map_err(malformed)?;
     let controls = match kind {
         RequestKind::KeyUpdate => {
@@ -424,12 +438,14 @@ pub fn request(
         RequestKind::KeyUpdate => PkiBody::KUr(vec![msg]),
         RequestKind::Certification => PkiBody::Cr(vec![msg]),
     };
-    protected(
-        header(&old, protect, tx)?,
-        &body.to_der().map_err(malformed)?,
-        protect,
-        &old,
-    )
+    let mut header = header(&old, protect, tx)?;
+    if let Some(code) = renewal_code {
+        header.general_info = Some(vec![cmpv2::r#gen::InfoTypeAndValue {
+            oid: server::RENEWAL_CODE,
+            value: Some(Any::encode_from(&code).map_err(malformed)?),
+        }]);
+    }
+    protected(header, &body.to_der().map_err(malformed)?, protect, &old)
 }
 
 /// What a CA answered a request with.

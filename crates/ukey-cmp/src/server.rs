@@ -22,6 +22,12 @@ use crate::{
 /// `id-it-implicitConfirm` (RFC 4210 §5.1.1.1).
 pub const IMPLICIT_CONFIRM: ObjectIdentifier = ObjectIdentifier::new_unwrap("1.3.6.1.5.5.7.4.13");
 
+/// The generalInfo entry that carries an order's renewal code, an INTEGER (8 digits):
+/// `openssl cmp -geninfo 1.3.6.1.4.1.32473.1.16:int:12345678` sends it. The arc is RFC
+/// 5612's enterprise number for documentation (32473): a CA deploying this uses an OID
+/// of its own arc.
+pub const RENEWAL_CODE: ObjectIdentifier = ObjectIdentifier::new_unwrap("1.3.6.1.4.1.32473.1.16");
+
 /// PKIFailureInfo bits (RFC 4210 §5.2.3) a CA answers with.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 #[non_exhaustive]
@@ -179,6 +185,9 @@ pub struct Request {
     pub signer_cert_der: Vec<u8>,
     /// Whether the client asks for implicit confirmation.
     pub implicit_confirm: bool,
+    /// The renewal code in generalInfo ([`RENEWAL_CODE`]), as its decimal digits; an
+    /// entry that is not a non-negative INTEGER reads as `Some("")` (a wrong code).
+    pub renewal_code: Option<String>,
     /// The body.
     pub body: Body,
 }
@@ -282,6 +291,18 @@ pub fn read(der: &[u8]) -> std::result::Result<(Request, AnswerTo), (Refusal, An
         .iter()
         .flatten()
         .any(|i| i.oid == IMPLICIT_CONFIRM);
+    let renewal_code = h
+        .general_info
+        .iter()
+        .flatten()
+        .find(|i| i.oid == RENEWAL_CODE)
+        .map(|i| {
+            i.value
+                .as_ref()
+                .and_then(|v| v.decode_as::<u64>().ok())
+                .map(|n| n.to_string())
+                .unwrap_or_default()
+        });
     let body = match read_body(&msg) {
         Ok(b) => b,
         Err(r) => return Err((r, to)),
@@ -294,6 +315,7 @@ pub fn read(der: &[u8]) -> std::result::Result<(Request, AnswerTo), (Refusal, An
             message_time,
             signer_cert_der: signer_der,
             implicit_confirm,
+            renewal_code,
             body,
         },
         to,

@@ -346,6 +346,10 @@ pub enum RenewalStatus {
         order_id: String,
         /// What was paid for.
         terms: OrderTerms,
+        /// The issue request must carry the order's renewal code (shown to the holder on
+        /// the paid order page): ask the holder for it.
+        #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+        renewal_code_required: bool,
     },
     /// A certificate was issued but its installation is not confirmed yet. Asking
     /// `issue` again with the same key returns the same certificate.
@@ -356,6 +360,9 @@ pub enum RenewalStatus {
         terms: OrderTerms,
         /// Serial of the issued, not yet confirmed certificate.
         certificate_serial_hex: String,
+        /// As in `ready`: a repeat needs the renewal code too.
+        #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+        renewal_code_required: bool,
     },
     /// Installation confirmed; the old certificate is revoked (superseded).
     Completed {
@@ -459,6 +466,22 @@ pub struct IssueRequest {
     /// when it does not. Covered by `challenge_signature`.
     #[serde(default, skip_serializing_if = "Option::is_none", with = "b64_opt")]
     pub transport_key_spki: Option<Vec<u8>>,
+    /// The order's renewal code, 8 digits (see [`RenewalStatus::Ready`]): required when
+    /// the order has one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub renewal_code: Option<String>,
+}
+
+/// A renewal code as the holder may type it ("1234 5678", "1234-5678") in its canonical
+/// form, 8 digits not starting with 0 (so that it is also a CMP INTEGER); `None` when it
+/// is not one.
+pub fn canonical_renewal_code(typed: &str) -> Option<String> {
+    let digits: String = typed
+        .chars()
+        .filter(|c| !c.is_whitespace() && *c != '-')
+        .collect();
+    (digits.len() == 8 && digits.bytes().all(|b| b.is_ascii_digit()) && !digits.starts_with('0'))
+        .then_some(digits)
 }
 
 /// Answer to [`IssueRequest`]. Asking again with the same public key before completion
@@ -696,6 +719,14 @@ error_codes! {
     Unauthorized = ("unauthorized", 401),
     /// Admin API: the order's state does not allow this change.
     InvalidTransition = ("invalid_transition", 409),
+    /// The order needs its renewal code (shown on the paid order page) and the request
+    /// carries none.
+    RenewalCodeRequired = ("renewal_code_required", 403),
+    /// The renewal code is wrong, or too many wrong codes were tried for this order
+    /// (then only the CA's support can help).
+    RenewalCodeInvalid = ("renewal_code_invalid", 403),
+    /// Too many requests for this order or from this address: wait (`Retry-After`).
+    RateLimited = ("rate_limited", 429),
     /// Admin API: a field is out of range or missing.
     InvalidArgument = ("invalid_argument", 400),
     /// No such route.
@@ -799,6 +830,10 @@ pub struct OrderView {
     pub reject_reason: Option<String>,
     /// Tracking number of a mailed token.
     pub tracking_number: Option<String>,
+    /// The renewal code the holder is shown on the paid order page (orders made while
+    /// the portal requires codes).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub renewal_code: Option<String>,
     /// Serial of the current issued signing certificate.
     pub issued_serial_hex: Option<String>,
     /// Serial of the current issued encryption certificate.
@@ -913,6 +948,7 @@ mod tests {
                 target_algorithm: KeyAlgorithm::EcP256,
                 with_encryption_cert: true,
             },
+            renewal_code_required: false,
         };
         let json = serde_json::to_value(&s).unwrap();
         assert_eq!(

@@ -341,6 +341,7 @@ async fn renew(http: &reqwest::Client, base: &str, job: &Job) -> Result<(), Stri
         csr_der: job.csr.clone(),
         // No encryption certificate in these orders: no transport key.
         transport_key_spki: None,
+        renewal_code: None,
     };
     let r = http
         .post(format!("{base}{}", paths::issue(&job.order_id)))

@@ -46,9 +46,11 @@ fn failure_of(code: ErrorCode) -> Failure {
         ErrorCode::CertificateNotTrusted => Failure::SignerNotTrusted,
         ErrorCode::CertificateRevoked => Failure::CertRevoked,
         ErrorCode::MalformedCertificate => Failure::BadDataFormat,
-        ErrorCode::OrderNotFound | ErrorCode::OrderNotReady | ErrorCode::OrderCompleted => {
-            Failure::NotAuthorized
-        }
+        ErrorCode::OrderNotFound
+        | ErrorCode::OrderNotReady
+        | ErrorCode::OrderCompleted
+        | ErrorCode::RenewalCodeRequired
+        | ErrorCode::RenewalCodeInvalid => Failure::NotAuthorized,
         _ => Failure::BadRequest,
     }
 }
@@ -430,6 +432,7 @@ impl Portal {
             subject,
             spki_der,
             transport_key_spki: None,
+            renewal_code: req.renewal_code.as_deref(),
             freshness: Freshness::Cmp(Box::new(CmpStep {
                 state: "issued",
                 ..step.clone()

@@ -141,3 +141,21 @@ pub fn random_bytes(n: usize) -> Result<Vec<u8>, aws_lc_rs::error::Unspecified> 
 pub fn random_id(prefix: &str) -> Result<String, aws_lc_rs::error::Unspecified> {
     Ok(format!("{prefix}_{}", hex::encode(random_bytes(16)?)))
 }
+
+/// A fresh renewal code: 8 decimal digits, the first not 0 (10000000..=99999999, so
+/// that it reads the same as a CMP INTEGER), uniformly drawn.
+pub fn renewal_code() -> Result<String, aws_lc_rs::error::Unspecified> {
+    loop {
+        let b = random_bytes(4)?;
+        let n = u32::from_be_bytes([b[0], b[1], b[2], b[3]]);
+        // Rejection sampling: 42 whole ranges of 90 000 000 fit in 2^32.
+        if n < 42 * 90_000_000 {
+            return Ok((10_000_000 + n % 90_000_000).to_string());
+        }
+    }
+}
+
+/// Equality that takes the same time wherever the inputs differ.
+pub fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
+    a.len() == b.len() && aws_lc_rs::constant_time::verify_slices_are_equal(a, b).is_ok()
+}

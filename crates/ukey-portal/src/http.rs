@@ -317,8 +317,15 @@ async fn pay_page(
             "rejected" => "已驳回",
             _ => "",
         };
+        // Never the code itself: this page is reached by serial, without a login, and
+        // the code is what a moment of access to the key must not have.
+        let code_note = if o.renewal_code.is_some() {
+            "<br>更新时需输入续期码（见贵单位已付款的订单页面）/ renewing asks for the renewal code on your paid order page"
+        } else {
+            ""
+        };
         rows.push_str(&format!(
-            "<tr><td>{}</td><td>{} / {}</td><td>{}</td><td>{}</td><td>{}</td></tr>",
+            "<tr><td>{}</td><td>{} / {}{code_note}</td><td>{}</td><td>{}</td><td>{}</td></tr>",
             escape_html(&o.order_id),
             state_zh,
             escape_html(&o.state),

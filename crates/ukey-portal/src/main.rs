@@ -101,6 +101,15 @@ enum Command {
     /// The portal's CA.
     #[command(subcommand)]
     Ca(CaCommand),
+    /// Portal-wide policy, kept in the database (every instance follows it). Without an
+    /// option: print it.
+    Policy {
+        /// Renewal codes: `on` gives every order made from now on an 8-digit code that
+        /// the holder is shown on the paid order page and that every issue request must
+        /// carry (REST `renewal_code`, CMP generalInfo 1.3.6.1.4.1.32473.1.16); `off`.
+        #[arg(long, value_enum)]
+        renewal_codes: Option<OnOff>,
+    },
     /// Revoke a certificate this portal issued; the next CRL lists it with the reason.
     Revoke {
         /// Its serial, hex.
@@ -200,6 +209,12 @@ enum CaCommand {
 }
 
 #[derive(ValueEnum, Clone, Copy, Debug)]
+enum OnOff {
+    On,
+    Off,
+}
+
+#[derive(ValueEnum, Clone, Copy, Debug)]
 enum StateArg {
     AwaitingPayment,
     Ready,
@@ -281,6 +296,21 @@ fn main() -> Result<()> {
         }
         Command::Order(cmd) => order(&base, cmd),
         Command::Ca(cmd) => ca(&base, cmd),
+        Command::Policy { renewal_codes } => {
+            let portal = open(&base)?;
+            if let Some(v) = renewal_codes {
+                portal.set_renewal_code_required(matches!(v, OnOff::On))?;
+            }
+            println!(
+                "续期码 renewal codes: {}",
+                if portal.renewal_code_required()? {
+                    "on (新订单带续期码 / new orders carry a code)"
+                } else {
+                    "off"
+                }
+            );
+            Ok(())
+        }
         Command::Revoke { serial, reason } => {
             let portal = open(&base)?;
             portal.revoke(&serial, reason)?;
@@ -453,6 +483,13 @@ fn print_view(v: &OrderView, json: bool) -> Result<()> {
     );
     println!("驳回原因 reason:       {}", opt(&v.reject_reason));
     println!("运单号 tracking:       {}", opt(&v.tracking_number));
+    println!(
+        "续期码 renewal code:   {}",
+        v.renewal_code
+            .as_deref()
+            .map(|c| format!("{}-{}", &c[..4], &c[4..]))
+            .unwrap_or_else(|| "-".into())
+    );
     println!("新证书 issued:         {}", opt(&v.issued_serial_hex));
     println!(
         "新加密证书 encryption: {}",

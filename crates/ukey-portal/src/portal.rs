@@ -23,7 +23,8 @@ use crate::crypto::{self, KeyKind, sha256};
 use crate::envelope;
 use crate::names::{self, NameKey};
 use crate::store::{
-    Freshness, IssueCommit, NewIssuance, NewOrder, Order, OrderState, Store, StoredCert,
+    Freshness, IssueCommit, NewIssuance, NewOrder, Order, OrderState, RENEWAL_CODE_TRIES, Store,
+    StoredCert,
 };
 
 /// How to open a portal.
@@ -96,6 +97,8 @@ pub(crate) struct IssueAsk<'a> {
     pub spki_der: &'a [u8],
     /// The REST request's transport key.
     pub transport_key_spki: Option<&'a [u8]>,
+    /// The renewal code the request carries.
+    pub renewal_code: Option<&'a str>,
     pub freshness: Freshness,
     pub t: OffsetDateTime,
 }
@@ -249,11 +252,16 @@ impl Portal {
                 payment_url: self.payment_url(&serial),
                 terms,
             },
-            OrderState::Ready => RenewalStatus::Ready { order_id, terms },
+            OrderState::Ready => RenewalStatus::Ready {
+                order_id,
+                terms,
+                renewal_code_required: order.renewal_code.is_some(),
+            },
             OrderState::Issued => RenewalStatus::Issued {
                 order_id,
                 terms,
                 certificate_serial_hex: order.current_signing_serial.unwrap_or_default(),
+                renewal_code_required: order.renewal_code.is_some(),
             },
             OrderState::Completed => RenewalStatus::Completed {
                 order_id,
@@ -389,6 +397,7 @@ impl Portal {
             subject: Some(names::key_of_name(&info.subject)),
             spki_der: info.subject_pki.raw,
             transport_key_spki: req.transport_key_spki.as_deref(),
+            renewal_code: req.renewal_code.as_deref(),
             freshness: Freshness::Challenge(challenge.id.clone()),
             t,
         })?;
@@ -434,6 +443,58 @@ impl Portal {
         Ok(())
     }
 
+    /// The order's renewal code, when it has one: the request must carry it. A wrong
+    /// code counts against the order (only requests that proved possession of the old
+    /// key get here, so a stranger cannot use up the tries); after
+    /// [`RENEWAL_CODE_TRIES`] wrong codes every code is refused. The comparison takes the
+    /// same time whatever the code.
+    pub(crate) fn check_renewal_code(
+        &self,
+        order: &Order,
+        given: Option<&str>,
+        t: OffsetDateTime,
+    ) -> Result<(), Error> {
+        let Some(expected) = order.renewal_code.as_deref() else {
+            return Ok(());
+        };
+        let exhausted = || {
+            api(
+                ErrorCode::RenewalCodeInvalid,
+                format!(
+                    "续期码错误次数过多，请联系 CA 客服 / too many wrong renewal codes for order {}: contact the CA's support",
+                    order.id
+                ),
+            )
+        };
+        if order.renewal_code_failures >= RENEWAL_CODE_TRIES {
+            return Err(exhausted());
+        }
+        let Some(given) = given else {
+            return Err(api(
+                ErrorCode::RenewalCodeRequired,
+                "此次续期需要续期码（见已付款的订单页面）/ this renewal needs the renewal code shown on the paid order page",
+            ));
+        };
+        let given = ukey_portal_api::canonical_renewal_code(given).unwrap_or_default();
+        if crypto::constant_time_eq(given.as_bytes(), expected.as_bytes()) {
+            return Ok(());
+        }
+        let failures = self
+            .store
+            .renewal_code_failed(&order.id, t.unix_timestamp())?;
+        if failures >= RENEWAL_CODE_TRIES {
+            return Err(exhausted());
+        }
+        Err(api(
+            ErrorCode::RenewalCodeInvalid,
+            format!(
+                "续期码不正确，还可尝试 {} 次 / wrong renewal code: {} tries left",
+                RENEWAL_CODE_TRIES - failures,
+                RENEWAL_CODE_TRIES - failures
+            ),
+        ))
+    }
+
     /// The checks every protocol shares, then issuance: subject, algorithm and key
     /// policy against the order, the escrowed key's recipient, an idempotent repeat
     /// for the same key, and the commit that consumes the request's freshness. The
@@ -441,6 +502,7 @@ impl Portal {
     pub(crate) fn issue_checked<'a>(&self, ask: &IssueAsk<'a>) -> Result<Issuance<'a>, Error> {
         let (order, old, t) = (ask.order, ask.old, ask.t);
         Self::require_issuable(order)?;
+        self.check_renewal_code(order, ask.renewal_code, t)?;
         if ask
             .subject
             .as_ref()
@@ -800,6 +862,11 @@ impl Portal {
                 InitialState::AwaitingPayment => OrderState::AwaitingPayment,
                 InitialState::Ready => OrderState::Ready,
             },
+            renewal_code: if self.store.renewal_code_required()? {
+                Some(crypto::renewal_code().map_err(|_| Error::Setup("RNG failure".into()))?)
+            } else {
+                None
+            },
         };
         let id = crypto::random_id("ord").map_err(|_| Error::Setup("RNG failure".into()))?;
         let order = self.store.create_order(&new, &id, now().unix_timestamp())?;
@@ -810,6 +877,17 @@ impl Portal {
     pub fn show_order(&self, order_id: &str) -> Result<OrderView, Error> {
         let order = self.order_or_404(order_id)?;
         self.view(&order)
+    }
+
+    /// Whether orders made from now on carry a renewal code (a portal-wide policy kept in
+    /// the database, so that every instance follows it).
+    pub fn set_renewal_code_required(&self, on: bool) -> Result<(), Error> {
+        self.store.set_renewal_code_required(on)
+    }
+
+    /// The renewal-code policy.
+    pub fn renewal_code_required(&self) -> Result<bool, Error> {
+        self.store.renewal_code_required()
     }
 
     /// Every order, newest first.
@@ -934,6 +1012,7 @@ impl Portal {
             old_encryption_serial_hex: o.old_encryption_serial_hex.clone(),
             reject_reason: o.reject_reason.clone(),
             tracking_number: o.tracking_number.clone(),
+            renewal_code: o.renewal_code.clone(),
             issued_serial_hex: o.current_signing_serial.clone(),
             issued_encryption_serial_hex: o.current_encryption_serial.clone(),
             subject,

@@ -100,7 +100,19 @@ const MIGRATIONS: &[Migration] = &[
     CREATE INDEX challenges_by_expiry ON challenges(expires_at);",
         postgres: "",
     },
+    // 4: renewal codes (a moment of access to a key must not become a year): the code
+    // an order was made with, the wrong codes tried, and the portal's policy
+    Migration {
+        sql: "ALTER TABLE orders ADD COLUMN renewal_code TEXT;
+    ALTER TABLE orders ADD COLUMN renewal_code_failures INTEGER NOT NULL DEFAULT 0;
+    INSERT INTO meta (key, value) VALUES ('renewal_code_required', 0);",
+        postgres: "",
+    },
 ];
+
+/// Wrong renewal codes an order takes before it refuses every code (the CA's support
+/// then cancels it and makes a new one).
+pub const RENEWAL_CODE_TRIES: i64 = 5;
 
 /// Lifecycle state of an order.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -180,6 +192,10 @@ pub struct Order {
     pub current_signing_serial: Option<String>,
     /// Serial of the current issued encryption certificate.
     pub current_encryption_serial: Option<String>,
+    /// The renewal code every issue request for it must carry (8 digits), if any.
+    pub renewal_code: Option<String>,
+    /// Wrong renewal codes tried.
+    pub renewal_code_failures: i64,
     /// Unix seconds.
     pub created_at: i64,
     /// Unix seconds.
@@ -201,6 +217,8 @@ pub struct NewOrder {
     pub old_encryption_serial_hex: Option<String>,
     /// `AwaitingPayment` or `Ready`.
     pub state: OrderState,
+    /// Its renewal code, when the portal requires codes.
+    pub renewal_code: Option<String>,
 }
 
 /// A challenge row.
@@ -417,6 +435,8 @@ fn order_from_row(row: &Row) -> Result<Order, Error> {
         current_spki_sha256: row.get("current_spki_sha256")?,
         current_signing_serial: row.get("current_signing_serial")?,
         current_encryption_serial: row.get("current_encryption_serial")?,
+        renewal_code: row.get("renewal_code")?,
+        renewal_code_failures: row.get("renewal_code_failures")?,
         created_at: row.get("created_at")?,
         updated_at: row.get("updated_at")?,
     })
@@ -442,7 +462,8 @@ macro_rules! select_orders {
             "SELECT id, issuer_key, issuer_display, serial_hex, years, key_policy,
                target_algorithm, with_encryption_cert, old_encryption_serial_hex, state,
                reject_reason, tracking_number, current_spki_sha256, current_signing_serial,
-               current_encryption_serial, created_at, updated_at FROM orders ",
+               current_encryption_serial, renewal_code, renewal_code_failures, created_at,
+               updated_at FROM orders ",
             $rest
         )
     };
@@ -561,8 +582,8 @@ impl Store {
             tx.execute(
                 "INSERT INTO orders (id, issuer_key, issuer_display, serial_hex, years, key_policy,
                    target_algorithm, with_encryption_cert, old_encryption_serial_hex, state,
-                   created_at, updated_at)
-                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?11)",
+                   renewal_code, created_at, updated_at)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?12, ?11, ?11)",
                 params![
                     id,
                     new.issuer_key.as_str(),
@@ -575,6 +596,7 @@ impl Store {
                     &new.old_encryption_serial_hex,
                     new.state.as_str(),
                     now,
+                    &new.renewal_code,
                 ],
             )?;
             get_order(tx, id)?.ok_or_else(|| Error::Setup("inserted order vanished".into()))
@@ -587,6 +609,44 @@ impl Store {
             }
             other => other,
         }
+    }
+
+    /// Whether new orders get a renewal code.
+    pub fn renewal_code_required(&self) -> Result<bool, Error> {
+        self.db.read(|tx| {
+            Ok(tx
+                .query_opt(
+                    "SELECT value FROM meta WHERE key = 'renewal_code_required'",
+                    &[],
+                )?
+                .map(|r| r.at::<bool>(0))
+                .transpose()?
+                .unwrap_or(false))
+        })
+    }
+
+    /// Sets whether new orders get a renewal code (every instance reads it).
+    pub fn set_renewal_code_required(&self, on: bool) -> Result<(), Error> {
+        self.db.write(|tx| {
+            tx.execute(
+                "UPDATE meta SET value = ?1 WHERE key = 'renewal_code_required'",
+                params![on],
+            )?;
+            Ok(())
+        })
+    }
+
+    /// Counts a wrong renewal code against an order; the failures so far.
+    pub fn renewal_code_failed(&self, order_id: &str, now: i64) -> Result<i64, Error> {
+        self.db.write(|tx| {
+            lock_order(tx, order_id)?;
+            tx.execute(
+                "UPDATE orders SET renewal_code_failures = renewal_code_failures + 1,
+                   updated_at = ?2 WHERE id = ?1",
+                params![order_id, now],
+            )?;
+            Ok(lock_order(tx, order_id)?.renewal_code_failures)
+        })
     }
 
     /// One order.

@@ -240,6 +240,7 @@ async fn openssl_made_ca_works_end_to_end_through_the_binary() {
         old_certificate_der: old_der.clone(),
         csr_der,
         transport_key_spki: Some(transport),
+        renewal_code: None,
     };
     let r = post(paths::issue(&id), serde_json::to_value(&req).unwrap())
         .await

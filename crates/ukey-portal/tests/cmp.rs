@@ -394,3 +394,58 @@ async fn replays_stale_times_foreign_signers_and_wrong_nonces_are_refused_and_ch
     let checked = ukey_cmp::check_answer(&rsp, &mut tx, &trust(&h)).expect("checked");
     assert!(ukey_cmp::is_pki_conf(&checked));
 }
+
+/// The renewal code over CMP: OpenSSL's client sends it as a generalInfo INTEGER
+/// (`-geninfo 1.3.6.1.4.1.32473.1.16:int:N`). Without it, or with a wrong one, OpenSSL is
+/// told why and gets no certificate; with it, the renewal goes through.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn openssl_must_send_the_orders_renewal_code_in_general_info() {
+    let h = Harness::start().await;
+    h.portal().set_renewal_code_required(true).unwrap();
+    let holder = h.holder(KeyAlgorithm::EcP256);
+    let order = h.order(
+        &holder,
+        InitialState::Ready,
+        KeyPolicy::New,
+        KeyAlgorithm::EcP256,
+        false,
+    );
+    let code = order.renewal_code.clone().expect("a code");
+    let dir = tempfile::tempdir().expect("dir");
+    files(&h, &holder, dir.path());
+    let oid = server::RENEWAL_CODE.to_string();
+    assert_eq!(oid, "1.3.6.1.4.1.32473.1.16");
+
+    let (ok, out) = openssl_kur(&h, dir.path(), "/.well-known/cmp", &[]).await;
+    assert!(!ok, "no code, no certificate:\n{out}");
+    assert!(out.contains("renewal code"), "{out}");
+    assert!(!dir.path().join("out.pem").exists());
+
+    let wrong = if code == "12345678" {
+        "87654321"
+    } else {
+        "12345678"
+    };
+    let geninfo = format!("{oid}:int:{wrong}");
+    let (ok, out) = openssl_kur(&h, dir.path(), "/.well-known/cmp", &["-geninfo", &geninfo]).await;
+    assert!(!ok, "a wrong code, no certificate:\n{out}");
+    assert!(out.contains("wrong renewal code"), "{out}");
+    assert_eq!(
+        h.portal()
+            .store()
+            .order(&order.order_id)
+            .unwrap()
+            .unwrap()
+            .renewal_code_failures,
+        1
+    );
+
+    let geninfo = format!("{oid}:int:{code}");
+    let (ok, out) = openssl_kur(&h, dir.path(), "/.well-known/cmp", &["-geninfo", &geninfo]).await;
+    assert!(ok, "the right code:\n{out}");
+    assert!(dir.path().join("out.pem").exists());
+    assert_eq!(
+        h.portal().show_order(&order.order_id).unwrap().state,
+        "completed"
+    );
+}

@@ -708,6 +708,7 @@ async fn signed_request(
         old_certificate_der: holder.cert_der.clone(),
         csr_der,
         transport_key_spki: Some(transport),
+        renewal_code: None,
     }
 }
 
@@ -1235,6 +1236,150 @@ async fn futures_join_all<F: std::future::Future>(futs: impl Iterator<Item = F>)
     .await;
     for r in results {
         out.extend(r);
+    }
+    out
+}
+
+/// A renewal code (issue 16: a moment of access to an unlocked key must not become a
+/// year-long certificate): with the policy on, an order gets an 8-digit code that the
+/// admin view and `order show` give, the unauthenticated pay page never shows, and every
+/// issue request must carry. A request without it or with a wrong one changes nothing
+/// but the count of wrong codes; after five wrong codes even the right one is refused.
+#[tokio::test]
+async fn renewal_codes_guard_issuance() {
+    let h = Harness::start().await;
+    let before = h.holder(KeyAlgorithm::EcP256);
+    let unguarded = h.order(
+        &before,
+        InitialState::Ready,
+        KeyPolicy::New,
+        KeyAlgorithm::EcP256,
+        false,
+    );
+    assert_eq!(unguarded.renewal_code, None, "made before the policy");
+    assert!(!h.portal().renewal_code_required().unwrap());
+    h.portal().set_renewal_code_required(true).unwrap();
+
+    let holder = h.holder(KeyAlgorithm::EcP256);
+    let order = h.order(
+        &holder,
+        InitialState::Ready,
+        KeyPolicy::New,
+        KeyAlgorithm::EcP256,
+        false,
+    );
+    let code = order.renewal_code.clone().expect("a code");
+    assert_eq!(code.len(), 8);
+    assert!(!code.starts_with('0') && code.bytes().all(|b| b.is_ascii_digit()));
+    assert_ne!(
+        h.order(
+            &h.holder(KeyAlgorithm::EcP256),
+            InitialState::Ready,
+            KeyPolicy::New,
+            KeyAlgorithm::EcP256,
+            false
+        )
+        .renewal_code,
+        Some(code.clone()),
+        "each order its own code"
+    );
+    match h.status(&holder).await {
+        RenewalStatus::Ready {
+            renewal_code_required,
+            ..
+        } => assert!(renewal_code_required),
+        other => panic!("{other:?}"),
+    }
+    let page = h
+        .client
+        .get(h.url(&format!("/pay?serial={}", holder.serial_hex)))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(page.contains("续期码"), "{page}");
+    assert!(!page.contains(&code), "the pay page never shows the code");
+
+    let new_key = new_key(KeyAlgorithm::EcP256);
+    let dump = h.dump();
+    let req = h.issue_request(&order.order_id, &holder, &new_key).await;
+    let r = h.post(&paths::issue(&order.order_id), &req).await;
+    let e = expect_error(r, 403, ErrorCode::RenewalCodeRequired).await;
+    assert!(e.message.contains("续期码"), "{}", e.message);
+    assert_eq!(
+        strip_challenges(&h.dump()),
+        strip_challenges(&dump),
+        "no row changed"
+    );
+
+    let mut req = h.issue_request(&order.order_id, &holder, &new_key).await;
+    req.renewal_code = Some(
+        if code == "12345678" {
+            "87654321"
+        } else {
+            "12345678"
+        }
+        .into(),
+    );
+    let r = h.post(&paths::issue(&order.order_id), &req).await;
+    let e = expect_error(r, 403, ErrorCode::RenewalCodeInvalid).await;
+    assert!(e.message.contains("4 tries left"), "{}", e.message);
+    let stored = h.portal().store().order(&order.order_id).unwrap().unwrap();
+    assert_eq!(stored.renewal_code_failures, 1);
+    assert_eq!(stored.state.as_str(), "ready", "nothing issued");
+
+    // Typed as the page shows it.
+    let mut req = h.issue_request(&order.order_id, &holder, &new_key).await;
+    req.renewal_code = Some(format!("{}-{}", &code[..4], &code[4..]));
+    let issued: ukey_portal_api::IssueResponse =
+        h.post_ok(&paths::issue(&order.order_id), &req).await;
+    assert!(!issued.certificate_der.is_empty());
+
+    // An order whose tries are used up refuses the right code too.
+    let other = h.holder(KeyAlgorithm::EcP256);
+    let locked = h.order(
+        &other,
+        InitialState::Ready,
+        KeyPolicy::New,
+        KeyAlgorithm::EcP256,
+        false,
+    );
+    let right = locked.renewal_code.clone().unwrap();
+    let wrong = if right == "99999999" {
+        "88888888"
+    } else {
+        "99999999"
+    };
+    for _ in 0..5 {
+        let mut req = h.issue_request(&locked.order_id, &other, &new_key).await;
+        req.renewal_code = Some(wrong.into());
+        let r = h.post(&paths::issue(&locked.order_id), &req).await;
+        expect_error(r, 403, ErrorCode::RenewalCodeInvalid).await;
+    }
+    let mut req = h.issue_request(&locked.order_id, &other, &new_key).await;
+    req.renewal_code = Some(right);
+    let r = h.post(&paths::issue(&locked.order_id), &req).await;
+    let e = expect_error(r, 403, ErrorCode::RenewalCodeInvalid).await;
+    assert!(e.message.contains("too many"), "{}", e.message);
+
+    // The order made before the policy still renews without a code.
+    h.issue(&unguarded.order_id, &before, &new_key).await;
+}
+
+/// The dump without the challenges table (each request above takes a fresh challenge).
+fn strip_challenges(dump: &str) -> String {
+    let mut out = String::new();
+    let mut skip = false;
+    for line in dump.lines() {
+        if line.starts_with("== ") {
+            skip = line == "== challenges";
+        }
+        if !skip {
+            out.push_str(line);
+            out.push('\n');
+        }
     }
     out
 }

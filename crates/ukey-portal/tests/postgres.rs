@@ -202,6 +202,7 @@ fn two_instances_creating_one_order_make_one() {
         },
         old_encryption_serial_hex: None,
         state: ukey_portal::store::OrderState::Ready,
+        renewal_code: None,
     };
     for round in 0..20 {
         let barrier = std::sync::Barrier::new(2);

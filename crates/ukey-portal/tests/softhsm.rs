@@ -271,6 +271,7 @@ async fn issue_on_token(
         old_certificate_der: s.token.certs[0].der.clone(),
         csr_der,
         transport_key_spki: Some(transport_spki.to_vec()),
+        renewal_code: None,
     };
     let r = http
         .post(format!("{}{}", s.server.url, paths::issue(order_id)))

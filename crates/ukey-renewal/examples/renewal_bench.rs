@@ -381,6 +381,7 @@ fn main() {
                         old_certificate_der: old.der.clone(),
                         csr_der: csr.clone(),
                         transport_key_spki: None,
+                        renewal_code: None,
                     },
                 )
                 .unwrap()

@@ -306,14 +306,22 @@ impl Run<'_> {
         };
         let mut tx = Transaction::new()
             .map_err(|e| RenewalError::Inconsistent(format!("CMP transaction: {e}")))?;
+        // The order's renewal code, when the holder gave one, in generalInfo.
+        let code = self
+            .opts
+            .renewal_code
+            .as_deref()
+            .and_then(ukey_portal_api::canonical_renewal_code)
+            .and_then(|c| c.parse::<u64>().ok());
         let message =
-            ukey_cmp::request(kind, &old_der, &public.spki(), &old, &new, &tx).map_err(|e| {
-                if old.failure.borrow().is_some() {
-                    old.error(e)
-                } else {
-                    new.error(e)
-                }
-            })?;
+            ukey_cmp::request_with_code(kind, &old_der, &public.spki(), &old, &new, &tx, code)
+                .map_err(|e| {
+                    if old.failure.borrow().is_some() {
+                        old.error(e)
+                    } else {
+                        new.error(e)
+                    }
+                })?;
         // certReqId 0: the one request of the message.
         let cert_req_id = [0u8];
         self.record_transaction(&tx, &cert_req_id, CmpState::Sent, None)?;

@@ -129,6 +129,8 @@ pub struct Options {
     pub journals: JournalStore,
     /// The CA's protocol.
     pub protocol: Protocol,
+    /// The order's renewal code, as the holder typed it (when the portal asks for one).
+    pub renewal_code: Option<String>,
 }
 
 impl Options {
@@ -143,6 +145,7 @@ impl Options {
             confirm_final_try: false,
             journals,
             protocol: Protocol::Rest,
+            renewal_code: None,
         }
     }
 }
@@ -495,7 +498,17 @@ fn ask_portal(
         }
         let serial = cand.details.serial.clone();
         let e = match answer.value {
-            RenewalStatus::Ready { order_id, terms }
+            RenewalStatus::Ready {
+                renewal_code_required: true,
+                ..
+            }
+            | RenewalStatus::Issued {
+                renewal_code_required: true,
+                ..
+            } if opts.renewal_code.is_none() => RenewalError::RenewalCodeNeeded { serial },
+            RenewalStatus::Ready {
+                order_id, terms, ..
+            }
             | RenewalStatus::Issued {
                 order_id, terms, ..
             } => {
@@ -1330,6 +1343,7 @@ impl Run<'_> {
             old_certificate_der: old_der,
             csr_der,
             transport_key_spki: transport_spki,
+            renewal_code: self.opts.renewal_code.clone(),
         };
         Ok(Requested {
             issued: self.portal.issue(&self.j.order_id, &req)?.value,

@@ -97,6 +97,14 @@ pub enum RenewalError {
         /// End of its validity.
         not_after: time::OffsetDateTime,
     },
+    /// The order needs its renewal code and none was given.
+    #[error(
+        "the renewal of certificate {serial} needs the renewal code shown on the paid order page"
+    )]
+    RenewalCodeNeeded {
+        /// Its serial.
+        serial: String,
+    },
     /// Not paid yet.
     #[error("the renewal of certificate {serial} is not paid yet: pay at {payment_url}")]
     AwaitingPayment {
@@ -221,6 +229,7 @@ impl RenewalError {
             | RenewalError::AlreadyCompleted { .. }
             | RenewalError::AlreadyRenewed { .. } => ErrorKind::NothingToDo,
             RenewalError::AwaitingPayment { .. }
+            | RenewalError::RenewalCodeNeeded { .. }
             | RenewalError::Rejected { .. }
             | RenewalError::UnderReview { .. }
             | RenewalError::NewKeyMailed { .. }
@@ -258,6 +267,7 @@ impl RenewalError {
             RenewalError::AlreadyCompleted { .. } => "already_completed",
             RenewalError::AlreadyRenewed { .. } => "already_renewed",
             RenewalError::AwaitingPayment { .. } => "awaiting_payment",
+            RenewalError::RenewalCodeNeeded { .. } => "renewal_code_needed",
             RenewalError::Rejected { .. } => "rejected",
             RenewalError::UnderReview { .. } => "under_review",
             RenewalError::NewKeyMailed { .. } => "new_key_mailed",
@@ -333,6 +343,13 @@ impl RenewalError {
                     format!(
                         "Certificate {serial} is already renewed and valid until {day}; nothing to do."
                     )
+                }
+            }
+            RenewalError::RenewalCodeNeeded { .. } => {
+                if zh {
+                    "此次续期需要续期码：请在 CA 门户已付款的订单页面查看 8 位续期码，更新时输入（ukey renew --renewal-code）。".to_owned()
+                } else {
+                    "This renewal needs its renewal code: find the 8-digit code on the paid order page of the CA's portal and give it when renewing (ukey renew --renewal-code).".to_owned()
                 }
             }
             RenewalError::AwaitingPayment { payment_url, .. } => {

@@ -253,6 +253,7 @@ impl Harness {
             old_certificate_der: holder.cert_der.clone(),
             csr_der,
             transport_key_spki,
+            renewal_code: None,
         }
     }
 

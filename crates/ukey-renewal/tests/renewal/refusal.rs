@@ -259,6 +259,7 @@ async fn status(State(fake): State<Arc<Fake>>) -> Json<RenewalStatus> {
             target_algorithm: KeyAlgorithm::Rsa2048,
             with_encryption_cert: fake.mode.with_encryption(),
         },
+        renewal_code_required: false,
     })
 }
 

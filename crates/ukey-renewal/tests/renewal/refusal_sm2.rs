@@ -181,6 +181,7 @@ async fn status() -> Json<RenewalStatus> {
             target_algorithm: KeyAlgorithm::Sm2,
             with_encryption_cert: false,
         },
+        renewal_code_required: false,
     })
 }
 
