@@ -355,6 +355,18 @@ impl Ca {
                         data_dir.join(KEY_FILE).display()
                     )));
                 }
+                let other_subject = imp.subject.as_deref().is_some_and(|want| {
+                    crate::names::key_of_dn_string(want).ok() != Some(key_of_name(cert.subject()))
+                });
+                if other_subject {
+                    return Err(CaError::BadKey(format!(
+                        "数据目录中已有该 HSM 密钥的 CA 证书，主题为 {} / the data directory already holds a CA certificate of this key, with subject {}: \
+                         move {} away to make a new root with another subject",
+                        display_name(cert.subject()),
+                        display_name(cert.subject()),
+                        cert_path.display()
+                    )));
+                }
                 pem
             }
             None => self_signed_root(&key, imp.subject.as_deref())?,
@@ -497,6 +509,18 @@ impl Ca {
             Signer::Rcgen(_) => CaAlg::EcP256,
             Signer::Sm2(_) => CaAlg::Sm2,
         }
+    }
+
+    /// What its key is: "RSA-2048", "EC-P256", "SM2", …
+    pub fn key_description(&self) -> String {
+        let key = match &self.signer {
+            Signer::Sm2(_) => return crate::crypto::KeyKind::Sm2.describe(),
+            Signer::Rcgen(issuer) => issuer.key(),
+        };
+        let spki = rcgen::PublicKeyData::subject_public_key_info(key);
+        x509_parser::x509::SubjectPublicKeyInfo::from_der(&spki)
+            .map(|(_, k)| crate::crypto::KeyKind::of(&k).describe())
+            .unwrap_or_else(|_| "?".into())
     }
 
     /// Whether this CA issues certificates for keys of `alg`: an SM2 CA issues SM2

@@ -583,10 +583,11 @@ fn ca(base: &PortalConfig, cmd: CaCommand) -> Result<()> {
                 Portal::open(&config).with_context(|| format!("opening {}", data.display()))?;
             println!("subject: {}", portal.ca().display_name());
             println!(
-                "key: {}",
+                "key: {} {}",
+                portal.ca().key_description(),
                 match portal.ca().alg() {
-                    ukey_portal::ca::CaAlg::EcP256 => "EC P-256 (issues RSA-2048 and EC-P256)",
-                    ukey_portal::ca::CaAlg::Sm2 => "SM2 (issues SM2, 国密)",
+                    ukey_portal::ca::CaAlg::EcP256 => "(issues RSA-2048 and EC-P256)",
+                    ukey_portal::ca::CaAlg::Sm2 => "(issues SM2, 国密)",
                 }
             );
             if let Some(uri) = portal.ca().hsm_uri() {

@@ -656,7 +656,7 @@ fn outside_ca(path: &Path) -> Issuer<'static, KeyPair> {
 /// The CA key in the HSM (made there by pkcs11-tool, never extractable): the CA
 /// certificate, issued certificates, the CMP protection certificate and the CRL are
 /// signed through PKCS#11, and OpenSSL verifies them.
-async fn ca_key_in_the_hsm(key_type: &str, with_kek: bool) {
+async fn ca_key_in_the_hsm(key_type: &str, with_kek: bool, via_serve: bool) {
     let hsm = SoftHsm2::new();
     hsm.init_token("ca-hsm");
     hsm.tool(
@@ -710,19 +710,35 @@ async fn ca_key_in_the_hsm(key_type: &str, with_kek: bool) {
     );
 
     // The CA: a self-signed root made through the HSM key, the key named in the data
-    // directory, no key file.
-    let init = hsm.ok(portal().args([
-        "ca",
-        "init",
-        "--ca-key",
-        uri,
-        "--subject",
-        "C=CN, O=测试 HSM CA, CN=UKey HSM Root",
-    ]));
-    assert!(
-        init.contains(uri) && init.contains("SHA-256 fingerprint"),
-        "{init}"
-    );
+    // directory, no key file. Made by `ca init` (RSA) or by serve's first start (P-256).
+    let subject = if via_serve {
+        "CN=UKey Renew Reference CA"
+    } else {
+        let init = hsm.ok(portal().args([
+            "ca",
+            "init",
+            "--ca-key",
+            uri,
+            "--subject",
+            "C=CN, O=测试 HSM CA, CN=UKey HSM Root",
+        ]));
+        assert!(
+            init.contains(uri) && init.contains("SHA-256 fingerprint"),
+            "{init}"
+        );
+        // Again with another subject: the root there is kept, and the operator told.
+        let text =
+            hsm.refused(portal().args(["ca", "init", "--ca-key", uri, "--subject", "CN=Other"]));
+        assert!(
+            text.contains("already holds a CA certificate of this key"),
+            "{text}"
+        );
+        "CN=UKey HSM Root"
+    };
+    if via_serve {
+        let first = hsm.serve(&mut portal(), &["--ca-key", uri]);
+        assert!(first.url.is_some(), "{}", first.log());
+    }
     let ca_pem = data.join("ca-cert.pem");
     assert!(!data.join("ca-key.pem").exists());
     assert_eq!(
@@ -734,7 +750,7 @@ async fn ca_key_in_the_hsm(key_type: &str, with_kek: bool) {
     let (ok, text) = run(Command::new("openssl")
         .args(["x509", "-noout", "-subject", "-nameopt", "utf8", "-in"])
         .arg(&ca_pem));
-    assert!(ok && text.contains("CN=UKey HSM Root"), "{text}");
+    assert!(ok && text.contains(subject), "{text}");
     let d = tmp.path();
     let ca_der = pem::parse(std::fs::read(&ca_pem).unwrap())
         .unwrap()
@@ -834,10 +850,10 @@ async fn ca_key_in_the_hsm(key_type: &str, with_kek: bool) {
 
 #[tokio::test]
 async fn an_rsa_2048_ca_key_in_the_hsm_signs_what_openssl_verifies() {
-    ca_key_in_the_hsm("rsa:2048", false).await;
+    ca_key_in_the_hsm("rsa:2048", false, false).await;
 }
 
 #[tokio::test]
 async fn a_p256_ca_key_in_the_hsm_signs_what_openssl_verifies_beside_the_escrow_key() {
-    ca_key_in_the_hsm("EC:prime256v1", true).await;
+    ca_key_in_the_hsm("EC:prime256v1", true, true).await;
 }
