@@ -4,8 +4,9 @@
 //!
 //! Files in the data directory: `ca-cert.pem` (the issuing CA certificate, optionally
 //! followed by its parents: they are returned as the chain), `ca-key.pem` (its private
-//! key, mode 0600), and optionally `accepted-issuers.pem` (further CA certificates
-//! whose certificates may be renewed, e.g. a previous CA generation).
+//! key, mode 0600) or, for a key in the HSM, `ca-key.pkcs11` (its `pkcs11:` URI, no
+//! secret), and optionally `accepted-issuers.pem` (further CA certificates whose
+//! certificates may be renewed, e.g. a previous CA generation).
 
 use std::path::{Path, PathBuf};
 
@@ -51,6 +52,9 @@ pub enum CaError {
     /// The data directory is open to other users (or cannot be made private).
     #[error("{0}")]
     DataDir(String),
+    /// The CA key in the HSM (issue 16).
+    #[error(transparent)]
+    Hsm(#[from] crate::hsm::HsmError),
 }
 
 fn io_err(path: &Path) -> impl FnOnce(std::io::Error) -> CaError + '_ {
@@ -170,10 +174,53 @@ pub enum CaAlg {
     Sm2,
 }
 
+/// The key of an RSA or EC CA: from a PEM file, or in the HSM.
+enum CaKey {
+    File(Box<KeyPair>),
+    Hsm(crate::hsm::HsmKey),
+}
+
+impl rcgen::PublicKeyData for CaKey {
+    fn der_bytes(&self) -> &[u8] {
+        match self {
+            CaKey::File(k) => rcgen::PublicKeyData::der_bytes(k.as_ref()),
+            CaKey::Hsm(k) => rcgen::PublicKeyData::der_bytes(k),
+        }
+    }
+
+    fn algorithm(&self) -> &'static rcgen::SignatureAlgorithm {
+        match self {
+            CaKey::File(k) => rcgen::PublicKeyData::algorithm(k.as_ref()),
+            CaKey::Hsm(k) => rcgen::PublicKeyData::algorithm(k),
+        }
+    }
+}
+
+impl rcgen::SigningKey for CaKey {
+    fn sign(&self, msg: &[u8]) -> Result<Vec<u8>, rcgen::Error> {
+        match self {
+            CaKey::File(k) => rcgen::SigningKey::sign(k.as_ref(), msg),
+            CaKey::Hsm(k) => rcgen::SigningKey::sign(k, msg),
+        }
+    }
+}
+
+/// A CA whose key is in the HSM, named by a `pkcs11:` URI (`--ca-key pkcs11:…`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HsmCaImport {
+    /// The key's URI: `pkcs11:token=…;object=…` (RFC 7512).
+    pub uri: String,
+    /// The CA certificate of that key (PEM; parents may follow); `None`: the data
+    /// directory's, or, when it has none, a self-signed root made through the HSM key.
+    pub cert: Option<PathBuf>,
+    /// The subject of such a root (`C=CN, O=…, CN=…`); `None`: the reference CA's.
+    pub subject: Option<String>,
+}
+
 /// What signs for the CA.
 enum Signer {
-    /// RSA or EC key (rcgen).
-    Rcgen(Box<Issuer<'static, KeyPair>>),
+    /// RSA or EC key (rcgen), a file's or the HSM's.
+    Rcgen(Box<Issuer<'static, CaKey>>),
     /// SM2 key (x509-cert + sm2).
     Sm2(Box<crate::sm2ca::Sm2Ca>),
 }
@@ -186,6 +233,8 @@ pub struct Ca {
     display_name: String,
     signer: Signer,
     trusted: Vec<TrustedIssuer>,
+    /// The `pkcs11:` URI of a key in the HSM.
+    hsm_uri: Option<String>,
 }
 
 impl std::fmt::Debug for Ca {
@@ -198,6 +247,7 @@ impl std::fmt::Debug for Ca {
 
 const CERT_FILE: &str = "ca-cert.pem";
 const KEY_FILE: &str = "ca-key.pem";
+const HSM_KEY_FILE: &str = "ca-key.pkcs11";
 const ACCEPTED_FILE: &str = "accepted-issuers.pem";
 const CMP_CERT_FILE: &str = "cmp-cert.pem";
 const CMP_KEY_FILE: &str = "cmp-key.pem";
@@ -211,8 +261,36 @@ impl Ca {
         import: Option<(&Path, &Path)>,
         alg: CaAlg,
     ) -> Result<Ca, CaError> {
+        Ca::open_with(data_dir, import, None, alg, None)
+    }
+
+    /// [`Ca::open`], with a CA key in the HSM: `hsm_import` makes the data directory's
+    /// CA the key that URI names (its certificate given, the data directory's, or a new
+    /// self-signed root made through the HSM key), recorded in `ca-key.pkcs11`; a data
+    /// directory whose CA key is recorded there opens it in `hsm`.
+    pub fn open_with(
+        data_dir: &Path,
+        import: Option<(&Path, &Path)>,
+        hsm_import: Option<&HsmCaImport>,
+        alg: CaAlg,
+        hsm: Option<&crate::hsm::Hsm>,
+    ) -> Result<Ca, CaError> {
         let cert_path = data_dir.join(CERT_FILE);
         let key_path = data_dir.join(KEY_FILE);
+        let hsm_key_path = data_dir.join(HSM_KEY_FILE);
+        if let Some(imp) = hsm_import {
+            return Ca::import_hsm(data_dir, imp, alg, hsm);
+        }
+        if import.is_none() && hsm_key_path.exists() {
+            let uri = std::fs::read_to_string(&hsm_key_path).map_err(io_err(&hsm_key_path))?;
+            let uri = uri.trim();
+            let hsm = hsm.ok_or_else(|| crate::hsm::HsmError::CaKeyNeedsHsm {
+                uri: uri.to_owned(),
+            })?;
+            let key = hsm.ca_key(&crate::hsm::Pkcs11Uri::parse(uri)?)?;
+            let cert_pem = std::fs::read_to_string(&cert_path).map_err(io_err(&cert_path))?;
+            return Ca::from_hsm_key(&cert_pem, key, accepted_issuers(data_dir)?);
+        }
         if let Some((cert_src, key_src)) = import {
             let cert_pem = std::fs::read_to_string(cert_src).map_err(io_err(cert_src))?;
             let key_pem = std::fs::read_to_string(key_src).map_err(io_err(key_src))?;
@@ -220,6 +298,7 @@ impl Ca {
             Ca::from_pem(&cert_pem, &key_pem, Vec::new())?;
             write_private(&cert_path, cert_pem.as_bytes())?;
             write_private(&key_path, key_pem.as_bytes())?;
+            remove_if_there(&hsm_key_path)?;
         } else if !cert_path.exists() {
             let (cert_pem, key_pem) = match alg {
                 CaAlg::EcP256 => create_ca()?,
@@ -230,14 +309,119 @@ impl Ca {
         }
         let cert_pem = std::fs::read_to_string(&cert_path).map_err(io_err(&cert_path))?;
         let key_pem = std::fs::read_to_string(&key_path).map_err(io_err(&key_path))?;
-        let accepted_path = data_dir.join(ACCEPTED_FILE);
-        let accepted = if accepted_path.exists() {
-            let pem = std::fs::read_to_string(&accepted_path).map_err(io_err(&accepted_path))?;
-            parse_cert_bundle(&pem)?
-        } else {
-            Vec::new()
+        Ca::from_pem(&cert_pem, &key_pem, accepted_issuers(data_dir)?)
+    }
+
+    /// `--ca-key pkcs11:…`: the data directory's CA becomes the HSM key's. Its
+    /// certificate: the one given, else the data directory's when it is that key's, else
+    /// (no CA yet) a self-signed root made through the HSM key. A data directory whose CA
+    /// is another key's is not replaced without the new certificate.
+    fn import_hsm(
+        data_dir: &Path,
+        imp: &HsmCaImport,
+        alg: CaAlg,
+        hsm: Option<&crate::hsm::Hsm>,
+    ) -> Result<Ca, CaError> {
+        let uri = crate::hsm::Pkcs11Uri::parse(&imp.uri)?;
+        if alg == CaAlg::Sm2 {
+            return Err(crate::hsm::HsmError::KeyUnsupported {
+                uri: imp.uri.clone(),
+                detail: crate::hsm::SM2_REFUSAL.into(),
+            }
+            .into());
+        }
+        let hsm = hsm.ok_or_else(|| crate::hsm::HsmError::CaKeyNeedsHsm {
+            uri: imp.uri.clone(),
+        })?;
+        let key = hsm.ca_key(&uri)?;
+        let cert_path = data_dir.join(CERT_FILE);
+        let cert_pem = match &imp.cert {
+            Some(src) => std::fs::read_to_string(src).map_err(io_err(src))?,
+            None if cert_path.exists() => {
+                let pem = std::fs::read_to_string(&cert_path).map_err(io_err(&cert_path))?;
+                let first = parse_cert_bundle(&pem)?.remove(0);
+                let (_, cert) = X509Certificate::from_der(&first)
+                    .map_err(|e| CaError::BadPem(format!("CA certificate: {e}")))?;
+                if cert.public_key().subject_public_key.as_ref()
+                    != rcgen::PublicKeyData::der_bytes(&key)
+                {
+                    return Err(CaError::BadKey(format!(
+                        "数据目录中的 CA 证书（{}）不是该 HSM 密钥的证书 / the data directory's CA certificate ({}) is not of the HSM key {}: \
+                         give that key's certificate with --ca-cert, or move {} and {} away to make a new root with it",
+                        display_name(cert.subject()),
+                        display_name(cert.subject()),
+                        imp.uri,
+                        cert_path.display(),
+                        data_dir.join(KEY_FILE).display()
+                    )));
+                }
+                let other_subject = imp.subject.as_deref().is_some_and(|want| {
+                    crate::names::key_of_dn_string(want).ok() != Some(key_of_name(cert.subject()))
+                });
+                if other_subject {
+                    return Err(CaError::BadKey(format!(
+                        "数据目录中已有该 HSM 密钥的 CA 证书，主题为 {} / the data directory already holds a CA certificate of this key, with subject {}: \
+                         move {} away to make a new root with another subject",
+                        display_name(cert.subject()),
+                        display_name(cert.subject()),
+                        cert_path.display()
+                    )));
+                }
+                pem
+            }
+            None => self_signed_root(&key, imp.subject.as_deref())?,
         };
-        Ca::from_pem(&cert_pem, &key_pem, accepted)
+        let ca = Ca::from_hsm_key(&cert_pem, key, accepted_issuers(data_dir)?)?;
+        write_private(&cert_path, cert_pem.as_bytes())?;
+        write_private(
+            &data_dir.join(HSM_KEY_FILE),
+            format!("{}\n", imp.uri).as_bytes(),
+        )?;
+        // The CA key is the HSM's now: no file key beside it.
+        remove_if_there(&data_dir.join(KEY_FILE))?;
+        Ok(ca)
+    }
+
+    /// Builds a CA from a PEM bundle (issuing CA first) and its key in the HSM, after
+    /// proving that key is the certificate's: a signature made in the HSM verifies with
+    /// the certificate's public key.
+    pub fn from_hsm_key(
+        cert_pem: &str,
+        key: crate::hsm::HsmKey,
+        accepted: Vec<Vec<u8>>,
+    ) -> Result<Ca, CaError> {
+        let chain_der = parse_cert_bundle(cert_pem)?;
+        let (_, cert) = X509Certificate::from_der(&chain_der[0])
+            .map_err(|e| CaError::BadPem(format!("CA certificate: {e}")))?;
+        let probe = b"ukey-portal: the HSM key is the CA certificate's";
+        let sig = key.sign_bytes(probe)?;
+        let alg = if rcgen::PublicKeyData::algorithm(&key) == &rcgen::PKCS_RSA_SHA256 {
+            ukey_portal_api::SignatureAlgorithm::RsaPkcs1Sha256
+        } else {
+            ukey_portal_api::SignatureAlgorithm::EcdsaP256Sha256
+        };
+        if cert.public_key().subject_public_key.as_ref() != rcgen::PublicKeyData::der_bytes(&key)
+            || !crate::crypto::verify(cert.public_key(), alg, probe, &sig)
+        {
+            return Err(CaError::BadKey(format!(
+                "HSM 密钥 {} 不是该 CA 证书的密钥 / the HSM key {} does not belong to the CA certificate",
+                key.uri(),
+                key.uri()
+            )));
+        }
+        let uri = key.uri().to_owned();
+        let signer = Signer::Rcgen(Box::new(Issuer::from_ca_cert_der(
+            &chain_der[0].as_slice().into(),
+            CaKey::Hsm(key),
+        )?));
+        let mut ca = Ca::assemble(chain_der, signer, accepted)?;
+        ca.hsm_uri = Some(uri);
+        Ok(ca)
+    }
+
+    /// The `pkcs11:` URI of the CA key when it is in the HSM.
+    pub fn hsm_uri(&self) -> Option<&str> {
+        self.hsm_uri.as_deref()
     }
 
     /// Adds CA certificates (PEM bundle) whose certificates may be renewed too.
@@ -280,9 +464,20 @@ impl Ca {
             }
             Signer::Rcgen(Box::new(Issuer::from_ca_cert_der(
                 &cert_der.as_slice().into(),
-                key,
+                CaKey::File(Box::new(key)),
             )?))
         };
+        Ca::assemble(chain_der, signer, accepted)
+    }
+
+    fn assemble(
+        chain_der: Vec<Vec<u8>>,
+        signer: Signer,
+        accepted: Vec<Vec<u8>>,
+    ) -> Result<Ca, CaError> {
+        let cert_der = chain_der[0].clone();
+        let (_, cert) = X509Certificate::from_der(&cert_der)
+            .map_err(|e| CaError::BadPem(format!("CA certificate: {e}")))?;
         let name_key = key_of_name(cert.subject());
         let display = display_name(cert.subject());
         let mut trusted = vec![TrustedIssuer {
@@ -304,6 +499,7 @@ impl Ca {
             display_name: display,
             signer,
             trusted,
+            hsm_uri: None,
         })
     }
 
@@ -313,6 +509,18 @@ impl Ca {
             Signer::Rcgen(_) => CaAlg::EcP256,
             Signer::Sm2(_) => CaAlg::Sm2,
         }
+    }
+
+    /// What its key is: "RSA-2048", "EC-P256", "SM2", …
+    pub fn key_description(&self) -> String {
+        let key = match &self.signer {
+            Signer::Sm2(_) => return crate::crypto::KeyKind::Sm2.describe(),
+            Signer::Rcgen(issuer) => issuer.key(),
+        };
+        let spki = rcgen::PublicKeyData::subject_public_key_info(key);
+        x509_parser::x509::SubjectPublicKeyInfo::from_der(&spki)
+            .map(|(_, k)| crate::crypto::KeyKind::of(&k).describe())
+            .unwrap_or_else(|_| "?".into())
     }
 
     /// Whether this CA issues certificates for keys of `alg`: an SM2 CA issues SM2
@@ -712,18 +920,32 @@ pub fn load_key(key_pem: &str) -> Result<KeyPair, CaError> {
 
 fn create_ca() -> Result<(String, String), CaError> {
     let key = KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256)?;
+    let cert = root_params(None)?.self_signed(&key)?;
+    Ok((cert.pem(), key.serialize_pem()))
+}
+
+/// A self-signed root for a key in the HSM, signed there.
+fn self_signed_root(key: &crate::hsm::HsmKey, subject: Option<&str>) -> Result<String, CaError> {
+    Ok(root_params(subject)?.self_signed(key)?.pem())
+}
+
+/// The certificate of a new root: `subject` (`C=CN, O=…, CN=…`) or the reference CA's,
+/// 20 years, keyCertSign + cRLSign + digitalSignature.
+fn root_params(subject: Option<&str>) -> Result<CertificateParams, CaError> {
     let mut params = CertificateParams::default();
-    params.distinguished_name = DistinguishedName::new();
-    params.distinguished_name.push(
-        DnType::CountryName,
-        DnValue::PrintableString("CN".try_into()?),
-    );
-    params
-        .distinguished_name
-        .push(DnType::OrganizationName, "UKey Renew Reference Portal");
-    params
-        .distinguished_name
-        .push(DnType::CommonName, "UKey Renew Reference CA");
+    params.distinguished_name = match subject {
+        Some(s) => parse_subject(s)?,
+        None => {
+            let mut dn = DistinguishedName::new();
+            dn.push(
+                DnType::CountryName,
+                DnValue::PrintableString("CN".try_into()?),
+            );
+            dn.push(DnType::OrganizationName, "UKey Renew Reference Portal");
+            dn.push(DnType::CommonName, "UKey Renew Reference CA");
+            dn
+        }
+    };
     params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
     params.key_usages = vec![
         KeyUsagePurpose::KeyCertSign,
@@ -736,8 +958,57 @@ fn create_ca() -> Result<(String, String), CaError> {
     let mut serial = random_bytes(16).map_err(|_| CaError::Random)?;
     serial[0] &= 0x7f;
     params.serial_number = Some(SerialNumber::from_slice(&serial));
-    let cert = params.self_signed(&key)?;
-    Ok((cert.pem(), key.serialize_pem()))
+    Ok(params)
+}
+
+/// A subject typed as `C=CN, O=…, OU=…, CN=…` (also L, ST; a value holds no comma):
+/// C as PrintableString, the others UTF8String.
+pub fn parse_subject(s: &str) -> Result<DistinguishedName, CaError> {
+    let mut dn = DistinguishedName::new();
+    for part in s.split(',').map(str::trim).filter(|p| !p.is_empty()) {
+        let (k, v) = part
+            .split_once('=')
+            .ok_or_else(|| CaError::UnsupportedSubject(format!("{part:?} is not TYPE=value")))?;
+        let (k, v) = (k.trim(), v.trim());
+        let ty = match k.to_ascii_uppercase().as_str() {
+            "C" => {
+                dn.push(DnType::CountryName, DnValue::PrintableString(v.try_into()?));
+                continue;
+            }
+            "O" => DnType::OrganizationName,
+            "OU" => DnType::OrganizationalUnitName,
+            "CN" => DnType::CommonName,
+            "L" => DnType::LocalityName,
+            "ST" => DnType::StateOrProvinceName,
+            other => {
+                return Err(CaError::UnsupportedSubject(format!(
+                    "attribute {other}: C, O, OU, CN, L or ST"
+                )));
+            }
+        };
+        dn.push(ty, DnValue::Utf8String(v.to_owned()));
+    }
+    if dn.iter().next().is_none() {
+        return Err(CaError::UnsupportedSubject("an empty subject".into()));
+    }
+    Ok(dn)
+}
+
+fn accepted_issuers(data_dir: &Path) -> Result<Vec<Vec<u8>>, CaError> {
+    let path = data_dir.join(ACCEPTED_FILE);
+    if !path.exists() {
+        return Ok(Vec::new());
+    }
+    let pem = std::fs::read_to_string(&path).map_err(io_err(&path))?;
+    parse_cert_bundle(&pem)
+}
+
+fn remove_if_there(path: &Path) -> Result<(), CaError> {
+    match std::fs::remove_file(path) {
+        Ok(()) => Ok(()),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+        Err(e) => Err(io_err(path)(e)),
+    }
 }
 
 /// Whether `cert` is signed by `ca`'s key: SM2-with-SM3 with the GM ID (which

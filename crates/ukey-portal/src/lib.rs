@@ -4,7 +4,8 @@
 //!
 //! Layers, top down: [`http`] (axum routes, error mapping) → [`portal`] (behaviour,
 //! synchronous) → [`store`] (orders; [`db`]: SQLite or PostgreSQL) / [`ca`] (certificates, CRL) / [`envelope`]
-//! (escrow envelope) / [`names`] (issuer matching) / [`crypto`] (signatures).
+//! (escrow envelope) / [`hsm`] (PKCS#11: the escrow's key-encryption key, a CA key in an
+//! HSM) / [`names`] (issuer matching) / [`crypto`] (signatures).
 
 pub mod ca;
 pub mod cmp;
@@ -12,6 +13,7 @@ pub mod crypto;
 pub mod datadir;
 pub mod db;
 pub mod envelope;
+pub mod hsm;
 pub mod http;
 pub mod names;
 pub mod portal;
@@ -47,6 +49,9 @@ pub enum Error {
     /// Escrow key generation or sealing.
     #[error(transparent)]
     Envelope(#[from] envelope::EnvelopeError),
+    /// The HSM: its key-encryption key, a sealed escrowed key (issue 16).
+    #[error(transparent)]
+    Hsm(#[from] hsm::HsmError),
     /// A CMP message refused (a replayed nonce or transactionID, a wrong recipNonce)
     /// where the store records it.
     #[error("CMP: {}", .0.text)]

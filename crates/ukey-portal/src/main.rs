@@ -37,6 +37,8 @@ struct Cli {
     /// Most PostgreSQL connections this process opens.
     #[arg(long, global = true, default_value_t = 16)]
     database_pool: usize,
+    #[command(flatten)]
+    hsm: HsmArgs,
     #[command(subcommand)]
     command: Command,
 }
@@ -64,8 +66,10 @@ enum Command {
         #[arg(long, requires = "ca_key")]
         ca_cert: Option<PathBuf>,
         /// Private key of --ca-cert (PEM: PKCS#8, SEC1 or PKCS#1; an SM2 key as
-        /// `openssl genpkey -algorithm SM2` writes it makes an SM2 CA).
-        #[arg(long, requires = "ca_cert")]
+        /// `openssl genpkey -algorithm SM2` writes it makes an SM2 CA), or a key in the
+        /// HSM: 'pkcs11:token=LABEL;object=LABEL' (RSA-2048 or P-256; --ca-cert then
+        /// optional: without it a self-signed root is made through the HSM key).
+        #[arg(long)]
         ca_key: Option<PathBuf>,
         /// The key of the CA the portal makes when none is imported or in the data dir
         /// yet: ec (P-256; issues RSA-2048 and EC-P256) or sm2 (issues SM2, 国密).
@@ -110,6 +114,9 @@ enum Command {
         #[arg(long, value_enum)]
         renewal_codes: Option<OnOff>,
     },
+    /// The HSM (PKCS#11): the escrow's key-encryption key.
+    #[command(subcommand)]
+    Hsm(HsmCommand),
     /// Revoke a certificate this portal issued; the next CRL lists it with the reason.
     Revoke {
         /// Its serial, hex.
@@ -206,6 +213,123 @@ enum CaCommand {
     },
     /// Also renew certificates issued by these CA certificates (PEM bundle).
     AcceptIssuer { pem: PathBuf },
+    /// Make the data directory's CA with a key in the HSM (RSA-2048 or P-256, made
+    /// beforehand, e.g. with pkcs11-tool --keypairgen): its certificate given, or a
+    /// self-signed root signed in the HSM.
+    Init {
+        /// The key: 'pkcs11:token=LABEL;object=LABEL' (RFC 7512; id=%01 also names it).
+        #[arg(long)]
+        ca_key: String,
+        /// That key's CA certificate (PEM; parents may follow).
+        #[arg(long)]
+        ca_cert: Option<PathBuf>,
+        /// The subject of a new self-signed root, e.g. "C=CN, O=Example CA, CN=Example
+        /// Issuing CA" (default: the reference CA's).
+        #[arg(long, conflicts_with = "ca_cert")]
+        subject: Option<String>,
+    },
+}
+
+// ---- the HSM (issue 16): options of every command, and `hsm init` ------------------
+
+/// Where the HSM is. The PIN comes from --hsm-pin-file or UKEY_PORTAL_HSM_PIN, never
+/// from the command line.
+#[derive(clap::Args, Debug)]
+struct HsmArgs {
+    /// PKCS#11 module of the HSM (e.g. /usr/lib/softhsm/libsofthsm2.so).
+    #[arg(long, global = true, env = "UKEY_PORTAL_HSM_MODULE")]
+    hsm_module: Option<PathBuf>,
+    /// Token holding the key-encryption key that seals escrowed keys (see `hsm init`).
+    #[arg(long, global = true, env = "UKEY_PORTAL_HSM_TOKEN")]
+    hsm_token: Option<String>,
+    /// Label of the key-encryption key.
+    #[arg(long, global = true, env = "UKEY_PORTAL_HSM_KEK_LABEL", default_value = ukey_portal::hsm::DEFAULT_KEK_LABEL)]
+    hsm_kek_label: String,
+    /// File holding the HSM user PIN (mode 0600); else the environment variable
+    /// UKEY_PORTAL_HSM_PIN.
+    #[arg(long, global = true, env = "UKEY_PORTAL_HSM_PIN_FILE")]
+    hsm_pin_file: Option<PathBuf>,
+}
+
+#[derive(Subcommand, Debug)]
+enum HsmCommand {
+    /// Make the key-encryption key (AES-256: sensitive, never extractable) on
+    /// --hsm-token, unless it is there. Once, before the first serve with --hsm-token.
+    Init,
+}
+
+/// The HSM settings of `args` (none without --hsm-module); the PIN is read here.
+fn hsm_settings(args: &HsmArgs) -> Result<Option<ukey_portal::hsm::HsmSettings>> {
+    let Some(module) = &args.hsm_module else {
+        if args.hsm_token.is_some() || args.hsm_pin_file.is_some() {
+            bail!("--hsm-token and --hsm-pin-file need --hsm-module (the HSM's PKCS#11 module)");
+        }
+        return Ok(None);
+    };
+    Ok(Some(ukey_portal::hsm::HsmSettings {
+        module: module.clone(),
+        token: args.hsm_token.clone(),
+        kek_label: args.hsm_kek_label.clone(),
+        pin: ukey_portal::hsm::read_pin(args.hsm_pin_file.as_deref())?,
+    }))
+}
+
+fn hsm(base: &PortalConfig, cmd: HsmCommand) -> Result<()> {
+    match cmd {
+        HsmCommand::Init => {
+            let Some(settings) = &base.hsm else {
+                bail!("hsm init needs --hsm-module, --hsm-token and the PIN");
+            };
+            let Some(token) = &settings.token else {
+                bail!("hsm init needs --hsm-token: the token to hold the key-encryption key");
+            };
+            let h = ukey_portal::hsm::Hsm::open(&settings.module, settings.pin.clone())?;
+            let (kek, made) = h.init_kek(token, &settings.kek_label)?;
+            println!(
+                "{} key-encryption key {:?} (id {}) on HSM token {:?}: AES-256, sensitive, never extractable",
+                if made {
+                    "已创建 / made:"
+                } else {
+                    "已存在 / already there:"
+                },
+                kek.label(),
+                kek.id_hex(),
+                kek.token_label()
+            );
+        }
+    }
+    Ok(())
+}
+
+/// What protects the escrow and where the CA key is, said when `serve` starts.
+fn say_protection(portal: &Portal, data_dir: &std::path::Path) {
+    if let Some(uri) = portal.ca().hsm_uri() {
+        eprintln!("ukey-portal: CA 私钥在 HSM 中 / the CA key is in the HSM: {uri}");
+    }
+    match portal.escrow_kek() {
+        Some(kek) => eprintln!(
+            "ukey-portal: 托管的解密密钥由 HSM 令牌「{}」中的密钥加密密钥「{}」(id {}) 加密保存 / \
+             escrowed decryption keys are sealed under the key-encryption key {:?} (id {}) in HSM token {:?}",
+            kek.token_label(),
+            kek.label(),
+            kek.id_hex(),
+            kek.label(),
+            kek.id_hex(),
+            kek.token_label()
+        ),
+        None => {
+            eprintln!(
+                "ukey-portal: 注意：托管的解密密钥仅受数据目录 {} 的文件权限（0700/0600）保护，未使用 HSM / \
+                 note: escrowed decryption keys are protected only by the file permissions of {} (0700/0600); no HSM holds them \
+                 (--hsm-module, --hsm-token: see `ukey-portal hsm init`)",
+                data_dir.display(),
+                data_dir.display()
+            );
+            tracing::warn!(
+                "escrowed decryption keys are protected only by file permissions (no HSM)"
+            );
+        }
+    }
 }
 
 #[derive(ValueEnum, Clone, Copy, Debug)]
@@ -265,7 +389,8 @@ fn main() -> Result<()> {
         )
         .init();
     let cli = Cli::parse();
-    let base = cli.config();
+    let mut base = cli.config();
+    base.hsm = hsm_settings(&cli.hsm)?;
     match cli.command {
         Command::Serve {
             listen,
@@ -281,7 +406,21 @@ fn main() -> Result<()> {
             cmp_check_after_secs,
         } => {
             let mut config = base;
-            config.ca_import = ca_cert.zip(ca_key);
+            match ca_key {
+                Some(k) if ukey_portal::hsm::Pkcs11Uri::is_uri(&k.to_string_lossy()) => {
+                    config.ca_hsm_import = Some(ukey_portal::ca::HsmCaImport {
+                        uri: k.to_string_lossy().into_owned(),
+                        cert: ca_cert,
+                        subject: None,
+                    });
+                }
+                Some(k) => {
+                    let cert =
+                        ca_cert.context("--ca-key FILE needs --ca-cert (its certificate)")?;
+                    config.ca_import = Some((cert, k));
+                }
+                None => {}
+            }
             config.ca_alg = ca_alg.into();
             config.challenge_ttl = time::Duration::seconds(i64::from(challenge_ttl_secs));
             config.cmp = ukey_portal::portal::CmpSettings {
@@ -311,6 +450,7 @@ fn main() -> Result<()> {
             );
             Ok(())
         }
+        Command::Hsm(cmd) => hsm(&base, cmd),
         Command::Revoke { serial, reason } => {
             let portal = open(&base)?;
             portal.revoke(&serial, reason)?;
@@ -336,18 +476,13 @@ fn serve(
         let server = ukey_portal::start(portal, listen, tls, public_url)
             .await
             .context("starting the server")?;
+        // Said before the URL, which tells whoever started the portal that it is up.
+        say_protection(&server.portal, &config.data_dir);
         let mut out = std::io::stdout().lock();
         writeln!(out, "{}", server.url)?;
         out.flush()?;
         drop(out);
         tracing::info!(url = %server.url, data = %config.data_dir.display(), "portal listening");
-        // No HSM holds a key-encryption key yet (issue 16): say what protects the escrow.
-        eprintln!(
-            "ukey-portal: 注意：托管的解密密钥仅受数据目录 {} 的文件权限（0700/0600）保护，未使用 HSM /              note: escrowed decryption keys are protected only by the file permissions of {} (0700/0600); no HSM holds them",
-            config.data_dir.display(),
-            config.data_dir.display()
-        );
-        tracing::warn!("escrowed decryption keys are protected only by file permissions (no HSM)");
         tokio::select! {
             r = tokio::signal::ctrl_c() => {
                 r?;
@@ -359,12 +494,12 @@ fn serve(
     })
 }
 
-fn open(config: &PortalConfig) -> Result<Portal> {
-    Portal::open(config).with_context(|| format!("opening {}", config.data_dir.display()))
+fn open(base: &PortalConfig) -> Result<Portal> {
+    Portal::open(base).with_context(|| format!("opening {}", base.data_dir.display()))
 }
 
-fn order(config: &PortalConfig, cmd: OrderCommand) -> Result<()> {
-    let portal = open(config)?;
+fn order(base: &PortalConfig, cmd: OrderCommand) -> Result<()> {
+    let portal = open(base)?;
     match cmd {
         OrderCommand::Create {
             serial,
@@ -499,22 +634,52 @@ fn print_view(v: &OrderView, json: bool) -> Result<()> {
     Ok(())
 }
 
-fn ca(config: &PortalConfig, cmd: CaCommand) -> Result<()> {
-    let data = config.data_dir.as_path();
+fn ca(base: &PortalConfig, cmd: CaCommand) -> Result<()> {
+    let data = base.data_dir.as_path();
     match cmd {
         CaCommand::Show { alg } => {
-            let mut config = config.clone();
+            let mut config = base.clone();
             config.ca_alg = alg.into();
             let portal = open(&config)?;
             println!("subject: {}", portal.ca().display_name());
             println!(
-                "key: {}",
+                "key: {} {}",
+                portal.ca().key_description(),
                 match portal.ca().alg() {
-                    ukey_portal::ca::CaAlg::EcP256 => "EC P-256 (issues RSA-2048 and EC-P256)",
-                    ukey_portal::ca::CaAlg::Sm2 => "SM2 (issues SM2, 国密)",
+                    ukey_portal::ca::CaAlg::EcP256 => "(issues RSA-2048 and EC-P256)",
+                    ukey_portal::ca::CaAlg::Sm2 => "(issues SM2, 国密)",
                 }
             );
+            if let Some(uri) = portal.ca().hsm_uri() {
+                println!("key in the HSM: {uri}");
+            }
             println!("certificate: {}", data.join("ca-cert.pem").display());
+        }
+        CaCommand::Init {
+            ca_key,
+            ca_cert,
+            subject,
+        } => {
+            if !ukey_portal::hsm::Pkcs11Uri::is_uri(&ca_key) {
+                bail!(
+                    "ca init takes a key in the HSM (pkcs11:token=…;object=…); a PEM CA is imported by serve --ca-cert FILE --ca-key FILE"
+                );
+            }
+            let mut config = base.clone();
+            config.ca_hsm_import = Some(ukey_portal::ca::HsmCaImport {
+                uri: ca_key,
+                cert: ca_cert,
+                subject,
+            });
+            let portal = open(&config)?;
+            let fingerprint = hex::encode_upper(aws_lc_rs::digest::digest(
+                &aws_lc_rs::digest::SHA256,
+                portal.ca().cert_der(),
+            ));
+            println!("subject: {}", portal.ca().display_name());
+            println!("key in the HSM: {}", portal.ca().hsm_uri().unwrap_or("-"));
+            println!("certificate: {}", data.join("ca-cert.pem").display());
+            println!("SHA-256 fingerprint: {fingerprint}");
         }
         CaCommand::AcceptIssuer { pem } => {
             let text = std::fs::read_to_string(&pem)

@@ -42,6 +42,11 @@ pub struct PortalConfig {
     pub cmp: CmpSettings,
     /// Where the store lives; `None`: [`DB_FILE`] (SQLite) in the data directory.
     pub database: Option<crate::store::Database>,
+    /// A CA key in the HSM to make the data directory's CA (`--ca-key pkcs11:…`).
+    pub ca_hsm_import: Option<crate::ca::HsmCaImport>,
+    /// The HSM (`--hsm-module` …): the escrow's key-encryption key on `token`, and a CA
+    /// key in it.
+    pub hsm: Option<crate::hsm::HsmSettings>,
 }
 
 /// How the CMP server judges time.
@@ -76,6 +81,8 @@ impl PortalConfig {
             ca_alg: crate::ca::CaAlg::default(),
             cmp: CmpSettings::default(),
             database: None,
+            ca_hsm_import: None,
+            hsm: None,
         }
     }
 }
@@ -123,6 +130,8 @@ pub struct Portal {
     cmp: CmpSettings,
     cmp_identity: crate::ca::CmpIdentity,
     crl_cache: Mutex<Option<(u64, i64, Vec<u8>)>>,
+    /// The HSM key-encryption key sealing escrowed keys (`None`: stored in clear).
+    kek: Option<crate::hsm::Kek>,
 }
 
 fn api(code: ErrorCode, message: impl Into<String>) -> Error {
@@ -142,7 +151,33 @@ impl Portal {
             .ca_import
             .as_ref()
             .map(|(c, k)| (c.as_path(), k.as_path()));
-        let ca = Ca::open(dir, import, config.ca_alg)?;
+        // The HSM first: a wrong PIN, a missing token or key-encryption key stops the
+        // portal before anything is written.
+        let hsm = match &config.hsm {
+            Some(s) => Some(crate::hsm::Hsm::open(&s.module, s.pin.clone())?),
+            None => None,
+        };
+        let kek = match (&hsm, &config.hsm) {
+            (Some(h), Some(s)) => match &s.token {
+                Some(token) => Some(h.kek(token, &s.kek_label)?),
+                None => None,
+            },
+            _ => None,
+        };
+        let ca = Ca::open_with(
+            dir,
+            import,
+            config.ca_hsm_import.as_ref(),
+            config.ca_alg,
+            hsm.as_deref(),
+        )?;
+        if hsm.is_some() && kek.is_none() && ca.hsm_uri().is_none() {
+            return Err(Error::Setup(
+                "给出了 --hsm-module，但既没有 --hsm-token（托管密钥的密钥加密密钥）也没有 HSM 中的 CA 私钥 / \
+                 --hsm-module is given, but neither --hsm-token (the escrow's key-encryption key) nor a pkcs11: CA key uses the HSM"
+                    .into(),
+            ));
+        }
         let store = match &config.database {
             Some(database) => Store::connect(database)?,
             None => {
@@ -163,7 +198,13 @@ impl Portal {
             cmp: config.cmp,
             cmp_identity,
             crl_cache: Mutex::new(None),
+            kek,
         })
+    }
+
+    /// The HSM key-encryption key sealing escrowed keys, if the portal has one.
+    pub fn escrow_kek(&self) -> Option<&crate::hsm::Kek> {
+        self.kek.as_ref()
     }
 
     /// Sets the externally visible base URL (payment links, CRL distribution point).
@@ -628,6 +669,7 @@ impl Portal {
         let encryption = if order.terms.with_encryption_cert {
             let alg = order.terms.target_algorithm;
             let escrow = envelope::generate_escrow_key(alg)?;
+            let pkcs8 = zeroize::Zeroizing::new(escrow.pkcs8);
             let usage = Usage::Encryption {
                 ec: alg == KeyAlgorithm::EcP256,
             };
@@ -639,6 +681,8 @@ impl Portal {
                 crl_url.as_deref(),
                 t,
             )?;
+            // Sealed under the HSM's key-encryption key before it reaches the database.
+            let stored = crate::hsm::seal_escrow(self.kek.as_ref(), &enc.serial_hex, &pkcs8)?;
             Some(StoredCert {
                 serial_hex: enc.serial_hex,
                 order_id: order.id.clone(),
@@ -646,7 +690,7 @@ impl Portal {
                 spki_sha256: sha256(&escrow.spki),
                 der: enc.der,
                 subject: enc.subject,
-                escrow_pkcs8: Some(escrow.pkcs8),
+                escrow_pkcs8: Some(stored),
             })
         } else {
             None
@@ -716,12 +760,14 @@ impl Portal {
                 )));
             }
             (Some(enc), Some(recipient_spki)) => {
-                let pkcs8 = enc.escrow_pkcs8.as_deref().ok_or_else(|| {
+                let stored = enc.escrow_pkcs8.as_deref().ok_or_else(|| {
                     Error::Setup(format!(
                         "encryption certificate {} has no escrow key",
                         enc.serial_hex
                     ))
                 })?;
+                let pkcs8 = crate::hsm::open_escrow(self.kek.as_ref(), &enc.serial_hex, stored)?;
+                let pkcs8 = pkcs8.as_slice();
                 let (envelope, gm_enveloped_key) = match order.terms.target_algorithm {
                     KeyAlgorithm::Sm2 => (None, Some(envelope::seal_gm(recipient_spki, pkcs8)?)),
                     alg => (Some(envelope::seal(recipient_spki, pkcs8, alg)?), None),

@@ -4,9 +4,8 @@
 mod common;
 
 use rcgen::PublicKeyData as _;
-use std::io::{BufRead as _, BufReader};
 use std::path::Path;
-use std::process::{Child, Command, Stdio};
+use std::process::Command;
 
 use common::*;
 use rcgen::SigningKey as _;
@@ -14,10 +13,6 @@ use ukey_portal_api::{
     ChallengeResponse, ErrorCode, InstalledRequest, InstalledResponse, IssueRequest, IssueResponse,
     OrderView, RenewalStatus, StatusRequest, challenge_signed_data, installed_signed_data, paths,
 };
-
-fn portal_bin() -> Command {
-    Command::new(env!("CARGO_BIN_EXE_ukey-portal"))
-}
 
 fn openssl(dir: &Path, args: &[&str]) {
     let (ok, text) = run(Command::new("openssl").current_dir(dir).args(args));
@@ -32,14 +27,6 @@ fn cli(data: &Path, args: &[&str]) -> String {
         .env("RUST_LOG", "warn"));
     assert!(ok, "ukey-portal {args:?}: {text}");
     text
-}
-
-struct Server(Child);
-impl Drop for Server {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
 }
 
 #[tokio::test]
@@ -121,23 +108,17 @@ async fn openssl_made_ca_works_end_to_end_through_the_binary() {
         ukey_portal::ca::load_key(&std::fs::read_to_string(d.join("old.key")).unwrap()).unwrap();
     let data = d.join("data");
 
-    let mut child = portal_bin()
-        .arg("--data")
-        .arg(&data)
-        .args(["serve", "--listen", "127.0.0.1:0", "--ca-cert"])
-        .arg(d.join("ca.pem"))
-        .arg("--ca-key")
-        .arg(d.join("ca.key"))
-        .env("RUST_LOG", "warn")
-        .stdout(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let mut first_line = String::new();
-    BufReader::new(child.stdout.take().unwrap())
-        .read_line(&mut first_line)
-        .unwrap();
-    let _server = Server(child);
-    let base = first_line.trim().to_owned();
+    let (_server, base) = spawn_serve(
+        portal_bin()
+            .arg("--data")
+            .arg(&data)
+            .args(["serve", "--listen", "127.0.0.1:0", "--ca-cert"])
+            .arg(d.join("ca.pem"))
+            .arg("--ca-key")
+            .arg(d.join("ca.key"))
+            .env("RUST_LOG", "warn"),
+    );
+    let base = base.expect("serve prints its URL");
     assert!(base.starts_with("http://127.0.0.1:"), "{base:?}");
 
     // The business side, on the same data directory while the server runs. The issuer

@@ -1,12 +1,15 @@
 //! Test harness: a real portal on loopback (port 0) over a SQLite file in a temp dir
-//! (or, with `UKEY_TEST_STORE=postgres`, a PostgreSQL database: see [`pg`]),
-//! a reqwest client, and software "holders" (key + certificate issued by the portal's
-//! CA) that answer challenges the way a token would.
+//! (or, with `UKEY_TEST_STORE=postgres`, a PostgreSQL database: see [`pg`]), a reqwest
+//! client ([`Api`], also for a portal run as a `ukey-portal serve` child), and software
+//! "holders" (key + certificate issued by the portal's CA) that answer challenges the
+//! way a token would.
 #![allow(dead_code)]
 
 pub mod pg;
 
+use std::io::BufRead as _;
 use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
 
 use rcgen::PublicKeyData as _;
@@ -29,7 +32,8 @@ pub const ORG: &str = "某某建设工程有限公司";
 pub struct Harness {
     pub dir: tempfile::TempDir,
     pub server: RunningServer,
-    pub client: reqwest::Client,
+    /// The protocol's HTTP side (the harness dereferences to it).
+    pub api: Api,
     pub ca_issuer: Issuer<'static, KeyPair>,
     /// The PostgreSQL server the store is on, if started for this test (last: it
     /// stops after the portal).
@@ -40,6 +44,19 @@ pub struct Harness {
 /// set by `cargo xtask test` for a second run of the portal's suites).
 pub fn store_on_postgres() -> bool {
     std::env::var("UKEY_TEST_STORE").is_ok_and(|v| v == "postgres")
+}
+
+impl std::ops::Deref for Harness {
+    type Target = Api;
+    fn deref(&self) -> &Api {
+        &self.api
+    }
+}
+
+/// The protocol over HTTP, for a portal at `base`.
+pub struct Api {
+    pub base: String,
+    pub client: reqwest::Client,
 }
 
 impl Harness {
@@ -83,10 +100,11 @@ impl Harness {
                 }),
         )
         .unwrap();
+        let api = Api::new(&server.url);
         Harness {
             dir,
             server,
-            client: reqwest::Client::new(),
+            api,
             ca_issuer,
             pg,
         }
@@ -98,10 +116,6 @@ impl Harness {
 
     pub fn portal(&self) -> &Portal {
         &self.server.portal
-    }
-
-    pub fn url(&self, path: &str) -> String {
-        format!("{}{path}", self.server.url)
     }
 
     pub fn dump(&self) -> String {
@@ -142,6 +156,19 @@ impl Harness {
             })
             .unwrap()
     }
+}
+
+impl Api {
+    pub fn new(base: &str) -> Api {
+        Api {
+            base: base.trim_end_matches('/').to_owned(),
+            client: reqwest::Client::new(),
+        }
+    }
+
+    pub fn url(&self, path: &str) -> String {
+        format!("{}{path}", self.base)
+    }
 
     pub async fn post<B: Serialize>(&self, path: &str, body: &B) -> reqwest::Response {
         self.client
@@ -173,7 +200,7 @@ impl Harness {
     }
 
     pub async fn challenge(&self, order_id: &str) -> ChallengeResponse {
-        self.challenge_at(&self.server.url, order_id).await
+        self.challenge_at(&self.base, order_id).await
     }
 
     /// A challenge from the portal instance at `base`.
@@ -216,14 +243,8 @@ impl Harness {
         new_key: &KeyPair,
         transport_key_spki: Option<Vec<u8>>,
     ) -> IssueRequest {
-        self.issue_request_at(
-            &self.server.url,
-            order_id,
-            holder,
-            new_key,
-            transport_key_spki,
-        )
-        .await
+        self.issue_request_at(&self.base, order_id, holder, new_key, transport_key_spki)
+            .await
     }
 
     /// [`Harness::issue_request_with`] with a challenge from the instance at `base`.
@@ -381,6 +402,34 @@ pub fn rand_bytes(n: usize) -> Vec<u8> {
 
 pub fn write_pem(path: &Path, tag: &str, der: &[u8]) {
     std::fs::write(path, pem::encode(&pem::Pem::new(tag, der.to_vec()))).unwrap();
+}
+
+/// The `ukey-portal` binary.
+pub fn portal_bin() -> Command {
+    Command::new(env!("CARGO_BIN_EXE_ukey-portal"))
+}
+
+/// A `ukey-portal serve` child process, killed when dropped.
+pub struct Server(pub Child);
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// Spawns `cmd` (a `ukey-portal … serve`) and reads the URL it prints first; `None`
+/// when it ends without printing one (it refused to start).
+pub fn spawn_serve(cmd: &mut Command) -> (Server, Option<String>) {
+    let mut child = cmd.stdout(Stdio::piped()).spawn().unwrap();
+    let mut first_line = String::new();
+    std::io::BufReader::new(child.stdout.take().unwrap())
+        .read_line(&mut first_line)
+        .unwrap();
+    let url = first_line.trim();
+    let url = (!url.is_empty()).then(|| url.to_owned());
+    (Server(child), url)
 }
 
 /// Runs a command, returns (success, stdout + stderr).
