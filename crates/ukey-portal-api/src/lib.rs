@@ -727,6 +727,8 @@ error_codes! {
     RenewalCodeInvalid = ("renewal_code_invalid", 403),
     /// Too many requests for this order or from this address: wait (`Retry-After`).
     RateLimited = ("rate_limited", 429),
+    /// The request took longer than the portal allows (a slow body): nothing changed.
+    RequestTimeout = ("request_timeout", 408),
     /// Admin API: a field is out of range or missing.
     InvalidArgument = ("invalid_argument", 400),
     /// No such route.

@@ -123,9 +123,38 @@ async fn blocking<T: Send + 'static>(
     }
 }
 
+/// How long one request may take, body included, before it is answered
+/// `request_timeout` (a client trickling its body cannot hold a worker).
+pub const REQUEST_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(30);
+/// How long a connection may take to send a request's headers (slowloris), by default.
+pub const HEADER_READ_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
+
 /// Routes of the public and admin APIs.
 pub fn router(portal: Arc<Portal>) -> Router {
-    let admin = Router::new()
+    finish(public_routes(&portal).merge(admin_routes(&portal)), portal)
+}
+
+/// The admin API alone (`--admin-listen`: on its own, loopback, address).
+pub fn admin_router(portal: Arc<Portal>) -> Router {
+    finish(admin_routes(&portal), portal)
+}
+
+/// The client-facing protocol, CMP, the CRL and the pay page.
+pub fn public_router(portal: Arc<Portal>) -> Router {
+    finish(public_routes(&portal), portal)
+}
+
+/// Fallbacks, the request timeout and the state.
+fn finish(routes: Router<AppState>, portal: Arc<Portal>) -> Router {
+    routes
+        .fallback(not_found)
+        .method_not_allowed_fallback(method_not_allowed)
+        .layer(axum::middleware::from_fn(request_timeout))
+        .with_state(portal)
+}
+
+fn admin_routes(portal: &Arc<Portal>) -> Router<AppState> {
+    Router::new()
         .route(paths::ADMIN_ORDERS, get(admin_list).post(admin_create))
         .route(paths::ADMIN_ORDER, get(admin_show))
         .route(paths::ADMIN_PAY, post(admin_pay))
@@ -134,24 +163,82 @@ pub fn router(portal: Arc<Portal>) -> Router {
         .route(paths::ADMIN_REVIEW, post(admin_review))
         .route(paths::ADMIN_APPROVE, post(admin_approve))
         .route_layer(axum::middleware::from_fn_with_state(
-            Arc::clone(&portal),
+            Arc::clone(portal),
             admin_guard,
+        ))
+}
+
+fn public_routes(portal: &Arc<Portal>) -> Router<AppState> {
+    // What a stranger can make the portal do without proving anything is rate-limited.
+    let limited = Router::new()
+        .route(paths::CHALLENGE, post(challenge))
+        .route(paths::PAY_PAGE, get(pay_page))
+        .route_layer(axum::middleware::from_fn_with_state(
+            Arc::clone(portal),
+            rate_limit,
         ));
     Router::new()
         .route(paths::STATUS, post(status))
-        .route(paths::CHALLENGE, post(challenge))
         .route(paths::ISSUE, post(issue))
         .route(paths::INSTALLED, post(installed))
         .route(paths::CRL, get(crl))
         .route(paths::CA_CERT, get(ca_cert))
         .route(paths::OPENAPI, get(openapi))
-        .route(paths::PAY_PAGE, get(pay_page))
         .route(paths::CMP, post(cmp))
         .route(paths::CMP_PROFILE, post(cmp_profile))
-        .merge(admin)
-        .fallback(not_found)
-        .method_not_allowed_fallback(method_not_allowed)
-        .with_state(portal)
+        .merge(limited)
+}
+
+async fn request_timeout(req: Request, next: axum::middleware::Next) -> Response {
+    match tokio::time::timeout(REQUEST_TIMEOUT, next.run(req)).await {
+        Ok(r) => r,
+        Err(_) => err(
+            ErrorCode::RequestTimeout,
+            "the request took too long / 请求超时",
+        )
+        .into_response(),
+    }
+}
+
+/// Challenges per order and pay-page views per serial, and both per client address:
+/// over the limit, `rate_limited` (429) with `Retry-After`.
+async fn rate_limit(
+    State(p): State<AppState>,
+    req: Request,
+    next: axum::middleware::Next,
+) -> Response {
+    let path = req.uri().path().to_owned();
+    let (route, subject) = if path == paths::PAY_PAGE {
+        let serial = req
+            .uri()
+            .query()
+            .and_then(|q| q.split('&').find_map(|kv| kv.strip_prefix("serial=")))
+            .unwrap_or("")
+            .to_owned();
+        ("pay", serial)
+    } else {
+        ("challenge", path)
+    };
+    let address = req
+        .extensions()
+        .get::<axum::extract::ConnectInfo<SocketAddr>>()
+        .map(|c| c.0.ip().to_string());
+    match p.limits().check(route, &subject, address.as_deref()) {
+        Ok(()) => next.run(req).await,
+        Err(wait) => {
+            let mut r = err(
+                ErrorCode::RateLimited,
+                format!(
+                    "请求过于频繁，请 {wait} 秒后再试 / too many requests: try again in {wait} s"
+                ),
+            )
+            .into_response();
+            if let Ok(v) = HeaderValue::from_str(&wait.to_string()) {
+                r.headers_mut().insert(header::RETRY_AFTER, v);
+            }
+            r
+        }
+    }
 }
 
 async fn not_found() -> HttpError {
@@ -305,9 +392,12 @@ async fn pay_page(
     let raw = q.get("serial").cloned().unwrap_or_default();
     let serial = ukey_portal_api::normalize_serial_hex(&raw)
         .map_err(|e| err(ErrorCode::InvalidSerial, e.to_string()))?;
-    let orders = blocking(&p, |p| p.list_orders()).await?;
+    let orders = {
+        let serial = serial.clone();
+        blocking(&p, move |p| p.orders_for_serial(&serial)).await?
+    };
     let mut rows = String::new();
-    for o in orders.iter().filter(|o| o.serial_hex == serial) {
+    for o in &orders {
         let state_zh = match o.state.as_str() {
             "awaiting_payment" => "待支付",
             "ready" => "已支付，可更新",
@@ -473,12 +563,54 @@ impl RunningServer {
 }
 
 /// Binds `addr` (port 0 allowed), sets the portal's public URL to the bound address
-/// unless `public_url` is given, and serves in a background task.
+/// unless `public_url` is given, and serves the public and admin APIs in a background
+/// task.
 pub async fn start(
     portal: Arc<Portal>,
     addr: SocketAddr,
     tls: Option<TlsFiles>,
     public_url: Option<String>,
+) -> std::io::Result<RunningServer> {
+    let app = router(Arc::clone(&portal));
+    serve_on(portal, app, addr, tls, public_url, true)
+}
+
+/// [`start`] with the admin API on its own address (`--admin-listen`, e.g. loopback
+/// while the public API faces the network): the public server has no admin route.
+/// The public server first, then the admin one.
+pub async fn start_split(
+    portal: Arc<Portal>,
+    addr: SocketAddr,
+    admin_addr: SocketAddr,
+    tls: Option<TlsFiles>,
+    public_url: Option<String>,
+) -> std::io::Result<(RunningServer, RunningServer)> {
+    let public = serve_on(
+        Arc::clone(&portal),
+        public_router(Arc::clone(&portal)),
+        addr,
+        tls,
+        public_url,
+        true,
+    )?;
+    let admin = serve_on(
+        Arc::clone(&portal),
+        admin_router(Arc::clone(&portal)),
+        admin_addr,
+        None,
+        None,
+        false,
+    )?;
+    Ok((public, admin))
+}
+
+fn serve_on(
+    portal: Arc<Portal>,
+    app: Router,
+    addr: SocketAddr,
+    tls: Option<TlsFiles>,
+    public_url: Option<String>,
+    sets_public_url: bool,
 ) -> std::io::Result<RunningServer> {
     let listener = std::net::TcpListener::bind(addr)?;
     listener.set_nonblocking(true)?;
@@ -495,23 +627,28 @@ pub async fn start(
         host
     };
     let url = format!("{scheme}://{host}:{}", addr.port());
-    portal.set_public_url(public_url.as_deref().unwrap_or(&url));
-    let app = router(Arc::clone(&portal)).into_make_service();
+    if sets_public_url {
+        portal.set_public_url(public_url.as_deref().unwrap_or(&url));
+    }
+    // The client's address reaches the rate limits.
+    let app = app.into_make_service_with_connect_info::<SocketAddr>();
     let handle = axum_server::Handle::new();
     let task = match tls {
         Some(files) => {
             // Several rustls providers may be compiled in; pick aws-lc-rs explicitly.
             let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
             let config = rustls_config(&files, provider)?;
-            let server = axum_server::from_tcp_rustls(
+            let mut server = axum_server::from_tcp_rustls(
                 listener,
                 axum_server::tls_rustls::RustlsConfig::from_config(config),
             )?
             .handle(handle.clone());
+            header_timeout(server.http_builder(), portal.header_read_timeout());
             tokio::spawn(async move { server.serve(app).await })
         }
         None => {
-            let server = axum_server::from_tcp(listener)?.handle(handle.clone());
+            let mut server = axum_server::from_tcp(listener)?.handle(handle.clone());
+            header_timeout(server.http_builder(), portal.header_read_timeout());
             tokio::spawn(async move { server.serve(app).await })
         }
     };
@@ -522,6 +659,16 @@ pub async fn start(
         task,
         handle,
     })
+}
+
+/// hyper reads request headers without a time limit unless it has a timer.
+fn header_timeout(
+    b: &mut hyper_util::server::conn::auto::Builder<hyper_util::rt::TokioExecutor>,
+    timeout: std::time::Duration,
+) {
+    b.http1()
+        .timer(hyper_util::rt::TokioTimer::new())
+        .header_read_timeout(timeout);
 }
 
 fn rustls_config(

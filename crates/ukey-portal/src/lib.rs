@@ -15,12 +15,13 @@ pub mod db;
 pub mod envelope;
 pub mod hsm;
 pub mod http;
+pub mod limit;
 pub mod names;
 pub mod portal;
 pub mod sm2ca;
 pub mod store;
 
-pub use http::{RunningServer, TlsFiles, router, start};
+pub use http::{RunningServer, TlsFiles, router, start, start_split};
 pub use portal::{Portal, PortalConfig};
 
 use ukey_portal_api::ApiError;

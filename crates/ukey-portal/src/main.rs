@@ -62,6 +62,21 @@ enum Command {
         /// Address to listen on (port 0: any free port).
         #[arg(long, default_value = "127.0.0.1:0")]
         listen: SocketAddr,
+        /// Serve the admin API on this address only (e.g. 127.0.0.1:9443), not on
+        /// --listen; its URL is the second line printed.
+        #[arg(long)]
+        admin_listen: Option<SocketAddr>,
+        /// Challenges per order and pay-page views per serial a minute, per instance
+        /// (0: no limit).
+        #[arg(long, default_value_t = 20)]
+        rate_per_order: u32,
+        /// The same per client IP address (behind a reverse proxy: the proxy's).
+        #[arg(long, default_value_t = 120)]
+        rate_per_address: u32,
+        /// How long a connection may take to send a request's headers, seconds (a
+        /// whole request, body included, may take 30).
+        #[arg(long, default_value_t = 10)]
+        header_timeout_secs: u64,
         /// Issuing CA certificate (PEM; parents may follow) to import into the data dir.
         #[arg(long, requires = "ca_key")]
         ca_cert: Option<PathBuf>,
@@ -117,6 +132,13 @@ enum Command {
     /// The HSM (PKCS#11): the escrow's key-encryption key.
     #[command(subcommand)]
     Hsm(HsmCommand),
+    /// Sweep renewals left half-way: orders issued at least --older-than-days ago whose
+    /// installation was never confirmed go back to ready (still paid), and the
+    /// certificates they issued are revoked (cessationOfOperation). Run it daily.
+    Sweep {
+        #[arg(long, default_value_t = 30)]
+        older_than_days: u32,
+    },
     /// Revoke a certificate this portal issued; the next CRL lists it with the reason.
     Revoke {
         /// Its serial, hex.
@@ -394,6 +416,10 @@ fn main() -> Result<()> {
     match cli.command {
         Command::Serve {
             listen,
+            admin_listen,
+            rate_per_order,
+            rate_per_address,
+            header_timeout_secs,
             ca_cert,
             ca_key,
             ca_alg,
@@ -406,6 +432,9 @@ fn main() -> Result<()> {
             cmp_check_after_secs,
         } => {
             let mut config = base;
+            config.rate_per_subject = rate_per_order;
+            config.rate_per_address = rate_per_address;
+            config.header_read_timeout = std::time::Duration::from_secs(header_timeout_secs.max(1));
             match ca_key {
                 Some(k) if ukey_portal::hsm::Pkcs11Uri::is_uri(&k.to_string_lossy()) => {
                     config.ca_hsm_import = Some(ukey_portal::ca::HsmCaImport {
@@ -431,7 +460,7 @@ fn main() -> Result<()> {
             let tls = tls_cert
                 .zip(tls_key)
                 .map(|(cert, key)| TlsFiles { cert, key });
-            serve(config, listen, tls, public_url)
+            serve(config, listen, admin_listen, tls, public_url)
         }
         Command::Order(cmd) => order(&base, cmd),
         Command::Ca(cmd) => ca(&base, cmd),
@@ -451,6 +480,19 @@ fn main() -> Result<()> {
             Ok(())
         }
         Command::Hsm(cmd) => hsm(&base, cmd),
+        Command::Sweep { older_than_days } => {
+            let portal = open(&base)?;
+            let swept =
+                portal.sweep_unconfirmed(time::Duration::days(i64::from(older_than_days)))?;
+            for (order, revoked) in &swept {
+                println!("{order}  ready  吊销 revoked: {}", revoked.join(", "));
+            }
+            println!(
+                "清理 swept: {} order(s) issued {older_than_days}+ days ago, never confirmed installed",
+                swept.len()
+            );
+            Ok(())
+        }
         Command::Revoke { serial, reason } => {
             let portal = open(&base)?;
             portal.revoke(&serial, reason)?;
@@ -463,6 +505,7 @@ fn main() -> Result<()> {
 fn serve(
     config: PortalConfig,
     listen: SocketAddr,
+    admin_listen: Option<SocketAddr>,
     tls: Option<TlsFiles>,
     public_url: Option<String>,
 ) -> Result<()> {
@@ -473,16 +516,36 @@ fn serve(
         .enable_all()
         .build()?;
     runtime.block_on(async move {
-        let server = ukey_portal::start(portal, listen, tls, public_url)
-            .await
-            .context("starting the server")?;
+        let (server, admin) = match admin_listen {
+            Some(a) => {
+                let (s, a) = ukey_portal::start_split(portal, listen, a, tls, public_url)
+                    .await
+                    .context("starting the servers")?;
+                (s, Some(a))
+            }
+            None => (
+                ukey_portal::start(portal, listen, tls, public_url)
+                    .await
+                    .context("starting the server")?,
+                None,
+            ),
+        };
         // Said before the URL, which tells whoever started the portal that it is up.
         say_protection(&server.portal, &config.data_dir);
         let mut out = std::io::stdout().lock();
         writeln!(out, "{}", server.url)?;
+        if let Some(a) = &admin {
+            writeln!(out, "{}", a.url)?;
+        }
         out.flush()?;
         drop(out);
         tracing::info!(url = %server.url, data = %config.data_dir.display(), "portal listening");
+        let admin_wait = async {
+            match admin {
+                Some(a) => a.wait().await,
+                None => std::future::pending().await,
+            }
+        };
         tokio::select! {
             r = tokio::signal::ctrl_c() => {
                 r?;
@@ -490,6 +553,7 @@ fn serve(
                 Ok(())
             }
             r = server.wait() => r.context("server stopped"),
+            r = admin_wait => r.context("admin server stopped"),
         }
     })
 }

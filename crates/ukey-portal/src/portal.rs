@@ -42,6 +42,12 @@ pub struct PortalConfig {
     pub cmp: CmpSettings,
     /// Where the store lives; `None`: [`DB_FILE`] (SQLite) in the data directory.
     pub database: Option<crate::store::Database>,
+    /// Challenges per order and pay-page views per serial, a minute (0: no limit).
+    pub rate_per_subject: u32,
+    /// The same per client address (0: no limit).
+    pub rate_per_address: u32,
+    /// How long a connection may take to send a request's headers.
+    pub header_read_timeout: std::time::Duration,
     /// A CA key in the HSM to make the data directory's CA (`--ca-key pkcs11:…`).
     pub ca_hsm_import: Option<crate::ca::HsmCaImport>,
     /// The HSM (`--hsm-module` …): the escrow's key-encryption key on `token`, and a CA
@@ -81,6 +87,9 @@ impl PortalConfig {
             ca_alg: crate::ca::CaAlg::default(),
             cmp: CmpSettings::default(),
             database: None,
+            rate_per_subject: 0,
+            rate_per_address: 0,
+            header_read_timeout: crate::http::HEADER_READ_TIMEOUT,
             ca_hsm_import: None,
             hsm: None,
         }
@@ -130,6 +139,8 @@ pub struct Portal {
     cmp: CmpSettings,
     cmp_identity: crate::ca::CmpIdentity,
     crl_cache: Mutex<Option<(u64, i64, Vec<u8>)>>,
+    limits: crate::limit::Limits,
+    header_read_timeout: std::time::Duration,
     /// The HSM key-encryption key sealing escrowed keys (`None`: stored in clear).
     kek: Option<crate::hsm::Kek>,
 }
@@ -198,6 +209,8 @@ impl Portal {
             cmp: config.cmp,
             cmp_identity,
             crl_cache: Mutex::new(None),
+            limits: crate::limit::Limits::new(config.rate_per_subject, config.rate_per_address),
+            header_read_timeout: config.header_read_timeout,
             kek,
         })
     }
@@ -233,6 +246,25 @@ impl Portal {
     /// The CA.
     pub fn ca(&self) -> &Ca {
         &self.ca
+    }
+
+    /// How long a connection may take to send a request's headers.
+    pub fn header_read_timeout(&self) -> std::time::Duration {
+        self.header_read_timeout
+    }
+
+    /// This instance's rate limits.
+    pub fn limits(&self) -> &crate::limit::Limits {
+        &self.limits
+    }
+
+    /// The orders for certificates with this serial (any issuer), newest first.
+    pub fn orders_for_serial(&self, serial_hex: &str) -> Result<Vec<OrderView>, Error> {
+        self.store
+            .orders_for_serial(serial_hex)?
+            .iter()
+            .map(|o| self.view(o))
+            .collect()
     }
 
     /// The store (tests dump it).
@@ -1040,6 +1072,22 @@ impl Portal {
             now().unix_timestamp(),
         )?;
         Ok((self.view(&order)?, revoked))
+    }
+
+    /// Sweeps renewals issued `older_than` ago or more whose installation was never
+    /// confirmed: back to `ready`, their certificates revoked (cessationOfOperation).
+    /// Each order swept, with the serials revoked.
+    pub fn sweep_unconfirmed(
+        &self,
+        older_than: Duration,
+    ) -> Result<Vec<(String, Vec<String>)>, Error> {
+        let t = now();
+        self.store.sweep_unconfirmed(
+            (t - older_than).unix_timestamp(),
+            self.ca.name_key(),
+            crate::ca::Reason::CessationOfOperation.as_str(),
+            t.unix_timestamp(),
+        )
     }
 
     fn view(&self, o: &Order) -> Result<OrderView, Error> {

@@ -108,7 +108,20 @@ const MIGRATIONS: &[Migration] = &[
     INSERT INTO meta (key, value) VALUES ('renewal_code_required', 0);",
         postgres: "",
     },
+    // 5: the pay page looks orders up by serial; outstanding challenges are counted per order
+    Migration {
+        sql: "CREATE INDEX orders_by_serial ON orders(serial_hex, created_at);
+    CREATE INDEX challenges_by_order ON challenges(order_id, used_at);",
+        postgres: "",
+    },
 ];
+
+/// Challenges an order may have outstanding (unused, unexpired) at once: a bound that
+/// holds across instances, whatever each one's rate limit.
+pub const OUTSTANDING_CHALLENGES: i64 = 10;
+
+/// How long an expired challenge is kept (to say "expired" rather than "unknown").
+const EXPIRED_CHALLENGE_KEPT_SECONDS: i64 = 600;
 
 /// Wrong renewal codes an order takes before it refuses every code (the CA's support
 /// then cancels it and makes a new one).
@@ -674,6 +687,19 @@ impl Store {
         })
     }
 
+    /// The orders for a serial (any issuer), newest first (indexed).
+    pub fn orders_for_serial(&self, serial_hex: &str) -> Result<Vec<Order>, Error> {
+        self.db.read(|tx| {
+            tx.query(
+                select_orders!("WHERE serial_hex = ?1 ORDER BY created_at DESC, rowid DESC"),
+                params![serial_hex],
+            )?
+            .iter()
+            .map(order_from_row)
+            .collect()
+        })
+    }
+
     /// Every order, newest first.
     pub fn list_orders(&self) -> Result<Vec<Order>, Error> {
         self.db.read(|tx| {
@@ -715,13 +741,34 @@ impl Store {
         })
     }
 
-    /// Records a new challenge (and forgets challenges expired over a day ago).
+    /// Records a new challenge, unless its order has [`OUTSTANDING_CHALLENGES`] unused
+    /// ones that have not expired (`rate_limited`); forgets challenges expired over ten
+    /// minutes ago.
     pub fn insert_challenge(&self, ch: &Challenge, now: i64) -> Result<(), Error> {
         self.db.write(|tx| {
             tx.execute(
                 "DELETE FROM challenges WHERE expires_at < ?1",
-                params![now - 86_400],
+                params![now - EXPIRED_CHALLENGE_KEPT_SECONDS],
             )?;
+            lock_order(tx, &ch.order_id)?;
+            let outstanding: i64 = tx
+                .query_opt(
+                    "SELECT count(*) FROM challenges
+                     WHERE order_id = ?1 AND used_at IS NULL AND expires_at > ?2",
+                    params![&ch.order_id, now],
+                )?
+                .map(|r| r.at(0))
+                .transpose()?
+                .unwrap_or(0);
+            if outstanding >= OUTSTANDING_CHALLENGES {
+                return Err(api(
+                    ErrorCode::RateLimited,
+                    format!(
+                        "该订单未使用的挑战过多，请稍后再试 / order {} has {outstanding} unused challenges: use one or wait for them to expire",
+                        ch.order_id
+                    ),
+                ));
+            }
             tx.execute(
                 "INSERT INTO challenges (id, order_id, nonce, expires_at) VALUES (?1, ?2, ?3, ?4)",
                 params![&ch.id, &ch.order_id, &ch.nonce, ch.expires_at],
@@ -1027,6 +1074,59 @@ impl Store {
             )?;
             let order = get_order(tx, id)?.ok_or_else(|| Error::Setup("order vanished".into()))?;
             Ok((order, revoked))
+        })
+    }
+
+    /// The sweep of renewals left half-way: every order issued at or before `before`
+    /// (Unix seconds) whose installation was never confirmed goes back to `ready` (it is
+    /// still paid), and the certificates it issued are revoked with `revoke_reason`.
+    /// Returns each order swept with the serials revoked.
+    pub fn sweep_unconfirmed(
+        &self,
+        before: i64,
+        ca_key: &NameKey,
+        revoke_reason: &str,
+        now: i64,
+    ) -> Result<Vec<(String, Vec<String>)>, Error> {
+        self.db.write(|tx| {
+            let ids = tx
+                .query(
+                    "SELECT id FROM orders WHERE state = 'issued' AND updated_at <= ?1 ORDER BY id",
+                    params![before],
+                )?
+                .iter()
+                .map(|r| r.at::<String>(0))
+                .collect::<Result<Vec<_>, _>>()?;
+            let mut swept = Vec::new();
+            for id in ids {
+                let order = lock_order(tx, &id)?;
+                if order.state != OrderState::Issued || order.updated_at > before {
+                    continue; // changed meanwhile
+                }
+                let mut revoked = Vec::new();
+                for serial in [
+                    &order.current_signing_serial,
+                    &order.current_encryption_serial,
+                ]
+                .into_iter()
+                .flatten()
+                {
+                    if revoke(tx, ca_key.as_str(), serial, revoke_reason, now, &id)? {
+                        revoked.push(serial.clone());
+                    }
+                }
+                tx.execute(
+                    "UPDATE orders SET state = 'ready', current_spki_sha256 = NULL,
+                       current_signing_serial = NULL, current_encryption_serial = NULL,
+                       updated_at = ?2 WHERE id = ?1",
+                    params![&id, now],
+                )?;
+                swept.push((id, revoked));
+            }
+            if swept.iter().any(|(_, r)| !r.is_empty()) {
+                bump_crl_number(tx)?;
+            }
+            Ok(swept)
         })
     }
 

@@ -1383,3 +1383,84 @@ fn strip_challenges(dump: &str) -> String {
     }
     out
 }
+
+/// The sweep of renewals left half-way (issue 16, §3): an order issued but never
+/// confirmed installed goes back to ready, and what it issued is on the CRL
+/// (cessationOfOperation, read by openssl crl); the holder can renew again; completed
+/// orders and recent ones are left alone.
+#[tokio::test]
+async fn the_sweep_revokes_unconfirmed_renewals_and_reopens_their_orders() {
+    let h = Harness::start().await;
+    let holder = h.holder(KeyAlgorithm::EcP256);
+    let order = h.order(
+        &holder,
+        InitialState::Ready,
+        KeyPolicy::New,
+        KeyAlgorithm::EcP256,
+        false,
+    );
+    let stale = h
+        .issue(&order.order_id, &holder, &new_key(KeyAlgorithm::EcP256))
+        .await;
+    // A completed renewal is not touched.
+    let done_holder = h.holder(KeyAlgorithm::EcP256);
+    let done = h.order(
+        &done_holder,
+        InitialState::Ready,
+        KeyPolicy::New,
+        KeyAlgorithm::EcP256,
+        false,
+    );
+    let done_key = new_key(KeyAlgorithm::EcP256);
+    let installed = h.issue(&done.order_id, &done_holder, &done_key).await;
+    assert!(
+        h.installed(&done.order_id, &installed.certificate_serial_hex, &done_key)
+            .await
+            .status()
+            .is_success()
+    );
+
+    let recent = h
+        .portal()
+        .sweep_unconfirmed(time::Duration::days(30))
+        .unwrap();
+    assert!(recent.is_empty(), "nothing that old: {recent:?}");
+    let swept = h.portal().sweep_unconfirmed(time::Duration::ZERO).unwrap();
+    assert_eq!(
+        swept,
+        vec![(
+            order.order_id.clone(),
+            vec![stale.certificate_serial_hex.clone()]
+        )]
+    );
+    assert!(matches!(
+        h.status(&holder).await,
+        RenewalStatus::Ready { .. }
+    ));
+    assert_eq!(
+        h.portal().show_order(&done.order_id).unwrap().state,
+        "completed"
+    );
+    let dir = tempfile::tempdir().unwrap();
+    let (ok, text) = openssl_crl(
+        &h.data_dir().join("ca-cert.pem"),
+        &h.crl_der().await,
+        dir.path(),
+    );
+    assert!(ok, "{text}");
+    let at = text
+        .find(&stale.certificate_serial_hex)
+        .expect("on the CRL");
+    assert!(
+        text[at..].contains("Cessation Of Operation"),
+        "{}",
+        &text[at..]
+    );
+    assert!(
+        !text.contains(&holder.serial_hex),
+        "the certificate being renewed stays valid"
+    );
+    // The holder renews again.
+    h.issue(&order.order_id, &holder, &new_key(KeyAlgorithm::EcP256))
+        .await;
+}
