@@ -87,16 +87,15 @@ pub fn test(args: &[String]) -> Result<()> {
     // The portal's REST and CMP suites again, each test's portal on a PostgreSQL
     // database of its own (a server per test process, started by the harness).
     step("portal suites on PostgreSQL", &|| {
+        // Selected from the workspace build (not `-p ukey-portal`, whose feature set
+        // would rebuild the dependencies).
         run(cargo()
             .args([
                 "nextest",
                 "run",
-                "-p",
-                "ukey-portal",
-                "--test",
-                "portal",
-                "--test",
-                "cmp",
+                "--workspace",
+                "-E",
+                "binary_id(ukey-portal::portal) | binary_id(ukey-portal::cmp)",
                 "--no-fail-fast",
                 "--failure-output",
                 "final",

@@ -12,7 +12,7 @@ use std::process::Stdio;
 use std::time::{Duration, Instant};
 
 use common::*;
-use ukey_portal_api::{ErrorCode, InitialState, KeyAlgorithm, KeyPolicy, paths};
+use ukey_portal_api::{ErrorCode, KeyAlgorithm, paths};
 
 /// `ukey-portal serve` on a fresh data dir with `args`; its printed URLs.
 fn serve(data: &std::path::Path, args: &[&str], lines: usize) -> (Server, Vec<String>) {
@@ -117,13 +117,7 @@ async fn challenges_and_the_pay_page_are_rate_limited_per_order_and_per_address(
 async fn an_orders_outstanding_challenges_are_capped_in_the_database() {
     let h = Harness::start().await;
     let holder = h.holder(KeyAlgorithm::EcP256);
-    let order = h.order(
-        &holder,
-        InitialState::Ready,
-        KeyPolicy::New,
-        KeyAlgorithm::EcP256,
-        false,
-    );
+    let order = h.ready_order(&holder, KeyAlgorithm::EcP256);
     for _ in 0..ukey_portal::store::OUTSTANDING_CHALLENGES {
         h.challenge(&order.order_id).await;
     }

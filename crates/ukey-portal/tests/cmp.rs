@@ -403,13 +403,7 @@ async fn openssl_must_send_the_orders_renewal_code_in_general_info() {
     let h = Harness::start().await;
     h.portal().set_renewal_code_required(true).unwrap();
     let holder = h.holder(KeyAlgorithm::EcP256);
-    let order = h.order(
-        &holder,
-        InitialState::Ready,
-        KeyPolicy::New,
-        KeyAlgorithm::EcP256,
-        false,
-    );
+    let order = h.ready_order(&holder, KeyAlgorithm::EcP256);
     let code = order.renewal_code.clone().expect("a code");
     let dir = tempfile::tempdir().expect("dir");
     files(&h, &holder, dir.path());

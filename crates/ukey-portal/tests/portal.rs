@@ -1249,37 +1249,19 @@ async fn futures_join_all<F: std::future::Future>(futs: impl Iterator<Item = F>)
 async fn renewal_codes_guard_issuance() {
     let h = Harness::start().await;
     let before = h.holder(KeyAlgorithm::EcP256);
-    let unguarded = h.order(
-        &before,
-        InitialState::Ready,
-        KeyPolicy::New,
-        KeyAlgorithm::EcP256,
-        false,
-    );
+    let unguarded = h.ready_order(&before, KeyAlgorithm::EcP256);
     assert_eq!(unguarded.renewal_code, None, "made before the policy");
     assert!(!h.portal().renewal_code_required().unwrap());
     h.portal().set_renewal_code_required(true).unwrap();
 
     let holder = h.holder(KeyAlgorithm::EcP256);
-    let order = h.order(
-        &holder,
-        InitialState::Ready,
-        KeyPolicy::New,
-        KeyAlgorithm::EcP256,
-        false,
-    );
+    let order = h.ready_order(&holder, KeyAlgorithm::EcP256);
     let code = order.renewal_code.clone().expect("a code");
     assert_eq!(code.len(), 8);
     assert!(!code.starts_with('0') && code.bytes().all(|b| b.is_ascii_digit()));
     assert_ne!(
-        h.order(
-            &h.holder(KeyAlgorithm::EcP256),
-            InitialState::Ready,
-            KeyPolicy::New,
-            KeyAlgorithm::EcP256,
-            false
-        )
-        .renewal_code,
+        h.ready_order(&h.holder(KeyAlgorithm::EcP256), KeyAlgorithm::EcP256)
+            .renewal_code,
         Some(code.clone()),
         "each order its own code"
     );
@@ -1339,13 +1321,7 @@ async fn renewal_codes_guard_issuance() {
 
     // An order whose tries are used up refuses the right code too.
     let other = h.holder(KeyAlgorithm::EcP256);
-    let locked = h.order(
-        &other,
-        InitialState::Ready,
-        KeyPolicy::New,
-        KeyAlgorithm::EcP256,
-        false,
-    );
+    let locked = h.ready_order(&other, KeyAlgorithm::EcP256);
     let right = locked.renewal_code.clone().unwrap();
     let wrong = if right == "99999999" {
         "88888888"
@@ -1392,25 +1368,13 @@ fn strip_challenges(dump: &str) -> String {
 async fn the_sweep_revokes_unconfirmed_renewals_and_reopens_their_orders() {
     let h = Harness::start().await;
     let holder = h.holder(KeyAlgorithm::EcP256);
-    let order = h.order(
-        &holder,
-        InitialState::Ready,
-        KeyPolicy::New,
-        KeyAlgorithm::EcP256,
-        false,
-    );
+    let order = h.ready_order(&holder, KeyAlgorithm::EcP256);
     let stale = h
         .issue(&order.order_id, &holder, &new_key(KeyAlgorithm::EcP256))
         .await;
     // A completed renewal is not touched.
     let done_holder = h.holder(KeyAlgorithm::EcP256);
-    let done = h.order(
-        &done_holder,
-        InitialState::Ready,
-        KeyPolicy::New,
-        KeyAlgorithm::EcP256,
-        false,
-    );
+    let done = h.ready_order(&done_holder, KeyAlgorithm::EcP256);
     let done_key = new_key(KeyAlgorithm::EcP256);
     let installed = h.issue(&done.order_id, &done_holder, &done_key).await;
     assert!(

@@ -12,7 +12,7 @@ use std::sync::Arc;
 use common::pg::PgServer;
 use common::*;
 use ukey_portal::store::{Database, Store};
-use ukey_portal_api::{ErrorCode, InitialState, IssueResponse, KeyAlgorithm, KeyPolicy, paths};
+use ukey_portal_api::{ErrorCode, IssueResponse, KeyAlgorithm, KeyPolicy, paths};
 
 /// A `ukey-portal serve` process; killed on drop.
 struct Instance {
@@ -75,13 +75,7 @@ async fn two_instances_racing_to_issue_leave_one_valid_certificate_per_order() {
     let mut orders = Vec::new();
     for _ in 0..ORDERS {
         let holder = Arc::new(h.holder(KeyAlgorithm::EcP256));
-        let order = h.order(
-            &holder,
-            InitialState::Ready,
-            KeyPolicy::New,
-            KeyAlgorithm::EcP256,
-            false,
-        );
+        let order = h.ready_order(&holder, KeyAlgorithm::EcP256);
         orders.push((order.order_id, holder));
     }
 

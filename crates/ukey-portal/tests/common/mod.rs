@@ -134,6 +134,11 @@ impl Harness {
         Holder::issued_by(&self.ca_issuer, alg, CN, ORG)
     }
 
+    /// A paid order for a new key of `alg`, without an encryption certificate.
+    pub fn ready_order(&self, holder: &Holder, alg: KeyAlgorithm) -> OrderView {
+        self.order(holder, InitialState::Ready, KeyPolicy::New, alg, false)
+    }
+
     pub fn order(
         &self,
         holder: &Holder,
