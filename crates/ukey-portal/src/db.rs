@@ -10,7 +10,7 @@
 //! **Writers.** SQLite: one connection, every write transaction `BEGIN IMMEDIATE` (the
 //! database's one writer lock). PostgreSQL: a small pool, `READ COMMITTED`, and every
 //! write transaction that decides on an order's state first locks that order's row
-//! ([`Tx::lock_order`], `SELECT … FOR UPDATE`): two instances deciding on one order
+//! (`SELECT … FOR UPDATE`, the store's `lock_order`): two instances deciding on one order
 //! take turns, exactly as two threads do on SQLite. Uniqueness the store relies on
 //! (one open order per certificate, a challenge used once, a CMP nonce seen once) is
 //! held by the database's own constraints or by conditional updates whose row counts
@@ -264,18 +264,6 @@ pub trait Tx {
     /// The first row, if any.
     fn query_opt(&mut self, sql: &str, params: &[Param<'_>]) -> Result<Option<Row>, DbError> {
         Ok(self.query(sql, params)?.into_iter().next())
-    }
-
-    /// Locks an order's row until the transaction ends (PostgreSQL; SQLite's
-    /// `BEGIN IMMEDIATE` already holds the only writer lock).
-    fn lock_order(&mut self, id: &str) -> Result<(), DbError> {
-        if self.kind() == Kind::Postgres {
-            self.query(
-                "SELECT id FROM orders WHERE id = ?1 FOR UPDATE",
-                params![id],
-            )?;
-        }
-        Ok(())
     }
 }
 

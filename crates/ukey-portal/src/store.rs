@@ -3,7 +3,7 @@
 //! directory, WAL journal) or PostgreSQL (several portal instances on one database);
 //! [`crate::db`] runs the same SQL and the same numbered migrations on both. Every
 //! multi-row change is one transaction; one that decides on an order locks the order
-//! first ([`crate::db::Tx::lock_order`]).
+//! first (`lock_order`: `SELECT … FOR UPDATE` on PostgreSQL).
 //!
 //! **Invariant:** a request that fails changes no row. Checks that can fail run before
 //! the write transaction; conditions that may have changed meanwhile (challenge used,
@@ -489,10 +489,17 @@ fn get_order(tx: &mut dyn Tx, id: &str) -> Result<Option<Order>, Error> {
         .transpose()
 }
 
-/// An order, locked until the transaction ends.
+/// An order, locked until the transaction ends: on PostgreSQL read with `FOR UPDATE`
+/// (one round trip); SQLite's `BEGIN IMMEDIATE` already holds the only writer lock.
 fn lock_order(tx: &mut dyn Tx, id: &str) -> Result<Order, Error> {
-    tx.lock_order(id)?;
-    get_order(tx, id)?.ok_or_else(|| api(ErrorCode::OrderNotFound, format!("no order {id}")))
+    let row = match tx.kind() {
+        Kind::Postgres => tx.query_opt(select_orders!("WHERE id = ?1 FOR UPDATE"), params![id])?,
+        Kind::Sqlite => tx.query_opt(select_orders!("WHERE id = ?1"), params![id])?,
+    };
+    row.as_ref()
+        .map(order_from_row)
+        .transpose()?
+        .ok_or_else(|| api(ErrorCode::OrderNotFound, format!("no order {id}")))
 }
 
 fn get_cert(tx: &mut dyn Tx, serial: &str) -> Result<Option<StoredCert>, Error> {
@@ -652,13 +659,12 @@ impl Store {
     /// Counts a wrong renewal code against an order; the failures so far.
     pub fn renewal_code_failed(&self, order_id: &str, now: i64) -> Result<i64, Error> {
         self.db.write(|tx| {
-            lock_order(tx, order_id)?;
+            let failures = lock_order(tx, order_id)?.renewal_code_failures + 1;
             tx.execute(
-                "UPDATE orders SET renewal_code_failures = renewal_code_failures + 1,
-                   updated_at = ?2 WHERE id = ?1",
-                params![order_id, now],
+                "UPDATE orders SET renewal_code_failures = ?2, updated_at = ?3 WHERE id = ?1",
+                params![order_id, failures, now],
             )?;
-            Ok(lock_order(tx, order_id)?.renewal_code_failures)
+            Ok(failures)
         })
     }
 
