@@ -66,6 +66,9 @@ pub mod paths {
     pub const INSTALLED: &str = "/api/v1/orders/{order_id}/installed";
     /// `GET` → the CA's CRL, DER (`application/pkix-crl`).
     pub const CRL: &str = "/api/v1/crl";
+    /// `GET` → the CRL of the CA key whose SKI (lower-case hex) is `{ski}`: the issuing
+    /// CA's or a retired one's (a CA rollover), DER.
+    pub const CRL_OF_KEY: &str = "/api/v1/crl/{ski}";
     /// `GET` → the issuing CA certificate, DER (`application/pkix-cert`).
     pub const CA_CERT: &str = "/api/v1/ca";
     /// `GET` → this document.
@@ -99,6 +102,7 @@ pub mod paths {
         ISSUE,
         INSTALLED,
         CRL,
+        CRL_OF_KEY,
         CA_CERT,
         OPENAPI,
         PAY_PAGE,
@@ -122,6 +126,10 @@ pub mod paths {
     /// `/api/v1/orders/{order_id}/installed` for a concrete order.
     pub fn installed(order_id: &str) -> String {
         INSTALLED.replace("{order_id}", order_id)
+    }
+    /// `/api/v1/crl/{ski}` for a concrete CA key.
+    pub fn crl_of_key(ski_hex: &str) -> String {
+        CRL_OF_KEY.replace("{ski}", ski_hex)
     }
 }
 
@@ -729,6 +737,8 @@ error_codes! {
     RateLimited = ("rate_limited", 429),
     /// The request took longer than the portal allows (a slow body): nothing changed.
     RequestTimeout = ("request_timeout", 408),
+    /// The portal holds no CA key of that key identifier (a CRL of another CA).
+    CaKeyNotFound = ("ca_key_not_found", 404),
     /// Admin API: a field is out of range or missing.
     InvalidArgument = ("invalid_argument", 400),
     /// No such route.

@@ -7,6 +7,13 @@
 //! key, mode 0600) or, for a key in the HSM, `ca-key.pkcs11` (its `pkcs11:` URI, no
 //! secret), and optionally `accepted-issuers.pem` (further CA certificates whose
 //! certificates may be renewed, e.g. a previous CA generation).
+//!
+//! **CA rollover.** Importing a CA of another key does not throw the old key away: the
+//! old certificate and key (file or `pkcs11:` URI) move to `retired-cas/<SKI>/`. A
+//! retired CA issues nothing, but it still signs the CRL of what it issued, and its
+//! certificates may still be renewed. CAs are told apart by key (the subject key
+//! identifier of their certificate), never by name: a new key under the same name is
+//! another CA with its own CRL.
 
 use std::path::{Path, PathBuf};
 
@@ -69,6 +76,8 @@ fn io_err(path: &Path) -> impl FnOnce(std::io::Error) -> CaError + '_ {
 pub struct TrustedIssuer {
     /// Normal form of its subject.
     pub name_key: NameKey,
+    /// Its subject key identifier, lower-case hex (see [`key_id_of`]).
+    pub ski: String,
     /// Its certificate, DER.
     pub cert_der: Vec<u8>,
 }
@@ -235,6 +244,11 @@ pub struct Ca {
     trusted: Vec<TrustedIssuer>,
     /// The `pkcs11:` URI of a key in the HSM.
     hsm_uri: Option<String>,
+    /// Its subject key identifier, lower-case hex.
+    ski: String,
+    /// The CAs this one replaced whose keys the portal still holds (each signs the CRL
+    /// of what it issued).
+    retired: Vec<Ca>,
 }
 
 impl std::fmt::Debug for Ca {
@@ -251,6 +265,8 @@ const HSM_KEY_FILE: &str = "ca-key.pkcs11";
 const ACCEPTED_FILE: &str = "accepted-issuers.pem";
 const CMP_CERT_FILE: &str = "cmp-cert.pem";
 const CMP_KEY_FILE: &str = "cmp-key.pem";
+/// Where a CA replaced by one of another key is kept, one directory per SKI.
+pub const RETIRED_DIR: &str = "retired-cas";
 
 impl Ca {
     /// Opens the CA of `data_dir`. With `import = Some((cert, key))` those PEM files are
@@ -275,13 +291,52 @@ impl Ca {
         alg: CaAlg,
         hsm: Option<&crate::hsm::Hsm>,
     ) -> Result<Ca, CaError> {
+        let mut ca = Ca::open_active(data_dir, import, hsm_import, alg, hsm)?;
+        ca.retired = retired_cas(data_dir, &ca.ski, hsm)?;
+        for old in &ca.retired {
+            ca.trusted.push(TrustedIssuer {
+                name_key: old.name_key.clone(),
+                ski: old.ski.clone(),
+                cert_der: old.cert_der.clone(),
+            });
+        }
+        Ok(ca)
+    }
+
+    fn open_active(
+        data_dir: &Path,
+        import: Option<(&Path, &Path)>,
+        hsm_import: Option<&HsmCaImport>,
+        alg: CaAlg,
+        hsm: Option<&crate::hsm::Hsm>,
+    ) -> Result<Ca, CaError> {
         let cert_path = data_dir.join(CERT_FILE);
         let key_path = data_dir.join(KEY_FILE);
         let hsm_key_path = data_dir.join(HSM_KEY_FILE);
         if let Some(imp) = hsm_import {
             return Ca::import_hsm(data_dir, imp, alg, hsm);
         }
-        if import.is_none() && hsm_key_path.exists() {
+        Ca::load_dir(data_dir, import.is_none(), hsm)
+            .transpose()
+            .unwrap_or_else(|| {
+                Ca::create_or_import(data_dir, import, alg, &cert_path, &key_path, &hsm_key_path)
+            })
+    }
+
+    /// The CA of `dir` (`ca-cert.pem` with `ca-key.pem` or `ca-key.pkcs11`), when it has
+    /// one and `existing` (else `None`: an import or a new CA is made instead).
+    fn load_dir(
+        dir: &Path,
+        existing: bool,
+        hsm: Option<&crate::hsm::Hsm>,
+    ) -> Result<Option<Ca>, CaError> {
+        let cert_path = dir.join(CERT_FILE);
+        let key_path = dir.join(KEY_FILE);
+        let hsm_key_path = dir.join(HSM_KEY_FILE);
+        if !existing {
+            return Ok(None);
+        }
+        if hsm_key_path.exists() {
             let uri = std::fs::read_to_string(&hsm_key_path).map_err(io_err(&hsm_key_path))?;
             let uri = uri.trim();
             let hsm = hsm.ok_or_else(|| crate::hsm::HsmError::CaKeyNeedsHsm {
@@ -289,26 +344,43 @@ impl Ca {
             })?;
             let key = hsm.ca_key(&crate::hsm::Pkcs11Uri::parse(uri)?)?;
             let cert_pem = std::fs::read_to_string(&cert_path).map_err(io_err(&cert_path))?;
-            return Ca::from_hsm_key(&cert_pem, key, accepted_issuers(data_dir)?);
+            return Ca::from_hsm_key(&cert_pem, key, accepted_issuers(dir)?).map(Some);
         }
+        if !cert_path.exists() {
+            return Ok(None);
+        }
+        let cert_pem = std::fs::read_to_string(&cert_path).map_err(io_err(&cert_path))?;
+        let key_pem = std::fs::read_to_string(&key_path).map_err(io_err(&key_path))?;
+        Ca::from_pem(&cert_pem, &key_pem, accepted_issuers(dir)?).map(Some)
+    }
+
+    fn create_or_import(
+        data_dir: &Path,
+        import: Option<(&Path, &Path)>,
+        alg: CaAlg,
+        cert_path: &Path,
+        key_path: &Path,
+        hsm_key_path: &Path,
+    ) -> Result<Ca, CaError> {
         if let Some((cert_src, key_src)) = import {
             let cert_pem = std::fs::read_to_string(cert_src).map_err(io_err(cert_src))?;
             let key_pem = std::fs::read_to_string(key_src).map_err(io_err(key_src))?;
             // Validate before copying, so a bad pair never replaces a good one.
-            Ca::from_pem(&cert_pem, &key_pem, Vec::new())?;
-            write_private(&cert_path, cert_pem.as_bytes())?;
-            write_private(&key_path, key_pem.as_bytes())?;
-            remove_if_there(&hsm_key_path)?;
-        } else if !cert_path.exists() {
+            let new = Ca::from_pem(&cert_pem, &key_pem, Vec::new())?;
+            retire_current(data_dir, &new.ski)?;
+            write_private(cert_path, cert_pem.as_bytes())?;
+            write_private(key_path, key_pem.as_bytes())?;
+            remove_if_there(hsm_key_path)?;
+        } else {
             let (cert_pem, key_pem) = match alg {
                 CaAlg::EcP256 => create_ca()?,
                 CaAlg::Sm2 => create_sm2_ca()?,
             };
-            write_private(&cert_path, cert_pem.as_bytes())?;
-            write_private(&key_path, key_pem.as_bytes())?;
+            write_private(cert_path, cert_pem.as_bytes())?;
+            write_private(key_path, key_pem.as_bytes())?;
         }
-        let cert_pem = std::fs::read_to_string(&cert_path).map_err(io_err(&cert_path))?;
-        let key_pem = std::fs::read_to_string(&key_path).map_err(io_err(&key_path))?;
+        let cert_pem = std::fs::read_to_string(cert_path).map_err(io_err(cert_path))?;
+        let key_pem = std::fs::read_to_string(key_path).map_err(io_err(key_path))?;
         Ca::from_pem(&cert_pem, &key_pem, accepted_issuers(data_dir)?)
     }
 
@@ -372,6 +444,7 @@ impl Ca {
             None => self_signed_root(&key, imp.subject.as_deref())?,
         };
         let ca = Ca::from_hsm_key(&cert_pem, key, accepted_issuers(data_dir)?)?;
+        retire_current(data_dir, &ca.ski)?;
         write_private(&cert_path, cert_pem.as_bytes())?;
         write_private(
             &data_dir.join(HSM_KEY_FILE),
@@ -480,8 +553,10 @@ impl Ca {
             .map_err(|e| CaError::BadPem(format!("CA certificate: {e}")))?;
         let name_key = key_of_name(cert.subject());
         let display = display_name(cert.subject());
+        let ski = hex::encode(key_id_of(&cert));
         let mut trusted = vec![TrustedIssuer {
             name_key: name_key.clone(),
+            ski: ski.clone(),
             cert_der: cert_der.clone(),
         }];
         for der in accepted {
@@ -489,6 +564,7 @@ impl Ca {
                 .map_err(|e| CaError::BadPem(format!("accepted issuer: {e}")))?;
             trusted.push(TrustedIssuer {
                 name_key: key_of_name(c.subject()),
+                ski: hex::encode(key_id_of(&c)),
                 cert_der: der.clone(),
             });
         }
@@ -500,7 +576,63 @@ impl Ca {
             signer,
             trusted,
             hsm_uri: None,
+            ski,
+            retired: Vec::new(),
         })
+    }
+
+    /// Its subject key identifier, lower-case hex: what its revocations are kept under.
+    pub fn ski(&self) -> &str {
+        &self.ski
+    }
+
+    /// The CAs it replaced whose keys the portal holds (retired: they sign CRLs only).
+    pub fn retired(&self) -> &[Ca] {
+        &self.retired
+    }
+
+    /// Every CA whose key the portal holds: this one, then the retired ones.
+    pub fn keyring(&self) -> impl Iterator<Item = &Ca> {
+        std::iter::once(self).chain(self.retired.iter())
+    }
+
+    /// The CA of the key `ski` (lower-case hex) names, if the portal holds that key.
+    pub fn by_ski(&self, ski: &str) -> Option<&Ca> {
+        self.keyring().find(|c| c.ski == ski)
+    }
+
+    /// The CA of the portal's keyring whose key signed `der` (a certificate).
+    pub fn signer_of(&self, der: &[u8]) -> Option<&Ca> {
+        let (_, cert) = X509Certificate::from_der(der).ok()?;
+        self.keyring().find(|c| {
+            X509Certificate::from_der(&c.cert_der)
+                .ok()
+                .is_some_and(|(_, ca)| {
+                    c.name_key == key_of_name(cert.issuer()) && signed_by(&cert, &ca)
+                })
+        })
+    }
+
+    /// The SKI of the first trusted issuer named `name` (revocations recorded before
+    /// they were kept by key name their issuer this way).
+    pub fn ski_for_name(&self, name: &NameKey) -> Option<&str> {
+        self.trusted
+            .iter()
+            .find(|t| t.name_key == *name)
+            .map(|t| t.ski.as_str())
+    }
+
+    /// Every issuer whose certificates may be renewed: the keyring's CAs and the
+    /// accepted issuers.
+    pub fn trusted(&self) -> &[TrustedIssuer] {
+        &self.trusted
+    }
+
+    /// Its certificate's validity end.
+    pub fn not_after(&self) -> Option<OffsetDateTime> {
+        X509Certificate::from_der(&self.cert_der)
+            .ok()
+            .map(|(_, c)| c.validity().not_after.to_datetime())
     }
 
     /// The kind of key the CA signs with.
@@ -548,11 +680,17 @@ impl Ca {
 
     /// Whether `cert` was signed by the portal CA or an accepted issuer.
     pub fn verifies(&self, cert: &X509Certificate<'_>) -> bool {
+        self.issuer_of(cert).is_some()
+    }
+
+    /// The trusted issuer (the portal's CA, a retired one, or an accepted issuer) whose
+    /// key signed `cert`.
+    pub fn issuer_of(&self, cert: &X509Certificate<'_>) -> Option<&TrustedIssuer> {
         let issuer_key = key_of_name(cert.issuer());
         self.trusted
             .iter()
             .filter(|t| t.name_key == issuer_key)
-            .any(|t| {
+            .find(|t| {
                 X509Certificate::from_der(&t.cert_der)
                     .ok()
                     .is_some_and(|(_, ca)| signed_by(cert, &ca))
@@ -714,7 +852,12 @@ impl Ca {
             crl_number: SerialNumber::from_slice(&crl_number.to_be_bytes()),
             issuing_distribution_point: None,
             revoked_certs: entries,
-            key_identifier_method: rcgen::KeyIdMethod::Sha256,
+            // The CRL's authority key identifier is the CA certificate's SKI, whatever
+            // method made it: a relying party holding two CA certificates of one name
+            // finds the CRL's issuer by it.
+            key_identifier_method: rcgen::KeyIdMethod::PreSpecified(
+                hex::decode(&self.ski).unwrap_or_default(),
+            ),
         };
         Ok(params.signed_by(issuer.as_ref())?.der().to_vec())
     }
@@ -1001,6 +1144,96 @@ fn accepted_issuers(data_dir: &Path) -> Result<Vec<Vec<u8>>, CaError> {
     }
     let pem = std::fs::read_to_string(&path).map_err(io_err(&path))?;
     parse_cert_bundle(&pem)
+}
+
+/// A certificate's key identifier: its subjectKeyIdentifier extension, else the
+/// SHA-1 of its subjectPublicKey (RFC 5280 §4.2.1.2, method 1).
+pub fn key_id_of(cert: &X509Certificate<'_>) -> Vec<u8> {
+    for ext in cert.extensions() {
+        if let x509_parser::extensions::ParsedExtension::SubjectKeyIdentifier(id) =
+            ext.parsed_extension()
+        {
+            return id.0.to_vec();
+        }
+    }
+    aws_lc_rs::digest::digest(
+        &aws_lc_rs::digest::SHA1_FOR_LEGACY_USE_ONLY,
+        &cert.public_key().subject_public_key.data,
+    )
+    .as_ref()
+    .to_vec()
+}
+
+/// Before the data directory's CA is replaced by the CA of key `new_ski`: when the one
+/// there is another key's, its certificate and key (file or `pkcs11:` URI) are copied
+/// to `retired-cas/<SKI>/` (written before anything is replaced, so a crash between
+/// leaves the CA in both places, never in none).
+fn retire_current(data_dir: &Path, new_ski: &str) -> Result<(), CaError> {
+    let cert_path = data_dir.join(CERT_FILE);
+    if !cert_path.exists() {
+        return Ok(());
+    }
+    let cert_pem = std::fs::read_to_string(&cert_path).map_err(io_err(&cert_path))?;
+    let first = parse_cert_bundle(&cert_pem)?.remove(0);
+    let (_, cert) = X509Certificate::from_der(&first)
+        .map_err(|e| CaError::BadPem(format!("CA certificate: {e}")))?;
+    let ski = hex::encode(key_id_of(&cert));
+    if ski == new_ski {
+        return Ok(());
+    }
+    let dir = data_dir.join(RETIRED_DIR).join(&ski);
+    crate::datadir::prepare(&dir).map_err(CaError::DataDir)?;
+    for name in [CERT_FILE, KEY_FILE, HSM_KEY_FILE] {
+        let from = data_dir.join(name);
+        if from.exists() {
+            let bytes = std::fs::read(&from).map_err(io_err(&from))?;
+            write_private(&dir.join(name), &bytes)?;
+        }
+    }
+    Ok(())
+}
+
+/// The retired CAs of `data_dir` (see [`RETIRED_DIR`]), the active one (`active_ski`)
+/// left out, oldest directory name first.
+fn retired_cas(
+    data_dir: &Path,
+    active_ski: &str,
+    hsm: Option<&crate::hsm::Hsm>,
+) -> Result<Vec<Ca>, CaError> {
+    let root = data_dir.join(RETIRED_DIR);
+    if !root.exists() {
+        return Ok(Vec::new());
+    }
+    let mut dirs = Vec::new();
+    for entry in std::fs::read_dir(&root).map_err(io_err(&root))? {
+        let entry = entry.map_err(io_err(&root))?;
+        if entry.path().is_dir() {
+            dirs.push(entry.path());
+        }
+    }
+    dirs.sort();
+    let mut out: Vec<Ca> = Vec::new();
+    for dir in dirs {
+        let ca = Ca::load_dir(&dir, true, hsm)
+            .map_err(|e| {
+                CaError::BadKey(format!(
+                    "已停用的 CA {} 无法载入 / the retired CA in {} cannot be loaded: {e}",
+                    dir.display(),
+                    dir.display()
+                ))
+            })?
+            .ok_or_else(|| {
+                CaError::BadKey(format!(
+                    "已停用的 CA 目录 {} 中没有证书 / the retired CA directory {} holds no ca-cert.pem",
+                    dir.display(),
+                    dir.display()
+                ))
+            })?;
+        if ca.ski != active_ski && out.iter().all(|o| o.ski != ca.ski) {
+            out.push(ca);
+        }
+    }
+    Ok(out)
 }
 
 fn remove_if_there(path: &Path) -> Result<(), CaError> {

@@ -271,6 +271,7 @@ impl Portal {
                     &order.id,
                     &serial,
                     Some(&step(None, "confirmed")),
+                    &self.renewed_issuer_fallback(&order),
                     t.unix_timestamp(),
                 )?;
                 Ok(Outcome::PkiConf)
@@ -422,10 +423,13 @@ impl Portal {
             .map(names::key_of_name_der)
             .transpose()
             .map_err(|e| Error::Cmp(Refusal::new(Failure::BadCertTemplate, e.to_string())))?;
-        if let Err(e) = self.check_renewed(order, signer, true) {
-            let r = refusal_of(e);
-            return rejected(r.failure, r.text);
-        }
+        let issuer_ski = match self.check_renewed(order, signer, true) {
+            Ok(ski) => ski,
+            Err(e) => {
+                let r = refusal_of(e);
+                return rejected(r.failure, r.text);
+            }
+        };
         let ask = IssueAsk {
             order,
             old: signer,
@@ -433,6 +437,7 @@ impl Portal {
             spki_der,
             transport_key_spki: None,
             renewal_code: req.renewal_code.as_deref(),
+            issuer_ski: &issuer_ski,
             freshness: Freshness::Cmp(Box::new(CmpStep {
                 state: "issued",
                 ..step.clone()

@@ -182,6 +182,7 @@ fn public_routes(portal: &Arc<Portal>) -> Router<AppState> {
         .route(paths::ISSUE, post(issue))
         .route(paths::INSTALLED, post(installed))
         .route(paths::CRL, get(crl))
+        .route(paths::CRL_OF_KEY, get(crl_of_key))
         .route(paths::CA_CERT, get(ca_cert))
         .route(paths::OPENAPI, get(openapi))
         .route(paths::CMP, post(cmp))
@@ -343,6 +344,21 @@ async fn cmp_profile(
 
 async fn crl(State(p): State<AppState>) -> Result<Response, HttpError> {
     let der = blocking(&p, |p| p.crl()).await?;
+    Ok((
+        [(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("application/pkix-crl"),
+        )],
+        der,
+    )
+        .into_response())
+}
+
+async fn crl_of_key(
+    State(p): State<AppState>,
+    Path(ski): Path<String>,
+) -> Result<Response, HttpError> {
+    let der = blocking(&p, move |p| p.crl_of_key(&ski)).await?;
     Ok((
         [(
             header::CONTENT_TYPE,

@@ -717,7 +717,32 @@ fn ca(base: &PortalConfig, cmd: CaCommand) -> Result<()> {
             if let Some(uri) = portal.ca().hsm_uri() {
                 println!("key in the HSM: {uri}");
             }
+            println!("key identifier: {}", portal.ca().ski());
             println!("certificate: {}", data.join("ca-cert.pem").display());
+            println!(
+                "CRL: {}",
+                ukey_portal_api::paths::crl_of_key(portal.ca().ski())
+            );
+            for old in portal.ca().retired() {
+                println!(
+                    "retired CA (signs its CRL only) / 已停用的 CA（仅签发其 CRL）: {}",
+                    old.display_name()
+                );
+                println!("  key identifier: {}", old.ski());
+                if let Some(uri) = old.hsm_uri() {
+                    println!("  key in the HSM: {uri}");
+                }
+                if let Some(end) = old.not_after() {
+                    println!("  valid until: {end}");
+                }
+                println!(
+                    "  directory: {}",
+                    data.join(ukey_portal::ca::RETIRED_DIR)
+                        .join(old.ski())
+                        .display()
+                );
+                println!("  CRL: {}", ukey_portal_api::paths::crl_of_key(old.ski()));
+            }
         }
         CaCommand::Init {
             ca_key,

@@ -115,6 +115,8 @@ pub(crate) struct IssueAsk<'a> {
     pub transport_key_spki: Option<&'a [u8]>,
     /// The renewal code the request carries.
     pub renewal_code: Option<&'a str>,
+    /// The SKI of the issuer key the old certificate chains to ([`Portal::check_renewed`]).
+    pub issuer_ski: &'a str,
     pub freshness: Freshness,
     pub t: OffsetDateTime,
 }
@@ -138,12 +140,16 @@ pub struct Portal {
     challenge_ttl: Duration,
     cmp: CmpSettings,
     cmp_identity: crate::ca::CmpIdentity,
-    crl_cache: Mutex<Option<(u64, i64, Vec<u8>)>>,
+    /// Per CA key (SKI): the CRL last made.
+    crl_cache: Mutex<std::collections::HashMap<String, CachedCrl>>,
     limits: crate::limit::Limits,
     header_read_timeout: std::time::Duration,
     /// The HSM key-encryption key sealing escrowed keys (`None`: stored in clear).
     kek: Option<crate::hsm::Kek>,
 }
+
+/// A CRL as made: its number, when (Unix seconds), its DER.
+type CachedCrl = (u64, i64, Vec<u8>);
 
 fn api(code: ErrorCode, message: impl Into<String>) -> Error {
     Error::Api(ApiError::new(code, message))
@@ -196,6 +202,7 @@ impl Portal {
                 Store::open(&dir.join(DB_FILE))?
             }
         };
+        resolve_issuers(&store, &ca)?;
         let admin_token = load_or_create_token(dir)?;
         let cmp_identity = ca.cmp_identity(dir, now())?;
         // What this start wrote is the owner's alone too.
@@ -208,7 +215,7 @@ impl Portal {
             challenge_ttl: config.challenge_ttl,
             cmp: config.cmp,
             cmp_identity,
-            crl_cache: Mutex::new(None),
+            crl_cache: Mutex::new(std::collections::HashMap::new()),
             limits: crate::limit::Limits::new(config.rate_per_subject, config.rate_per_address),
             header_read_timeout: config.header_read_timeout,
             kek,
@@ -437,7 +444,7 @@ impl Portal {
         }
 
         let old = parse_certificate(&req.old_certificate_der)?;
-        self.check_renewed(&order, &old, true)?;
+        let issuer_ski = self.check_renewed(&order, &old, true)?;
         let signed = challenge_signed_data(
             &order.id,
             &challenge.nonce,
@@ -471,6 +478,7 @@ impl Portal {
             spki_der: info.subject_pki.raw,
             transport_key_spki: req.transport_key_spki.as_deref(),
             renewal_code: req.renewal_code.as_deref(),
+            issuer_ski: &issuer_ski,
             freshness: Freshness::Challenge(challenge.id.clone()),
             t,
         })?;
@@ -483,14 +491,14 @@ impl Portal {
     }
 
     /// The certificate being renewed (its holder proved possession of its key): the
-    /// one the order renews, issued by this portal's CA, and (for a new request) not
-    /// revoked.
+    /// one the order renews, issued by this portal's CA (or a retired or accepted
+    /// one), and (for a new request) not revoked. Returns its issuer key's SKI.
     pub(crate) fn check_renewed(
         &self,
         order: &Order,
         old: &X509Certificate<'_>,
         not_revoked: bool,
-    ) -> Result<(), Error> {
+    ) -> Result<String, Error> {
         let old_serial = ukey_portal_api::serial_hex_from_bytes(old.raw_serial());
         if names::key_of_name(old.issuer()) != order.issuer_key || old_serial != order.serial_hex {
             return Err(api(
@@ -501,19 +509,28 @@ impl Portal {
                 ),
             ));
         }
-        if !self.ca.verifies(old) {
+        let Some(issuer) = self.ca.issuer_of(old) else {
             return Err(api(
                 ErrorCode::CertificateNotTrusted,
                 "the certificate was not issued by this portal's CA",
             ));
-        }
-        if not_revoked && self.store.is_revoked(&order.issuer_key, &old_serial)? {
+        };
+        if not_revoked && self.store.is_revoked(&issuer.ski, &old_serial)? {
             return Err(api(
                 ErrorCode::CertificateRevoked,
                 "the certificate is revoked",
             ));
         }
-        Ok(())
+        Ok(issuer.ski.clone())
+    }
+
+    /// The issuer key of the certificate `order` renews when no request recorded it
+    /// (an order issued before keys were recorded): the first trusted issuer of its name.
+    pub(crate) fn renewed_issuer_fallback(&self, order: &Order) -> String {
+        self.ca
+            .ski_for_name(&order.issuer_key)
+            .unwrap_or(crate::store::UNKNOWN_ISSUER)
+            .to_owned()
     }
 
     /// The order's renewal code, when it has one: the request must carry it. A wrong
@@ -670,7 +687,11 @@ impl Portal {
             });
         }
 
-        let crl_url = self.public_url().map(|u| format!("{u}{}", paths::CRL));
+        // The CRL of the key that signs, not "the CA's": after a rollover that is
+        // another CRL.
+        let crl_url = self
+            .public_url()
+            .map(|u| format!("{u}{}", paths::crl_of_key(self.ca.ski())));
         let years = order.terms.years;
         let issued = self
             .ca
@@ -697,6 +718,7 @@ impl Portal {
             der: issued.der,
             subject: issued.subject,
             escrow_pkcs8: None,
+            issuer_ski: Some(self.ca.ski().to_owned()),
         };
         let encryption = if order.terms.with_encryption_cert {
             let alg = order.terms.target_algorithm;
@@ -723,6 +745,7 @@ impl Portal {
                 der: enc.der,
                 subject: enc.subject,
                 escrow_pkcs8: Some(stored),
+                issuer_ski: Some(self.ca.ski().to_owned()),
             })
         } else {
             None
@@ -731,13 +754,11 @@ impl Portal {
             order_id: order.id.clone(),
             freshness: ask.freshness.with_serial(&signing.serial_hex),
             spki_sha256: spki_hash,
+            renewed_issuer_ski: ask.issuer_ski.to_owned(),
             signing,
             encryption,
         };
-        match self
-            .store
-            .commit_issue(&new, self.ca.name_key(), t.unix_timestamp())?
-        {
+        match self.store.commit_issue(&new, t.unix_timestamp())? {
             IssueCommit::Issued => Ok(Issuance {
                 signing: new.signing,
                 encryption: new.encryption,
@@ -857,21 +878,39 @@ impl Portal {
                 "the signature does not verify with the issued certificate's key",
             ));
         }
-        let revoked =
-            self.store
-                .commit_installed(&order.id, &serial, None, now().unix_timestamp())?;
+        let revoked = self.store.commit_installed(
+            &order.id,
+            &serial,
+            None,
+            &self.renewed_issuer_fallback(&order),
+            now().unix_timestamp(),
+        )?;
         Ok(InstalledResponse {
             order_id: order.id,
             revoked_serials_hex: revoked,
         })
     }
 
-    /// The current CRL, DER (cached until a revocation or for an hour).
+    /// The issuing CA's current CRL, DER (cached until a revocation or for an hour).
     pub fn crl(&self) -> Result<Vec<u8>, Error> {
-        let (number, entries) = self.store.crl_entries(self.ca.name_key())?;
+        self.crl_of_key(self.ca.ski())
+    }
+
+    /// The current CRL of the CA key `ski` (lower-case hex): the issuing CA's or a
+    /// retired one's, signed by that key; `not_found` for a key the portal does not hold.
+    pub fn crl_of_key(&self, ski: &str) -> Result<Vec<u8>, Error> {
+        let Some(ca) = self.ca.by_ski(&ski.to_ascii_lowercase()) else {
+            return Err(api(
+                ErrorCode::CaKeyNotFound,
+                format!(
+                    "门户没有密钥标识为 {ski} 的 CA 密钥 / this portal holds no CA key with the key identifier {ski}"
+                ),
+            ));
+        };
+        let (number, entries) = self.store.crl_entries(ca.ski())?;
         let t = now();
         let mut cache = self.crl_cache.lock().unwrap_or_else(|p| p.into_inner());
-        if let Some((n, at, der)) = cache.as_ref() {
+        if let Some((n, at, der)) = cache.get(ca.ski()) {
             if *n == number && t.unix_timestamp() - at < 3600 {
                 return Ok(der.clone());
             }
@@ -884,8 +923,11 @@ impl Portal {
                 reason: crate::ca::Reason::parse(&reason).unwrap_or(crate::ca::Reason::Superseded),
             })
             .collect();
-        let der = self.ca.crl(&revoked, number, t)?;
-        *cache = Some((number, t.unix_timestamp(), der.clone()));
+        let der = ca.crl(&revoked, number, t)?;
+        cache.insert(
+            ca.ski().to_owned(),
+            (number, t.unix_timestamp(), der.clone()),
+        );
         Ok(der)
     }
 
@@ -1045,12 +1087,8 @@ impl Portal {
     pub fn revoke(&self, serial_hex: &str, reason: crate::ca::Reason) -> Result<(), Error> {
         let serial = normalize_serial_hex(serial_hex)
             .map_err(|e| api(ErrorCode::InvalidSerial, e.to_string()))?;
-        self.store.revoke_issued(
-            self.ca.name_key(),
-            &serial,
-            reason.as_str(),
-            now().unix_timestamp(),
-        )
+        self.store
+            .revoke_issued(&serial, reason.as_str(), now().unix_timestamp())
     }
 
     /// An operator cancels an open order: rejected with `reason`, and what it issued
@@ -1066,7 +1104,6 @@ impl Portal {
         }
         let (order, revoked) = self.store.cancel_order(
             order_id,
-            self.ca.name_key(),
             &format!("已取消 / cancelled: {reason}"),
             crate::ca::Reason::CessationOfOperation.as_str(),
             now().unix_timestamp(),
@@ -1084,7 +1121,6 @@ impl Portal {
         let t = now();
         self.store.sweep_unconfirmed(
             (t - older_than).unix_timestamp(),
-            self.ca.name_key(),
             crate::ca::Reason::CessationOfOperation.as_str(),
             t.unix_timestamp(),
         )
@@ -1204,4 +1240,27 @@ fn load_or_create_token(dir: &Path) -> Result<String, Error> {
         hex::encode(crypto::random_bytes(32).map_err(|_| Error::Setup("RNG failure".into()))?);
     crate::ca::write_secret_file(&path, format!("{token}\n").as_bytes())?;
     Ok(token)
+}
+
+/// What was recorded before revocations were kept by CA key (migration 6) gets its
+/// key: named revocations by the trusted issuer of that name, issued certificates by
+/// the keyring CA whose signature they carry. Certificates of a CA key the portal no
+/// longer holds are said at start: they can be revoked but no CRL can list them.
+fn resolve_issuers(store: &Store, ca: &Ca) -> Result<(), Error> {
+    let issuers: Vec<(NameKey, String)> = ca
+        .trusted()
+        .iter()
+        .map(|t| (t.name_key.clone(), t.ski.clone()))
+        .collect();
+    let unknown = store.resolve_issuers(&issuers, &|der| {
+        ca.signer_of(der).map(|c| c.ski().to_owned())
+    })?;
+    if unknown > 0 {
+        eprintln!(
+            "ukey-portal: 有 {unknown} 张证书的签发 CA 密钥已不在门户中，它们无法列入任何 CRL / \
+             {unknown} issued certificate(s) were signed by a CA key this portal no longer holds: \
+             no CRL can list them"
+        );
+    }
+    Ok(())
 }

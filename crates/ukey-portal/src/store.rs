@@ -114,7 +114,34 @@ const MIGRATIONS: &[Migration] = &[
     CREATE INDEX challenges_by_order ON challenges(order_id, used_at);",
         postgres: "",
     },
+    // 6: CA rollover. Revocations are kept by the issuer's key (its SKI), not its name:
+    // a new CA key under the same name has its own CRL. Rows from before name their
+    // issuer 'name:<name key>' until the portal, at start, resolves the name to a key
+    // it knows. Each issued certificate records the CA key that signed it, each order
+    // the key its renewed certificate chains to.
+    Migration {
+        sql: "CREATE TABLE revocations_by_key (
+        issuer_ski TEXT NOT NULL,
+        serial_hex TEXT NOT NULL,
+        revoked_at INTEGER NOT NULL,
+        reason TEXT NOT NULL,
+        order_id TEXT,
+        PRIMARY KEY (issuer_ski, serial_hex)
+    );
+    INSERT INTO revocations_by_key (issuer_ski, serial_hex, revoked_at, reason, order_id)
+        SELECT 'name:' || issuer_key, serial_hex, revoked_at, reason, order_id FROM revocations;
+    DROP TABLE revocations;
+    ALTER TABLE revocations_by_key RENAME TO revocations;
+    ALTER TABLE certificates ADD COLUMN issuer_ski TEXT;
+    ALTER TABLE orders ADD COLUMN issuer_ski TEXT;
+    CREATE INDEX certificates_issuer_unknown ON certificates(serial_hex) WHERE issuer_ski IS NULL;",
+        postgres: "",
+    },
 ];
+
+/// The issuer recorded for a certificate whose CA key the portal does not hold (issued
+/// before CA keys were recorded, by a key since thrown away): revocable, never on a CRL.
+pub const UNKNOWN_ISSUER: &str = "?";
 
 /// Challenges an order may have outstanding (unused, unexpired) at once: a bound that
 /// holds across instances, whatever each one's rate limit.
@@ -209,6 +236,9 @@ pub struct Order {
     pub renewal_code: Option<String>,
     /// Wrong renewal codes tried.
     pub renewal_code_failures: i64,
+    /// The SKI (hex) of the issuer key the renewed certificate chains to, once a
+    /// request proved it.
+    pub issuer_ski: Option<String>,
     /// Unix seconds.
     pub created_at: i64,
     /// Unix seconds.
@@ -266,6 +296,16 @@ pub struct StoredCert {
     pub subject: String,
     /// Escrowed PKCS#8 (encryption certificates).
     pub escrow_pkcs8: Option<Vec<u8>>,
+    /// The SKI (hex) of the CA key that signed it (`None`: not known, see
+    /// [`UNKNOWN_ISSUER`]).
+    pub issuer_ski: Option<String>,
+}
+
+impl StoredCert {
+    /// What its revocation is kept under.
+    pub fn issuer(&self) -> &str {
+        self.issuer_ski.as_deref().unwrap_or(UNKNOWN_ISSUER)
+    }
 }
 
 /// A new issuance to record.
@@ -277,6 +317,8 @@ pub struct NewIssuance {
     pub freshness: Freshness,
     /// SHA-256 of the CSR's SPKI.
     pub spki_sha256: Vec<u8>,
+    /// The SKI (hex) of the issuer key the renewed certificate chains to.
+    pub renewed_issuer_ski: String,
     /// The signing certificate.
     pub signing: StoredCert,
     /// The encryption certificate, if the order has one.
@@ -450,6 +492,7 @@ fn order_from_row(row: &Row) -> Result<Order, Error> {
         current_encryption_serial: row.get("current_encryption_serial")?,
         renewal_code: row.get("renewal_code")?,
         renewal_code_failures: row.get("renewal_code_failures")?,
+        issuer_ski: row.get("issuer_ski")?,
         created_at: row.get("created_at")?,
         updated_at: row.get("updated_at")?,
     })
@@ -464,6 +507,7 @@ fn cert_from_row(row: &Row) -> Result<StoredCert, Error> {
         der: row.get("der")?,
         subject: row.get("subject")?,
         escrow_pkcs8: row.get("escrow_pkcs8")?,
+        issuer_ski: row.get("issuer_ski")?,
     })
 }
 
@@ -475,8 +519,8 @@ macro_rules! select_orders {
             "SELECT id, issuer_key, issuer_display, serial_hex, years, key_policy,
                target_algorithm, with_encryption_cert, old_encryption_serial_hex, state,
                reject_reason, tracking_number, current_spki_sha256, current_signing_serial,
-               current_encryption_serial, renewal_code, renewal_code_failures, created_at,
-               updated_at FROM orders ",
+               current_encryption_serial, renewal_code, renewal_code_failures, issuer_ski,
+               created_at, updated_at FROM orders ",
             $rest
         )
     };
@@ -504,7 +548,7 @@ fn lock_order(tx: &mut dyn Tx, id: &str) -> Result<Order, Error> {
 
 fn get_cert(tx: &mut dyn Tx, serial: &str) -> Result<Option<StoredCert>, Error> {
     tx.query_opt(
-        "SELECT serial_hex, order_id, kind, spki_sha256, der, subject, escrow_pkcs8
+        "SELECT serial_hex, order_id, kind, spki_sha256, der, subject, escrow_pkcs8, issuer_ski
          FROM certificates WHERE serial_hex = ?1",
         params![serial],
     )?
@@ -513,21 +557,29 @@ fn get_cert(tx: &mut dyn Tx, serial: &str) -> Result<Option<StoredCert>, Error> 
     .transpose()
 }
 
-/// Records a revocation; false when the certificate was revoked before.
+/// Records a revocation of `serial` under the issuer key `issuer_ski`; false when the
+/// certificate was revoked before.
 fn revoke(
     tx: &mut dyn Tx,
-    issuer_key: &str,
+    issuer_ski: &str,
     serial: &str,
     reason: &str,
     now: i64,
     order_id: &str,
 ) -> Result<bool, Error> {
     let n = tx.execute(
-        "INSERT INTO revocations (issuer_key, serial_hex, revoked_at, reason, order_id)
+        "INSERT INTO revocations (issuer_ski, serial_hex, revoked_at, reason, order_id)
          VALUES (?1, ?2, ?3, ?4, ?5) ON CONFLICT DO NOTHING",
-        params![issuer_key, serial, now, reason, order_id],
+        params![issuer_ski, serial, now, reason, order_id],
     )?;
     Ok(n == 1)
+}
+
+/// The issuer key of a certificate this portal issued, as its revocation is kept.
+fn issuer_of_issued(tx: &mut dyn Tx, serial: &str) -> Result<String, Error> {
+    Ok(get_cert(tx, serial)?
+        .map(|c| c.issuer().to_owned())
+        .unwrap_or_else(|| UNKNOWN_ISSUER.to_owned()))
 }
 
 fn bump_crl_number(tx: &mut dyn Tx) -> Result<(), Error> {
@@ -803,16 +855,71 @@ impl Store {
         })
     }
 
-    /// Whether a certificate is revoked.
-    pub fn is_revoked(&self, issuer_key: &NameKey, serial_hex: &str) -> Result<bool, Error> {
+    /// Whether the certificate `serial_hex` of the issuer key `issuer_ski` is revoked.
+    pub fn is_revoked(&self, issuer_ski: &str, serial_hex: &str) -> Result<bool, Error> {
         self.db.read(|tx| {
             Ok(tx
                 .query_opt(
-                    "SELECT 1 FROM revocations WHERE issuer_key = ?1 AND serial_hex = ?2",
-                    params![issuer_key.as_str(), serial_hex],
+                    "SELECT 1 FROM revocations WHERE issuer_ski = ?1 AND serial_hex = ?2",
+                    params![issuer_ski, serial_hex],
                 )?
                 .is_some())
         })
+    }
+
+    /// Resolves what was recorded before CA keys were (migration 6): revocations kept
+    /// under an issuer's name get the key of the first of `issuers` (name, SKI) with
+    /// that name; issued certificates without a CA key get the SKI `signer_of` finds
+    /// for their DER. Returns the certificates left whose CA key is not known.
+    pub fn resolve_issuers(
+        &self,
+        issuers: &[(NameKey, String)],
+        signer_of: &dyn Fn(&[u8]) -> Option<String>,
+    ) -> Result<usize, Error> {
+        let unresolved: Vec<(String, Vec<u8>)> = self.db.read(|tx| {
+            tx.query(
+                "SELECT serial_hex, der FROM certificates WHERE issuer_ski IS NULL",
+                &[],
+            )?
+            .iter()
+            .map(|r| Ok((r.at(0)?, r.at(1)?)))
+            .collect::<Result<_, Error>>()
+        })?;
+        let found: Vec<(String, String)> = unresolved
+            .iter()
+            .filter_map(|(serial, der)| signer_of(der).map(|ski| (serial.clone(), ski)))
+            .collect();
+        let named = self.db.read(|tx| {
+            Ok::<_, Error>(
+                tx.query_opt(
+                    "SELECT 1 FROM revocations WHERE issuer_ski LIKE 'name:%'",
+                    &[],
+                )?
+                .is_some(),
+            )
+        })?;
+        if named || !found.is_empty() {
+            self.db.write(|tx| {
+                let mut seen = std::collections::HashSet::new();
+                for (name, ski) in issuers {
+                    if seen.insert(name.as_str()) {
+                        let named = format!("name:{}", name.as_str());
+                        tx.execute(
+                            "UPDATE revocations SET issuer_ski = ?1 WHERE issuer_ski = ?2",
+                            params![ski, &named],
+                        )?;
+                    }
+                }
+                for (serial, ski) in &found {
+                    tx.execute(
+                        "UPDATE certificates SET issuer_ski = ?2 WHERE serial_hex = ?1",
+                        params![serial, ski],
+                    )?;
+                }
+                Ok::<_, Error>(())
+            })?;
+        }
+        Ok(unresolved.len() - found.len())
     }
 
     /// An issued certificate.
@@ -822,12 +929,7 @@ impl Store {
 
     /// Consumes the challenge and records the issuance; earlier, never-installed
     /// certificates of the order are revoked. Re-checks challenge and order state.
-    pub fn commit_issue(
-        &self,
-        new: &NewIssuance,
-        ca_key: &NameKey,
-        now: i64,
-    ) -> Result<IssueCommit, Error> {
+    pub fn commit_issue(&self, new: &NewIssuance, now: i64) -> Result<IssueCommit, Error> {
         self.db.write(|tx| {
             let order = lock_order(tx, &new.order_id)?;
             consume(tx, &new.freshness, &new.order_id, now)?;
@@ -870,7 +972,8 @@ impl Store {
             .into_iter()
             .flatten()
             {
-                revoked_any |= revoke(tx, ca_key.as_str(), serial, "superseded", now, &order.id)?;
+                let issuer = issuer_of_issued(tx, serial)?;
+                revoked_any |= revoke(tx, &issuer, serial, "superseded", now, &order.id)?;
             }
             if revoked_any {
                 bump_crl_number(tx)?;
@@ -878,7 +981,7 @@ impl Store {
             for cert in std::iter::once(&new.signing).chain(new.encryption.as_ref()) {
                 tx.execute(
                     "INSERT INTO certificates (serial_hex, order_id, kind, spki_sha256, der, subject,
-                       escrow_pkcs8, issued_at) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
+                       escrow_pkcs8, issued_at, issuer_ski) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)",
                     params![
                         &cert.serial_hex,
                         &cert.order_id,
@@ -887,19 +990,21 @@ impl Store {
                         &cert.der,
                         &cert.subject,
                         &cert.escrow_pkcs8,
-                        now
+                        now,
+                        &cert.issuer_ski
                     ],
                 )?;
             }
             tx.execute(
                 "UPDATE orders SET state = 'issued', current_spki_sha256 = ?2, current_signing_serial = ?3,
-                   current_encryption_serial = ?4, updated_at = ?5 WHERE id = ?1",
+                   current_encryption_serial = ?4, updated_at = ?5, issuer_ski = ?6 WHERE id = ?1",
                 params![
                     &order.id,
                     &new.spki_sha256,
                     &new.signing.serial_hex,
                     new.encryption.as_ref().map(|c| c.serial_hex.as_str()),
-                    now
+                    now,
+                    &new.renewed_issuer_ski
                 ],
             )?;
             Ok(IssueCommit::Issued)
@@ -932,12 +1037,15 @@ impl Store {
     /// Completes the order: revokes the certificate it renews (and the old encryption
     /// certificate it names). Returns the serials revoked by this order. Idempotent for
     /// the same certificate.
-    /// Over CMP the certConf `confirm` is recorded with it.
+    /// Over CMP the certConf `confirm` is recorded with it. The renewed certificate's
+    /// issuer key is the one its issue request proved, else `renewed_issuer_ski` (an
+    /// order issued before keys were recorded).
     pub fn commit_installed(
         &self,
         order_id: &str,
         serial_hex: &str,
         confirm: Option<&CmpStep>,
+        renewed_issuer_ski: &str,
         now: i64,
     ) -> Result<Vec<String>, Error> {
         self.db.write(|tx| {
@@ -948,11 +1056,17 @@ impl Store {
             let is_current = order.current_signing_serial.as_deref() == Some(serial_hex);
             match order.state {
                 OrderState::Issued if is_current => {
-                    let issuer = order.issuer_key.as_str();
+                    let issuer = order.issuer_ski.as_deref().unwrap_or(renewed_issuer_ski);
                     let mut revoked_any =
                         revoke(tx, issuer, &order.serial_hex, "superseded", now, order_id)?;
                     if let Some(enc) = &order.old_encryption_serial_hex {
-                        revoked_any |= revoke(tx, issuer, enc, "superseded", now, order_id)?;
+                        // The old encryption certificate: this portal's (its CA key
+                        // recorded), else the renewed certificate's issuer's.
+                        let enc_issuer = match get_cert(tx, enc)? {
+                            Some(c) => c.issuer().to_owned(),
+                            None => issuer.to_owned(),
+                        };
+                        revoked_any |= revoke(tx, &enc_issuer, enc, "superseded", now, order_id)?;
                     }
                     if revoked_any {
                         bump_crl_number(tx)?;
@@ -995,13 +1109,7 @@ impl Store {
 
     /// An operator's revocation of a certificate this portal issued, with its reason.
     /// Refused when it is already revoked (the CRL keeps the first reason).
-    pub fn revoke_issued(
-        &self,
-        issuer_key: &NameKey,
-        serial_hex: &str,
-        reason: &str,
-        now: i64,
-    ) -> Result<(), Error> {
+    pub fn revoke_issued(&self, serial_hex: &str, reason: &str, now: i64) -> Result<(), Error> {
         self.db.write(|tx| {
             let cert = get_cert(tx, serial_hex)?.ok_or_else(|| {
                 api(
@@ -1009,18 +1117,11 @@ impl Store {
                     format!("this portal issued no certificate {serial_hex}"),
                 )
             })?;
-            if !revoke(
-                tx,
-                issuer_key.as_str(),
-                serial_hex,
-                reason,
-                now,
-                &cert.order_id,
-            )? {
+            if !revoke(tx, cert.issuer(), serial_hex, reason, now, &cert.order_id)? {
                 let earlier: String = tx
                     .query_opt(
-                        "SELECT reason FROM revocations WHERE issuer_key = ?1 AND serial_hex = ?2",
-                        params![issuer_key.as_str(), serial_hex],
+                        "SELECT reason FROM revocations WHERE issuer_ski = ?1 AND serial_hex = ?2",
+                        params![cert.issuer(), serial_hex],
                     )?
                     .map(|r| r.at(0))
                     .transpose()?
@@ -1041,7 +1142,6 @@ impl Store {
     pub fn cancel_order(
         &self,
         id: &str,
-        ca_key: &NameKey,
         reason: &str,
         revoke_reason: &str,
         now: i64,
@@ -1059,15 +1159,17 @@ impl Store {
             }
             let serials = tx
                 .query(
-                    "SELECT serial_hex FROM certificates WHERE order_id = ?1 ORDER BY serial_hex",
+                    "SELECT serial_hex, issuer_ski FROM certificates WHERE order_id = ?1
+                     ORDER BY serial_hex",
                     params![id],
                 )?
                 .iter()
-                .map(|r| r.at::<String>(0))
-                .collect::<Result<Vec<_>, _>>()?;
+                .map(|r| Ok((r.at::<String>(0)?, r.at::<Option<String>>(1)?)))
+                .collect::<Result<Vec<_>, Error>>()?;
             let mut revoked = Vec::new();
-            for serial in serials {
-                if revoke(tx, ca_key.as_str(), &serial, revoke_reason, now, id)? {
+            for (serial, issuer) in serials {
+                let issuer = issuer.as_deref().unwrap_or(UNKNOWN_ISSUER);
+                if revoke(tx, issuer, &serial, revoke_reason, now, id)? {
                     revoked.push(serial);
                 }
             }
@@ -1090,7 +1192,6 @@ impl Store {
     pub fn sweep_unconfirmed(
         &self,
         before: i64,
-        ca_key: &NameKey,
         revoke_reason: &str,
         now: i64,
     ) -> Result<Vec<(String, Vec<String>)>, Error> {
@@ -1117,7 +1218,8 @@ impl Store {
                 .into_iter()
                 .flatten()
                 {
-                    if revoke(tx, ca_key.as_str(), serial, revoke_reason, now, &id)? {
+                    let issuer = issuer_of_issued(tx, serial)?;
+                    if revoke(tx, &issuer, serial, revoke_reason, now, &id)? {
                         revoked.push(serial.clone());
                     }
                 }
@@ -1167,8 +1269,8 @@ impl Store {
         self.db.write(|tx| apply_cmp(tx, step, now))
     }
 
-    /// CRL number and the revocations of certificates issued under `issuer_key`.
-    pub fn crl_entries(&self, issuer_key: &NameKey) -> Result<(u64, Vec<RevocationRow>), Error> {
+    /// CRL number and the revocations of certificates issued by the key `issuer_ski`.
+    pub fn crl_entries(&self, issuer_ski: &str) -> Result<(u64, Vec<RevocationRow>), Error> {
         self.db.read(|tx| {
             let number: i64 = tx
                 .query_opt("SELECT value FROM meta WHERE key = 'crl_number'", &[])?
@@ -1176,9 +1278,9 @@ impl Store {
                 .at(0)?;
             let rows = tx
                 .query(
-                    "SELECT serial_hex, revoked_at, reason FROM revocations WHERE issuer_key = ?1
+                    "SELECT serial_hex, revoked_at, reason FROM revocations WHERE issuer_ski = ?1
                      ORDER BY revoked_at, serial_hex",
-                    params![issuer_key.as_str()],
+                    params![issuer_ski],
                 )?
                 .iter()
                 .map(|r| Ok((r.at(0)?, r.at(1)?, r.at(2)?)))
