@@ -243,14 +243,17 @@ fn no_module(lang: ukey_token::Lang) -> IpcError {
 
 /// Renews one certificate. The PIN is used for this one attempt and dropped; a wrong
 /// PIN comes back as `pin_incorrect` and is not tried again. `confirm_final_try`: the
-/// user was shown that this is the PIN's last try.
+/// user was shown that this is the PIN's last try. `renewal_code`: the order's code,
+/// when the portal asks for one (a wrong one comes back as `renewal_code_invalid`).
 #[tauri::command]
+#[allow(clippy::too_many_arguments)]
 pub async fn renew(
     state: State<'_, AppState>,
     token_id: String,
     cert_serial: String,
     pin: SecretString,
     confirm_final_try: bool,
+    renewal_code: Option<String>,
     on_event: Channel<RenewEvent>,
 ) -> IpcResult<RenewOutcome> {
     let cfg = engine_config(&state);
@@ -265,7 +268,12 @@ pub async fn renew(
                     tracing::debug!("progress channel closed: {err}");
                 }
             };
-            let outcome = renewal::renew(module, &t, &c, &pin, confirm_final_try, &cfg, &mut send);
+            let entered = renewal::Entered {
+                pin: &pin,
+                confirm_final_try,
+                renewal_code,
+            };
+            let outcome = renewal::renew(module, &t, &c, entered, &cfg, &mut send);
             drop(pin);
             outcome
         }),

@@ -116,8 +116,19 @@ pub struct RenewOutcome {
 
 /// An engine error for the UI.
 pub fn ipc_error(e: &RenewalError, lang: Lang) -> IpcError {
+    use ukey_portal_api::ErrorCode;
+    // The portal's answer to a missing or wrong renewal code is the user's to mend
+    // beside the PIN: its own code, so the dialog asks again.
+    let code = match e {
+        RenewalError::Portal(p) => match p.api_code() {
+            Some(ErrorCode::RenewalCodeInvalid) => "renewal_code_invalid",
+            Some(ErrorCode::RenewalCodeRequired) => "renewal_code_needed",
+            _ => e.code(),
+        },
+        _ => e.code(),
+    };
     IpcError {
-        code: e.code().to_owned(),
+        code: code.to_owned(),
         message: e.user_message(lang),
     }
 }
@@ -204,8 +215,10 @@ pub fn plan(
     let lang = cfg.lang;
     let token = find_token(module, token_id, lang)?;
     let portal = portal(cfg)?;
-    // The last-try confirmation belongs to the PIN dialog; the plan is shown either way.
-    let opts = options(cfg, true)?;
+    // The last-try confirmation and the renewal code belong to the PIN dialog; the plan
+    // is shown either way.
+    let mut opts = options(cfg, true)?;
+    opts.defer_renewal_code = true;
     let plan = ukey_renewal::preflight(module, &token, Some(cert_serial), &portal, &opts)
         .map_err(|e| ipc_error(&e, lang))?;
     Ok(PlanView {
@@ -221,21 +234,46 @@ pub fn plan(
     })
 }
 
-/// Preflight and renewal with the PIN, once. `confirm_final_try`: the user saw that
-/// this is the PIN's last try and submitted anyway.
+/// What the holder gave in the PIN dialog: the PIN (used once), whether they saw that
+/// it is the last try and submitted anyway, and the order's renewal code when the
+/// portal asks for one.
+pub struct Entered<'a> {
+    /// The PIN.
+    pub pin: &'a SecretString,
+    /// The user saw that this is the PIN's last try.
+    pub confirm_final_try: bool,
+    /// The renewal code as typed (`1234-5678` or `12345678`).
+    pub renewal_code: Option<String>,
+}
+
+impl std::fmt::Debug for Entered<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // Neither the PIN nor the code is printed.
+        f.debug_struct("Entered")
+            .field("confirm_final_try", &self.confirm_final_try)
+            .field("renewal_code", &self.renewal_code.as_ref().map(|_| "…"))
+            .finish_non_exhaustive()
+    }
+}
+
+/// Preflight and renewal with the PIN, once.
 pub fn renew(
     module: &Module,
     token_id: &str,
     cert_serial: &str,
-    pin: &SecretString,
-    confirm_final_try: bool,
+    entered: Entered<'_>,
     cfg: &EngineConfig,
     on_event: &mut dyn FnMut(RenewEvent),
 ) -> IpcResult<RenewOutcome> {
     let lang = cfg.lang;
     let token = find_token(module, token_id, lang)?;
     let portal = portal(cfg)?;
-    let opts = options(cfg, confirm_final_try)?;
+    let mut opts = options(cfg, entered.confirm_final_try)?;
+    opts.renewal_code = entered
+        .renewal_code
+        .map(|c| c.trim().to_owned())
+        .filter(|c| !c.is_empty());
+    let pin = entered.pin;
     let plan = ukey_renewal::preflight(module, &token, Some(cert_serial), &portal, &opts)
         .map_err(|e| ipc_error(&e, lang))?;
     let mut forward = |e: Event| {

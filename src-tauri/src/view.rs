@@ -155,12 +155,18 @@ pub enum StatusView {
         /// Whether the renewal makes a new key.
         #[serde(rename = "newKey")]
         new_key: bool,
+        /// The portal asks for the order's renewal code (shown on the paid order page).
+        #[serde(rename = "renewalCodeRequired")]
+        renewal_code_required: bool,
     },
     /// Issued, installation not confirmed: renewing again finishes it.
     Issued {
         /// Order.
         #[serde(rename = "orderId")]
         order_id: String,
+        /// The portal asks for the order's renewal code again.
+        #[serde(rename = "renewalCodeRequired")]
+        renewal_code_required: bool,
     },
     /// Done.
     Completed {
@@ -220,14 +226,24 @@ impl From<RenewalStatus> for StatusView {
                 payment_url,
             },
             RenewalStatus::Ready {
-                order_id, terms, ..
+                order_id,
+                terms,
+                renewal_code_required,
             } => StatusView::Ready {
                 order_id,
                 years: terms.years,
                 with_encryption: terms.with_encryption_cert,
                 new_key: terms.key_policy != KeyPolicy::Same,
+                renewal_code_required,
             },
-            RenewalStatus::Issued { order_id, .. } => StatusView::Issued { order_id },
+            RenewalStatus::Issued {
+                order_id,
+                renewal_code_required,
+                ..
+            } => StatusView::Issued {
+                order_id,
+                renewal_code_required,
+            },
             RenewalStatus::Completed {
                 order_id,
                 certificate_serial_hex,
@@ -365,13 +381,23 @@ mod tests {
         let v = StatusView::from(RenewalStatus::Ready {
             order_id: "o1".into(),
             terms: terms.clone(),
-            renewal_code_required: false,
+            renewal_code_required: true,
         });
         assert!(v.renewable());
         assert_eq!(
             serde_json::to_value(&v).expect("json"),
             serde_json::json!({"state": "ready", "orderId": "o1", "years": 2,
-                "withEncryption": true, "newKey": true})
+                "withEncryption": true, "newKey": true, "renewalCodeRequired": true})
+        );
+        let v = StatusView::from(RenewalStatus::Issued {
+            order_id: "o1".into(),
+            terms: terms.clone(),
+            certificate_serial_hex: "0B".into(),
+            renewal_code_required: false,
+        });
+        assert_eq!(
+            serde_json::to_value(&v).expect("json"),
+            serde_json::json!({"state": "issued", "orderId": "o1", "renewalCodeRequired": false})
         );
         let v = StatusView::from(RenewalStatus::AwaitingPayment {
             order_id: "o2".into(),

@@ -549,6 +549,42 @@ const scenarios = {
     await waitFor(async () => (await textOf('cert')).includes('SM2'), 'the key listed with its SM2 certificate');
   },
 
+  async 'renewal-code'() {
+    // A portal that gives each order a renewal code (against malware that holds an
+    // unlocked key for a moment, issue 16): the app asks for it beside the PIN. A wrong
+    // code is refused by the portal with nothing changed (the order stays ready) and
+    // the dialog asks again, PIN included; the code from `order show` renews.
+    portalCli('policy', '--renewal-codes', 'on');
+    let orderId;
+    try {
+      orderId = order(tokens.o, 'ready');
+    } finally {
+      portalCli('policy', '--renewal-codes', 'off');
+    }
+    const show = () => JSON.parse(portalCli('order', 'show', orderId, '--json'));
+    const code = show().renewal_code;
+    if (!/^[0-9]{8}$/.test(code || '')) throw new Error(`order show gives no renewal code: ${code}`);
+    plugged('o');
+    await waitText('banner', '证书有可用更新');
+    await click('banner-renew');
+    // The plan is shown without the code (it is asked with the PIN).
+    await waitText('consequences', '吊销');
+    await click('continue');
+    await waitFor(() => visible('renewal-code-input'), 'the renewal code field beside the PIN');
+    const wrong = code === '12345678' ? '87654321' : '12345678';
+    await (await $t('renewal-code-input')).setValue(`${wrong.slice(0, 4)}-${wrong.slice(4)}`);
+    await enterPinAndSubmit(PIN);
+    await waitText('renewal-code-error', '续期码不正确', 30000);
+    await shot('23-renewal-code-wrong');
+    if (show().state !== 'ready') throw new Error(`a wrong code changed the order: ${show().state}`);
+    if ((await (await $t('pin-input')).getValue()) !== '') throw new Error('the PIN was kept after a wrong code');
+    await (await $t('renewal-code-input')).setValue(`${code.slice(0, 4)} ${code.slice(4)}`);
+    await enterPinAndSubmit(PIN);
+    await waitText('result-title', '证书已更新', 60000);
+    await click('close');
+    if (show().state !== 'completed') throw new Error(`the order is ${show().state}, not completed`);
+  },
+
   async cmp() {
     // A CA that speaks CMP (RFC 9483): the app, restarted with the portal's CMP endpoint
     // (UKEY_CMP_URL, as [cmp] url in the CA's config), offers to renew the signing
@@ -647,6 +683,7 @@ async function main() {
   tokens.l = createToken('UKey-L', '卫十四');
   tokens.m = createToken('UKey-M', '蒋十五');
   tokens.n = createToken('UKey-N', '沈十七');
+  tokens.o = createToken('UKey-O', '韩十八');
   caFilesForSm2 = caFiles;
   await startPortal(caFiles);
   for (const n of ['a', 'b', 'c', 'e', 'f']) order(tokens[n], 'ready', ['--years', '2']);

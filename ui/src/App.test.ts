@@ -252,6 +252,56 @@ describe('main window', () => {
     expect(calls.filter((c) => c.cmd === 'renew')[1].args.confirmFinalTry).toBe(true);
   });
 
+  it('asks for the renewal code beside the PIN when the portal wants one, and sends both once', async () => {
+    const calls = backend(snapshot([key('S1', [cert('0A', { ...READY, renewalCodeRequired: true })])]), async (args) => {
+      if (args.renewalCode !== '12345678') throw { code: 'renewal_code_invalid', message: 'wrong renewal code' };
+      return { ...OUTCOME };
+    });
+    render(App);
+    await fireEvent.click(await screen.findByTestId('renew'));
+    await fireEvent.click(await screen.findByTestId('continue'));
+    const pin = (await screen.findByTestId('pin-input')) as HTMLInputElement;
+    const code = screen.getByTestId('renewal-code-input') as HTMLInputElement;
+    // Nothing is sent without a well-formed code; the PIN stays typed.
+    await fireEvent.input(pin, { target: { value: '123456' } });
+    await fireEvent.submit(pin.form as HTMLFormElement);
+    expect((await screen.findByTestId('renewal-code-error')).textContent).toBe('请输入续期码');
+    await fireEvent.input(code, { target: { value: '1234-567' } });
+    await fireEvent.submit(pin.form as HTMLFormElement);
+    expect((await screen.findByTestId('renewal-code-error')).textContent).toContain('8 位数字');
+    expect(calls.filter((c) => c.cmd === 'renew')).toHaveLength(0);
+    expect(pin.value).toBe('123456');
+    // A wrong code: back to the dialog, the PIN to be typed again, nothing retried.
+    await fireEvent.input(code, { target: { value: '8765 4321' } });
+    await fireEvent.submit(pin.form as HTMLFormElement);
+    const err = await screen.findByTestId('renewal-code-error');
+    expect(err.getAttribute('data-code')).toBe('renewal_code_invalid');
+    expect(err.textContent).toContain('续期码不正确');
+    expect(((await screen.findByTestId('pin-input')) as HTMLInputElement).value).toBe('');
+    expect(calls.filter((c) => c.cmd === 'renew')).toHaveLength(1);
+    expect(calls.filter((c) => c.cmd === 'renew')[0].args).toMatchObject({ pin: '123456', renewalCode: '87654321' });
+    // The right one, typed as printed.
+    const again = (await screen.findByTestId('pin-input')) as HTMLInputElement;
+    await fireEvent.input(again, { target: { value: '123456' } });
+    await fireEvent.input(screen.getByTestId('renewal-code-input'), { target: { value: '1234-5678' } });
+    await fireEvent.submit(again.form as HTMLFormElement);
+    await screen.findByTestId('result-title');
+    expect(calls.filter((c) => c.cmd === 'renew')[1].args).toMatchObject({ renewalCode: '12345678' });
+  });
+
+  it('does not ask for a renewal code the portal does not want', async () => {
+    const calls = backend(snapshot([key('S1', [cert('0A', READY)])]), () => ({ ...OUTCOME }));
+    render(App);
+    await fireEvent.click(await screen.findByTestId('renew'));
+    await fireEvent.click(await screen.findByTestId('continue'));
+    const pin = (await screen.findByTestId('pin-input')) as HTMLInputElement;
+    expect(screen.queryByTestId('renewal-code-input')).toBeNull();
+    await fireEvent.input(pin, { target: { value: '123456' } });
+    await fireEvent.submit(pin.form as HTMLFormElement);
+    await screen.findByTestId('result-title');
+    expect(calls.find((c) => c.cmd === 'renew')?.args.renewalCode).toBeNull();
+  });
+
   it('an SKF key shows its tries left on the key and in the PIN dialog, counting down', async () => {
     const skf = (left: number) =>
       snapshot([key('S1', [cert('0A', READY)], {

@@ -131,6 +131,10 @@ pub struct Options {
     pub protocol: Protocol,
     /// The order's renewal code, as the holder typed it (when the portal asks for one).
     pub renewal_code: Option<String>,
+    /// A preflight whose plan is shown before the holder is asked for the renewal code
+    /// (the app asks for it beside the PIN): an order that needs a code is not refused
+    /// for the lack of one here. The renewal itself still is.
+    pub defer_renewal_code: bool,
 }
 
 impl Options {
@@ -146,6 +150,7 @@ impl Options {
             journals,
             protocol: Protocol::Rest,
             renewal_code: None,
+            defer_renewal_code: false,
         }
     }
 }
@@ -505,7 +510,9 @@ fn ask_portal(
             | RenewalStatus::Issued {
                 renewal_code_required: true,
                 ..
-            } if opts.renewal_code.is_none() => RenewalError::RenewalCodeNeeded { serial },
+            } if opts.renewal_code.is_none() && !opts.defer_renewal_code => {
+                RenewalError::RenewalCodeNeeded { serial }
+            }
             RenewalStatus::Ready {
                 order_id, terms, ..
             }

@@ -16,8 +16,16 @@ export type Status =
   | { state: 'unavailable'; error: IpcError }
   | { state: 'none' }
   | { state: 'awaiting_payment'; orderId: string; paymentUrl: string }
-  | { state: 'ready'; orderId: string; years: number; withEncryption: boolean; newKey: boolean }
-  | { state: 'issued'; orderId: string }
+  | {
+      state: 'ready';
+      orderId: string;
+      years: number;
+      withEncryption: boolean;
+      newKey: boolean;
+      /** The portal asks for the order's renewal code (shown on the paid order page). */
+      renewalCodeRequired: boolean;
+    }
+  | { state: 'issued'; orderId: string; renewalCodeRequired: boolean }
   | { state: 'completed'; orderId: string; newSerial: string }
   | { state: 'requires_new_key'; orderId: string; trackingNumber: string }
   | { state: 'cmp' }
@@ -200,17 +208,32 @@ export const planRenewal = (tokenId: string, certSerial: string) =>
 /**
  * Renews one certificate. The PIN is passed once and not kept here.
  * `confirmFinalTry`: the user was shown that this is the PIN's last try.
+ * `renewalCode`: the order's renewal code, when the portal asks for one.
  */
 export function renew(
   tokenId: string,
   certSerial: string,
   pin: string,
   confirmFinalTry: boolean,
+  renewalCode: string | null,
   onEvent: (e: RenewEvent) => void,
 ): Promise<RenewOutcome> {
   const channel = new Channel<RenewEvent>();
   channel.onmessage = onEvent;
-  return call<RenewOutcome>('renew', { tokenId, certSerial, pin, confirmFinalTry, onEvent: channel });
+  return call<RenewOutcome>('renew', {
+    tokenId,
+    certSerial,
+    pin,
+    confirmFinalTry,
+    renewalCode,
+    onEvent: channel,
+  });
+}
+
+/** A renewal code as typed ("1234-5678", "1234 5678"): its 8 digits, or null. */
+export function canonicalRenewalCode(typed: string): string | null {
+  const digits = typed.replace(/[\s-]/g, '');
+  return /^[0-9]{8}$/.test(digits) ? digits : null;
 }
 
 /** Snapshot events: keys inserted or removed, statuses answered. */

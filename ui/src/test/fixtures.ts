@@ -48,7 +48,14 @@ export function snapshot(keys: Key[], over: Partial<Snapshot> = {}): Snapshot {
   };
 }
 
-export const READY: Status = { state: 'ready', orderId: 'o1', years: 2, withEncryption: false, newKey: true };
+export const READY: Status = {
+  state: 'ready',
+  orderId: 'o1',
+  years: 2,
+  withEncryption: false,
+  newKey: true,
+  renewalCodeRequired: false,
+};
 export const AWAITING: Status = {
   state: 'awaiting_payment',
   orderId: 'o2',
