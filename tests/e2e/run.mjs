@@ -564,6 +564,9 @@ const scenarios = {
     const show = () => JSON.parse(portalCli('order', 'show', orderId, '--json'));
     const code = show().renewal_code;
     if (!/^[0-9]{8}$/.test(code || '')) throw new Error(`order show gives no renewal code: ${code}`);
+    // The app as the user starts it, on the main portal (an earlier scenario may have
+    // pointed it at another).
+    await restartApp(appEnvForSecond);
     plugged('o');
     await waitText('banner', '证书有可用更新');
     await click('banner-renew');

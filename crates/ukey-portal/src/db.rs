@@ -412,16 +412,26 @@ fn pg_sql(sql: &str) -> String {
 struct PgConn {
     client: tokio_postgres::Client,
     statements: HashMap<String, tokio_postgres::Statement>,
+    /// A transaction was begun and not yet committed or rolled back (a panic in the
+    /// middle): the connection is not given to anyone else.
+    in_tx: bool,
 }
 
-enum PgClient<'a> {
-    Plain(&'a mut tokio_postgres::Client),
-    Tx(tokio_postgres::Transaction<'a>),
+/// Where a write transaction's `BEGIN` is.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Begin {
+    /// A read: no transaction.
+    None,
+    /// Not sent yet: it goes with the first statement, in the same round trip.
+    Pending,
+    /// Sent.
+    Sent,
 }
 
 struct PgTx<'a> {
-    client: PgClient<'a>,
+    client: &'a tokio_postgres::Client,
     statements: &'a mut HashMap<String, tokio_postgres::Statement>,
+    begin: Begin,
 }
 
 impl PgTx<'_> {
@@ -430,12 +440,27 @@ impl PgTx<'_> {
             return Ok(s.clone());
         }
         let text = pg_sql(sql);
-        let stmt = match &mut self.client {
-            PgClient::Plain(c) => block_on(c.prepare(&text))?,
-            PgClient::Tx(t) => block_on(t.prepare(&text))?,
-        };
+        let stmt = block_on(self.client.prepare(&text))?;
         self.statements.insert(sql.to_owned(), stmt.clone());
         Ok(stmt)
+    }
+
+    /// Awaits `run` (a statement's future), with the transaction's `BEGIN` sent just
+    /// before it when it is still pending: both requests leave together (tokio-postgres
+    /// sends a request when its future is first polled, and `join!` polls in order), so
+    /// a write transaction costs no round trip of its own to begin.
+    fn run<T>(
+        &mut self,
+        run: impl std::future::Future<Output = Result<T, tokio_postgres::Error>>,
+    ) -> Result<T, DbError> {
+        if self.begin != Begin::Pending {
+            return Ok(block_on(run)?);
+        }
+        self.begin = Begin::Sent;
+        let begin = self.client.batch_execute("BEGIN");
+        let (began, out) = block_on(async { futures_util::join!(begin, run) });
+        began?;
+        Ok(out?)
     }
 }
 
@@ -447,19 +472,15 @@ impl Tx for PgTx<'_> {
     fn execute(&mut self, sql: &str, params: &[Param<'_>]) -> Result<u64, DbError> {
         let stmt = self.statement(sql)?;
         let refs: Vec<&(dyn ToSql + Sync)> = params.iter().map(|p| p as _).collect();
-        Ok(match &mut self.client {
-            PgClient::Plain(c) => block_on(c.execute(&stmt, &refs))?,
-            PgClient::Tx(t) => block_on(t.execute(&stmt, &refs))?,
-        })
+        let client = self.client;
+        self.run(client.execute(&stmt, &refs))
     }
 
     fn query(&mut self, sql: &str, params: &[Param<'_>]) -> Result<Vec<Row>, DbError> {
         let stmt = self.statement(sql)?;
         let refs: Vec<&(dyn ToSql + Sync)> = params.iter().map(|p| p as _).collect();
-        let rows = match &mut self.client {
-            PgClient::Plain(c) => block_on(c.query(&stmt, &refs))?,
-            PgClient::Tx(t) => block_on(t.query(&stmt, &refs))?,
-        };
+        let client = self.client;
+        let rows = self.run(client.query(&stmt, &refs))?;
         let names: Arc<[String]> = stmt.columns().iter().map(|c| c.name().to_owned()).collect();
         rows.iter()
             .map(|r| {
@@ -508,7 +529,7 @@ impl Drop for Pooled<'_> {
     fn drop(&mut self) {
         let mut st = self.pool.lock();
         match self.conn.take() {
-            Some(c) if !c.client.is_closed() => st.idle.push(c),
+            Some(c) if !c.client.is_closed() && !c.in_tx => st.idle.push(c),
             _ => st.open -= 1,
         }
         self.pool.freed.notify_one();
@@ -540,6 +561,7 @@ impl PgPool {
         Ok(PgConn {
             client,
             statements: HashMap::new(),
+            in_tx: false,
         })
     }
 
@@ -600,6 +622,9 @@ impl Db {
         conn.pragma_update(None, "journal_mode", "WAL")?;
         conn.pragma_update(None, "synchronous", "NORMAL")?;
         conn.pragma_update(None, "foreign_keys", "ON")?;
+        // What a write replaces or deletes (an escrowed key sealed after the fact, a
+        // purged challenge) is overwritten with zeros, not left in a free page.
+        conn.pragma_update(None, "secure_delete", "ON")?;
         conn.set_prepared_statement_cache_capacity(64);
         Ok(Db {
             backend: Backend::Sqlite(Mutex::new(conn)),
@@ -688,20 +713,41 @@ impl Db {
         f: &mut impl FnMut(&mut dyn Tx) -> Result<T, E>,
     ) -> Result<T, E> {
         let mut pooled = pool.get()?;
-        let Some(PgConn { client, statements }) = pooled.conn.as_mut() else {
+        let Some(PgConn {
+            client,
+            statements,
+            in_tx,
+        }) = pooled.conn.as_mut()
+        else {
             unreachable!("a pooled connection is present until dropped")
         };
-        let tx = block_on(client.transaction()).map_err(DbError::from)?;
+        // Until COMMIT or ROLLBACK is answered, the connection is not reused (a panic
+        // in `f` drops it, and the server rolls back).
+        *in_tx = true;
         let mut t = PgTx {
-            client: PgClient::Tx(tx),
+            client: &*client,
             statements,
+            begin: Begin::Pending,
         };
-        let out = f(&mut t)?;
-        let PgClient::Tx(tx) = t.client else {
-            unreachable!("made as a transaction")
+        let out = f(&mut t);
+        let began = t.begin == Begin::Sent;
+        let end = match (&out, began) {
+            (_, false) => Ok(()),
+            (Ok(_), true) => block_on(client.batch_execute("COMMIT")),
+            (Err(_), true) => block_on(client.batch_execute("ROLLBACK")),
         };
-        block_on(tx.commit()).map_err(DbError::from)?;
-        Ok(out)
+        match (out, end) {
+            (Ok(v), Ok(())) => {
+                *in_tx = false;
+                Ok(v)
+            }
+            (Ok(_), Err(e)) => Err(DbError::from(e).into()),
+            (Err(e), Ok(())) => {
+                *in_tx = false;
+                Err(e)
+            }
+            (Err(e), Err(_)) => Err(e),
+        }
     }
 
     /// Runs reads outside a transaction (each statement sees committed data).
@@ -716,13 +762,42 @@ impl Db {
             }
             Backend::Postgres(pool) => {
                 let mut pooled = pool.get()?;
-                let Some(PgConn { client, statements }) = pooled.conn.as_mut() else {
+                let Some(PgConn {
+                    client, statements, ..
+                }) = pooled.conn.as_mut()
+                else {
                     unreachable!("a pooled connection is present until dropped")
                 };
                 f(&mut PgTx {
-                    client: PgClient::Plain(client),
+                    client: &*client,
                     statements,
+                    begin: Begin::None,
                 })
+            }
+        }
+    }
+
+    /// Rewrites the storage so that values replaced or deleted are gone from the files:
+    /// SQLite folds its write-ahead log into the database and truncates it, then
+    /// `VACUUM`s (the free pages were zeroed by `secure_delete`); PostgreSQL rewrites
+    /// `table` (`VACUUM FULL`; old row versions may remain in WAL segments until they
+    /// are recycled, and on disk blocks the file system freed).
+    pub fn compact(&self, table: &str) -> Result<(), DbError> {
+        match &self.backend {
+            Backend::Sqlite(m) => {
+                let conn = Self::sqlite_lock(m);
+                conn.execute_batch(
+                    "PRAGMA wal_checkpoint(TRUNCATE); VACUUM; PRAGMA wal_checkpoint(TRUNCATE);",
+                )?;
+                Ok(())
+            }
+            Backend::Postgres(pool) => {
+                let mut pooled = pool.get()?;
+                let Some(PgConn { client, .. }) = pooled.conn.as_mut() else {
+                    unreachable!("a pooled connection is present until dropped")
+                };
+                block_on(client.batch_execute(&format!("VACUUM FULL {table}")))?;
+                Ok(())
             }
         }
     }

@@ -830,6 +830,11 @@ impl Kek {
         Ok(out)
     }
 
+    /// Whether `blob` (stored for `serial_hex`) is sealed under this very key.
+    pub fn sealed_here(&self, serial_hex: &str, blob: &[u8]) -> bool {
+        is_sealed(blob) && Sealed::parse(serial_hex, blob).is_ok_and(|s| s.id == self.id.as_slice())
+    }
+
     /// Decrypts a blob [`Kek::seal`] made for `serial_hex`, under this KEK or another
     /// one on the same token (found by its CKA_ID: a KEK made after a rotation).
     pub fn open(&self, serial_hex: &str, blob: &[u8]) -> Result<Zeroizing<Vec<u8>>, HsmError> {

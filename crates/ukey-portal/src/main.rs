@@ -278,6 +278,11 @@ enum HsmCommand {
     /// Make the key-encryption key (AES-256: sensitive, never extractable) on
     /// --hsm-token, unless it is there. Once, before the first serve with --hsm-token.
     Init,
+    /// Seal what the database holds of the escrow under the key-encryption key: the
+    /// keys stored in clear before the portal had an HSM, and (after `hsm init` with a
+    /// new --hsm-kek-label, a rotation) those sealed under another key of the token.
+    /// The storage is then rewritten so the old values are gone from its files.
+    Seal,
 }
 
 /// The HSM settings of `args` (none without --hsm-module); the PIN is read here.
@@ -319,6 +324,18 @@ fn hsm(base: &PortalConfig, cmd: HsmCommand) -> Result<()> {
                 kek.token_label()
             );
         }
+        HsmCommand::Seal => {
+            if base.hsm.as_ref().and_then(|s| s.token.as_ref()).is_none() {
+                bail!("hsm seal needs --hsm-module, --hsm-token and the PIN");
+            }
+            let portal = open(base)?;
+            let r = portal.seal_escrow_at_rest()?;
+            println!(
+                "已加密 {} 个明文托管密钥，{} 个改用当前密钥加密密钥，{} 个原已加密 / \
+                 sealed {} escrowed key(s) stored in clear, re-sealed {} under the current key-encryption key, {} already sealed under it",
+                r.sealed, r.resealed, r.already, r.sealed, r.resealed, r.already
+            );
+        }
     }
     Ok(())
 }
@@ -327,6 +344,16 @@ fn hsm(base: &PortalConfig, cmd: HsmCommand) -> Result<()> {
 fn say_protection(portal: &Portal, data_dir: &std::path::Path) {
     if let Some(uri) = portal.ca().hsm_uri() {
         eprintln!("ukey-portal: CA 私钥在 HSM 中 / the CA key is in the HSM: {uri}");
+    }
+    if portal.escrow_kek().is_some() {
+        match portal.escrow_in_clear() {
+            Ok(0) => {}
+            Ok(n) => eprintln!(
+                "ukey-portal: 警告：数据库中仍有 {n} 个托管的解密密钥以明文保存（配置 HSM 之前所存），请运行 `ukey-portal hsm seal` / \
+                 warning: the database still holds {n} escrowed decryption key(s) in clear, stored before the HSM: run `ukey-portal hsm seal`"
+            ),
+            Err(e) => tracing::warn!("counting escrowed keys in clear: {e}"),
+        }
     }
     match portal.escrow_kek() {
         Some(kek) => eprintln!(

@@ -148,6 +148,17 @@ pub struct Portal {
     kek: Option<crate::hsm::Kek>,
 }
 
+/// What [`Portal::seal_escrow_at_rest`] did.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct SealReport {
+    /// Escrowed keys that were stored in clear, now sealed.
+    pub sealed: usize,
+    /// Escrowed keys sealed under another key-encryption key, now under this one.
+    pub resealed: usize,
+    /// Escrowed keys already sealed under this one.
+    pub already: usize,
+}
+
 /// A CRL as made: its number, when (Unix seconds), its DER.
 type CachedCrl = (u64, i64, Vec<u8>);
 
@@ -225,6 +236,53 @@ impl Portal {
     /// The HSM key-encryption key sealing escrowed keys, if the portal has one.
     pub fn escrow_kek(&self) -> Option<&crate::hsm::Kek> {
         self.kek.as_ref()
+    }
+
+    /// How many escrowed keys the database holds in clear (stored before the HSM).
+    pub fn escrow_in_clear(&self) -> Result<i64, Error> {
+        self.store.escrow_in_clear()
+    }
+
+    /// `ukey-portal hsm seal`: every escrowed key the database holds in clear (stored
+    /// before the portal had an HSM) is sealed under the key-encryption key, and every
+    /// one sealed under another key of the token (before a rotation) is sealed again
+    /// under this one; then the storage is rewritten so that the old values are gone
+    /// from its files. Each key is replaced only if its row still holds what was read.
+    pub fn seal_escrow_at_rest(&self) -> Result<SealReport, Error> {
+        let Some(kek) = self.kek.as_ref() else {
+            return Err(Error::Setup(
+                "hsm seal 需要 --hsm-module 与 --hsm-token / hsm seal needs --hsm-module and --hsm-token (the key-encryption key)"
+                    .into(),
+            ));
+        };
+        let mut report = SealReport::default();
+        for serial in self.store.escrow_serials()? {
+            let Some(stored) = self
+                .store
+                .certificate(&serial)?
+                .and_then(|c| c.escrow_pkcs8)
+            else {
+                continue;
+            };
+            if kek.sealed_here(&serial, &stored) {
+                report.already += 1;
+                continue;
+            }
+            let was_clear = !crate::hsm::is_sealed(&stored);
+            let pkcs8 = crate::hsm::open_escrow(Some(kek), &serial, &stored)?;
+            let sealed = kek.seal(&serial, &pkcs8)?;
+            if self.store.replace_escrow(&serial, &stored, &sealed)? {
+                if was_clear {
+                    report.sealed += 1;
+                } else {
+                    report.resealed += 1;
+                }
+            }
+        }
+        if report.sealed + report.resealed > 0 {
+            self.store.compact_certificates()?;
+        }
+        Ok(report)
     }
 
     /// Sets the externally visible base URL (payment links, CRL distribution point).
@@ -387,8 +445,6 @@ impl Portal {
 
     /// `POST /api/v1/orders/{id}/challenge`.
     pub fn challenge(&self, order_id: &str) -> Result<ChallengeResponse, Error> {
-        let order = self.order_or_404(order_id)?;
-        Self::require_issuable(&order)?;
         let nonce =
             crypto::random_bytes(NONCE_LEN).map_err(|_| Error::Setup("RNG failure".into()))?;
         let id = crypto::random_id("ch").map_err(|_| Error::Setup("RNG failure".into()))?;
@@ -404,6 +460,7 @@ impl Portal {
                 used_at: None,
             },
             t.unix_timestamp(),
+            &Self::require_issuable,
         )?;
         Ok(ChallengeResponse {
             challenge_id: id,
@@ -417,19 +474,18 @@ impl Portal {
     /// issuance shared with CMP.
     pub fn issue(&self, order_id: &str, req: &IssueRequest) -> Result<IssueResponse, Error> {
         let t = now();
-        let order = self.order_or_404(order_id)?;
+        let (order, challenge) = self
+            .store
+            .order_with_challenge(order_id, &req.challenge_id)?
+            .ok_or_else(|| api(ErrorCode::OrderNotFound, format!("no order {order_id}")))?;
         Self::require_issuable(&order)?;
 
-        let challenge = self
-            .store
-            .challenge(&req.challenge_id)?
-            .filter(|c| c.order_id == order.id)
-            .ok_or_else(|| {
-                api(
-                    ErrorCode::ChallengeNotFound,
-                    format!("no challenge {} for this order", req.challenge_id),
-                )
-            })?;
+        let challenge = challenge.ok_or_else(|| {
+            api(
+                ErrorCode::ChallengeNotFound,
+                format!("no challenge {} for this order", req.challenge_id),
+            )
+        })?;
         if challenge.used_at.is_some() {
             return Err(api(
                 ErrorCode::ChallengeUsed,

@@ -428,7 +428,13 @@ pub enum IssueCommit {
 #[derive(Debug)]
 pub struct Store {
     db: Db,
+    /// When this instance last purged expired challenges (Unix seconds): at most once
+    /// a minute, outside the transactions of the requests.
+    last_purge: std::sync::atomic::AtomicI64,
 }
+
+/// How often an instance purges expired challenges, seconds.
+const PURGE_EVERY_SECONDS: i64 = 60;
 
 /// Where the store lives.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -612,7 +618,10 @@ impl Store {
             MigrationError::Db(e) => Error::Db(e),
             newer => Error::Setup(newer.to_string()),
         })?;
-        Ok(Store { db })
+        Ok(Store {
+            db,
+            last_purge: std::sync::atomic::AtomicI64::new(0),
+        })
     }
 
     /// Which database.
@@ -802,13 +811,17 @@ impl Store {
     /// Records a new challenge, unless its order has [`OUTSTANDING_CHALLENGES`] unused
     /// ones that have not expired (`rate_limited`); forgets challenges expired over ten
     /// minutes ago.
-    pub fn insert_challenge(&self, ch: &Challenge, now: i64) -> Result<(), Error> {
+    /// `check` decides on the order, locked, before the challenge is written (its state:
+    /// one read less than looking it up first).
+    pub fn insert_challenge(
+        &self,
+        ch: &Challenge,
+        now: i64,
+        check: &dyn Fn(&Order) -> Result<(), Error>,
+    ) -> Result<(), Error> {
+        self.purge_expired_challenges(now)?;
         self.db.write(|tx| {
-            tx.execute(
-                "DELETE FROM challenges WHERE expires_at < ?1",
-                params![now - EXPIRED_CHALLENGE_KEPT_SECONDS],
-            )?;
-            lock_order(tx, &ch.order_id)?;
+            check(&lock_order(tx, &ch.order_id)?)?;
             let outstanding: i64 = tx
                 .query_opt(
                     "SELECT count(*) FROM challenges
@@ -832,6 +845,67 @@ impl Store {
                 params![&ch.id, &ch.order_id, &ch.nonce, ch.expires_at],
             )?;
             Ok(())
+        })
+    }
+
+    /// Deletes challenges expired [`EXPIRED_CHALLENGE_KEPT_SECONDS`] ago, at most once a
+    /// minute per instance (a challenge lives minutes; the index on the expiry makes it
+    /// one short statement), in a transaction of its own.
+    fn purge_expired_challenges(&self, now: i64) -> Result<(), Error> {
+        use std::sync::atomic::Ordering;
+        let last = self.last_purge.load(Ordering::Relaxed);
+        if now - last < PURGE_EVERY_SECONDS
+            || self
+                .last_purge
+                .compare_exchange(last, now, Ordering::Relaxed, Ordering::Relaxed)
+                .is_err()
+        {
+            return Ok(());
+        }
+        self.db.write(|tx| {
+            tx.execute(
+                "DELETE FROM challenges WHERE expires_at < ?1",
+                params![now - EXPIRED_CHALLENGE_KEPT_SECONDS],
+            )?;
+            Ok::<_, Error>(())
+        })
+    }
+
+    /// An order and one challenge, in one read: `None` without the order; the
+    /// challenge only when it is that order's.
+    pub fn order_with_challenge(
+        &self,
+        order_id: &str,
+        challenge_id: &str,
+    ) -> Result<Option<(Order, Option<Challenge>)>, Error> {
+        self.db.read(|tx| {
+            let Some(r) = tx.query_opt(
+                "SELECT o.id, o.issuer_key, o.issuer_display, o.serial_hex, o.years, o.key_policy,
+                       o.target_algorithm, o.with_encryption_cert, o.old_encryption_serial_hex, o.state,
+                       o.reject_reason, o.tracking_number, o.current_spki_sha256, o.current_signing_serial,
+                       o.current_encryption_serial, o.renewal_code, o.renewal_code_failures, o.issuer_ski,
+                       o.created_at, o.updated_at,
+                       c.id AS challenge_id, c.nonce AS challenge_nonce,
+                       c.expires_at AS challenge_expires_at, c.used_at AS challenge_used_at
+                     FROM orders o LEFT JOIN challenges c ON c.id = ?2 AND c.order_id = o.id
+                     WHERE o.id = ?1",
+                params![order_id, challenge_id],
+            )?
+            else {
+                return Ok(None);
+            };
+            let order = order_from_row(&r)?;
+            let challenge = match r.get::<Option<String>>("challenge_id")? {
+                Some(id) => Some(Challenge {
+                    id,
+                    order_id: order.id.clone(),
+                    nonce: r.get("challenge_nonce")?,
+                    expires_at: r.get("challenge_expires_at")?,
+                    used_at: r.get("challenge_used_at")?,
+                }),
+                None => None,
+            };
+            Ok(Some((order, challenge)))
         })
     }
 
@@ -1267,6 +1341,62 @@ impl Store {
     /// Records a CMP message that changes nothing else (waiting, polled, rejected).
     pub fn cmp_record(&self, step: &CmpStep, now: i64) -> Result<(), Error> {
         self.db.write(|tx| apply_cmp(tx, step, now))
+    }
+
+    /// The serials of the certificates with an escrowed key, oldest first.
+    pub fn escrow_serials(&self) -> Result<Vec<String>, Error> {
+        self.db.read(|tx| {
+            tx.query(
+                "SELECT serial_hex FROM certificates WHERE escrow_pkcs8 IS NOT NULL
+                 ORDER BY issued_at, serial_hex",
+                &[],
+            )?
+            .iter()
+            .map(|r| Ok(r.at(0)?))
+            .collect::<Result<Vec<_>, Error>>()
+        })
+    }
+
+    /// How many escrowed keys are stored in clear (not a sealed blob).
+    pub fn escrow_in_clear(&self) -> Result<i64, Error> {
+        self.db.read(|tx| {
+            let head = match tx.kind() {
+                Kind::Sqlite => "substr(escrow_pkcs8, 1, 5)",
+                Kind::Postgres => "substring(escrow_pkcs8 from 1 for 5)",
+            };
+            let magic = crate::hsm::SEALED_MAGIC.to_vec();
+            let sql = format!(
+                "SELECT count(*) FROM certificates WHERE escrow_pkcs8 IS NOT NULL AND {head} <> ?1"
+            );
+            Ok::<_, Error>(
+                tx.query_opt(&sql, params![&magic])?
+                    .map(|r| r.at(0))
+                    .transpose()?
+                    .unwrap_or(0),
+            )
+        })
+    }
+
+    /// Replaces the stored escrow of `serial_hex` by `new`, if it is still `old` (a
+    /// portal running meanwhile changes nothing here: escrow is written once); false
+    /// when it was not.
+    pub fn replace_escrow(&self, serial_hex: &str, old: &[u8], new: &[u8]) -> Result<bool, Error> {
+        let (old, new) = (old.to_vec(), new.to_vec());
+        self.db.write(|tx| {
+            Ok::<_, Error>(
+                tx.execute(
+                    "UPDATE certificates SET escrow_pkcs8 = ?3
+                     WHERE serial_hex = ?1 AND escrow_pkcs8 = ?2",
+                    params![serial_hex, &old, &new],
+                )? == 1,
+            )
+        })
+    }
+
+    /// Rewrites the certificates' storage so that replaced values are gone from it
+    /// (see [`Db::compact`]).
+    pub fn compact_certificates(&self) -> Result<(), Error> {
+        Ok(self.db.compact("certificates")?)
     }
 
     /// CRL number and the revocations of certificates issued by the key `issuer_ski`.

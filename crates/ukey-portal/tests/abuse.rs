@@ -126,6 +126,71 @@ async fn an_orders_outstanding_challenges_are_capped_in_the_database() {
     assert!(e.message.contains("unused challenges"), "{}", e.message);
 }
 
+/// Expired challenges are purged ten minutes after their expiry, by an instance at most
+/// once a minute and outside the requests' transactions: a challenge expired long
+/// enough is gone after the next challenge made a minute later, a fresh one stays.
+#[test]
+fn expired_challenges_are_purged_at_most_once_a_minute() {
+    use ukey_portal::store::{Challenge, NewOrder, OrderState, Store};
+    use ukey_portal_api::{KeyPolicy, OrderTerms};
+    let tmp = tempfile::tempdir().unwrap();
+    let store = Store::open(&tmp.path().join("p.sqlite3")).unwrap();
+    let t0 = 2_000_000_000;
+    let order = store
+        .create_order(
+            &NewOrder {
+                issuer_key: ukey_portal::names::key_of_dn_string("CN=Purge CA").unwrap(),
+                issuer_display: "CN=Purge CA".into(),
+                serial_hex: "0A".into(),
+                terms: OrderTerms {
+                    years: 1,
+                    key_policy: KeyPolicy::New,
+                    target_algorithm: KeyAlgorithm::EcP256,
+                    with_encryption_cert: false,
+                },
+                old_encryption_serial_hex: None,
+                state: OrderState::Ready,
+                renewal_code: None,
+            },
+            "ord_purge",
+            t0,
+        )
+        .unwrap();
+    let add = |id: &str, expires_at: i64, now: i64| {
+        store
+            .insert_challenge(
+                &Challenge {
+                    id: id.into(),
+                    order_id: order.id.clone(),
+                    nonce: vec![7; 32],
+                    expires_at,
+                    used_at: None,
+                },
+                now,
+                &|_| Ok(()),
+            )
+            .unwrap();
+    };
+    let there = |id: &str| store.challenge(id).unwrap().is_some();
+    add("ch_a", t0 + 300, t0);
+    // A purge: ch_a expired 601 s ago.
+    let l = t0 + 901;
+    add("ch_b", l + 10, l);
+    assert!(!there("ch_a"), "purged: expired over ten minutes ago");
+    add("ch_c", l + 20, l);
+    // ch_b expired 601 s ago, ch_c 591 s ago: ch_b goes, ch_c stays (an expired
+    // challenge is kept ten minutes, to say "expired" rather than "unknown").
+    let m = l + 10 + 601;
+    add("ch_d", m + 300, m);
+    assert!(!there("ch_b") && there("ch_c"));
+    // ch_c expired 621 s ago, but the last purge was 30 s ago: not yet.
+    add("ch_e", m + 300, m + 30);
+    assert!(there("ch_c"));
+    add("ch_f", m + 300, m + 61);
+    assert!(!there("ch_c"));
+    assert!(there("ch_d") && there("ch_e") && there("ch_f"));
+}
+
 /// A client that sends half its headers and goes silent is cut off after
 /// `--header-timeout-secs`; one that sends a request normally is answered.
 #[test]

@@ -930,3 +930,95 @@ async fn the_postgresql_table_holds_no_escrowed_key_in_clear() {
         }
     }
 }
+
+/// A portal that ran without an HSM holds its escrow in clear; `hsm seal` seals it
+/// under the key-encryption key and rewrites the database so the clear keys are gone
+/// from its files. A rotation: a new key-encryption key, `hsm seal` under it, and the
+/// old one deleted from the HSM: the escrow still opens.
+#[tokio::test]
+async fn hsm_seal_seals_escrow_stored_in_clear_and_moves_it_to_a_new_key_encryption_key() {
+    let hsm = SoftHsm2::new();
+    hsm.init_token("portal-hsm");
+    let tmp = tempfile::tempdir().unwrap();
+    let data = tmp.path().join("data");
+    let (serving, escrowed) = escrow_two(&hsm, &data, None).await;
+    drop(serving);
+    let secrets_found = |raw: &[u8]| {
+        escrowed
+            .iter()
+            .flat_map(|e| secrets_of(&e.pkcs8))
+            .filter(|(_, s)| contains(raw, s))
+            .map(|(what, _)| what)
+            .collect::<Vec<_>>()
+    };
+    assert!(
+        !secrets_found(&raw_data_dir(&data)).is_empty(),
+        "stored in clear first"
+    );
+
+    let with = |label: &str| {
+        let mut c = hsm.portal(&data);
+        c.args(["--hsm-token", "portal-hsm", "--hsm-kek-label", label]);
+        c
+    };
+    hsm.ok(with("kek-2026").args(["hsm", "init"]));
+    // Served with the HSM before sealing: the operator is told.
+    let serving = hsm.serve(&mut with("kek-2026"), &[]);
+    let log = serving.log();
+    assert!(
+        log.contains("2 escrowed") && log.contains("hsm seal"),
+        "{log}"
+    );
+    drop(serving);
+
+    let out = hsm.ok(with("kek-2026").args(["hsm", "seal"]));
+    assert!(
+        out.contains("sealed 2 escrowed key(s) stored in clear"),
+        "{out}"
+    );
+    let raw = raw_data_dir(&data);
+    assert_eq!(
+        secrets_found(&raw),
+        Vec::<&str>::new(),
+        "clear keys left in the files"
+    );
+    assert!(contains(&raw, ukey_portal::hsm::SEALED_MAGIC));
+    let out = hsm.ok(with("kek-2026").args(["hsm", "seal"]));
+    assert!(
+        out.contains("sealed 0") && out.contains("2 already"),
+        "{out}"
+    );
+
+    // Rotation: a new key, everything sealed again under it, the old one deleted.
+    hsm.ok(with("kek-2027").args(["hsm", "init"]));
+    let out = hsm.ok(with("kek-2027").args(["hsm", "seal"]));
+    assert!(out.contains("re-sealed 2"), "{out}");
+    hsm.tool(
+        "portal-hsm",
+        &[
+            "--delete-object",
+            "--type",
+            "secrkey",
+            "--label",
+            "kek-2026",
+        ],
+    );
+    let objects = hsm.tool("portal-hsm", &["--list-objects", "--type", "secrkey"]);
+    assert!(
+        !objects.contains("kek-2026") && objects.contains("kek-2027"),
+        "{objects}"
+    );
+    let serving = hsm.serve(&mut with("kek-2027"), &[]);
+    assert!(!serving.log().contains("in clear"), "{}", serving.log());
+    for e in &escrowed {
+        let (status, transport, text) = repeat(&serving.api(), e).await;
+        assert!(status.is_success(), "{status} {text}");
+        let again: IssueResponse = serde_json::from_str(&text).unwrap();
+        assert_eq!(transport.open(&again), e.pkcs8, "the same escrowed key");
+    }
+    assert_eq!(secrets_found(&raw_data_dir(&data)), Vec::<&str>::new());
+
+    // Without the key-encryption key there is nothing to seal under.
+    let text = hsm.refused(hsm.portal(&data).args(["hsm", "seal"]));
+    assert!(text.contains("--hsm-token"), "{text}");
+}
