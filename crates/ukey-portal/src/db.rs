@@ -20,7 +20,6 @@
 use std::collections::HashMap;
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 
-use futures_executor::block_on;
 use rusqlite::TransactionBehavior;
 use tokio_postgres::types::{FromSql, IsNull, ToSql, Type, to_sql_checked};
 
@@ -404,17 +403,64 @@ fn pg_sql(sql: &str) -> String {
     out
 }
 
-/// One pooled connection with its prepared statements. Its socket is driven by a task
-/// on the pool's own runtime; the store awaits the client's futures with
-/// `futures_executor::block_on`, which, unlike a tokio runtime's, may be called from
-/// anywhere (the portal calls the store on blocking threads; tests call it from async
-/// code too).
+/// One pooled connection with its prepared statements and its own one-thread tokio
+/// runtime, on which its socket is a task: whoever holds the connection drives that
+/// runtime while it waits ([`drive`]), so a round trip costs no hop to another thread.
 struct PgConn {
     client: tokio_postgres::Client,
     statements: HashMap<String, tokio_postgres::Statement>,
     /// A transaction was begun and not yet committed or rolled back (a panic in the
     /// middle): the connection is not given to anyone else.
     in_tx: bool,
+    rt: Option<tokio::runtime::Runtime>,
+}
+
+impl Drop for PgConn {
+    fn drop(&mut self) {
+        // Dropping a runtime blocks, which async code may not do: it ends in the
+        // background (the socket closes with it).
+        if let Some(rt) = self.rt.take() {
+            rt.shutdown_background();
+        }
+    }
+}
+
+thread_local! {
+    /// Set on the portal's blocking threads ([`blocking_section`]): the store may block
+    /// on a connection's runtime here.
+    static MAY_BLOCK: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+}
+
+/// Runs `f` (the portal's work on a blocking thread, `spawn_blocking`) where the store
+/// may drive its PostgreSQL connections on this very thread.
+pub fn blocking_section<T>(f: impl FnOnce() -> T) -> T {
+    struct Reset(bool);
+    impl Drop for Reset {
+        fn drop(&mut self) {
+            MAY_BLOCK.with(|m| m.set(self.0));
+        }
+    }
+    let _reset = Reset(MAY_BLOCK.with(|m| m.replace(true)));
+    f()
+}
+
+/// Awaits `f` on the connection's runtime `rt`, on this thread when it may block (no
+/// tokio runtime here, as in the CLI, or a [`blocking_section`], as the portal's
+/// requests are), else (async code, as tests are) on a short-lived thread of its own:
+/// a runtime cannot be blocked on from inside another's task.
+fn drive<F>(rt: &tokio::runtime::Runtime, f: F) -> F::Output
+where
+    F: std::future::Future + Send,
+    F::Output: Send,
+{
+    if MAY_BLOCK.with(|m| m.get()) || tokio::runtime::Handle::try_current().is_err() {
+        return rt.block_on(f);
+    }
+    std::thread::scope(|s| {
+        s.spawn(|| rt.block_on(f))
+            .join()
+            .unwrap_or_else(|p| std::panic::resume_unwind(p))
+    })
 }
 
 /// Where a write transaction's `BEGIN` is.
@@ -430,6 +476,7 @@ enum Begin {
 
 struct PgTx<'a> {
     client: &'a tokio_postgres::Client,
+    rt: &'a tokio::runtime::Runtime,
     statements: &'a mut HashMap<String, tokio_postgres::Statement>,
     begin: Begin,
 }
@@ -440,7 +487,7 @@ impl PgTx<'_> {
             return Ok(s.clone());
         }
         let text = pg_sql(sql);
-        let stmt = block_on(self.client.prepare(&text))?;
+        let stmt = drive(self.rt, self.client.prepare(&text))?;
         self.statements.insert(sql.to_owned(), stmt.clone());
         Ok(stmt)
     }
@@ -449,16 +496,16 @@ impl PgTx<'_> {
     /// before it when it is still pending: both requests leave together (tokio-postgres
     /// sends a request when its future is first polled, and `join!` polls in order), so
     /// a write transaction costs no round trip of its own to begin.
-    fn run<T>(
+    fn run<T: Send>(
         &mut self,
-        run: impl std::future::Future<Output = Result<T, tokio_postgres::Error>>,
+        run: impl std::future::Future<Output = Result<T, tokio_postgres::Error>> + Send,
     ) -> Result<T, DbError> {
         if self.begin != Begin::Pending {
-            return Ok(block_on(run)?);
+            return Ok(drive(self.rt, run)?);
         }
         self.begin = Begin::Sent;
         let begin = self.client.batch_execute("BEGIN");
-        let (began, out) = block_on(async { futures_util::join!(begin, run) });
+        let (began, out) = drive(self.rt, async { futures_util::join!(begin, run) });
         began?;
         Ok(out?)
     }
@@ -501,23 +548,12 @@ struct PoolState {
     open: usize,
 }
 
-/// A small pool of PostgreSQL connections, and the runtime their sockets run on.
+/// A small pool of PostgreSQL connections.
 struct PgPool {
     config: tokio_postgres::Config,
     max: usize,
     state: Mutex<PoolState>,
     freed: Condvar,
-    runtime: Option<tokio::runtime::Runtime>,
-}
-
-impl Drop for PgPool {
-    fn drop(&mut self) {
-        // Dropping a runtime blocks, which a runtime's own thread may not do: let it
-        // end in the background (the connections end with it).
-        if let Some(rt) = self.runtime.take() {
-            rt.shutdown_background();
-        }
-    }
 }
 
 struct Pooled<'p> {
@@ -542,13 +578,16 @@ impl PgPool {
     }
 
     fn connect(&self) -> Result<PgConn, DbError> {
-        let Some(rt) = &self.runtime else {
-            unreachable!("the runtime lives until the pool is dropped")
-        };
-        let config = self.config.clone();
-        // Connecting needs the runtime's reactor: it runs there, and the connection's
-        // socket stays there as a task.
-        let client = block_on(rt.spawn(async move {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .map_err(|e| {
+                DbError::Value(format!("starting a PostgreSQL connection's runtime: {e}"))
+            })?;
+        let config = &self.config;
+        // The connection's socket is a task of its runtime, driven whenever a statement
+        // is awaited on it.
+        let client = drive(&rt, async move {
             let (client, connection) = config.connect(tokio_postgres::NoTls).await?;
             tokio::spawn(async move {
                 if let Err(e) = connection.await {
@@ -556,12 +595,19 @@ impl PgPool {
                 }
             });
             Ok::<_, tokio_postgres::Error>(client)
-        }))
-        .map_err(|e| DbError::Value(format!("connecting: {e}")))??;
+        });
+        let client = match client {
+            Ok(c) => c,
+            Err(e) => {
+                rt.shutdown_background();
+                return Err(e.into());
+            }
+        };
         Ok(PgConn {
             client,
             statements: HashMap::new(),
             in_tx: false,
+            rt: Some(rt),
         })
     }
 
@@ -640,12 +686,6 @@ impl Db {
             config.application_name("ukey-portal");
         }
         config.connect_timeout(std::time::Duration::from_secs(10));
-        let runtime = tokio::runtime::Builder::new_multi_thread()
-            .worker_threads(1)
-            .thread_name("ukey-portal-pg")
-            .enable_all()
-            .build()
-            .map_err(|e| DbError::Value(format!("starting the PostgreSQL runtime: {e}")))?;
         let pool = PgPool {
             config,
             max: max.max(1),
@@ -654,7 +694,6 @@ impl Db {
                 open: 0,
             }),
             freed: Condvar::new(),
-            runtime: Some(runtime),
         };
         drop(pool.get()?);
         Ok(Db {
@@ -717,15 +756,17 @@ impl Db {
             client,
             statements,
             in_tx,
+            rt: Some(rt),
         }) = pooled.conn.as_mut()
         else {
-            unreachable!("a pooled connection is present until dropped")
+            unreachable!("a pooled connection and its runtime are present until dropped")
         };
         // Until COMMIT or ROLLBACK is answered, the connection is not reused (a panic
         // in `f` drops it, and the server rolls back).
         *in_tx = true;
         let mut t = PgTx {
             client: &*client,
+            rt: &*rt,
             statements,
             begin: Begin::Pending,
         };
@@ -733,8 +774,8 @@ impl Db {
         let began = t.begin == Begin::Sent;
         let end = match (&out, began) {
             (_, false) => Ok(()),
-            (Ok(_), true) => block_on(client.batch_execute("COMMIT")),
-            (Err(_), true) => block_on(client.batch_execute("ROLLBACK")),
+            (Ok(_), true) => drive(rt, client.batch_execute("COMMIT")),
+            (Err(_), true) => drive(rt, client.batch_execute("ROLLBACK")),
         };
         match (out, end) {
             (Ok(v), Ok(())) => {
@@ -763,13 +804,17 @@ impl Db {
             Backend::Postgres(pool) => {
                 let mut pooled = pool.get()?;
                 let Some(PgConn {
-                    client, statements, ..
+                    client,
+                    statements,
+                    rt: Some(rt),
+                    ..
                 }) = pooled.conn.as_mut()
                 else {
-                    unreachable!("a pooled connection is present until dropped")
+                    unreachable!("a pooled connection and its runtime are present until dropped")
                 };
                 f(&mut PgTx {
                     client: &*client,
+                    rt: &*rt,
                     statements,
                     begin: Begin::None,
                 })
@@ -793,10 +838,15 @@ impl Db {
             }
             Backend::Postgres(pool) => {
                 let mut pooled = pool.get()?;
-                let Some(PgConn { client, .. }) = pooled.conn.as_mut() else {
-                    unreachable!("a pooled connection is present until dropped")
+                let Some(PgConn {
+                    client,
+                    rt: Some(rt),
+                    ..
+                }) = pooled.conn.as_mut()
+                else {
+                    unreachable!("a pooled connection and its runtime are present until dropped")
                 };
-                block_on(client.batch_execute(&format!("VACUUM FULL {table}")))?;
+                drive(rt, client.batch_execute(&format!("VACUUM FULL {table}")))?;
                 Ok(())
             }
         }
@@ -825,10 +875,15 @@ impl Db {
             }
             Backend::Postgres(pool) => {
                 let mut pooled = pool.get()?;
-                let Some(PgConn { client, .. }) = pooled.conn.as_mut() else {
-                    unreachable!("a pooled connection is present until dropped")
+                let Some(PgConn {
+                    client,
+                    rt: Some(rt),
+                    ..
+                }) = pooled.conn.as_mut()
+                else {
+                    unreachable!("a pooled connection and its runtime are present until dropped")
                 };
-                block_on(async {
+                drive(rt, async {
                     let tx = client.transaction().await?;
                     // One lock id for "ukey-portal schema": held until commit.
                     tx.batch_execute(

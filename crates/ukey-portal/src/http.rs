@@ -114,7 +114,7 @@ async fn blocking<T: Send + 'static>(
     f: impl FnOnce(&Portal) -> Result<T, Error> + Send + 'static,
 ) -> Result<T, HttpError> {
     let portal = Arc::clone(portal);
-    match tokio::task::spawn_blocking(move || f(&portal)).await {
+    match tokio::task::spawn_blocking(move || crate::db::blocking_section(|| f(&portal))).await {
         Ok(r) => r.map_err(HttpError::from),
         Err(e) => {
             tracing::error!(error = %e, "worker panicked");

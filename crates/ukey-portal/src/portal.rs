@@ -474,10 +474,29 @@ impl Portal {
     /// issuance shared with CMP.
     pub fn issue(&self, order_id: &str, req: &IssueRequest) -> Result<IssueResponse, Error> {
         let t = now();
-        let (order, challenge) = self
+        // The old certificate's issuer key and serial first (no I/O), so that the order,
+        // the challenge and the certificate's revocation are read in one round trip;
+        // the checks then run in their order.
+        let parsed = parse_certificate(&req.old_certificate_der);
+        let ask_revoked = match &parsed {
+            Ok(old) => (
+                self.ca
+                    .issuer_of(old)
+                    .map(|t| t.ski.clone())
+                    .unwrap_or_default(),
+                ukey_portal_api::serial_hex_from_bytes(old.raw_serial()),
+            ),
+            Err(_) => Default::default(),
+        };
+        let read = self
             .store
-            .order_with_challenge(order_id, &req.challenge_id)?
+            .order_with_challenge(
+                order_id,
+                &req.challenge_id,
+                (&ask_revoked.0, &ask_revoked.1),
+            )?
             .ok_or_else(|| api(ErrorCode::OrderNotFound, format!("no order {order_id}")))?;
+        let (order, challenge) = (read.order, read.challenge);
         Self::require_issuable(&order)?;
 
         let challenge = challenge.ok_or_else(|| {
@@ -499,8 +518,8 @@ impl Portal {
             ));
         }
 
-        let old = parse_certificate(&req.old_certificate_der)?;
-        let issuer_ski = self.check_renewed(&order, &old, true)?;
+        let old = parsed?;
+        let issuer_ski = self.check_renewed_known(&order, &old, true, Some(read.revoked))?;
         let signed = challenge_signed_data(
             &order.id,
             &challenge.nonce,
@@ -555,6 +574,18 @@ impl Portal {
         old: &X509Certificate<'_>,
         not_revoked: bool,
     ) -> Result<String, Error> {
+        self.check_renewed_known(order, old, not_revoked, None)
+    }
+
+    /// [`Portal::check_renewed`], with the certificate's revocation already read
+    /// (`known`), else asked here.
+    fn check_renewed_known(
+        &self,
+        order: &Order,
+        old: &X509Certificate<'_>,
+        not_revoked: bool,
+        known: Option<bool>,
+    ) -> Result<String, Error> {
         let old_serial = ukey_portal_api::serial_hex_from_bytes(old.raw_serial());
         if names::key_of_name(old.issuer()) != order.issuer_key || old_serial != order.serial_hex {
             return Err(api(
@@ -571,7 +602,11 @@ impl Portal {
                 "the certificate was not issued by this portal's CA",
             ));
         };
-        if not_revoked && self.store.is_revoked(&issuer.ski, &old_serial)? {
+        let revoked = match known {
+            Some(r) => r,
+            None => not_revoked && self.store.is_revoked(&issuer.ski, &old_serial)?,
+        };
+        if not_revoked && revoked {
             return Err(api(
                 ErrorCode::CertificateRevoked,
                 "the certificate is revoked",

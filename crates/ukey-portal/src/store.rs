@@ -350,6 +350,17 @@ impl Freshness {
     }
 }
 
+/// What [`Store::order_with_challenge`] reads.
+#[derive(Debug, Clone)]
+pub struct OrderWithChallenge {
+    /// The order.
+    pub order: Order,
+    /// The challenge, when it is that order's.
+    pub challenge: Option<Challenge>,
+    /// Whether the certificate asked about is revoked.
+    pub revoked: bool,
+}
+
 /// A revocation as the CRL lists it: serial, Unix time, RFC 5280 reason name.
 pub type RevocationRow = (String, i64, String);
 
@@ -871,13 +882,15 @@ impl Store {
         })
     }
 
-    /// An order and one challenge, in one read: `None` without the order; the
-    /// challenge only when it is that order's.
+    /// An order, one challenge, and whether a certificate is revoked, in one read:
+    /// `None` without the order; the challenge only when it is that order's; the
+    /// revocation of `revoked.1` (serial) under the issuer key `revoked.0`.
     pub fn order_with_challenge(
         &self,
         order_id: &str,
         challenge_id: &str,
-    ) -> Result<Option<(Order, Option<Challenge>)>, Error> {
+        revoked: (&str, &str),
+    ) -> Result<Option<OrderWithChallenge>, Error> {
         self.db.read(|tx| {
             let Some(r) = tx.query_opt(
                 "SELECT o.id, o.issuer_key, o.issuer_display, o.serial_hex, o.years, o.key_policy,
@@ -886,10 +899,12 @@ impl Store {
                        o.current_encryption_serial, o.renewal_code, o.renewal_code_failures, o.issuer_ski,
                        o.created_at, o.updated_at,
                        c.id AS challenge_id, c.nonce AS challenge_nonce,
-                       c.expires_at AS challenge_expires_at, c.used_at AS challenge_used_at
+                       c.expires_at AS challenge_expires_at, c.used_at AS challenge_used_at,
+                       EXISTS (SELECT 1 FROM revocations r
+                               WHERE r.issuer_ski = ?3 AND r.serial_hex = ?4) AS revoked
                      FROM orders o LEFT JOIN challenges c ON c.id = ?2 AND c.order_id = o.id
                      WHERE o.id = ?1",
-                params![order_id, challenge_id],
+                params![order_id, challenge_id, revoked.0, revoked.1],
             )?
             else {
                 return Ok(None);
@@ -905,7 +920,11 @@ impl Store {
                 }),
                 None => None,
             };
-            Ok(Some((order, challenge)))
+            Ok(Some(OrderWithChallenge {
+                revoked: r.get::<i64>("revoked")? != 0,
+                order,
+                challenge,
+            }))
         })
     }
 
