@@ -561,6 +561,20 @@ struct Pooled<'p> {
     conn: Option<PgConn>,
 }
 
+impl Pooled<'_> {
+    /// The connection's client and the runtime it is driven on.
+    fn client_and_runtime(&mut self) -> (&mut tokio_postgres::Client, &tokio::runtime::Runtime) {
+        match self.conn.as_mut() {
+            Some(PgConn {
+                client,
+                rt: Some(rt),
+                ..
+            }) => (client, rt),
+            _ => unreachable!("a pooled connection and its runtime are present until dropped"),
+        }
+    }
+}
+
 impl Drop for Pooled<'_> {
     fn drop(&mut self) {
         let mut st = self.pool.lock();
@@ -838,14 +852,7 @@ impl Db {
             }
             Backend::Postgres(pool) => {
                 let mut pooled = pool.get()?;
-                let Some(PgConn {
-                    client,
-                    rt: Some(rt),
-                    ..
-                }) = pooled.conn.as_mut()
-                else {
-                    unreachable!("a pooled connection and its runtime are present until dropped")
-                };
+                let (client, rt) = pooled.client_and_runtime();
                 drive(rt, client.batch_execute(&format!("VACUUM FULL {table}")))?;
                 Ok(())
             }
@@ -875,14 +882,7 @@ impl Db {
             }
             Backend::Postgres(pool) => {
                 let mut pooled = pool.get()?;
-                let Some(PgConn {
-                    client,
-                    rt: Some(rt),
-                    ..
-                }) = pooled.conn.as_mut()
-                else {
-                    unreachable!("a pooled connection and its runtime are present until dropped")
-                };
+                let (client, rt) = pooled.client_and_runtime();
                 drive(rt, async {
                     let tx = client.transaction().await?;
                     // One lock id for "ukey-portal schema": held until commit.

@@ -134,7 +134,8 @@ const MIGRATIONS: &[Migration] = &[
     ALTER TABLE revocations_by_key RENAME TO revocations;
     ALTER TABLE certificates ADD COLUMN issuer_ski TEXT;
     ALTER TABLE orders ADD COLUMN issuer_ski TEXT;
-    CREATE INDEX certificates_issuer_unknown ON certificates(serial_hex) WHERE issuer_ski IS NULL;",
+    CREATE INDEX certificates_issuer_unknown ON certificates(serial_hex) WHERE issuer_ski IS NULL;
+    INSERT INTO meta (key, value) VALUES ('revocations_by_name', 1);",
         postgres: "",
     },
 ];
@@ -982,10 +983,12 @@ impl Store {
             .iter()
             .filter_map(|(serial, der)| signer_of(der).map(|ski| (serial.clone(), ski)))
             .collect();
+        // Set by migration 6 while revocations named by issuer may remain: a key lookup
+        // at every start, not a scan of every revocation.
         let named = self.db.read(|tx| {
             Ok::<_, Error>(
                 tx.query_opt(
-                    "SELECT 1 FROM revocations WHERE issuer_ski LIKE 'name:%'",
+                    "SELECT 1 FROM meta WHERE key = 'revocations_by_name' AND value = 1",
                     &[],
                 )?
                 .is_some(),
@@ -1007,6 +1010,20 @@ impl Store {
                     tx.execute(
                         "UPDATE certificates SET issuer_ski = ?2 WHERE serial_hex = ?1",
                         params![serial, ski],
+                    )?;
+                }
+                // Rows of an issuer the portal does not know stay named (and the flag
+                // set, for a start that knows it).
+                let left = tx
+                    .query_opt(
+                        "SELECT 1 FROM revocations WHERE issuer_ski LIKE 'name:%' LIMIT 1",
+                        &[],
+                    )?
+                    .is_some();
+                if named && !left {
+                    tx.execute(
+                        "UPDATE meta SET value = 0 WHERE key = 'revocations_by_name'",
+                        &[],
                     )?;
                 }
                 Ok::<_, Error>(())

@@ -5,7 +5,6 @@ mod common;
 
 use rcgen::PublicKeyData as _;
 use std::path::Path;
-use std::process::Command;
 
 use common::*;
 use rcgen::SigningKey as _;
@@ -14,20 +13,7 @@ use ukey_portal_api::{
     OrderView, RenewalStatus, StatusRequest, challenge_signed_data, installed_signed_data, paths,
 };
 
-fn openssl(dir: &Path, args: &[&str]) {
-    let (ok, text) = run(Command::new("openssl").current_dir(dir).args(args));
-    assert!(ok, "openssl {args:?}: {text}");
-}
-
-fn cli(data: &Path, args: &[&str]) -> String {
-    let (ok, text) = run(portal_bin()
-        .arg("--data")
-        .arg(data)
-        .args(args)
-        .env("RUST_LOG", "warn"));
-    assert!(ok, "ukey-portal {args:?}: {text}");
-    text
-}
+use common::{openssl_ok as openssl, portal_cli as cli};
 
 #[tokio::test]
 async fn openssl_made_ca_works_end_to_end_through_the_binary() {

@@ -437,6 +437,23 @@ pub fn spawn_serve(cmd: &mut Command) -> (Server, Option<String>) {
     (Server(child), url)
 }
 
+/// `openssl ARGS` in `dir`, which must succeed.
+pub fn openssl_ok(dir: &Path, args: &[&str]) {
+    let (ok, text) = run(Command::new("openssl").current_dir(dir).args(args));
+    assert!(ok, "openssl {args:?}: {text}");
+}
+
+/// `ukey-portal --data DATA ARGS`, which must succeed; its output.
+pub fn portal_cli(data: &Path, args: &[&str]) -> String {
+    let (ok, text) = run(portal_bin()
+        .arg("--data")
+        .arg(data)
+        .args(args)
+        .env("RUST_LOG", "warn"));
+    assert!(ok, "ukey-portal {args:?}: {text}");
+    text
+}
+
 /// Runs a command, returns (success, stdout + stderr).
 pub fn run(cmd: &mut std::process::Command) -> (bool, String) {
     let out = cmd.output().unwrap_or_else(|e| panic!("{cmd:?}: {e}"));
