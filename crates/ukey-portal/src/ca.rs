@@ -678,11 +678,6 @@ impl Ca {
         &self.display_name
     }
 
-    /// Whether `cert` was signed by the portal CA or an accepted issuer.
-    pub fn verifies(&self, cert: &X509Certificate<'_>) -> bool {
-        self.issuer_of(cert).is_some()
-    }
-
     /// The trusted issuer (the portal's CA, a retired one, or an accepted issuer) whose
     /// key signed `cert`.
     pub fn issuer_of(&self, cert: &X509Certificate<'_>) -> Option<&TrustedIssuer> {
