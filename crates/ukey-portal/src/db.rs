@@ -251,6 +251,57 @@ impl Row {
     }
 }
 
+/// One statement of a [`Tx::pipeline`] or [`Tx::finish`].
+#[derive(Debug, Clone, Copy)]
+pub enum Stmt<'s> {
+    /// A query: its rows.
+    Query(&'s str, &'s [Param<'s>]),
+    /// A write: the number of rows it changed.
+    Execute(&'s str, &'s [Param<'s>]),
+}
+
+/// What one statement of a pipeline gave.
+#[derive(Debug)]
+pub enum Outcome {
+    /// A query's rows.
+    Rows(Vec<Row>),
+    /// A write's row count.
+    Count(u64),
+}
+
+impl Outcome {
+    /// A query's rows (none for a write).
+    pub fn rows(self) -> Vec<Row> {
+        match self {
+            Outcome::Rows(r) => r,
+            Outcome::Count(_) => Vec::new(),
+        }
+    }
+
+    /// A write's row count (the number of rows for a query).
+    pub fn count(&self) -> u64 {
+        match self {
+            Outcome::Rows(r) => r.len() as u64,
+            Outcome::Count(n) => *n,
+        }
+    }
+}
+
+/// The error of a statement that did not run because an earlier one of its pipeline
+/// failed.
+fn not_run() -> DbError {
+    DbError::Value("not run: an earlier statement of the pipeline failed".into())
+}
+
+/// [`Tx::pipeline`] for a fixed number of statements: one result for each.
+pub fn pipeline<const N: usize>(
+    tx: &mut dyn Tx,
+    stmts: [Stmt<'_>; N],
+) -> [Result<Outcome, DbError>; N] {
+    let mut outs = tx.pipeline(&stmts).into_iter();
+    std::array::from_fn(|_| outs.next().unwrap_or_else(|| Err(not_run())))
+}
+
 /// Statements inside one transaction (or, for reads, one connection).
 pub trait Tx {
     /// Which database.
@@ -263,6 +314,38 @@ pub trait Tx {
     /// The first row, if any.
     fn query_opt(&mut self, sql: &str, params: &[Param<'_>]) -> Result<Option<Row>, DbError> {
         Ok(self.query(sql, params)?.into_iter().next())
+    }
+
+    /// Runs `stmts` in order, each as [`Tx::query`] or [`Tx::execute`] would, each with
+    /// its own result; on PostgreSQL all of them leave together and cost one round
+    /// trip. After an error the later statements do not run (their result is an
+    /// error too): the caller then ends the transaction with an error, which rolls
+    /// it back.
+    fn pipeline(&mut self, stmts: &[Stmt<'_>]) -> Vec<Result<Outcome, DbError>> {
+        let mut failed = false;
+        stmts
+            .iter()
+            .map(|s| {
+                if failed {
+                    return Err(not_run());
+                }
+                let out = match *s {
+                    Stmt::Query(sql, p) => self.query(sql, p).map(Outcome::Rows),
+                    Stmt::Execute(sql, p) => self.execute(sql, p).map(Outcome::Count),
+                };
+                failed = out.is_err();
+                out
+            })
+            .collect()
+    }
+
+    /// The write transaction's last statements, and its commit: on PostgreSQL they
+    /// leave with `COMMIT`, in one round trip. `Ok` means they ran and the transaction
+    /// is committed (on SQLite, it is when the transaction's closure returns `Ok`,
+    /// which it must then do); an error means nothing was written. The transaction
+    /// runs no statement after this.
+    fn finish(&mut self, stmts: &[Stmt<'_>]) -> Result<Vec<Outcome>, DbError> {
+        self.pipeline(stmts).into_iter().collect()
     }
 }
 
@@ -472,7 +555,46 @@ enum Begin {
     Pending,
     /// Sent.
     Sent,
+    /// Committed with the transaction's last statements ([`Tx::finish`]).
+    Ended,
 }
+
+/// A statement's answer before its rows are turned into [`Row`]s.
+enum Raw {
+    Rows(Vec<tokio_postgres::Row>),
+    Count(u64),
+}
+
+type RawFuture<'f> = std::pin::Pin<
+    Box<dyn std::future::Future<Output = Result<Raw, tokio_postgres::Error>> + Send + 'f>,
+>;
+
+fn ended() -> DbError {
+    DbError::Value("the transaction is already committed".into())
+}
+
+/// A PostgreSQL row as a [`Row`], its columns named after `stmt`'s.
+fn pg_rows(
+    stmt: &tokio_postgres::Statement,
+    rows: &[tokio_postgres::Row],
+) -> Result<Vec<Row>, DbError> {
+    let names: Arc<[String]> = stmt.columns().iter().map(|c| c.name().to_owned()).collect();
+    rows.iter()
+        .map(|r| {
+            let values = (0..names.len())
+                .map(|i| r.try_get::<_, Value>(i))
+                .collect::<Result<Vec<_>, _>>()?;
+            Ok(Row {
+                names: names.clone(),
+                values,
+            })
+        })
+        .collect()
+}
+
+/// What [`PgTx::send_all`] brings back: each statement's result, and `COMMIT`'s when
+/// it was sent.
+type Sent = (Vec<Result<Outcome, DbError>>, Option<Result<(), DbError>>);
 
 struct PgTx<'a> {
     client: &'a tokio_postgres::Client,
@@ -500,14 +622,99 @@ impl PgTx<'_> {
         &mut self,
         run: impl std::future::Future<Output = Result<T, tokio_postgres::Error>> + Send,
     ) -> Result<T, DbError> {
-        if self.begin != Begin::Pending {
-            return Ok(drive(self.rt, run)?);
+        match self.begin {
+            Begin::Ended => return Err(ended()),
+            Begin::None | Begin::Sent => return Ok(drive(self.rt, run)?),
+            Begin::Pending => {}
         }
         self.begin = Begin::Sent;
         let begin = self.client.batch_execute("BEGIN");
         let (began, out) = drive(self.rt, async { futures_util::join!(begin, run) });
         began?;
         Ok(out?)
+    }
+
+    /// Sends `stmts` at once, after a pending `BEGIN` and, when `commit` (in a write
+    /// transaction), before `COMMIT`, and awaits every answer: one round trip. The
+    /// server runs them in order; after an error the later ones fail (the transaction
+    /// is aborted) and a `COMMIT` rolls back.
+    fn send_all(&mut self, stmts: &[Stmt<'_>], commit: bool) -> Sent {
+        let fail_all = |e: DbError| {
+            let mut e = Some(e);
+            let outs = stmts
+                .iter()
+                .map(|_| Err(e.take().unwrap_or_else(not_run)))
+                .collect();
+            (outs, None)
+        };
+        if self.begin == Begin::Ended {
+            return fail_all(ended());
+        }
+        let mut prepared = Vec::with_capacity(stmts.len());
+        for s in stmts {
+            let (Stmt::Query(sql, _) | Stmt::Execute(sql, _)) = *s;
+            match self.statement(sql) {
+                Ok(p) => prepared.push(p),
+                Err(e) => return fail_all(e),
+            }
+        }
+        let refs: Vec<Vec<&(dyn ToSql + Sync)>> = stmts
+            .iter()
+            .map(|s| {
+                let (Stmt::Query(_, p) | Stmt::Execute(_, p)) = *s;
+                p.iter().map(|p| p as _).collect()
+            })
+            .collect();
+        let client = self.client;
+        let begin = self.begin == Begin::Pending;
+        let commit = commit && self.begin != Begin::None;
+        let mut futures: Vec<RawFuture<'_>> = Vec::with_capacity(stmts.len() + 2);
+        if begin {
+            futures.push(Box::pin(async move {
+                client.batch_execute("BEGIN").await.map(|()| Raw::Count(0))
+            }));
+        }
+        for ((s, stmt), refs) in stmts.iter().zip(&prepared).zip(&refs) {
+            futures.push(match s {
+                Stmt::Query(..) => {
+                    Box::pin(async move { client.query(stmt, refs).await.map(Raw::Rows) })
+                }
+                Stmt::Execute(..) => {
+                    Box::pin(async move { client.execute(stmt, refs).await.map(Raw::Count) })
+                }
+            });
+        }
+        if commit {
+            futures.push(Box::pin(async move {
+                client.batch_execute("COMMIT").await.map(|()| Raw::Count(0))
+            }));
+        }
+        // `join_all` polls its futures in order the first time (each sends its request
+        // then), and the server answers in order.
+        let mut answers = drive(self.rt, futures_util::future::join_all(futures)).into_iter();
+        if begin {
+            self.begin = Begin::Sent;
+            if let Some(Err(e)) = answers.next() {
+                return fail_all(e.into());
+            }
+        }
+        let outs: Vec<Result<Outcome, DbError>> = stmts
+            .iter()
+            .zip(&prepared)
+            .zip(answers.by_ref())
+            .map(|((_, stmt), answer)| match answer? {
+                Raw::Rows(rows) => pg_rows(stmt, &rows).map(Outcome::Rows),
+                Raw::Count(n) => Ok(Outcome::Count(n)),
+            })
+            .collect();
+        let committed = commit.then(|| {
+            self.begin = Begin::Ended;
+            match answers.next() {
+                Some(Err(e)) => Err(DbError::from(e)),
+                _ => Ok(()),
+            }
+        });
+        (outs, committed)
     }
 }
 
@@ -528,18 +735,18 @@ impl Tx for PgTx<'_> {
         let refs: Vec<&(dyn ToSql + Sync)> = params.iter().map(|p| p as _).collect();
         let client = self.client;
         let rows = self.run(client.query(&stmt, &refs))?;
-        let names: Arc<[String]> = stmt.columns().iter().map(|c| c.name().to_owned()).collect();
-        rows.iter()
-            .map(|r| {
-                let values = (0..names.len())
-                    .map(|i| r.try_get::<_, Value>(i))
-                    .collect::<Result<Vec<_>, _>>()?;
-                Ok(Row {
-                    names: names.clone(),
-                    values,
-                })
-            })
-            .collect()
+        pg_rows(&stmt, &rows)
+    }
+
+    fn pipeline(&mut self, stmts: &[Stmt<'_>]) -> Vec<Result<Outcome, DbError>> {
+        self.send_all(stmts, false).0
+    }
+
+    fn finish(&mut self, stmts: &[Stmt<'_>]) -> Result<Vec<Outcome>, DbError> {
+        let (outs, committed) = self.send_all(stmts, true);
+        let outs = outs.into_iter().collect::<Result<Vec<_>, _>>()?;
+        committed.unwrap_or(Ok(()))?;
+        Ok(outs)
     }
 }
 

@@ -14,7 +14,9 @@ use std::path::{Path, PathBuf};
 use ukey_portal_api::{ApiError, ErrorCode, KeyAlgorithm, KeyPolicy, OrderTerms};
 
 use crate::Error;
-use crate::db::{Db, DbError, Kind, Migration, MigrationError, Row, Tx, params};
+use crate::db::{
+    self, Db, DbError, Kind, Migration, MigrationError, Outcome, Param, Row, Stmt, Tx, params,
+};
 use crate::names::NameKey;
 
 /// Schema migrations; index + 1 is the schema version after applying it (SQLite's
@@ -554,11 +556,24 @@ fn get_order(tx: &mut dyn Tx, id: &str) -> Result<Option<Order>, Error> {
 /// An order, locked until the transaction ends: on PostgreSQL read with `FOR UPDATE`
 /// (one round trip); SQLite's `BEGIN IMMEDIATE` already holds the only writer lock.
 fn lock_order(tx: &mut dyn Tx, id: &str) -> Result<Order, Error> {
-    let row = match tx.kind() {
-        Kind::Postgres => tx.query_opt(select_orders!("WHERE id = ?1 FOR UPDATE"), params![id])?,
-        Kind::Sqlite => tx.query_opt(select_orders!("WHERE id = ?1"), params![id])?,
-    };
-    row.as_ref()
+    let rows = tx.query(lock_order_sql(tx.kind()), params![id])?;
+    order_locked(id, Ok(Outcome::Rows(rows)))
+}
+
+/// [`lock_order`]'s statement, to run in a [`Tx::pipeline`] (its one parameter: the
+/// order's id).
+fn lock_order_sql(kind: Kind) -> &'static str {
+    match kind {
+        Kind::Postgres => select_orders!("WHERE id = ?1 FOR UPDATE"),
+        Kind::Sqlite => select_orders!("WHERE id = ?1"),
+    }
+}
+
+/// The order that [`lock_order_sql`] read in a pipeline.
+fn order_locked(id: &str, read: Result<Outcome, DbError>) -> Result<Order, Error> {
+    read?
+        .rows()
+        .first()
         .map(order_from_row)
         .transpose()?
         .ok_or_else(|| api(ErrorCode::OrderNotFound, format!("no order {id}")))
@@ -833,16 +848,33 @@ impl Store {
     ) -> Result<(), Error> {
         self.purge_expired_challenges(now)?;
         self.db.write(|tx| {
-            check(&lock_order(tx, &ch.order_id)?)?;
-            let outstanding: i64 = tx
-                .query_opt(
-                    "SELECT count(*) FROM challenges
-                     WHERE order_id = ?1 AND used_at IS NULL AND expires_at > ?2",
-                    params![&ch.order_id, now],
-                )?
+            // The order locked, the challenge written and the outstanding ones counted
+            // (this one too) in one round trip; a refusal rolls the insert back.
+            let lock = lock_order_sql(tx.kind());
+            let [locked, inserted, counted] = db::pipeline(
+                tx,
+                [
+                    Stmt::Query(lock, params![&ch.order_id]),
+                    Stmt::Execute(
+                        "INSERT INTO challenges (id, order_id, nonce, expires_at) VALUES (?1, ?2, ?3, ?4)",
+                        params![&ch.id, &ch.order_id, &ch.nonce, ch.expires_at],
+                    ),
+                    Stmt::Query(
+                        "SELECT count(*) FROM challenges
+                         WHERE order_id = ?1 AND used_at IS NULL AND expires_at > ?2",
+                        params![&ch.order_id, now],
+                    ),
+                ],
+            );
+            check(&order_locked(&ch.order_id, locked)?)?;
+            inserted?;
+            let outstanding: i64 = counted?
+                .rows()
+                .first()
                 .map(|r| r.at(0))
                 .transpose()?
-                .unwrap_or(0);
+                .unwrap_or(0)
+                - 1;
             if outstanding >= OUTSTANDING_CHALLENGES {
                 return Err(api(
                     ErrorCode::RateLimited,
@@ -852,10 +884,6 @@ impl Store {
                     ),
                 ));
             }
-            tx.execute(
-                "INSERT INTO challenges (id, order_id, nonce, expires_at) VALUES (?1, ?2, ?3, ?4)",
-                params![&ch.id, &ch.order_id, &ch.nonce, ch.expires_at],
-            )?;
             Ok(())
         })
     }
@@ -1041,8 +1069,29 @@ impl Store {
     /// certificates of the order are revoked. Re-checks challenge and order state.
     pub fn commit_issue(&self, new: &NewIssuance, now: i64) -> Result<IssueCommit, Error> {
         self.db.write(|tx| {
-            let order = lock_order(tx, &new.order_id)?;
-            consume(tx, &new.freshness, &new.order_id, now)?;
+            let order = match &new.freshness {
+                Freshness::Challenge(id) => {
+                    // The order locked and the challenge used in one round trip.
+                    let lock = lock_order_sql(tx.kind());
+                    let [locked, used] = db::pipeline(
+                        tx,
+                        [
+                            Stmt::Query(lock, params![&new.order_id]),
+                            Stmt::Execute(USE_CHALLENGE, params![id, &new.order_id, now]),
+                        ],
+                    );
+                    let order = order_locked(&new.order_id, locked)?;
+                    if used?.count() != 1 {
+                        return Err(challenge_refused(tx, id, &new.order_id, now));
+                    }
+                    order
+                }
+                Freshness::Cmp(step) => {
+                    let order = lock_order(tx, &new.order_id)?;
+                    apply_cmp(tx, step, now)?;
+                    order
+                }
+            };
             match order.state {
                 OrderState::Ready | OrderState::Issued => {}
                 OrderState::Completed => {
@@ -1088,10 +1137,10 @@ impl Store {
             if revoked_any {
                 bump_crl_number(tx)?;
             }
-            for cert in std::iter::once(&new.signing).chain(new.encryption.as_ref()) {
-                tx.execute(
-                    "INSERT INTO certificates (serial_hex, order_id, kind, spki_sha256, der, subject,
-                       escrow_pkcs8, issued_at, issuer_ski) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)",
+            // The certificates and the order's new state leave with the commit.
+            let certs: Vec<Vec<Param<'_>>> = std::iter::once(&new.signing)
+                .chain(new.encryption.as_ref())
+                .map(|cert| {
                     params![
                         &cert.serial_hex,
                         &cert.order_id,
@@ -1102,21 +1151,34 @@ impl Store {
                         &cert.escrow_pkcs8,
                         now,
                         &cert.issuer_ski
-                    ],
-                )?;
-            }
-            tx.execute(
+                    ]
+                    .to_vec()
+                })
+                .collect();
+            let mut writes: Vec<Stmt<'_>> = certs
+                .iter()
+                .map(|p| {
+                    Stmt::Execute(
+                        "INSERT INTO certificates (serial_hex, order_id, kind, spki_sha256, der, subject,
+                           escrow_pkcs8, issued_at, issuer_ski) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)",
+                        p,
+                    )
+                })
+                .collect();
+            let order_params = params![
+                &order.id,
+                &new.spki_sha256,
+                &new.signing.serial_hex,
+                new.encryption.as_ref().map(|c| c.serial_hex.as_str()),
+                now,
+                &new.renewed_issuer_ski
+            ];
+            writes.push(Stmt::Execute(
                 "UPDATE orders SET state = 'issued', current_spki_sha256 = ?2, current_signing_serial = ?3,
                    current_encryption_serial = ?4, updated_at = ?5, issuer_ski = ?6 WHERE id = ?1",
-                params![
-                    &order.id,
-                    &new.spki_sha256,
-                    &new.signing.serial_hex,
-                    new.encryption.as_ref().map(|c| c.serial_hex.as_str()),
-                    now,
-                    &new.renewed_issuer_ski
-                ],
-            )?;
+                order_params,
+            ));
+            tx.finish(&writes)?;
             Ok(IssueCommit::Issued)
         })
     }
@@ -1573,35 +1635,41 @@ fn apply_cmp(tx: &mut dyn Tx, step: &CmpStep, now: i64) -> Result<(), Error> {
 /// expired. The update is conditional, so two requests racing for one challenge
 /// (two instances) cannot both use it.
 fn consume_challenge(tx: &mut dyn Tx, id: &str, order_id: &str, now: i64) -> Result<(), Error> {
-    let used = tx.execute(
-        "UPDATE challenges SET used_at = ?3
-         WHERE id = ?1 AND order_id = ?2 AND used_at IS NULL AND expires_at > ?3",
-        params![id, order_id, now],
-    )?;
-    if used == 1 {
+    if tx.execute(USE_CHALLENGE, params![id, order_id, now])? == 1 {
         return Ok(());
     }
-    let row = tx.query_opt(
-        "SELECT order_id, expires_at, used_at FROM challenges WHERE id = ?1",
-        params![id],
-    )?;
-    let Some(row) = row else {
-        return Err(api(
-            ErrorCode::ChallengeNotFound,
-            format!("no challenge {id}"),
-        ));
-    };
-    let (o, exp, used_at): (String, i64, Option<i64>) = (row.at(0)?, row.at(1)?, row.at(2)?);
-    Err(if o != order_id {
-        api(
+    Err(challenge_refused(tx, id, order_id, now))
+}
+
+/// [`consume_challenge`]'s update (`?1` the challenge, `?2` its order, `?3` now): one
+/// row changed when the challenge could be used.
+const USE_CHALLENGE: &str = "UPDATE challenges SET used_at = ?3
+     WHERE id = ?1 AND order_id = ?2 AND used_at IS NULL AND expires_at > ?3";
+
+/// Why [`USE_CHALLENGE`] changed no row.
+fn challenge_refused(tx: &mut dyn Tx, id: &str, order_id: &str, now: i64) -> Error {
+    let read = tx
+        .query_opt(
+            "SELECT order_id, expires_at, used_at FROM challenges WHERE id = ?1",
+            params![id],
+        )
+        .and_then(|row| {
+            row.map(|r| Ok::<(String, i64, Option<i64>), DbError>((r.at(0)?, r.at(1)?, r.at(2)?)))
+                .transpose()
+        });
+    match read {
+        Err(e) => e.into(),
+        Ok(None) => api(ErrorCode::ChallengeNotFound, format!("no challenge {id}")),
+        Ok(Some((o, _, _))) if o != order_id => api(
             ErrorCode::ChallengeNotFound,
             format!("challenge {id} belongs to another order"),
-        )
-    } else if used_at.is_some() {
-        api(ErrorCode::ChallengeUsed, "the challenge was already used")
-    } else if exp <= now {
-        api(ErrorCode::ChallengeExpired, "the challenge expired")
-    } else {
-        Error::Setup(format!("challenge {id} could not be used"))
-    })
+        ),
+        Ok(Some((_, _, Some(_)))) => {
+            api(ErrorCode::ChallengeUsed, "the challenge was already used")
+        }
+        Ok(Some((_, exp, None))) if exp <= now => {
+            api(ErrorCode::ChallengeExpired, "the challenge expired")
+        }
+        Ok(Some(_)) => Error::Setup(format!("challenge {id} could not be used")),
+    }
 }

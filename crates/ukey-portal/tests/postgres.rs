@@ -323,3 +323,110 @@ fn an_unreachable_database_is_a_clear_error() {
         "the password is not shown: {text}"
     );
 }
+
+/// The store's pipelines (statements sent at once, one round trip on PostgreSQL) and
+/// `finish` (the last statements sent with COMMIT) keep a transaction's meaning on both
+/// databases: each statement has its own result in order, an error stops the later
+/// ones and rolls back everything the transaction wrote (the statements before it in
+/// the pipeline, and earlier ones), and a connection whose transaction failed in
+/// `finish` serves the next transaction (a pool of one, so it is the same connection).
+#[test]
+fn pipelines_and_finish_keep_transactions_whole_on_both_databases() {
+    use ukey_portal::db::{Db, Migration, Outcome, Stmt, params};
+    let pg = PgServer::start(&[]);
+    let tmp = tempfile::tempdir().unwrap();
+    let databases = [
+        (
+            "sqlite",
+            Db::sqlite(rusqlite::Connection::open(tmp.path().join("t.sqlite")).unwrap()).unwrap(),
+        ),
+        (
+            "postgres",
+            Db::postgres(&pg.create_db("pipelines"), 1).unwrap(),
+        ),
+    ];
+    for (name, db) in &databases {
+        db.migrate(&[Migration {
+            sql: "CREATE TABLE t (id TEXT PRIMARY KEY, n INTEGER NOT NULL)",
+            postgres: "",
+        }])
+        .unwrap();
+        let ids = |db: &Db| -> Vec<String> {
+            db.read(|tx| tx.query("SELECT id FROM t ORDER BY id", &[]))
+                .unwrap()
+                .iter()
+                .map(|r| r.get::<String>("id").unwrap())
+                .collect()
+        };
+        const INSERT: &str = "INSERT INTO t (id, n) VALUES (?1, ?2)";
+
+        // In order, each with its result; the duplicate fails, the statement after it
+        // does not run, and the transaction (ended with that error) wrote nothing.
+        let failed = db.write(|tx| {
+            tx.execute(INSERT, params!["before", 0i64])?;
+            let outs = tx.pipeline(&[
+                Stmt::Execute(INSERT, params!["a", 1i64]),
+                Stmt::Query("SELECT count(*) FROM t", &[]),
+                Stmt::Execute(INSERT, params!["a", 2i64]),
+                Stmt::Execute(INSERT, params!["b", 3i64]),
+            ]);
+            assert_eq!(outs.len(), 4, "{name}");
+            assert_eq!(outs[0].as_ref().unwrap().count(), 1, "{name}");
+            let Ok(Outcome::Rows(rows)) = &outs[1] else {
+                panic!("{name}: {:?}", outs[1])
+            };
+            assert_eq!(
+                rows[0].at::<i64>(0).unwrap(),
+                2,
+                "{name}: sees its own writes"
+            );
+            assert!(
+                outs[2].as_ref().unwrap_err().is_unique_violation(),
+                "{name}: {:?}",
+                outs[2]
+            );
+            assert!(outs[3].is_err(), "{name}: {:?}", outs[3]);
+            outs.into_iter().try_for_each(|o| o.map(|_| ()))
+        });
+        assert!(failed.unwrap_err().is_unique_violation(), "{name}");
+        assert!(ids(db).is_empty(), "{name}: {:?}", ids(db));
+
+        // `finish` commits what came before it and its own statements.
+        let counts = db
+            .write(|tx| {
+                tx.execute(INSERT, params!["a", 1i64])?;
+                tx.finish(&[
+                    Stmt::Execute(INSERT, params!["b", 2i64]),
+                    Stmt::Execute("UPDATE t SET n = n + 10 WHERE id <> ?1", params!["zz"]),
+                ])
+            })
+            .unwrap();
+        assert_eq!(
+            counts.iter().map(Outcome::count).collect::<Vec<_>>(),
+            [1, 2],
+            "{name}"
+        );
+        assert_eq!(ids(db), ["a", "b"], "{name}");
+
+        // A failure in `finish` undoes the whole transaction, and the connection
+        // goes on serving.
+        let failed = db.write(|tx| {
+            tx.execute(INSERT, params!["c", 1i64])?;
+            tx.finish(&[
+                Stmt::Execute(INSERT, params!["d", 2i64]),
+                Stmt::Execute(INSERT, params!["a", 3i64]),
+            ])
+        });
+        assert!(failed.unwrap_err().is_unique_violation(), "{name}");
+        assert_eq!(ids(db), ["a", "b"], "{name}: c and d rolled back");
+        db.write(|tx| tx.finish(&[Stmt::Execute(INSERT, params!["e", 1i64])]))
+            .unwrap();
+        assert_eq!(ids(db), ["a", "b", "e"], "{name}");
+        let n: i64 = db
+            .read(|tx| tx.query("SELECT n FROM t WHERE id = 'a'", &[]))
+            .unwrap()[0]
+            .at(0)
+            .unwrap();
+        assert_eq!(n, 11, "{name}");
+    }
+}
