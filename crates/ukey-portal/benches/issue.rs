@@ -11,6 +11,9 @@
 //! with its own HTTP server and connection pool, on one database, the clients
 //! alternating between them); PostgreSQL is a real server from Debian's package started
 //! in a temp dir, with its default durability (fsync, synchronous commit)).
+//! UKEY_BENCH_PG_RTT_US (default 0): the portal reaches PostgreSQL through a loopback
+//! relay that holds every chunk for half this many microseconds each way, as a database
+//! on another host would (the HTTP clients stay direct).
 //!
 //! With SM2 the portal runs an SM2 CA (SM2-with-SM3 certificates, GM ID), the old
 //! certificates come from an EC CA it accepts (an RSA → SM2 style upgrade), and the
@@ -100,13 +103,23 @@ fn main() {
         .and_then(|a| KeyAlgorithm::parse(&a))
         .unwrap_or(KeyAlgorithm::EcP256);
     let stores = std::env::var("UKEY_BENCH_STORES").unwrap_or_else(|_| "sqlite".into());
+    let rtt = Duration::from_micros(env_usize("UKEY_BENCH_PG_RTT_US", 0) as u64);
     let mut server: Option<pg::PgServer> = None;
+    let mut relay_port = None;
     for (i, store) in stores.split(',').map(str::trim).enumerate() {
         let (database, instances) = match store {
             "sqlite" => (None, 1),
             "postgres" | "postgres2" => {
                 let pg = server.get_or_insert_with(|| pg::PgServer::start(&[]));
-                let url = pg.create_db(&format!("bench{i}"));
+                let mut url = pg.create_db(&format!("bench{i}"));
+                if !rtt.is_zero() {
+                    let port = *relay_port.get_or_insert_with(|| relay(pg.port, rtt / 2));
+                    url = url.replacen(&format!(":{}/", pg.port), &format!(":{port}/"), 1);
+                    println!(
+                        "(PostgreSQL behind a relay: {} µs round trip)",
+                        rtt.as_micros()
+                    );
+                }
                 let instances = if store == "postgres2" { 2 } else { 1 };
                 (Some(url), instances)
             }
@@ -116,6 +129,55 @@ fn main() {
         };
         sitting(store, database, instances, clients, issues, alg);
     }
+}
+
+/// A loopback TCP relay to `127.0.0.1:target` that delivers every chunk `delay` after it
+/// arrived, in order, in both directions (a one-way network latency; chunks in flight
+/// overlap, as on a wire). Threads, not tokio timers: those tick in milliseconds.
+/// Returns the relay's port; it serves until the process ends.
+fn relay(target: u16, delay: Duration) -> u16 {
+    use std::io::{Read, Write};
+    use std::net::{TcpListener, TcpStream};
+    fn pump(mut from: TcpStream, mut to: TcpStream, delay: Duration) {
+        let (send, recv) = std::sync::mpsc::channel::<(Instant, Vec<u8>)>();
+        std::thread::spawn(move || {
+            let mut buf = vec![0u8; 64 * 1024];
+            while let Ok(n @ 1..) = from.read(&mut buf) {
+                if send
+                    .send((Instant::now() + delay, buf[..n].to_vec()))
+                    .is_err()
+                {
+                    break;
+                }
+            }
+        });
+        std::thread::spawn(move || {
+            for (due, chunk) in recv {
+                std::thread::sleep(due.saturating_duration_since(Instant::now()));
+                if to.write_all(&chunk).is_err() {
+                    break;
+                }
+            }
+            let _ = to.shutdown(std::net::Shutdown::Write);
+        });
+    }
+    let listener = TcpListener::bind("127.0.0.1:0").expect("relay port");
+    let port = listener.local_addr().expect("relay address").port();
+    std::thread::spawn(move || {
+        for client in listener.incoming().flatten() {
+            let server = TcpStream::connect(("127.0.0.1", target)).expect("PostgreSQL");
+            for s in [&client, &server] {
+                s.set_nodelay(true).expect("nodelay");
+            }
+            let (c2, s2) = (
+                client.try_clone().expect("clone"),
+                server.try_clone().expect("clone"),
+            );
+            pump(client, server, delay);
+            pump(s2, c2, delay);
+        }
+    });
+    port
 }
 
 /// One sitting: a fresh data dir and store, `issues` paid orders, `clients` clients.
