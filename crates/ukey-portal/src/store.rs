@@ -140,7 +140,22 @@ const MIGRATIONS: &[Migration] = &[
     INSERT INTO meta (key, value) VALUES ('revocations_by_name', 1);",
         postgres: "",
     },
+    // 7: the CRL number is the sum of CRL_NUMBER_SHARDS counters, and a transaction that
+    // revokes adds one to one of them: with one counter, every revocation held its row
+    // until its commit, so on PostgreSQL all instances' revocations waited for each
+    // other's commits one at a time.
+    Migration {
+        sql: "CREATE TABLE crl_number_shards (shard INTEGER PRIMARY KEY, n INTEGER NOT NULL);
+    INSERT INTO crl_number_shards (shard, n) SELECT 0, value FROM meta WHERE key = 'crl_number';
+    INSERT INTO crl_number_shards (shard, n) VALUES (1, 0), (2, 0), (3, 0), (4, 0), (5, 0),
+        (6, 0), (7, 0), (8, 0), (9, 0), (10, 0), (11, 0), (12, 0), (13, 0), (14, 0), (15, 0);
+    DELETE FROM meta WHERE key = 'crl_number';",
+        postgres: "",
+    },
 ];
+
+/// The counters whose sum is the CRL number (migration 7).
+const CRL_NUMBER_SHARDS: u64 = 16;
 
 /// The issuer recorded for a certificate whose CA key the portal does not hold (issued
 /// before CA keys were recorded, by a key since thrown away): revocable, never on a CRL.
@@ -600,12 +615,24 @@ fn revoke(
     now: i64,
     order_id: &str,
 ) -> Result<bool, Error> {
-    let n = tx.execute(
-        "INSERT INTO revocations (issuer_ski, serial_hex, revoked_at, reason, order_id)
-         VALUES (?1, ?2, ?3, ?4, ?5) ON CONFLICT DO NOTHING",
-        params![issuer_ski, serial, now, reason, order_id],
-    )?;
+    let n = tx.execute(REVOKE, params![issuer_ski, serial, now, reason, order_id])?;
     Ok(n == 1)
+}
+
+/// [`revoke`]'s statement: `issuer_ski, serial_hex, revoked_at, reason, order_id`.
+const REVOKE: &str =
+    "INSERT INTO revocations (issuer_ski, serial_hex, revoked_at, reason, order_id)
+     VALUES (?1, ?2, ?3, ?4, ?5) ON CONFLICT DO NOTHING";
+
+/// A new CRL number: one of its counters plus one (parameter: [`crl_number_shard`]).
+/// Every transaction that revokes runs it, and the row stays locked until the commit:
+/// transactions that pick different counters do not wait for each other.
+const BUMP_CRL_NUMBER: &str = "UPDATE crl_number_shards SET n = n + 1 WHERE shard = ?1";
+
+/// The counter the next revoking transaction of this process adds to: each in turn.
+fn crl_number_shard() -> i64 {
+    static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    (NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed) % CRL_NUMBER_SHARDS) as i64
 }
 
 /// The issuer key of a certificate this portal issued, as its revocation is kept.
@@ -616,10 +643,7 @@ fn issuer_of_issued(tx: &mut dyn Tx, serial: &str) -> Result<String, Error> {
 }
 
 fn bump_crl_number(tx: &mut dyn Tx) -> Result<(), Error> {
-    tx.execute(
-        "UPDATE meta SET value = value + 1 WHERE key = 'crl_number'",
-        &[],
-    )?;
+    tx.execute(BUMP_CRL_NUMBER, params![crl_number_shard()])?;
     Ok(())
 }
 
@@ -1229,24 +1253,38 @@ impl Store {
             match order.state {
                 OrderState::Issued if is_current => {
                     let issuer = order.issuer_ski.as_deref().unwrap_or(renewed_issuer_ski);
-                    let mut revoked_any =
-                        revoke(tx, issuer, &order.serial_hex, "superseded", now, order_id)?;
+                    // The old encryption certificate: this portal's (its CA key
+                    // recorded), else the renewed certificate's issuer's.
+                    let enc_issuer = match &order.old_encryption_serial_hex {
+                        Some(enc) => get_cert(tx, enc)?.map(|c| c.issuer().to_owned()),
+                        None => None,
+                    };
+                    let mut revocations = vec![
+                        params![issuer, &order.serial_hex, now, "superseded", order_id].to_vec(),
+                    ];
                     if let Some(enc) = &order.old_encryption_serial_hex {
-                        // The old encryption certificate: this portal's (its CA key
-                        // recorded), else the renewed certificate's issuer's.
-                        let enc_issuer = match get_cert(tx, enc)? {
-                            Some(c) => c.issuer().to_owned(),
-                            None => issuer.to_owned(),
-                        };
-                        revoked_any |= revoke(tx, &enc_issuer, enc, "superseded", now, order_id)?;
+                        let enc_issuer = enc_issuer.as_deref().unwrap_or(issuer);
+                        revocations
+                            .push(params![enc_issuer, enc, now, "superseded", order_id].to_vec());
                     }
-                    if revoked_any {
-                        bump_crl_number(tx)?;
-                    }
-                    tx.execute(
+                    // The revocations, a new CRL number and the order's new state leave
+                    // with the commit, so the CRL number's counter is locked for that
+                    // one round trip. The number moves even when an operator revoked the old
+                    // certificate first (the CRL is then unchanged): numbers only need to
+                    // increase (RFC 5280, 5.2.3), and a conditional bump would cost a
+                    // round trip under the lock.
+                    let completed = params![order_id, now];
+                    let shard = params![crl_number_shard()];
+                    let mut writes: Vec<Stmt<'_>> = revocations
+                        .iter()
+                        .map(|p| Stmt::Execute(REVOKE, p))
+                        .collect();
+                    writes.push(Stmt::Execute(BUMP_CRL_NUMBER, shard));
+                    writes.push(Stmt::Execute(
                         "UPDATE orders SET state = 'completed', updated_at = ?2 WHERE id = ?1",
-                        params![order_id, now],
-                    )?;
+                        completed,
+                    ));
+                    tx.finish(&writes)?;
                 }
                 OrderState::Completed if is_current => {}
                 OrderState::Completed => {
@@ -1500,19 +1538,29 @@ impl Store {
     /// CRL number and the revocations of certificates issued by the key `issuer_ski`.
     pub fn crl_entries(&self, issuer_ski: &str) -> Result<(u64, Vec<RevocationRow>), Error> {
         self.db.read(|tx| {
-            let number: i64 = tx
-                .query_opt("SELECT value FROM meta WHERE key = 'crl_number'", &[])?
-                .ok_or_else(|| Error::Setup("no CRL number in the database".into()))?
-                .at(0)?;
-            let rows = tx
-                .query(
-                    "SELECT serial_hex, revoked_at, reason FROM revocations WHERE issuer_ski = ?1
-                     ORDER BY revoked_at, serial_hex",
-                    params![issuer_ski],
-                )?
-                .iter()
-                .map(|r| Ok((r.at(0)?, r.at(1)?, r.at(2)?)))
-                .collect::<Result<Vec<_>, Error>>()?;
+            // One statement, so one snapshot on PostgreSQL too: a revocation committed
+            // between two reads would give one number to two different CRLs.
+            let found = tx.query(
+                "SELECT c.number, r.serial_hex, r.revoked_at, r.reason
+                 FROM (SELECT CAST(sum(n) AS BIGINT) AS number FROM crl_number_shards) c
+                 LEFT JOIN revocations r ON r.issuer_ski = ?1
+                 ORDER BY r.revoked_at, r.serial_hex",
+                params![issuer_ski],
+            )?;
+            let number: Option<i64> = match found.first() {
+                Some(row) => row.at(0)?,
+                None => None,
+            };
+            let number =
+                number.ok_or_else(|| Error::Setup("no CRL number in the database".into()))?;
+            let mut rows = Vec::with_capacity(found.len());
+            for r in &found {
+                let (serial, at, reason): (Option<String>, Option<i64>, Option<String>) =
+                    (r.at(1)?, r.at(2)?, r.at(3)?);
+                if let (Some(serial), Some(at), Some(reason)) = (serial, at, reason) {
+                    rows.push((serial, at, reason));
+                }
+            }
             Ok((u64::try_from(number).unwrap_or(0), rows))
         })
     }
@@ -1532,6 +1580,7 @@ impl Store {
                 "certificates",
                 "revocations",
                 "meta",
+                "crl_number_shards",
                 "cmp_transactions",
                 "cmp_nonces",
             ] {

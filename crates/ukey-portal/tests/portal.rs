@@ -186,9 +186,11 @@ async fn renewal_with_new_key_verifies_with_openssl_and_revokes_the_old_certific
     assert!(issued.encryption.is_none());
 
     // before "installed" the old certificate is not revoked
-    let (ok, text) = openssl_crl(&ca_file, &h.crl_der().await, h.dir.path());
+    let crl = h.crl_der().await;
+    let (ok, text) = openssl_crl(&ca_file, &crl, h.dir.path());
     assert!(ok, "{text}");
     assert!(!text.contains(&holder.serial_hex), "{text}");
+    let number_before = crl_number(&crl);
 
     let r = h
         .installed(&order.order_id, &issued.certificate_serial_hex, &new_key)
@@ -197,19 +199,27 @@ async fn renewal_with_new_key_verifies_with_openssl_and_revokes_the_old_certific
     let done: InstalledResponse = r.json().await.unwrap();
     assert_eq!(done.revoked_serials_hex, vec![holder.serial_hex.clone()]);
 
-    let (ok, text) = openssl_crl(&ca_file, &h.crl_der().await, h.dir.path());
+    let crl = h.crl_der().await;
+    let (ok, text) = openssl_crl(&ca_file, &crl, h.dir.path());
     assert!(ok, "{text}");
     assert!(
         text.contains(&format!("Serial Number: {}", holder.serial_hex)),
         "{text}"
     );
     assert!(text.contains("Superseded"), "{text}");
+    assert_eq!(
+        crl_number(&crl),
+        number_before + 1,
+        "a new CRL, a new number"
+    );
 
-    // a repeated confirmation is fine; the old certificate cannot be renewed again
+    // a repeated confirmation is fine (and changes no CRL); the old certificate cannot
+    // be renewed again
     let again = h
         .installed(&order.order_id, &issued.certificate_serial_hex, &new_key)
         .await;
     assert!(again.status().is_success());
+    assert_eq!(crl_number(&h.crl_der().await), number_before + 1);
     let o2 = h.order(
         &holder,
         InitialState::Ready,
@@ -1427,4 +1437,14 @@ async fn the_sweep_revokes_unconfirmed_renewals_and_reopens_their_orders() {
     // The holder renews again.
     h.issue(&order.order_id, &holder, &new_key(KeyAlgorithm::EcP256))
         .await;
+}
+
+/// The CRL's number.
+fn crl_number(der: &[u8]) -> u64 {
+    use x509_parser::prelude::{CertificateRevocationList, FromDer as _};
+    let (_, crl) = CertificateRevocationList::from_der(der).expect("CRL");
+    crl.crl_number()
+        .expect("a CRL number")
+        .try_into()
+        .expect("a small CRL number")
 }

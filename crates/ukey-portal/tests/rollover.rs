@@ -371,3 +371,71 @@ async fn revocations_recorded_by_issuer_name_are_resolved_to_the_ca_key_at_start
     want.sort();
     assert_eq!(on, want, "{text}");
 }
+
+/// The CRL's number.
+fn crl_number(der: &[u8]) -> u64 {
+    use x509_parser::prelude::{CertificateRevocationList, FromDer as _};
+    let (_, crl) = CertificateRevocationList::from_der(der).expect("CRL");
+    crl.crl_number()
+        .expect("a CRL number")
+        .try_into()
+        .expect("a small CRL number")
+}
+
+/// A database from before the CRL number was split into counters (migration 7): the
+/// portal carries the number on, and a revocation moves it by one.
+#[tokio::test]
+async fn a_database_from_before_migration_7_keeps_its_crl_number() {
+    let tmp = tempfile::tempdir().unwrap();
+    let d = tmp.path();
+    let data = d.join("data");
+    make_ca(d, "a");
+    let ca_a =
+        ukey_portal::ca::load_key(&std::fs::read_to_string(d.join("a.key")).unwrap()).unwrap();
+    let a_der = pem::parse(std::fs::read(d.join("a.pem")).unwrap())
+        .unwrap()
+        .into_contents();
+    let issuer_a = rcgen::Issuer::from_ca_cert_der(&a_der.as_slice().into(), ca_a).unwrap();
+    let h0 = Holder::issued_by(&issuer_a, KeyAlgorithm::EcP256, CN, ORG);
+    let h1 = {
+        let (_server, api) = serve(&data, d, "a");
+        let order = paid_order(&data, &h0);
+        renew(&api, &order, &h0).await.0
+    };
+    // As schema version 6 left it: one counter in `meta`.
+    let db = data.join("portal.sqlite3");
+    sqlite(&db, "DROP TABLE crl_number_shards");
+    sqlite(
+        &db,
+        "INSERT INTO meta (key, value) VALUES ('crl_number', 41)",
+    );
+    sqlite(&db, "PRAGMA user_version = 6");
+
+    let (_server, api) = serve(&data, d, "a");
+    assert_eq!(sqlite(&db, "PRAGMA user_version").trim(), "7");
+    assert_eq!(
+        sqlite(&db, "SELECT count(*) FROM meta WHERE key = 'crl_number'").trim(),
+        "0"
+    );
+    let crl = get(&api, paths::CRL).await.bytes().await.unwrap();
+    let (ok, text) = openssl_crl(&d.join("a.pem"), &crl, d);
+    assert!(ok, "{text}");
+    assert_eq!(crl_number(&crl), 41, "{text}");
+    assert_eq!(listed(&text), vec![h0.serial_hex.clone()], "{text}");
+
+    cli(
+        &data,
+        &[
+            "revoke",
+            "--serial",
+            &h1.serial_hex,
+            "--reason",
+            "keyCompromise",
+        ],
+    );
+    let crl = get(&api, paths::CRL).await.bytes().await.unwrap();
+    let (ok, text) = openssl_crl(&d.join("a.pem"), &crl, d);
+    assert!(ok, "{text}");
+    assert_eq!(crl_number(&crl), 42, "{text}");
+    assert_eq!(listed(&text).len(), 2, "{text}");
+}
