@@ -11,6 +11,12 @@
 //! with its own HTTP server and connection pool, on one database, the clients
 //! alternating between them); PostgreSQL is a real server from Debian's package started
 //! in a temp dir, with its default durability (fsync, synchronous commit)).
+//! UKEY_BENCH_INSTALLED=1: each renewal also confirms the installation (`installed`,
+//! signed by the new key; the old certificate is revoked and the CRL number moves), as
+//! the client does; not with SM2.
+//! UKEY_BENCH_PG_COMMIT_DELAY_US (default 0): PostgreSQL's `commit_delay`, every commit
+//! waiting this long before its WAL flush, as a slow disk or a synchronous standby makes
+//! it (a row locked by a transaction stays locked meanwhile).
 //! UKEY_BENCH_PG_RTT_US (default 0): the portal reaches PostgreSQL through a loopback
 //! relay that holds every chunk for half this many microseconds each way, as a database
 //! on another host would (the HTTP clients stay direct).
@@ -32,8 +38,9 @@ use rcgen::{
 };
 use ukey_portal::{Portal, PortalConfig};
 use ukey_portal_api::{
-    ChallengeResponse, CreateOrderRequest, InitialState, IssueRequest, KeyAlgorithm, KeyPolicy,
-    SignatureAlgorithm, challenge_signed_data, paths,
+    ChallengeResponse, CreateOrderRequest, InitialState, InstalledRequest, IssueRequest,
+    IssueResponse, KeyAlgorithm, KeyPolicy, SignatureAlgorithm, challenge_signed_data,
+    installed_signed_data, paths,
 };
 
 struct Job {
@@ -41,6 +48,8 @@ struct Job {
     old_key: KeyPair,
     old_cert: Vec<u8>,
     csr: Vec<u8>,
+    /// The CSR's key, to confirm the installation with (UKEY_BENCH_INSTALLED).
+    new_key: Option<Arc<KeyPair>>,
 }
 
 fn env_usize(name: &str, default: usize) -> usize {
@@ -110,7 +119,11 @@ fn main() {
         let (database, instances) = match store {
             "sqlite" => (None, 1),
             "postgres" | "postgres2" => {
-                let pg = server.get_or_insert_with(|| pg::PgServer::start(&[]));
+                let pg = server.get_or_insert_with(|| {
+                    let delay = env_usize("UKEY_BENCH_PG_COMMIT_DELAY_US", 0).to_string();
+                    let settings = [("commit_delay", delay.as_str()), ("commit_siblings", "0")];
+                    pg::PgServer::start(if delay == "0" { &[] } else { &settings })
+                });
                 let mut url = pg.create_db(&format!("bench{i}"));
                 if !rtt.is_zero() {
                     let port = *relay_port.get_or_insert_with(|| relay(pg.port, rtt / 2));
@@ -238,16 +251,23 @@ fn sitting(
     dn.push(DnType::OrganizationName, "某某建设工程有限公司");
     dn.push(DnType::CommonName, "张三");
     let old_key = KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).expect("key");
-    let new_csr = if sm2 {
-        sm2_csr(dir.path())
+    let installed = std::env::var("UKEY_BENCH_INSTALLED").is_ok_and(|v| v == "1");
+    assert!(
+        !(installed && sm2),
+        "UKEY_BENCH_INSTALLED: not with SM2 (its key is OpenSSL's)"
+    );
+    let (new_csr, new_key) = if sm2 {
+        (sm2_csr(dir.path()), None)
     } else {
         let mut csr_params = CertificateParams::default();
         csr_params.distinguished_name = dn.clone();
-        csr_params
-            .serialize_request(&key(alg))
+        let new_key = key(alg);
+        let csr = csr_params
+            .serialize_request(&new_key)
             .expect("csr")
             .der()
-            .to_vec()
+            .to_vec();
+        (csr, installed.then(|| Arc::new(new_key)))
     };
     let mut jobs = Vec::with_capacity(issues);
     for i in 0..issues {
@@ -279,6 +299,7 @@ fn sitting(
             old_key: KeyPair::try_from(old_key.serialize_der()).expect("key copy"),
             old_cert: cert,
             csr,
+            new_key: new_key.clone(),
         });
     }
     eprintln!("prepared {issues} orders in {:.1?}", prep.elapsed());
@@ -348,8 +369,9 @@ fn sitting(
                 .unwrap_or_default()
         };
         println!(
-            "issue benchmark [{store}]: {} renewals ({} failed), {clients} clients, {} keys, {} CA, {}, {} cores",
+            "issue benchmark [{store}]: {} renewals{} ({} failed), {clients} clients, {} keys, {} CA, {}, {} cores",
             latencies.len(),
+            if installed { " with installed" } else { "" },
             failures,
             alg,
             if sm2 { "SM2" } else { "EC P-256" },
@@ -414,6 +436,31 @@ async fn renew(http: &reqwest::Client, base: &str, job: &Job) -> Result<(), Stri
     if !r.status().is_success() {
         return Err(format!("issue: {}", r.text().await.unwrap_or_default()));
     }
-    let _ = r.bytes().await.map_err(|e| e.to_string())?;
+    let Some(new_key) = &job.new_key else {
+        let _ = r.bytes().await.map_err(|e| e.to_string())?;
+        return Ok(());
+    };
+    let issued: IssueResponse = r.json().await.map_err(|e| e.to_string())?;
+    let serial = issued.certificate_serial_hex;
+    let req = InstalledRequest {
+        signature: new_key
+            .sign(&installed_signed_data(&job.order_id, &serial))
+            .map_err(|e| e.to_string())?,
+        signature_algorithm: if new_key.algorithm() == &rcgen::PKCS_ECDSA_P256_SHA256 {
+            SignatureAlgorithm::EcdsaP256Sha256
+        } else {
+            SignatureAlgorithm::RsaPkcs1Sha256
+        },
+        certificate_serial_hex: serial,
+    };
+    let r = http
+        .post(format!("{base}{}", paths::installed(&job.order_id)))
+        .json(&req)
+        .send()
+        .await
+        .map_err(|e| e.to_string())?;
+    if !r.status().is_success() {
+        return Err(format!("installed: {}", r.text().await.unwrap_or_default()));
+    }
     Ok(())
 }
