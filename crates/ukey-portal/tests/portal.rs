@@ -1438,13 +1438,3 @@ async fn the_sweep_revokes_unconfirmed_renewals_and_reopens_their_orders() {
     h.issue(&order.order_id, &holder, &new_key(KeyAlgorithm::EcP256))
         .await;
 }
-
-/// The CRL's number.
-fn crl_number(der: &[u8]) -> u64 {
-    use x509_parser::prelude::{CertificateRevocationList, FromDer as _};
-    let (_, crl) = CertificateRevocationList::from_der(der).expect("CRL");
-    crl.crl_number()
-        .expect("a CRL number")
-        .try_into()
-        .expect("a small CRL number")
-}

@@ -297,6 +297,22 @@ fn sqlite(db: &Path, sql: &str) -> String {
     text
 }
 
+/// A holder of a certificate from the CA `a` (made by [`make_ca`]) renewed once by a
+/// portal serving `a` (stopped again): the holder before and after.
+async fn renewed_once(data: &Path, d: &Path) -> (Holder, Holder) {
+    let ca_a =
+        ukey_portal::ca::load_key(&std::fs::read_to_string(d.join("a.key")).unwrap()).unwrap();
+    let a_der = pem::parse(std::fs::read(d.join("a.pem")).unwrap())
+        .unwrap()
+        .into_contents();
+    let issuer_a = rcgen::Issuer::from_ca_cert_der(&a_der.as_slice().into(), ca_a).unwrap();
+    let h0 = Holder::issued_by(&issuer_a, KeyAlgorithm::EcP256, CN, ORG);
+    let (_server, api) = serve(data, d, "a");
+    let order = paid_order(data, &h0);
+    let h1 = renew(&api, &order, &h0).await.0;
+    (h0, h1)
+}
+
 /// A database from before revocations were kept by CA key (migration 6 names their
 /// issuer `name:<name key>`, and certificates carry no CA key): at start the portal
 /// resolves both from the CAs it knows, and the CRL lists what it listed before.
@@ -306,18 +322,7 @@ async fn revocations_recorded_by_issuer_name_are_resolved_to_the_ca_key_at_start
     let d = tmp.path();
     let data = d.join("data");
     let ski_a = make_ca(d, "a");
-    let ca_a =
-        ukey_portal::ca::load_key(&std::fs::read_to_string(d.join("a.key")).unwrap()).unwrap();
-    let a_der = pem::parse(std::fs::read(d.join("a.pem")).unwrap())
-        .unwrap()
-        .into_contents();
-    let issuer_a = rcgen::Issuer::from_ca_cert_der(&a_der.as_slice().into(), ca_a).unwrap();
-    let h0 = Holder::issued_by(&issuer_a, KeyAlgorithm::EcP256, CN, ORG);
-    let h1 = {
-        let (_server, api) = serve(&data, d, "a");
-        let order = paid_order(&data, &h0);
-        renew(&api, &order, &h0).await.0
-    };
+    let (h0, h1) = renewed_once(&data, d).await;
     cli(
         &data,
         &[
@@ -372,16 +377,6 @@ async fn revocations_recorded_by_issuer_name_are_resolved_to_the_ca_key_at_start
     assert_eq!(on, want, "{text}");
 }
 
-/// The CRL's number.
-fn crl_number(der: &[u8]) -> u64 {
-    use x509_parser::prelude::{CertificateRevocationList, FromDer as _};
-    let (_, crl) = CertificateRevocationList::from_der(der).expect("CRL");
-    crl.crl_number()
-        .expect("a CRL number")
-        .try_into()
-        .expect("a small CRL number")
-}
-
 /// A database from before the CRL number was split into counters (migration 7): the
 /// portal carries the number on, and a revocation moves it by one.
 #[tokio::test]
@@ -390,18 +385,7 @@ async fn a_database_from_before_migration_7_keeps_its_crl_number() {
     let d = tmp.path();
     let data = d.join("data");
     make_ca(d, "a");
-    let ca_a =
-        ukey_portal::ca::load_key(&std::fs::read_to_string(d.join("a.key")).unwrap()).unwrap();
-    let a_der = pem::parse(std::fs::read(d.join("a.pem")).unwrap())
-        .unwrap()
-        .into_contents();
-    let issuer_a = rcgen::Issuer::from_ca_cert_der(&a_der.as_slice().into(), ca_a).unwrap();
-    let h0 = Holder::issued_by(&issuer_a, KeyAlgorithm::EcP256, CN, ORG);
-    let h1 = {
-        let (_server, api) = serve(&data, d, "a");
-        let order = paid_order(&data, &h0);
-        renew(&api, &order, &h0).await.0
-    };
+    let (h0, h1) = renewed_once(&data, d).await;
     // As schema version 6 left it: one counter in `meta`.
     let db = data.join("portal.sqlite3");
     sqlite(&db, "DROP TABLE crl_number_shards");

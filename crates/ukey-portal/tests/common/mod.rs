@@ -494,3 +494,13 @@ pub fn openssl_crl(ca_file: &Path, crl_der: &[u8], dir: &Path) -> (bool, String)
         .arg(&crl));
     (ok && text.contains("verify OK"), text)
 }
+
+/// The CRL's number.
+pub fn crl_number(der: &[u8]) -> u64 {
+    use x509_parser::prelude::{CertificateRevocationList, FromDer as _};
+    let (_, crl) = CertificateRevocationList::from_der(der).expect("CRL");
+    crl.crl_number()
+        .expect("a CRL number")
+        .try_into()
+        .expect("a small CRL number")
+}
